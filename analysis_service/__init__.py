@@ -1,0 +1,1 @@
+"""The mediatag analysis service: durable job queue, analyser workers, status events."""

@@ -1,0 +1,1 @@
+"""Image analysers behind one small interface, chosen by configuration."""

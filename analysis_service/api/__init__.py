@@ -1,0 +1,1 @@
+"""The analysis service's gRPC layer."""

@@ -1,0 +1,169 @@
+"""Protobuf <-> domain conversion for the analysis API."""
+
+from __future__ import annotations
+
+from google.protobuf import duration_pb2, timestamp_pb2
+from mediatag.analysis.v1 import analysis_pb2 as pb
+
+from analysis_service.domain.models import (
+    Attempt,
+    Bookmark,
+    Job,
+    JobError,
+    JobResult,
+    JobSpec,
+    JobStatus,
+    QueueStatus,
+    StatusEvent,
+)
+
+STATUS_TO_PB: dict[JobStatus, pb.ProcessingStatus] = {
+    status: getattr(pb, f"PROCESSING_STATUS_{status.value}") for status in JobStatus
+}
+STATUS_FROM_PB: dict[int, JobStatus] = {value: status for status, value in STATUS_TO_PB.items()}
+
+
+def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def duration(seconds: float | None) -> duration_pb2.Duration | None:
+    if seconds is None:
+        return None
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+def status_from_pb(value: int) -> JobStatus | None:
+    """The domain status of a filter value; None for UNSPECIFIED (no filter)."""
+    return STATUS_FROM_PB.get(value)
+
+
+def spec_from_pb(message: pb.JobSpec) -> JobSpec:
+    return JobSpec(
+        media_id=message.media_id,
+        owner_id=message.owner_id,
+        sha256=message.sha256.lower(),
+        size_bytes=message.size_bytes,
+        content_type=message.content_type,
+        content_ref=message.content_ref or message.media_id,
+        category=message.category,
+        context=dict(message.context),
+        priority=message.priority,
+    )
+
+
+def result_to_pb(result: JobResult | None) -> pb.AnalysisResult | None:
+    if result is None:
+        return None
+    return pb.AnalysisResult(
+        tags=result.tags,
+        embedding=result.embedding.tolist() if result.embedding is not None else [],
+        embedding_dimensions=result.embedding_dimensions,
+        analyzer_name=result.analyzer_name,
+        analyzer_version=result.analyzer_version,
+        reused=result.reused,
+    )
+
+
+def error_to_pb(error: JobError | None) -> pb.JobError | None:
+    if error is None:
+        return None
+    return pb.JobError(reason=error.reason, message=error.message, transient=error.transient)
+
+
+def attempt_to_pb(attempt: Attempt) -> pb.Attempt:
+    return pb.Attempt(
+        number=attempt.number,
+        start_time=timestamp(attempt.started_at),
+        end_time=timestamp(attempt.ended_at),
+        outcome=attempt.outcome,
+        error=error_to_pb(attempt.error),
+    )
+
+
+def job_to_pb(job: Job) -> pb.Job:
+    spec = job.spec
+    return pb.Job(
+        media_id=spec.media_id,
+        owner_id=spec.owner_id,
+        category=spec.category,
+        context=dict(spec.context),
+        sha256=spec.sha256,
+        size_bytes=spec.size_bytes,
+        content_type=spec.content_type,
+        priority=spec.priority,
+        status=STATUS_TO_PB[job.status],
+        attempt=job.attempt,
+        max_attempts=job.max_attempts,
+        next_attempt_time=timestamp(job.next_attempt_at)
+        if job.status is JobStatus.PENDING
+        else None,
+        submit_time=timestamp(job.submitted_at),
+        update_time=timestamp(job.updated_at),
+        result=result_to_pb(job.result),
+        error=error_to_pb(job.error),
+        attempts=[attempt_to_pb(a) for a in job.attempts],
+        revision=job.revision,
+    )
+
+
+def watch_item_to_pb(item: StatusEvent | Bookmark) -> pb.WatchStatusResponse:
+    if isinstance(item, Bookmark):
+        return pb.WatchStatusResponse(
+            revision=item.revision,
+            bookmark=pb.Bookmark(initial_state_end=item.initial_state_end),
+        )
+    return pb.WatchStatusResponse(
+        revision=item.revision,
+        change=pb.StatusChange(
+            media_id=item.media_id,
+            owner_id=item.owner_id,
+            status=STATUS_TO_PB[item.status],
+            previous_status=(
+                STATUS_TO_PB[item.previous_status]
+                if item.previous_status
+                else pb.PROCESSING_STATUS_UNSPECIFIED
+            ),
+            attempt=item.attempt,
+            result=result_to_pb(item.result),
+            error=error_to_pb(item.error),
+            event_time=timestamp(item.event_time),
+            next_attempt_time=timestamp(item.next_attempt_at),
+            initial_state=item.initial_state,
+        ),
+    )
+
+
+def queue_status_to_pb(status: QueueStatus) -> pb.GetQueueStatusResponse:
+    return pb.GetQueueStatusResponse(
+        counts=[
+            pb.StatusCount(status=STATUS_TO_PB[s], count=count)
+            for s, count in status.counts.items()
+        ],
+        workers_busy=status.workers_busy,
+        workers_total=status.workers_total,
+        paused=status.paused,
+        rate_limits=[
+            pb.RateLimit(
+                api=limit.api,
+                rate_per_second=limit.rate_per_second,
+                burst=limit.burst,
+                current_use=limit.current_use,
+                throttled_until=timestamp(limit.throttled_until),
+                quota_errors=limit.quota_errors,
+            )
+            for limit in status.rate_limits
+        ],
+        completed_last_minute=status.completed_last_minute,
+        oldest_pending_age=duration(status.oldest_pending_age),
+        estimated_wait=duration(status.estimated_wait),
+        current_revision=status.current_revision,
+        analyzer_name=status.analyzer_name,
+        analyzer_version=status.analyzer_version,
+    )

@@ -1,0 +1,191 @@
+"""The gRPC surface of the analysis service: protobuf <-> domain, nothing else.
+
+Errors are raised as AnalysisError subclasses and mapped to statuses by the shared
+ErrorMappingInterceptor.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from mediatag.analysis.v1 import analysis_pb2 as pb
+from mediatag.analysis.v1 import analysis_pb2_grpc
+
+from analysis_service.analyzers.base import Analyzer
+from analysis_service.api import convert
+from analysis_service.domain.limits import RateLimits
+from analysis_service.domain.models import JobStatus
+from analysis_service.domain.queue import JobQueue
+from analysis_service.domain.stats import Throughput, queue_status
+from analysis_service.domain.watch import StatusWatcher, WatchRequest
+from analysis_service.domain.workers import WorkerPool
+from analysis_service.errors import InvalidArgument, JobNotFound
+from mediatag_common import paging
+from mediatag_common.errors import FieldViolation
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+MAX_SUBMIT_BATCH = 1000
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _invalid(field: str, reason: str, description: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"{field}: {description}",
+        reason=reason,
+        field_violations=[FieldViolation(field, description)],
+    )
+
+
+def _validate_spec(index: int, spec: pb.JobSpec) -> None:
+    prefix = f"jobs[{index}]"
+    if not spec.media_id:
+        raise _invalid(f"{prefix}.media_id", "MEDIA_ID_REQUIRED", "required")
+    if not spec.owner_id:
+        raise _invalid(f"{prefix}.owner_id", "OWNER_ID_REQUIRED", "required")
+    if not SHA256_HEX.match(spec.sha256.lower()):
+        raise _invalid(f"{prefix}.sha256", "INVALID_SHA256", "must be 64 hex digits")
+    if spec.size_bytes < 0:
+        raise _invalid(f"{prefix}.size_bytes", "INVALID_SIZE", "must not be negative")
+
+
+def _page_size(requested: int) -> int:
+    try:
+        return paging.page_size(requested)
+    except paging.InvalidPageSize as exc:
+        raise _invalid("page_size", "INVALID_PAGE_SIZE", str(exc)) from exc
+
+
+class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
+    """Implements mediatag.analysis.v1.AnalysisService."""
+
+    def __init__(
+        self,
+        *,
+        queue: JobQueue,
+        watcher: StatusWatcher,
+        pool: WorkerPool,
+        limits: RateLimits,
+        throughput: Throughput,
+        analyzer: Analyzer,
+    ) -> None:
+        self._queue = queue
+        self._watcher = watcher
+        self._pool = pool
+        self._limits = limits
+        self._throughput = throughput
+        self._analyzer = analyzer
+
+    async def SubmitJobs(
+        self, request: pb.SubmitJobsRequest, context: Context
+    ) -> pb.SubmitJobsResponse:
+        if len(request.jobs) > MAX_SUBMIT_BATCH:
+            raise _invalid("jobs", "TOO_MANY_JOBS", f"at most {MAX_SUBMIT_BATCH} per call")
+        for index, spec in enumerate(request.jobs):
+            _validate_spec(index, spec)
+        new, known = await self._queue.submit([convert.spec_from_pb(s) for s in request.jobs])
+        return pb.SubmitJobsResponse(accepted_count=len(new), existing_count=len(known))
+
+    async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
+        if not request.media_id:
+            raise _invalid("media_id", "MEDIA_ID_REQUIRED", "required")
+        job = await self._queue.get(
+            request.media_id, with_embedding=request.view == pb.JOB_VIEW_FULL
+        )
+        if job is None:
+            raise JobNotFound(
+                f"no job for media {request.media_id}",
+                field_violations=[FieldViolation("media_id", "unknown")],
+            )
+        return pb.GetJobResponse(job=convert.job_to_pb(job))
+
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
+        limit = _page_size(request.page_size)
+        filters = {
+            "status": request.status,
+            "owner_id": request.owner_id,
+            "error_reason": request.error_reason,
+        }
+        try:
+            after = paging.decode(request.page_token, filters)
+        except paging.InvalidPageToken as exc:
+            raise _invalid("page_token", "INVALID_PAGE_TOKEN", str(exc)) from exc
+        if after is not None and len(after) != 3:
+            raise _invalid("page_token", "INVALID_PAGE_TOKEN", "page_token is malformed")
+        jobs = await self._queue.list(
+            status=convert.status_from_pb(request.status),
+            owner_id=request.owner_id,
+            error_reason=request.error_reason,
+            after=after,
+            limit=limit + 1,
+            with_embedding=request.view == pb.JOB_VIEW_FULL,
+        )
+        page, more = jobs[:limit], len(jobs) > limit
+        token = ""
+        if more:
+            last = page[-1]
+            token = paging.encode([last.spec.priority, last.submitted_at, last.media_id], filters)
+        return pb.ListJobsResponse(jobs=[convert.job_to_pb(j) for j in page], next_page_token=token)
+
+    async def WatchStatus(
+        self, request: pb.WatchStatusRequest, context: Context
+    ) -> AsyncIterator[pb.WatchStatusResponse]:
+        watch = WatchRequest(
+            media_ids=frozenset(request.media_ids),
+            owner_id=request.owner_id,
+            start_revision=request.start_revision,
+            send_initial_state=request.send_initial_state,
+            until_terminal=request.until_terminal,
+            include_embedding=request.include_embedding,
+        )
+        # A cancelled call (client gone) propagates CancelledError untouched: swallowing it
+        # leaks the call (grpc/grpc#43360).
+        async for item in self._watcher.watch(watch):
+            yield convert.watch_item_to_pb(item)
+
+    async def GetQueueStatus(
+        self, request: pb.GetQueueStatusRequest, context: Context
+    ) -> pb.GetQueueStatusResponse:
+        status = await queue_status(
+            queue=self._queue,
+            pool=self._pool,
+            limits=self._limits,
+            throughput=self._throughput,
+            analyzer=self._analyzer,
+            current_revision=self._watcher.current_revision,
+        )
+        return convert.queue_status_to_pb(status)
+
+    async def RetryJobs(
+        self, request: pb.RetryJobsRequest, context: Context
+    ) -> pb.RetryJobsResponse:
+        status = convert.status_from_pb(request.status)
+        if status is not None and not status.terminal:
+            raise _invalid(
+                "status", "INVALID_STATUS", "only FAILED or COMPLETED jobs can be retried"
+            )
+        if not request.media_ids and not request.owner_id and status is None:
+            raise _invalid(
+                "media_ids", "FILTER_REQUIRED", "name media_ids, or an owner_id and/or status"
+            )
+        retried = await self._queue.retry(
+            list(request.media_ids),
+            owner_id=request.owner_id,
+            status=status or JobStatus.FAILED,
+        )
+        return pb.RetryJobsResponse(media_ids=retried, count=len(retried))
+
+    async def PauseQueue(
+        self, request: pb.PauseQueueRequest, context: Context
+    ) -> pb.PauseQueueResponse:
+        await self._queue.set_paused(True)
+        return pb.PauseQueueResponse(paused=True)
+
+    async def ResumeQueue(
+        self, request: pb.ResumeQueueRequest, context: Context
+    ) -> pb.ResumeQueueResponse:
+        await self._queue.set_paused(False)
+        return pb.ResumeQueueResponse(paused=False)

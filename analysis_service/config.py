@@ -1,0 +1,73 @@
+"""Typed configuration of the analysis service (filled from flags/env by the CLI only)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    """A limit of ``rate_per_second`` calls with bursts of at most ``burst``."""
+
+    rate_per_second: float
+    burst: int = 1
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """At most ``max_attempts`` attempts; backoff base * 2^(attempt-1), +/- jitter share."""
+
+    max_attempts: int = 3
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    jitter: float = 0.2
+    # Quota refusals do not count as attempts; this bounds how often a job may be refused.
+    max_quota_deferrals: int = 100
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """WatchStatus stream settings."""
+
+    bookmark_interval: float = 30.0
+    # Events buffered per stream before a watcher that does not read is cut off.
+    stream_buffer: int = 1024
+    max_watchers: int = 1000
+    # Event log retention.
+    retention_seconds: float = 24 * 3600.0
+    retention_events: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Everything the analysis service needs to run."""
+
+    host: str = "127.0.0.1"
+    port: int = 50052
+    data_dir: Path = Path("data/analysis")
+    database_url: str | None = None
+    sqlite_synchronous: str = "FULL"
+    ingest_address: str = "127.0.0.1:50051"
+    analyzer: str = "local"
+    embedding_dimensions: int = 1408
+    workers: int = 4
+    # Overrides of the analyser's default per-API limits, by API name.
+    rate_limits: Mapping[str, RateLimitConfig] = field(default_factory=dict)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    lease_seconds: float = 30.0
+    analyzer_timeout: float = 60.0
+    content_fetch_timeout: float = 30.0
+    # Largest content a job may fetch (ingest's own video limit is larger, but videos are
+    # never analysed).
+    max_content_bytes: int = 64 * 1024 * 1024
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    max_message_bytes: int = 64 * 1024 * 1024
+    grace_period: float = 10.0
+
+    @property
+    def resolved_database_url(self) -> str:
+        from mediatag_common.database import sqlite_url
+
+        return self.database_url or sqlite_url(str(self.data_dir / "analysis.db"))

@@ -1,0 +1,1 @@
+"""The analysis domain: queue, workers, limiter, cache, status hub."""

@@ -1,0 +1,71 @@
+"""Fetching a job's bytes from the ingest service (claim check: jobs carry a reference)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import grpc
+from mediatag.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+
+from analysis_service.domain.models import JobSpec
+from analysis_service.errors import PermanentAnalyzerError, TransientAnalyzerError
+from mediatag_common.grpc_server import channel_options
+
+logger = logging.getLogger(__name__)
+
+TRANSIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+
+class ContentFetcher:
+    """Reads media bytes with ingest's ``ReadMediaContent`` and verifies their SHA-256."""
+
+    def __init__(self, ingest_address: str, *, timeout: float, max_bytes: int) -> None:
+        self._channel = grpc.aio.insecure_channel(ingest_address, options=channel_options())
+        self._stub = ingest_pb2_grpc.IngestServiceStub(self._channel)
+        self._timeout = timeout
+        self._max_bytes = max_bytes
+
+    async def fetch(self, spec: JobSpec) -> bytes:
+        chunks: list[bytes] = []
+        received = 0
+        try:
+            call = self._stub.ReadMediaContent(
+                ingest_pb2.ReadMediaContentRequest(media_id=spec.content_ref),
+                timeout=self._timeout,
+            )
+            async for response in call:
+                received += len(response.data)
+                if received > self._max_bytes:
+                    call.cancel()
+                    raise PermanentAnalyzerError(
+                        f"content of media {spec.media_id} exceeds {self._max_bytes} bytes",
+                        reason="CONTENT_TOO_LARGE",
+                    )
+                chunks.append(response.data)
+        except grpc.aio.AioRpcError as exc:
+            problem = f"reading content of media {spec.media_id}: {exc.code().name} {exc.details()}"
+            if exc.code() in TRANSIENT_CODES:
+                raise TransientAnalyzerError(problem, reason="CONTENT_UNAVAILABLE") from exc
+            if exc.code() is grpc.StatusCode.NOT_FOUND:
+                raise PermanentAnalyzerError(problem, reason="CONTENT_NOT_FOUND") from exc
+            raise PermanentAnalyzerError(problem, reason="CONTENT_UNREADABLE") from exc
+        content = b"".join(chunks)
+        if hashlib.sha256(content).hexdigest() != spec.sha256:
+            raise PermanentAnalyzerError(
+                f"content of media {spec.media_id} does not match its sha256",
+                reason="CONTENT_CHECKSUM_MISMATCH",
+            )
+        return content
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,122 @@
+"""Fan-out of committed status events to watchers, each with a bounded buffer."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from analysis_service.domain.models import StatusEvent
+from analysis_service.errors import ShuttingDown, TooManyWatchers, WatcherTooSlow
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WatchFilter:
+    """Which events a watcher sees: listed media ids (empty = all), and one owner (empty = all)."""
+
+    media_ids: frozenset[str] = frozenset()
+    owner_id: str = ""
+
+    def matches(self, event: StatusEvent) -> bool:
+        if self.media_ids and event.media_id not in self.media_ids:
+            return False
+        return not self.owner_id or event.owner_id == self.owner_id
+
+
+class Subscription:
+    """One watcher's live feed. A watcher that falls ``buffer_size`` events behind is cut off
+    rather than slowing the workers or holding unbounded memory."""
+
+    def __init__(self, hub: StatusHub, watch_filter: WatchFilter, buffer_size: int) -> None:
+        self._hub = hub
+        self.filter = watch_filter
+        self._buffer_size = buffer_size
+        self._events: collections.deque[StatusEvent] = collections.deque()
+        self._ready = asyncio.Event()
+        self._ended: Exception | None = None
+
+    def offer(self, event: StatusEvent) -> None:
+        if self._ended is not None or not self.filter.matches(event):
+            return
+        if len(self._events) >= self._buffer_size:
+            self.end(
+                WatcherTooSlow(
+                    f"watcher fell {self._buffer_size} events behind; resume from its last revision"
+                )
+            )
+            return
+        self._events.append(event)
+        self._ready.set()
+
+    def end(self, reason: Exception) -> None:
+        """End the feed; the watcher's next read raises ``reason``."""
+        if self._ended is None:
+            self._ended = reason
+            self._events.clear()
+            self._ready.set()
+
+    async def next(self, max_wait: float) -> StatusEvent | None:
+        """The next event, or None when none arrived within ``max_wait`` seconds."""
+        if not self._events and self._ended is None:
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), max_wait)
+            except TimeoutError:
+                return None
+        if self._ended is not None:
+            raise self._ended
+        return self._events.popleft()
+
+    def close(self) -> None:
+        self._hub.unsubscribe(self)
+
+
+class StatusHub:
+    """Publishes committed events, in commit order, to every matching subscription."""
+
+    def __init__(self, *, buffer_size: int, max_watchers: int, current_revision: int = 0) -> None:
+        self._buffer_size = buffer_size
+        self._max_watchers = max_watchers
+        self._subscriptions: set[Subscription] = set()
+        self._closed = False
+        self.current_revision = current_revision
+        self.events_published = 0
+
+    @property
+    def watcher_count(self) -> int:
+        return len(self._subscriptions)
+
+    def publish(self, events: Sequence[StatusEvent]) -> None:
+        """Called after the commit of ``events`` (under the write lock, so in order)."""
+        if not events:
+            return
+        self.current_revision = max(self.current_revision, events[-1].revision)
+        self.events_published += len(events)
+        for subscription in list(self._subscriptions):
+            for event in events:
+                subscription.offer(event)
+
+    def subscribe(self, watch_filter: WatchFilter) -> Subscription:
+        if self._closed:
+            raise ShuttingDown("the analysis service is shutting down")
+        if len(self._subscriptions) >= self._max_watchers:
+            raise TooManyWatchers(
+                f"at most {self._max_watchers} watchers; retry with backoff",
+                metadata={"maxWatchers": str(self._max_watchers)},
+            )
+        subscription = Subscription(self, watch_filter, self._buffer_size)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscriptions.discard(subscription)
+
+    def close(self) -> None:
+        """End every stream with UNAVAILABLE; watchers resume from their last revision."""
+        self._closed = True
+        for subscription in list(self._subscriptions):
+            subscription.end(ShuttingDown("the analysis service is shutting down"))

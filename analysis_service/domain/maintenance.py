@@ -1,0 +1,53 @@
+"""Background upkeep: expired leases back to PENDING, and event-log compaction.
+
+Runs inside the service, so recovery after a crashed worker needs no user cron.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from analysis_service.config import WatchConfig
+from analysis_service.domain.queue import JobQueue
+from analysis_service.errors import AnalysisError
+
+logger = logging.getLogger(__name__)
+
+COMPACTION_INTERVAL = 60.0
+
+
+class Maintenance:
+    """Reaps expired leases every few seconds and compacts the event log every minute."""
+
+    def __init__(self, queue: JobQueue, watch: WatchConfig) -> None:
+        self._queue = queue
+        self._watch = watch
+        self._reap_interval = max(0.2, min(queue.lease_seconds / 4, 5.0))
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="maintenance")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        next_compaction = 0.0
+        while True:
+            try:
+                await self._queue.reap_expired_leases()
+                if time.monotonic() >= next_compaction:
+                    await self._queue.compact_events(
+                        max_age=self._watch.retention_seconds,
+                        max_events=self._watch.retention_events,
+                    )
+                    next_compaction = time.monotonic() + COMPACTION_INTERVAL
+            except AnalysisError as exc:
+                logger.error("maintenance failed, will try again: %s", exc)
+            await asyncio.sleep(self._reap_interval)

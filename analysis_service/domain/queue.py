@@ -1,0 +1,499 @@
+"""The durable job queue: every transition is one transaction that also appends its event.
+
+Claims take a lease (worker id, expiry, fencing token); heartbeats renew it; a reaper
+returns jobs whose lease expired to PENDING. A worker that lost its lease cannot overwrite
+a newer outcome: completion and failure are fenced by the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from analysis_service.config import RetryPolicy
+from analysis_service.domain.hub import StatusHub
+from analysis_service.domain.models import (
+    ClaimedJob,
+    Job,
+    JobError,
+    JobResult,
+    JobSpec,
+    JobStatus,
+    StatusEvent,
+)
+from analysis_service.errors import JobNotFound, LeaseLost
+from analysis_service.storage import events as event_log
+from analysis_service.storage import jobs as job_store
+from analysis_service.storage import schema
+from analysis_service.storage.session import reading, writing
+from mediatag_common.database import Database, after_commit
+from mediatag_common.errors import FieldViolation
+
+logger = logging.getLogger(__name__)
+
+LEASE_EXPIRED = JobError("LEASE_EXPIRED", "the worker's lease expired (crashed or stalled)", True)
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """An event before it has its revision."""
+
+    media_id: str
+    owner_id: str
+    status: JobStatus
+    previous_status: JobStatus | None
+    attempt: int
+    result: JobResult | None = None
+    result_key: str | None = None
+    error: JobError | None = None
+    next_attempt_at: float | None = None
+
+
+class JobQueue:
+    """Submit, claim, complete, fail, retry; pause and resume; wake idle workers."""
+
+    def __init__(
+        self, db: Database, hub: StatusHub, retry: RetryPolicy, lease_seconds: float
+    ) -> None:
+        self._db = db
+        self._hub = hub
+        self._retry = retry
+        self.lease_seconds = lease_seconds
+        self._work_available = asyncio.Event()
+        self.paused = False
+
+    async def load(self) -> None:
+        """Read the persisted state (current revision, paused flag) on start."""
+        async with reading(self._db) as conn:
+            self._hub.current_revision = await event_log.read_counter(conn, schema.REVISION)
+            self.paused = bool(await event_log.read_counter(conn, schema.PAUSED))
+
+    # -- transactions --------------------------------------------------------------------
+
+    async def _record(
+        self, conn: AsyncConnection, drafts: Sequence[_Draft], now: float
+    ) -> list[StatusEvent]:
+        """Append the events of this transaction and publish them once it commits."""
+        if not drafts:
+            return []
+        first = await event_log.allocate_revisions(conn, len(drafts))
+        events = [
+            StatusEvent(
+                revision=first + i,
+                media_id=d.media_id,
+                owner_id=d.owner_id,
+                status=d.status,
+                previous_status=d.previous_status,
+                attempt=d.attempt,
+                event_time=now,
+                result=d.result,
+                error=d.error,
+                next_attempt_at=d.next_attempt_at,
+            )
+            for i, d in enumerate(drafts)
+        ]
+        await event_log.insert_events(
+            conn, [(e, d.result_key) for e, d in zip(events, drafts, strict=True)]
+        )
+        after_commit(conn, lambda: self._hub.publish(events))
+        return events
+
+    # -- submission ----------------------------------------------------------------------
+
+    async def submit(self, specs: Sequence[JobSpec]) -> tuple[list[str], list[str]]:
+        """Enqueue new jobs; ids already known are left as they are. Returns (new, known)."""
+        unique = list({spec.media_id: spec for spec in specs}.values())
+        now = time.time()
+        async with writing(self._db) as conn:
+            known = await job_store.known_ids(conn, [s.media_id for s in unique])
+            new = [s for s in unique if s.media_id not in known]
+            if new:
+                events = await self._record(
+                    conn,
+                    [_Draft(s.media_id, s.owner_id, JobStatus.PENDING, None, 0) for s in new],
+                    now,
+                )
+                await job_store.insert_jobs(
+                    conn,
+                    new,
+                    now=now,
+                    max_attempts=self._retry.max_attempts,
+                    revisions=[e.revision for e in events],
+                )
+        if new:
+            self._work_available.set()
+        return [s.media_id for s in new], sorted(known)
+
+    # -- claiming ------------------------------------------------------------------------
+
+    async def claim(self, worker_id: str) -> ClaimedJob | None:
+        """Lease the next due job in queue order, or None (also while paused)."""
+        if self.paused:
+            return None
+        now = time.time()
+        async with writing(self._db) as conn:
+            row = await job_store.next_claimable(conn, now)
+            if row is None:
+                return None
+            (event,) = await self._record(
+                conn,
+                [
+                    _Draft(
+                        row.media_id,
+                        row.owner_id,
+                        JobStatus.PROCESSING,
+                        JobStatus.PENDING,
+                        row.attempt + 1,
+                    )
+                ],
+                now,
+            )
+            return await job_store.claim(
+                conn,
+                row,
+                worker_id=worker_id,
+                lease_until=now + self.lease_seconds,
+                now=now,
+                revision=event.revision,
+            )
+
+    async def wait_for_work(self, max_wait: float) -> None:
+        """Sleep until a job may be due (submit, retry, resume, next backoff) or max_wait."""
+        self._work_available.clear()
+        timeout = max_wait
+        if not self.paused:
+            async with reading(self._db) as conn:
+                due = await job_store.next_due_time(conn)
+            if due is not None:
+                timeout = min(max_wait, max(0.0, due - time.time()))
+        if timeout <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._work_available.wait(), timeout)
+
+    def wake_workers(self) -> None:
+        self._work_available.set()
+
+    async def renew_lease(self, job: ClaimedJob) -> bool:
+        """Extend the lease; False when it was lost (expired and reclaimed)."""
+        async with writing(self._db) as conn:
+            return await job_store.fenced_update(
+                conn,
+                job.spec.media_id,
+                job.lease_token,
+                {"lease_expires_at": time.time() + self.lease_seconds},
+            )
+
+    # -- outcomes ------------------------------------------------------------------------
+
+    async def complete(self, job: ClaimedJob, result: JobResult, result_key: str) -> None:
+        """Complete the job with the cached result ``result_key``.
+
+        Raises LeaseLost when a newer claim holds the job (this worker was fenced out).
+        """
+        now = time.time()
+        async with writing(self._db) as conn:
+            (event,) = await self._record(
+                conn,
+                [
+                    _Draft(
+                        job.spec.media_id,
+                        job.spec.owner_id,
+                        JobStatus.COMPLETED,
+                        JobStatus.PROCESSING,
+                        job.attempt,
+                        result=result,
+                        result_key=result_key,
+                    )
+                ],
+                now,
+            )
+            held = await job_store.fenced_update(
+                conn,
+                job.spec.media_id,
+                job.lease_token,
+                {
+                    "status": JobStatus.COMPLETED.value,
+                    "result_key": result_key,
+                    "reused": result.reused,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "updated_at": now,
+                    "revision": event.revision,
+                    **job_store.error_values(None),
+                },
+            )
+            if not held:
+                # Raising rolls the event back too: a fenced-out worker changes nothing.
+                raise LeaseLost(f"lease on media {job.spec.media_id} was lost")
+            await job_store.finish_attempt(
+                conn, job.spec.media_id, job.attempt, ended_at=now, outcome="COMPLETED", error=None
+            )
+
+    async def fail_attempt(self, job: ClaimedJob, error: JobError) -> StatusEvent:
+        """A failed attempt: retried with backoff if transient and attempts remain, else FAILED."""
+        now = time.time()
+        retry = error.transient and job.attempt < self._retry.max_attempts
+        next_at = now + self.backoff(job.attempt) if retry else None
+        status = JobStatus.PENDING if retry else JobStatus.FAILED
+        return await self._end_attempt(
+            job,
+            status=status,
+            error=error,
+            outcome="RETRY_SCHEDULED" if retry else "FAILED",
+            next_attempt_at=next_at,
+            attempt=job.attempt,
+            now=now,
+        )
+
+    async def defer_for_quota(self, job: ClaimedJob, error: JobError, delay: float) -> StatusEvent:
+        """A quota refusal: back to PENDING after ``delay``; the attempt does not count."""
+        now = time.time()
+        if job.quota_deferrals >= self._retry.max_quota_deferrals:
+            return await self._end_attempt(
+                job,
+                status=JobStatus.FAILED,
+                error=error,
+                outcome="FAILED",
+                next_attempt_at=None,
+                attempt=job.attempt,
+                now=now,
+            )
+        return await self._end_attempt(
+            job,
+            status=JobStatus.PENDING,
+            error=error,
+            outcome="QUOTA_EXCEEDED",
+            next_attempt_at=now + delay,
+            attempt=job.attempt - 1,
+            now=now,
+            extra={"quota_deferrals": job.quota_deferrals + 1},
+        )
+
+    async def release(self, job: ClaimedJob) -> StatusEvent:
+        """Give a job back on shutdown: PENDING at once; the attempt does not count."""
+        error = JobError("RELEASED", "the worker stopped before finishing (shutdown)", True)
+        now = time.time()
+        return await self._end_attempt(
+            job,
+            status=JobStatus.PENDING,
+            error=None,
+            outcome="RELEASED",
+            next_attempt_at=now,
+            attempt=job.attempt - 1,
+            now=now,
+            attempt_error=error,
+        )
+
+    async def _end_attempt(
+        self,
+        job: ClaimedJob,
+        *,
+        status: JobStatus,
+        error: JobError | None,
+        outcome: str,
+        next_attempt_at: float | None,
+        attempt: int,
+        now: float,
+        extra: dict[str, Any] | None = None,
+        attempt_error: JobError | None = None,
+    ) -> StatusEvent:
+        async with writing(self._db) as conn:
+            (event,) = await self._record(
+                conn,
+                [
+                    _Draft(
+                        job.spec.media_id,
+                        job.spec.owner_id,
+                        status,
+                        JobStatus.PROCESSING,
+                        attempt,
+                        error=error,
+                        next_attempt_at=next_attempt_at,
+                    )
+                ],
+                now,
+            )
+            values: dict[str, Any] = {
+                "status": status.value,
+                "attempt": attempt,
+                "lease_owner": None,
+                "lease_expires_at": None,
+                "updated_at": now,
+                "revision": event.revision,
+                **job_store.error_values(error),
+                **(extra or {}),
+            }
+            if next_attempt_at is not None:
+                values["next_attempt_at"] = next_attempt_at
+            if not await job_store.fenced_update(conn, job.spec.media_id, job.lease_token, values):
+                raise LeaseLost(f"lease on media {job.spec.media_id} was lost")
+            await job_store.finish_attempt(
+                conn,
+                job.spec.media_id,
+                job.attempt,
+                ended_at=now,
+                outcome=outcome,
+                error=attempt_error or error,
+            )
+        if status is JobStatus.PENDING:
+            self._work_available.set()
+        return event
+
+    def backoff(self, attempt: int) -> float:
+        """Delay before the attempt after ``attempt``: base * 2^(attempt-1), with jitter."""
+        policy = self._retry
+        delay: float = min(policy.backoff_max, policy.backoff_base * 2.0 ** (attempt - 1))
+        return delay * random.uniform(1 - policy.jitter, 1 + policy.jitter)
+
+    # -- recovery ------------------------------------------------------------------------
+
+    async def reap_expired_leases(self) -> list[StatusEvent]:
+        """Return jobs whose lease expired to PENDING (or FAILED when out of attempts)."""
+        now = time.time()
+        async with writing(self._db) as conn:
+            rows = await job_store.expired_leases(conn, now)
+            drafts = []
+            for row in rows:
+                retry = row.attempt < row.max_attempts
+                drafts.append(
+                    _Draft(
+                        row.media_id,
+                        row.owner_id,
+                        JobStatus.PENDING if retry else JobStatus.FAILED,
+                        JobStatus.PROCESSING,
+                        row.attempt,
+                        error=LEASE_EXPIRED,
+                        next_attempt_at=now + self.backoff(row.attempt) if retry else None,
+                    )
+                )
+            events = await self._record(conn, drafts, now)
+            for row, draft, event in zip(rows, drafts, events, strict=True):
+                values: dict[str, Any] = {
+                    "status": draft.status.value,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "updated_at": now,
+                    "revision": event.revision,
+                    **job_store.error_values(LEASE_EXPIRED),
+                }
+                if draft.next_attempt_at is not None:
+                    values["next_attempt_at"] = draft.next_attempt_at
+                await job_store.fenced_update(conn, row.media_id, row.lease_token, values)
+                await job_store.finish_attempt(
+                    conn,
+                    row.media_id,
+                    row.attempt,
+                    ended_at=now,
+                    outcome="LEASE_EXPIRED",
+                    error=LEASE_EXPIRED,
+                )
+        for event in events:
+            logger.warning(
+                "lease of media %s expired (attempt %d); now %s",
+                event.media_id,
+                event.attempt,
+                event.status,
+            )
+        if events:
+            self._work_available.set()
+        return events
+
+    async def retry(
+        self,
+        media_ids: Collection[str],
+        *,
+        owner_id: str = "",
+        status: JobStatus = JobStatus.FAILED,
+    ) -> list[str]:
+        """Send FAILED (or COMPLETED, to reprocess) jobs back to PENDING with fresh attempts.
+
+        With ids, every listed job in a terminal status is retried; unknown ids raise.
+        """
+        now = time.time()
+        async with writing(self._db) as conn:
+            if media_ids:
+                known = await job_store.known_ids(conn, media_ids)
+                missing = sorted(set(media_ids) - known)
+                if missing:
+                    raise JobNotFound(
+                        f"no job for media {', '.join(missing)}",
+                        field_violations=[
+                            FieldViolation("media_ids", f"unknown: {', '.join(missing)}")
+                        ],
+                    )
+                rows = [
+                    row
+                    for terminal in (JobStatus.FAILED, JobStatus.COMPLETED)
+                    for row in await job_store.job_rows(conn, media_ids, status=terminal)
+                ]
+            else:
+                rows = await job_store.job_rows(conn, owner_id=owner_id, status=status)
+            drafts = [
+                _Draft(row.media_id, row.owner_id, JobStatus.PENDING, JobStatus(row.status), 0)
+                for row in rows
+            ]
+            events = await self._record(conn, drafts, now)
+            for row, event in zip(rows, events, strict=True):
+                await job_store.reset_for_retry(
+                    conn, row.media_id, now=now, revision=event.revision
+                )
+        if rows:
+            self._work_available.set()
+        return [row.media_id for row in rows]
+
+    async def set_paused(self, paused: bool) -> None:
+        async with writing(self._db) as conn:
+            await event_log.write_counter(conn, schema.PAUSED, int(paused))
+        self.paused = paused
+        if not paused:
+            self._work_available.set()
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def get(self, media_id: str, *, with_embedding: bool) -> Job | None:
+        async with reading(self._db) as conn:
+            return await job_store.get_job(conn, media_id, with_embedding=with_embedding)
+
+    async def list(
+        self,
+        *,
+        status: JobStatus | None,
+        owner_id: str,
+        error_reason: str,
+        after: Sequence[Any] | None,
+        limit: int,
+        with_embedding: bool,
+    ) -> list[Job]:
+        async with reading(self._db) as conn:
+            return await job_store.list_jobs(
+                conn,
+                status=status,
+                owner_id=owner_id,
+                error_reason=error_reason,
+                after=after,
+                limit=limit,
+                with_embedding=with_embedding,
+            )
+
+    async def depth(self) -> tuple[dict[JobStatus, int], float | None]:
+        """Counts by status and the submission time of the oldest PENDING job."""
+        async with reading(self._db) as conn:
+            return (
+                await job_store.counts_by_status(conn),
+                await job_store.oldest_pending_submission(conn),
+            )
+
+    async def compact_events(self, *, max_age: float, max_events: int) -> int:
+        async with writing(self._db) as conn:
+            return await event_log.compact(
+                conn, before_time=time.time() - max_age, keep_last=max_events
+            )

@@ -1,0 +1,161 @@
+"""WatchStatus: resumable, ordered, gap-free streams of status events (SPEC §6).
+
+A watch registers its live subscription first, then reads what it must catch up on from
+the event log; events that arrive live during the catch-up are skipped by revision, so
+nothing is missed and nothing is sent twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from analysis_service.domain.hub import StatusHub, Subscription, WatchFilter
+from analysis_service.domain.models import Bookmark, JobStatus, StatusEvent
+from analysis_service.errors import InvalidArgument, RevisionCompacted
+from analysis_service.storage import events as event_log
+from analysis_service.storage import schema
+from analysis_service.storage.session import consistent_read, reading
+from mediatag_common.database import Database
+from mediatag_common.errors import FieldViolation
+
+logger = logging.getLogger(__name__)
+
+CATCH_UP_PAGE = 500
+
+
+@dataclass(frozen=True)
+class WatchRequest:
+    media_ids: frozenset[str] = frozenset()
+    owner_id: str = ""
+    start_revision: int = 0
+    send_initial_state: bool = False
+    until_terminal: bool = False
+    include_embedding: bool = False
+
+
+class _TerminalTracker:
+    """Knows when every listed item of an ``until_terminal`` watch is terminal."""
+
+    def __init__(self, media_ids: frozenset[str], states: list[StatusEvent]) -> None:
+        self._status: dict[str, JobStatus | None] = dict.fromkeys(media_ids)
+        for state in states:
+            self._status[state.media_id] = state.status
+
+    def see(self, event: StatusEvent) -> None:
+        self._status[event.media_id] = event.status
+
+    @property
+    def done(self) -> bool:
+        return all(status is not None and status.terminal for status in self._status.values())
+
+
+class StatusWatcher:
+    """Serves watch streams from the event log and the hub."""
+
+    def __init__(self, db: Database, hub: StatusHub, *, bookmark_interval: float) -> None:
+        self._db = db
+        self._hub = hub
+        self._bookmark_interval = bookmark_interval
+
+    @property
+    def current_revision(self) -> int:
+        return self._hub.current_revision
+
+    def validate(self, request: WatchRequest) -> None:
+        if request.start_revision < 0:
+            raise InvalidArgument(
+                "start_revision must not be negative",
+                reason="INVALID_REVISION",
+                field_violations=[FieldViolation("start_revision", "must be >= 0")],
+            )
+        if request.until_terminal and not request.media_ids:
+            raise InvalidArgument(
+                "until_terminal needs media_ids",
+                reason="MEDIA_IDS_REQUIRED",
+                field_violations=[FieldViolation("media_ids", "required with until_terminal")],
+            )
+
+    async def watch(self, request: WatchRequest) -> AsyncIterator[StatusEvent | Bookmark]:
+        """The stream: optional initial state, catch-up from the log, then live events."""
+        self.validate(request)
+        watch_filter = WatchFilter(request.media_ids, request.owner_id)
+        subscription = self._hub.subscribe(watch_filter)
+        try:
+            async for item in self._stream(request, subscription):
+                yield item
+        finally:
+            subscription.close()
+
+    async def _stream(
+        self, request: WatchRequest, subscription: Subscription
+    ) -> AsyncIterator[StatusEvent | Bookmark]:
+        async with consistent_read(self._db) as conn:
+            snapshot_revision = await event_log.read_counter(conn, schema.REVISION)
+            compacted_through = await event_log.read_counter(conn, schema.COMPACTED_THROUGH)
+            needs_state = request.send_initial_state or request.until_terminal
+            states = (
+                await event_log.current_state(
+                    conn,
+                    media_ids=request.media_ids,
+                    owner_id=request.owner_id,
+                    with_embedding=request.include_embedding,
+                )
+                if needs_state
+                else []
+            )
+        tracker = _TerminalTracker(request.media_ids, states) if request.until_terminal else None
+
+        if request.send_initial_state:
+            for state in states:
+                yield state
+            yield Bookmark(snapshot_revision, initial_state_end=True)
+            last = snapshot_revision
+        elif request.start_revision:
+            if request.start_revision < compacted_through:
+                raise RevisionCompacted(
+                    f"revision {request.start_revision} is compacted; the log starts after "
+                    f"{compacted_through}. Watch again with send_initial_state.",
+                    metadata={
+                        "oldestRevision": str(compacted_through + 1),
+                        "currentRevision": str(snapshot_revision),
+                    },
+                )
+            last = request.start_revision
+            async for event in self._catch_up(request, last):
+                if tracker and event.revision > snapshot_revision:
+                    tracker.see(event)
+                yield event
+                last = event.revision
+        else:
+            last = snapshot_revision
+
+        while tracker is None or not tracker.done:
+            live = await subscription.next(self._bookmark_interval)
+            if live is None:
+                yield Bookmark(max(self._hub.current_revision, last))
+                continue
+            if live.revision <= last:
+                continue
+            if tracker:
+                tracker.see(live)
+            yield live
+            last = live.revision
+
+    async def _catch_up(self, request: WatchRequest, after: int) -> AsyncIterator[StatusEvent]:
+        while True:
+            async with reading(self._db) as conn:
+                page = await event_log.read_events(
+                    conn,
+                    after_revision=after,
+                    limit=CATCH_UP_PAGE,
+                    media_ids=request.media_ids,
+                    owner_id=request.owner_id,
+                    with_embedding=request.include_embedding,
+                )
+            for event in page:
+                yield event
+                after = event.revision
+            if len(page) < CATCH_UP_PAGE:
+                return

@@ -1,0 +1,247 @@
+"""The worker pool: claim a job, analyse it under the rate limits, record the outcome.
+
+Concurrency (workers) and rate (limiters) are separate knobs. Each busy worker renews its
+lease with a heartbeat; on shutdown, workers get the grace period to finish and then give
+their jobs back to PENDING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable
+
+from analysis_service.analyzers.base import AnalysisInput, Analyzer
+from analysis_service.domain.cache import ResultCache
+from analysis_service.domain.content import ContentFetcher
+from analysis_service.domain.limits import RateLimits
+from analysis_service.domain.models import ClaimedJob, JobError, JobResult
+from analysis_service.domain.queue import JobQueue
+from analysis_service.domain.stats import Throughput
+from analysis_service.errors import (
+    AnalysisError,
+    AnalyzerFailure,
+    LeaseLost,
+    QuotaExceeded,
+    StorageUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL = 5.0
+STORAGE_RETRY = 1.0
+
+
+class WorkerPool:
+    """``size`` workers sharing one queue, analyser, cache and set of rate limits."""
+
+    def __init__(
+        self,
+        *,
+        queue: JobQueue,
+        analyzer: Analyzer,
+        limits: RateLimits,
+        cache: ResultCache,
+        fetcher: ContentFetcher,
+        size: int,
+        analyzer_timeout: float,
+        throughput: Throughput,
+    ) -> None:
+        if size < 1:
+            raise ValueError("the worker pool needs at least one worker")
+        self._queue = queue
+        self._analyzer = analyzer
+        self._limits = limits
+        self._cache = cache
+        self._fetcher = fetcher
+        self.size = size
+        self._analyzer_timeout = analyzer_timeout
+        self._throughput = throughput
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self.busy = 0
+
+    def start(self) -> None:
+        instance = uuid.uuid4().hex[:8]
+        self._tasks = [
+            asyncio.create_task(self._run(f"{instance}-{n}"), name=f"worker-{n}")
+            for n in range(self.size)
+        ]
+
+    async def drain(self, grace: float) -> None:
+        """Stop claiming; give in-flight jobs ``grace`` seconds, then release them."""
+        self._stopping = True
+        self._queue.wake_workers()
+        if not self._tasks:
+            return
+        _, unfinished = await asyncio.wait(self._tasks, timeout=grace)
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if unfinished:
+            logger.info("released %d unfinished job(s) back to PENDING", len(unfinished))
+
+    async def _run(self, worker_id: str) -> None:
+        while not self._stopping:
+            try:
+                job = await self._queue.claim(worker_id)
+                if job is None:
+                    await self._queue.wait_for_work(IDLE_POLL)
+                    continue
+            except StorageUnavailable as exc:
+                logger.error("worker %s cannot reach the database: %s", worker_id, exc)
+                await asyncio.sleep(STORAGE_RETRY)
+                continue
+            self.busy += 1
+            try:
+                await self._process(job)
+            finally:
+                self.busy -= 1
+
+    async def _process(self, job: ClaimedJob) -> None:
+        spec = job.spec
+        logger.info(
+            "processing media %s (attempt %d, owner %s)",
+            spec.media_id,
+            job.attempt,
+            spec.owner_id,
+            extra={"media_id": spec.media_id, "attempt": job.attempt},
+        )
+        started = time.monotonic()
+        heartbeat = asyncio.create_task(self._heartbeat(job))
+        try:
+            await self._record(job, self._analyze_and_complete(job, started))
+        except asyncio.CancelledError:
+            with contextlib.suppress(AnalysisError):
+                await self._queue.release(job)
+            raise
+        finally:
+            heartbeat.cancel()
+
+    async def _analyze_and_complete(self, job: ClaimedJob, started: float) -> None:
+        spec = job.spec
+        key = self._cache.key(spec.sha256, self._analyzer.cache_inputs(spec.category, spec.context))
+        result = await asyncio.wait_for(
+            self._cache.get_or_compute(key, spec.sha256, lambda: self._analyze(job)),
+            self._analyzer_timeout,
+        )
+        await self._queue.complete(job, result, key)
+        duration = time.monotonic() - started
+        self._throughput.record(duration)
+        logger.info(
+            "done media %s%s: tags %s (%d-dim embedding) in %.0f ms",
+            spec.media_id,
+            " (reused cached result)" if result.reused else "",
+            ", ".join(result.tags) or "(none)",
+            result.embedding_dimensions,
+            duration * 1000,
+            extra={
+                "media_id": spec.media_id,
+                "attempt": job.attempt,
+                "duration_ms": round(duration * 1000, 1),
+            },
+        )
+
+    async def _analyze(self, job: ClaimedJob) -> JobResult:
+        spec = job.spec
+        content = await self._fetcher.fetch(spec)
+        logger.info(
+            "analysing media %s with %s (%s)",
+            spec.media_id,
+            self._analyzer.name,
+            spec.category or "no category",
+            extra={"media_id": spec.media_id},
+        )
+        output = await self._analyzer.analyze(
+            AnalysisInput(
+                media_id=spec.media_id,
+                content=content,
+                content_type=spec.content_type,
+                sha256=spec.sha256,
+                category=spec.category,
+                context=spec.context,
+            ),
+            self._limits,
+        )
+        self._limits.succeeded([limit.api for limit in self._analyzer.api_limits])
+        return JobResult(
+            tags=output.tags,
+            embedding=output.embedding,
+            embedding_dimensions=int(output.embedding.shape[0]),
+            analyzer_name=self._analyzer.name,
+            analyzer_version=self._analyzer.version,
+            reused=False,
+        )
+
+    async def _record(self, job: ClaimedJob, work: Awaitable[None]) -> None:
+        """Run ``work`` and turn its failure into the job's next status."""
+        spec = job.spec
+        try:
+            try:
+                await work
+            except QuotaExceeded as exc:
+                pause = self._limits.quota_exceeded(exc.api, exc.retry_after)
+                await self._queue.defer_for_quota(
+                    job, JobError(exc.reason, exc.message, True), pause
+                )
+            except AnalyzerFailure as exc:
+                await self._fail(job, JobError(exc.reason, exc.message, exc.transient))
+            except TimeoutError:
+                message = f"analysis took longer than {self._analyzer_timeout:.0f} s"
+                await self._fail(job, JobError("ANALYSIS_TIMEOUT", message, True))
+            except (LeaseLost, StorageUnavailable):
+                raise
+            except Exception as exc:
+                # A bug, not the image's fault: logged in full, retried like a transient error.
+                logger.exception("media %s: unexpected error during analysis", spec.media_id)
+                await self._fail(job, JobError("INTERNAL", f"{type(exc).__name__}: {exc}", True))
+        except LeaseLost:
+            logger.warning(
+                "media %s: lease lost (expired and reclaimed); this worker's outcome is dropped",
+                spec.media_id,
+                extra={"media_id": spec.media_id},
+            )
+        except StorageUnavailable as exc:
+            logger.error(
+                "media %s: could not record the outcome (%s); the lease will expire and the job "
+                "will be retried",
+                spec.media_id,
+                exc,
+            )
+
+    async def _fail(self, job: ClaimedJob, error: JobError) -> None:
+        event = await self._queue.fail_attempt(job, error)
+        spec = job.spec
+        if event.next_attempt_at is not None:
+            logger.warning(
+                "media %s attempt %d failed (%s: %s); retrying in %.1f s",
+                spec.media_id,
+                job.attempt,
+                error.reason,
+                error.message,
+                event.next_attempt_at - event.event_time,
+                extra={"media_id": spec.media_id, "attempt": job.attempt},
+            )
+        else:
+            logger.error(
+                "media %s FAILED on attempt %d (%s: %s)",
+                spec.media_id,
+                job.attempt,
+                error.reason,
+                error.message,
+                extra={"media_id": spec.media_id, "attempt": job.attempt},
+            )
+
+    async def _heartbeat(self, job: ClaimedJob) -> None:
+        interval = self._queue.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await self._queue.renew_lease(job):
+                    logger.warning("media %s: lease lost", job.spec.media_id)
+                    return
+            except StorageUnavailable as exc:
+                logger.error("media %s: lease renewal failed: %s", job.spec.media_id, exc)

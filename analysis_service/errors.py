@@ -1,0 +1,97 @@
+"""The analysis service's exception tree; the root maps to gRPC statuses in one place."""
+
+from __future__ import annotations
+
+import grpc
+
+from mediatag_common.errors import ServiceError
+
+
+class AnalysisError(ServiceError):
+    """Root of every error the analysis service raises on purpose."""
+
+
+class InvalidArgument(AnalysisError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+
+class JobNotFound(AnalysisError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "JOB_NOT_FOUND"
+
+
+class LeaseLost(AnalysisError):
+    """A worker's lease was taken over (it expired); its outcome is discarded."""
+
+    code = grpc.StatusCode.ABORTED
+    reason = "LEASE_LOST"
+
+
+class StorageUnavailable(AnalysisError):
+    """The database could not be used; wraps the driver's error."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "STORAGE_UNAVAILABLE"
+
+
+class AnalyzerFailure(AnalysisError):
+    """An analyser call failed. Subclasses say whether a retry can help."""
+
+    transient: bool = False
+    reason = "ANALYZER_FAILED"
+
+
+class TransientAnalyzerError(AnalyzerFailure):
+    """Unavailable, deadline, 5xx: worth another attempt after a backoff."""
+
+    transient = True
+    reason = "ANALYZER_UNAVAILABLE"
+
+
+class PermanentAnalyzerError(AnalyzerFailure):
+    """Undecodable image, invalid argument: another attempt would fail the same way."""
+
+    transient = False
+    reason = "ANALYZER_REJECTED"
+
+
+class QuotaExceeded(AnalyzerFailure):
+    """The upstream API refused for quota (RESOURCE_EXHAUSTED / 429).
+
+    Not a failed attempt: the job waits ``retry_after`` seconds and that API's limiter slows down.
+    """
+
+    transient = True
+    reason = "QUOTA_EXCEEDED"
+
+    def __init__(self, message: str, *, api: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.api = api
+        self.retry_after = retry_after
+
+
+class RevisionCompacted(AnalysisError):
+    """A watch asked to resume from a revision the event log no longer keeps."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+    reason = "REVISION_COMPACTED"
+
+
+class WatcherTooSlow(AnalysisError):
+    """A watcher's buffer overflowed; it should resume from its last revision."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "WATCHER_TOO_SLOW"
+
+
+class TooManyWatchers(AnalysisError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "TOO_MANY_WATCHERS"
+
+
+class ShuttingDown(AnalysisError):
+    """The service is draining; clients resume elsewhere or after the restart."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "SHUTTING_DOWN"

@@ -1,0 +1,114 @@
+"""Wiring of the analysis service: ``create_server(config) -> (host, port)``."""
+
+from __future__ import annotations
+
+import logging
+
+from mediatag.analysis.v1 import analysis_pb2, analysis_pb2_grpc
+
+from analysis_service.analyzers.base import Analyzer
+from analysis_service.analyzers.registry import build_analyzer
+from analysis_service.api.servicer import AnalysisServicer
+from analysis_service.config import AnalysisConfig
+from analysis_service.domain.cache import ResultCache
+from analysis_service.domain.content import ContentFetcher
+from analysis_service.domain.hub import StatusHub
+from analysis_service.domain.limits import RateLimits
+from analysis_service.domain.maintenance import Maintenance
+from analysis_service.domain.queue import JobQueue
+from analysis_service.domain.stats import Throughput
+from analysis_service.domain.watch import StatusWatcher
+from analysis_service.domain.workers import WorkerPool
+from analysis_service.storage.schema import MIGRATIONS
+from mediatag_common.database import Database
+from mediatag_common.grpc_server import ServiceHost, new_server
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = analysis_pb2.DESCRIPTOR.services_by_name["AnalysisService"].full_name
+
+
+async def create_server(
+    config: AnalysisConfig, *, analyzer: Analyzer | None = None
+) -> tuple[ServiceHost, int]:
+    """Build the analysis service bound to ``config.host:config.port`` (0 picks a port).
+
+    ``analyzer`` replaces the configured one (tests use it for a fake at the API edge).
+    Nothing runs until the returned host is started.
+    """
+    analyzer = analyzer or build_analyzer(config)
+    limits = RateLimits(analyzer.api_limits, config.rate_limits)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(config.resolved_database_url, synchronous=config.sqlite_synchronous)
+    await db.migrate(MIGRATIONS)
+
+    hub = StatusHub(buffer_size=config.watch.stream_buffer, max_watchers=config.watch.max_watchers)
+    queue = JobQueue(db, hub, config.retry, config.lease_seconds)
+    await queue.load()
+    throughput = Throughput()
+    fetcher = ContentFetcher(
+        config.ingest_address,
+        timeout=config.content_fetch_timeout,
+        max_bytes=config.max_content_bytes,
+    )
+    pool = WorkerPool(
+        queue=queue,
+        analyzer=analyzer,
+        limits=limits,
+        cache=ResultCache(db, analyzer_name=analyzer.name, analyzer_version=analyzer.version),
+        fetcher=fetcher,
+        size=config.workers,
+        analyzer_timeout=config.analyzer_timeout,
+        throughput=throughput,
+    )
+    watcher = StatusWatcher(db, hub, bookmark_interval=config.watch.bookmark_interval)
+    maintenance = Maintenance(queue, config.watch)
+
+    server = new_server(max_message_bytes=config.max_message_bytes)
+    analysis_pb2_grpc.add_AnalysisServiceServicer_to_server(
+        AnalysisServicer(
+            queue=queue,
+            watcher=watcher,
+            pool=pool,
+            limits=limits,
+            throughput=throughput,
+            analyzer=analyzer,
+        ),
+        server,
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+
+    async def on_start() -> None:
+        pool.start()
+        maintenance.start()
+        logger.info(
+            "analysis service on %s:%d: %d workers, analyser %s %s, limits %s%s",
+            config.host,
+            port,
+            pool.size,
+            analyzer.name,
+            analyzer.version,
+            ", ".join(
+                f"{s.api} {s.rate_per_second:g}/s burst {s.burst}" for s in limits.snapshot()
+            ),
+            " (queue paused)" if queue.paused else "",
+        )
+
+    async def on_drain(grace: float) -> None:
+        hub.close()
+        await pool.drain(grace)
+
+    async def on_stop() -> None:
+        await maintenance.stop()
+        await fetcher.close()
+        await db.close()
+
+    host = ServiceHost(
+        name="analysis",
+        server=server,
+        service_names=[SERVICE_NAME],
+        on_start=on_start,
+        on_drain=on_drain,
+        on_stop=on_stop,
+    )
+    return host, port

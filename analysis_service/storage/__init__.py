@@ -1,0 +1,1 @@
+"""The analysis service's database: schema, migrations, queries."""

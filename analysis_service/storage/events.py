@@ -1,0 +1,216 @@
+"""The event log and its revision counter."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from analysis_service.domain.models import JobError, JobResult, JobStatus, StatusEvent
+from analysis_service.storage import schema
+from analysis_service.storage.schema import counters, events, jobs, results
+
+
+async def allocate_revisions(conn: AsyncConnection, count: int) -> int:
+    """Reserve ``count`` consecutive revisions in this transaction; returns the first.
+
+    The counter row is updated inside the writer's transaction, so revisions commit in
+    order and a rolled-back transaction leaves no gap.
+    """
+    row = (
+        await conn.execute(
+            sa.update(counters)
+            .where(counters.c.name == schema.REVISION)
+            .values(value=counters.c.value + count)
+            .returning(counters.c.value)
+        )
+    ).one()
+    last: int = row.value
+    return last - count + 1
+
+
+async def read_counter(conn: AsyncConnection, name: str) -> int:
+    value = (
+        await conn.execute(sa.select(counters.c.value).where(counters.c.name == name))
+    ).scalar_one()
+    return int(value)
+
+
+async def write_counter(conn: AsyncConnection, name: str, value: int) -> None:
+    await conn.execute(sa.update(counters).where(counters.c.name == name).values(value=value))
+
+
+async def insert_events(
+    conn: AsyncConnection, rows: Sequence[tuple[StatusEvent, str | None]]
+) -> None:
+    """Append events, each with the cache key of its result (if any)."""
+    await conn.execute(
+        events.insert(),
+        [
+            {
+                "revision": event.revision,
+                "media_id": event.media_id,
+                "owner_id": event.owner_id,
+                "status": event.status.value,
+                "previous_status": event.previous_status.value if event.previous_status else None,
+                "attempt": event.attempt,
+                "event_time": event.event_time,
+                "result_key": result_key,
+                "reused": bool(event.result and event.result.reused),
+                "error_reason": event.error.reason if event.error else None,
+                "error_message": event.error.message if event.error else None,
+                "error_transient": event.error.transient if event.error else None,
+                "next_attempt_at": event.next_attempt_at,
+            }
+            for event, result_key in rows
+        ],
+    )
+
+
+def _result_columns(with_embedding: bool) -> list[Any]:
+    columns: list[Any] = [
+        results.c.tags,
+        results.c.embedding_dimensions,
+        results.c.analyzer_name,
+        results.c.analyzer_version,
+    ]
+    if with_embedding:
+        columns.append(results.c.embedding)
+    return columns
+
+
+def result_from_row(row: Any, reused: bool, with_embedding: bool) -> JobResult | None:
+    """The JobResult of a row joined with ``results`` (None when it has no result)."""
+    if row.tags is None:
+        return None
+    embedding = np.frombuffer(row.embedding, dtype=np.float32) if with_embedding else None
+    return JobResult(
+        tags=tuple(row.tags),
+        embedding=embedding,
+        embedding_dimensions=row.embedding_dimensions,
+        analyzer_name=row.analyzer_name,
+        analyzer_version=row.analyzer_version,
+        reused=reused,
+    )
+
+
+def error_from_row(row: Any) -> JobError | None:
+    if row.error_reason is None:
+        return None
+    return JobError(row.error_reason, row.error_message or "", bool(row.error_transient))
+
+
+async def read_events(
+    conn: AsyncConnection,
+    *,
+    after_revision: int,
+    limit: int,
+    media_ids: Collection[str] = (),
+    owner_id: str = "",
+    with_embedding: bool = False,
+) -> list[StatusEvent]:
+    """Events with revision > ``after_revision`` matching the filter, oldest first."""
+    query = (
+        sa.select(events, *_result_columns(with_embedding))
+        .select_from(events.outerjoin(results, events.c.result_key == results.c.key))
+        .where(events.c.revision > after_revision)
+        .order_by(events.c.revision)
+        .limit(limit)
+    )
+    if media_ids:
+        query = query.where(events.c.media_id.in_(list(media_ids)))
+    if owner_id:
+        query = query.where(events.c.owner_id == owner_id)
+    rows = (await conn.execute(query)).all()
+    return [
+        StatusEvent(
+            revision=row.revision,
+            media_id=row.media_id,
+            owner_id=row.owner_id,
+            status=JobStatus(row.status),
+            previous_status=JobStatus(row.previous_status) if row.previous_status else None,
+            attempt=row.attempt,
+            event_time=row.event_time,
+            result=result_from_row(row, row.reused, with_embedding),
+            error=error_from_row(row),
+            next_attempt_at=row.next_attempt_at,
+        )
+        for row in rows
+    ]
+
+
+async def current_state(
+    conn: AsyncConnection,
+    *,
+    media_ids: Collection[str] = (),
+    owner_id: str = "",
+    with_embedding: bool = False,
+) -> list[StatusEvent]:
+    """The current state of every matching job as initial-state events, by revision."""
+    query = (
+        sa.select(
+            jobs.c.media_id,
+            jobs.c.owner_id,
+            jobs.c.status,
+            jobs.c.attempt,
+            jobs.c.updated_at,
+            jobs.c.revision,
+            jobs.c.reused,
+            jobs.c.error_reason,
+            jobs.c.error_message,
+            jobs.c.error_transient,
+            jobs.c.next_attempt_at,
+            *_result_columns(with_embedding),
+        )
+        .select_from(jobs.outerjoin(results, jobs.c.result_key == results.c.key))
+        .order_by(jobs.c.revision)
+    )
+    if media_ids:
+        query = query.where(jobs.c.media_id.in_(list(media_ids)))
+    if owner_id:
+        query = query.where(jobs.c.owner_id == owner_id)
+    rows = (await conn.execute(query)).all()
+    states = []
+    for row in rows:
+        status = JobStatus(row.status)
+        states.append(
+            StatusEvent(
+                revision=row.revision,
+                media_id=row.media_id,
+                owner_id=row.owner_id,
+                status=status,
+                previous_status=None,
+                attempt=row.attempt,
+                event_time=row.updated_at,
+                result=result_from_row(row, row.reused, with_embedding)
+                if status is JobStatus.COMPLETED
+                else None,
+                error=error_from_row(row),
+                next_attempt_at=row.next_attempt_at if status is JobStatus.PENDING else None,
+                initial_state=True,
+            )
+        )
+    return states
+
+
+async def compact(conn: AsyncConnection, *, before_time: float, keep_last: int) -> int:
+    """Drop events older than ``before_time`` or beyond the newest ``keep_last``.
+
+    Returns the new compaction watermark: every revision at or below it is gone.
+    """
+    newest = await read_counter(conn, schema.REVISION)
+    cutoff_by_count = newest - keep_last
+    cutoff_by_time = (
+        await conn.execute(
+            sa.select(sa.func.max(events.c.revision)).where(events.c.event_time < before_time)
+        )
+    ).scalar_one_or_none() or 0
+    watermark = max(
+        cutoff_by_count, int(cutoff_by_time), await read_counter(conn, schema.COMPACTED_THROUGH)
+    )
+    await conn.execute(sa.delete(events).where(events.c.revision <= watermark))
+    await write_counter(conn, schema.COMPACTED_THROUGH, watermark)
+    return watermark

@@ -1,0 +1,362 @@
+"""Queries on jobs, their attempts and the result cache."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from analysis_service.domain.models import (
+    Attempt,
+    ClaimedJob,
+    Job,
+    JobError,
+    JobResult,
+    JobSpec,
+    JobStatus,
+)
+from analysis_service.storage.events import error_from_row, result_from_row
+from analysis_service.storage.schema import attempts, jobs, results
+
+# Queue order: priority first, then submission time (media id breaks ties).
+QUEUE_ORDER = (jobs.c.priority.desc(), jobs.c.submitted_at, jobs.c.media_id)
+
+
+def spec_from_row(row: Any) -> JobSpec:
+    return JobSpec(
+        media_id=row.media_id,
+        owner_id=row.owner_id,
+        sha256=row.sha256,
+        size_bytes=row.size_bytes,
+        content_type=row.content_type,
+        content_ref=row.content_ref,
+        category=row.category,
+        context=dict(row.context),
+        priority=row.priority,
+    )
+
+
+def error_values(error: JobError | None) -> dict[str, Any]:
+    """Column values recording ``error`` (or clearing it)."""
+    return {
+        "error_reason": error.reason if error else None,
+        "error_message": error.message if error else None,
+        "error_transient": error.transient if error else None,
+    }
+
+
+async def known_ids(conn: AsyncConnection, media_ids: Collection[str]) -> set[str]:
+    rows = await conn.execute(
+        sa.select(jobs.c.media_id).where(jobs.c.media_id.in_(list(media_ids)))
+    )
+    return set(rows.scalars())
+
+
+async def insert_jobs(
+    conn: AsyncConnection,
+    specs: Sequence[JobSpec],
+    *,
+    now: float,
+    max_attempts: int,
+    revisions: Sequence[int],
+) -> None:
+    await conn.execute(
+        jobs.insert(),
+        [
+            {
+                "media_id": spec.media_id,
+                "owner_id": spec.owner_id,
+                "category": spec.category,
+                "context": dict(spec.context),
+                "sha256": spec.sha256,
+                "size_bytes": spec.size_bytes,
+                "content_type": spec.content_type,
+                "content_ref": spec.content_ref,
+                "priority": spec.priority,
+                "status": JobStatus.PENDING.value,
+                "attempt": 0,
+                "max_attempts": max_attempts,
+                "quota_deferrals": 0,
+                "next_attempt_at": now,
+                "submitted_at": now,
+                "updated_at": now,
+                "lease_token": 0,
+                "reused": False,
+                "revision": revision,
+            }
+            for spec, revision in zip(specs, revisions, strict=True)
+        ],
+    )
+
+
+async def next_claimable(conn: AsyncConnection, now: float) -> Any | None:
+    """The first PENDING job in queue order that is due."""
+    query = (
+        sa.select(jobs)
+        .where(jobs.c.status == JobStatus.PENDING.value, jobs.c.next_attempt_at <= now)
+        .order_by(*QUEUE_ORDER)
+        .limit(1)
+    )
+    return (await conn.execute(query)).first()
+
+
+async def next_due_time(conn: AsyncConnection) -> float | None:
+    """When the earliest PENDING job becomes claimable."""
+    query = sa.select(sa.func.min(jobs.c.next_attempt_at)).where(
+        jobs.c.status == JobStatus.PENDING.value
+    )
+    value = (await conn.execute(query)).scalar_one_or_none()
+    return float(value) if value is not None else None
+
+
+async def claim(
+    conn: AsyncConnection,
+    row: Any,
+    *,
+    worker_id: str,
+    lease_until: float,
+    now: float,
+    revision: int,
+) -> ClaimedJob:
+    token = row.lease_token + 1
+    attempt = row.attempt + 1
+    await conn.execute(
+        sa.update(jobs)
+        .where(jobs.c.media_id == row.media_id)
+        .values(
+            status=JobStatus.PROCESSING.value,
+            attempt=attempt,
+            lease_owner=worker_id,
+            lease_expires_at=lease_until,
+            lease_token=token,
+            updated_at=now,
+            revision=revision,
+        )
+    )
+    await conn.execute(
+        attempts.insert().values(
+            media_id=row.media_id, number=attempt, started_at=now, outcome="RUNNING"
+        )
+    )
+    return ClaimedJob(spec_from_row(row), attempt, token, row.quota_deferrals)
+
+
+async def fenced_update(
+    conn: AsyncConnection, media_id: str, lease_token: int, values: Mapping[str, Any]
+) -> bool:
+    """Update a PROCESSING job only if ``lease_token`` still holds its lease."""
+    result = await conn.execute(
+        sa.update(jobs)
+        .where(
+            jobs.c.media_id == media_id,
+            jobs.c.lease_token == lease_token,
+            jobs.c.status == JobStatus.PROCESSING.value,
+        )
+        .values(**values)
+    )
+    return bool(result.rowcount == 1)
+
+
+async def finish_attempt(
+    conn: AsyncConnection,
+    media_id: str,
+    number: int,
+    *,
+    ended_at: float,
+    outcome: str,
+    error: JobError | None,
+) -> None:
+    await conn.execute(
+        sa.update(attempts)
+        .where(
+            attempts.c.media_id == media_id,
+            attempts.c.number == number,
+            attempts.c.outcome == "RUNNING",
+        )
+        .values(ended_at=ended_at, outcome=outcome, **error_values(error))
+    )
+
+
+async def reset_for_retry(
+    conn: AsyncConnection, media_id: str, *, now: float, revision: int
+) -> None:
+    """A terminal job back to PENDING with a fresh set of attempts."""
+    await conn.execute(
+        sa.update(jobs)
+        .where(jobs.c.media_id == media_id)
+        .values(
+            status=JobStatus.PENDING.value,
+            attempt=0,
+            quota_deferrals=0,
+            next_attempt_at=now,
+            updated_at=now,
+            revision=revision,
+            result_key=None,
+            reused=False,
+            lease_owner=None,
+            lease_expires_at=None,
+            **error_values(None),
+        )
+    )
+
+
+async def expired_leases(conn: AsyncConnection, now: float) -> list[Any]:
+    query = sa.select(jobs).where(
+        jobs.c.status == JobStatus.PROCESSING.value, jobs.c.lease_expires_at < now
+    )
+    return list((await conn.execute(query)).all())
+
+
+async def job_rows(
+    conn: AsyncConnection, media_ids: Collection[str] = (), *, owner_id: str = "", status: JobStatus
+) -> list[Any]:
+    query = sa.select(jobs).where(jobs.c.status == status.value)
+    if media_ids:
+        query = query.where(jobs.c.media_id.in_(list(media_ids)))
+    if owner_id:
+        query = query.where(jobs.c.owner_id == owner_id)
+    return list((await conn.execute(query.order_by(*QUEUE_ORDER))).all())
+
+
+async def get_result(conn: AsyncConnection, key: str) -> JobResult | None:
+    row = (await conn.execute(sa.select(results).where(results.c.key == key))).first()
+    return result_from_row(row, reused=True, with_embedding=True) if row else None
+
+
+async def store_result(
+    conn: AsyncConnection, key: str, sha256: str, result: JobResult, now: float
+) -> None:
+    """Insert a result unless the key is already cached (results are deterministic by key)."""
+    if result.embedding is None:
+        raise ValueError("a stored result needs its embedding")
+    exists = (await conn.execute(sa.select(results.c.key).where(results.c.key == key))).first()
+    if exists:
+        return
+    await conn.execute(
+        results.insert().values(
+            key=key,
+            sha256=sha256,
+            analyzer_name=result.analyzer_name,
+            analyzer_version=result.analyzer_version,
+            tags=list(result.tags),
+            embedding=np.asarray(result.embedding, dtype=np.float32).tobytes(),
+            embedding_dimensions=result.embedding_dimensions,
+            created_at=now,
+        )
+    )
+
+
+def _job_select(with_embedding: bool) -> sa.Select[Any]:
+    columns: list[Any] = [
+        jobs,
+        results.c.tags,
+        results.c.embedding_dimensions,
+        results.c.analyzer_name,
+        results.c.analyzer_version,
+    ]
+    if with_embedding:
+        columns.append(results.c.embedding)
+    return sa.select(*columns).select_from(
+        jobs.outerjoin(results, jobs.c.result_key == results.c.key)
+    )
+
+
+def _job_from_row(row: Any, with_embedding: bool, attempt_rows: Sequence[Any] = ()) -> Job:
+    status = JobStatus(row.status)
+    return Job(
+        spec=spec_from_row(row),
+        status=status,
+        attempt=row.attempt,
+        max_attempts=row.max_attempts,
+        next_attempt_at=row.next_attempt_at,
+        submitted_at=row.submitted_at,
+        updated_at=row.updated_at,
+        revision=row.revision,
+        lease_token=row.lease_token,
+        result=result_from_row(row, row.reused, with_embedding)
+        if status is JobStatus.COMPLETED
+        else None,
+        error=error_from_row(row),
+        attempts=tuple(
+            Attempt(a.number, a.started_at, a.ended_at, a.outcome, error_from_row(a))
+            for a in attempt_rows
+        ),
+    )
+
+
+async def get_job(conn: AsyncConnection, media_id: str, *, with_embedding: bool) -> Job | None:
+    row = (
+        await conn.execute(_job_select(with_embedding).where(jobs.c.media_id == media_id))
+    ).first()
+    if row is None:
+        return None
+    attempt_rows = (
+        await conn.execute(
+            sa.select(attempts).where(attempts.c.media_id == media_id).order_by(attempts.c.id)
+        )
+    ).all()
+    return _job_from_row(row, with_embedding, attempt_rows)
+
+
+async def list_jobs(
+    conn: AsyncConnection,
+    *,
+    status: JobStatus | None,
+    owner_id: str,
+    error_reason: str,
+    after: Sequence[Any] | None,
+    limit: int,
+    with_embedding: bool,
+) -> list[Job]:
+    """A page of jobs in queue order, after the key ``(priority, submitted_at, media_id)``."""
+    query = _job_select(with_embedding).order_by(*QUEUE_ORDER).limit(limit)
+    if status is not None:
+        query = query.where(jobs.c.status == status.value)
+    if owner_id:
+        query = query.where(jobs.c.owner_id == owner_id)
+    if error_reason:
+        query = query.where(jobs.c.error_reason == error_reason)
+    if after is not None:
+        priority, submitted_at, media_id = after
+        query = query.where(
+            sa.or_(
+                jobs.c.priority < priority,
+                sa.and_(jobs.c.priority == priority, jobs.c.submitted_at > submitted_at),
+                sa.and_(
+                    jobs.c.priority == priority,
+                    jobs.c.submitted_at == submitted_at,
+                    jobs.c.media_id > media_id,
+                ),
+            )
+        )
+    rows = (await conn.execute(query)).all()
+    by_id: dict[str, list[Any]] = {row.media_id: [] for row in rows}
+    if by_id:
+        attempt_rows = await conn.execute(
+            sa.select(attempts).where(attempts.c.media_id.in_(list(by_id))).order_by(attempts.c.id)
+        )
+        for attempt_row in attempt_rows:
+            by_id[attempt_row.media_id].append(attempt_row)
+    return [_job_from_row(row, with_embedding, by_id[row.media_id]) for row in rows]
+
+
+async def counts_by_status(conn: AsyncConnection) -> dict[JobStatus, int]:
+    rows = await conn.execute(sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status))
+    counts = dict.fromkeys(JobStatus, 0)
+    for status, count in rows:
+        counts[JobStatus(status)] = int(count)
+    return counts
+
+
+async def oldest_pending_submission(conn: AsyncConnection) -> float | None:
+    value = (
+        await conn.execute(
+            sa.select(sa.func.min(jobs.c.submitted_at)).where(
+                jobs.c.status == JobStatus.PENDING.value
+            )
+        )
+    ).scalar_one_or_none()
+    return float(value) if value is not None else None

@@ -1,0 +1,1 @@
+"""The mediatag ingest service: accepts uploads, stores them, hands jobs to analysis."""

@@ -1,0 +1,52 @@
+"""Typed configuration of the ingest service (filled from flags/env by the CLI only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """What one upload may contain; refusals beyond these are INVALID_ARGUMENT."""
+
+    max_files: int = 32
+    max_image_bytes: int = 20 * MIB
+    max_video_bytes: int = 512 * MIB
+    # Pillow's own default: a decompression bomb is refused, however small the file.
+    max_image_pixels: int = 89_478_485
+    max_owner_id_length: int = 128
+    max_category_length: int = 128
+    max_context_entries: int = 32
+    max_context_value_length: int = 1024
+    max_filename_length: int = 255
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Everything the ingest service needs to run."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    data_dir: Path = Path("data/ingest")
+    # Defaults to an SQLite file in data_dir.
+    database_url: str | None = None
+    sqlite_synchronous: str = "FULL"
+    analysis_address: str = "127.0.0.1:50052"
+    limits: UploadLimits = field(default_factory=UploadLimits)
+    # One UploadMedia message; larger uploads go through UploadMediaStream.
+    max_message_bytes: int = 128 * MIB
+    outbox_batch_size: int = 100
+    outbox_initial_backoff: float = 0.5
+    outbox_max_backoff: float = 30.0
+    mirror_initial_backoff: float = 0.5
+    mirror_max_backoff: float = 30.0
+    grace_period: float = 10.0
+
+    @property
+    def resolved_database_url(self) -> str:
+        from mediatag_common.database import sqlite_url
+
+        return self.database_url or sqlite_url(str(self.data_dir / "ingest.db"))

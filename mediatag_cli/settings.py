@@ -1,0 +1,492 @@
+"""Settings of the ``mediatag`` command: flags, then ``MEDIATAG_*`` variables, then defaults.
+
+Every setting is declared once here with its flag, its environment variable and its parser,
+and resolved into the typed configuration of the services (``IngestConfig`` and
+``AnalysisConfig``) or of the client commands. Flags are declared with a suppressed default
+so that "not given on the command line" is visible and the environment can fill it in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from analysis_service.config import AnalysisConfig, RateLimitConfig, RetryPolicy, WatchConfig
+from ingest_service.config import IngestConfig, UploadLimits
+
+T = TypeVar("T")
+
+INGEST = "ingest"
+ANALYSIS = "analysis"
+SERVICES = (INGEST, ANALYSIS)
+ENV_PREFIX = "MEDIATAG_"
+
+ANALYZERS = ("local", "google")
+SQLITE_SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+# Hosts that mean "every interface": fine to bind, but not an address to connect to.
+_WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
+
+
+class SettingsError(ValueError):
+    """A flag or environment value that cannot be used; reported as a usage error."""
+
+
+# ---- value parsers: each turns one string into a value or raises ArgumentTypeError ----
+
+
+def _bounded_int(minimum: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+def _bounded_float(minimum: float, *, inclusive: bool, what: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _bounded_int(1, "a positive integer")
+positive_float = _bounded_float(0.0, inclusive=False, what="a positive number")
+non_negative_float = _bounded_float(0.0, inclusive=True, what="zero or a positive number")
+
+
+def port(text: str) -> int:
+    """A TCP port; 0 asks the system for a free one."""
+    value = _bounded_int(0, "a port number")(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return value
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def byte_size(text: str) -> int:
+    """A positive number of bytes, optionally with a binary unit: ``20MiB``, ``512M``, ``1g``."""
+    match = _SIZE_PATTERN.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 20971520, 20MiB, 512M)")
+    value = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return value
+
+
+def non_empty(text: str) -> str:
+    value = text.strip()
+    if not value or any(c.isspace() for c in value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be non-empty and contain no spaces")
+    return value
+
+
+def _choice(choices: Sequence[str], *, upper: bool) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().upper() if upper else text.strip().lower()
+        if value not in choices:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not one of {', '.join(c.lower() for c in choices)}"
+            )
+        return value
+
+    parse.__name__ = "choice"
+    return parse
+
+
+analyzer_name = _choice(ANALYZERS, upper=False)
+sqlite_synchronous = _choice(SQLITE_SYNCHRONOUS_MODES, upper=True)
+log_level = _choice(LOG_LEVELS, upper=True)
+log_format = _choice(LOG_FORMATS, upper=False)
+
+
+def rate_limits(text: str) -> dict[str, RateLimitConfig]:
+    """``API=RATE[:BURST]``, several separated by commas: ``local=2:1,vision=30``.
+
+    RATE is calls per second (> 0); BURST the calls allowed back to back (default 1).
+    """
+    limits: dict[str, RateLimitConfig] = {}
+    for entry in (part.strip() for part in text.split(",")):
+        api, equals, spec = entry.partition("=")
+        api = api.strip()
+        if not equals or not api or any(c.isspace() for c in api):
+            raise argparse.ArgumentTypeError(f"{entry!r} is not API=RATE[:BURST], e.g. local=2:1")
+        rate_text, colon, burst_text = spec.partition(":")
+        try:
+            rate = positive_float(rate_text)
+            burst = positive_int(burst_text) if colon else 1
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(f"{entry!r}: {error}") from None
+        limits[api] = RateLimitConfig(rate_per_second=rate, burst=burst)
+    return limits
+
+
+# ---- declared settings ----
+
+
+@dataclass(frozen=True)
+class Setting(Generic[T]):
+    """One setting: its flag, environment variable, parser and default.
+
+    ``services`` says which ``serve`` variants offer the flag; client settings have none.
+    """
+
+    flag: str
+    parse: Callable[[str], T]
+    default: T
+    help: str
+    services: frozenset[str] = frozenset()
+    env_override: str | None = None
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return self.env_override or ENV_PREFIX + self.dest.upper()
+
+
+BOTH = frozenset(SERVICES)
+ONLY_INGEST = frozenset({INGEST})
+ONLY_ANALYSIS = frozenset({ANALYSIS})
+_LIMITS = UploadLimits()
+_RETRY = RetryPolicy()
+_WATCH = WatchConfig()
+_ANALYSIS = AnalysisConfig()
+
+DATA_DIR: Setting[Path] = Setting(
+    "--data-dir", Path, Path("data"), "data root; ingest uses DIR/ingest, analysis DIR/analysis",
+    BOTH, metavar="DIR",
+)  # fmt: skip
+HOST: Setting[str] = Setting("--host", non_empty, "127.0.0.1", "address to bind", BOTH)
+INGEST_PORT: Setting[int] = Setting(
+    "--ingest-port", port, 50051, "ingest service port", ONLY_INGEST
+)
+ANALYSIS_PORT: Setting[int] = Setting(
+    "--analysis-port", port, 50052, "analysis service port", ONLY_ANALYSIS
+)
+INGEST_ADDRESS: Setting[str | None] = Setting(
+    "--ingest-address", non_empty, None,
+    "where the analysis service reaches ingest (default HOST:INGEST_PORT)", ONLY_ANALYSIS,
+    metavar="ADDR",
+)  # fmt: skip
+ANALYSIS_ADDRESS: Setting[str | None] = Setting(
+    "--analysis-address", non_empty, None,
+    "where the ingest service reaches analysis (default HOST:ANALYSIS_PORT)", ONLY_INGEST,
+    metavar="ADDR",
+)  # fmt: skip
+INGEST_DATABASE_URL: Setting[str | None] = Setting(
+    "--ingest-database-url", non_empty, None,
+    "SQLAlchemy URL of the ingest database (default an SQLite file in its data dir)",
+    ONLY_INGEST, metavar="URL",
+)  # fmt: skip
+ANALYSIS_DATABASE_URL: Setting[str | None] = Setting(
+    "--analysis-database-url", non_empty, None,
+    "SQLAlchemy URL of the analysis database (default an SQLite file in its data dir)",
+    ONLY_ANALYSIS, metavar="URL",
+)  # fmt: skip
+SQLITE_SYNCHRONOUS: Setting[str] = Setting(
+    "--sqlite-synchronous", sqlite_synchronous, "FULL",
+    f"SQLite synchronous pragma ({', '.join(SQLITE_SYNCHRONOUS_MODES)})", BOTH, metavar="MODE",
+)  # fmt: skip
+GRACE_PERIOD: Setting[float] = Setting(
+    "--grace-period", non_negative_float, 10.0,
+    "seconds in-flight work gets to finish on SIGTERM", BOTH, metavar="SECONDS",
+)  # fmt: skip
+ANALYZER: Setting[str] = Setting(
+    "--analyzer", analyzer_name, _ANALYSIS.analyzer, f"analyser ({', '.join(ANALYZERS)})",
+    ONLY_ANALYSIS, metavar="NAME",
+)  # fmt: skip
+EMBEDDING_DIMENSIONS: Setting[int] = Setting(
+    "--embedding-dimensions", positive_int, _ANALYSIS.embedding_dimensions,
+    "length of the embedding vector", ONLY_ANALYSIS, metavar="N",
+)  # fmt: skip
+WORKERS: Setting[int] = Setting(
+    "--workers", positive_int, _ANALYSIS.workers, "concurrent analysis workers", ONLY_ANALYSIS,
+    metavar="N",
+)  # fmt: skip
+RATE_LIMITS: Setting[Mapping[str, RateLimitConfig]] = Setting(
+    "--rate-limit", rate_limits, {},
+    "rate limit of one upstream API, RATE calls/s with bursts of BURST (default 1); repeatable; "
+    "env: comma-separated, e.g. local=2:1,vision=30; default: the analyser's own limits",
+    ONLY_ANALYSIS, env_override=ENV_PREFIX + "RATE_LIMITS", metavar="API=RATE[:BURST]",
+)  # fmt: skip
+MAX_ATTEMPTS: Setting[int] = Setting(
+    "--max-attempts", positive_int, _RETRY.max_attempts, "analysis attempts per job",
+    ONLY_ANALYSIS, metavar="N",
+)  # fmt: skip
+BACKOFF_BASE: Setting[float] = Setting(
+    "--backoff-base", positive_float, _RETRY.backoff_base,
+    "first retry delay; doubles with each attempt", ONLY_ANALYSIS, metavar="SECONDS",
+)  # fmt: skip
+LEASE_SECONDS: Setting[float] = Setting(
+    "--lease-seconds", positive_float, _ANALYSIS.lease_seconds,
+    "a claimed job returns to pending when its worker stops renewing for this long",
+    ONLY_ANALYSIS, metavar="SECONDS",
+)  # fmt: skip
+BOOKMARK_INTERVAL: Setting[float] = Setting(
+    "--bookmark-interval", positive_float, _WATCH.bookmark_interval,
+    "idle WatchStatus streams get a bookmark this often", ONLY_ANALYSIS, metavar="SECONDS",
+)  # fmt: skip
+MAX_WATCHERS: Setting[int] = Setting(
+    "--max-watchers", positive_int, _WATCH.max_watchers, "concurrent WatchStatus streams",
+    ONLY_ANALYSIS, metavar="N",
+)  # fmt: skip
+MAX_FILES: Setting[int] = Setting(
+    "--max-files", positive_int, _LIMITS.max_files, "files per upload", ONLY_INGEST, metavar="N"
+)
+MAX_IMAGE_BYTES: Setting[int] = Setting(
+    "--max-image-bytes", byte_size, _LIMITS.max_image_bytes, "largest image (e.g. 20MiB)",
+    ONLY_INGEST, metavar="SIZE",
+)  # fmt: skip
+MAX_IMAGE_PIXELS: Setting[int] = Setting(
+    "--max-image-pixels", positive_int, _LIMITS.max_image_pixels,
+    "largest image in pixels (decompression bomb guard)", ONLY_INGEST, metavar="N",
+)  # fmt: skip
+MAX_VIDEO_BYTES: Setting[int] = Setting(
+    "--max-video-bytes", byte_size, _LIMITS.max_video_bytes, "largest video (e.g. 512MiB)",
+    ONLY_INGEST, metavar="SIZE",
+)  # fmt: skip
+LOG_LEVEL: Setting[str] = Setting(
+    "--log-level", log_level, "INFO", f"log level ({', '.join(LOG_LEVELS)})", BOTH,
+    metavar="LEVEL",
+)  # fmt: skip
+LOG_FORMAT: Setting[str] = Setting(
+    "--log-format", log_format, "text", "text (for people) or json (one object per line)", BOTH,
+    metavar="FORMAT",
+)  # fmt: skip
+
+SERVE_SETTINGS: tuple[Setting[Any], ...] = (
+    DATA_DIR, HOST, INGEST_PORT, ANALYSIS_PORT, INGEST_ADDRESS, ANALYSIS_ADDRESS,
+    INGEST_DATABASE_URL, ANALYSIS_DATABASE_URL, SQLITE_SYNCHRONOUS, GRACE_PERIOD, ANALYZER,
+    EMBEDDING_DIMENSIONS, WORKERS, RATE_LIMITS, MAX_ATTEMPTS, BACKOFF_BASE, LEASE_SECONDS,
+    BOOKMARK_INTERVAL, MAX_WATCHERS, MAX_FILES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS,
+    MAX_VIDEO_BYTES, LOG_LEVEL, LOG_FORMAT,
+)  # fmt: skip
+
+INGEST_TARGET: Setting[str] = Setting(
+    "--ingest", non_empty, "127.0.0.1:50051", "address of the ingest service",
+    env_override=ENV_PREFIX + "INGEST_ADDRESS", metavar="ADDR",
+)  # fmt: skip
+ANALYSIS_TARGET: Setting[str] = Setting(
+    "--analysis", non_empty, "127.0.0.1:50052", "address of the analysis service",
+    env_override=ENV_PREFIX + "ANALYSIS_ADDRESS", metavar="ADDR",
+)  # fmt: skip
+TIMEOUT: Setting[float] = Setting(
+    "--timeout", positive_float, 30.0, "seconds to wait for each call (not for watch streams)",
+    metavar="SECONDS",
+)  # fmt: skip
+CLIENT_SETTINGS: tuple[Setting[Any], ...] = (INGEST_TARGET, ANALYSIS_TARGET, TIMEOUT)
+
+
+class _MergeRateLimits(argparse.Action):
+    """Repeated ``--rate-limit`` flags add up; a later one wins for the same API."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, {**getattr(namespace, self.dest, {}), **values})
+
+
+def _help(setting: Setting[T]) -> str:
+    default = "" if setting.default in (None, {}) else f"; default {setting.default}"
+    return f"{setting.help} (env {setting.env}{default})"
+
+
+def _add_argument(parser: argparse.ArgumentParser, setting: Setting[T]) -> None:
+    parser.add_argument(
+        setting.flag,
+        dest=setting.dest,
+        type=setting.parse,
+        default=argparse.SUPPRESS,
+        action=_MergeRateLimits if setting is RATE_LIMITS else "store",
+        metavar=setting.metavar,
+        help=_help(setting),
+    )
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser, services: Sequence[str]) -> None:
+    """Add the flags of ``mediatag serve`` for ``services`` to ``parser``."""
+    wanted = set(services)
+    for setting in SERVE_SETTINGS:
+        if setting.services & wanted:
+            _add_argument(parser, setting)
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options every client command shares (addresses, timeout, ``--json``)."""
+    for setting in CLIENT_SETTINGS:
+        _add_argument(parser, setting)
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def resolve(
+    setting: Setting[T], args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> T:
+    """The flag's value if given, else the environment variable's, else the default.
+
+    An empty environment variable counts as unset.
+    """
+    if hasattr(args, setting.dest):
+        given: T = getattr(args, setting.dest)
+        return given
+    raw = (os.environ if environ is None else environ).get(setting.env, "")
+    if not raw.strip():
+        return setting.default
+    try:
+        return setting.parse(raw)
+    except (argparse.ArgumentTypeError, ValueError) as error:
+        raise SettingsError(f"environment variable {setting.env}={raw!r}: {error}") from None
+
+
+# ---- resolved settings ----
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What ``mediatag serve`` runs: the config of each service it starts, and how to log."""
+
+    ingest: IngestConfig | None
+    analysis: AnalysisConfig | None
+    grace_period: float
+    log_level: str
+    log_format: str
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Where the client commands connect and how they print."""
+
+    ingest_address: str
+    analysis_address: str
+    timeout: float
+    json: bool
+
+
+def connect_address(host: str, port_number: int) -> str:
+    """A gRPC target that reaches ``host:port``; a wildcard bind host becomes loopback."""
+    host = _WILDCARD_HOSTS.get(host, host)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port_number}"
+
+
+def _peer_address(
+    explicit: str | None, host: str, peer_port: int, setting: Setting[str | None]
+) -> str:
+    if explicit is not None:
+        return explicit
+    if peer_port == 0:
+        raise SettingsError(
+            f"a port of 0 is only known once bound, so {setting.flag} (or {setting.env}) "
+            "must say where the other service is"
+        )
+    return connect_address(host, peer_port)
+
+
+def serve_settings(
+    args: argparse.Namespace, services: Sequence[str], environ: Mapping[str, str] | None = None
+) -> ServeSettings:
+    """Resolve ``mediatag serve`` flags, environment and defaults into the services' configs.
+
+    Only the settings of ``services`` are read, so a bad variable meant for the other service
+    does not stop this one.
+    """
+
+    def get(setting: Setting[T]) -> T:
+        return resolve(setting, args, environ)
+
+    data_dir = get(DATA_DIR)
+    host = get(HOST)
+    grace_period = get(GRACE_PERIOD)
+    ingest: IngestConfig | None = None
+    analysis: AnalysisConfig | None = None
+    if INGEST in services:
+        ingest = IngestConfig(
+            host=host,
+            port=get(INGEST_PORT),
+            data_dir=data_dir / INGEST,
+            database_url=get(INGEST_DATABASE_URL),
+            sqlite_synchronous=get(SQLITE_SYNCHRONOUS),
+            analysis_address=_peer_address(
+                get(ANALYSIS_ADDRESS), host, get(ANALYSIS_PORT), ANALYSIS_ADDRESS
+            ),
+            limits=UploadLimits(
+                max_files=get(MAX_FILES),
+                max_image_bytes=get(MAX_IMAGE_BYTES),
+                max_image_pixels=get(MAX_IMAGE_PIXELS),
+                max_video_bytes=get(MAX_VIDEO_BYTES),
+            ),
+            grace_period=grace_period,
+        )
+    if ANALYSIS in services:
+        analysis = AnalysisConfig(
+            host=host,
+            port=get(ANALYSIS_PORT),
+            data_dir=data_dir / ANALYSIS,
+            database_url=get(ANALYSIS_DATABASE_URL),
+            sqlite_synchronous=get(SQLITE_SYNCHRONOUS),
+            ingest_address=_peer_address(
+                get(INGEST_ADDRESS), host, get(INGEST_PORT), INGEST_ADDRESS
+            ),
+            analyzer=get(ANALYZER),
+            embedding_dimensions=get(EMBEDDING_DIMENSIONS),
+            workers=get(WORKERS),
+            rate_limits=get(RATE_LIMITS),
+            retry=RetryPolicy(max_attempts=get(MAX_ATTEMPTS), backoff_base=get(BACKOFF_BASE)),
+            lease_seconds=get(LEASE_SECONDS),
+            watch=WatchConfig(
+                bookmark_interval=get(BOOKMARK_INTERVAL), max_watchers=get(MAX_WATCHERS)
+            ),
+            grace_period=grace_period,
+        )
+    return ServeSettings(
+        ingest=ingest,
+        analysis=analysis,
+        grace_period=grace_period,
+        log_level=get(LOG_LEVEL),
+        log_format=get(LOG_FORMAT),
+    )
+
+
+def client_settings(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> ClientSettings:
+    """Resolve the client commands' shared options."""
+    return ClientSettings(
+        ingest_address=resolve(INGEST_TARGET, args, environ),
+        analysis_address=resolve(ANALYSIS_TARGET, args, environ),
+        timeout=resolve(TIMEOUT, args, environ),
+        json=bool(getattr(args, "json", False)),
+    )

@@ -1,0 +1,125 @@
+"""What both services' servers share: options, health, reflection, start/drain/stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mediatag_common.errors import ErrorMappingInterceptor
+
+logger = logging.getLogger(__name__)
+
+# Long-lived watch streams sit idle for hours: let clients ping, and ping them so dead
+# peers are noticed, without the server sending GOAWAY for "too many pings".
+KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def new_server(*, max_message_bytes: int) -> grpc.aio.Server:
+    """A grpc.aio server with our error mapping and message size limits."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        *KEEPALIVE_OPTIONS,
+    ]
+    return grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=options)
+
+
+def channel_options(max_message_bytes: int = 64 * 1024 * 1024) -> list[tuple[str, Any]]:
+    """Client channel options matching the servers' (keepalive for idle streams)."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+class ServiceHost:
+    """A gRPC server and the background work of its service, started and stopped together.
+
+    Health and reflection are always on. ``stop`` drains: health goes NOT_SERVING, new
+    calls are refused, in-flight calls get ``grace`` seconds, then background work stops.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        server: grpc.aio.Server,
+        service_names: Sequence[str],
+        on_start: Callable[[], Awaitable[None]],
+        on_drain: Callable[[float], Awaitable[None]],
+        on_stop: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.name = name
+        self.server = server
+        self.health = health.aio.HealthServicer()
+        self._service_names = list(service_names)
+        self._on_start = on_start
+        self._on_drain = on_drain
+        self._on_stop = on_stop
+        self._stopped = False
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ["", *self._service_names]:
+            await self.health.set(service, status)
+
+    async def start(self) -> None:
+        await self._on_start()
+        await self.server.start()
+        await self.set_serving(True)
+
+    async def stop(self, grace: float) -> None:
+        """Drain and stop; safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.set_serving(False)
+        # Drain first (ends watch streams, lets workers finish), then stop the server so
+        # in-flight unary calls complete within the grace period.
+        await asyncio.gather(self._on_drain(grace), self.server.stop(grace))
+        await self._on_stop()
+        logger.info("%s service stopped", self.name)
+
+
+async def serve_until_signal(hosts: Sequence[ServiceHost], grace: float) -> None:
+    """Start every host, run until SIGINT or SIGTERM, then drain and stop them all."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_requested.set)
+    started: list[ServiceHost] = []
+    try:
+        for host in hosts:
+            await host.start()
+            started.append(host)
+        await stop_requested.wait()
+        logger.info("shutting down (grace period %.0f s)", grace)
+    finally:
+        await asyncio.gather(*(host.stop(grace) for host in started))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

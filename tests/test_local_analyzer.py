@@ -1,0 +1,351 @@
+"""The offline ``local`` analyser on generated images: tags, embedding, errors and decode cost."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import re
+import struct
+import time
+import zlib
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from PIL import Image, ImageDraw, ImageFilter
+
+from analysis_service.analyzers.base import AnalysisInput, AnalysisOutput, ApiLimit
+from analysis_service.analyzers.local import LocalAnalyzer
+from analysis_service.errors import PermanentAnalyzerError
+
+TAG_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+SCENE_SEEDS = (11, 22, 33, 44, 55, 66)
+
+
+class CountingLimiter:
+    """Stands in for the rate limiter: lets every call through and counts them per API."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+
+    async def acquire(self, api: str) -> None:
+        self.calls[api] += 1
+
+
+def scene(seed: int, size: tuple[int, int] = (640, 480), *, retake: int = 0) -> Image.Image:
+    """A photo-like image: gradient sky, rippled ground, a few shapes and sensor noise.
+
+    ``retake`` re-renders the same scene with the shapes moved a little, another exposure and
+    fresh noise, like a second shot of the same subject.
+    """
+    layout = np.random.default_rng(seed)
+    noise = np.random.default_rng([seed, retake])
+    width, height = size
+    top, bottom, ground = (layout.integers(0, 256, 3) for _ in range(3))
+    horizon = int(height * layout.uniform(0.35, 0.75))
+    rows = np.linspace(0.0, 1.0, height)[:, None, None]
+    pixels = np.broadcast_to(top * (1 - rows) + bottom * rows, (height, width, 3)).copy()
+    fx, fy, phase = layout.uniform(0.02, 0.15), layout.uniform(0.02, 0.15), layout.uniform(0, 6)
+    ripple = np.sin(np.arange(width)[None, :] * fx + np.arange(height - horizon)[:, None] * fy)
+    pixels[horizon:] = ground * (0.6 + 0.2 * (ripple[..., None] + np.sin(phase)))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    shift = 6 * retake
+    for _ in range(int(layout.integers(3, 8))):
+        colour = tuple(int(c) for c in layout.integers(0, 256, 3))
+        x0 = int(layout.integers(0, width - 40)) + shift
+        y0 = int(layout.integers(0, height - 40)) + shift // 2
+        x1 = x0 + int(layout.integers(30, width // 2))
+        y1 = y0 + int(layout.integers(30, height // 2))
+        shape = int(layout.integers(0, 3))
+        if shape == 0:
+            draw.ellipse((x0, y0, x1, y1), fill=colour)
+        elif shape == 1:
+            draw.rectangle((x0, y0, x1, y1), fill=colour)
+        else:
+            draw.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=colour)
+    exposure = 1.0 + 0.05 * retake
+    noisy = np.asarray(image, dtype=np.float64) * exposure + noise.normal(0, 8, (height, width, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def detailed(seed: int) -> Image.Image:
+    """A scene with fine texture (a grating of a few pixels' period), sharp at any working size."""
+    base = np.asarray(scene(seed), dtype=np.float64)
+    height, width, _ = base.shape
+    grating = 40.0 * np.sin(np.arange(width)[None, :] * 1.3 + np.arange(height)[:, None] * 0.7)
+    return Image.fromarray(np.clip(base + grating[..., None], 0, 255).astype(np.uint8))
+
+
+def encode(image: Image.Image, image_format: str = "PNG", **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, image_format, **options)
+    return buffer.getvalue()
+
+
+def near_duplicates(image: Image.Image) -> dict[str, bytes]:
+    width, height = image.size
+    dx, dy = round(width * 0.025), round(height * 0.025)
+    return {
+        "jpeg-q60": encode(image, "JPEG", quality=60),
+        "resized-50%": encode(image.resize((width // 2, height // 2), Image.Resampling.LANCZOS)),
+        "cropped-5%": encode(image.crop((dx, dy, width - dx, height - dy))),
+        "png-to-jpeg": encode(Image.open(io.BytesIO(encode(image))).convert("RGB"), "JPEG"),
+    }
+
+
+async def analyse(
+    content: bytes, analyzer: LocalAnalyzer | None = None, limiter: CountingLimiter | None = None
+) -> AnalysisOutput:
+    item = AnalysisInput(
+        media_id="media-1",
+        content=content,
+        content_type="application/octet-stream",
+        sha256=hashlib.sha256(content).hexdigest(),
+    )
+    return await (analyzer or LocalAnalyzer()).analyze(item, limiter or CountingLimiter())
+
+
+async def tags_of(image: Image.Image, image_format: str = "PNG", **options: Any) -> tuple[str, ...]:
+    return (await analyse(encode(image, image_format, **options))).tags
+
+
+def cosine(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> float:
+    return float(np.dot(a.astype(np.float64), b.astype(np.float64)))
+
+
+async def test_near_duplicates_score_higher_than_unrelated_images() -> None:
+    embeddings: dict[tuple[int, str], npt.NDArray[np.float32]] = {}
+    for seed in SCENE_SEEDS:
+        original = scene(seed)
+        embeddings[seed, "original"] = (await analyse(encode(original))).embedding
+        for kind, content in near_duplicates(original).items():
+            embeddings[seed, kind] = (await analyse(content)).embedding
+
+    near = {
+        key: cosine(embeddings[key[0], "original"], embedding)
+        for key, embedding in embeddings.items()
+        if key[1] != "original"
+    }
+    unrelated = {
+        (a, b): cosine(embeddings[a], embeddings[b])
+        for a, b in itertools.combinations(embeddings, 2)
+        if a[0] != b[0]
+    }
+    weakest = min(near, key=near.__getitem__)
+    closest = max(unrelated, key=unrelated.__getitem__)
+    summary = (
+        f"near-duplicate min {near[weakest]:.4f} ({weakest}), "
+        f"unrelated max {unrelated[closest]:.4f} ({closest}), "
+        f"unrelated mean {np.mean(list(unrelated.values())):.4f}"
+    )
+    print(summary)
+    assert near[weakest] > unrelated[closest] + 0.3, summary
+
+
+async def test_a_retake_of_a_scene_is_closer_than_other_scenes() -> None:
+    originals = {seed: (await analyse(encode(scene(seed)))).embedding for seed in SCENE_SEEDS}
+    for seed in SCENE_SEEDS:
+        retake = (await analyse(encode(scene(seed, retake=1)))).embedding
+        similar = cosine(originals[seed], retake)
+        others = {other: cosine(originals[other], retake) for other in SCENE_SEEDS if other != seed}
+        assert similar > max(others.values()) + 0.2, (seed, similar, others)
+
+
+@pytest.mark.parametrize("dimensions", [64, 100, 1408])
+async def test_embedding_is_unit_float32_of_the_configured_dimension(dimensions: int) -> None:
+    content = encode(scene(SCENE_SEEDS[0]), "JPEG")
+    first = await analyse(content, LocalAnalyzer(embedding_dimensions=dimensions))
+    again = await analyse(content, LocalAnalyzer(embedding_dimensions=dimensions))
+
+    assert first.embedding.shape == (dimensions,)
+    assert first.embedding.dtype == np.float32
+    assert float(np.linalg.norm(first.embedding)) == pytest.approx(1.0, abs=1e-5)
+    assert np.array_equal(first.embedding, again.embedding)
+    assert first.tags == again.tags
+
+
+async def test_tags_are_lower_case_hyphenated_and_deterministic() -> None:
+    for seed in SCENE_SEEDS:
+        content = encode(scene(seed), "JPEG", quality=85)
+        tags = (await analyse(content)).tags
+        assert tags
+        assert len(set(tags)) == len(tags), tags
+        assert all(TAG_PATTERN.match(tag) for tag in tags), tags
+        assert (await analyse(content)).tags == tags
+        assert sum(tag.startswith("orientation-") for tag in tags) == 1
+        assert sum(tag.startswith("size-") for tag in tags) == 1
+        assert 1 <= sum(tag.startswith("dominant-") for tag in tags) <= 3
+
+
+async def test_orientation_follows_the_displayed_shape() -> None:
+    landscape = scene(SCENE_SEEDS[1])
+    assert "orientation-landscape" in await tags_of(landscape)
+    assert "orientation-portrait" in await tags_of(scene(SCENE_SEEDS[1], (480, 640)))
+    assert "orientation-square" in await tags_of(scene(SCENE_SEEDS[1], (500, 500)))
+
+    # Stored landscape, shown rotated 90 degrees by its EXIF orientation.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert "orientation-portrait" in await tags_of(landscape, "JPEG", exif=exif)
+
+
+async def test_a_mostly_blue_image_is_dominant_blue() -> None:
+    rng = np.random.default_rng(7)
+    rows = np.linspace(0.0, 1.0, 480)[:, None, None]
+    sky = np.array([20, 60, 170]) * (1 - rows) + np.array([110, 170, 240]) * rows
+    pixels = np.broadcast_to(sky, (480, 640, 3)) + rng.normal(0, 6, (480, 640, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    ImageDraw.Draw(image).ellipse((250, 180, 330, 260), fill=(250, 250, 245))
+
+    tags = await tags_of(image, "JPEG")
+
+    assert next(tag for tag in tags if tag.startswith("dominant-")) == "dominant-blue", tags
+
+
+async def test_a_blurred_image_is_blurry_and_its_original_is_not() -> None:
+    original = detailed(SCENE_SEEDS[2])
+    blurred = original.filter(ImageFilter.GaussianBlur(6))
+
+    original_tags = await tags_of(original, "JPEG", quality=90)
+    blurred_tags = await tags_of(blurred, "JPEG", quality=90)
+
+    assert "sharpness-sharp" in original_tags
+    assert "sharpness-blurry" not in original_tags
+    assert "sharpness-blurry" in blurred_tags
+
+
+async def test_transparency_is_tagged_only_when_the_alpha_channel_is_used() -> None:
+    opaque = scene(SCENE_SEEDS[3]).convert("RGBA")
+    cut_out = opaque.copy()
+    ImageDraw.Draw(cut_out).rectangle((0, 0, 320, 480), fill=(0, 0, 0, 0))
+
+    assert "transparent" in await tags_of(cut_out)
+    assert "transparent" not in await tags_of(opaque)
+
+
+async def test_an_animated_gif_is_animated_and_a_still_one_is_not() -> None:
+    frames = [scene(seed, (160, 120)).convert("P") for seed in SCENE_SEEDS[:3]]
+
+    animated = await tags_of(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    still = await tags_of(frames[0], "GIF")
+
+    assert "animated" in animated
+    assert "animated" not in still
+
+
+async def test_a_dark_image_is_dark() -> None:
+    dark = Image.fromarray((np.asarray(scene(SCENE_SEEDS[4])) * 0.15).astype(np.uint8))
+    tags = await tags_of(dark, "JPEG")
+    assert "brightness-dark" in tags
+    assert "brightness-dark" not in await tags_of(Image.new("RGB", (64, 64), (240, 240, 240)))
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "PA", "CMYK", "I", "I;16", "RGBA", "YCbCr"])
+async def test_every_common_mode_is_measured(mode: str) -> None:
+    image = scene(SCENE_SEEDS[5], (200, 150))
+    if mode == "I;16":
+        # 16-bit samples near full scale: a bright image, not one clipped or read as 8-bit.
+        converted = Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 40 + 55000)
+    elif mode == "I":
+        converted = image.convert("L").convert("I")
+    else:
+        converted = image.convert(mode)
+    image_format = {"CMYK": "JPEG", "YCbCr": "JPEG", "I": "TIFF"}.get(mode, "PNG")
+    if mode == "PA":
+        image_format = "TIFF"
+
+    result = await analyse(encode(converted, image_format))
+
+    assert all(TAG_PATTERN.match(tag) for tag in result.tags), result.tags
+    assert float(np.linalg.norm(result.embedding)) == pytest.approx(1.0, abs=1e-5)
+    if mode == "I;16":
+        assert "brightness-bright" in result.tags
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not an image at all",
+        encode(scene(SCENE_SEEDS[0]), "JPEG")[:5000],
+        encode(scene(SCENE_SEEDS[0]), "PNG")[:5000],
+    ],
+    ids=["garbage", "truncated-jpeg", "truncated-png"],
+)
+async def test_undecodable_bytes_are_a_permanent_failure(content: bytes) -> None:
+    with pytest.raises(PermanentAnalyzerError) as raised:
+        await analyse(content)
+    assert raised.value.reason == "IMAGE_UNDECODABLE"
+    assert not raised.value.transient
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        checksum = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", checksum)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 4))
+    return b"\x89PNG\r\n\x1a\n" + chunks + chunk(b"IEND", b"")
+
+
+async def test_a_decompression_bomb_is_too_large() -> None:
+    with pytest.raises(PermanentAnalyzerError) as raised:
+        await analyse(png_declaring(100_000, 100_000))
+    assert raised.value.reason == "IMAGE_TOO_LARGE"
+
+
+async def test_pillows_pixel_limit_stays_in_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
+    with pytest.raises(PermanentAnalyzerError) as raised:
+        await analyse(encode(scene(SCENE_SEEDS[0], (100, 100))))
+    assert raised.value.reason == "IMAGE_TOO_LARGE"
+
+
+async def test_a_12_megapixel_jpeg_costs_less_than_decoding_it_in_full() -> None:
+    photo = scene(SCENE_SEEDS[1], (1000, 750)).resize((4000, 3000), Image.Resampling.BICUBIC)
+    content = encode(photo, "JPEG", quality=85)
+    analyzer = LocalAnalyzer()
+    result = await analyse(content, analyzer)  # warms the projection matrix cache
+
+    def full_decode() -> None:
+        with Image.open(io.BytesIO(content)) as image:
+            image.load()
+
+    full_times, analysis_times = [], []
+    for _ in range(5):
+        started = time.perf_counter()
+        full_decode()
+        full_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        await analyse(content, analyzer)
+        analysis_times.append(time.perf_counter() - started)
+    full, analysis = min(full_times), min(analysis_times)
+    summary = f"full decode {full * 1000:.1f} ms, whole analysis {analysis * 1000:.1f} ms"
+    print(summary)
+
+    assert "size-very-large" in result.tags
+    assert analysis < 0.75 * full, summary
+
+
+async def test_one_limiter_slot_per_analysis_and_a_cache_key_without_category() -> None:
+    analyzer = LocalAnalyzer(embedding_dimensions=256)
+    limiter = CountingLimiter()
+    content = encode(scene(SCENE_SEEDS[0], (120, 90)))
+
+    await analyse(content, analyzer, limiter)
+
+    assert limiter.calls == Counter({"local": 1})
+    assert tuple(analyzer.api_limits) == (ApiLimit("local", rate_per_second=2.0, burst=1),)
+    digest = hashlib.sha256(content).hexdigest()
+    as_food = AnalysisInput("m1", content, "image/png", digest, category="food")
+    as_pets = AnalysisInput("m2", content, "image/png", digest, "pets", {"caption": "a dog"})
+    assert analyzer.cache_inputs(as_food) == analyzer.cache_inputs(as_pets) == {"dimensions": "256"}
+    assert LocalAnalyzer(embedding_dimensions=128).cache_inputs(as_food) != analyzer.cache_inputs(
+        as_food
+    )
