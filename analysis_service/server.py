@@ -110,5 +110,6 @@ async def create_server(
         on_start=on_start,
         on_drain=on_drain,
         on_stop=on_stop,
+        is_healthy=db.ping,
     )
     return host, port

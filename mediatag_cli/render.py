@@ -60,7 +60,11 @@ def to_dict(msg: message.Message) -> dict[str, object]:
 
 def to_json(msg: message.Message, *, one_line: bool = False) -> str:
     """``msg`` as JSON: indented, or on one line for a stream of objects (JSON Lines)."""
-    return json.dumps(to_dict(msg), indent=None if one_line else 2, ensure_ascii=False)
+    return json_text(to_dict(msg), one_line=one_line)
+
+
+def json_text(value: object, *, one_line: bool = False) -> str:
+    return json.dumps(value, indent=None if one_line else 2, ensure_ascii=False)
 
 
 # ---- small values ----

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,22 @@ from typing import Any, Generic, TypeVar
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig, RetryPolicy, WatchConfig
 from ingest_service.config import IngestConfig, UploadLimits
+from mediatag_cli.values import (
+    LOG_LEVELS,
+    SQLITE_SYNCHRONOUS_MODES,
+    analyzer_name,
+    byte_size,
+    format_byte_size,
+    log_format,
+    log_level,
+    non_negative_float,
+    port,
+    positive_float,
+    positive_int,
+    rate_limits,
+    sqlite_synchronous,
+    word,
+)
 
 T = TypeVar("T")
 
@@ -25,11 +40,6 @@ INGEST = "ingest"
 ANALYSIS = "analysis"
 SERVICES = (INGEST, ANALYSIS)
 ENV_PREFIX = "MEDIATAG_"
-
-ANALYZERS = ("local", "google")
-SQLITE_SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-LOG_FORMATS = ("text", "json")
 # Hosts that mean "every interface": fine to bind, but not an address to connect to.
 _WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
 
@@ -38,131 +48,22 @@ class SettingsError(ValueError):
     """A flag or environment value that cannot be used; reported as a usage error."""
 
 
-# ---- value parsers: each turns one string into a value or raises ArgumentTypeError ----
-
-
-def _bounded_int(minimum: int, what: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-
-    parse.__name__ = what
-    return parse
-
-
-def _bounded_float(minimum: float, *, inclusive: bool, what: str) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if value < minimum or (value == minimum and not inclusive):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-
-    parse.__name__ = what
-    return parse
-
-
-positive_int = _bounded_int(1, "a positive integer")
-positive_float = _bounded_float(0.0, inclusive=False, what="a positive number")
-non_negative_float = _bounded_float(0.0, inclusive=True, what="zero or a positive number")
-
-
-def port(text: str) -> int:
-    """A TCP port; 0 asks the system for a free one."""
-    value = _bounded_int(0, "a port number")(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
-    return value
-
-
-_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-_SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
-
-
-def byte_size(text: str) -> int:
-    """A positive number of bytes, optionally with a binary unit: ``20MiB``, ``512M``, ``1g``."""
-    match = _SIZE_PATTERN.match(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 20971520, 20MiB, 512M)")
-    value = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
-    return value
-
-
-def non_empty(text: str) -> str:
-    value = text.strip()
-    if not value or any(c.isspace() for c in value):
-        raise argparse.ArgumentTypeError(f"{text!r} must be non-empty and contain no spaces")
-    return value
-
-
-def _choice(choices: Sequence[str], *, upper: bool) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        value = text.strip().upper() if upper else text.strip().lower()
-        if value not in choices:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not one of {', '.join(c.lower() for c in choices)}"
-            )
-        return value
-
-    parse.__name__ = "choice"
-    return parse
-
-
-analyzer_name = _choice(ANALYZERS, upper=False)
-sqlite_synchronous = _choice(SQLITE_SYNCHRONOUS_MODES, upper=True)
-log_level = _choice(LOG_LEVELS, upper=True)
-log_format = _choice(LOG_FORMATS, upper=False)
-
-
-def rate_limits(text: str) -> dict[str, RateLimitConfig]:
-    """``API=RATE[:BURST]``, several separated by commas: ``local=2:1,vision=30``.
-
-    RATE is calls per second (> 0); BURST the calls allowed back to back (default 1).
-    """
-    limits: dict[str, RateLimitConfig] = {}
-    for entry in (part.strip() for part in text.split(",")):
-        api, equals, spec = entry.partition("=")
-        api = api.strip()
-        if not equals or not api or any(c.isspace() for c in api):
-            raise argparse.ArgumentTypeError(f"{entry!r} is not API=RATE[:BURST], e.g. local=2:1")
-        rate_text, colon, burst_text = spec.partition(":")
-        try:
-            rate = positive_float(rate_text)
-            burst = positive_int(burst_text) if colon else 1
-        except argparse.ArgumentTypeError as error:
-            raise argparse.ArgumentTypeError(f"{entry!r}: {error}") from None
-        limits[api] = RateLimitConfig(rate_per_second=rate, burst=burst)
-    return limits
-
-
-# ---- declared settings ----
-
-
 @dataclass(frozen=True)
 class Setting(Generic[T]):
     """One setting: its flag, environment variable, parser and default.
 
     ``services`` says which ``serve`` variants offer the flag; client settings have none.
+    ``shown_default`` describes a default that is not a plain value, for ``--help``.
     """
 
     flag: str
     parse: Callable[[str], T]
     default: T
     help: str
+    metavar: str
     services: frozenset[str] = frozenset()
     env_override: str | None = None
-    metavar: str | None = None
+    shown_default: str | None = None
 
     @property
     def dest(self) -> str:
@@ -182,105 +83,100 @@ _WATCH = WatchConfig()
 _ANALYSIS = AnalysisConfig()
 
 DATA_DIR: Setting[Path] = Setting(
-    "--data-dir", Path, Path("data"), "data root; ingest uses DIR/ingest, analysis DIR/analysis",
-    BOTH, metavar="DIR",
+    "--data-dir", Path, Path("data"), "data root: ingest uses DIR/ingest, analysis DIR/analysis",
+    "DIR", BOTH, shown_default="./data",
 )  # fmt: skip
-HOST: Setting[str] = Setting("--host", non_empty, "127.0.0.1", "address to bind", BOTH)
+HOST: Setting[str] = Setting("--host", word, "127.0.0.1", "address to bind", "HOST", BOTH)
 INGEST_PORT: Setting[int] = Setting(
-    "--ingest-port", port, 50051, "ingest service port", ONLY_INGEST
+    "--ingest-port", port, 50051, "ingest service port", "PORT", ONLY_INGEST
 )
 ANALYSIS_PORT: Setting[int] = Setting(
-    "--analysis-port", port, 50052, "analysis service port", ONLY_ANALYSIS
+    "--analysis-port", port, 50052, "analysis service port", "PORT", ONLY_ANALYSIS
 )
 INGEST_ADDRESS: Setting[str | None] = Setting(
-    "--ingest-address", non_empty, None,
-    "where the analysis service reaches ingest (default HOST:INGEST_PORT)", ONLY_ANALYSIS,
-    metavar="ADDR",
+    "--ingest-address", word, None, "where the analysis service reaches ingest", "ADDR",
+    ONLY_ANALYSIS, shown_default="HOST:INGEST_PORT",
 )  # fmt: skip
 ANALYSIS_ADDRESS: Setting[str | None] = Setting(
-    "--analysis-address", non_empty, None,
-    "where the ingest service reaches analysis (default HOST:ANALYSIS_PORT)", ONLY_INGEST,
-    metavar="ADDR",
+    "--analysis-address", word, None, "where the ingest service reaches analysis", "ADDR",
+    ONLY_INGEST, shown_default="HOST:ANALYSIS_PORT",
 )  # fmt: skip
 INGEST_DATABASE_URL: Setting[str | None] = Setting(
-    "--ingest-database-url", non_empty, None,
-    "SQLAlchemy URL of the ingest database (default an SQLite file in its data dir)",
-    ONLY_INGEST, metavar="URL",
+    "--ingest-database-url", word, None, "SQLAlchemy URL of the ingest database", "URL",
+    ONLY_INGEST, shown_default="SQLite file DIR/ingest/ingest.db",
 )  # fmt: skip
 ANALYSIS_DATABASE_URL: Setting[str | None] = Setting(
-    "--analysis-database-url", non_empty, None,
-    "SQLAlchemy URL of the analysis database (default an SQLite file in its data dir)",
-    ONLY_ANALYSIS, metavar="URL",
+    "--analysis-database-url", word, None, "SQLAlchemy URL of the analysis database", "URL",
+    ONLY_ANALYSIS, shown_default="SQLite file DIR/analysis/analysis.db",
 )  # fmt: skip
 SQLITE_SYNCHRONOUS: Setting[str] = Setting(
     "--sqlite-synchronous", sqlite_synchronous, "FULL",
-    f"SQLite synchronous pragma ({', '.join(SQLITE_SYNCHRONOUS_MODES)})", BOTH, metavar="MODE",
+    f"SQLite synchronous pragma: {', '.join(SQLITE_SYNCHRONOUS_MODES)}", "MODE", BOTH,
 )  # fmt: skip
 GRACE_PERIOD: Setting[float] = Setting(
     "--grace-period", non_negative_float, 10.0,
-    "seconds in-flight work gets to finish on SIGTERM", BOTH, metavar="SECONDS",
+    "seconds in-flight work gets to finish on SIGTERM", "SECONDS", BOTH,
 )  # fmt: skip
 ANALYZER: Setting[str] = Setting(
-    "--analyzer", analyzer_name, _ANALYSIS.analyzer, f"analyser ({', '.join(ANALYZERS)})",
-    ONLY_ANALYSIS, metavar="NAME",
-)  # fmt: skip
+    "--analyzer", analyzer_name, _ANALYSIS.analyzer, "analyser to use", "NAME", ONLY_ANALYSIS
+)
 EMBEDDING_DIMENSIONS: Setting[int] = Setting(
     "--embedding-dimensions", positive_int, _ANALYSIS.embedding_dimensions,
-    "length of the embedding vector", ONLY_ANALYSIS, metavar="N",
+    "length of the embedding vector", "N", ONLY_ANALYSIS,
 )  # fmt: skip
 WORKERS: Setting[int] = Setting(
-    "--workers", positive_int, _ANALYSIS.workers, "concurrent analysis workers", ONLY_ANALYSIS,
-    metavar="N",
+    "--workers", positive_int, _ANALYSIS.workers, "concurrent analysis workers", "N",
+    ONLY_ANALYSIS,
 )  # fmt: skip
 RATE_LIMITS: Setting[Mapping[str, RateLimitConfig]] = Setting(
     "--rate-limit", rate_limits, {},
-    "rate limit of one upstream API, RATE calls/s with bursts of BURST (default 1); repeatable; "
-    "env: comma-separated, e.g. local=2:1,vision=30; default: the analyser's own limits",
-    ONLY_ANALYSIS, env_override=ENV_PREFIX + "RATE_LIMITS", metavar="API=RATE[:BURST]",
+    "limit calls to one upstream API to RATE per second in bursts of BURST (default 1); "
+    "repeatable; the variable takes a comma-separated list, e.g. local=2:1,vision=30",
+    "API=RATE[:BURST]", ONLY_ANALYSIS, env_override=ENV_PREFIX + "RATE_LIMITS",
+    shown_default="the analyser's own limits",
 )  # fmt: skip
 MAX_ATTEMPTS: Setting[int] = Setting(
-    "--max-attempts", positive_int, _RETRY.max_attempts, "analysis attempts per job",
-    ONLY_ANALYSIS, metavar="N",
+    "--max-attempts", positive_int, _RETRY.max_attempts, "analysis attempts per job", "N",
+    ONLY_ANALYSIS,
 )  # fmt: skip
 BACKOFF_BASE: Setting[float] = Setting(
     "--backoff-base", positive_float, _RETRY.backoff_base,
-    "first retry delay; doubles with each attempt", ONLY_ANALYSIS, metavar="SECONDS",
+    "delay before the first retry; doubles with each attempt", "SECONDS", ONLY_ANALYSIS,
 )  # fmt: skip
 LEASE_SECONDS: Setting[float] = Setting(
     "--lease-seconds", positive_float, _ANALYSIS.lease_seconds,
-    "a claimed job returns to pending when its worker stops renewing for this long",
-    ONLY_ANALYSIS, metavar="SECONDS",
+    "a claimed job goes back to pending when its worker stops renewing it for this long",
+    "SECONDS", ONLY_ANALYSIS,
 )  # fmt: skip
 BOOKMARK_INTERVAL: Setting[float] = Setting(
     "--bookmark-interval", positive_float, _WATCH.bookmark_interval,
-    "idle WatchStatus streams get a bookmark this often", ONLY_ANALYSIS, metavar="SECONDS",
+    "idle WatchStatus streams get a bookmark this often", "SECONDS", ONLY_ANALYSIS,
 )  # fmt: skip
 MAX_WATCHERS: Setting[int] = Setting(
-    "--max-watchers", positive_int, _WATCH.max_watchers, "concurrent WatchStatus streams",
-    ONLY_ANALYSIS, metavar="N",
+    "--max-watchers", positive_int, _WATCH.max_watchers, "concurrent WatchStatus streams", "N",
+    ONLY_ANALYSIS,
 )  # fmt: skip
 MAX_FILES: Setting[int] = Setting(
-    "--max-files", positive_int, _LIMITS.max_files, "files per upload", ONLY_INGEST, metavar="N"
+    "--max-files", positive_int, _LIMITS.max_files, "files per upload", "N", ONLY_INGEST
 )
 MAX_IMAGE_BYTES: Setting[int] = Setting(
-    "--max-image-bytes", byte_size, _LIMITS.max_image_bytes, "largest image (e.g. 20MiB)",
-    ONLY_INGEST, metavar="SIZE",
+    "--max-image-bytes", byte_size, _LIMITS.max_image_bytes, "largest image, e.g. 20MiB",
+    "SIZE", ONLY_INGEST, shown_default=format_byte_size(_LIMITS.max_image_bytes),
 )  # fmt: skip
 MAX_IMAGE_PIXELS: Setting[int] = Setting(
     "--max-image-pixels", positive_int, _LIMITS.max_image_pixels,
-    "largest image in pixels (decompression bomb guard)", ONLY_INGEST, metavar="N",
+    "largest image in pixels (decompression bomb guard)", "N", ONLY_INGEST,
 )  # fmt: skip
 MAX_VIDEO_BYTES: Setting[int] = Setting(
-    "--max-video-bytes", byte_size, _LIMITS.max_video_bytes, "largest video (e.g. 512MiB)",
-    ONLY_INGEST, metavar="SIZE",
+    "--max-video-bytes", byte_size, _LIMITS.max_video_bytes, "largest video, e.g. 512MiB",
+    "SIZE", ONLY_INGEST, shown_default=format_byte_size(_LIMITS.max_video_bytes),
 )  # fmt: skip
 LOG_LEVEL: Setting[str] = Setting(
-    "--log-level", log_level, "INFO", f"log level ({', '.join(LOG_LEVELS)})", BOTH,
-    metavar="LEVEL",
-)  # fmt: skip
+    "--log-level", log_level, "INFO", f"log level: {', '.join(LOG_LEVELS)}", "LEVEL", BOTH
+)
 LOG_FORMAT: Setting[str] = Setting(
-    "--log-format", log_format, "text", "text (for people) or json (one object per line)", BOTH,
-    metavar="FORMAT",
+    "--log-format", log_format, "text", "text (for people) or json (one object per line)",
+    "FORMAT", BOTH,
 )  # fmt: skip
 
 SERVE_SETTINGS: tuple[Setting[Any], ...] = (
@@ -292,16 +188,16 @@ SERVE_SETTINGS: tuple[Setting[Any], ...] = (
 )  # fmt: skip
 
 INGEST_TARGET: Setting[str] = Setting(
-    "--ingest", non_empty, "127.0.0.1:50051", "address of the ingest service",
-    env_override=ENV_PREFIX + "INGEST_ADDRESS", metavar="ADDR",
+    "--ingest", word, "127.0.0.1:50051", "address of the ingest service", "ADDR",
+    env_override=ENV_PREFIX + "INGEST_ADDRESS",
 )  # fmt: skip
 ANALYSIS_TARGET: Setting[str] = Setting(
-    "--analysis", non_empty, "127.0.0.1:50052", "address of the analysis service",
-    env_override=ENV_PREFIX + "ANALYSIS_ADDRESS", metavar="ADDR",
+    "--analysis", word, "127.0.0.1:50052", "address of the analysis service", "ADDR",
+    env_override=ENV_PREFIX + "ANALYSIS_ADDRESS",
 )  # fmt: skip
 TIMEOUT: Setting[float] = Setting(
     "--timeout", positive_float, 30.0, "seconds to wait for each call (not for watch streams)",
-    metavar="SECONDS",
+    "SECONDS",
 )  # fmt: skip
 CLIENT_SETTINGS: tuple[Setting[Any], ...] = (INGEST_TARGET, ANALYSIS_TARGET, TIMEOUT)
 
@@ -320,8 +216,8 @@ class _MergeRateLimits(argparse.Action):
 
 
 def _help(setting: Setting[T]) -> str:
-    default = "" if setting.default in (None, {}) else f"; default {setting.default}"
-    return f"{setting.help} (env {setting.env}{default})"
+    default = setting.shown_default or setting.default
+    return f"{setting.help} (env {setting.env}; default {default})"
 
 
 def _add_argument(parser: argparse.ArgumentParser, setting: Setting[T]) -> None:

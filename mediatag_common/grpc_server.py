@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -65,6 +66,8 @@ class ServiceHost:
         on_start: Callable[[], Awaitable[None]],
         on_drain: Callable[[float], Awaitable[None]],
         on_stop: Callable[[], Awaitable[None]],
+        is_healthy: Callable[[], Awaitable[bool]],
+        health_interval: float = 5.0,
     ) -> None:
         self.name = name
         self.server = server
@@ -73,6 +76,10 @@ class ServiceHost:
         self._on_start = on_start
         self._on_drain = on_drain
         self._on_stop = on_stop
+        self._is_healthy = is_healthy
+        self._health_interval = health_interval
+        self._health_task: asyncio.Task[None] | None = None
+        self._serving: bool | None = None
         self._stopped = False
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -80,6 +87,9 @@ class ServiceHost:
         )
 
     async def set_serving(self, serving: bool) -> None:
+        if serving == self._serving:
+            return
+        self._serving = serving
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -92,12 +102,28 @@ class ServiceHost:
         await self._on_start()
         await self.server.start()
         await self.set_serving(True)
+        self._health_task = asyncio.create_task(self._watch_health(), name=f"{self.name}-health")
+
+    async def _watch_health(self) -> None:
+        """NOT_SERVING while the service's dependencies (its database) are unreachable."""
+        while True:
+            await asyncio.sleep(self._health_interval)
+            healthy = await self._is_healthy()
+            if healthy != self._serving:
+                logger.warning(
+                    "%s service is %s", self.name, "SERVING" if healthy else "NOT_SERVING"
+                )
+            await self.set_serving(healthy)
 
     async def stop(self, grace: float) -> None:
         """Drain and stop; safe to call twice."""
         if self._stopped:
             return
         self._stopped = True
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
         await self.set_serving(False)
         # Drain first (ends watch streams, lets workers finish), then stop the server so
         # in-flight unary calls complete within the grace period.

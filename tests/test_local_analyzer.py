@@ -318,7 +318,7 @@ async def test_a_12_megapixel_jpeg_costs_less_than_decoding_it_in_full() -> None
             image.load()
 
     full_times, analysis_times = [], []
-    for _ in range(5):
+    for _ in range(7):
         started = time.perf_counter()
         full_decode()
         full_times.append(time.perf_counter() - started)
@@ -342,10 +342,6 @@ async def test_one_limiter_slot_per_analysis_and_a_cache_key_without_category() 
 
     assert limiter.calls == Counter({"local": 1})
     assert tuple(analyzer.api_limits) == (ApiLimit("local", rate_per_second=2.0, burst=1),)
-    digest = hashlib.sha256(content).hexdigest()
-    as_food = AnalysisInput("m1", content, "image/png", digest, category="food")
-    as_pets = AnalysisInput("m2", content, "image/png", digest, "pets", {"caption": "a dog"})
-    assert analyzer.cache_inputs(as_food) == analyzer.cache_inputs(as_pets) == {"dimensions": "256"}
-    assert LocalAnalyzer(embedding_dimensions=128).cache_inputs(as_food) != analyzer.cache_inputs(
-        as_food
-    )
+    food = analyzer.cache_inputs("food", {})
+    assert food == analyzer.cache_inputs("pets", {"caption": "a dog"}) == {"dimensions": "256"}
+    assert LocalAnalyzer(embedding_dimensions=128).cache_inputs("food", {}) != food

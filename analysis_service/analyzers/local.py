@@ -8,8 +8,8 @@ yes/no property is one word, present only when true. They come in this fixed ord
 - ``dominant-<colour>``: the most frequent named colour of the visible pixels, then up to two more
   that cover at least 20 % of them, most frequent first. Names: red, orange, yellow, green, teal,
   blue, purple, pink, brown, black, white, gray.
-- ``colorfulness-<monochrome|muted|colorful|vivid>``: the Hasler-Süsstrunk colourfulness metric.
-- ``brightness-<dark|medium|bright>``: mean luma of the visible pixels.
+- ``colorfulness-<monochrome|muted|colorful|vivid>``: Hasler-Süsstrunk metric (<10, <33, <60, more).
+- ``brightness-<dark|medium|bright>``: mean CIE L* of the visible pixels (below 30, above 75).
 - ``sharpness-<sharp|blurry>``: variance of the Laplacian of the grayscale working image; omitted
   for flat images, where there is no detail to be sharp or blurred.
 - ``orientation-<landscape|portrait|square>``: after EXIF orientation.
@@ -46,6 +46,7 @@ from analysis_service.errors import PermanentAnalyzerError
 logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
+ByteArray = npt.NDArray[np.uint8]
 
 _WORK_SIDE = 256
 _ANIMATION_FORMATS = frozenset({"GIF", "PNG", "WEBP", "FLI", "AVIF"})
@@ -79,13 +80,26 @@ _SECONDARY_COLOUR_SHARE = 0.2
 _MAX_DOMINANT_COLOURS = 3
 
 _COLOURFULNESS_CLASSES = ((10.0, "monochrome"), (33.0, "muted"), (60.0, "colorful"))
-_DARK_LUMA = 0.25
-_BRIGHT_LUMA = 0.7
+_DARK_LIGHTNESS = 30.0
+_BRIGHT_LIGHTNESS = 75.0
+# On the working image, sharp photos measure in the hundreds or thousands; a blur of about
+# 1.5 working pixels brings them below 30.
 _SHARP_LAPLACIAN_VARIANCE = 60.0
 _FLAT_GRAY_STD = 4.0
 _SQUARE_TOLERANCE = 1.05
 _SIZE_CLASSES = ((0.5, "small"), (2.0, "medium"), (8.0, "large"))
 
+_SRGB_LEVELS = np.arange(256) / 255.0
+_SRGB_TO_LINEAR = np.where(
+    _SRGB_LEVELS <= 0.04045, _SRGB_LEVELS / 12.92, ((_SRGB_LEVELS + 0.055) / 1.055) ** 2.4
+)
+_SRGB_TO_XYZ = np.array(
+    [
+        [0.4124, 0.3576, 0.1805],
+        [0.2126, 0.7152, 0.0722],
+        [0.0193, 0.1192, 0.9505],
+    ]
+)
 # Photographs' DCT amplitudes fall off as 1/frequency; without this whitening the first few
 # coefficients (e.g. a horizon) would make most images look alike.
 _DCT_WHITENING = np.hypot(*np.indices((8, 8))).ravel()[1:]
@@ -119,7 +133,7 @@ class LocalAnalyzer:
     def api_limits(self) -> Sequence[ApiLimit]:
         return (ApiLimit("local", rate_per_second=2.0, burst=1),)
 
-    def cache_inputs(self, item: AnalysisInput) -> Mapping[str, str]:
+    def cache_inputs(self, category: str, context: Mapping[str, str]) -> Mapping[str, str]:
         # Category and context do not change what is measured, so they are not part of the key.
         return {"dimensions": str(self._dimensions)}
 
@@ -145,7 +159,7 @@ def _decode(content: bytes) -> _Decoded:
             if oriented.size != image.size:
                 width, height = height, width
             working = _to_rgb_or_rgba(oriented)
-            working.thumbnail(_fit(working.size, _WORK_SIDE))
+            working.thumbnail((_WORK_SIDE, _WORK_SIDE))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # The warning is only raised when warnings are turned into errors.
         raise PermanentAnalyzerError(str(exc), reason="IMAGE_TOO_LARGE") from exc
@@ -186,7 +200,7 @@ def _to_rgb_or_rgba(image: Image.Image) -> Image.Image:
 
 
 def _tags(decoded: _Decoded) -> tuple[str, ...]:
-    rgb = np.asarray(decoded.rgb, dtype=np.float64) / 255.0
+    rgb = np.asarray(decoded.rgb)
     tags: list[str] = []
     if decoded.animated:
         tags.append("animated")
@@ -195,12 +209,13 @@ def _tags(decoded: _Decoded) -> tuple[str, ...]:
         if bool((decoded.alpha < 1.0).any()):
             tags.append("transparent")
         visible = decoded.alpha >= 0.5
-    # Channel planes (3 x N) keep the per-pixel arithmetic on contiguous memory.
-    planes = np.ascontiguousarray(rgb[visible].T)
-    if planes.shape[1]:
+    pixels = rgb[visible]
+    if len(pixels):
+        # Channel planes (3 x N) keep the per-pixel arithmetic on contiguous memory.
+        planes = np.ascontiguousarray(pixels.T) / 255.0
         tags.extend(f"dominant-{name}" for name in _dominant_colours(planes))
         tags.append(f"colorfulness-{_colourfulness_class(planes)}")
-        tags.append(f"brightness-{_brightness_class(planes)}")
+        tags.append(f"brightness-{_brightness_class(pixels)}")
     sharpness = _sharpness_class(np.asarray(decoded.rgb.convert("L"), dtype=np.float64))
     if sharpness is not None:
         tags.append(f"sharpness-{sharpness}")
@@ -261,11 +276,13 @@ def _colourfulness_class(planes: FloatArray) -> str:
     return next((name for bound, name in _COLOURFULNESS_CLASSES if metric < bound), "vivid")
 
 
-def _brightness_class(planes: FloatArray) -> str:
-    luma = float((np.array([0.2126, 0.7152, 0.0722]) @ planes).mean())
-    if luma < _DARK_LUMA:
+def _brightness_class(pixels: ByteArray) -> str:
+    # Perceptual lightness: by luma of the encoded values, a saturated red or blue would be "dark".
+    luminance = _SRGB_TO_LINEAR[pixels] @ _SRGB_TO_XYZ[1]
+    lightness = float((116.0 * _cie_lab_f(luminance) - 16.0).mean())
+    if lightness < _DARK_LIGHTNESS:
         return "dark"
-    return "bright" if luma > _BRIGHT_LUMA else "medium"
+    return "bright" if lightness > _BRIGHT_LIGHTNESS else "medium"
 
 
 def _sharpness_class(gray: FloatArray) -> str | None:
@@ -305,8 +322,7 @@ def _embedding(rgb: Image.Image, dimensions: int) -> npt.NDArray[np.float32]:
 
 def _colour_histogram(rgb: Image.Image) -> FloatArray:
     """Lab histogram, 4x6x6 bins, each pixel split linearly between neighbouring bins."""
-    lab = _lab(np.asarray(rgb.resize((64, 64), Image.Resampling.BOX), dtype=np.float64) / 255.0)
-    lab = lab.reshape(-1, 3)
+    lab = _lab(np.asarray(rgb.resize((64, 64), Image.Resampling.BOX))).reshape(-1, 3)
     bins = np.array([4, 6, 6])
     low, high = np.array([0.0, -60.0, -60.0]), np.array([100.0, 60.0, 60.0])
     # Bin centres sit at integer coordinates 0..n-1.
@@ -326,7 +342,7 @@ def _colour_histogram(rgb: Image.Image) -> FloatArray:
 
 def _colour_layout(rgb: Image.Image) -> FloatArray:
     """Mean Lab colour of each cell of an 8x8 grid, centred on mid-gray."""
-    lab = _lab(np.asarray(rgb.resize((8, 8), Image.Resampling.BOX), dtype=np.float64) / 255.0)
+    lab = _lab(np.asarray(rgb.resize((8, 8), Image.Resampling.BOX)))
     centred = (lab - np.array([50.0, 0.0, 0.0])) / np.array([50.0, 40.0, 40.0])
     return np.asarray(centred.ravel(), dtype=np.float64)
 
@@ -372,23 +388,19 @@ def _gradient_histogram(rgb: Image.Image) -> FloatArray:
     return np.asarray(root - root.mean(), dtype=np.float64)
 
 
-def _lab(srgb: FloatArray) -> FloatArray:
-    """CIE Lab (D65) of sRGB samples in 0..1, over the last axis."""
-    linear = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)
-    to_xyz = np.array(
-        [
-            [0.4124, 0.3576, 0.1805],
-            [0.2126, 0.7152, 0.0722],
-            [0.0193, 0.1192, 0.9505],
-        ]
-    )
-    xyz = linear @ to_xyz.T / np.array([0.95047, 1.0, 1.08883])
-    epsilon = 216.0 / 24389.0
-    f = np.where(xyz > epsilon, np.cbrt(xyz), (24389.0 / 27.0 * xyz + 16.0) / 116.0)
+def _lab(srgb: ByteArray) -> FloatArray:
+    """CIE Lab (D65) of 8-bit sRGB samples, over the last axis."""
+    xyz = _SRGB_TO_LINEAR[srgb] @ _SRGB_TO_XYZ.T / np.array([0.95047, 1.0, 1.08883])
+    f = _cie_lab_f(xyz)
     lightness = 116.0 * f[..., 1] - 16.0
     a = 500.0 * (f[..., 0] - f[..., 1])
     b = 200.0 * (f[..., 1] - f[..., 2])
     return np.stack([lightness, a, b], axis=-1)
+
+
+def _cie_lab_f(t: FloatArray) -> FloatArray:
+    epsilon = 216.0 / 24389.0
+    return np.where(t > epsilon, np.cbrt(t), (24389.0 / 27.0 * t + 16.0) / 116.0)
 
 
 @functools.lru_cache(maxsize=8)

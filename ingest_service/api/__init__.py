@@ -1,0 +1,1 @@
+"""The gRPC surface of the ingest service."""

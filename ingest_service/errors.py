@@ -1,0 +1,58 @@
+"""The ingest service's exception tree; the root maps to gRPC statuses in one place."""
+
+from __future__ import annotations
+
+import grpc
+
+from mediatag_common.errors import FieldViolation, ServiceError
+
+
+class IngestError(ServiceError):
+    """Root of every error the ingest service raises on purpose."""
+
+
+class InvalidArgument(IngestError):
+    """A request the client must change; ``reason`` says what is wrong."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+
+class MediaNotFound(IngestError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "MEDIA_NOT_FOUND"
+
+
+class StorageUnavailable(IngestError):
+    """The database or the blob store could not be used; wraps the underlying error."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "STORAGE_UNAVAILABLE"
+
+
+class AnalysisUnavailable(IngestError):
+    """The analysis service could not be reached for a call that needs its answer."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "ANALYSIS_UNAVAILABLE"
+
+
+class NotImplementedYet(IngestError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "NOT_IMPLEMENTED"
+
+
+def invalid(field: str, reason: str, description: str) -> InvalidArgument:
+    """An INVALID_ARGUMENT refusal naming ``field`` (e.g. ``files[2].content``)."""
+    return InvalidArgument(
+        f"{field}: {description}",
+        reason=reason,
+        field_violations=[FieldViolation(field, description)],
+    )
+
+
+def media_not_found(media_id: str, field: str = "media_id") -> MediaNotFound:
+    return MediaNotFound(
+        f"no media with id {media_id!r}",
+        field_violations=[FieldViolation(field, f"unknown media id {media_id!r}")],
+    )

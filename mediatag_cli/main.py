@@ -1,0 +1,197 @@
+"""The ``mediatag`` command: ``serve`` the services, or talk to them as a client."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from typing import NoReturn
+
+from mediatag_cli.client_commands import run_command
+from mediatag_cli.logging_setup import configure_logging
+from mediatag_cli.render import parse_status
+from mediatag_cli.serve import serve
+from mediatag_cli.settings import (
+    ANALYSIS,
+    INGEST,
+    SERVICES,
+    SettingsError,
+    add_client_arguments,
+    add_serve_arguments,
+    client_settings,
+    serve_settings,
+)
+from mediatag_cli.values import int32, key_value, non_negative_int, positive_int
+
+# Exit status after Ctrl-C, as shells report it (128 + SIGINT).
+_INTERRUPTED = 130
+_DESCRIPTION = """\
+Instant media uploads, asynchronous AI analysis.
+
+Run both services with `mediatag serve`, then upload with
+`mediatag upload photo.jpg --owner listing-1 --watch`.
+Settings come from flags, then MEDIATAG_* environment variables, then defaults.
+"""
+
+
+def _command_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Remember which parser a command came from, to report its usage errors."""
+    parser.set_defaults(command_parser=parser)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command and flag."""
+    parser = argparse.ArgumentParser(
+        prog="mediatag",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = _command_parser(
+        commands.add_parser(
+            "serve",
+            help="run both services in one process (or one of them)",
+            usage="mediatag serve [ingest | analysis] [options]",
+            description="Run the ingest and analysis services in one process, or one of them. "
+            "Each flag can also be set by the environment variable named in its help.",
+        )
+    )
+    add_serve_arguments(serve, SERVICES)
+    services = serve.add_subparsers(dest="service", metavar="SERVICE")
+    for name in (INGEST, ANALYSIS):
+        add_serve_arguments(
+            _command_parser(
+                services.add_parser(
+                    name,
+                    help=f"run only the {name} service",
+                    description=f"Run only the {name} service. Each flag can also be set by "
+                    "the environment variable named in its help.",
+                )
+            ),
+            [name],
+        )
+
+    def client(name: str, summary: str) -> argparse.ArgumentParser:
+        command = _command_parser(commands.add_parser(name, help=summary, description=summary))
+        add_client_arguments(command)
+        return command
+
+    upload = client("upload", "upload files; images are analysed in the background")
+    upload.add_argument("files", nargs="+", metavar="FILE", help="image or video files")
+    upload.add_argument("--owner", required=True, metavar="ID", help="owner of the media")
+    upload.add_argument("--category", default="", help="category, e.g. Hair")
+    upload.add_argument(
+        "--context", action="append", type=key_value, metavar="KEY=VALUE",
+        help="context for the analyser; repeatable",
+    )  # fmt: skip
+    upload.add_argument(
+        "--priority", type=int32, default=0, metavar="N", help="higher is analysed first"
+    )
+    upload.add_argument(
+        "--watch", action="store_true",
+        help="follow the analysis until every image is done; exit 1 if any failed",
+    )  # fmt: skip
+
+    watch = client("watch", "stream status changes (Ctrl-C to stop)")
+    watch.add_argument("media_ids", nargs="*", metavar="MEDIA_ID", help="only these items")
+    watch.add_argument("--owner", default="", metavar="ID", help="only this owner's items")
+    watch.add_argument(
+        "--since", type=non_negative_int, default=0, metavar="REVISION",
+        help="every change after this revision (default: from now)",
+    )  # fmt: skip
+    watch.add_argument(
+        "--initial", action="store_true", help="first show the current state of every item"
+    )
+
+    get = client("get", "show one item")
+    get.add_argument("media_id", metavar="MEDIA_ID")
+    get.add_argument("--embedding", action="store_true", help="include the embedding vector")
+
+    ls = client("ls", "list an owner's items, newest first")
+    ls.add_argument("--owner", required=True, metavar="ID")
+    ls.add_argument(
+        "--status", type=parse_status, default=0, metavar="STATUS",
+        help="pending, processing, completed, failed or not_applicable",
+    )  # fmt: skip
+    ls.add_argument("--limit", type=positive_int, metavar="N", help="at most N items")
+
+    client("queue", "show the analysis queue: counts, workers, rate limits, wait")
+
+    retry = client("retry", "send items back to analysis")
+    retry.add_argument("media_ids", nargs="*", metavar="MEDIA_ID")
+    retry.add_argument("--failed", action="store_true", help="every failed item")
+    retry.add_argument("--owner", default="", metavar="ID", help="with --failed: only this owner")
+
+    client("pause", "stop workers from claiming new jobs")
+    client("resume", "let workers claim jobs again")
+    return parser
+
+
+def _usage_error(args: argparse.Namespace, message: str) -> NoReturn:
+    parser: argparse.ArgumentParser = args.command_parser
+    parser.error(message)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; usage errors exit with status 2."""
+    args = build_parser().parse_args(argv)
+    if args.command == "retry":
+        if bool(args.media_ids) == bool(args.failed):
+            _usage_error(args, "give either MEDIA_ID... or --failed")
+        if args.owner and not args.failed:
+            _usage_error(args, "--owner goes with --failed")
+    return args
+
+
+async def run_client(argv: list[str]) -> int:
+    """Run a client command on the running event loop (as tests do); its exit status."""
+    return await _run_client(parse(argv))
+
+
+async def _run_client(args: argparse.Namespace) -> int:
+    try:
+        client = client_settings(args)
+    except SettingsError as error:
+        _usage_error(args, str(error))
+    return await run_command(args, client)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run ``mediatag`` with ``argv`` (default: the process's); its exit status."""
+    args = parse(argv)
+    if args.command == "serve":
+        return _run_serve(args)
+    configure_logging("WARNING")
+    try:
+        return asyncio.run(_run_client(args))
+    except KeyboardInterrupt:
+        # Stopping a watch is how it is meant to end.
+        return 0 if args.command == "watch" else _INTERRUPTED
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    services = (args.service,) if args.service else SERVICES
+    try:
+        settings = serve_settings(args, services)
+    except SettingsError as error:
+        _usage_error(args, str(error))
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        return asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        return _INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    try:
+        status = run(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`mediatag watch | head`): not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 1
+    raise SystemExit(status)

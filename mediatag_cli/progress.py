@@ -1,0 +1,130 @@
+"""The progress of an upload's analysis, shown until every item is terminal.
+
+On a terminal it is redrawn in place: one line per item and the counts at the bottom. Into a
+pipe or file it prints one line per change instead, since cursor movement would be noise.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import TextIO
+
+from mediatag.analysis.v1 import analysis_pb2
+from mediatag.ingest.v1 import ingest_pb2
+
+from mediatag_cli.render import STATUS_VALUES, TERMINAL_STATUSES, change_outcome, status_name
+
+_CURSOR_UP_LINES = "\x1b[{}F"  # to the start of the line N lines up
+_CLEAR_LINE = "\x1b[2K"
+
+
+class Display(Enum):
+    """How progress is shown: redrawn in place, a line per change, or not at all (JSON)."""
+
+    LIVE = "live"
+    LINES = "lines"
+    NONE = "none"
+
+
+@dataclass
+class _Item:
+    media_id: str
+    filename: str
+    status: int
+    attempt: int = 0
+    outcome: str = ""
+
+
+class UploadProgress:
+    """Tracks the analysis of uploaded items from their status changes and shows it."""
+
+    def __init__(self, items: Sequence[ingest_pb2.Media], out: TextIO, display: Display) -> None:
+        self._items = {
+            media.id: _Item(media.id, media.filename, media.status, media.attempt)
+            for media in items
+        }
+        self._out = out
+        self._display = display
+        self._notice = ""
+        self._lines_drawn = 0
+        self._draw()
+
+    @property
+    def done(self) -> bool:
+        return all(item.status in TERMINAL_STATUSES for item in self._items.values())
+
+    @property
+    def failed(self) -> bool:
+        return any(
+            item.status == ingest_pb2.PROCESSING_STATUS_FAILED for item in self._items.values()
+        )
+
+    @property
+    def unfinished_ids(self) -> list[str]:
+        return [
+            item.media_id for item in self._items.values() if item.status not in TERMINAL_STATUSES
+        ]
+
+    def update(self, change: analysis_pb2.StatusChange) -> None:
+        """Apply one status change (ignored when it is not about one of the items)."""
+        item = self._items.get(change.media_id)
+        if item is None or (item.status, item.attempt) == (change.status, change.attempt):
+            return
+        previous = item.status
+        item.status = change.status
+        item.attempt = change.attempt
+        item.outcome = change_outcome(change).strip()
+        self._notice = ""
+        if self._display is Display.LINES:
+            self._print(
+                f"{item.filename} ({item.media_id}) {status_name(previous)} -> "
+                f"{status_name(item.status)} attempt {item.attempt} {item.outcome}".rstrip()
+            )
+        self._draw()
+
+    def notice(self, text: str) -> None:
+        """Show a passing remark, e.g. that the watch is reconnecting."""
+        self._notice = text
+        if self._display is Display.LINES:
+            self._print(text)
+        self._draw()
+
+    def finish(self) -> None:
+        """Print the final counts (the live display already shows them)."""
+        if self._display is Display.LINES:
+            self._print(self._summary())
+
+    def _summary(self) -> str:
+        counts = Counter(item.status for item in self._items.values())
+        parts = [
+            f"{counts[value]} {name}" for name, value in STATUS_VALUES.items() if counts[value]
+        ]
+        finished = sum(counts[status] for status in TERMINAL_STATUSES)
+        return f"{finished}/{len(self._items)} done: " + ", ".join(parts)
+
+    def _draw(self) -> None:
+        if self._display is not Display.LIVE:
+            return
+        width = max(20, shutil.get_terminal_size().columns - 1)
+        name_width = min(40, max(len(item.filename) for item in self._items.values()))
+        lines = [
+            f"  {item.filename[:name_width]:<{name_width}}  {status_name(item.status):<10} "
+            f"attempt {item.attempt}  {item.outcome}"
+            for item in self._items.values()
+        ]
+        lines.append(self._summary() + (f"  ({self._notice})" if self._notice else ""))
+        redraw = _CURSOR_UP_LINES.format(self._lines_drawn) if self._lines_drawn else ""
+        # Lines are cut to the terminal width: a wrapped line would throw the redraw off.
+        self._out.write(
+            redraw + "".join(f"{_CLEAR_LINE}{line.rstrip()[:width]}\n" for line in lines)
+        )
+        self._out.flush()
+        self._lines_drawn = len(lines)
+
+    def _print(self, line: str) -> None:
+        self._out.write(line + "\n")
+        self._out.flush()

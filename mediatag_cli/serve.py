@@ -1,0 +1,93 @@
+"""``mediatag serve``: run the ingest service, the analysis service, or both in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from mediatag_cli.settings import ServeSettings, connect_address
+from mediatag_common.database import DatabaseError
+from mediatag_common.grpc_server import ServiceHost, serve_until_signal
+
+logger = logging.getLogger(__name__)
+
+# How long one readiness probe waits before it is repeated (start-up may run migrations).
+_PROBE_TIMEOUT = 10.0
+_PROBE_PAUSE = 0.2
+
+
+@dataclass(frozen=True)
+class _Started:
+    name: str
+    host: ServiceHost
+    bound: str
+    reach_at: str
+    data_dir: Path
+
+
+async def serve(settings: ServeSettings) -> int:
+    """Start the configured services, run until SIGINT/SIGTERM, drain; the exit status."""
+    started: list[_Started] = []
+    try:
+        # Imported here so that the client commands never load server code.
+        if settings.ingest is not None:
+            from ingest_service.server import create_server as create_ingest_server
+
+            config = settings.ingest
+            host, port = await create_ingest_server(config)
+            started.append(
+                _Started("ingest", host, f"{config.host}:{port}",
+                         connect_address(config.host, port), config.data_dir)
+            )  # fmt: skip
+        if settings.analysis is not None:
+            from analysis_service.server import create_server as create_analysis_server
+
+            analysis_config = settings.analysis
+            host, port = await create_analysis_server(analysis_config)
+            started.append(
+                _Started("analysis", host, f"{analysis_config.host}:{port}",
+                         connect_address(analysis_config.host, port), analysis_config.data_dir)
+            )  # fmt: skip
+        announcements = [asyncio.create_task(_announce_when_serving(s)) for s in started]
+        try:
+            await serve_until_signal([s.host for s in started], settings.grace_period)
+        finally:
+            for task in announcements:
+                task.cancel()
+            await asyncio.gather(*announcements, return_exceptions=True)
+    except (OSError, RuntimeError, DatabaseError) as error:
+        # Port in use, unreadable data dir, unreachable database: say so without a traceback.
+        logger.error("cannot serve: %s", error, exc_info=logger.isEnabledFor(logging.DEBUG))
+        return 1
+    return 0
+
+
+async def _announce_when_serving(service: _Started) -> None:
+    """Print ``<name> service listening on HOST:PORT`` once the service answers health checks.
+
+    Printed on stdout, whatever the log settings, so scripts can wait for it.
+    """
+    async with grpc.aio.insecure_channel(service.reach_at) as channel:
+        # The typing stubs of grpc_health's HealthStub have no methods; call it by name.
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        while True:
+            try:
+                await check(
+                    health_pb2.HealthCheckRequest(), timeout=_PROBE_TIMEOUT, wait_for_ready=True
+                )
+                break
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(_PROBE_PAUSE)
+    print(
+        f"{service.name} service listening on {service.bound} (data in {service.data_dir})",
+        flush=True,
+    )

@@ -1,0 +1,137 @@
+"""Parsers of flag and environment values: each turns a string into a value or explains why not.
+
+They raise ``argparse.ArgumentTypeError``, whose message argparse shows as a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Callable, Sequence
+
+from analysis_service.config import RateLimitConfig
+
+SQLITE_SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _int_between(minimum: int, maximum: int | None, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
+
+
+def _float_above(minimum: float, *, inclusive: bool, what: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
+
+
+positive_int = _int_between(1, None, "a positive integer")
+non_negative_int = _int_between(0, None, "zero or a positive integer")
+int32 = _int_between(_INT32_MIN, _INT32_MAX, "a 32-bit integer")
+port = _int_between(0, 65535, "a port number (0-65535; 0 picks a free port)")
+positive_float = _float_above(0.0, inclusive=False, what="a positive number")
+non_negative_float = _float_above(0.0, inclusive=True, what="zero or a positive number")
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def byte_size(text: str) -> int:
+    """A positive number of bytes, optionally with a binary unit: ``20MiB``, ``512M``, ``1g``."""
+    match = _SIZE_PATTERN.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 20971520, 20MiB, 512M)")
+    value = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return value
+
+
+def format_byte_size(size: int) -> str:
+    """The inverse of :func:`byte_size` for round sizes: ``20971520`` -> ``20MiB``."""
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def word(text: str) -> str:
+    """A non-empty value without spaces: a host, an address, a URL."""
+    value = text.strip()
+    if not value or any(c.isspace() for c in value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be non-empty and contain no spaces")
+    return value
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """``KEY=VALUE``; the value may be empty or contain ``=``."""
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key.strip(), value
+
+
+def _one_of(choices: Sequence[str], *, upper: bool) -> Callable[[str], str]:
+    """Case-insensitive choice; the value comes back in the case of ``choices``."""
+
+    def parse(text: str) -> str:
+        value = text.strip().upper() if upper else text.strip().lower()
+        if value not in choices:
+            listed = ", ".join(c.lower() for c in choices)
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {listed}")
+        return value
+
+    return parse
+
+
+sqlite_synchronous = _one_of(SQLITE_SYNCHRONOUS_MODES, upper=True)
+log_level = _one_of(LOG_LEVELS, upper=True)
+log_format = _one_of(LOG_FORMATS, upper=False)
+
+
+def analyzer_name(text: str) -> str:
+    """The name of an analyser the analysis service has."""
+    # Imported here: the registry pulls in numpy, which the client commands do not need.
+    from analysis_service.analyzers.registry import ANALYZERS
+
+    return _one_of(ANALYZERS, upper=False)(text)
+
+
+def rate_limits(text: str) -> dict[str, RateLimitConfig]:
+    """``API=RATE[:BURST]``, several separated by commas: ``local=2:1,vision=30``.
+
+    RATE is calls per second (> 0); BURST the calls allowed back to back (default 1).
+    """
+    limits: dict[str, RateLimitConfig] = {}
+    for entry in (part.strip() for part in text.split(",")):
+        api, equals, spec = entry.partition("=")
+        api = api.strip()
+        if not equals or not api or any(c.isspace() for c in api):
+            raise argparse.ArgumentTypeError(f"{entry!r} is not API=RATE[:BURST], e.g. local=2:1")
+        rate_text, colon, burst_text = spec.partition(":")
+        try:
+            rate = positive_float(rate_text)
+            burst = positive_int(burst_text) if colon else 1
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(f"{entry!r}: {error}") from None
+        limits[api] = RateLimitConfig(rate_per_second=rate, burst=burst)
+    return limits

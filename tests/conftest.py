@@ -1,0 +1,130 @@
+"""Real servers in-process on free ports, real SQLite files in tmp dirs, real channels."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from analysis_service.analyzers.base import Analyzer
+from analysis_service.config import AnalysisConfig, RetryPolicy
+from analysis_service.server import create_server as create_analysis
+from ingest_service.config import IngestConfig
+from ingest_service.server import create_server as create_ingest
+from mediatag.analysis.v1 import analysis_pb2_grpc
+from mediatag.ingest.v1 import ingest_pb2_grpc
+from mediatag_common.grpc_server import ServiceHost, channel_options
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]], *, timeout: float = 30.0, interval: float = 0.05
+) -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class Cluster:
+    """Both services on fixed free ports, startable and stoppable one at a time."""
+
+    root: Path
+    ingest_port: int = field(default_factory=free_port)
+    analysis_port: int = field(default_factory=free_port)
+    analysis_config: AnalysisConfig | None = None
+    ingest_config: IngestConfig | None = None
+    analyzer: Analyzer | None = None
+    ingest_host: ServiceHost | None = None
+    analysis_host: ServiceHost | None = None
+    _channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.analysis_config = replace(
+            self.analysis_config or AnalysisConfig(retry=RetryPolicy(backoff_base=0.1)),
+            port=self.analysis_port,
+            data_dir=self.root / "analysis",
+            ingest_address=f"127.0.0.1:{self.ingest_port}",
+            sqlite_synchronous="NORMAL",
+        )
+        self.ingest_config = replace(
+            self.ingest_config or IngestConfig(),
+            port=self.ingest_port,
+            data_dir=self.root / "ingest",
+            analysis_address=f"127.0.0.1:{self.analysis_port}",
+            sqlite_synchronous="NORMAL",
+            outbox_initial_backoff=0.05,
+            outbox_max_backoff=0.5,
+            mirror_initial_backoff=0.05,
+            mirror_max_backoff=0.5,
+        )
+
+    async def start_analysis(self) -> None:
+        assert self.analysis_config is not None
+        self.analysis_host, _ = await create_analysis(self.analysis_config, analyzer=self.analyzer)
+        await self.analysis_host.start()
+
+    async def stop_analysis(self, grace: float = 1.0) -> None:
+        if self.analysis_host is not None:
+            await self.analysis_host.stop(grace)
+            self.analysis_host = None
+
+    async def start_ingest(self) -> None:
+        assert self.ingest_config is not None
+        self.ingest_host, _ = await create_ingest(self.ingest_config)
+        await self.ingest_host.start()
+
+    async def stop_ingest(self, grace: float = 1.0) -> None:
+        if self.ingest_host is not None:
+            await self.ingest_host.stop(grace)
+            self.ingest_host = None
+
+    def channel(self, port: int) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options())
+        self._channels.append(channel)
+        return channel
+
+    @property
+    def ingest(self) -> ingest_pb2_grpc.IngestServiceStub:
+        return ingest_pb2_grpc.IngestServiceStub(self.channel(self.ingest_port))
+
+    @property
+    def analysis(self) -> analysis_pb2_grpc.AnalysisServiceStub:
+        return analysis_pb2_grpc.AnalysisServiceStub(self.channel(self.analysis_port))
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+        await self.stop_ingest()
+        await self.stop_analysis()
+
+
+@pytest.fixture
+async def make_cluster(tmp_path: Path) -> AsyncIterator[Callable[..., Cluster]]:
+    """A factory of clusters (not started); every cluster is closed after the test."""
+    clusters: list[Cluster] = []
+
+    def make(**kwargs: Any) -> Cluster:
+        cluster = Cluster(root=tmp_path / f"cluster{len(clusters)}", **kwargs)
+        clusters.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        await cluster.close()
