@@ -27,6 +27,7 @@ from mediatag_cli.render import (
     media_table,
     queue_summary,
     rpc_error_lines,
+    status_name,
     to_dict,
     to_json,
 )
@@ -145,6 +146,7 @@ async def _follow_analysis(items: list[ingest_pb2.Media], client: ClientSettings
             analysis,
             until_terminal(0),
             address=client.analysis_address,
+            timeout=client.timeout,
             notice=notice,
             resume=until_terminal,
         )
@@ -167,22 +169,36 @@ async def _follow_analysis(items: list[ingest_pb2.Media], client: ClientSettings
 
 
 async def watch(args: argparse.Namespace, client: ClientSettings) -> int:
-    """``watch [MEDIA_ID...]``: one line per status change until interrupted."""
+    """``watch [MEDIA_ID...]``: one line per status change until interrupted.
+
+    With ``--until-terminal`` it ends once every item is terminal: 1 if any failed, else 0.
+    """
     request = analysis_pb2.WatchStatusRequest(
         media_ids=args.media_ids,
         owner_id=args.owner,
         start_revision=args.since,
         send_initial_state=args.initial,
+        until_terminal=args.until_terminal,
     )
+    # Only kept for --until-terminal: an endless watch of everything would grow without bound.
+    latest: dict[str, int] = {}
     async with _analysis(client) as analysis:
-        watcher = ResumableWatch(analysis, request, address=client.analysis_address, notice=_warn)
+        watcher = ResumableWatch(
+            analysis,
+            request,
+            address=client.analysis_address,
+            timeout=client.timeout,
+            notice=_warn,
+        )
         async with aclosing(watcher.responses()) as responses:
             async for response in responses:
+                if args.until_terminal and response.HasField("change"):
+                    latest[response.change.media_id] = response.change.status
                 if client.json:
                     _say(to_json(response, one_line=True))
                 elif (line := change_line(response)) is not None:
                     _say(line)
-    return 0
+    return 1 if analysis_pb2.PROCESSING_STATUS_FAILED in latest.values() else 0
 
 
 # ---- single calls ----
@@ -226,7 +242,8 @@ async def list_media(args: argparse.Namespace, client: ClientSettings) -> int:
     elif found:
         _say(media_table(found))
     else:
-        _say(f"no media for owner {args.owner}")
+        status = f"{status_name(args.status)} " if args.status else ""
+        _say(f"no {status}media for owner {args.owner}")
     return 0
 
 

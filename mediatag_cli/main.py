@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     add_serve_arguments(serve, SERVICES)
-    services = serve.add_subparsers(dest="service", metavar="SERVICE")
+    services = serve.add_subparsers(dest="service", metavar="SERVICE", prog="mediatag serve")
     for name in (INGEST, ANALYSIS):
         add_serve_arguments(
             _command_parser(
@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument(
         "--initial", action="store_true", help="first show the current state of every item"
     )
+    watch.add_argument(
+        "--until-terminal", action="store_true",
+        help="stop once every MEDIA_ID is completed, failed or not applicable; "
+        "exit 1 if any failed",
+    )  # fmt: skip
 
     get = client("get", "show one item")
     get.add_argument("media_id", metavar="MEDIA_ID")
@@ -138,6 +143,8 @@ def _usage_error(args: argparse.Namespace, message: str) -> NoReturn:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``argv``; usage errors exit with status 2."""
     args = build_parser().parse_args(argv)
+    if args.command == "watch" and args.until_terminal and not args.media_ids:
+        _usage_error(args, "--until-terminal needs the MEDIA_IDs to wait for")
     if args.command == "retry":
         if bool(args.media_ids) == bool(args.failed):
             _usage_error(args, "give either MEDIA_ID... or --failed")

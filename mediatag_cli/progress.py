@@ -110,7 +110,7 @@ class UploadProgress:
         if self._display is not Display.LIVE:
             return
         width = max(20, shutil.get_terminal_size().columns - 1)
-        name_width = min(40, max(len(item.filename) for item in self._items.values()))
+        name_width = min(40, max((len(item.filename) for item in self._items.values()), default=0))
         lines = [
             f"  {item.filename[:name_width]:<{name_width}}  {status_name(item.status):<10} "
             f"attempt {item.attempt}  {item.outcome}"

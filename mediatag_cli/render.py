@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
@@ -29,6 +30,7 @@ TERMINAL_STATUSES = frozenset(
     }
 )
 _EMBEDDING_PREVIEW = 6
+_SIZE_UNITS = ("KiB", "MiB", "GiB", "TiB")
 
 
 def status_name(value: int) -> str:
@@ -89,12 +91,11 @@ def format_duration(value: duration_pb2.Duration) -> str:
 
 
 def format_size(size: int) -> str:
-    amount = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if amount < 1024 or unit == "GiB":
-            return f"{size} B" if unit == "B" else f"{amount:.1f} {unit}"
-        amount /= 1024
-    raise AssertionError("unreachable")
+    """``123`` -> ``123 B``, ``1536`` -> ``1.5 KiB``."""
+    if size < 1024:
+        return f"{size} B"
+    exponent = min(int(math.log(size, 1024)), len(_SIZE_UNITS))
+    return f"{size / 1024**exponent:.1f} {_SIZE_UNITS[exponent - 1]}"
 
 
 def _tags(tags: Sequence[str]) -> str:
@@ -254,6 +255,8 @@ def change_line(response: analysis_pb2.WatchStatusResponse) -> str | None:
     change = response.change
     if change.initial_state:
         transition = f"{status_name(change.status)} (current state)"
+    elif change.previous_status == analysis_pb2.PROCESSING_STATUS_UNSPECIFIED:
+        transition = f"submitted -> {status_name(change.status)}"
     else:
         transition = f"{status_name(change.previous_status)} -> {status_name(change.status)}"
     line = (
@@ -290,7 +293,8 @@ def rpc_error_lines(error: grpc.aio.AioRpcError, service: str, address: str) -> 
         return [
             f"error: DEADLINE_EXCEEDED: the {service} service at {address} did not answer in time"
         ]
-    reason = f" {info.reason}" if info is not None and info.reason else ""
+    # INTERNAL INTERNAL says nothing twice: the reason is shown when it adds something.
+    reason = f" {info.reason}" if info is not None and info.reason not in ("", code.name) else ""
     lines = [f"error: {code.name}{reason}: {error.details()}"]
     lines.extend(f"  {v.field}: {v.description}" for v in field_violations(error))
     return lines

@@ -22,57 +22,68 @@ _PROBE_PAUSE = 0.2
 
 
 @dataclass(frozen=True)
-class _Started:
+class _Service:
+    """A created (not yet started) service and where it listens."""
+
     name: str
     host: ServiceHost
-    bound: str
-    reach_at: str
+    bind_host: str
+    port: int
     data_dir: Path
+
+    @property
+    def bound(self) -> str:
+        return f"{self.bind_host}:{self.port}"
 
 
 async def serve(settings: ServeSettings) -> int:
     """Start the configured services, run until SIGINT/SIGTERM, drain; the exit status."""
-    started: list[_Started] = []
     try:
-        # Imported here so that the client commands never load server code.
-        if settings.ingest is not None:
-            from ingest_service.server import create_server as create_ingest_server
-
-            config = settings.ingest
-            host, port = await create_ingest_server(config)
-            started.append(
-                _Started("ingest", host, f"{config.host}:{port}",
-                         connect_address(config.host, port), config.data_dir)
-            )  # fmt: skip
-        if settings.analysis is not None:
-            from analysis_service.server import create_server as create_analysis_server
-
-            analysis_config = settings.analysis
-            host, port = await create_analysis_server(analysis_config)
-            started.append(
-                _Started("analysis", host, f"{analysis_config.host}:{port}",
-                         connect_address(analysis_config.host, port), analysis_config.data_dir)
-            )  # fmt: skip
-        announcements = [asyncio.create_task(_announce_when_serving(s)) for s in started]
-        try:
-            await serve_until_signal([s.host for s in started], settings.grace_period)
-        finally:
-            for task in announcements:
-                task.cancel()
-            await asyncio.gather(*announcements, return_exceptions=True)
+        services = await _create(settings)
     except (OSError, RuntimeError, DatabaseError) as error:
-        # Port in use, unreadable data dir, unreachable database: say so without a traceback.
+        # Port taken, data dir not writable, database unreachable: say so without a traceback.
+        logger.error("cannot start: %s", error, exc_info=logger.isEnabledFor(logging.DEBUG))
+        return 1
+    announcements = [asyncio.create_task(_announce_when_serving(s)) for s in services]
+    try:
+        await serve_until_signal([s.host for s in services], settings.grace_period)
+    except DatabaseError as error:
         logger.error("cannot serve: %s", error, exc_info=logger.isEnabledFor(logging.DEBUG))
         return 1
+    finally:
+        for task in announcements:
+            task.cancel()
+        await asyncio.gather(*announcements, return_exceptions=True)
     return 0
 
 
-async def _announce_when_serving(service: _Started) -> None:
+async def _create(settings: ServeSettings) -> list[_Service]:
+    # Imported here so that the client commands never load server code.
+    services: list[_Service] = []
+    if settings.ingest is not None:
+        from ingest_service.server import create_server as create_ingest_server
+
+        host, port = await create_ingest_server(settings.ingest)
+        services.append(
+            _Service("ingest", host, settings.ingest.host, port, settings.ingest.data_dir)
+        )
+    if settings.analysis is not None:
+        from analysis_service.server import create_server as create_analysis_server
+
+        host, port = await create_analysis_server(settings.analysis)
+        services.append(
+            _Service("analysis", host, settings.analysis.host, port, settings.analysis.data_dir)
+        )
+    return services
+
+
+async def _announce_when_serving(service: _Service) -> None:
     """Print ``<name> service listening on HOST:PORT`` once the service answers health checks.
 
     Printed on stdout, whatever the log settings, so scripts can wait for it.
     """
-    async with grpc.aio.insecure_channel(service.reach_at) as channel:
+    address = connect_address(service.bind_host, service.port)
+    async with grpc.aio.insecure_channel(address) as channel:
         # The typing stubs of grpc_health's HealthStub have no methods; call it by name.
         check = channel.unary_unary(
             "/grpc.health.v1.Health/Check",

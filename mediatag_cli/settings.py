@@ -87,11 +87,12 @@ DATA_DIR: Setting[Path] = Setting(
     "DIR", BOTH, shown_default="./data",
 )  # fmt: skip
 HOST: Setting[str] = Setting("--host", word, "127.0.0.1", "address to bind", "HOST", BOTH)
+# Both services take both ports: each derives the other's address from its port.
 INGEST_PORT: Setting[int] = Setting(
-    "--ingest-port", port, 50051, "ingest service port", "PORT", ONLY_INGEST
+    "--ingest-port", port, 50051, "port of the ingest service", "PORT", BOTH
 )
 ANALYSIS_PORT: Setting[int] = Setting(
-    "--analysis-port", port, 50052, "analysis service port", "PORT", ONLY_ANALYSIS
+    "--analysis-port", port, 50052, "port of the analysis service", "PORT", BOTH
 )
 INGEST_ADDRESS: Setting[str | None] = Setting(
     "--ingest-address", word, None, "where the analysis service reaches ingest", "ADDR",

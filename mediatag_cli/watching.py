@@ -49,6 +49,7 @@ class ResumableWatch:
     ``resume`` builds the request for a reconnect from the last revision seen; by default it
     is ``request`` resuming after that revision (or ``request`` again while its initial state
     has not been received in full). ``notice`` is told about each reconnect in words.
+    ``timeout`` bounds the unary call that anchors a "from now" watch to a revision.
     """
 
     def __init__(
@@ -57,11 +58,13 @@ class ResumableWatch:
         request: analysis_pb2.WatchStatusRequest,
         *,
         address: str,
+        timeout: float,
         notice: Callable[[str], None],
         resume: Callable[[int], analysis_pb2.WatchStatusRequest] | None = None,
     ) -> None:
         self._stub = stub
         self._address = address
+        self._timeout = timeout
         self._request = request
         self._notice = notice
         self._resume = resume or self._resume_after
@@ -72,21 +75,41 @@ class ResumableWatch:
     async def responses(self) -> AsyncGenerator[analysis_pb2.WatchStatusResponse, None]:
         """Yield responses until the service ends the stream with OK.
 
-        Errors other than the ones above are raised. Close with ``contextlib.aclosing``.
+        Other errors are raised. Close it with ``contextlib.aclosing``.
         """
         request = self._request
         while True:
-            call = self._stub.WatchStatus(request)
             try:
-                async for response in call:
-                    self._backoff.reset()
-                    self._observe(response)
-                    yield response
-                return
+                if request.start_revision == 0 and not request.send_initial_state:
+                    request = await self._anchor(request)
+                call = self._stub.WatchStatus(request)
+                try:
+                    async for response in call:
+                        self._backoff.reset()
+                        self._observe(response)
+                        yield response
+                    return
+                finally:
+                    call.cancel()
             except grpc.aio.AioRpcError as error:
                 request = await self._recover(error)
-            finally:
-                call.cancel()
+
+    async def _anchor(
+        self, request: analysis_pb2.WatchStatusRequest
+    ) -> analysis_pb2.WatchStatusRequest:
+        """``request`` from the current revision instead of "from now".
+
+        A stream that is cut before it delivers anything can then still resume without a gap.
+        """
+        status = await self._stub.GetQueueStatus(
+            analysis_pb2.GetQueueStatusRequest(), timeout=self._timeout
+        )
+        anchored = analysis_pb2.WatchStatusRequest()
+        anchored.CopyFrom(request)
+        anchored.start_revision = status.current_revision
+        self.last_revision = status.current_revision
+        self._request = anchored
+        return anchored
 
     def _observe(self, response: analysis_pb2.WatchStatusResponse) -> None:
         if response.revision > 0:

@@ -33,6 +33,8 @@ def new_server(*, max_message_bytes: int) -> grpc.aio.Server:
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        # Without this, a second process binds a port already in use and splits its traffic.
+        ("grpc.so_reuseport", 0),
         *KEEPALIVE_OPTIONS,
     ]
     return grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=options)

@@ -1,0 +1,89 @@
+"""Running ``mediatag`` as a subprocess, exactly as the README says, for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+MEDIATAG = str(Path(sys.executable).parent / "mediatag")
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a client command of ``mediatag``; raises if it does not finish in time."""
+    return subprocess.run(
+        [MEDIATAG, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def run_json(*args: str, timeout: float = 60) -> Any:
+    result = run_cli(*args, "--json", timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def wait_serving(port: int, timeout: float = 30.0) -> None:
+    """Block until the standard health service at ``port`` answers SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                response = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"service on port {port} not SERVING within {timeout} s")
+            time.sleep(0.05)
+
+
+class Serve:
+    """``mediatag serve [SERVICE] ARGS...`` in the background, its output in a log file."""
+
+    def __init__(self, log: Path, *args: str) -> None:
+        self.log = log
+        self.args = args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *wait_for_ports: int) -> Serve:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [MEDIATAG, "serve", *self.args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        for port in wait_for_ports:
+            wait_serving(port)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no cleanup, as a crash would."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self, timeout: float = 20) -> int:
+        """SIGTERM and wait for the drain; returns the exit code."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"mediatag serve did not stop within {timeout} s") from None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")

@@ -1,0 +1,202 @@
+"""WatchStatus: ordered, gap-free, resumable streams."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from analysis_service.config import AnalysisConfig, RateLimitConfig
+from mediatag.analysis.v1 import analysis_pb2 as apb
+from mediatag.ingest.v1 import ingest_pb2 as ipb
+from mediatag_common.errors import error_info, field_violations
+from tests.conftest import Cluster
+from tests.fakes import ScriptedAnalyzer
+from tests.test_pipeline import image_files, upload, wait_terminal
+
+TERMINAL = {apb.PROCESSING_STATUS_COMPLETED, apb.PROCESSING_STATUS_FAILED}
+
+
+async def started_cluster(make_cluster: Callable[..., Cluster], rate: float = 20) -> Cluster:
+    cluster = make_cluster(
+        analyzer=ScriptedAnalyzer(dimensions=64),
+        analysis_config=AnalysisConfig(
+            embedding_dimensions=64, rate_limits={"local": RateLimitConfig(rate, 1)}
+        ),
+    )
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    return cluster
+
+
+async def current_revision(cluster: Cluster) -> int:
+    status = await cluster.analysis.GetQueueStatus(apb.GetQueueStatusRequest())
+    return status.current_revision
+
+
+def changes(responses: list[apb.WatchStatusResponse]) -> list[tuple[int, str, int]]:
+    return [
+        (r.revision, r.change.media_id, r.change.status)
+        for r in responses
+        if r.WhichOneof("event") == "change"
+    ]
+
+
+async def test_resumed_watcher_receives_every_later_event_once_in_order(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = await started_cluster(make_cluster, rate=10)
+    start = await current_revision(cluster)
+    response = await upload(cluster, image_files(8))
+    ids = [m.id for m in response.media]
+
+    # The reference: one uninterrupted stream of every event of these items.
+    reference = [
+        r
+        async for r in cluster.analysis.WatchStatus(
+            apb.WatchStatusRequest(start_revision=start, media_ids=ids, until_terminal=True)
+        )
+    ]
+
+    # A watcher that leaves after a few events and comes back from its last revision.
+    first_part: list[apb.WatchStatusResponse] = []
+    call = cluster.analysis.WatchStatus(apb.WatchStatusRequest(start_revision=start, media_ids=ids))
+    async for r in call:
+        first_part.append(r)
+        if len(first_part) == 7:
+            break
+    call.cancel()
+    resumed = [
+        r
+        async for r in cluster.analysis.WatchStatus(
+            apb.WatchStatusRequest(
+                start_revision=first_part[-1].revision, media_ids=ids, until_terminal=True
+            )
+        )
+    ]
+
+    combined = changes(first_part) + changes(resumed)
+    assert combined == changes(reference)
+    revisions = [revision for revision, _, _ in combined]
+    assert revisions == sorted(set(revisions))
+    # Each item: PENDING (submitted) -> PROCESSING -> COMPLETED.
+    for media_id in ids:
+        statuses = [status for _, mid, status in combined if mid == media_id]
+        assert statuses == [
+            apb.PROCESSING_STATUS_PENDING,
+            apb.PROCESSING_STATUS_PROCESSING,
+            apb.PROCESSING_STATUS_COMPLETED,
+        ]
+    completed = [r.change for r in reference if r.change.status == apb.PROCESSING_STATUS_COMPLETED]
+    assert all(c.result.tags and c.result.analyzer_name == "local" for c in completed)
+    assert all(not c.result.embedding for c in completed)  # only with include_embedding
+
+
+async def test_initial_state_then_bookmark_then_live_events(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = await started_cluster(make_cluster)
+    done = await upload(cluster, image_files(2))
+    await wait_terminal(cluster, [m.id for m in done.media])
+
+    call = cluster.analysis.WatchStatus(
+        apb.WatchStatusRequest(send_initial_state=True, include_embedding=True)
+    )
+    initial: list[apb.WatchStatusResponse] = []
+    async for r in call:
+        initial.append(r)
+        if r.WhichOneof("event") == "bookmark":
+            break
+    *states, bookmark = initial
+    assert bookmark.bookmark.initial_state_end
+    assert {s.change.media_id for s in states} == {m.id for m in done.media}
+    assert all(s.change.initial_state for s in states)
+    assert all(len(s.change.result.embedding) == 64 for s in states)
+    assert [s.revision for s in states] == sorted(s.revision for s in states)
+    assert bookmark.revision >= states[-1].revision
+
+    later = await upload(cluster, image_files(1, first_seed=50))
+    live: list[apb.WatchStatusResponse] = []
+    async for r in call:
+        live.append(r)
+        if r.change.status == apb.PROCESSING_STATUS_COMPLETED:
+            break
+    call.cancel()
+    assert {r.change.media_id for r in live} == {later.media[0].id}
+    assert all(r.revision > bookmark.revision for r in live)
+    assert not any(r.change.initial_state for r in live)
+
+
+async def test_until_terminal_ends_at_once_for_items_already_terminal(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = await started_cluster(make_cluster)
+    response = await upload(cluster, image_files(2))
+    ids = [m.id for m in response.media]
+    await wait_terminal(cluster, ids)
+
+    plain = [
+        r
+        async for r in cluster.analysis.WatchStatus(
+            apb.WatchStatusRequest(media_ids=ids, until_terminal=True), timeout=5
+        )
+    ]
+    assert plain == []
+    with_state = [
+        r
+        async for r in cluster.analysis.WatchStatus(
+            apb.WatchStatusRequest(media_ids=ids, until_terminal=True, send_initial_state=True),
+            timeout=5,
+        )
+    ]
+    assert [r.change.status for r in with_state[:-1]] == [apb.PROCESSING_STATUS_COMPLETED] * 2
+    assert with_state[-1].bookmark.initial_state_end
+
+
+async def test_until_terminal_waits_for_items_not_yet_submitted(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(analyzer=ScriptedAnalyzer(dimensions=64))
+    await cluster.start_analysis()
+    # Ingest is not running yet: the watched id is unknown to analysis for now.
+    call = cluster.analysis.WatchStatus(
+        apb.WatchStatusRequest(media_ids=["not-yet"], until_terminal=True), timeout=2
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in call:
+            pass
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_watch_ends_with_unavailable_on_shutdown(make_cluster: Callable[..., Cluster]) -> None:
+    cluster = await started_cluster(make_cluster)
+    call = cluster.analysis.WatchStatus(apb.WatchStatusRequest())
+    await call.wait_for_connection()
+    await cluster.stop_analysis()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in call:
+            pass
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_invalid_watch_requests_are_refused_with_reason(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = await started_cluster(make_cluster)
+    cases = [
+        (apb.WatchStatusRequest(until_terminal=True), "MEDIA_IDS_REQUIRED", "media_ids"),
+        (apb.WatchStatusRequest(start_revision=-1), "INVALID_REVISION", "start_revision"),
+    ]
+    for request, reason, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in cluster.analysis.WatchStatus(request):
+                pass
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        info = error_info(caught.value)
+        assert info is not None and info.reason == reason, info
+        assert [v.field for v in field_violations(caught.value)] == [field]
+    # Nothing accepted was disturbed: uploads still complete.
+    response = await upload(cluster, image_files(1))
+    (media,) = await wait_terminal(cluster, [response.media[0].id])
+    assert media.status == ipb.PROCESSING_STATUS_COMPLETED
