@@ -1,0 +1,1 @@
+"""Benchmarks of mediatag, run with ``make bench`` (``python -m bench``); not tests."""

@@ -1,0 +1,83 @@
+"""Protobuf <-> domain conversion for the ingest API."""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+from mediatag.ingest.v1 import ingest_pb2 as pb
+
+from ingest_service.domain.models import (
+    Media,
+    MediaKind,
+    ProcessingStatus,
+    UploadFile,
+    UploadRequest,
+)
+
+STATUS_TO_PB: dict[ProcessingStatus, pb.ProcessingStatus] = {
+    status: getattr(pb, f"PROCESSING_STATUS_{status.value}") for status in ProcessingStatus
+}
+STATUS_FROM_PB: dict[int, ProcessingStatus] = {value: s for s, value in STATUS_TO_PB.items()}
+KIND_TO_PB: dict[MediaKind, pb.MediaKind] = {
+    kind: getattr(pb, f"MEDIA_KIND_{kind.value}") for kind in MediaKind
+}
+
+
+def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def upload_from_pb(request: pb.UploadMediaRequest) -> UploadRequest:
+    return UploadRequest(
+        owner_id=request.owner_id,
+        category=request.category,
+        context=dict(request.context),
+        priority=request.priority,
+        files=[
+            UploadFile(
+                filename=file.filename,
+                declared_content_type=file.content_type,
+                content=file.content,
+            )
+            for file in request.files
+        ],
+    )
+
+
+def media_to_pb(media: Media) -> pb.Media:
+    """The API form of ``media``; the embedding is sent only when it was loaded."""
+    message = pb.Media(
+        id=media.id,
+        owner_id=media.owner_id,
+        category=media.category,
+        context=dict(media.context),
+        filename=media.filename,
+        content_type=media.content_type,
+        kind=KIND_TO_PB[media.kind],
+        size_bytes=media.size_bytes,
+        sha256=media.sha256,
+        width=media.width,
+        height=media.height,
+        priority=media.priority,
+        status=STATUS_TO_PB[media.status],
+        not_applicable_reason=media.not_applicable_reason,
+        attempt=media.attempt,
+        create_time=timestamp(media.created_at),
+        update_time=timestamp(media.updated_at),
+        status_revision=media.status_revision,
+    )
+    if media.outcome is not None:
+        outcome = media.outcome
+        message.tags.extend(outcome.tags)
+        if outcome.embedding is not None:
+            message.embedding.extend(outcome.embedding.tolist())
+        message.embedding_dimensions = outcome.embedding_dimensions
+        message.analyzer_name = outcome.analyzer_name
+        message.analyzer_version = outcome.analyzer_version
+        message.reused = outcome.reused
+    if media.error is not None:
+        message.error.reason = media.error.reason
+        message.error.message = media.error.message
+        message.error.attempt = media.error.attempt
+    return message

@@ -1,0 +1,226 @@
+"""Stored media as clients see it: get, list, read the bytes, send back to analysis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+from mediatag.analysis.v1 import analysis_pb2
+
+from ingest_service.config import UploadLimits
+from ingest_service.domain.blobs import BlobStore
+from ingest_service.domain.models import Media, ProcessingStatus
+from ingest_service.domain.uploads import validate_owner_id
+from ingest_service.errors import (
+    AnalysisUnavailable,
+    IngestError,
+    StorageUnavailable,
+    invalid,
+    media_not_found,
+)
+from ingest_service.storage import repository
+from ingest_service.storage.repository import reading
+from mediatag_common import paging
+from mediatag_common.database import Database
+from mediatag_common.errors import error_info, field_violations
+
+if TYPE_CHECKING:
+    from mediatag.analysis.v1.analysis_pb2_grpc import AnalysisServiceAsyncStub
+
+logger = logging.getLogger(__name__)
+
+CONTENT_CHUNK_BYTES = 256 * 1024
+MAX_REPROCESS_IDS = 1000
+RETRY_CALL_TIMEOUT = 10.0
+# Codes of an analysis service that is down, restarting or overloaded.
+_UNREACHABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+_REPROCESSABLE = (ProcessingStatus.FAILED, ProcessingStatus.COMPLETED)
+
+
+@dataclass(frozen=True)
+class MediaPage:
+    media: tuple[Media, ...]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class Reprocessed:
+    media_ids: tuple[str, ...]
+
+
+class MediaLibrary:
+    """Reads of stored items, and reprocessing through the analysis service."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        blobs: BlobStore,
+        limits: UploadLimits,
+        analysis: AnalysisServiceAsyncStub,
+    ) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._limits = limits
+        self._analysis = analysis
+
+    async def get(self, media_id: str, *, with_embedding: bool) -> Media:
+        if not media_id:
+            raise invalid("media_id", "MEDIA_ID_REQUIRED", "required")
+        async with reading(self._db) as conn:
+            found = await repository.get_media(conn, media_id, with_embedding=with_embedding)
+        if found is None:
+            raise media_not_found(media_id)
+        return found
+
+    async def list_page(
+        self,
+        *,
+        owner_id: str,
+        status: ProcessingStatus | None,
+        page_size: int,
+        page_token: str,
+        with_embedding: bool,
+    ) -> MediaPage:
+        """One page of an owner's items, newest first (AIP-158 paging)."""
+        validate_owner_id(owner_id, self._limits)
+        try:
+            limit = paging.page_size(page_size)
+        except paging.InvalidPageSize as exc:
+            raise invalid("page_size", "INVALID_PAGE_SIZE", str(exc)) from exc
+        filters = {"owner_id": owner_id, "status": status.value if status else ""}
+        after = _page_key(page_token, filters)
+        async with reading(self._db) as conn:
+            found = await repository.list_media(
+                conn,
+                owner_id=owner_id,
+                status=status,
+                after=after,
+                limit=limit + 1,
+                with_embedding=with_embedding,
+            )
+        page = tuple(found[:limit])
+        token = ""
+        if len(found) > limit:
+            token = paging.encode([page[-1].created_at, page[-1].id], filters)
+        return MediaPage(page, token)
+
+    async def content(self, media: Media) -> AsyncIterator[bytes]:
+        """The stored bytes of ``media`` in chunks, read off the event loop."""
+        try:
+            blob = await asyncio.to_thread(self._blobs.open, media.sha256)
+            try:
+                while chunk := await asyncio.to_thread(blob.read, CONTENT_CHUNK_BYTES):
+                    yield chunk
+            finally:
+                blob.close()
+        except OSError as exc:
+            logger.error("content of media %s (sha256 %s) is unreadable", media.id, media.sha256)
+            raise StorageUnavailable(f"content of media {media.id} is unreadable") from exc
+
+    async def reprocess(
+        self, media_ids: Sequence[str], *, owner_id: str, status: ProcessingStatus | None
+    ) -> Reprocessed:
+        """Send FAILED (or COMPLETED) items back to analysis with the analysis service's
+        ``RetryJobs``, by ids or by owner and status.
+
+        Listed items still waiting in the outbox, or not analysed at all (video), are left
+        out: they have nothing to redo.
+        """
+        if status is not None and status not in _REPROCESSABLE:
+            raise invalid("status", "INVALID_STATUS", "only FAILED or COMPLETED can be reprocessed")
+        if owner_id:
+            validate_owner_id(owner_id, self._limits)
+        if not media_ids and not owner_id and status is None:
+            raise invalid("media_ids", "FILTER_REQUIRED", "name media_ids, or an owner_id/status")
+        if len(media_ids) > MAX_REPROCESS_IDS:
+            raise invalid("media_ids", "TOO_MANY_MEDIA_IDS", f"at most {MAX_REPROCESS_IDS}")
+        request = analysis_pb2.RetryJobsRequest(owner_id=owner_id, status=_analysis_status(status))
+        if media_ids:
+            eligible = await self._eligible(media_ids)
+            if not eligible:
+                return Reprocessed(())
+            request.media_ids.extend(eligible)
+        try:
+            response = await self._analysis.RetryJobs(request, timeout=RETRY_CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            raise _refusal_of(exc) from exc
+        logger.info(
+            "sent %d media back to analysis: %s",
+            response.count,
+            ", ".join(response.media_ids) or "none",
+        )
+        return Reprocessed(tuple(response.media_ids))
+
+    async def _eligible(self, media_ids: Sequence[str]) -> list[str]:
+        for index, media_id in enumerate(media_ids):
+            if not media_id:
+                raise invalid(f"media_ids[{index}]", "MEDIA_ID_REQUIRED", "required")
+        async with reading(self._db) as conn:
+            statuses = await repository.media_statuses(conn, media_ids)
+            waiting = await repository.undelivered(conn, media_ids)
+        for index, media_id in enumerate(media_ids):
+            if media_id not in statuses:
+                raise media_not_found(media_id, field=f"media_ids[{index}]")
+        return [
+            media_id
+            for media_id in dict.fromkeys(media_ids)
+            if statuses[media_id] is not ProcessingStatus.NOT_APPLICABLE and media_id not in waiting
+        ]
+
+
+def _page_key(page_token: str, filters: dict[str, str]) -> tuple[float, str] | None:
+    try:
+        key = paging.decode(page_token, filters)
+    except paging.InvalidPageToken as exc:
+        raise invalid("page_token", "INVALID_PAGE_TOKEN", str(exc)) from exc
+    if key is None:
+        return None
+    match key:
+        case [int() | float() as created_at, str() as media_id]:
+            return float(created_at), media_id
+        case _:
+            raise invalid("page_token", "INVALID_PAGE_TOKEN", "page_token is malformed")
+
+
+def _analysis_status(status: ProcessingStatus | None) -> analysis_pb2.ProcessingStatus:
+    """The analysis enum shares ingest's names and numbers."""
+    if status is None:
+        return analysis_pb2.PROCESSING_STATUS_UNSPECIFIED
+    value: analysis_pb2.ProcessingStatus = getattr(
+        analysis_pb2, f"PROCESSING_STATUS_{status.value}"
+    )
+    return value
+
+
+def _refusal_of(error: grpc.aio.AioRpcError) -> IngestError:
+    """What ingest answers when the analysis service refused or could not be reached."""
+    code = error.code()
+    if code in _UNREACHABLE_CODES:
+        return AnalysisUnavailable(f"analysis service unavailable: {code.name} {error.details()}")
+    info = error_info(error)
+    if code is grpc.StatusCode.NOT_FOUND:
+        # A job the analysis service does not know (yet): to the client, media it cannot find.
+        return IngestError(
+            error.details() or "media not found by the analysis service",
+            code=code,
+            reason="MEDIA_NOT_FOUND",
+            field_violations=field_violations(error),
+        )
+    return IngestError(
+        error.details() or code.name,
+        code=code,
+        reason=info.reason if info is not None else "ANALYSIS_REFUSED",
+        field_violations=field_violations(error),
+    )

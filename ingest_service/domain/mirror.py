@@ -1,0 +1,205 @@
+"""The status mirror: keeps each media row's analysis state current from ``WatchStatus``.
+
+It resumes from the last applied revision, persisted in the same transaction as each change,
+so a restart of either service misses nothing and applies nothing twice. Never synced (or
+told that its revision was compacted out of the event log), it asks for the current state
+of every item first. GetMedia and ListMedia read the mirrored rows, so they answer while the
+analysis service is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+from mediatag.analysis.v1 import analysis_pb2
+
+from ingest_service.domain.backoff import Backoff
+from ingest_service.domain.models import (
+    AnalysisFailure,
+    AnalysisOutcome,
+    ProcessingStatus,
+    StatusUpdate,
+)
+from ingest_service.storage import repository
+from ingest_service.storage.repository import reading, writing
+from mediatag_common.database import Database
+from mediatag_common.errors import error_info
+
+if TYPE_CHECKING:
+    from mediatag.analysis.v1.analysis_pb2_grpc import AnalysisServiceAsyncStub
+
+logger = logging.getLogger(__name__)
+
+REVISION_COMPACTED = "REVISION_COMPACTED"
+
+
+def status_update(revision: int, change: analysis_pb2.StatusChange) -> StatusUpdate | None:
+    """The domain form of one analysis status change (the enums share names and numbers);
+    None for a status this version does not know."""
+    name = analysis_pb2.ProcessingStatus.Name(change.status) if change.status else ""
+    try:
+        status = ProcessingStatus(name.removeprefix("PROCESSING_STATUS_"))
+    except ValueError:
+        return None
+    outcome = None
+    if status is ProcessingStatus.COMPLETED and change.HasField("result"):
+        result = change.result
+        outcome = AnalysisOutcome(
+            tags=tuple(result.tags),
+            embedding=np.array(result.embedding, dtype=np.float32) if result.embedding else None,
+            embedding_dimensions=result.embedding_dimensions,
+            analyzer_name=result.analyzer_name,
+            analyzer_version=result.analyzer_version,
+            reused=result.reused,
+        )
+    error = None
+    if status is ProcessingStatus.FAILED and change.HasField("error"):
+        error = AnalysisFailure(change.error.reason, change.error.message, change.attempt)
+    event_time = (
+        change.event_time.ToNanoseconds() / 1e9 if change.HasField("event_time") else time.time()
+    )
+    return StatusUpdate(
+        revision=revision,
+        media_id=change.media_id,
+        status=status,
+        attempt=change.attempt,
+        event_time=event_time,
+        outcome=outcome,
+        error=error,
+    )
+
+
+class StatusMirror:
+    """A background task applying the analysis service's status stream to media rows."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        analysis: AnalysisServiceAsyncStub,
+        initial_backoff: float,
+        max_backoff: float,
+    ) -> None:
+        self._db = db
+        self._analysis = analysis
+        self._backoff = Backoff(initial_backoff, max_backoff)
+        self._task: asyncio.Task[None] | None = None
+        self._revision = 0
+        self._resync = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="status-mirror")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            failure: Exception | None = None
+            try:
+                await self._follow()
+                problem = "the status stream ended"
+            except grpc.aio.AioRpcError as error:
+                info = error_info(error)
+                if (
+                    error.code() is grpc.StatusCode.OUT_OF_RANGE
+                    and info is not None
+                    and info.reason == REVISION_COMPACTED
+                ):
+                    logger.warning(
+                        "revision %d is no longer in the analysis event log: re-syncing the "
+                        "status of every item",
+                        self._revision,
+                    )
+                    self._resync = True
+                    continue
+                problem = f"{error.code().name}: {error.details()}"
+            except Exception as exc:
+                problem, failure = f"{type(exc).__name__}: {exc}", exc
+            delay = self._backoff.next_delay()
+            if self._backoff.failures == 1:
+                logger.warning(
+                    "analysis status stream unavailable (%s); reconnecting with backoff "
+                    "from revision %d",
+                    problem,
+                    self._revision,
+                    exc_info=failure,
+                )
+            await asyncio.sleep(delay)
+
+    async def _follow(self) -> None:
+        async with reading(self._db) as conn:
+            self._revision = await repository.mirror_revision(conn)
+        initial = self._resync or self._revision == 0
+        request = analysis_pb2.WatchStatusRequest(
+            start_revision=0 if initial else self._revision,
+            send_initial_state=initial,
+            include_embedding=True,
+        )
+        call = self._analysis.WatchStatus(request)
+        try:
+            async for response in call:
+                if self._backoff.failures:
+                    logger.info("following analysis status again from revision %d", self._revision)
+                    self._backoff.reset()
+                await self._apply(response)
+        finally:
+            call.cancel()
+
+    async def _apply(self, response: analysis_pb2.WatchStatusResponse) -> None:
+        revision = response.revision
+        if response.HasField("change"):
+            update = status_update(revision, response.change)
+            async with writing(self._db) as conn:
+                applied = update is not None and await repository.apply_status(conn, update)
+                await repository.set_mirror_revision(conn, revision)
+            self._revision = revision
+            if update is None:
+                logger.error(
+                    "ignored status change %d of media %s: unknown status %d",
+                    revision,
+                    response.change.media_id,
+                    response.change.status,
+                )
+            elif applied:
+                _log_update(update)
+            return
+        if response.bookmark.initial_state_end:
+            self._resync = False
+            logger.info("status mirror in sync with analysis at revision %d", revision)
+        if revision != self._revision:
+            async with writing(self._db) as conn:
+                await repository.set_mirror_revision(conn, revision)
+            self._revision = revision
+
+
+def _log_update(update: StatusUpdate) -> None:
+    if update.outcome is not None:
+        logger.info(
+            "media %s completed%s: %s",
+            update.media_id,
+            " (reused result)" if update.outcome.reused else "",
+            ", ".join(update.outcome.tags) or "no tags",
+        )
+    elif update.error is not None:
+        logger.info(
+            "media %s failed on attempt %d: %s %s",
+            update.media_id,
+            update.attempt,
+            update.error.reason,
+            update.error.message,
+        )
+    else:
+        logger.debug(
+            "media %s is %s (attempt %d)", update.media_id, update.status.value, update.attempt
+        )

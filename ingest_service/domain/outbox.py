@@ -1,0 +1,140 @@
+"""The outbox forwarder: delivers committed analysis jobs with ``SubmitJobs``, until accepted.
+
+Outbox rows commit with their media rows, so a job survives a crash, a restart or an
+analysis outage; a row is deleted only once the analysis service has accepted its job
+(``SubmitJobs`` is idempotent by media id, so a delivery repeated after a crash is harmless).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+import grpc
+from mediatag.analysis.v1 import analysis_pb2
+
+from ingest_service.domain.backoff import Backoff
+from ingest_service.domain.models import Media
+from ingest_service.errors import StorageUnavailable
+from ingest_service.storage import repository
+from ingest_service.storage.repository import reading, writing
+from mediatag_common.database import Database
+
+if TYPE_CHECKING:
+    from mediatag.analysis.v1.analysis_pb2_grpc import AnalysisServiceAsyncStub
+
+logger = logging.getLogger(__name__)
+
+SUBMIT_CALL_TIMEOUT = 10.0
+
+
+def job_spec(media: Media) -> analysis_pb2.JobSpec:
+    """The claim check for ``media``: its metadata and where to fetch the bytes."""
+    return analysis_pb2.JobSpec(
+        media_id=media.id,
+        owner_id=media.owner_id,
+        category=media.category,
+        context=dict(media.context),
+        sha256=media.sha256,
+        size_bytes=media.size_bytes,
+        content_type=media.content_type,
+        content_ref=media.id,
+        priority=media.priority,
+    )
+
+
+class OutboxForwarder:
+    """A background task that empties the outbox into the analysis service."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        analysis: AnalysisServiceAsyncStub,
+        batch_size: int,
+        initial_backoff: float,
+        max_backoff: float,
+    ) -> None:
+        self._db = db
+        self._analysis = analysis
+        self._batch_size = batch_size
+        self._backoff = Backoff(initial_backoff, max_backoff)
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        """New rows were committed: deliver them now (unless backing off from a failure)."""
+        self._wakeup.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="outbox-forwarder")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            self._wakeup.clear()
+            try:
+                delivered = await self._deliver_batch()
+            except Exception as exc:
+                await self._back_off(exc)
+                continue
+            if self._backoff.failures:
+                logger.info("outbox delivery to the analysis service works again")
+                self._backoff.reset()
+            for media in delivered:
+                logger.info(
+                    "handed media %s (%r) to analysis, priority %d",
+                    media.id,
+                    media.filename,
+                    media.priority,
+                )
+            if len(delivered) < self._batch_size:
+                # The outbox is empty: sleep until an upload commits.
+                await self._wakeup.wait()
+
+    async def _deliver_batch(self) -> list[Media]:
+        """Deliver the oldest batch of the outbox; returns what was delivered."""
+        async with reading(self._db) as conn:
+            batch = await repository.outbox_batch(conn, self._batch_size)
+        if not batch:
+            return []
+        request = analysis_pb2.SubmitJobsRequest(jobs=[job_spec(media) for _, media in batch])
+        response = await self._analysis.SubmitJobs(request, timeout=SUBMIT_CALL_TIMEOUT)
+        async with writing(self._db) as conn:
+            await repository.delete_outbox(conn, [outbox_id for outbox_id, _ in batch])
+        if response.existing_count:
+            logger.debug("%d job(s) were already known to analysis", response.existing_count)
+        return [media for _, media in batch]
+
+    async def _back_off(self, error: Exception) -> None:
+        delay = self._backoff.next_delay()
+        if self._backoff.failures == 1:
+            waiting = await self._waiting_jobs()
+            if isinstance(error, grpc.aio.AioRpcError):
+                problem = f"{error.code().name}: {error.details()}"
+            else:
+                problem = f"{type(error).__name__}: {error}"
+            logger.warning(
+                "cannot deliver analysis jobs (%s); %s job(s) wait in the outbox, "
+                "retrying with backoff until delivered",
+                problem,
+                waiting,
+                exc_info=not isinstance(error, grpc.aio.AioRpcError),
+            )
+        # Uploads during an outage do not cut the backoff short; their rows wait with the rest.
+        await asyncio.sleep(delay)
+
+    async def _waiting_jobs(self) -> str:
+        try:
+            async with reading(self._db) as conn:
+                return str(await repository.outbox_size(conn))
+        except StorageUnavailable:
+            return "an unknown number of"

@@ -1,0 +1,166 @@
+"""What a file really is, decided from its bytes alone (never from its name or declared type).
+
+Images are opened with Pillow and checked cheaply for corruption; videos are recognised by
+their container signature. Everything here is blocking: call it off the event loop.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+from ingest_service.config import UploadLimits
+from ingest_service.domain.models import MediaKind, SniffedMedia
+from ingest_service.errors import InvalidArgument, invalid
+
+# Pillow format -> the content type ingest records. MPO is how Pillow names a JPEG with
+# extra frames (stereo pairs, depth maps from phone cameras): a still JPEG to everyone else.
+IMAGE_CONTENT_TYPES = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "GIF": "image/gif",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+}
+_OPENED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+
+# A JPEG is decoded at a reduced DCT scale: truncation still shows, at a fraction of the cost.
+_JPEG_CHECK_SIZE = (64, 64)
+# EXIF orientations that turn the stored image by 90 degrees.
+_ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_EXIF_ORIENTATION = 0x0112
+
+_EBML_MAGIC = b"\x1a\x45\xdf\xa3"
+_EBML_HEADER_SCAN = 64
+# ISO base media files that are still images (HEIF, AVIF), not video.
+_IMAGE_BRANDS = frozenset(
+    {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
+)
+# Leading bytes of the accepted image formats: a file that starts like one but that Pillow
+# cannot open is a corrupt image, not an unknown type.
+_IMAGE_SIGNATURES = (
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"II*\x00",
+    b"MM\x00*",
+    b"BM",
+)
+
+
+def refuse_decompression_bombs() -> None:
+    """Make Pillow's decompression-bomb warning an error, process-wide.
+
+    Pillow only warns between its pixel limit and twice that; a service must refuse such an
+    image, not decode it and log. The analysis analyser already treats the warning as an
+    error, so both services in one process agree.
+    """
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+def sniff_video(content: bytes) -> SniffedMedia | None:
+    """The container of a video by its signature, or None when it is not one we accept."""
+    if content[4:8] == b"ftyp":
+        brand = content[8:12]
+        if brand in _IMAGE_BRANDS:
+            return None
+        content_type = "video/quicktime" if brand == b"qt  " else "video/mp4"
+        return SniffedMedia(content_type, MediaKind.VIDEO, not_applicable_reason="video")
+    if content.startswith(_EBML_MAGIC):
+        # The EBML header names its DocType near the start: "webm" or "matroska".
+        is_webm = b"webm" in content[:_EBML_HEADER_SCAN]
+        content_type = "video/webm" if is_webm else "video/x-matroska"
+        return SniffedMedia(content_type, MediaKind.VIDEO, not_applicable_reason="video")
+    if content[:4] == b"RIFF" and content[8:12] == b"AVI ":
+        return SniffedMedia("video/x-msvideo", MediaKind.VIDEO, not_applicable_reason="video")
+    return None
+
+
+def sniff_image(content: bytes, *, field: str, max_pixels: int) -> SniffedMedia | None:
+    """The image in ``content`` after a cheap decode check, or None when it is not an image.
+
+    Raises CORRUPT_IMAGE for a truncated or corrupt image and IMAGE_TOO_LARGE beyond
+    ``max_pixels`` (a decompression bomb is refused before anything is decoded).
+    """
+    try:
+        with Image.open(io.BytesIO(content), formats=_OPENED_FORMATS) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise invalid(
+                    field,
+                    "IMAGE_TOO_LARGE",
+                    f"image of {width}x{height} pixels exceeds {max_pixels} pixels",
+                )
+            image_format = image.format or ""
+            animated = image_format != "MPO" and bool(getattr(image, "is_animated", False))
+            rotated = _check_decodes(image)
+    except UnidentifiedImageError as exc:
+        if _looks_like_image(content):
+            raise invalid(field, "CORRUPT_IMAGE", "image header is unreadable") from exc
+        return None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise invalid(field, "IMAGE_TOO_LARGE", f"image exceeds {max_pixels} pixels") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise invalid(field, "CORRUPT_IMAGE", f"image does not decode: {exc}") from exc
+    if rotated:
+        width, height = height, width
+    return SniffedMedia(
+        IMAGE_CONTENT_TYPES[image_format],
+        MediaKind.IMAGE,
+        width=width,
+        height=height,
+        not_applicable_reason="animated" if animated else "",
+    )
+
+
+def _looks_like_image(content: bytes) -> bool:
+    is_webp = content[:4] == b"RIFF" and content[8:12] == b"WEBP"
+    return is_webp or content.startswith(_IMAGE_SIGNATURES)
+
+
+def _check_decodes(image: Image.Image) -> bool:
+    """Decode ``image`` as cheaply as its format allows; True when EXIF turns it 90 degrees."""
+    if image.format == "PNG":
+        # verify() checks every chunk's CRC without decoding the pixels. (PNG's rare eXIf
+        # chunk may follow the pixel data, so its orientation is not read.)
+        image.verify()
+        return False
+    rotated = image.getexif().get(_EXIF_ORIENTATION) in _ROTATED_ORIENTATIONS
+    if image.format in ("JPEG", "MPO"):
+        image.draft("RGB", _JPEG_CHECK_SIZE)
+    image.load()
+    return rotated
+
+
+def sniff(content: bytes, *, index: int, limits: UploadLimits) -> SniffedMedia:
+    """What file ``index`` of an upload is; refuses what ingest does not accept.
+
+    Raises FILE_TOO_LARGE, UNSUPPORTED_MEDIA_TYPE, CORRUPT_IMAGE or IMAGE_TOO_LARGE, naming
+    ``files[index].content``.
+    """
+    field = f"files[{index}].content"
+    video = sniff_video(content)
+    if video is not None:
+        if len(content) > limits.max_video_bytes:
+            raise _too_large(field, len(content), limits.max_video_bytes, "a video")
+        return video
+    if len(content) > limits.max_image_bytes:
+        raise _too_large(field, len(content), limits.max_image_bytes, "an image")
+    image = sniff_image(content, field=field, max_pixels=limits.max_image_pixels)
+    if image is None:
+        raise invalid(
+            field,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "not a supported image (JPEG, PNG, GIF, WebP, BMP, TIFF) "
+            "or video (MP4, QuickTime, WebM, Matroska, AVI)",
+        )
+    return image
+
+
+def _too_large(field: str, size: int, limit: int, what: str) -> InvalidArgument:
+    return invalid(field, "FILE_TOO_LARGE", f"{size} bytes; {what} may have at most {limit}")

@@ -1,0 +1,211 @@
+"""The upload use case: validate, sniff, store bytes, commit rows and outbox, answer.
+
+A batch is all or nothing: every file is validated and sniffed before anything is stored,
+and the media rows and their outbox rows commit in one transaction before the answer.
+The answer never waits for the analysis service; the outbox forwarder is woken instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ingest_service.config import UploadLimits
+from ingest_service.domain.blobs import BlobStore
+from ingest_service.domain.models import (
+    Media,
+    ProcessingStatus,
+    SniffedMedia,
+    UploadFile,
+    UploadRequest,
+    UploadResult,
+)
+from ingest_service.domain.sniff import sniff
+from ingest_service.errors import StorageUnavailable, invalid
+from ingest_service.storage import repository
+from ingest_service.storage.repository import writing
+from mediatag_common.database import Database, after_commit
+
+logger = logging.getLogger(__name__)
+
+OWNER_ID_CHARACTERS = "A-Za-z0-9._:@-"
+MAX_CONTEXT_KEY_LENGTH = 128
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def validate_owner_id(owner_id: str, limits: UploadLimits, field: str = "owner_id") -> None:
+    """Refuse a missing owner id, or one outside ``[A-Za-z0-9._:@-]{1,max}``."""
+    if not owner_id:
+        raise invalid(field, "OWNER_ID_REQUIRED", "required")
+    pattern = rf"[{OWNER_ID_CHARACTERS}]{{1,{limits.max_owner_id_length}}}"
+    if not re.fullmatch(pattern, owner_id):
+        raise invalid(
+            field,
+            "INVALID_OWNER_ID",
+            f"must be 1-{limits.max_owner_id_length} of the characters {OWNER_ID_CHARACTERS}",
+        )
+
+
+def validate_request(request: UploadRequest, limits: UploadLimits) -> None:
+    """Everything about a batch that can be judged without looking into the bytes."""
+    validate_owner_id(request.owner_id, limits)
+    if len(request.category) > limits.max_category_length or _CONTROL_CHARACTERS.search(
+        request.category
+    ):
+        raise invalid(
+            "category",
+            "INVALID_CATEGORY",
+            f"at most {limits.max_category_length} characters, no control characters",
+        )
+    _validate_context(request, limits)
+    if not request.files:
+        raise invalid("files", "NO_FILES", "an upload needs at least one file")
+    if len(request.files) > limits.max_files:
+        raise invalid(
+            "files",
+            "TOO_MANY_FILES",
+            f"{len(request.files)} files; at most {limits.max_files} per upload",
+        )
+    largest = max(limits.max_image_bytes, limits.max_video_bytes)
+    for index, file in enumerate(request.files):
+        if len(file.filename) > limits.max_filename_length or _CONTROL_CHARACTERS.search(
+            file.filename
+        ):
+            raise invalid(
+                f"files[{index}].filename",
+                "INVALID_FILENAME",
+                f"at most {limits.max_filename_length} characters, no control characters",
+            )
+        if not file.content:
+            raise invalid(f"files[{index}].content", "EMPTY_FILE", "the file is empty")
+        if len(file.content) > largest:
+            raise invalid(
+                f"files[{index}].content",
+                "FILE_TOO_LARGE",
+                f"{len(file.content)} bytes; a file may have at most {largest}",
+            )
+
+
+def _validate_context(request: UploadRequest, limits: UploadLimits) -> None:
+    if len(request.context) > limits.max_context_entries:
+        raise invalid("context", "INVALID_CONTEXT", f"at most {limits.max_context_entries} entries")
+    for key, value in request.context.items():
+        if not key or len(key) > MAX_CONTEXT_KEY_LENGTH or _CONTROL_CHARACTERS.search(key):
+            raise invalid(
+                "context",
+                "INVALID_CONTEXT",
+                f"key {key[:40]!r}: 1-{MAX_CONTEXT_KEY_LENGTH} characters, no control characters",
+            )
+        if len(value) > limits.max_context_value_length:
+            raise invalid(
+                "context",
+                "INVALID_CONTEXT",
+                f"value of {key!r}: at most {limits.max_context_value_length} characters",
+            )
+
+
+@dataclass(frozen=True)
+class _Inspected:
+    sniffed: SniffedMedia
+    sha256: str
+    size: int
+
+
+def upload_message(count: int, analysed: int) -> str:
+    return (
+        f"Uploaded {count} media file(s). {analysed} image(s) are being analyzed in the background."
+    )
+
+
+class Uploads:
+    """Stores uploaded batches and queues their analysis through the outbox."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        blobs: BlobStore,
+        limits: UploadLimits,
+        on_committed: Callable[[], None],
+    ) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._limits = limits
+        self._on_committed = on_committed
+
+    async def upload(self, request: UploadRequest) -> UploadResult:
+        """Store every file of ``request`` or none; raises IngestError on a bad item."""
+        validate_request(request, self._limits)
+        # One hop off the loop for the whole batch: sniffing decodes, storing fsyncs.
+        inspected = await asyncio.to_thread(self._inspect_and_store, request.files)
+        now = time.time()
+        items = tuple(
+            Media(
+                id=str(uuid.uuid4()),
+                owner_id=request.owner_id,
+                category=request.category,
+                context=dict(request.context),
+                filename=file.filename,
+                content_type=found.sniffed.content_type,
+                kind=found.sniffed.kind,
+                size_bytes=found.size,
+                sha256=found.sha256,
+                width=found.sniffed.width,
+                height=found.sniffed.height,
+                priority=request.priority,
+                status=found.sniffed.status,
+                not_applicable_reason=found.sniffed.not_applicable_reason,
+                created_at=now,
+                updated_at=now,
+            )
+            for file, found in zip(request.files, inspected, strict=True)
+        )
+        analysed = [item.id for item in items if item.status is ProcessingStatus.PENDING]
+        async with writing(self._db) as conn:
+            await repository.insert_media(conn, items)
+            await repository.insert_outbox(conn, analysed, now=now)
+            after_commit(conn, self._on_committed)
+        for item, file in zip(items, request.files, strict=True):
+            _log_stored(item, file.declared_content_type)
+        return UploadResult(items, upload_message(len(items), len(analysed)))
+
+    def _inspect_and_store(self, files: Sequence[UploadFile]) -> list[_Inspected]:
+        inspected = [
+            _Inspected(
+                sniff(file.content, index=index, limits=self._limits),
+                hashlib.sha256(file.content).hexdigest(),
+                len(file.content),
+            )
+            for index, file in enumerate(files)
+        ]
+        try:
+            for file, found in zip(files, inspected, strict=True):
+                self._blobs.put(found.sha256, found.size, [file.content])
+        except OSError as exc:
+            raise StorageUnavailable(f"blob store unavailable: {exc}") from exc
+        return inspected
+
+
+def _log_stored(item: Media, declared_content_type: str) -> None:
+    status = item.status.value
+    if item.not_applicable_reason:
+        status = f"{status} ({item.not_applicable_reason})"
+    declared = ""
+    if declared_content_type and declared_content_type != item.content_type:
+        declared = f" (declared {declared_content_type!r})"
+    logger.info(
+        "stored media %s: %r, %s%s, %d bytes, owner %s -> %s",
+        item.id,
+        item.filename,
+        item.content_type,
+        declared,
+        item.size_bytes,
+        item.owner_id,
+        status,
+    )

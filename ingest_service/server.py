@@ -1,0 +1,95 @@
+"""Wiring of the ingest service: ``create_server(config) -> (host, port)``."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from mediatag.analysis.v1 import analysis_pb2_grpc
+from mediatag.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+
+from ingest_service.api.servicer import IngestServicer
+from ingest_service.config import IngestConfig
+from ingest_service.domain.blobs import BlobStore
+from ingest_service.domain.library import MediaLibrary
+from ingest_service.domain.mirror import StatusMirror
+from ingest_service.domain.outbox import OutboxForwarder
+from ingest_service.domain.sniff import refuse_decompression_bombs
+from ingest_service.domain.uploads import Uploads
+from ingest_service.storage.schema import MIGRATIONS
+from mediatag_common.database import Database
+from mediatag_common.grpc_server import ServiceHost, channel_options, new_server
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
+
+
+async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
+    """Build the ingest service bound to ``config.host:config.port`` (0 picks a port).
+
+    Nothing runs until the returned host is started; the analysis service need not be up.
+    """
+    refuse_decompression_bombs()
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(config.resolved_database_url, synchronous=config.sqlite_synchronous)
+    await db.migrate(MIGRATIONS)
+    blobs = BlobStore(config.data_dir / "blobs")
+
+    analysis_channel = grpc.aio.insecure_channel(
+        config.analysis_address, options=channel_options(config.max_message_bytes)
+    )
+    analysis = analysis_pb2_grpc.AnalysisServiceStub(analysis_channel)
+    forwarder = OutboxForwarder(
+        db=db,
+        analysis=analysis,
+        batch_size=config.outbox_batch_size,
+        initial_backoff=config.outbox_initial_backoff,
+        max_backoff=config.outbox_max_backoff,
+    )
+    mirror = StatusMirror(
+        db=db,
+        analysis=analysis,
+        initial_backoff=config.mirror_initial_backoff,
+        max_backoff=config.mirror_max_backoff,
+    )
+    uploads = Uploads(db=db, blobs=blobs, limits=config.limits, on_committed=forwarder.wake)
+    library = MediaLibrary(db=db, blobs=blobs, limits=config.limits, analysis=analysis)
+
+    server = new_server(max_message_bytes=config.max_message_bytes)
+    ingest_pb2_grpc.add_IngestServiceServicer_to_server(
+        IngestServicer(uploads=uploads, library=library), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+
+    async def on_start() -> None:
+        forwarder.start()
+        mirror.start()
+        logger.info(
+            "ingest service on %s:%d: data in %s, analysis at %s",
+            config.host,
+            port,
+            config.data_dir,
+            config.analysis_address,
+        )
+
+    async def on_drain(grace: float) -> None:
+        # Uploads in flight finish under server.stop(grace); the outbox keeps what is left.
+        return
+
+    async def on_stop() -> None:
+        await forwarder.stop()
+        await mirror.stop()
+        await analysis_channel.close()
+        await db.close()
+
+    host = ServiceHost(
+        name="ingest",
+        server=server,
+        service_names=[SERVICE_NAME],
+        on_start=on_start,
+        on_drain=on_drain,
+        on_stop=on_stop,
+        is_healthy=db.ping,
+    )
+    return host, port

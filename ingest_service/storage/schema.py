@@ -1,0 +1,75 @@
+"""Tables of the ingest service and its versioned migrations."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mediatag_common.database import Migration
+
+metadata = sa.MetaData()
+
+media = sa.Table(
+    "media",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("owner_id", sa.String, nullable=False),
+    sa.Column("category", sa.String, nullable=False),
+    sa.Column("context", sa.JSON, nullable=False),
+    sa.Column("filename", sa.String, nullable=False),
+    sa.Column("content_type", sa.String, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("width", sa.Integer, nullable=False),
+    sa.Column("height", sa.Integer, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("not_applicable_reason", sa.String, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    # The analysis result, mirrored from the analysis service when COMPLETED.
+    sa.Column("tags", sa.JSON),
+    # float32 values, native byte order.
+    sa.Column("embedding", sa.LargeBinary),
+    sa.Column("embedding_dimensions", sa.Integer, nullable=False),
+    sa.Column("analyzer_name", sa.String, nullable=False),
+    sa.Column("analyzer_version", sa.String, nullable=False),
+    sa.Column("reused", sa.Boolean, nullable=False),
+    sa.Column("error_reason", sa.String),
+    sa.Column("error_message", sa.String),
+    sa.Column("error_attempt", sa.Integer),
+    # Revision of the analysis status event last applied; older events are ignored.
+    sa.Column("status_revision", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    # ListMedia: newest first per owner, optionally per status.
+    sa.Index("media_owner_time", "owner_id", "created_at", "id"),
+    sa.Index("media_owner_status_time", "owner_id", "status", "created_at", "id"),
+)
+
+# Jobs committed with their media rows and not yet accepted by the analysis service.
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("media_id", sa.String(36), sa.ForeignKey("media.id"), nullable=False, unique=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+# Named integers; the status mirror's last applied revision.
+counters = sa.Table(
+    "counters",
+    metadata,
+    sa.Column("name", sa.String, primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False),
+)
+
+MIRROR_REVISION = "mirror_revision"
+
+
+async def _initial_schema(conn: AsyncConnection) -> None:
+    await conn.run_sync(metadata.create_all)
+    await conn.execute(counters.insert(), [{"name": MIRROR_REVISION, "value": 0}])
+
+
+MIGRATIONS = [Migration(1, "media, outbox, counters", _initial_schema)]
