@@ -14,6 +14,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2
 
+from mediatag_common.grpc_server import health_check_stub
+
 logger = logging.getLogger(__name__)
 
 _PROBE_TIMEOUT = 1.0
@@ -87,12 +89,7 @@ async def _probe_until_serving(
     name: str, process: asyncio.subprocess.Process, address: str, log_path: Path
 ) -> None:
     async with grpc.aio.insecure_channel(address) as channel:
-        # The typing stubs of grpc_health's HealthStub have no methods; call it by name.
-        check = channel.unary_unary(
-            "/grpc.health.v1.Health/Check",
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )
+        check = health_check_stub(channel)
         while process.returncode is None:
             try:
                 response = await check(

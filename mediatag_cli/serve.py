@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2
 
 from mediatag_cli.settings import ServeSettings, connect_address
 from mediatag_common.database import DatabaseError
-from mediatag_common.grpc_server import ServiceHost, serve_until_signal
+from mediatag_common.grpc_server import ServiceHost, health_check_stub, serve_until_signal
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +84,7 @@ async def _announce_when_serving(service: _Service) -> None:
     """
     address = connect_address(service.bind_host, service.port)
     async with grpc.aio.insecure_channel(address) as channel:
-        # The typing stubs of grpc_health's HealthStub have no methods; call it by name.
-        check = channel.unary_unary(
-            "/grpc.health.v1.Health/Check",
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )
+        check = health_check_stub(channel)
         while True:
             try:
                 await check(

@@ -52,6 +52,22 @@ def channel_options(max_message_bytes: int = 64 * 1024 * 1024) -> list[tuple[str
     ]
 
 
+def health_check_stub(
+    channel: grpc.aio.Channel,
+) -> grpc.aio.UnaryUnaryMultiCallable[
+    health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+]:
+    """``grpc.health.v1.Health/Check`` on ``channel``.
+
+    Called by name because the typing stubs of grpc_health's ``HealthStub`` have no methods.
+    """
+    return channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+
+
 class ServiceHost:
     """A gRPC server and the background work of its service, started and stopped together.
 

@@ -12,14 +12,14 @@ from typing import Any
 
 import grpc
 import pytest
+from mediatag.analysis.v1 import analysis_pb2_grpc
+from mediatag.ingest.v1 import ingest_pb2_grpc
 
 from analysis_service.analyzers.base import Analyzer
 from analysis_service.config import AnalysisConfig, RetryPolicy
 from analysis_service.server import create_server as create_analysis
 from ingest_service.config import IngestConfig
 from ingest_service.server import create_server as create_ingest
-from mediatag.analysis.v1 import analysis_pb2_grpc
-from mediatag.ingest.v1 import ingest_pb2_grpc
 from mediatag_common.grpc_server import ServiceHost, channel_options
 
 
@@ -31,13 +31,13 @@ def free_port() -> int:
 
 
 async def wait_until(
-    condition: Callable[[], Awaitable[bool]], *, timeout: float = 30.0, interval: float = 0.05
+    condition: Callable[[], Awaitable[bool]], *, within: float = 30.0, interval: float = 0.05
 ) -> None:
-    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+    """Poll ``condition`` until it holds; fail the test after ``within`` seconds."""
+    deadline = time.monotonic() + within
     while not await condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"condition not met within {within} s")
         await asyncio.sleep(interval)
 
 
@@ -101,11 +101,11 @@ class Cluster:
         return channel
 
     @property
-    def ingest(self) -> ingest_pb2_grpc.IngestServiceStub:
+    def ingest(self) -> ingest_pb2_grpc.IngestServiceAsyncStub:
         return ingest_pb2_grpc.IngestServiceStub(self.channel(self.ingest_port))
 
     @property
-    def analysis(self) -> analysis_pb2_grpc.AnalysisServiceStub:
+    def analysis(self) -> analysis_pb2_grpc.AnalysisServiceAsyncStub:
         return analysis_pb2_grpc.AnalysisServiceStub(self.channel(self.analysis_port))
 
     async def close(self) -> None:

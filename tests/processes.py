@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 MEDIATAG = str(Path(sys.executable).parent / "mediatag")
 
@@ -30,20 +30,27 @@ def run_json(*args: str, timeout: float = 60) -> Any:
     return json.loads(result.stdout)
 
 
-def wait_serving(port: int, timeout: float = 30.0) -> None:
-    """Block until the standard health service at ``port`` answers SERVING."""
-    deadline = time.monotonic() + timeout
+def wait_serving(port: int, within: float = 30.0) -> None:
+    """Block until the standard health service at ``port`` answers SERVING.
+
+    Synchronous on purpose: it is called from async tests while their loop runs.
+    """
+    deadline = time.monotonic() + within
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
         while True:
             try:
-                response = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                response = check(health_pb2.HealthCheckRequest(), timeout=1)
                 if response.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass
             if time.monotonic() > deadline:
-                raise AssertionError(f"service on port {port} not SERVING within {timeout} s")
+                raise AssertionError(f"service on port {port} not SERVING within {within} s")
             time.sleep(0.05)
 
 

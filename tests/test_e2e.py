@@ -9,11 +9,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from mediatag.analysis.v1 import analysis_pb2 as apb
 from mediatag.analysis.v1 import analysis_pb2_grpc
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 from mediatag.ingest.v1 import ingest_pb2_grpc
+
 from tests.conftest import free_port, wait_until
 from tests.media_samples import jpeg_bytes, mp4_bytes
 from tests.processes import Serve, run_cli, run_json
@@ -31,9 +31,12 @@ def both(tmp_path: Path, ports: tuple[int, int]) -> Iterator[Serve]:
     ingest_port, analysis_port = ports
     serve = Serve(
         tmp_path / "serve.log",
-        "--data-dir", str(tmp_path / "data"),
-        "--ingest-port", str(ingest_port),
-        "--analysis-port", str(analysis_port),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--ingest-port",
+        str(ingest_port),
+        "--analysis-port",
+        str(analysis_port),
     ).start(ingest_port, analysis_port)
     yield serve
     assert serve.stop() == 0, serve.output()
@@ -77,7 +80,7 @@ def test_cli_upload_of_five_images_and_a_video_completes(
 
 
 async def _watch_all(
-    stub: analysis_pb2_grpc.AnalysisServiceStub, ids: list[str], start: int
+    stub: analysis_pb2_grpc.AnalysisServiceAsyncStub, ids: list[str], start: int
 ) -> list[apb.WatchStatusResponse]:
     """Every event of ``ids`` since ``start``, reconnecting from the last revision while the
     service is down, until all are terminal."""
@@ -104,12 +107,25 @@ async def test_analysis_killed_mid_processing_loses_nothing_and_completes_once(
     ingest_port, analysis_port = ports
     data = str(tmp_path / "data")
     ingest = Serve(
-        tmp_path / "ingest.log", "ingest", "--data-dir", data,
-        "--ingest-port", str(ingest_port), "--analysis-port", str(analysis_port),
+        tmp_path / "ingest.log",
+        "ingest",
+        "--data-dir",
+        data,
+        "--ingest-port",
+        str(ingest_port),
+        "--analysis-port",
+        str(analysis_port),
     ).start(ingest_port)
     analysis_args = (
-        "analysis", "--data-dir", data, "--ingest-port", str(ingest_port),
-        "--analysis-port", str(analysis_port), "--lease-seconds", "2",
+        "analysis",
+        "--data-dir",
+        data,
+        "--ingest-port",
+        str(ingest_port),
+        "--analysis-port",
+        str(analysis_port),
+        "--lease-seconds",
+        "2",
     )
     analysis = Serve(tmp_path / "analysis.log", *analysis_args).start(analysis_port)
     ingest_channel = grpc.aio.insecure_channel(f"127.0.0.1:{ingest_port}")
@@ -118,7 +134,9 @@ async def test_analysis_killed_mid_processing_loses_nothing_and_completes_once(
         ingest_stub = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
         analysis_stub = analysis_pb2_grpc.AnalysisServiceStub(analysis_channel)
         start = (await analysis_stub.GetQueueStatus(apb.GetQueueStatusRequest())).current_revision
-        files = [ipb.MediaFile(filename=f"{n}.jpg", content=jpeg_bytes(seed=200 + n)) for n in range(12)]
+        files = [
+            ipb.MediaFile(filename=f"{n}.jpg", content=jpeg_bytes(seed=200 + n)) for n in range(12)
+        ]
         response = await ingest_stub.UploadMedia(
             ipb.UploadMediaRequest(owner_id="o-1", files=files), timeout=10
         )
@@ -130,7 +148,7 @@ async def test_analysis_killed_mid_processing_loses_nothing_and_completes_once(
             counts = {c.status: c.count for c in status.counts}
             return counts.get(apb.PROCESSING_STATUS_PROCESSING, 0) >= 2
 
-        await wait_until(some_processing, timeout=30, interval=0.02)
+        await wait_until(some_processing, within=30, interval=0.02)
         analysis.kill()
         analysis = Serve(tmp_path / "analysis.log", *analysis_args).start(analysis_port)
 
@@ -144,9 +162,7 @@ async def test_analysis_killed_mid_processing_loses_nothing_and_completes_once(
             assert list(job.result.tags) == list(completions[0].result.tags)
         revisions = [e.revision for e in events]
         assert revisions == sorted(set(revisions))
-        expired = [
-            e.change for e in events if e.change.error.reason == "LEASE_EXPIRED"
-        ]
+        expired = [e.change for e in events if e.change.error.reason == "LEASE_EXPIRED"]
         assert expired, "the kill should have left leased jobs to expire"
 
         async def mirrored() -> bool:
@@ -156,7 +172,7 @@ async def test_analysis_killed_mid_processing_loses_nothing_and_completes_once(
                     return False
             return True
 
-        await wait_until(mirrored, timeout=30)
+        await wait_until(mirrored, within=30)
     finally:
         await ingest_channel.close()
         await analysis_channel.close()

@@ -126,7 +126,7 @@ class FakeAnalysis(analysis_pb2_grpc.AnalysisServiceServicer):
         async def arrived() -> bool:
             return len(self.watch_requests) > stream
 
-        await wait_until(arrived, timeout=15)
+        await wait_until(arrived, within=15)
         return self.watch_requests[stream]
 
     async def SubmitJobs(
@@ -542,7 +542,7 @@ async def test_outbox_keeps_jobs_while_analysis_is_down_and_delivers_each_once(
     async def delivered() -> bool:
         return len(fake.submitted) >= 3
 
-    await wait_until(delivered, timeout=15)
+    await wait_until(delivered, within=15)
     # A later upload is delivered after the earlier rows (id order), so any repeat of them
     # would have been recorded by now.
     later = await stub.UploadMedia(upload_request(media_file(samples.png_bytes(30))), timeout=5)
@@ -551,7 +551,7 @@ async def test_outbox_keeps_jobs_while_analysis_is_down_and_delivers_each_once(
     async def later_delivered() -> bool:
         return any(spec.media_id == later_id for spec in fake.submitted)
 
-    await wait_until(later_delivered, timeout=15)
+    await wait_until(later_delivered, within=15)
 
     counts = Counter(spec.media_id for spec in fake.submitted)
     assert counts == Counter([*expected, later_id])
@@ -724,7 +724,7 @@ async def test_status_mirror_applies_changes_and_resumes_from_the_last_revision(
         media = (await stub.GetMedia(ipb.GetMediaRequest(media_id=done_id), timeout=5)).media
         return media.status == ipb.PROCESSING_STATUS_PENDING
 
-    await wait_until(reprocessed, timeout=15)
+    await wait_until(reprocessed, within=15)
     reset = (await stub.GetMedia(ipb.GetMediaRequest(media_id=done_id), timeout=5)).media
     assert (list(reset.tags), reset.status_revision) == ([], 40)
     still_failed = (await stub.GetMedia(ipb.GetMediaRequest(media_id=failed_id), timeout=5)).media
@@ -751,7 +751,7 @@ async def test_reprocess_passes_on_to_analysis(
     async def delivered() -> bool:
         return len(fake.submitted) == 1
 
-    await wait_until(delivered, timeout=15)
+    await wait_until(delivered, within=15)
 
     by_ids = await stub.ReprocessMedia(
         ipb.ReprocessMediaRequest(media_ids=[image_id, video_id]), timeout=5

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable
 
 import grpc
 import pytest
+from mediatag.analysis.v1 import analysis_pb2 as apb
+from mediatag.ingest.v1 import ingest_pb2 as ipb
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig, RetryPolicy
 from analysis_service.errors import PermanentAnalyzerError, TransientAnalyzerError
-from mediatag.analysis.v1 import analysis_pb2 as apb
-from mediatag.ingest.v1 import ingest_pb2 as ipb
 from mediatag_common.errors import error_info, field_violations
 from tests.conftest import Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
@@ -22,19 +23,25 @@ TERMINAL = {ipb.PROCESSING_STATUS_COMPLETED, ipb.PROCESSING_STATUS_FAILED}
 
 def image_files(count: int, first_seed: int = 0) -> list[ipb.MediaFile]:
     return [
-        ipb.MediaFile(filename=f"photo{n}.jpg", content_type="image/jpeg", content=jpeg_bytes(seed=n))
+        ipb.MediaFile(
+            filename=f"photo{n}.jpg", content_type="image/jpeg", content=jpeg_bytes(seed=n)
+        )
         for n in range(first_seed, first_seed + count)
     ]
 
 
-async def upload(cluster: Cluster, files: list[ipb.MediaFile], owner: str = "listing-1") -> ipb.UploadMediaResponse:
+async def upload(
+    cluster: Cluster, files: list[ipb.MediaFile], owner: str = "listing-1"
+) -> ipb.UploadMediaResponse:
     response: ipb.UploadMediaResponse = await cluster.ingest.UploadMedia(
         ipb.UploadMediaRequest(owner_id=owner, category="Hair", files=files), timeout=10
     )
     return response
 
 
-async def wait_terminal(cluster: Cluster, media_ids: list[str], timeout: float = 60) -> list[ipb.Media]:
+async def wait_terminal(
+    cluster: Cluster, media_ids: list[str], within: float = 60
+) -> list[ipb.Media]:
     """Wait until ingest's mirror shows every item terminal; return them (full view)."""
     stub = cluster.ingest
     found: list[ipb.Media] = []
@@ -48,7 +55,7 @@ async def wait_terminal(cluster: Cluster, media_ids: list[str], timeout: float =
             found.append(response.media)
         return all(m.status in TERMINAL for m in found)
 
-    await wait_until(all_terminal, timeout=timeout)
+    await wait_until(all_terminal, within=within)
     return list(found)
 
 
@@ -82,7 +89,9 @@ async def test_upload_five_images_and_a_video_completes_through_ingest(
         assert media.analyzer_name == "local"
         assert media.reused is False
     assert len(analyzer.calls) == 5
-    video = (await cluster.ingest.GetMedia(ipb.GetMediaRequest(media_id=response.media[5].id))).media
+    video = (
+        await cluster.ingest.GetMedia(ipb.GetMediaRequest(media_id=response.media[5].id))
+    ).media
     assert video.status == ipb.PROCESSING_STATUS_NOT_APPLICABLE
     assert video.kind == ipb.MEDIA_KIND_VIDEO
 
@@ -157,8 +166,10 @@ async def test_transient_errors_are_retried_permanent_fail_at_once_and_retry_bri
     make_cluster: Callable[..., Cluster],
 ) -> None:
     flaky, broken, hopeless = (jpeg_bytes(seed=n) for n in (10, 11, 12))
-    sha = {name: hashlib.sha256(data).hexdigest() for name, data in
-           {"flaky": flaky, "broken": broken, "hopeless": hopeless}.items()}
+    sha = {
+        name: hashlib.sha256(data).hexdigest()
+        for name, data in {"flaky": flaky, "broken": broken, "hopeless": hopeless}.items()
+    }
     analyzer = ScriptedAnalyzer(
         failures={
             sha["flaky"]: [
@@ -186,16 +197,19 @@ async def test_transient_errors_are_retried_permanent_fail_at_once_and_retry_bri
         for name, data in (("flaky", flaky), ("broken", broken), ("hopeless", hopeless))
     ]
     response = await upload(cluster, files)
-    ids = {name: m.id for name, m in zip(("flaky", "broken", "hopeless"), response.media, strict=True)}
+    ids = {
+        name: m.id for name, m in zip(("flaky", "broken", "hopeless"), response.media, strict=True)
+    }
     done = {m.id: m for m in await wait_terminal(cluster, list(ids.values()))}
 
     assert done[ids["flaky"]].status == ipb.PROCESSING_STATUS_COMPLETED
     assert done[ids["flaky"]].attempt == 3
     assert analyzer.calls_for(sha["flaky"]) == 3
     flaky_calls = [c.at for c in analyzer.calls if c.sha256 == sha["flaky"]]
-    gaps = [b - a for a, b in zip(flaky_calls, flaky_calls[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(flaky_calls)]
     # Backoff 0.2 s then 0.4 s, each +/- 20 % jitter.
-    assert gaps[0] >= 0.2 * 0.8 and gaps[1] >= 0.4 * 0.8, gaps
+    assert gaps[0] >= 0.2 * 0.8, gaps
+    assert gaps[1] >= 0.4 * 0.8, gaps
     assert gaps[1] > gaps[0] * 1.2, gaps
 
     assert done[ids["broken"]].status == ipb.PROCESSING_STATUS_FAILED
@@ -250,20 +264,18 @@ async def test_rate_limit_holds_over_ten_seconds(make_cluster: Callable[..., Clu
     for first in range(0, jobs, 23):
         response = await upload(cluster, image_files(23, first_seed=100 + first))
         ids.extend(m.id for m in response.media)
-    await wait_terminal(cluster, ids, timeout=60)
+    await wait_terminal(cluster, ids, within=60)
 
     times = sorted(call.at for call in analyzer.calls)
     assert len(times) == jobs
     assert times[-1] - times[0] >= 10.0
-    most_in_one_second = max(
-        sum(1 for t in times if start <= t < start + 1.0) for start in times
-    )
+    most_in_one_second = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
     assert most_in_one_second <= rate + burst, most_in_one_second
 
 
 @pytest.mark.parametrize("view", [ipb.MEDIA_VIEW_BASIC, ipb.MEDIA_VIEW_UNSPECIFIED])
 async def test_basic_view_leaves_out_the_embedding(
-    make_cluster: Callable[..., Cluster], view: int
+    make_cluster: Callable[..., Cluster], view: ipb.MediaView
 ) -> None:
     cluster = make_cluster(
         analyzer=ScriptedAnalyzer(),
@@ -278,7 +290,8 @@ async def test_basic_view_leaves_out_the_embedding(
         await cluster.ingest.GetMedia(ipb.GetMediaRequest(media_id=response.media[0].id, view=view))
     ).media
     assert media.status == ipb.PROCESSING_STATUS_COMPLETED
-    assert media.tags and not media.embedding
+    assert media.tags
+    assert not media.embedding
     assert media.embedding_dimensions == 1408
 
 
@@ -289,5 +302,6 @@ async def test_unknown_job_is_not_found_with_reason(make_cluster: Callable[..., 
         await cluster.analysis.GetJob(apb.GetJobRequest(media_id="nope"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     info = error_info(caught.value)
-    assert info is not None and info.reason == "JOB_NOT_FOUND" and info.domain == "mediatag"
+    assert info is not None
+    assert (info.reason, info.domain) == ("JOB_NOT_FOUND", "mediatag")
     assert [v.field for v in field_violations(caught.value)] == ["media_id"]

@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-
-from analysis_service.config import AnalysisConfig, RateLimitConfig
 from mediatag.analysis.v1 import analysis_pb2 as apb
 from mediatag.ingest.v1 import ingest_pb2 as ipb
+
+from analysis_service.config import AnalysisConfig, RateLimitConfig
 from mediatag_common.errors import error_info, field_violations
 from tests.conftest import Cluster
 from tests.fakes import ScriptedAnalyzer
@@ -169,7 +169,9 @@ async def test_until_terminal_waits_for_items_not_yet_submitted(
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-async def test_watch_ends_with_unavailable_on_shutdown(make_cluster: Callable[..., Cluster]) -> None:
+async def test_watch_ends_with_unavailable_on_shutdown(
+    make_cluster: Callable[..., Cluster],
+) -> None:
     cluster = await started_cluster(make_cluster)
     call = cluster.analysis.WatchStatus(apb.WatchStatusRequest())
     await call.wait_for_connection()
@@ -194,7 +196,8 @@ async def test_invalid_watch_requests_are_refused_with_reason(
                 pass
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         info = error_info(caught.value)
-        assert info is not None and info.reason == reason, info
+        assert info is not None
+        assert info.reason == reason, info
         assert [v.field for v in field_violations(caught.value)] == [field]
     # Nothing accepted was disturbed: uploads still complete.
     response = await upload(cluster, image_files(1))
