@@ -52,6 +52,18 @@ def after_commit(conn: AsyncConnection, callback: Callable[[], None]) -> None:
     conn.info[_AFTER_COMMIT].append(callback)
 
 
+def _driver_error(exc: SQLAlchemyError) -> BaseException:
+    """What to raise for a driver error: the cancellation it interrupted, if any.
+
+    A task cancelled mid-statement often fails again while rolling back; reporting that as
+    a database outage would turn a shutdown into a retry loop.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return asyncio.CancelledError()
+    return DatabaseError(str(exc))
+
+
 def sqlite_url(path: str) -> str:
     """The SQLAlchemy URL of an SQLite file for aiosqlite."""
     return f"sqlite+aiosqlite:///{path}"
@@ -82,7 +94,7 @@ class Database:
             async with self._engine.connect() as conn:
                 yield conn
         except SQLAlchemyError as exc:
-            raise DatabaseError(str(exc)) from exc
+            raise _driver_error(exc) from exc
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
@@ -95,13 +107,16 @@ class Database:
             callbacks: list[Callable[[], None]] = []
             try:
                 async with self._engine.begin() as conn:
-                    conn.info[_AFTER_COMMIT] = callbacks
+                    # Held by reference: once a cancelled statement has invalidated the
+                    # transaction, even reading ``conn.info`` raises.
+                    info = conn.info
+                    info[_AFTER_COMMIT] = callbacks
                     try:
                         yield conn
                     finally:
-                        conn.info.pop(_AFTER_COMMIT, None)
+                        info.pop(_AFTER_COMMIT, None)
             except SQLAlchemyError as exc:
-                raise DatabaseError(str(exc)) from exc
+                raise _driver_error(exc) from exc
             for callback in callbacks:
                 callback()
 

@@ -47,7 +47,11 @@ async def test_resumed_watcher_receives_every_later_event_once_in_order(
     make_cluster: Callable[..., Cluster],
 ) -> None:
     cluster = await started_cluster(make_cluster, rate=10)
+    # start_revision=0 means "from now": let the log hold something first.
+    warm_up = await upload(cluster, image_files(1, first_seed=90))
+    await wait_terminal(cluster, [warm_up.media[0].id])
     start = await current_revision(cluster)
+    assert start > 0
     response = await upload(cluster, image_files(8))
     ids = [m.id for m in response.media]
 

@@ -141,6 +141,9 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             until_terminal=request.until_terminal,
             include_embedding=request.include_embedding,
         )
+        # Headers at once, so a client knows the stream is open before the first event
+        # (which may be a bookmark interval away).
+        await context.send_initial_metadata(())
         # A cancelled call (client gone) propagates CancelledError untouched: swallowing it
         # leaks the call (grpc/grpc#43360).
         async for item in self._watcher.watch(watch):
