@@ -10,13 +10,13 @@ missed. When that revision has been compacted out of the event log (``OUT_OF_RAN
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING
 
 import grpc
 from mediatag.analysis.v1 import analysis_pb2
 
+from mediatag_common.backoff import Backoff
 from mediatag_common.errors import error_info
 
 if TYPE_CHECKING:
@@ -24,23 +24,6 @@ if TYPE_CHECKING:
 
 REVISION_COMPACTED = "REVISION_COMPACTED"
 _RECONNECT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
-
-
-class Backoff:
-    """Exponential delays with jitter, so that many watchers do not reconnect in step."""
-
-    def __init__(self, initial: float = 0.5, maximum: float = 30.0) -> None:
-        self._initial = initial
-        self._maximum = maximum
-        self._failures = 0
-
-    def next_delay(self) -> float:
-        delay = min(self._maximum, self._initial * 2.0**self._failures)
-        self._failures += 1
-        return delay * random.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        self._failures = 0
 
 
 class ResumableWatch:
@@ -68,7 +51,7 @@ class ResumableWatch:
         self._request = request
         self._notice = notice
         self._resume = resume or self._resume_after
-        self._backoff = Backoff()
+        self._backoff = Backoff(initial=0.5, maximum=30.0)
         self.last_revision = 0
         self._initial_state_pending = request.send_initial_state
 

@@ -293,7 +293,7 @@ async def test_identical_content_is_stored_once(ingest: IngestRunner) -> None:
     media = [*first.media, *second.media]
     assert [m.sha256 for m in media] == [digest] * 3
     assert len({m.id for m in media}) == 3
-    blob = ingest.data_dir / "blobs" / digest[:2] / digest[2:4] / digest
+    blob = ingest.data_dir / "blobs" / digest[:2] / digest
     assert ingest.blob_files() == {blob}
     assert blob.read_bytes() == content
 

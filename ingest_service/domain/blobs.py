@@ -1,9 +1,10 @@
 """A content-addressed store of media bytes on the local filesystem.
 
-Each blob lives at ``root/ab/cd/<sha256>`` and is written atomically: a temp file in the
+Each blob lives at ``root/ab/<sha256>`` and is written atomically: a temp file in the
 same directory is written and fsynced, renamed over the final name, and the directory is
 fsynced, so a crash leaves either the whole blob or none. Identical content is stored once.
-Every method blocks: call it off the event loop.
+The 256 fan-out directories are made once, up front, so that storing a blob costs two
+fsyncs and never a directory creation. Every method blocks: call it off the event loop.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ class BlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._make_fan_out()
 
     def path_for(self, sha256: str) -> Path:
-        return self.root / sha256[:2] / sha256[2:4] / sha256
+        return self.root / sha256[:2] / sha256
 
     def contains(self, sha256: str, size: int) -> bool:
         """True when the blob is stored in full (blobs are immutable once renamed in)."""
@@ -40,7 +42,6 @@ class BlobStore:
         if self.contains(sha256, size):
             return
         path = self.path_for(sha256)
-        self._make_dirs(path.parent)
         descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
         try:
             with os.fdopen(descriptor, "wb") as temp:
@@ -59,17 +60,19 @@ class BlobStore:
         """The stored bytes for reading; raises FileNotFoundError when absent."""
         return self.path_for(sha256).open("rb")
 
-    def _make_dirs(self, directory: Path) -> None:
-        """Create ``directory`` and missing parents, each made durable in its parent."""
-        missing: list[Path] = []
-        current = directory
-        while not current.exists():
-            missing.append(current)
-            current = current.parent
-        for new in reversed(missing):
-            with contextlib.suppress(FileExistsError):
-                new.mkdir()
-            _fsync_directory(new.parent)
+    def _make_fan_out(self) -> None:
+        """Create the root and its 256 fan-out directories, each made durable in its parent."""
+        if not self.root.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            _fsync_directory(self.root.parent)
+        created = False
+        for prefix in range(256):
+            directory = self.root / f"{prefix:02x}"
+            if not directory.exists():
+                directory.mkdir(exist_ok=True)
+                created = True
+        if created:
+            _fsync_directory(self.root)
 
 
 def _fsync_directory(directory: Path) -> None:

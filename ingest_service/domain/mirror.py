@@ -19,7 +19,6 @@ import grpc
 import numpy as np
 from mediatag.analysis.v1 import analysis_pb2
 
-from ingest_service.domain.backoff import Backoff
 from ingest_service.domain.models import (
     AnalysisFailure,
     AnalysisOutcome,
@@ -28,6 +27,7 @@ from ingest_service.domain.models import (
 )
 from ingest_service.storage import repository
 from ingest_service.storage.repository import reading, writing
+from mediatag_common.backoff import Backoff
 from mediatag_common.database import Database
 from mediatag_common.errors import error_info
 

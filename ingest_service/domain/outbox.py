@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 import grpc
 from mediatag.analysis.v1 import analysis_pb2
 
-from ingest_service.domain.backoff import Backoff
 from ingest_service.domain.models import Media
 from ingest_service.errors import StorageUnavailable
 from ingest_service.storage import repository
 from ingest_service.storage.repository import reading, writing
+from mediatag_common.backoff import Backoff
 from mediatag_common.database import Database
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Exponential backoff with jitter for the background tasks that call the analysis service."""
+"""Exponential backoff with jitter for reconnecting clients (outbox, status mirror, CLI watch)."""
 
 from __future__ import annotations
 
