@@ -78,6 +78,7 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         return
 
     async def on_stop() -> None:
+        await uploads.close()
         await forwarder.stop()
         await mirror.stop()
         await analysis_channel.close()

@@ -16,6 +16,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from ingest_service.config import UploadLimits
 from ingest_service.domain.blobs import BlobStore
 from ingest_service.domain.models import (
@@ -31,6 +33,7 @@ from ingest_service.errors import StorageUnavailable, invalid
 from ingest_service.storage import repository
 from ingest_service.storage.repository import writing
 from mediatag_common.database import Database, after_commit
+from mediatag_common.group_commit import GroupCommit
 
 logger = logging.getLogger(__name__)
 
@@ -134,10 +137,10 @@ class Uploads:
         limits: UploadLimits,
         on_committed: Callable[[], None],
     ) -> None:
-        self._db = db
         self._blobs = blobs
         self._limits = limits
         self._on_committed = on_committed
+        self._commits: GroupCommit[Sequence[Media]] = GroupCommit(lambda: writing(db), self._insert)
 
     async def upload(self, request: UploadRequest) -> UploadResult:
         """Store every file of ``request`` or none; raises IngestError on a bad item."""
@@ -166,14 +169,23 @@ class Uploads:
             )
             for file, found in zip(request.files, inspected, strict=True)
         )
+        await self._commits.commit(items)
         analysed = [item.id for item in items if item.status is ProcessingStatus.PENDING]
-        async with writing(self._db) as conn:
-            await repository.insert_media(conn, items)
-            await repository.insert_outbox(conn, analysed, now=now)
-            after_commit(conn, self._on_committed)
         for item, file in zip(items, request.files, strict=True):
             _log_stored(item, file.declared_content_type)
         return UploadResult(items, upload_message(len(items), len(analysed)))
+
+    async def close(self) -> None:
+        """Wait for uploads being committed."""
+        await self._commits.close()
+
+    async def _insert(self, conn: AsyncConnection, uploads: Sequence[Sequence[Media]]) -> None:
+        """The media rows of ``uploads`` and the outbox rows of their images, in one go."""
+        items = [item for upload in uploads for item in upload]
+        await repository.insert_media(conn, items)
+        analysed = [item.id for item in items if item.status is ProcessingStatus.PENDING]
+        await repository.insert_outbox(conn, analysed, now=time.time())
+        after_commit(conn, self._on_committed)
 
     def _inspect_and_store(self, files: Sequence[UploadFile]) -> list[_Inspected]:
         inspected = [

@@ -1,0 +1,62 @@
+"""Group commit on a real SQLite database: shared transactions, per-request answers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mediatag_common.database import Database, DatabaseError, sqlite_url
+from mediatag_common.group_commit import GroupCommit
+
+_rows = sa.Table("rows", sa.MetaData(), sa.Column("value", sa.Integer, primary_key=True))
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(sqlite_url(str(tmp_path / "group.db")), synchronous="NORMAL")
+    async with database.write() as conn:
+        await conn.run_sync(_rows.metadata.create_all)
+    yield database
+    await database.close()
+
+
+async def stored(db: Database) -> list[int]:
+    async with db.read() as conn:
+        return sorted((await conn.execute(sa.select(_rows.c.value))).scalars())
+
+
+async def test_concurrent_commits_share_transactions_and_each_waits_for_its_own(
+    db: Database,
+) -> None:
+    groups: list[int] = []
+
+    async def insert(conn: AsyncConnection, values: Sequence[int]) -> None:
+        groups.append(len(values))
+        await conn.execute(_rows.insert(), [{"value": value} for value in values])
+
+    commits = GroupCommit(db.write, insert)
+    await asyncio.gather(*(commits.commit(value) for value in range(100)))
+
+    assert await stored(db) == list(range(100))
+    assert sum(groups) == 100
+    # The first commit starts alone; the rest queue behind it and share later transactions.
+    assert len(groups) < 100
+
+
+async def test_a_failed_transaction_fails_its_group_and_later_commits_work(db: Database) -> None:
+    async def insert(conn: AsyncConnection, values: Sequence[int]) -> None:
+        await conn.execute(_rows.insert(), [{"value": value} for value in values])
+
+    commits = GroupCommit(db.write, insert)
+    await commits.commit(1)
+    # Queued together, 5 and a duplicate 1 share a transaction: both fail, neither lands.
+    results = await asyncio.gather(commits.commit(5), commits.commit(1), return_exceptions=True)
+    assert all(isinstance(result, DatabaseError) for result in results), results
+    assert await stored(db) == [1]
+    await commits.commit(2)
+    assert await stored(db) == [1, 2]
