@@ -1,8 +1,8 @@
 """What a file really is, decided from its bytes alone (never from its name or declared type).
 
 Images are opened with Pillow and their structure is checked without decoding the pixels
-where the format allows (a JPEG's segments and scans up to its end marker, a PNG's chunk
-CRCs, a WebP's RIFF length): that catches truncated and mangled files at a fraction of a
+where the format allows (a JPEG's segments up to its first scan and its end marker, a PNG's
+chunk CRCs, a WebP's RIFF length): that catches truncated and mangled files at a fraction of a
 decode's cost, which upload latency cannot afford. Damage inside the compressed pixel data
 surfaces when the analyser decodes the image (a permanent ``IMAGE_UNDECODABLE`` failure).
 Videos are recognised by their container signature. Everything here is blocking: call it
@@ -12,7 +12,6 @@ off the event loop.
 from __future__ import annotations
 
 import io
-import re
 import warnings
 
 from PIL import Image, UnidentifiedImageError
@@ -34,10 +33,8 @@ IMAGE_CONTENT_TYPES = {
 }
 _OPENED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
-# In a JPEG's entropy-coded data 0xFF is followed by 0x00 (stuffing), a restart marker
-# (0xD0-0xD7) or more 0xFF (fill); anything else is the marker that ends the scan.
-_JPEG_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _JPEG_EOI = 0xD9
+_JPEG_END_MARKER = b"\xff\xd9"
 _JPEG_SOS = 0xDA
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 # EXIF orientations that turn the stored image by 90 degrees.
@@ -151,9 +148,11 @@ def _check_decodes(image: Image.Image, content: bytes) -> bool:
 
 
 def check_jpeg_structure(content: bytes) -> None:
-    """Walk a JPEG's segments and scans from SOI to EOI; raise ValueError where it breaks.
+    """Walk a JPEG's segments up to its first scan and find its end; raise ValueError if broken.
 
-    Bytes after EOI are allowed (cameras append thumbnails and MPO frames there).
+    In the compressed data 0xFF is always followed by 0x00 or a restart marker, so the first
+    0xFF 0xD9 after the scan header is the end-of-image marker: a file cut short has none.
+    Bytes after it are allowed (cameras append thumbnails and MPO frames there).
     """
     position, end = 2, len(content)
     while True:
@@ -166,7 +165,7 @@ def check_jpeg_structure(content: bytes) -> None:
             position += 1
             continue
         if marker == _JPEG_EOI:
-            return
+            raise ValueError("end-of-image marker before any scan")
         if marker in _JPEG_STANDALONE:
             position += 2
             continue
@@ -177,10 +176,9 @@ def check_jpeg_structure(content: bytes) -> None:
             raise ValueError(f"segment at byte {position} runs past the end")
         position = segment_end
         if marker == _JPEG_SOS:
-            scan_end = _JPEG_SCAN_END.search(content, position)
-            if scan_end is None:
+            if content.find(_JPEG_END_MARKER, position) < 0:
                 raise ValueError("truncated scan: no end-of-image marker")
-            position = scan_end.start()
+            return
 
 
 def _check_riff_length(content: bytes) -> None:
