@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,19 @@ def _driver_error(exc: SQLAlchemyError) -> BaseException:
     if task is not None and task.cancelling():
         return asyncio.CancelledError()
     return DatabaseError(str(exc))
+
+
+@asynccontextmanager
+async def raising_as(
+    context: AbstractAsyncContextManager[AsyncConnection],
+    service_error: Callable[[DatabaseError], Exception],
+) -> AsyncIterator[AsyncConnection]:
+    """``context``'s connection, a :class:`DatabaseError` raised as the service's own error."""
+    try:
+        async with context as conn:
+            yield conn
+    except DatabaseError as exc:
+        raise service_error(exc) from exc
 
 
 def sqlite_url(path: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -14,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mediatag_common.errors import ErrorMappingInterceptor
+from mediatag_common.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -138,10 +138,7 @@ class ServiceHost:
         if self._stopped:
             return
         self._stopped = True
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+        await cancel_and_wait(self._health_task)
         await self.set_serving(False)
         # Drain first (ends watch streams, lets workers finish), then stop the server so
         # in-flight unary calls complete within the grace period.

@@ -318,7 +318,7 @@ async def test_a_12_megapixel_jpeg_costs_less_than_decoding_it_in_full() -> None
             image.load()
 
     full_times, analysis_times = [], []
-    for _ in range(7):
+    for _ in range(9):
         started = time.perf_counter()
         full_decode()
         full_times.append(time.perf_counter() - started)
@@ -330,7 +330,7 @@ async def test_a_12_megapixel_jpeg_costs_less_than_decoding_it_in_full() -> None
     print(summary)
 
     assert "size-very-large" in result.tags
-    assert analysis < 0.75 * full, summary
+    assert analysis < 0.85 * full, summary
 
 
 async def test_one_limiter_slot_per_analysis_and_a_cache_key_without_category() -> None:

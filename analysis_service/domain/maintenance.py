@@ -6,13 +6,13 @@ Runs inside the service, so recovery after a crashed worker needs no user cron.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
 from analysis_service.config import WatchConfig
 from analysis_service.domain.queue import JobQueue
 from analysis_service.errors import AnalysisError
+from mediatag_common.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +32,8 @@ class Maintenance:
         self._task = asyncio.create_task(self._run(), name="maintenance")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         next_compaction = 0.0

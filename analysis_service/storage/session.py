@@ -2,36 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from analysis_service.errors import StorageUnavailable
-from mediatag_common.database import Database, DatabaseError
+from mediatag_common.database import Database, DatabaseError, raising_as
 
 
-@asynccontextmanager
-async def _wrapped(
-    context: AbstractAsyncContextManager[AsyncConnection],
-) -> AsyncIterator[AsyncConnection]:
-    try:
-        async with context as conn:
-            yield conn
-    except DatabaseError as exc:
-        raise StorageUnavailable(f"analysis database unavailable: {exc}") from exc
+def _unavailable(exc: DatabaseError) -> StorageUnavailable:
+    return StorageUnavailable(f"analysis database unavailable: {exc}")
 
 
 def reading(db: Database) -> AbstractAsyncContextManager[AsyncConnection]:
     """A connection for reads."""
-    return _wrapped(db.read())
+    return raising_as(db.read(), _unavailable)
 
 
 def writing(db: Database) -> AbstractAsyncContextManager[AsyncConnection]:
     """A serialised write transaction that commits on exit."""
-    return _wrapped(db.write())
+    return raising_as(db.write(), _unavailable)
 
 
 def consistent_read(db: Database) -> AbstractAsyncContextManager[AsyncConnection]:
     """Several reads with no commit in between."""
-    return _wrapped(db.snapshot())
+    return raising_as(db.snapshot(), _unavailable)

@@ -10,7 +10,6 @@ analysis service is down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -30,6 +29,7 @@ from ingest_service.storage.repository import reading, writing
 from mediatag_common.backoff import Backoff
 from mediatag_common.database import Database
 from mediatag_common.errors import error_info
+from mediatag_common.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from mediatag.analysis.v1.analysis_pb2_grpc import AnalysisServiceAsyncStub
@@ -97,11 +97,8 @@ class StatusMirror:
         self._task = asyncio.create_task(self._run(), name="status-mirror")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -8,7 +8,6 @@ analysis outage; a row is deleted only once the analysis service has accepted it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -21,6 +20,7 @@ from ingest_service.storage import repository
 from ingest_service.storage.repository import reading, writing
 from mediatag_common.backoff import Backoff
 from mediatag_common.database import Database
+from mediatag_common.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from mediatag.analysis.v1.analysis_pb2_grpc import AnalysisServiceAsyncStub
@@ -72,11 +72,8 @@ class OutboxForwarder:
         self._task = asyncio.create_task(self._run(), name="outbox-forwarder")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

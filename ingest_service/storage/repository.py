@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Collection, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import numpy as np
@@ -20,31 +20,24 @@ from ingest_service.domain.models import (
 )
 from ingest_service.errors import StorageUnavailable
 from ingest_service.storage.schema import MIRROR_REVISION, counters, media, outbox
-from mediatag_common.database import Database, DatabaseError
+from mediatag_common.database import Database, DatabaseError, raising_as
 
 # ListMedia order: newest first; the id breaks ties within one upload.
 LIST_ORDER = (media.c.created_at.desc(), media.c.id.desc())
 
 
-@asynccontextmanager
-async def _wrapped(
-    context: AbstractAsyncContextManager[AsyncConnection],
-) -> AsyncIterator[AsyncConnection]:
-    try:
-        async with context as conn:
-            yield conn
-    except DatabaseError as exc:
-        raise StorageUnavailable(f"ingest database unavailable: {exc}") from exc
+def _unavailable(exc: DatabaseError) -> StorageUnavailable:
+    return StorageUnavailable(f"ingest database unavailable: {exc}")
 
 
 def reading(db: Database) -> AbstractAsyncContextManager[AsyncConnection]:
     """A connection for reads; raises StorageUnavailable when the database fails."""
-    return _wrapped(db.read())
+    return raising_as(db.read(), _unavailable)
 
 
 def writing(db: Database) -> AbstractAsyncContextManager[AsyncConnection]:
     """A serialised write transaction that commits on exit."""
-    return _wrapped(db.write())
+    return raising_as(db.write(), _unavailable)
 
 
 # -- media ---------------------------------------------------------------------------------
