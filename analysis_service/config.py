@@ -35,9 +35,11 @@ class WatchConfig:
     # Events buffered per stream before a watcher that does not read is cut off.
     stream_buffer: int = 1024
     max_watchers: int = 1000
-    # Event log retention.
+    # Event log retention: events older than this, or beyond this many, are compacted away
+    # every ``compaction_interval`` seconds; a resume from before them re-syncs.
     retention_seconds: float = 24 * 3600.0
     retention_events: int = 1_000_000
+    compaction_interval: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,23 @@ MAX_WATCHERS: Setting[int] = Setting(
     "--max-watchers", positive_int, _WATCH.max_watchers, "concurrent WatchStatus streams", "N",
     ONLY_ANALYSIS,
 )  # fmt: skip
+WATCH_BUFFER: Setting[int] = Setting(
+    "--watch-buffer", positive_int, _WATCH.stream_buffer,
+    "events buffered per WatchStatus stream; a watcher this far behind is cut off", "N",
+    ONLY_ANALYSIS,
+)  # fmt: skip
+EVENT_RETENTION: Setting[float] = Setting(
+    "--event-retention", positive_float, _WATCH.retention_seconds,
+    "seconds status events are kept for resuming watchers", "SECONDS", ONLY_ANALYSIS,
+)  # fmt: skip
+EVENT_RETENTION_COUNT: Setting[int] = Setting(
+    "--event-retention-count", positive_int, _WATCH.retention_events,
+    "status events kept at most for resuming watchers", "N", ONLY_ANALYSIS,
+)  # fmt: skip
+COMPACTION_INTERVAL: Setting[float] = Setting(
+    "--compaction-interval", positive_float, _WATCH.compaction_interval,
+    "how often the event log is compacted", "SECONDS", ONLY_ANALYSIS,
+)  # fmt: skip
 MAX_FILES: Setting[int] = Setting(
     "--max-files", positive_int, _LIMITS.max_files, "files per upload", "N", ONLY_INGEST
 )
@@ -184,7 +201,8 @@ SERVE_SETTINGS: tuple[Setting[Any], ...] = (
     DATA_DIR, HOST, INGEST_PORT, ANALYSIS_PORT, INGEST_ADDRESS, ANALYSIS_ADDRESS,
     INGEST_DATABASE_URL, ANALYSIS_DATABASE_URL, SQLITE_SYNCHRONOUS, GRACE_PERIOD, ANALYZER,
     EMBEDDING_DIMENSIONS, WORKERS, RATE_LIMITS, MAX_ATTEMPTS, BACKOFF_BASE, LEASE_SECONDS,
-    BOOKMARK_INTERVAL, MAX_WATCHERS, MAX_FILES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS,
+    BOOKMARK_INTERVAL, MAX_WATCHERS, WATCH_BUFFER, EVENT_RETENTION, EVENT_RETENTION_COUNT,
+    COMPACTION_INTERVAL, MAX_FILES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS,
     MAX_VIDEO_BYTES, LOG_LEVEL, LOG_FORMAT,
 )  # fmt: skip
 
@@ -364,7 +382,12 @@ def serve_settings(
             retry=RetryPolicy(max_attempts=get(MAX_ATTEMPTS), backoff_base=get(BACKOFF_BASE)),
             lease_seconds=get(LEASE_SECONDS),
             watch=WatchConfig(
-                bookmark_interval=get(BOOKMARK_INTERVAL), max_watchers=get(MAX_WATCHERS)
+                bookmark_interval=get(BOOKMARK_INTERVAL),
+                max_watchers=get(MAX_WATCHERS),
+                stream_buffer=get(WATCH_BUFFER),
+                retention_seconds=get(EVENT_RETENTION),
+                retention_events=get(EVENT_RETENTION_COUNT),
+                compaction_interval=get(COMPACTION_INTERVAL),
             ),
             grace_period=grace_period,
         )

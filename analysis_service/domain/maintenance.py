@@ -16,8 +16,6 @@ from mediatag_common.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
-COMPACTION_INTERVAL = 60.0
-
 
 class Maintenance:
     """Reaps expired leases every few seconds and compacts the event log every minute."""
@@ -45,7 +43,7 @@ class Maintenance:
                         max_age=self._watch.retention_seconds,
                         max_events=self._watch.retention_events,
                     )
-                    next_compaction = time.monotonic() + COMPACTION_INTERVAL
+                    next_compaction = time.monotonic() + self._watch.compaction_interval
             except AnalysisError as exc:
                 logger.error("maintenance failed, will try again: %s", exc)
             await asyncio.sleep(self._reap_interval)
