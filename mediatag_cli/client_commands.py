@@ -18,7 +18,7 @@ import grpc
 from mediatag.analysis.v1 import analysis_pb2, analysis_pb2_grpc
 from mediatag.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
-from mediatag_cli.progress import Display, UploadProgress
+from mediatag_cli.progress import Display, StatusBoard
 from mediatag_cli.render import (
     change_line,
     json_text,
@@ -128,11 +128,7 @@ async def upload(args: argparse.Namespace, client: ClientSettings) -> int:
 
 async def _follow_analysis(items: list[ingest_pb2.Media], client: ClientSettings) -> int:
     """Watch ``items`` until each is terminal: 0 if none failed, else 1."""
-    if client.json:
-        display = Display.NONE
-    else:
-        display = Display.LIVE if sys.stdout.isatty() else Display.LINES
-    progress = UploadProgress(items, sys.stdout, display)
+    progress = StatusBoard(sys.stdout, _display(client), items)
 
     def until_terminal(_: int) -> analysis_pb2.WatchStatusRequest:
         # A fresh snapshot of what is left: until_terminal needs to know each item's state.
@@ -182,13 +178,15 @@ async def watch(args: argparse.Namespace, client: ClientSettings) -> int:
     )
     # Only kept for --until-terminal: an endless watch of everything would grow without bound.
     latest: dict[str, int] = {}
+    display = _display(client)
+    board = StatusBoard(sys.stdout, display) if display is Display.LIVE else None
     async with _analysis(client) as analysis:
         watcher = ResumableWatch(
             analysis,
             request,
             address=client.analysis_address,
             timeout=client.timeout,
-            notice=_warn,
+            notice=board.notice if board else _warn,
         )
         async with aclosing(watcher.responses()) as responses:
             async for response in responses:
@@ -196,9 +194,19 @@ async def watch(args: argparse.Namespace, client: ClientSettings) -> int:
                     latest[response.change.media_id] = response.change.status
                 if client.json:
                     _say(to_json(response, one_line=True))
+                elif board is not None:
+                    if response.HasField("change"):
+                        board.update(response.change)
                 elif (line := change_line(response)) is not None:
                     _say(line)
     return 1 if analysis_pb2.PROCESSING_STATUS_FAILED in latest.values() else 0
+
+
+def _display(client: ClientSettings) -> Display:
+    """Redrawn in place on a terminal, a line per change into a pipe, nothing with --json."""
+    if client.json:
+        return Display.NONE
+    return Display.LIVE if sys.stdout.isatty() else Display.LINES
 
 
 # ---- single calls ----

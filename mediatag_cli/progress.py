@@ -1,4 +1,4 @@
-"""The progress of an upload's analysis, shown until every item is terminal.
+"""A status board of items under analysis: ``upload --watch`` and ``watch`` show it.
 
 On a terminal it is redrawn in place: one line per item and the counts at the bottom. Into a
 pipe or file it prints one line per change instead, since cursor movement would be noise.
@@ -7,7 +7,7 @@ pipe or file it prints one line per change instead, since cursor movement would 
 from __future__ import annotations
 
 import shutil
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -39,14 +39,26 @@ class _Item:
     outcome: str = ""
 
 
-class UploadProgress:
-    """Tracks the analysis of uploaded items from their status changes and shows it."""
+# An endless ``watch`` of everything sees ever more items: it keeps this many, dropping the
+# longest-finished first, and draws only as many as fit on the screen.
+MAX_TRACKED_ITEMS = 10_000
 
-    def __init__(self, items: Sequence[ingest_pb2.Media], out: TextIO, display: Display) -> None:
-        self._items = {
-            media.id: _Item(media.id, media.filename, media.status, media.attempt)
+
+class StatusBoard:
+    """Tracks items from their status changes and shows them.
+
+    Started with ``items`` it follows exactly those (an upload); started empty, it takes in
+    every item a change names (a watch).
+    """
+
+    def __init__(
+        self, out: TextIO, display: Display, items: Sequence[ingest_pb2.Media] = ()
+    ) -> None:
+        self._items: OrderedDict[str, _Item] = OrderedDict(
+            (media.id, _Item(media.id, media.filename, media.status, media.attempt))
             for media in items
-        }
+        )
+        self._follow_new = not items
         self._out = out
         self._display = display
         self._notice = ""
@@ -70,21 +82,39 @@ class UploadProgress:
         ]
 
     def update(self, change: analysis_pb2.StatusChange) -> None:
-        """Apply one status change (ignored when it is not about one of the items)."""
+        """Apply one status change (ignored when it is not about an item followed)."""
         item = self._items.get(change.media_id)
+        if item is None and self._follow_new:
+            item = self._items[change.media_id] = _Item(change.media_id, change.media_id, 0)
+            self._forget_oldest()
         if item is None or (item.status, item.attempt) == (change.status, change.attempt):
             return
         previous = item.status
         item.status = change.status
         item.attempt = change.attempt
         item.outcome = change_outcome(change).strip()
+        if self._follow_new:
+            self._items.move_to_end(item.media_id)  # most recently changed at the bottom
         self._notice = ""
         if self._display is Display.LINES:
+            label = (
+                item.filename
+                if item.filename == item.media_id
+                else (f"{item.filename} ({item.media_id})")
+            )
             self._print(
-                f"{item.filename} ({item.media_id}) {status_name(previous)} -> "
+                f"{label} {status_name(previous)} -> "
                 f"{status_name(item.status)} attempt {item.attempt} {item.outcome}".rstrip()
             )
         self._draw()
+
+    def _forget_oldest(self) -> None:
+        while len(self._items) > MAX_TRACKED_ITEMS:
+            oldest = next(
+                (key for key, item in self._items.items() if item.status in TERMINAL_STATUSES),
+                next(iter(self._items)),
+            )
+            del self._items[oldest]
 
     def notice(self, text: str) -> None:
         """Show a passing remark, e.g. that the watch is reconnecting."""
@@ -109,12 +139,15 @@ class UploadProgress:
     def _draw(self) -> None:
         if self._display is not Display.LIVE:
             return
-        width = max(20, shutil.get_terminal_size().columns - 1)
-        name_width = min(40, max((len(item.filename) for item in self._items.values()), default=0))
+        size = shutil.get_terminal_size()
+        width = max(20, size.columns - 1)
+        # The most recent items that fit above the counts line.
+        shown = list(self._items.values())[-max(1, size.lines - 2) :]
+        name_width = min(40, max((len(item.filename) for item in shown), default=0))
         lines = [
             f"  {item.filename[:name_width]:<{name_width}}  {status_name(item.status):<10} "
             f"attempt {item.attempt}  {item.outcome}"
-            for item in self._items.values()
+            for item in shown
         ]
         lines.append(self._summary() + (f"  ({self._notice})" if self._notice else ""))
         redraw = _CURSOR_UP_LINES.format(self._lines_drawn) if self._lines_drawn else ""
