@@ -1,0 +1,166 @@
+"""`mediatag watch --json` as a subprocess: it reconnects by itself and misses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from mediatag.analysis.v1 import analysis_pb2 as apb
+
+from analysis_service.config import AnalysisConfig, RateLimitConfig, WatchConfig
+from mediatag_common.errors import error_info
+from tests.conftest import Cluster, wait_until
+from tests.fakes import ScriptedAnalyzer
+from tests.processes import MEDIATAG
+from tests.test_pipeline import image_files, upload, wait_terminal
+
+
+def analysis_config(**watch: Any) -> AnalysisConfig:
+    return AnalysisConfig(
+        embedding_dimensions=64,
+        rate_limits={"local": RateLimitConfig(50, 1)},
+        watch=WatchConfig(**watch),
+    )
+
+
+@contextlib.asynccontextmanager
+async def cli_watch(cluster: Cluster, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``mediatag watch --json ARGS`` against the cluster; interrupted on exit like Ctrl-C."""
+    process = await asyncio.create_subprocess_exec(
+        MEDIATAG,
+        "watch",
+        "--json",
+        "--analysis",
+        f"127.0.0.1:{cluster.analysis_port}",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def read_events(
+    process: asyncio.subprocess.Process, enough: Callable[[list[dict[str, Any]]], bool]
+) -> list[dict[str, Any]]:
+    """JSON lines from the CLI until ``enough`` of them arrived (or the CLI ended)."""
+    assert process.stdout is not None
+    events: list[dict[str, Any]] = []
+    while not enough(events):
+        line = await asyncio.wait_for(process.stdout.readline(), 60)
+        if not line:
+            break
+        events.append(json.loads(line))
+    return events
+
+
+COMPLETED = "PROCESSING_STATUS_COMPLETED"
+
+
+def changes(events: list[dict[str, Any]]) -> list[tuple[int, str, str]]:
+    return [
+        (int(e["revision"]), e["change"]["mediaId"], e["change"]["status"])
+        for e in events
+        if "change" in e
+    ]
+
+
+async def test_cli_watch_resumes_across_a_restart_of_analysis_and_misses_nothing(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(
+        analyzer=ScriptedAnalyzer(dimensions=64), analysis_config=analysis_config()
+    )
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    warm_up = await upload(cluster, image_files(1, first_seed=70))
+    await wait_terminal(cluster, [warm_up.media[0].id])
+    start = (await cluster.analysis.GetQueueStatus(apb.GetQueueStatusRequest())).current_revision
+
+    async with cli_watch(cluster, "--since", str(start)) as process:
+        before = await upload(cluster, image_files(3, first_seed=71))
+        before_ids = {m.id for m in before.media}
+
+        def before_finished(seen: list[dict[str, Any]]) -> bool:
+            done = {mid for _, mid, status in changes(seen) if status == COMPLETED}
+            return before_ids <= done
+
+        # The CLI is connected and streaming when the service goes away.
+        events = await read_events(process, before_finished)
+        await cluster.stop_analysis()
+        await cluster.start_analysis()
+        after = await upload(cluster, image_files(3, first_seed=74))
+        ids = [m.id for m in [*before.media, *after.media]]
+        await wait_terminal(cluster, ids)
+
+        reference = [
+            r
+            async for r in cluster.analysis.WatchStatus(
+                apb.WatchStatusRequest(start_revision=start, media_ids=ids, until_terminal=True)
+            )
+        ]
+        expected = [
+            (r.revision, r.change.media_id, apb.ProcessingStatus.Name(r.change.status))
+            for r in reference
+        ]
+        last = expected[-1][0]
+        events += await read_events(
+            process, lambda seen: bool(seen) and int(seen[-1].get("revision", 0)) >= last
+        )
+
+    assert changes(events) == expected
+    assert process.stderr is not None
+    notices = (await process.stderr.read()).decode()
+    assert "reconnecting" in notices
+
+
+async def test_cli_watch_starts_over_from_the_current_state_when_its_revision_is_compacted(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(
+        analyzer=ScriptedAnalyzer(dimensions=64),
+        analysis_config=analysis_config(retention_events=3, compaction_interval=0.1),
+    )
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    response = await upload(cluster, image_files(4, first_seed=80))
+    ids = [m.id for m in response.media]
+    await wait_terminal(cluster, ids)
+
+    async def revision_one_compacted() -> bool:
+        try:
+            async for _ in cluster.analysis.WatchStatus(
+                apb.WatchStatusRequest(start_revision=1, media_ids=ids, until_terminal=True),
+                timeout=5,
+            ):
+                pass
+        except grpc.aio.AioRpcError as error:
+            info = error_info(error)
+            return info is not None and info.reason == "REVISION_COMPACTED"
+        return False
+
+    await wait_until(revision_one_compacted, within=15)
+
+    async with cli_watch(cluster, "--since", "1", "--until-terminal", *ids) as process:
+        events = await read_events(process, lambda _: False)  # until the CLI ends by itself
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+
+    current = {e["change"]["mediaId"]: e["change"] for e in events if "change" in e}
+    assert set(current) == set(ids)
+    assert all(c["initialState"] for c in current.values())
+    assert {c["status"] for c in current.values()} == {"PROCESSING_STATUS_COMPLETED"}
+    assert process.stderr is not None
+    assert "starting over from the current state" in (await process.stderr.read()).decode()
