@@ -139,7 +139,7 @@ def _check_decodes(image: Image.Image, content: bytes) -> bool:
         return False
     rotated = image.getexif().get(_EXIF_ORIENTATION) in _ROTATED_ORIENTATIONS
     if image.format in ("JPEG", "MPO"):
-        check_jpeg_structure(content)
+        _check_jpeg_structure(content)
     elif image.format == "WEBP":
         _check_riff_length(content)
     else:
@@ -147,7 +147,7 @@ def _check_decodes(image: Image.Image, content: bytes) -> bool:
     return rotated
 
 
-def check_jpeg_structure(content: bytes) -> None:
+def _check_jpeg_structure(content: bytes) -> None:
     """Walk a JPEG's segments up to its first scan and find its end; raise ValueError if broken.
 
     In the compressed data 0xFF is always followed by 0x00 or a restart marker, so the first
