@@ -150,9 +150,10 @@ def _check_decodes(image: Image.Image, content: bytes) -> bool:
 def _check_jpeg_structure(content: bytes) -> None:
     """Walk a JPEG's segments up to its first scan and find its end; raise ValueError if broken.
 
-    In the compressed data 0xFF is always followed by 0x00 or a restart marker, so the first
-    0xFF 0xD9 after the scan header is the end-of-image marker: a file cut short has none.
-    Bytes after it are allowed (cameras append thumbnails and MPO frames there).
+    In the compressed data 0xFF is always followed by 0x00 or a restart marker, never by
+    0xD9, so a file cut short has no 0xFF 0xD9 after its scan header. Bytes after the end
+    marker are allowed (cameras append thumbnails and MPO frames there). The search runs
+    from the end: a whole file ends with the marker, so it costs next to nothing.
     """
     position, end = 2, len(content)
     while True:
@@ -176,7 +177,7 @@ def _check_jpeg_structure(content: bytes) -> None:
             raise ValueError(f"segment at byte {position} runs past the end")
         position = segment_end
         if marker == _JPEG_SOS:
-            if content.find(_JPEG_END_MARKER, position) < 0:
+            if content.rfind(_JPEG_END_MARKER, position) < 0:
                 raise ValueError("truncated scan: no end-of-image marker")
             return
 

@@ -14,7 +14,6 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -113,13 +112,6 @@ def _validate_context(request: UploadRequest, limits: UploadLimits) -> None:
             )
 
 
-@dataclass(frozen=True)
-class _Inspected:
-    sniffed: SniffedMedia
-    sha256: str
-    size: int
-
-
 def upload_message(count: int, analysed: int) -> str:
     return (
         f"Uploaded {count} media file(s). {analysed} image(s) are being analyzed in the background."
@@ -146,13 +138,10 @@ class Uploads:
         """Store every file of ``request`` or none; raises IngestError on a bad item."""
         validate_request(request, self._limits)
         # Every file is judged before any is stored: a bad one rejects the batch untouched.
-        inspected = await asyncio.to_thread(self._inspect, request.files)
-        # The files are independent: their writes (two fsyncs each) overlap.
-        await asyncio.gather(
-            *(
-                asyncio.to_thread(self._store, found, file.content)
-                for file, found in zip(request.files, inspected, strict=True)
-            )
+        sniffed = await asyncio.to_thread(self._sniff_all, request.files)
+        # The files are independent: their hashing and writes (two fsyncs each) overlap.
+        digests = await asyncio.gather(
+            *(asyncio.to_thread(self._store, file.content) for file in request.files)
         )
         now = time.time()
         items = tuple(
@@ -162,19 +151,19 @@ class Uploads:
                 category=request.category,
                 context=dict(request.context),
                 filename=file.filename,
-                content_type=found.sniffed.content_type,
-                kind=found.sniffed.kind,
-                size_bytes=found.size,
-                sha256=found.sha256,
-                width=found.sniffed.width,
-                height=found.sniffed.height,
+                content_type=found.content_type,
+                kind=found.kind,
+                size_bytes=len(file.content),
+                sha256=sha256,
+                width=found.width,
+                height=found.height,
                 priority=request.priority,
-                status=found.sniffed.status,
-                not_applicable_reason=found.sniffed.not_applicable_reason,
+                status=found.status,
+                not_applicable_reason=found.not_applicable_reason,
                 created_at=now,
                 updated_at=now,
             )
-            for file, found in zip(request.files, inspected, strict=True)
+            for file, found, sha256 in zip(request.files, sniffed, digests, strict=True)
         )
         await self._commits.commit(items)
         analysed = [item.id for item in items if item.status is ProcessingStatus.PENDING]
@@ -194,21 +183,20 @@ class Uploads:
         await repository.insert_outbox(conn, analysed, now=time.time())
         after_commit(conn, self._on_committed)
 
-    def _inspect(self, files: Sequence[UploadFile]) -> list[_Inspected]:
+    def _sniff_all(self, files: Sequence[UploadFile]) -> list[SniffedMedia]:
         return [
-            _Inspected(
-                sniff(file.content, index=index, limits=self._limits),
-                hashlib.sha256(file.content).hexdigest(),
-                len(file.content),
-            )
+            sniff(file.content, index=index, limits=self._limits)
             for index, file in enumerate(files)
         ]
 
-    def _store(self, found: _Inspected, content: bytes) -> None:
+    def _store(self, content: bytes) -> str:
+        """Store ``content`` under its SHA-256 and return the hex digest."""
+        sha256 = hashlib.sha256(content).hexdigest()
         try:
-            self._blobs.put(found.sha256, found.size, [content])
+            self._blobs.put(sha256, len(content), [content])
         except OSError as exc:
             raise StorageUnavailable(f"blob store unavailable: {exc}") from exc
+        return sha256
 
 
 def _log_stored(item: Media, declared_content_type: str) -> None:
