@@ -67,6 +67,11 @@ class AnalysisConfig:
     watch: WatchConfig = field(default_factory=WatchConfig)
     max_message_bytes: int = 64 * 1024 * 1024
     grace_period: float = 10.0
+    # Prometheus metrics at http://host:metrics_port/metrics; None = off (the CLI's default is
+    # 9452, an embedded service grabs no port unasked); 0 picks a free port.
+    metrics_port: int | None = None
+    # How often the metrics read from the database (queue depth, oldest pending) are refreshed.
+    metrics_refresh_interval: float = 5.0
 
     @property
     def resolved_database_url(self) -> str:

@@ -19,9 +19,11 @@ from analysis_service.domain.queue import JobQueue
 from analysis_service.domain.stats import Throughput
 from analysis_service.domain.watch import StatusWatcher
 from analysis_service.domain.workers import WorkerPool
+from analysis_service.metrics import AnalysisMetrics
 from analysis_service.storage.schema import MIGRATIONS
 from mediatag_common.database import Database
 from mediatag_common.grpc_server import ServiceHost, new_server
+from mediatag_common.metrics import MetricsServer
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,9 @@ async def create_server(
     Nothing runs until the returned host is started.
     """
     analyzer = analyzer or build_analyzer(config)
-    limits = RateLimits(analyzer.api_limits, config.rate_limits)
+    metrics = AnalysisMetrics()
+    metrics.analyzer_info.labels(analyzer.name, analyzer.version).set(1)
+    limits = RateLimits(analyzer.api_limits, config.rate_limits, metrics=metrics)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(config.resolved_database_url, synchronous=config.sqlite_synchronous)
     await db.migrate(MIGRATIONS)
@@ -51,20 +55,41 @@ async def create_server(
         timeout=config.content_fetch_timeout,
         max_bytes=config.max_content_bytes,
     )
+    cache = ResultCache(db, analyzer_name=analyzer.name, analyzer_version=analyzer.version)
     pool = WorkerPool(
         queue=queue,
         analyzer=analyzer,
         limits=limits,
-        cache=ResultCache(db, analyzer_name=analyzer.name, analyzer_version=analyzer.version),
+        cache=cache,
         fetcher=fetcher,
         size=config.workers,
         analyzer_timeout=config.analyzer_timeout,
         throughput=throughput,
+        metrics=metrics,
     )
     watcher = StatusWatcher(db, hub, bookmark_interval=config.watch.bookmark_interval)
     maintenance = Maintenance(queue, config.watch)
+    metrics.expose(queue=queue, pool=pool, hub=hub, cache=cache, limits=limits)
 
-    server = new_server(max_message_bytes=config.max_message_bytes)
+    async def refresh_queue_depth() -> None:
+        metrics.record_queue_depth(*await queue.depth())
+
+    metrics_server = (
+        MetricsServer(
+            metrics.registry,
+            name="analysis",
+            host=config.host,
+            port=config.metrics_port,
+            refresh=refresh_queue_depth,
+            refresh_interval=config.metrics_refresh_interval,
+        )
+        if config.metrics_port is not None
+        else None
+    )
+    server = new_server(
+        max_message_bytes=config.max_message_bytes,
+        interceptors=[] if metrics_server is None else [metrics.grpc.interceptor()],
+    )
     analysis_pb2_grpc.add_AnalysisServiceServicer_to_server(
         AnalysisServicer(
             queue=queue,
@@ -73,12 +98,16 @@ async def create_server(
             limits=limits,
             throughput=throughput,
             analyzer=analyzer,
+            metrics=metrics,
         ),
         server,
     )
     port = server.add_insecure_port(f"{config.host}:{config.port}")
 
     async def on_start() -> None:
+        # First: if its port is taken, nothing else has started yet.
+        if metrics_server is not None:
+            metrics_server.start()
         pool.start()
         maintenance.start()
         logger.info(
@@ -99,6 +128,8 @@ async def create_server(
         await pool.drain(grace)
 
     async def on_stop() -> None:
+        if metrics_server is not None:
+            await metrics_server.stop()
         await maintenance.stop()
         await fetcher.close()
         await db.close()

@@ -44,6 +44,11 @@ class IngestConfig:
     mirror_initial_backoff: float = 0.5
     mirror_max_backoff: float = 30.0
     grace_period: float = 10.0
+    # Prometheus metrics at http://host:metrics_port/metrics; None = off (the CLI's default is
+    # 9451, an embedded service grabs no port unasked); 0 picks a free port.
+    metrics_port: int | None = None
+    # How often the metrics read from the database (outbox backlog) are refreshed.
+    metrics_refresh_interval: float = 5.0
 
     @property
     def resolved_database_url(self) -> str:

@@ -16,9 +16,11 @@ from ingest_service.domain.mirror import StatusMirror
 from ingest_service.domain.outbox import OutboxForwarder
 from ingest_service.domain.sniff import refuse_decompression_bombs
 from ingest_service.domain.uploads import Uploads
+from ingest_service.metrics import IngestMetrics
 from ingest_service.storage.schema import MIGRATIONS
 from mediatag_common.database import Database
 from mediatag_common.grpc_server import ServiceHost, channel_options, new_server
+from mediatag_common.metrics import MetricsServer
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
     db = Database(config.resolved_database_url, synchronous=config.sqlite_synchronous)
     await db.migrate(MIGRATIONS)
     blobs = BlobStore(config.data_dir / "blobs")
+    metrics = IngestMetrics()
 
     analysis_channel = grpc.aio.insecure_channel(
         config.analysis_address, options=channel_options(config.max_message_bytes)
@@ -46,6 +49,7 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         batch_size=config.outbox_batch_size,
         initial_backoff=config.outbox_initial_backoff,
         max_backoff=config.outbox_max_backoff,
+        metrics=metrics,
     )
     mirror = StatusMirror(
         db=db,
@@ -56,13 +60,31 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
     uploads = Uploads(db=db, blobs=blobs, limits=config.limits, on_committed=forwarder.wake)
     library = MediaLibrary(db=db, blobs=blobs, limits=config.limits, analysis=analysis)
 
-    server = new_server(max_message_bytes=config.max_message_bytes)
+    metrics_server = (
+        MetricsServer(
+            metrics.registry,
+            name="ingest",
+            host=config.host,
+            port=config.metrics_port,
+            refresh=forwarder.measure_backlog,
+            refresh_interval=config.metrics_refresh_interval,
+        )
+        if config.metrics_port is not None
+        else None
+    )
+    server = new_server(
+        max_message_bytes=config.max_message_bytes,
+        interceptors=[] if metrics_server is None else [metrics.grpc.interceptor()],
+    )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(
         IngestServicer(uploads=uploads, library=library), server
     )
     port = server.add_insecure_port(f"{config.host}:{config.port}")
 
     async def on_start() -> None:
+        # First: if its port is taken, nothing else has started yet.
+        if metrics_server is not None:
+            metrics_server.start()
         forwarder.start()
         mirror.start()
         logger.info(
@@ -78,6 +100,8 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         return
 
     async def on_stop() -> None:
+        if metrics_server is not None:
+            await metrics_server.stop()
         await uploads.close()
         await forwarder.stop()
         await mirror.stop()

@@ -47,7 +47,8 @@ async def serve(settings: ServeSettings) -> int:
     announcements = [asyncio.create_task(_announce_when_serving(s)) for s in services]
     try:
         await serve_until_signal([s.host for s in services], settings.grace_period)
-    except DatabaseError as error:
+    except (DatabaseError, OSError) as error:
+        # OSError: a metrics port is taken (bound when its service starts).
         logger.error("cannot serve: %s", error, exc_info=logger.isEnabledFor(logging.DEBUG))
         return 1
     finally:

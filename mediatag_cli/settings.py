@@ -27,6 +27,7 @@ from mediatag_cli.values import (
     log_level,
     non_negative_float,
     port,
+    port_or_off,
     positive_float,
     positive_int,
     rate_limits,
@@ -189,6 +190,17 @@ MAX_VIDEO_BYTES: Setting[int] = Setting(
     "--max-video-bytes", byte_size, _LIMITS.max_video_bytes, "largest video, e.g. 512MiB",
     "SIZE", ONLY_INGEST, shown_default=format_byte_size(_LIMITS.max_video_bytes),
 )  # fmt: skip
+# The services' own defaults are off (an embedded service grabs no port unasked); `serve` is on.
+INGEST_METRICS_PORT: Setting[int | None] = Setting(
+    "--ingest-metrics-port", port_or_off, 9451,
+    "port of the ingest service's Prometheus metrics (http://HOST:PORT/metrics); off disables "
+    "them, 0 picks a free port", "PORT|off", ONLY_INGEST,
+)  # fmt: skip
+ANALYSIS_METRICS_PORT: Setting[int | None] = Setting(
+    "--analysis-metrics-port", port_or_off, 9452,
+    "port of the analysis service's Prometheus metrics (http://HOST:PORT/metrics); off "
+    "disables them, 0 picks a free port", "PORT|off", ONLY_ANALYSIS,
+)  # fmt: skip
 LOG_LEVEL: Setting[str] = Setting(
     "--log-level", log_level, "INFO", f"log level: {', '.join(LOG_LEVELS)}", "LEVEL", BOTH
 )
@@ -203,7 +215,7 @@ SERVE_SETTINGS: tuple[Setting[Any], ...] = (
     EMBEDDING_DIMENSIONS, WORKERS, RATE_LIMITS, MAX_ATTEMPTS, BACKOFF_BASE, LEASE_SECONDS,
     BOOKMARK_INTERVAL, MAX_WATCHERS, WATCH_BUFFER, EVENT_RETENTION, EVENT_RETENTION_COUNT,
     COMPACTION_INTERVAL, MAX_FILES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS,
-    MAX_VIDEO_BYTES, LOG_LEVEL, LOG_FORMAT,
+    MAX_VIDEO_BYTES, INGEST_METRICS_PORT, ANALYSIS_METRICS_PORT, LOG_LEVEL, LOG_FORMAT,
 )  # fmt: skip
 
 INGEST_TARGET: Setting[str] = Setting(
@@ -364,6 +376,7 @@ def serve_settings(
                 max_video_bytes=get(MAX_VIDEO_BYTES),
             ),
             grace_period=grace_period,
+            metrics_port=get(INGEST_METRICS_PORT),
         )
     if ANALYSIS in services:
         analysis = AnalysisConfig(
@@ -390,6 +403,7 @@ def serve_settings(
                 compaction_interval=get(COMPACTION_INTERVAL),
             ),
             grace_period=grace_period,
+            metrics_port=get(ANALYSIS_METRICS_PORT),
         )
     return ServeSettings(
         ingest=ingest,

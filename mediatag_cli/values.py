@@ -51,6 +51,21 @@ port = _int_between(0, 65535, "a port number (0-65535; 0 picks a free port)")
 positive_float = _float_above(0.0, inclusive=False, what="a positive number")
 non_negative_float = _float_above(0.0, inclusive=True, what="zero or a positive number")
 
+OFF = "off"
+
+
+def port_or_off(text: str) -> int | None:
+    """A port number (0 picks a free one), or ``off`` for None."""
+    if text.strip().lower() == OFF:
+        return None
+    try:
+        return port(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a port number (0-65535; 0 picks a free port) or {OFF}"
+        ) from None
+
+
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
 

@@ -28,8 +28,16 @@ KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-def new_server(*, max_message_bytes: int) -> grpc.aio.Server:
-    """A grpc.aio server with our error mapping and message size limits."""
+def new_server(
+    *,
+    max_message_bytes: int,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> grpc.aio.Server:
+    """A grpc.aio server with our error mapping and message size limits.
+
+    ``interceptors`` run outside the error mapping, so they see the status it sets
+    (the metrics interceptor goes there).
+    """
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -37,7 +45,7 @@ def new_server(*, max_message_bytes: int) -> grpc.aio.Server:
         ("grpc.so_reuseport", 0),
         *KEEPALIVE_OPTIONS,
     ]
-    return grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=options)
+    return grpc.aio.server(interceptors=[*interceptors, ErrorMappingInterceptor()], options=options)
 
 
 def channel_options(max_message_bytes: int = 64 * 1024 * 1024) -> list[tuple[str, Any]]:

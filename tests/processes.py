@@ -54,6 +54,9 @@ def wait_serving(port: int, within: float = 30.0) -> None:
             time.sleep(0.05)
 
 
+_FREE_METRICS_PORTS = {"MEDIATAG_INGEST_METRICS_PORT": "0", "MEDIATAG_ANALYSIS_METRICS_PORT": "0"}
+
+
 class Serve:
     """``mediatag serve [SERVICE] ARGS...`` in the background, its output in a log file."""
 
@@ -68,7 +71,8 @@ class Serve:
                 [MEDIATAG, "serve", *self.args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                # Metrics on free ports unless a test says otherwise: never the fixed defaults.
+                env={**_FREE_METRICS_PORTS, **os.environ, "PYTHONUNBUFFERED": "1"},
             )
         for port in wait_for_ports:
             wait_serving(port)

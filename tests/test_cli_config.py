@@ -68,6 +68,14 @@ PRECEDENCE_CASES: list[tuple[str, str, str, str, Callable[[ServeSettings], objec
     ),
     ("--log-level", "MEDIATAG_LOG_LEVEL", "debug", "warning", lambda s: s.log_level, "INFO"),
     ("--grace-period", "MEDIATAG_GRACE_PERIOD", "0", "2.5", lambda s: s.grace_period, 10.0),
+    (
+        "--ingest-metrics-port", "MEDIATAG_INGEST_METRICS_PORT", "9001", "9000",
+        lambda s: both(s)[0].metrics_port, 9451,
+    ),
+    (
+        "--analysis-metrics-port", "MEDIATAG_ANALYSIS_METRICS_PORT", "9003", "off",
+        lambda s: both(s)[1].metrics_port, 9452,
+    ),
 ]  # fmt: skip
 
 
@@ -138,6 +146,9 @@ def test_a_variable_for_the_other_service_does_not_stop_this_one(
         ["serve", "--max-image-bytes", "1.5G"],
         ["serve", "--analyzer", "no-such-analyzer"],
         ["serve", "ingest", "--workers", "2"],
+        ["serve", "--ingest-metrics-port", "on"],
+        ["serve", "--analysis-metrics-port", "65536"],
+        ["serve", "ingest", "--analysis-metrics-port", "9452"],
         ["ls", "--owner", "o", "--status", "done"],
         ["upload", "a.jpg", "--owner", "o", "--context", "no-equals-sign"],
         ["upload", "a.jpg", "--owner", "o", "--priority", str(2**31)],
@@ -300,6 +311,34 @@ def test_every_service_setting_reaches_its_config() -> None:
     assert ingest.limits.max_image_bytes == MIB
     assert ingest.limits.max_image_pixels == 1_000_000
     assert ingest.limits.max_video_bytes == 64 * MIB
+
+
+def test_metrics_ports_are_on_by_default_and_can_be_turned_off_or_picked_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ingest, analysis = both(settings_for())
+    assert (ingest.metrics_port, analysis.metrics_port) == (9451, 9452)
+
+    ingest, analysis = both(settings_for("--ingest-metrics-port OFF --analysis-metrics-port 0"))
+    assert (ingest.metrics_port, analysis.metrics_port) == (None, 0)
+
+    monkeypatch.setenv("MEDIATAG_INGEST_METRICS_PORT", "off")
+    monkeypatch.setenv("MEDIATAG_ANALYSIS_METRICS_PORT", "9100")
+    ingest, analysis = both(settings_for())
+    assert (ingest.metrics_port, analysis.metrics_port) == (None, 9100)
+    # A flag turns back on what the environment turned off.
+    ingest, _ = both(settings_for("--ingest-metrics-port 9200"))
+    assert ingest.metrics_port == 9200
+
+
+def test_a_bad_metrics_port_in_the_environment_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MEDIATAG_ANALYSIS_METRICS_PORT", "disabled")
+    with pytest.raises(SettingsError, match="MEDIATAG_ANALYSIS_METRICS_PORT"):
+        settings_for()
+    # Only the service that reads it is stopped by it.
+    assert settings_for("ingest").ingest is not None
 
 
 def test_serving_one_service_builds_only_its_config() -> None:

@@ -17,12 +17,13 @@ from mediatag.analysis.v1 import analysis_pb2_grpc
 from analysis_service.analyzers.base import Analyzer
 from analysis_service.api import convert
 from analysis_service.domain.limits import RateLimits
-from analysis_service.domain.models import JobStatus
+from analysis_service.domain.models import Bookmark, JobStatus
 from analysis_service.domain.queue import JobQueue
 from analysis_service.domain.stats import Throughput, queue_status
 from analysis_service.domain.watch import StatusWatcher, WatchRequest
 from analysis_service.domain.workers import WorkerPool
 from analysis_service.errors import InvalidArgument, JobNotFound
+from analysis_service.metrics import AnalysisMetrics
 from mediatag_common import paging
 from mediatag_common.errors import FieldViolation
 
@@ -71,6 +72,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         limits: RateLimits,
         throughput: Throughput,
         analyzer: Analyzer,
+        metrics: AnalysisMetrics,
     ) -> None:
         self._queue = queue
         self._watcher = watcher
@@ -78,6 +80,8 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         self._limits = limits
         self._throughput = throughput
         self._analyzer = analyzer
+        self._sent_events = metrics.watch_messages.labels("event")
+        self._sent_bookmarks = metrics.watch_messages.labels("bookmark")
 
     async def SubmitJobs(
         self, request: pb.SubmitJobsRequest, context: Context
@@ -148,6 +152,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         # leaks the call (grpc/grpc#43360).
         async for item in self._watcher.watch(watch):
             yield convert.watch_item_to_pb(item)
+            (self._sent_bookmarks if isinstance(item, Bookmark) else self._sent_events).inc()
 
     async def GetQueueStatus(
         self, request: pb.GetQueueStatusRequest, context: Context

@@ -12,12 +12,16 @@ import collections
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from aiolimiter import AsyncLimiter
 
 from analysis_service.analyzers.base import ApiLimit
 from analysis_service.config import RateLimitConfig
 from analysis_service.domain.models import RateLimitState
+
+if TYPE_CHECKING:
+    from analysis_service.metrics import AnalysisMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +62,11 @@ class RateLimits:
     """The limiters of the analyser's upstream APIs; ``acquire(api)`` waits for a slot."""
 
     def __init__(
-        self, defaults: Sequence[ApiLimit], overrides: Mapping[str, RateLimitConfig]
+        self,
+        defaults: Sequence[ApiLimit],
+        overrides: Mapping[str, RateLimitConfig],
+        *,
+        metrics: AnalysisMetrics,
     ) -> None:
         configs = {d.api: RateLimitConfig(d.rate_per_second, d.burst) for d in defaults}
         unknown = set(overrides) - set(configs)
@@ -72,6 +80,7 @@ class RateLimits:
             if config.rate_per_second <= 0 or config.burst < 1:
                 raise ValueError(f"rate limit of {api} must be > 0 with burst >= 1")
         self._limiters = {api: _ApiLimiter(api, config) for api, config in configs.items()}
+        self._metrics = metrics
 
     def _limiter(self, api: str) -> _ApiLimiter:
         try:
@@ -81,7 +90,9 @@ class RateLimits:
 
     async def acquire(self, api: str) -> None:
         limiter = self._limiter(api)
+        started = time.monotonic()
         await limiter.acquire()
+        self._metrics.rate_limit_wait.labels(api).observe(time.monotonic() - started)
 
     def succeeded(self, apis: Sequence[str]) -> None:
         """Calls went through: quota backoff starts again from its initial value."""
@@ -100,6 +111,10 @@ class RateLimits:
         limiter.throttled_until = max(limiter.throttled_until, time.time() + pause)
         logger.warning("quota exceeded on %s: pausing it for %.1f s", api, pause)
         return pause
+
+    def quota_error_counts(self) -> dict[str, int]:
+        """Quota errors so far by API; plain reads, safe from a metrics scrape's thread."""
+        return {api: limiter.quota_errors for api, limiter in self._limiters.items()}
 
     def min_rate(self) -> float:
         """The lowest configured rate: an upper bound on jobs per second."""

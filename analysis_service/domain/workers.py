@@ -18,7 +18,7 @@ from analysis_service.analyzers.base import AnalysisInput, Analyzer
 from analysis_service.domain.cache import ResultCache
 from analysis_service.domain.content import ContentFetcher
 from analysis_service.domain.limits import RateLimits
-from analysis_service.domain.models import ClaimedJob, JobError, JobResult
+from analysis_service.domain.models import ClaimedJob, JobError, JobResult, JobStatus
 from analysis_service.domain.queue import JobQueue
 from analysis_service.domain.stats import Throughput
 from analysis_service.errors import (
@@ -28,11 +28,46 @@ from analysis_service.errors import (
     QuotaExceeded,
     StorageUnavailable,
 )
+from analysis_service.metrics import (
+    COMPLETED,
+    FAILED,
+    INTERNAL,
+    LEASE_LOST,
+    NOT_RECORDED,
+    OK,
+    PERMANENT,
+    QUOTA,
+    QUOTA_DEFERRED,
+    RELEASED,
+    RETRY_SCHEDULED,
+    TRANSIENT,
+    AnalysisMetrics,
+)
 
 logger = logging.getLogger(__name__)
 
 IDLE_POLL = 5.0
 STORAGE_RETRY = 1.0
+
+
+class _MeteredCall:
+    """The rate limiter one analyser call sees.
+
+    It notes the time the call spent waiting for limiters (left out of the call's latency)
+    and the last API it asked for: by the Analyzer contract a slot is acquired before each
+    upstream call, so an error belongs to that API.
+    """
+
+    def __init__(self, limits: RateLimits) -> None:
+        self._limits = limits
+        self.waited = 0.0
+        self.last_api = "none"
+
+    async def acquire(self, api: str) -> None:
+        started = time.monotonic()
+        await self._limits.acquire(api)
+        self.waited += time.monotonic() - started
+        self.last_api = api
 
 
 class WorkerPool:
@@ -49,6 +84,7 @@ class WorkerPool:
         size: int,
         analyzer_timeout: float,
         throughput: Throughput,
+        metrics: AnalysisMetrics,
     ) -> None:
         if size < 1:
             raise ValueError("the worker pool needs at least one worker")
@@ -60,6 +96,7 @@ class WorkerPool:
         self.size = size
         self._analyzer_timeout = analyzer_timeout
         self._throughput = throughput
+        self._metrics = metrics
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self.busy = 0
@@ -112,14 +149,16 @@ class WorkerPool:
         )
         started = time.monotonic()
         heartbeat = asyncio.create_task(self._heartbeat(job))
+        outcome = RELEASED
         try:
-            await self._record(job, self._analyze_and_complete(job, started))
+            outcome = await self._record(job, self._analyze_and_complete(job, started))
         except asyncio.CancelledError:
             with contextlib.suppress(AnalysisError):
                 await self._queue.release(job)
             raise
         finally:
             heartbeat.cancel()
+            self._metrics.attempt_finished(outcome, time.monotonic() - started, job.attempt)
 
     async def _analyze_and_complete(self, job: ClaimedJob, started: float) -> None:
         spec = job.spec
@@ -155,17 +194,31 @@ class WorkerPool:
             spec.category or "no category",
             extra={"media_id": spec.media_id},
         )
-        output = await self._analyzer.analyze(
-            AnalysisInput(
-                media_id=spec.media_id,
-                content=content,
-                content_type=spec.content_type,
-                sha256=spec.sha256,
-                category=spec.category,
-                context=spec.context,
-            ),
-            self._limits,
-        )
+        call = _MeteredCall(self._limits)
+        started = time.monotonic()
+        try:
+            output = await self._analyzer.analyze(
+                AnalysisInput(
+                    media_id=spec.media_id,
+                    content=content,
+                    content_type=spec.content_type,
+                    sha256=spec.sha256,
+                    category=spec.category,
+                    context=spec.context,
+                ),
+                call,
+            )
+        except Exception as exc:
+            api = call.last_api
+            if isinstance(exc, QuotaExceeded):
+                error_class, api = QUOTA, exc.api
+            elif isinstance(exc, AnalyzerFailure):
+                error_class = TRANSIENT if exc.transient else PERMANENT
+            else:
+                error_class = INTERNAL
+            self._metrics.analyzer_call(error_class, time.monotonic() - started - call.waited, api)
+            raise
+        self._metrics.analyzer_call(OK, time.monotonic() - started - call.waited, call.last_api)
         self._limits.succeeded([limit.api for limit in self._analyzer.api_limits])
         return JobResult(
             tags=output.tags,
@@ -176,34 +229,39 @@ class WorkerPool:
             reused=False,
         )
 
-    async def _record(self, job: ClaimedJob, work: Awaitable[None]) -> None:
-        """Run ``work`` and turn its failure into the job's next status."""
+    async def _record(self, job: ClaimedJob, work: Awaitable[None]) -> str:
+        """Run ``work`` and turn its failure into the job's next status; the attempt's outcome."""
         spec = job.spec
         try:
             try:
                 await work
+                return COMPLETED
             except QuotaExceeded as exc:
                 pause = self._limits.quota_exceeded(exc.api, exc.retry_after)
-                await self._queue.defer_for_quota(
+                event = await self._queue.defer_for_quota(
                     job, JobError(exc.reason, exc.message, True), pause
                 )
+                return FAILED if event.status is JobStatus.FAILED else QUOTA_DEFERRED
             except AnalyzerFailure as exc:
-                await self._fail(job, JobError(exc.reason, exc.message, exc.transient))
+                return await self._fail(job, JobError(exc.reason, exc.message, exc.transient))
             except TimeoutError:
                 message = f"analysis took longer than {self._analyzer_timeout:.0f} s"
-                await self._fail(job, JobError("ANALYSIS_TIMEOUT", message, True))
+                return await self._fail(job, JobError("ANALYSIS_TIMEOUT", message, True))
             except (LeaseLost, StorageUnavailable):
                 raise
             except Exception as exc:
                 # A bug, not the image's fault: logged in full, retried like a transient error.
                 logger.exception("media %s: unexpected error during analysis", spec.media_id)
-                await self._fail(job, JobError("INTERNAL", f"{type(exc).__name__}: {exc}", True))
+                return await self._fail(
+                    job, JobError("INTERNAL", f"{type(exc).__name__}: {exc}", True)
+                )
         except LeaseLost:
             logger.warning(
                 "media %s: lease lost (expired and reclaimed); this worker's outcome is dropped",
                 spec.media_id,
                 extra={"media_id": spec.media_id},
             )
+            return LEASE_LOST
         except StorageUnavailable as exc:
             logger.error(
                 "media %s: could not record the outcome (%s); the lease will expire and the job "
@@ -211,8 +269,10 @@ class WorkerPool:
                 spec.media_id,
                 exc,
             )
+            return NOT_RECORDED
 
-    async def _fail(self, job: ClaimedJob, error: JobError) -> None:
+    async def _fail(self, job: ClaimedJob, error: JobError) -> str:
+        """Record a failed attempt; its outcome (a retry is scheduled, or the job failed)."""
         event = await self._queue.fail_attempt(job, error)
         spec = job.spec
         if event.next_attempt_at is not None:
@@ -225,15 +285,16 @@ class WorkerPool:
                 event.next_attempt_at - event.event_time,
                 extra={"media_id": spec.media_id, "attempt": job.attempt},
             )
-        else:
-            logger.error(
-                "media %s FAILED on attempt %d (%s: %s)",
-                spec.media_id,
-                job.attempt,
-                error.reason,
-                error.message,
-                extra={"media_id": spec.media_id, "attempt": job.attempt},
-            )
+            return RETRY_SCHEDULED
+        logger.error(
+            "media %s FAILED on attempt %d (%s: %s)",
+            spec.media_id,
+            job.attempt,
+            error.reason,
+            error.message,
+            extra={"media_id": spec.media_id, "attempt": job.attempt},
+        )
+        return FAILED
 
     async def _heartbeat(self, job: ClaimedJob) -> None:
         interval = self._queue.lease_seconds / 3

@@ -16,6 +16,7 @@ from mediatag.analysis.v1 import analysis_pb2
 
 from ingest_service.domain.models import Media
 from ingest_service.errors import StorageUnavailable
+from ingest_service.metrics import IngestMetrics
 from ingest_service.storage import repository
 from ingest_service.storage.repository import reading, writing
 from mediatag_common.backoff import Backoff
@@ -56,11 +57,13 @@ class OutboxForwarder:
         batch_size: int,
         initial_backoff: float,
         max_backoff: float,
+        metrics: IngestMetrics,
     ) -> None:
         self._db = db
         self._analysis = analysis
         self._batch_size = batch_size
         self._backoff = Backoff(initial_backoff, max_backoff)
+        self._metrics = metrics
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -81,6 +84,7 @@ class OutboxForwarder:
             try:
                 delivered = await self._deliver_batch()
             except Exception as exc:
+                self._metrics.outbox_delivery_failures.inc()
                 await self._back_off(exc)
                 continue
             if self._backoff.failures:
@@ -107,9 +111,15 @@ class OutboxForwarder:
         response = await self._analysis.SubmitJobs(request, timeout=SUBMIT_CALL_TIMEOUT)
         async with writing(self._db) as conn:
             await repository.delete_outbox(conn, [outbox_id for outbox_id, _ in batch])
+        self._metrics.outbox_delivered.inc(len(batch))
         if response.existing_count:
             logger.debug("%d job(s) were already known to analysis", response.existing_count)
         return [media for _, media in batch]
+
+    async def measure_backlog(self) -> None:
+        """Set the backlog gauge to the jobs waiting in the outbox now."""
+        async with reading(self._db) as conn:
+            self._metrics.outbox_backlog.set(await repository.outbox_size(conn))
 
     async def _back_off(self, error: Exception) -> None:
         delay = self._backoff.next_delay()

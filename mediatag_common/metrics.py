@@ -1,0 +1,264 @@
+"""Prometheus plumbing both services share: a registry per service, its ``/metrics`` endpoint,
+gRPC request metrics, and the periodic refresh of values that live in the database.
+
+``mediatag serve`` runs both services in one process, so each service has its own registry
+and its own HTTP server, never prometheus_client's global default registry.
+
+Scrapes run on the HTTP server's thread: collectors and gauge callbacks read plain Python
+numbers only. What needs the database is refreshed on the service's event loop by
+:class:`MetricsServer`'s refresh task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    start_http_server,
+)
+
+from mediatag_common.tasks import cancel_and_wait
+
+logger = logging.getLogger(__name__)
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+Behavior = Callable[..., Any]
+
+# Seconds; unary calls take milliseconds, watch streams hours (they land in +Inf).
+GRPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
+
+
+def new_registry() -> CollectorRegistry:
+    """A service's own registry, with the process, platform and GC metrics of this process."""
+    registry = CollectorRegistry()
+    # The same process-wide collectors serve every registry: each endpoint describes the
+    # process that runs its service.
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    return registry
+
+
+class GrpcServerMetrics:
+    """Calls started and handled by method and final status code, and how long they took."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.started = Counter(
+            "mediatag_grpc_server_started_total",
+            "gRPC calls started on the server.",
+            ["grpc_service", "grpc_method", "grpc_type"],
+            registry=registry,
+        )
+        self.handled = Counter(
+            "mediatag_grpc_server_handled_total",
+            "gRPC calls completed on the server, by status code.",
+            ["grpc_service", "grpc_method", "grpc_type", "grpc_code"],
+            registry=registry,
+        )
+        self.handling_seconds = Histogram(
+            "mediatag_grpc_server_handling_seconds",
+            "Time from the start of a gRPC call to its status (streams: the whole stream).",
+            ["grpc_service", "grpc_method", "grpc_type"],
+            buckets=GRPC_BUCKETS,
+            registry=registry,
+        )
+
+    def interceptor(self) -> grpc.aio.ServerInterceptor:
+        return MetricsInterceptor(self)
+
+
+_CALL_TYPES = {
+    "unary_unary": "unary",
+    "unary_stream": "server_stream",
+    "stream_unary": "client_stream",
+    "stream_stream": "bidi_stream",
+}
+
+
+def _final_code(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> str:
+    """The status a call ends with, as the client sees it."""
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    code = context.code()
+    if code is not None:
+        # Set by context.abort() (AbortError) or context.set_code().
+        return code.name
+    # grpc answers an exception that escapes the handler with UNKNOWN.
+    return "OK" if error is None else "UNKNOWN"
+
+
+class _Call:
+    """The metrics of one call: counted as started now, as handled by ``finish``."""
+
+    def __init__(self, metrics: GrpcServerMetrics, method: str, call_type: str) -> None:
+        service, _, name = method.lstrip("/").rpartition("/")
+        self._labels = (service, name, call_type)
+        self._metrics = metrics
+        self._start = time.perf_counter()
+        metrics.started.labels(*self._labels).inc()
+
+    def finish(
+        self, context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None
+    ) -> None:
+        self._metrics.handled.labels(*self._labels, _final_code(context, error)).inc()
+        self._metrics.handling_seconds.labels(*self._labels).observe(
+            time.perf_counter() - self._start
+        )
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every call of a known method with its final status code.
+
+    Install it before :class:`mediatag_common.errors.ErrorMappingInterceptor` (outermost), so
+    that it sees the status that interceptor sets for a refusal.
+    """
+
+    def __init__(self, metrics: GrpcServerMetrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            # Unknown methods are not counted: their names come from the client.
+            return handler
+        method = handler_call_details.method
+        replaced: dict[str, Behavior] = {}
+        for kind in ("unary_unary", "stream_unary"):
+            if (behavior := getattr(handler, kind)) is not None:
+                replaced[kind] = self._wrap_unary(method, _CALL_TYPES[kind], behavior)
+        for kind in ("unary_stream", "stream_stream"):
+            if (behavior := getattr(handler, kind)) is not None:
+                replaced[kind] = self._wrap_stream(method, _CALL_TYPES[kind], behavior)
+        result: grpc.RpcMethodHandler[_Req, _Resp] = handler._replace(**replaced)  # type: ignore[attr-defined]
+        return result
+
+    def _wrap_unary(self, method: str, call_type: str, behavior: Behavior) -> Behavior:
+        metrics = self._metrics
+
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            call = _Call(metrics, method, call_type)
+            try:
+                response = await behavior(request, context)
+            except BaseException as error:
+                call.finish(context, error)
+                raise
+            call.finish(context, None)
+            return response
+
+        return wrapper
+
+    def _wrap_stream(self, method: str, call_type: str, behavior: Behavior) -> Behavior:
+        metrics = self._metrics
+
+        async def wrapper(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            call = _Call(metrics, method, call_type)
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except BaseException as error:
+                # Re-raised untouched, CancelledError included (grpc/grpc#43360).
+                call.finish(context, error)
+                raise
+            call.finish(context, None)
+
+        return wrapper
+
+
+class MetricsServer:
+    """Serves one registry at ``http://host:port/metrics`` while its service runs.
+
+    ``refresh`` (if given) runs on the event loop every ``refresh_interval`` seconds while
+    serving, to bring values that need the database up to date.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        name: str,
+        host: str,
+        port: int,
+        refresh: Callable[[], Awaitable[None]] | None = None,
+        refresh_interval: float = 5.0,
+    ) -> None:
+        self.registry = registry
+        self._name = name
+        self._host = host
+        self._requested_port = port
+        self._refresh = refresh
+        self._refresh_interval = refresh_interval
+        self._http: WSGIServer | None = None
+        self._refresh_task: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int | None:
+        """The bound port while serving (the one picked when 0 was asked for)."""
+        return self._http.server_port if self._http is not None else None
+
+    def start(self) -> int:
+        """Bind and serve on a daemon thread; returns the bound port.
+
+        Raises OSError (e.g. the port is taken) with the address in its message.
+        """
+        try:
+            self._http, _ = start_http_server(
+                self._requested_port, addr=self._host, registry=self.registry
+            )
+        except OSError as error:
+            raise OSError(
+                error.errno,
+                f"cannot serve {self._name} metrics on {self._host}:{self._requested_port}: "
+                f"{error.strerror or error}",
+            ) from error
+        if self._refresh is not None:
+            self._refresh_task = asyncio.create_task(
+                self._refresh_loop(self._refresh), name=f"{self._name}-metrics-refresh"
+            )
+        logger.info(
+            "%s metrics on http://%s:%d/metrics", self._name, self._host, self._http.server_port
+        )
+        return self._http.server_port
+
+    async def stop(self) -> None:
+        """Stop refreshing and serving, and free the port; safe to call twice."""
+        await cancel_and_wait(self._refresh_task)
+        self._refresh_task = None
+        http, self._http = self._http, None
+        if http is not None:
+            # shutdown() waits for serve_forever's poll loop (up to 0.5 s): not on the loop.
+            await asyncio.to_thread(http.shutdown)
+            http.server_close()
+
+    async def _refresh_loop(self, refresh: Callable[[], Awaitable[None]]) -> None:
+        failing = False
+        while True:
+            try:
+                await refresh()
+                failing = False
+            except Exception as error:
+                # The database may be away; health reports that. Say it once, keep trying.
+                if not failing:
+                    logger.warning("%s metrics not refreshed: %s", self._name, error)
+                failing = True
+            await asyncio.sleep(self._refresh_interval)
