@@ -7,6 +7,7 @@ command with status 1 after ``error: <CODE> <reason>: <message>`` on stderr.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import mimetypes
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,7 +19,7 @@ import grpc
 from mediatag.analysis.v1 import analysis_pb2, analysis_pb2_grpc
 from mediatag.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
-from mediatag_cli.progress import Display, StatusBoard
+from mediatag_cli.progress import Display, StatusBoard, redraw
 from mediatag_cli.render import (
     change_line,
     json_text,
@@ -256,13 +257,23 @@ async def list_media(args: argparse.Namespace, client: ClientSettings) -> int:
 
 
 async def queue(args: argparse.Namespace, client: ClientSettings) -> int:
-    """``queue``: the analysis queue at a glance."""
+    """``queue [--watch [SECONDS]]``: the analysis queue at a glance, once or refreshed."""
+    live = args.watch is not None and not client.json and sys.stdout.isatty()
+    lines_drawn = 0
     async with _analysis(client) as analysis:
-        response = await analysis.GetQueueStatus(
-            analysis_pb2.GetQueueStatusRequest(), timeout=client.timeout
-        )
-    _say(to_json(response) if client.json else queue_summary(response))
-    return 0
+        while True:
+            response = await analysis.GetQueueStatus(
+                analysis_pb2.GetQueueStatusRequest(), timeout=client.timeout
+            )
+            if client.json:
+                _say(to_json(response, one_line=args.watch is not None))
+            elif live:
+                lines_drawn = redraw(sys.stdout, queue_summary(response).splitlines(), lines_drawn)
+            else:
+                _say(queue_summary(response) + ("\n" if args.watch is not None else ""))
+            if args.watch is None:
+                return 0
+            await asyncio.sleep(args.watch)
 
 
 async def retry(args: argparse.Namespace, client: ClientSettings) -> int:

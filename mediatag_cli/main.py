@@ -22,7 +22,13 @@ from mediatag_cli.settings import (
     client_settings,
     serve_settings,
 )
-from mediatag_cli.values import int32, key_value, non_negative_int, positive_int
+from mediatag_cli.values import (
+    int32,
+    key_value,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 # Exit status after Ctrl-C, as shells report it (128 + SIGINT).
 _INTERRUPTED = 130
@@ -123,7 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     ls.add_argument("--limit", type=positive_int, metavar="N", help="at most N items")
 
-    client("queue", "show the analysis queue: counts, workers, rate limits, wait")
+    queue = client("queue", "show the analysis queue: counts, workers, rate limits, wait")
+    queue.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=positive_float,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
 
     retry = client("retry", "send items back to analysis")
     retry.add_argument("media_ids", nargs="*", metavar="MEDIA_ID")

@@ -139,10 +139,8 @@ class StatusBoard:
     def _draw(self) -> None:
         if self._display is not Display.LIVE:
             return
-        size = shutil.get_terminal_size()
-        width = max(20, size.columns - 1)
         # The most recent items that fit above the counts line.
-        shown = list(self._items.values())[-max(1, size.lines - 2) :]
+        shown = list(self._items.values())[-max(1, shutil.get_terminal_size().lines - 2) :]
         name_width = min(40, max((len(item.filename) for item in shown), default=0))
         lines = [
             f"  {item.filename[:name_width]:<{name_width}}  {status_name(item.status):<10} "
@@ -150,14 +148,20 @@ class StatusBoard:
             for item in shown
         ]
         lines.append(self._summary() + (f"  ({self._notice})" if self._notice else ""))
-        redraw = _CURSOR_UP_LINES.format(self._lines_drawn) if self._lines_drawn else ""
-        # Lines are cut to the terminal width: a wrapped line would throw the redraw off.
-        self._out.write(
-            redraw + "".join(f"{_CLEAR_LINE}{line.rstrip()[:width]}\n" for line in lines)
-        )
-        self._out.flush()
-        self._lines_drawn = len(lines)
+        self._lines_drawn = redraw(self._out, lines, self._lines_drawn)
 
     def _print(self, line: str) -> None:
         self._out.write(line + "\n")
         self._out.flush()
+
+
+def redraw(out: TextIO, lines: Sequence[str], lines_drawn: int) -> int:
+    """Draw ``lines`` over the ``lines_drawn`` drawn before; returns how many it drew.
+
+    Lines are cut to the terminal width: a wrapped line would throw the next redraw off.
+    """
+    width = max(20, shutil.get_terminal_size().columns - 1)
+    up = _CURSOR_UP_LINES.format(lines_drawn) if lines_drawn else ""
+    out.write(up + "".join(f"{_CLEAR_LINE}{line.rstrip()[:width]}\n" for line in lines))
+    out.flush()
+    return len(lines)

@@ -164,3 +164,40 @@ async def test_cli_watch_starts_over_from_the_current_state_when_its_revision_is
     assert {c["status"] for c in current.values()} == {"PROCESSING_STATUS_COMPLETED"}
     assert process.stderr is not None
     assert "starting over from the current state" in (await process.stderr.read()).decode()
+
+
+async def test_cli_queue_watch_prints_a_fresh_status_every_interval(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(
+        analyzer=ScriptedAnalyzer(dimensions=64), analysis_config=analysis_config()
+    )
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    process = await asyncio.create_subprocess_exec(
+        MEDIATAG,
+        "queue",
+        "--watch",
+        "0.2",
+        "--json",
+        "--analysis",
+        f"127.0.0.1:{cluster.analysis_port}",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        first = await read_events(process, lambda seen: len(seen) == 1)
+        response = await upload(cluster, image_files(2, first_seed=90))
+        await wait_terminal(cluster, [m.id for m in response.media])
+
+        def shows_both_completed(seen: list[dict[str, Any]]) -> bool:
+            if not seen:
+                return False
+            counts = {c["status"]: int(c["count"]) for c in seen[-1]["counts"]}
+            return counts.get(COMPLETED, 0) == 2
+
+        later = await read_events(process, shows_both_completed)
+    finally:
+        process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(process.wait(), 10)
+    assert int(first[0]["currentRevision"]) < int(later[-1]["currentRevision"])
+    assert shows_both_completed(later)
