@@ -190,7 +190,8 @@ def run(argv: list[str] | None = None) -> int:
         return asyncio.run(_run_client(args))
     except KeyboardInterrupt:
         # Stopping a watch is how it is meant to end.
-        return 0 if args.command == "watch" else _INTERRUPTED
+        watching = args.command == "watch" or (args.command == "queue" and args.watch is not None)
+        return 0 if watching else _INTERRUPTED
 
 
 def _run_serve(args: argparse.Namespace) -> int:
