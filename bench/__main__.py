@@ -16,10 +16,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import upload
+from bench import fanout, upload
 from bench.benchmark import Benchmark, Figures
 
-BENCHMARKS: list[Benchmark] = [upload.BENCHMARK]
+BENCHMARKS: list[Benchmark] = [upload.BENCHMARK, fanout.BENCHMARK]
 # Exit status when interrupted, as shells report SIGINT.
 _INTERRUPTED = 130
 

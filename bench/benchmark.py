@@ -11,6 +11,14 @@ from typing import Any
 Figures = Mapping[str, object]
 
 
+def positive(text: str) -> int:
+    """An argparse type: a positive integer."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class Benchmark:
     """One benchmark.

@@ -1,4 +1,4 @@
-"""Servers under test as subprocesses: start, wait until SERVING, always stop."""
+"""Servers under test as subprocesses: start, wait until SERVING, always stop; their RSS and CPU."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ async def running_server(
     stop_timeout: float,
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
-) -> AsyncIterator[None]:
+) -> AsyncIterator[asyncio.subprocess.Process]:
     """Run ``argv`` until the block ends; enter once its health service says SERVING.
 
     Its output goes to ``log_path``. On the way out, however the block ends, it gets SIGTERM
@@ -63,7 +63,7 @@ async def running_server(
         )
     try:
         await _wait_until_serving(name, process, address, log_path, ready_timeout)
-        yield
+        yield process
     finally:
         await _stop(name, process, stop_timeout)
 
@@ -124,3 +124,22 @@ def _tail(log_path: Path) -> str:
     with log_path.open("rb") as log:
         log.seek(max(0, log_path.stat().st_size - _LOG_TAIL_BYTES), os.SEEK_SET)
         return log.read().decode(errors="replace")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of process ``pid`` (Linux ``/proc/PID/status`` VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            kilobytes = line.split()[1]
+            return int(kilobytes) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def cpu_seconds(pid: int, *, main_thread: bool = False) -> float:
+    """User plus system CPU seconds process ``pid`` has used: all its threads, or only its
+    main thread (where an asyncio server runs its event loop)."""
+    path = Path(f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat")
+    # The command name may hold spaces and parentheses; the fields follow the last ")".
+    fields = path.read_text().rsplit(")", 1)[1].split()
+    user_ticks, system_ticks = int(fields[11]), int(fields[12])
+    return (user_ticks + system_ticks) / os.sysconf("SC_CLK_TCK")

@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 from mediatag.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
-from bench.benchmark import Benchmark, Figures
+from bench.benchmark import Benchmark, Figures, positive
 from bench.jpeg import Jpeg, photo_like_jpeg, with_comment
 from bench.load import LoadResult, run_closed_loop
 from bench.processes import free_ports, running_server
@@ -67,32 +67,25 @@ def _levels(text: str) -> list[Level]:
     return levels
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--upload-levels", type=_levels, default=_levels("1:200,16:800"), metavar="C:N,...",
         help="concurrency levels and uploads per server at each (default 1:200,16:800)",
     )  # fmt: skip
     group.add_argument(
-        "--upload-rounds", type=_positive, default=4, metavar="N",
+        "--upload-rounds", type=positive, default=4, metavar="N",
         help="rounds per level, alternating which server goes first (default 4)",
     )  # fmt: skip
     group.add_argument(
-        "--upload-warmup", type=_positive, default=40, metavar="N",
+        "--upload-warmup", type=positive, default=40, metavar="N",
         help="uploads per server before measuring (default 40)",
     )  # fmt: skip
     group.add_argument(
-        "--upload-files", type=_positive, default=5, metavar="N",
+        "--upload-files", type=positive, default=5, metavar="N",
         help="images per upload (default 5)",
     )  # fmt: skip
     group.add_argument(
-        "--upload-image-kb", type=_positive, default=200, metavar="KB",
+        "--upload-image-kb", type=positive, default=200, metavar="KB",
         help="approximate size of each image (default 200)",
     )  # fmt: skip
 
