@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from google.protobuf import duration_pb2, timestamp_pb2
 from mediatag.analysis.v1 import analysis_pb2 as pb
 
@@ -58,12 +60,15 @@ def spec_from_pb(message: pb.JobSpec) -> JobSpec:
     )
 
 
-def result_to_pb(result: JobResult | None) -> pb.AnalysisResult | None:
+def result_to_pb(
+    result: JobResult | None, *, include_embedding: bool = True
+) -> pb.AnalysisResult | None:
     if result is None:
         return None
+    embedding = result.embedding if include_embedding else None
     return pb.AnalysisResult(
         tags=result.tags,
-        embedding=result.embedding.tolist() if result.embedding is not None else [],
+        embedding=embedding.tolist() if embedding is not None else [],
         embedding_dimensions=result.embedding_dimensions,
         analyzer_name=result.analyzer_name,
         analyzer_version=result.analyzer_version,
@@ -113,7 +118,9 @@ def job_to_pb(job: Job) -> pb.Job:
     )
 
 
-def watch_item_to_pb(item: StatusEvent | Bookmark) -> pb.WatchStatusResponse:
+def watch_item_to_pb(
+    item: StatusEvent | Bookmark, *, include_embedding: bool
+) -> pb.WatchStatusResponse:
     if isinstance(item, Bookmark):
         return pb.WatchStatusResponse(
             revision=item.revision,
@@ -131,7 +138,7 @@ def watch_item_to_pb(item: StatusEvent | Bookmark) -> pb.WatchStatusResponse:
                 else pb.PROCESSING_STATUS_UNSPECIFIED
             ),
             attempt=item.attempt,
-            result=result_to_pb(item.result),
+            result=result_to_pb(item.result, include_embedding=include_embedding),
             error=error_to_pb(item.error),
             event_time=timestamp(item.event_time),
             next_attempt_time=timestamp(item.next_attempt_at),
@@ -167,3 +174,31 @@ def queue_status_to_pb(status: QueueStatus) -> pb.GetQueueStatusResponse:
         analyzer_name=status.analyzer_name,
         analyzer_version=status.analyzer_version,
     )
+
+
+class WatchMessages:
+    """``watch_item_to_pb``, converted once per event and shared by every stream.
+
+    A revision names one event, so (revision, initial state, embedding or not) names one
+    message: with a thousand watchers, each live event is converted once, not a thousand
+    times. The newest ``size`` messages are kept.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._messages: OrderedDict[tuple[int, bool, bool], pb.WatchStatusResponse] = OrderedDict()
+
+    def get(
+        self, item: StatusEvent | Bookmark, *, include_embedding: bool
+    ) -> pb.WatchStatusResponse:
+        if isinstance(item, Bookmark):
+            return watch_item_to_pb(item, include_embedding=include_embedding)
+        key = (item.revision, item.initial_state, include_embedding)
+        message = self._messages.get(key)
+        if message is None:
+            message = self._messages[key] = watch_item_to_pb(
+                item, include_embedding=include_embedding
+            )
+            if len(self._messages) > self._size:
+                self._messages.popitem(last=False)
+        return message

@@ -76,6 +76,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     ) -> None:
         self._queue = queue
         self._watcher = watcher
+        self._watch_messages = convert.WatchMessages()
         self._pool = pool
         self._limits = limits
         self._throughput = throughput
@@ -151,7 +152,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         # A cancelled call (client gone) propagates CancelledError untouched: swallowing it
         # leaks the call (grpc/grpc#43360).
         async for item in self._watcher.watch(watch):
-            yield convert.watch_item_to_pb(item)
+            yield self._watch_messages.get(item, include_embedding=request.include_embedding)
             (self._sent_bookmarks if isinstance(item, Bookmark) else self._sent_events).inc()
 
     async def GetQueueStatus(

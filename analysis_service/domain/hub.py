@@ -64,7 +64,9 @@ class Subscription:
         if not self._events and self._ended is None:
             self._ready.clear()
             try:
-                await asyncio.wait_for(self._ready.wait(), max_wait)
+                # Not wait_for: it starts a task per call, and this runs per event per watcher.
+                async with asyncio.timeout(max_wait):
+                    await self._ready.wait()
             except TimeoutError:
                 return None
         if self._ended is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from analysis_service.domain.hub import StatusHub, Subscription, WatchFilter
 from analysis_service.domain.models import Bookmark, JobStatus, StatusEvent
@@ -140,7 +140,7 @@ class StatusWatcher:
                 continue
             if tracker:
                 tracker.see(live)
-            yield live if request.include_embedding else _without_embedding(live)
+            yield live
             last = live.revision
 
     async def _catch_up(self, request: WatchRequest, after: int) -> AsyncIterator[StatusEvent]:
@@ -159,10 +159,3 @@ class StatusWatcher:
                 after = event.revision
             if len(page) < CATCH_UP_PAGE:
                 return
-
-
-def _without_embedding(event: StatusEvent) -> StatusEvent:
-    """The event as a watcher that did not ask for embeddings sees it (live events carry one)."""
-    if event.result is None or event.result.embedding is None:
-        return event
-    return replace(event, result=replace(event.result, embedding=None))
