@@ -111,8 +111,8 @@ class JobQueue:
     async def submit(self, specs: Sequence[JobSpec]) -> tuple[list[str], list[str]]:
         """Enqueue new jobs; ids already known are left as they are. Returns (new, known)."""
         unique = list({spec.media_id: spec for spec in specs}.values())
-        now = time.time()
         async with writing(self._db) as conn:
+            now = time.time()  # under the write lock: event times follow revisions
             known = await job_store.known_ids(conn, [s.media_id for s in unique])
             new = [s for s in unique if s.media_id not in known]
             if new:
@@ -138,8 +138,8 @@ class JobQueue:
         """Lease the next due job in queue order, or None (also while paused)."""
         if self.paused:
             return None
-        now = time.time()
         async with writing(self._db) as conn:
+            now = time.time()  # under the write lock: event times follow revisions
             row = await job_store.next_claimable(conn, now)
             if row is None:
                 return None
@@ -199,8 +199,8 @@ class JobQueue:
 
         Raises LeaseLost when a newer claim holds the job (this worker was fenced out).
         """
-        now = time.time()
         async with writing(self._db) as conn:
+            now = time.time()  # under the write lock: event times follow revisions
             (event,) = await self._record(
                 conn,
                 [
@@ -358,8 +358,8 @@ class JobQueue:
 
     async def reap_expired_leases(self) -> list[StatusEvent]:
         """Return jobs whose lease expired to PENDING (or FAILED when out of attempts)."""
-        now = time.time()
         async with writing(self._db) as conn:
+            now = time.time()  # under the write lock: event times follow revisions
             rows = await job_store.expired_leases(conn, now)
             drafts = []
             for row in rows:
@@ -418,8 +418,8 @@ class JobQueue:
 
         With ids, every listed job in a terminal status is retried; unknown ids raise.
         """
-        now = time.time()
         async with writing(self._db) as conn:
+            now = time.time()  # under the write lock: event times follow revisions
             if media_ids:
                 known = await job_store.known_ids(conn, media_ids)
                 missing = sorted(set(media_ids) - known)
