@@ -16,10 +16,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import fanout, upload
+from bench import fanout, queue_overhead, seed, upload
 from bench.benchmark import Benchmark, Figures
 
-BENCHMARKS: list[Benchmark] = [upload.BENCHMARK, fanout.BENCHMARK]
+BENCHMARKS: list[Benchmark] = [
+    upload.BENCHMARK,
+    fanout.BENCHMARK,
+    seed.BENCHMARK,
+    queue_overhead.BENCHMARK,
+]
 # Exit status when interrupted, as shells report SIGINT.
 _INTERRUPTED = 130
 

@@ -19,6 +19,14 @@ def positive(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a positive number."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class Benchmark:
     """One benchmark.

@@ -51,3 +51,10 @@ async def run_closed_loop(
         for _ in range(min(concurrency, calls)):
             callers.create_task(caller())
     return LoadResult(latencies, time.perf_counter() - started)
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """``total`` in at most ``parts`` nearly equal, positive shares."""
+    share, extra = divmod(total, parts)
+    shares = [share + 1] * extra + [share] * (parts - extra)
+    return [count for count in shares if count > 0]

@@ -26,7 +26,7 @@ from mediatag.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 from bench.benchmark import Benchmark, Figures, positive
 from bench.jpeg import Jpeg, photo_like_jpeg, with_comment
-from bench.load import LoadResult, run_closed_loop
+from bench.load import LoadResult, run_closed_loop, split_evenly
 from bench.processes import free_ports, running_server
 from bench.upload_report import BARE, OURS, Setup, print_results, print_setup, upload_figures
 from ingest_service.config import IngestConfig
@@ -228,7 +228,7 @@ async def _measure_level(
 ) -> dict[str, LoadResult]:
     """``level.requests`` uploads per server, in rounds alternating which server goes first."""
     measured = {target.name: LoadResult([], 0.0) for target in targets}
-    for round_number, calls in enumerate(_split(level.requests, rounds)):
+    for round_number, calls in enumerate(split_evenly(level.requests, rounds)):
         order = targets if round_number % 2 == 0 else targets[::-1]
         for target in order:
             measured[target.name] += await run_closed_loop(
@@ -237,13 +237,6 @@ async def _measure_level(
                 concurrency=level.concurrency,
             )
     return measured
-
-
-def _split(total: int, parts: int) -> list[int]:
-    """``total`` in at most ``parts`` nearly equal, positive shares."""
-    share, extra = divmod(total, parts)
-    shares = [share + 1] * extra + [share] * (parts - extra)
-    return [count for count in shares if count > 0]
 
 
 BENCHMARK = Benchmark(
