@@ -28,8 +28,9 @@ class WatchFilter:
 
 
 class Subscription:
-    """One watcher's live feed. A watcher that falls ``buffer_size`` events behind is cut off
-    rather than slowing the workers or holding unbounded memory."""
+    """One watcher's live feed. A watcher still holding ``buffer_size`` unsent events when
+    the next commit comes is cut off rather than slowing the workers or holding unbounded
+    memory."""
 
     def __init__(self, hub: StatusHub, watch_filter: WatchFilter, buffer_size: int) -> None:
         self._hub = hub
@@ -39,8 +40,17 @@ class Subscription:
         self._ready = asyncio.Event()
         self._ended: Exception | None = None
 
-    def offer(self, event: StatusEvent) -> None:
-        if self._ended is not None or not self.filter.matches(event):
+    def offer(self, events: Sequence[StatusEvent]) -> None:
+        """Take the matching events of one commit.
+
+        Slow means still holding a full buffer from earlier commits. One commit is taken
+        whole: a watcher that keeps up is not cut off because a single transaction (a retry
+        of many jobs) touched more items than its buffer holds.
+        """
+        if self._ended is not None:
+            return
+        matching = [event for event in events if self.filter.matches(event)]
+        if not matching:
             return
         if len(self._events) >= self._buffer_size:
             self.end(
@@ -49,7 +59,7 @@ class Subscription:
                 )
             )
             return
-        self._events.append(event)
+        self._events.extend(matching)
         self._ready.set()
 
     def end(self, reason: Exception) -> None:
@@ -68,7 +78,10 @@ class Subscription:
                 async with asyncio.timeout(max_wait):
                     await self._ready.wait()
             except TimeoutError:
-                return None
+                # An event offered while the timeout was cancelling the wait is still this
+                # watcher's next one: returning None would let a bookmark claim its revision.
+                if not self._events and self._ended is None:
+                    return None
         if self._ended is not None:
             raise self._ended
         return self._events.popleft()
@@ -99,8 +112,7 @@ class StatusHub:
         self.current_revision = max(self.current_revision, events[-1].revision)
         self.events_published += len(events)
         for subscription in list(self._subscriptions):
-            for event in events:
-                subscription.offer(event)
+            subscription.offer(events)
 
     def subscribe(self, watch_filter: WatchFilter) -> Subscription:
         if self._closed:

@@ -16,9 +16,13 @@ from mediatag_common.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
+# Keeps a zero compaction interval from turning the loop into a busy one.
+MIN_PAUSE = 0.05
+
 
 class Maintenance:
-    """Reaps expired leases every few seconds and compacts the event log every minute."""
+    """Reaps expired leases every few seconds and compacts the event log every
+    ``compaction_interval`` (a minute by default)."""
 
     def __init__(self, queue: JobQueue, watch: WatchConfig) -> None:
         self._queue = queue
@@ -34,16 +38,22 @@ class Maintenance:
         self._task = None
 
     async def _run(self) -> None:
-        next_compaction = 0.0
+        # Each chore on its own clock: a compaction interval shorter than the reap interval
+        # is honoured rather than rounded up to it. A chore that fails waits its interval too.
+        next_reap = next_compaction = 0.0
         while True:
+            now = time.monotonic()
             try:
-                await self._queue.reap_expired_leases()
-                if time.monotonic() >= next_compaction:
+                if now >= next_reap:
+                    next_reap = now + self._reap_interval
+                    await self._queue.reap_expired_leases()
+                if now >= next_compaction:
+                    next_compaction = now + self._watch.compaction_interval
                     await self._queue.compact_events(
                         max_age=self._watch.retention_seconds,
                         max_events=self._watch.retention_events,
                     )
-                    next_compaction = time.monotonic() + self._watch.compaction_interval
             except AnalysisError as exc:
                 logger.error("maintenance failed, will try again: %s", exc)
-            await asyncio.sleep(self._reap_interval)
+            pause = min(next_reap, next_compaction) - time.monotonic()
+            await asyncio.sleep(max(MIN_PAUSE, pause))

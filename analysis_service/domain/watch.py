@@ -114,14 +114,7 @@ class StatusWatcher:
             last = snapshot_revision
         elif request.start_revision:
             if request.start_revision < compacted_through:
-                raise RevisionCompacted(
-                    f"revision {request.start_revision} is compacted; the log starts after "
-                    f"{compacted_through}. Watch again with send_initial_state.",
-                    metadata={
-                        "oldestRevision": str(compacted_through + 1),
-                        "currentRevision": str(snapshot_revision),
-                    },
-                )
+                raise _compacted(request.start_revision, compacted_through, snapshot_revision)
             last = request.start_revision
             async for event in self._catch_up(request, last):
                 if tracker and event.revision > snapshot_revision:
@@ -154,8 +147,23 @@ class StatusWatcher:
                     owner_id=request.owner_id,
                     with_embedding=request.include_embedding,
                 )
+                # Compaction may have overtaken this reader since its last page (a slow
+                # client). The watermark is read after the page: if it is still at or below
+                # ``after``, nothing the page should hold had been deleted when it was read.
+                compacted_through = await event_log.read_counter(conn, schema.COMPACTED_THROUGH)
+                if after < compacted_through:
+                    current = await event_log.read_counter(conn, schema.REVISION)
+                    raise _compacted(after, compacted_through, current)
             for event in page:
                 yield event
                 after = event.revision
             if len(page) < CATCH_UP_PAGE:
                 return
+
+
+def _compacted(revision: int, compacted_through: int, current: int) -> RevisionCompacted:
+    return RevisionCompacted(
+        f"revision {revision} is compacted; the log starts after {compacted_through}. "
+        "Watch again with send_initial_state.",
+        metadata={"oldestRevision": str(compacted_through + 1), "currentRevision": str(current)},
+    )
