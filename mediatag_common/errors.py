@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from mediatag_common.interceptors import Behavior, BehaviorInterceptor
 
 DOMAIN = "mediatag"
 
@@ -89,11 +91,6 @@ def _internal(method: str, exc: Exception) -> ServiceError:
     return ServiceError("internal error", reason="INTERNAL", code=grpc.StatusCode.INTERNAL)
 
 
-Behavior = Callable[..., Any]
-_Req = TypeVar("_Req")
-_Resp = TypeVar("_Resp")
-
-
 def _wrap_unary(method: str, behavior: Behavior) -> Behavior:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
@@ -126,33 +123,18 @@ def _wrap_stream(method: str, behavior: Behavior) -> Behavior:
     return wrapper
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+class ErrorMappingInterceptor(BehaviorInterceptor):
     """Turns every :class:`ServiceError` a servicer raises into its gRPC status.
 
     Unexpected exceptions are logged with their traceback and answered ``INTERNAL``
     without leaking their text to the client.
     """
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        replaced: dict[str, Behavior] = {}
-        for kind in ("unary_unary", "stream_unary"):
-            if (behavior := getattr(handler, kind)) is not None:
-                replaced[kind] = _wrap_unary(method, behavior)
-        for kind in ("unary_stream", "stream_stream"):
-            if (behavior := getattr(handler, kind)) is not None:
-                replaced[kind] = _wrap_stream(method, behavior)
-        result: grpc.RpcMethodHandler[_Req, _Resp] = handler._replace(**replaced)  # type: ignore[attr-defined]
-        return result
+    def wrap_unary(self, method: str, kind: str, behavior: Behavior) -> Behavior:
+        return _wrap_unary(method, behavior)
+
+    def wrap_stream(self, method: str, kind: str, behavior: Behavior) -> Behavior:
+        return _wrap_stream(method, behavior)
 
 
 def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo | None:

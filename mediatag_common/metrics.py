@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -29,13 +29,11 @@ from prometheus_client import (
     start_http_server,
 )
 
+from mediatag_common.interceptors import Behavior, BehaviorInterceptor
 from mediatag_common.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
-_Req = TypeVar("_Req")
-_Resp = TypeVar("_Resp")
-Behavior = Callable[..., Any]
 
 # Seconds; unary calls take milliseconds, watch streams hours (they land in +Inf).
 GRPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
@@ -119,37 +117,22 @@ class _Call:
         )
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(BehaviorInterceptor):
     """Counts every call of a known method with its final status code.
 
     Install it before :class:`mediatag_common.errors.ErrorMappingInterceptor` (outermost), so
-    that it sees the status that interceptor sets for a refusal.
+    that it sees the status that interceptor sets for a refusal. Unknown methods are not
+    counted: their names come from the client.
     """
 
     def __init__(self, metrics: GrpcServerMetrics) -> None:
         self._metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            # Unknown methods are not counted: their names come from the client.
-            return handler
-        method = handler_call_details.method
-        replaced: dict[str, Behavior] = {}
-        for kind in ("unary_unary", "stream_unary"):
-            if (behavior := getattr(handler, kind)) is not None:
-                replaced[kind] = self._wrap_unary(method, _CALL_TYPES[kind], behavior)
-        for kind in ("unary_stream", "stream_stream"):
-            if (behavior := getattr(handler, kind)) is not None:
-                replaced[kind] = self._wrap_stream(method, _CALL_TYPES[kind], behavior)
-        result: grpc.RpcMethodHandler[_Req, _Resp] = handler._replace(**replaced)  # type: ignore[attr-defined]
-        return result
+    def wrap_unary(self, method: str, kind: str, behavior: Behavior) -> Behavior:
+        return self._wrap_unary(method, _CALL_TYPES[kind], behavior)
+
+    def wrap_stream(self, method: str, kind: str, behavior: Behavior) -> Behavior:
+        return self._wrap_stream(method, _CALL_TYPES[kind], behavior)
 
     def _wrap_unary(self, method: str, call_type: str, behavior: Behavior) -> Behavior:
         metrics = self._metrics
