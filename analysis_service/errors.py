@@ -78,6 +78,14 @@ class RevisionCompacted(AnalysisError):
     reason = "REVISION_COMPACTED"
 
 
+class RevisionAhead(AnalysisError):
+    """A watch asked to resume from a revision this service has not written (its database
+    was replaced or restored from a backup)."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+    reason = "REVISION_AHEAD"
+
+
 class WatcherTooSlow(AnalysisError):
     """A watcher's buffer overflowed; it should resume from its last revision."""
 

@@ -3,8 +3,9 @@
 On ``UNAVAILABLE`` (the service restarted or drained) or ``RESOURCE_EXHAUSTED`` (this
 watcher fell behind, or the watcher cap is reached) it reconnects after a jittered,
 exponentially growing delay and resumes after the last revision it saw, so no event is
-missed. When that revision has been compacted out of the event log (``OUT_OF_RANGE``,
-``REVISION_COMPACTED``) it starts over with the current state of every watched item.
+missed. When that revision cannot be resumed (``OUT_OF_RANGE``: ``REVISION_COMPACTED`` out of
+the event log, or ``REVISION_AHEAD`` of a replaced one) it starts over with the current state
+of every watched item.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ import grpc
 from mediatag.analysis.v1 import analysis_pb2
 
 from mediatag_common.backoff import Backoff
-from mediatag_common.errors import error_info
+from mediatag_common.errors import RESYNC_REASONS, error_info
 
 if TYPE_CHECKING:
     from mediatag.analysis.v1.analysis_pb2_grpc import AnalysisServiceAsyncStub
 
-REVISION_COMPACTED = "REVISION_COMPACTED"
 _RECONNECT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
@@ -103,13 +103,9 @@ class ResumableWatch:
     async def _recover(self, error: grpc.aio.AioRpcError) -> analysis_pb2.WatchStatusRequest:
         """Wait as long as ``error`` calls for and return the request to retry with."""
         info = error_info(error)
-        if (
-            error.code() == grpc.StatusCode.OUT_OF_RANGE
-            and info
-            and info.reason == REVISION_COMPACTED
-        ):
+        if error.code() == grpc.StatusCode.OUT_OF_RANGE and info and info.reason in RESYNC_REASONS:
             self._notice(
-                f"revision {self.last_revision} is no longer in the event log; "
+                f"revision {self.last_revision} cannot be resumed ({info.reason}); "
                 "starting over from the current state"
             )
             self.last_revision = 0

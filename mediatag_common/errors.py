@@ -137,6 +137,11 @@ class ErrorMappingInterceptor(BehaviorInterceptor):
         return _wrap_stream(method, behavior)
 
 
+# WatchStatus refusals (OUT_OF_RANGE) after which a client starts over from the current state
+# (send_initial_state): its revision was compacted away, or belongs to a replaced event log.
+RESYNC_REASONS = frozenset({"REVISION_COMPACTED", "REVISION_AHEAD"})
+
+
 def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     """The ErrorInfo carried by a failed call, if any (for clients and tests)."""
     status = rpc_status.from_call(cast(grpc.Call, error))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 
 import grpc
@@ -206,4 +207,36 @@ async def test_invalid_watch_requests_are_refused_with_reason(
     # Nothing accepted was disturbed: uploads still complete.
     response = await upload(cluster, image_files(1))
     (media,) = await wait_terminal(cluster, [response.media[0].id])
+    assert media.status == ipb.PROCESSING_STATUS_COMPLETED
+
+
+async def test_a_revision_ahead_of_the_log_is_out_of_range_and_the_mirror_starts_over(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = await started_cluster(make_cluster)
+    first = await upload(cluster, image_files(2, first_seed=60))
+    await wait_terminal(cluster, [m.id for m in first.media])
+    current = await current_revision(cluster)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in cluster.analysis.WatchStatus(
+            apb.WatchStatusRequest(start_revision=current + 50), timeout=10
+        ):
+            pass
+    assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    info = error_info(caught.value)
+    assert info is not None
+    assert info.reason == "REVISION_AHEAD"
+    assert info.metadata["currentRevision"] == str(current)
+    assert info.metadata["oldestRevision"] == "1"
+
+    # The analysis database is replaced (restored, or lost and recreated): its revisions
+    # start again from 0, below the one ingest's mirror holds. The mirror must start over,
+    # or it would skip the new log's first events.
+    await cluster.stop_analysis()
+    assert cluster.analysis_config is not None
+    shutil.rmtree(cluster.analysis_config.data_dir)
+    await cluster.start_analysis()
+    later = await upload(cluster, image_files(1, first_seed=62))
+    (media,) = await wait_terminal(cluster, [later.media[0].id], within=30)
     assert media.status == ipb.PROCESSING_STATUS_COMPLETED

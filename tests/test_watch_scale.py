@@ -565,7 +565,7 @@ async def test_the_ingest_mirror_resyncs_by_itself_after_its_revision_was_compac
         assert media.status == ipb.PROCESSING_STATUS_COMPLETED
         assert media.reused  # the reprocessed result, not the one from before the outage
         assert list(media.tags) == list(before[media_id].tags)
-    assert any("no longer in the analysis event log" in r.getMessage() for r in caplog.records)
+    assert any("cannot be resumed (REVISION_COMPACTED)" in r.getMessage() for r in caplog.records)
 
     # And it follows live events again.
     later = await upload(cluster, small_images(1, first_seed=50_100))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from analysis_service.domain.hub import StatusHub, Subscription, WatchFilter
 from analysis_service.domain.models import Bookmark, JobStatus, StatusEvent
-from analysis_service.errors import InvalidArgument, RevisionCompacted
+from analysis_service.errors import InvalidArgument, RevisionAhead, RevisionCompacted
 from analysis_service.storage import events as event_log
 from analysis_service.storage import schema
 from analysis_service.storage.session import consistent_read, reading
@@ -115,6 +115,16 @@ class StatusWatcher:
         elif request.start_revision:
             if request.start_revision < compacted_through:
                 raise _compacted(request.start_revision, compacted_through, snapshot_revision)
+            if request.start_revision > snapshot_revision:
+                # A revision a client holds was committed before it got it: one from the
+                # future means this is not the log it was reading. Resuming would skip the
+                # new log's first events.
+                raise RevisionAhead(
+                    f"revision {request.start_revision} is ahead of the current revision "
+                    f"{snapshot_revision}: the event log was replaced. "
+                    "Watch again with send_initial_state.",
+                    metadata=_bounds(compacted_through, snapshot_revision),
+                )
             last = request.start_revision
             async for event in self._catch_up(request, last):
                 if tracker and event.revision > snapshot_revision:
@@ -165,5 +175,10 @@ def _compacted(revision: int, compacted_through: int, current: int) -> RevisionC
     return RevisionCompacted(
         f"revision {revision} is compacted; the log starts after {compacted_through}. "
         "Watch again with send_initial_state.",
-        metadata={"oldestRevision": str(compacted_through + 1), "currentRevision": str(current)},
+        metadata=_bounds(compacted_through, current),
     )
+
+
+def _bounds(compacted_through: int, current: int) -> dict[str, str]:
+    """The ErrorInfo metadata of an out-of-range revision: what the log holds now."""
+    return {"oldestRevision": str(compacted_through + 1), "currentRevision": str(current)}

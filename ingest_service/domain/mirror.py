@@ -28,15 +28,13 @@ from ingest_service.storage import repository
 from ingest_service.storage.repository import reading, writing
 from mediatag_common.backoff import Backoff
 from mediatag_common.database import Database
-from mediatag_common.errors import error_info
+from mediatag_common.errors import RESYNC_REASONS, error_info
 from mediatag_common.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from mediatag.analysis.v1.analysis_pb2_grpc import AnalysisServiceAsyncStub
 
 logger = logging.getLogger(__name__)
-
-REVISION_COMPACTED = "REVISION_COMPACTED"
 
 
 def status_update(revision: int, change: analysis_pb2.StatusChange) -> StatusUpdate | None:
@@ -111,12 +109,12 @@ class StatusMirror:
                 if (
                     error.code() is grpc.StatusCode.OUT_OF_RANGE
                     and info is not None
-                    and info.reason == REVISION_COMPACTED
+                    and info.reason in RESYNC_REASONS
                 ):
                     logger.warning(
-                        "revision %d is no longer in the analysis event log: re-syncing the "
-                        "status of every item",
+                        "revision %d cannot be resumed (%s): re-syncing the status of every item",
                         self._revision,
+                        info.reason,
                     )
                     self._resync = True
                     continue
