@@ -23,21 +23,19 @@ import argparse
 import asyncio
 import base64
 import json
-import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mediatag.analysis.v1 import analysis_pb2
 
+from bench.bare import serve_until_signal
 from mediatag_common.grpc_server import KEEPALIVE_OPTIONS
 
 WATCH_SERVICE = analysis_pb2.DESCRIPTOR.services_by_name["AnalysisService"].full_name
 CONTROL_SERVICE = "bench.BareBroadcast"
 BROADCAST_METHOD = f"/{CONTROL_SERVICE}/Broadcast"
-_STOP_GRACE = 2.0
 # Tells a stream's handler that it fell too far behind (no real message is empty).
 _TOO_SLOW = b""
 
@@ -137,21 +135,7 @@ async def serve(port: int, stream_buffer: int) -> None:
             ),
         ]
     )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop_requested.set)
-    await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    print(f"bare broadcaster listening on 127.0.0.1:{port}", flush=True)
-    try:
-        await stop_requested.wait()
-    finally:
-        await server.stop(_STOP_GRACE)
+    await serve_until_signal(server, port, f"bare broadcaster listening on 127.0.0.1:{port}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import tempfile
 import uuid
 from collections.abc import Sequence
@@ -23,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mediatag.ingest.v1 import ingest_pb2
+
+from bench.bare import serve_until_signal
 
 MIB = 1024 * 1024
 _SERVICE = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
-_STOP_GRACE = 2.0
 
 
 class BareUploadStore:
@@ -89,21 +88,9 @@ async def serve(port: int, data_dir: Path, max_message_bytes: int) -> None:
             )
         ]
     )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop_requested.set)
-    await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    print(f"bare server listening on 127.0.0.1:{port} (data in {data_dir})", flush=True)
-    try:
-        await stop_requested.wait()
-    finally:
-        await server.stop(_STOP_GRACE)
+    await serve_until_signal(
+        server, port, f"bare server listening on 127.0.0.1:{port} (data in {data_dir})"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
