@@ -21,9 +21,9 @@ from analysis_service.domain.watch import StatusWatcher
 from analysis_service.domain.workers import WorkerPool
 from analysis_service.metrics import AnalysisMetrics
 from analysis_service.storage.schema import MIGRATIONS
-from mediatag_common.database import Database
 from mediatag_common.grpc_server import ServiceHost, new_server
 from mediatag_common.metrics import MetricsServer
+from mediatag_common.threaded_database import ThreadedDatabase
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ async def create_server(
     metrics.analyzer_info.labels(analyzer.name, analyzer.version).set(1)
     limits = RateLimits(analyzer.api_limits, config.rate_limits, metrics=metrics)
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(config.resolved_database_url, synchronous=config.sqlite_synchronous)
+    db = ThreadedDatabase(config.resolved_database_url, synchronous=config.sqlite_synchronous)
     await db.migrate(MIGRATIONS)
 
     hub = StatusHub(buffer_size=config.watch.stream_buffer, max_watchers=config.watch.max_watchers)

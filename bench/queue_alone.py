@@ -26,7 +26,8 @@ from analysis_service.domain.queue import JobQueue
 from analysis_service.storage.schema import MIGRATIONS
 from bench.processes import cpu_seconds
 from bench.simulated import TAGS
-from mediatag_common.database import Database, sqlite_url
+from mediatag_common.database import sqlite_url
+from mediatag_common.threaded_database import ThreadedDatabase
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,9 @@ class QueueAlone:
     def __init__(
         self, work_dir: Path, *, synchronous: str, batch: int, tasks: int, dimensions: int
     ) -> None:
-        self._db = Database(sqlite_url(str(work_dir / "analysis.db")), synchronous=synchronous)
+        self._db = ThreadedDatabase(
+            sqlite_url(str(work_dir / "analysis.db")), synchronous=synchronous
+        )
         config = AnalysisConfig()
         hub = StatusHub(
             buffer_size=config.watch.stream_buffer, max_watchers=config.watch.max_watchers

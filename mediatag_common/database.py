@@ -16,6 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -35,6 +36,15 @@ class Migration:
     apply: Callable[[AsyncConnection], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class SyncMigration:
+    """A :class:`Migration` for a database driven through a synchronous connection."""
+
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
 _migrations_table = sa.Table(
     "schema_migrations",
     sa.MetaData(),
@@ -44,12 +54,12 @@ _migrations_table = sa.Table(
 )
 
 
-_AFTER_COMMIT = "mediatag.after_commit"
+AFTER_COMMIT = "mediatag.after_commit"
 
 
-def after_commit(conn: AsyncConnection, callback: Callable[[], None]) -> None:
-    """Run ``callback`` once the write transaction of ``conn`` has committed."""
-    conn.info[_AFTER_COMMIT].append(callback)
+def after_commit(conn: AsyncConnection | Connection, callback: Callable[[], None]) -> None:
+    """Run ``callback`` on the event loop once the write transaction of ``conn`` has committed."""
+    conn.info[AFTER_COMMIT].append(callback)
 
 
 def _driver_error(exc: SQLAlchemyError) -> BaseException:
@@ -94,7 +104,7 @@ class Database:
         self._engine: AsyncEngine = create_async_engine(url)
         self._write_lock = asyncio.Lock()
         if self._engine.dialect.name == "sqlite":
-            event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas(synchronous))
+            event.listen(self._engine.sync_engine, "connect", sqlite_pragmas(synchronous))
 
     @property
     def engine(self) -> AsyncEngine:
@@ -123,11 +133,11 @@ class Database:
                     # Held by reference: once a cancelled statement has invalidated the
                     # transaction, even reading ``conn.info`` raises.
                     info = conn.info
-                    info[_AFTER_COMMIT] = callbacks
+                    info[AFTER_COMMIT] = callbacks
                     try:
                         yield conn
                     finally:
-                        info.pop(_AFTER_COMMIT, None)
+                        info.pop(AFTER_COMMIT, None)
             except SQLAlchemyError as exc:
                 raise _driver_error(exc) from exc
             for callback in callbacks:
@@ -149,13 +159,7 @@ class Database:
                 continue
             async with self.write() as conn:
                 await migration.apply(conn)
-                await conn.execute(
-                    _migrations_table.insert().values(
-                        version=migration.version,
-                        description=migration.description,
-                        applied_at=time.time(),
-                    )
-                )
+                await conn.execute(_migration_record(migration.version, migration.description))
             logger.info("applied schema migration %d: %s", migration.version, migration.description)
 
     async def ping(self) -> bool:
@@ -171,7 +175,27 @@ class Database:
         await self._engine.dispose()
 
 
-def _sqlite_pragmas(synchronous: str) -> Callable[[Any, Any], None]:
+def apply_migrations(engine: Engine, migrations: Sequence[SyncMigration]) -> None:
+    """Apply every migration not yet recorded, each in its own transaction (blocking)."""
+    with engine.begin() as conn:
+        _migrations_table.metadata.create_all(conn)
+        applied = set(conn.execute(sa.select(_migrations_table.c.version)).scalars())
+    for migration in sorted(migrations, key=lambda m: m.version):
+        if migration.version in applied:
+            continue
+        with engine.begin() as conn:
+            migration.apply(conn)
+            conn.execute(_migration_record(migration.version, migration.description))
+        logger.info("applied schema migration %d: %s", migration.version, migration.description)
+
+
+def _migration_record(version: int, description: str) -> sa.Insert:
+    return _migrations_table.insert().values(
+        version=version, description=description, applied_at=time.time()
+    )
+
+
+def sqlite_pragmas(synchronous: str) -> Callable[[Any, Any], None]:
     if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
         raise ValueError(f"unknown SQLite synchronous mode {synchronous!r}")
 

@@ -16,14 +16,14 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from analysis_service.domain.models import JobResult
 from analysis_service.storage import jobs as job_store
-from analysis_service.storage.session import reading, writing
-from mediatag_common.database import Database
+from analysis_service.storage.session import read, write
+from mediatag_common.threaded_database import ThreadedDatabase
 
 
 class ResultCache:
     """Cached results by key; ``get_or_compute`` runs at most one computation per key."""
 
-    def __init__(self, db: Database, *, analyzer_name: str, analyzer_version: str) -> None:
+    def __init__(self, db: ThreadedDatabase, *, analyzer_name: str, analyzer_version: str) -> None:
         self._db = db
         self._analyzer_name = analyzer_name
         self._analyzer_version = analyzer_version
@@ -45,8 +45,7 @@ class ResultCache:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     async def get(self, key: str) -> JobResult | None:
-        async with reading(self._db) as conn:
-            return await job_store.get_result(conn, key)
+        return await read(self._db, lambda conn: job_store.get_result(conn, key))
 
     async def get_or_compute(
         self, key: str, sha256: str, compute: Callable[[], Awaitable[JobResult]]
@@ -69,8 +68,11 @@ class ResultCache:
         self._in_flight[key] = done
         try:
             result = await compute()
-            async with writing(self._db) as conn:
-                await job_store.store_result(conn, key, sha256, result, time.time())
+            stored_at = time.time()
+            await write(
+                self._db,
+                lambda conn: job_store.store_result(conn, key, sha256, result, stored_at),
+            )
             return result
         finally:
             del self._in_flight[key]

@@ -16,7 +16,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from analysis_service.config import RetryPolicy
 from analysis_service.domain.hub import StatusHub
@@ -33,9 +33,10 @@ from analysis_service.errors import JobNotFound, LeaseLost
 from analysis_service.storage import events as event_log
 from analysis_service.storage import jobs as job_store
 from analysis_service.storage import schema
-from analysis_service.storage.session import reading, writing
-from mediatag_common.database import Database, after_commit
+from analysis_service.storage.session import read, write
+from mediatag_common.database import after_commit
 from mediatag_common.errors import FieldViolation
+from mediatag_common.threaded_database import ThreadedDatabase
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class JobQueue:
     """Submit, claim, complete, fail, retry; pause and resume; wake idle workers."""
 
     def __init__(
-        self, db: Database, hub: StatusHub, retry: RetryPolicy, lease_seconds: float
+        self, db: ThreadedDatabase, hub: StatusHub, retry: RetryPolicy, lease_seconds: float
     ) -> None:
         self._db = db
         self._hub = hub
@@ -72,19 +73,27 @@ class JobQueue:
 
     async def load(self) -> None:
         """Read the persisted state (current revision, paused flag) on start."""
-        async with reading(self._db) as conn:
-            self._hub.current_revision = await event_log.read_counter(conn, schema.REVISION)
-            self.paused = bool(await event_log.read_counter(conn, schema.PAUSED))
+
+        def counters(conn: Connection) -> tuple[int, int]:
+            return (
+                event_log.read_counter(conn, schema.REVISION),
+                event_log.read_counter(conn, schema.PAUSED),
+            )
+
+        self._hub.current_revision, paused = await read(self._db, counters)
+        self.paused = bool(paused)
 
     # -- transactions --------------------------------------------------------------------
+    #
+    # Each transaction is a function of a synchronous connection, run whole on the database
+    # thread. Its clock is read inside it, under the single writer: event times follow
+    # revisions.
 
-    async def _record(
-        self, conn: AsyncConnection, drafts: Sequence[_Draft], now: float
-    ) -> list[StatusEvent]:
+    def _record(self, conn: Connection, drafts: Sequence[_Draft], now: float) -> list[StatusEvent]:
         """Append the events of this transaction and publish them once it commits."""
         if not drafts:
             return []
-        first = await event_log.allocate_revisions(conn, len(drafts))
+        first = event_log.allocate_revisions(conn, len(drafts))
         events = [
             StatusEvent(
                 revision=first + i,
@@ -100,7 +109,7 @@ class JobQueue:
             )
             for i, d in enumerate(drafts)
         ]
-        await event_log.insert_events(
+        event_log.insert_events(
             conn, [(e, d.result_key) for e, d in zip(events, drafts, strict=True)]
         )
         after_commit(conn, lambda: self._hub.publish(events))
@@ -111,26 +120,30 @@ class JobQueue:
     async def submit(self, specs: Sequence[JobSpec]) -> tuple[list[str], list[str]]:
         """Enqueue new jobs; ids already known are left as they are. Returns (new, known)."""
         unique = list({spec.media_id: spec for spec in specs}.values())
-        async with writing(self._db) as conn:
-            now = time.time()  # under the write lock: event times follow revisions
-            known = await job_store.known_ids(conn, [s.media_id for s in unique])
+
+        def transaction(conn: Connection) -> tuple[list[str], list[str]]:
+            now = time.time()
+            known = job_store.known_ids(conn, [s.media_id for s in unique])
             new = [s for s in unique if s.media_id not in known]
             if new:
-                events = await self._record(
+                events = self._record(
                     conn,
                     [_Draft(s.media_id, s.owner_id, JobStatus.PENDING, None, 0) for s in new],
                     now,
                 )
-                await job_store.insert_jobs(
+                job_store.insert_jobs(
                     conn,
                     new,
                     now=now,
                     max_attempts=self._retry.max_attempts,
                     revisions=[e.revision for e in events],
                 )
-        if new:
+            return [s.media_id for s in new], sorted(known)
+
+        new_ids, known_ids = await write(self._db, transaction)
+        if new_ids:
             self._work_available.set()
-        return [s.media_id for s in new], sorted(known)
+        return new_ids, known_ids
 
     # -- claiming ------------------------------------------------------------------------
 
@@ -138,12 +151,13 @@ class JobQueue:
         """Lease the next due job in queue order, or None (also while paused)."""
         if self.paused:
             return None
-        async with writing(self._db) as conn:
-            now = time.time()  # under the write lock: event times follow revisions
-            row = await job_store.next_claimable(conn, now)
+
+        def transaction(conn: Connection) -> ClaimedJob | None:
+            now = time.time()
+            row = job_store.next_claimable(conn, now)
             if row is None:
                 return None
-            (event,) = await self._record(
+            (event,) = self._record(
                 conn,
                 [
                     _Draft(
@@ -156,7 +170,7 @@ class JobQueue:
                 ],
                 now,
             )
-            return await job_store.claim(
+            return job_store.claim(
                 conn,
                 row,
                 worker_id=worker_id,
@@ -165,13 +179,15 @@ class JobQueue:
                 revision=event.revision,
             )
 
+        # A claim cancelled on its way back leaves its lease to expire and be reaped.
+        return await write(self._db, transaction)
+
     async def wait_for_work(self, max_wait: float) -> None:
         """Sleep until a job may be due (submit, retry, resume, next backoff) or max_wait."""
         self._work_available.clear()
         timeout = max_wait
         if not self.paused:
-            async with reading(self._db) as conn:
-                due = await job_store.next_due_time(conn)
+            due = await read(self._db, job_store.next_due_time)
             if due is not None:
                 timeout = min(max_wait, max(0.0, due - time.time()))
         if timeout <= 0:
@@ -184,13 +200,16 @@ class JobQueue:
 
     async def renew_lease(self, job: ClaimedJob) -> bool:
         """Extend the lease; False when it was lost (expired and reclaimed)."""
-        async with writing(self._db) as conn:
-            return await job_store.fenced_update(
+
+        def transaction(conn: Connection) -> bool:
+            return job_store.fenced_update(
                 conn,
                 job.spec.media_id,
                 job.lease_token,
                 {"lease_expires_at": time.time() + self.lease_seconds},
             )
+
+        return await write(self._db, transaction)
 
     # -- outcomes ------------------------------------------------------------------------
 
@@ -199,9 +218,10 @@ class JobQueue:
 
         Raises LeaseLost when a newer claim holds the job (this worker was fenced out).
         """
-        async with writing(self._db) as conn:
-            now = time.time()  # under the write lock: event times follow revisions
-            (event,) = await self._record(
+
+        def transaction(conn: Connection) -> None:
+            now = time.time()
+            (event,) = self._record(
                 conn,
                 [
                     _Draft(
@@ -216,7 +236,7 @@ class JobQueue:
                 ],
                 now,
             )
-            held = await job_store.fenced_update(
+            held = job_store.fenced_update(
                 conn,
                 job.spec.media_id,
                 job.lease_token,
@@ -234,62 +254,55 @@ class JobQueue:
             if not held:
                 # Raising rolls the event back too: a fenced-out worker changes nothing.
                 raise LeaseLost(f"lease on media {job.spec.media_id} was lost")
-            await job_store.finish_attempt(
+            job_store.finish_attempt(
                 conn, job.spec.media_id, job.attempt, ended_at=now, outcome="COMPLETED", error=None
             )
 
+        await write(self._db, transaction)
+
     async def fail_attempt(self, job: ClaimedJob, error: JobError) -> StatusEvent:
         """A failed attempt: retried with backoff if transient and attempts remain, else FAILED."""
-        now = time.time()
         retry = error.transient and job.attempt < self._retry.max_attempts
-        next_at = now + self.backoff(job.attempt) if retry else None
-        status = JobStatus.PENDING if retry else JobStatus.FAILED
         return await self._end_attempt(
             job,
-            status=status,
+            status=JobStatus.PENDING if retry else JobStatus.FAILED,
             error=error,
             outcome="RETRY_SCHEDULED" if retry else "FAILED",
-            next_attempt_at=next_at,
+            delay=self.backoff(job.attempt) if retry else None,
             attempt=job.attempt,
-            now=now,
         )
 
     async def defer_for_quota(self, job: ClaimedJob, error: JobError, delay: float) -> StatusEvent:
         """A quota refusal: back to PENDING after ``delay``; the attempt does not count."""
-        now = time.time()
         if job.quota_deferrals >= self._retry.max_quota_deferrals:
             return await self._end_attempt(
                 job,
                 status=JobStatus.FAILED,
                 error=error,
                 outcome="FAILED",
-                next_attempt_at=None,
+                delay=None,
                 attempt=job.attempt,
-                now=now,
             )
         return await self._end_attempt(
             job,
             status=JobStatus.PENDING,
             error=error,
             outcome="QUOTA_EXCEEDED",
-            next_attempt_at=now + delay,
+            delay=delay,
             attempt=job.attempt - 1,
-            now=now,
             extra={"quota_deferrals": job.quota_deferrals + 1},
         )
 
     async def release(self, job: ClaimedJob) -> StatusEvent:
         """Give a job back on shutdown: PENDING at once; the attempt does not count."""
         error = JobError("RELEASED", "the worker stopped before finishing (shutdown)", True)
-        now = time.time()
         return await self._end_attempt(
             job,
             status=JobStatus.PENDING,
             error=None,
             outcome="RELEASED",
-            next_attempt_at=now,
+            delay=0.0,
             attempt=job.attempt - 1,
-            now=now,
             attempt_error=error,
         )
 
@@ -300,14 +313,17 @@ class JobQueue:
         status: JobStatus,
         error: JobError | None,
         outcome: str,
-        next_attempt_at: float | None,
+        delay: float | None,
         attempt: int,
-        now: float,
         extra: dict[str, Any] | None = None,
         attempt_error: JobError | None = None,
     ) -> StatusEvent:
-        async with writing(self._db) as conn:
-            (event,) = await self._record(
+        """End the attempt with ``status``; a PENDING job is due again after ``delay``."""
+
+        def transaction(conn: Connection) -> StatusEvent:
+            now = time.time()
+            next_attempt_at = None if delay is None else now + delay
+            (event,) = self._record(
                 conn,
                 [
                     _Draft(
@@ -334,9 +350,9 @@ class JobQueue:
             }
             if next_attempt_at is not None:
                 values["next_attempt_at"] = next_attempt_at
-            if not await job_store.fenced_update(conn, job.spec.media_id, job.lease_token, values):
+            if not job_store.fenced_update(conn, job.spec.media_id, job.lease_token, values):
                 raise LeaseLost(f"lease on media {job.spec.media_id} was lost")
-            await job_store.finish_attempt(
+            job_store.finish_attempt(
                 conn,
                 job.spec.media_id,
                 job.attempt,
@@ -344,6 +360,9 @@ class JobQueue:
                 outcome=outcome,
                 error=attempt_error or error,
             )
+            return event
+
+        event = await write(self._db, transaction)
         if status is JobStatus.PENDING:
             self._work_available.set()
         return event
@@ -358,9 +377,10 @@ class JobQueue:
 
     async def reap_expired_leases(self) -> list[StatusEvent]:
         """Return jobs whose lease expired to PENDING (or FAILED when out of attempts)."""
-        async with writing(self._db) as conn:
-            now = time.time()  # under the write lock: event times follow revisions
-            rows = await job_store.expired_leases(conn, now)
+
+        def transaction(conn: Connection) -> list[StatusEvent]:
+            now = time.time()
+            rows = job_store.expired_leases(conn, now)
             drafts = []
             for row in rows:
                 retry = row.attempt < row.max_attempts
@@ -375,7 +395,7 @@ class JobQueue:
                         next_attempt_at=now + self.backoff(row.attempt) if retry else None,
                     )
                 )
-            events = await self._record(conn, drafts, now)
+            events = self._record(conn, drafts, now)
             for row, draft, event in zip(rows, drafts, events, strict=True):
                 values: dict[str, Any] = {
                     "status": draft.status.value,
@@ -387,8 +407,8 @@ class JobQueue:
                 }
                 if draft.next_attempt_at is not None:
                     values["next_attempt_at"] = draft.next_attempt_at
-                await job_store.fenced_update(conn, row.media_id, row.lease_token, values)
-                await job_store.finish_attempt(
+                job_store.fenced_update(conn, row.media_id, row.lease_token, values)
+                job_store.finish_attempt(
                     conn,
                     row.media_id,
                     row.attempt,
@@ -396,6 +416,9 @@ class JobQueue:
                     outcome="LEASE_EXPIRED",
                     error=LEASE_EXPIRED,
                 )
+            return events
+
+        events = await write(self._db, transaction)
         for event in events:
             logger.warning(
                 "lease of media %s expired (attempt %d); now %s",
@@ -418,10 +441,11 @@ class JobQueue:
 
         With ids, every listed job in a terminal status is retried; unknown ids raise.
         """
-        async with writing(self._db) as conn:
-            now = time.time()  # under the write lock: event times follow revisions
+
+        def transaction(conn: Connection) -> list[str]:
+            now = time.time()
             if media_ids:
-                known = await job_store.known_ids(conn, media_ids)
+                known = job_store.known_ids(conn, media_ids)
                 missing = sorted(set(media_ids) - known)
                 if missing:
                     raise JobNotFound(
@@ -433,26 +457,28 @@ class JobQueue:
                 rows = [
                     row
                     for terminal in (JobStatus.FAILED, JobStatus.COMPLETED)
-                    for row in await job_store.job_rows(conn, media_ids, status=terminal)
+                    for row in job_store.job_rows(conn, media_ids, status=terminal)
                 ]
             else:
-                rows = await job_store.job_rows(conn, owner_id=owner_id, status=status)
+                rows = job_store.job_rows(conn, owner_id=owner_id, status=status)
             drafts = [
                 _Draft(row.media_id, row.owner_id, JobStatus.PENDING, JobStatus(row.status), 0)
                 for row in rows
             ]
-            events = await self._record(conn, drafts, now)
+            events = self._record(conn, drafts, now)
             for row, event in zip(rows, events, strict=True):
-                await job_store.reset_for_retry(
-                    conn, row.media_id, now=now, revision=event.revision
-                )
-        if rows:
+                job_store.reset_for_retry(conn, row.media_id, now=now, revision=event.revision)
+            return [row.media_id for row in rows]
+
+        retried = await write(self._db, transaction)
+        if retried:
             self._work_available.set()
-        return [row.media_id for row in rows]
+        return retried
 
     async def set_paused(self, paused: bool) -> None:
-        async with writing(self._db) as conn:
-            await event_log.write_counter(conn, schema.PAUSED, int(paused))
+        await write(
+            self._db, lambda conn: event_log.write_counter(conn, schema.PAUSED, int(paused))
+        )
         self.paused = paused
         if not paused:
             self._work_available.set()
@@ -460,8 +486,10 @@ class JobQueue:
     # -- reads ---------------------------------------------------------------------------
 
     async def get(self, media_id: str, *, with_embedding: bool) -> Job | None:
-        async with reading(self._db) as conn:
-            return await job_store.get_job(conn, media_id, with_embedding=with_embedding)
+        return await read(
+            self._db,
+            lambda conn: job_store.get_job(conn, media_id, with_embedding=with_embedding),
+        )
 
     async def list(
         self,
@@ -473,8 +501,9 @@ class JobQueue:
         limit: int,
         with_embedding: bool,
     ) -> list[Job]:
-        async with reading(self._db) as conn:
-            return await job_store.list_jobs(
+        return await read(
+            self._db,
+            lambda conn: job_store.list_jobs(
                 conn,
                 status=status,
                 owner_id=owner_id,
@@ -482,18 +511,20 @@ class JobQueue:
                 after=after,
                 limit=limit,
                 with_embedding=with_embedding,
-            )
+            ),
+        )
 
     async def depth(self) -> tuple[dict[JobStatus, int], float | None]:
         """Counts by status and the submission time of the oldest PENDING job."""
-        async with reading(self._db) as conn:
-            return (
-                await job_store.counts_by_status(conn),
-                await job_store.oldest_pending_submission(conn),
-            )
+
+        def query(conn: Connection) -> tuple[dict[JobStatus, int], float | None]:
+            return job_store.counts_by_status(conn), job_store.oldest_pending_submission(conn)
+
+        return await read(self._db, query)
 
     async def compact_events(self, *, max_age: float, max_events: int) -> int:
-        async with writing(self._db) as conn:
-            return await event_log.compact(
-                conn, before_time=time.time() - max_age, keep_last=max_events
-            )
+        before_time = time.time() - max_age
+        return await write(
+            self._db,
+            lambda conn: event_log.compact(conn, before_time=before_time, keep_last=max_events),
+        )

@@ -11,14 +11,16 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from sqlalchemy.engine import Connection
+
 from analysis_service.domain.hub import StatusHub, Subscription, WatchFilter
 from analysis_service.domain.models import Bookmark, JobStatus, StatusEvent
 from analysis_service.errors import InvalidArgument, RevisionAhead, RevisionCompacted
 from analysis_service.storage import events as event_log
 from analysis_service.storage import schema
-from analysis_service.storage.session import consistent_read, reading
-from mediatag_common.database import Database
+from analysis_service.storage.session import consistent_read, read
 from mediatag_common.errors import FieldViolation
+from mediatag_common.threaded_database import ThreadedDatabase
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ class _TerminalTracker:
 class StatusWatcher:
     """Serves watch streams from the event log and the hub."""
 
-    def __init__(self, db: Database, hub: StatusHub, *, bookmark_interval: float) -> None:
+    def __init__(self, db: ThreadedDatabase, hub: StatusHub, *, bookmark_interval: float) -> None:
         self._db = db
         self._hub = hub
         self._bookmark_interval = bookmark_interval
@@ -91,12 +93,11 @@ class StatusWatcher:
     async def _stream(
         self, request: WatchRequest, subscription: Subscription
     ) -> AsyncIterator[StatusEvent | Bookmark]:
-        async with consistent_read(self._db) as conn:
-            snapshot_revision = await event_log.read_counter(conn, schema.REVISION)
-            compacted_through = await event_log.read_counter(conn, schema.COMPACTED_THROUGH)
-            needs_state = request.send_initial_state or request.until_terminal
+        needs_state = request.send_initial_state or request.until_terminal
+
+        def snapshot(conn: Connection) -> tuple[int, int, list[StatusEvent]]:
             states = (
-                await event_log.current_state(
+                event_log.current_state(
                     conn,
                     media_ids=request.media_ids,
                     owner_id=request.owner_id,
@@ -105,6 +106,13 @@ class StatusWatcher:
                 if needs_state
                 else []
             )
+            return (
+                event_log.read_counter(conn, schema.REVISION),
+                event_log.read_counter(conn, schema.COMPACTED_THROUGH),
+                states,
+            )
+
+        snapshot_revision, compacted_through, states = await consistent_read(self._db, snapshot)
         tracker = _TerminalTracker(request.media_ids, states) if request.until_terminal else None
 
         if request.send_initial_state:
@@ -147,23 +155,27 @@ class StatusWatcher:
             last = live.revision
 
     async def _catch_up(self, request: WatchRequest, after: int) -> AsyncIterator[StatusEvent]:
+
+        def read_page(conn: Connection) -> list[StatusEvent]:
+            page = event_log.read_events(
+                conn,
+                after_revision=after,
+                limit=CATCH_UP_PAGE,
+                media_ids=request.media_ids,
+                owner_id=request.owner_id,
+                with_embedding=request.include_embedding,
+            )
+            # Compaction may have overtaken this reader since its last page (a slow
+            # client). The watermark is read after the page: if it is still at or below
+            # ``after``, nothing the page should hold had been deleted when it was read.
+            compacted_through = event_log.read_counter(conn, schema.COMPACTED_THROUGH)
+            if after < compacted_through:
+                current = event_log.read_counter(conn, schema.REVISION)
+                raise _compacted(after, compacted_through, current)
+            return page
+
         while True:
-            async with reading(self._db) as conn:
-                page = await event_log.read_events(
-                    conn,
-                    after_revision=after,
-                    limit=CATCH_UP_PAGE,
-                    media_ids=request.media_ids,
-                    owner_id=request.owner_id,
-                    with_embedding=request.include_embedding,
-                )
-                # Compaction may have overtaken this reader since its last page (a slow
-                # client). The watermark is read after the page: if it is still at or below
-                # ``after``, nothing the page should hold had been deleted when it was read.
-                compacted_through = await event_log.read_counter(conn, schema.COMPACTED_THROUGH)
-                if after < compacted_through:
-                    current = await event_log.read_counter(conn, schema.REVISION)
-                    raise _compacted(after, compacted_through, current)
+            page = await read(self._db, read_page)
             for event in page:
                 yield event
                 after = event.revision

@@ -7,21 +7,21 @@ from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from analysis_service.domain.models import JobError, JobResult, JobStatus, StatusEvent
 from analysis_service.storage import schema
 from analysis_service.storage.schema import counters, events, jobs, results
 
 
-async def allocate_revisions(conn: AsyncConnection, count: int) -> int:
+def allocate_revisions(conn: Connection, count: int) -> int:
     """Reserve ``count`` consecutive revisions in this transaction; returns the first.
 
     The counter row is updated inside the writer's transaction, so revisions commit in
     order and a rolled-back transaction leaves no gap.
     """
     row = (
-        await conn.execute(
+        conn.execute(
             sa.update(counters)
             .where(counters.c.name == schema.REVISION)
             .values(value=counters.c.value + count)
@@ -32,22 +32,18 @@ async def allocate_revisions(conn: AsyncConnection, count: int) -> int:
     return last - count + 1
 
 
-async def read_counter(conn: AsyncConnection, name: str) -> int:
-    value = (
-        await conn.execute(sa.select(counters.c.value).where(counters.c.name == name))
-    ).scalar_one()
+def read_counter(conn: Connection, name: str) -> int:
+    value = conn.execute(sa.select(counters.c.value).where(counters.c.name == name)).scalar_one()
     return int(value)
 
 
-async def write_counter(conn: AsyncConnection, name: str, value: int) -> None:
-    await conn.execute(sa.update(counters).where(counters.c.name == name).values(value=value))
+def write_counter(conn: Connection, name: str, value: int) -> None:
+    conn.execute(sa.update(counters).where(counters.c.name == name).values(value=value))
 
 
-async def insert_events(
-    conn: AsyncConnection, rows: Sequence[tuple[StatusEvent, str | None]]
-) -> None:
+def insert_events(conn: Connection, rows: Sequence[tuple[StatusEvent, str | None]]) -> None:
     """Append events, each with the cache key of its result (if any)."""
-    await conn.execute(
+    conn.execute(
         events.insert(),
         [
             {
@@ -103,8 +99,8 @@ def error_from_row(row: Any) -> JobError | None:
     return JobError(row.error_reason, row.error_message or "", bool(row.error_transient))
 
 
-async def read_events(
-    conn: AsyncConnection,
+def read_events(
+    conn: Connection,
     *,
     after_revision: int,
     limit: int,
@@ -124,7 +120,7 @@ async def read_events(
         query = query.where(events.c.media_id.in_(list(media_ids)))
     if owner_id:
         query = query.where(events.c.owner_id == owner_id)
-    rows = (await conn.execute(query)).all()
+    rows = conn.execute(query).all()
     return [
         StatusEvent(
             revision=row.revision,
@@ -142,8 +138,8 @@ async def read_events(
     ]
 
 
-async def current_state(
-    conn: AsyncConnection,
+def current_state(
+    conn: Connection,
     *,
     media_ids: Collection[str] = (),
     owner_id: str = "",
@@ -172,7 +168,7 @@ async def current_state(
         query = query.where(jobs.c.media_id.in_(list(media_ids)))
     if owner_id:
         query = query.where(jobs.c.owner_id == owner_id)
-    rows = (await conn.execute(query)).all()
+    rows = conn.execute(query).all()
     states = []
     for row in rows:
         status = JobStatus(row.status)
@@ -196,21 +192,21 @@ async def current_state(
     return states
 
 
-async def compact(conn: AsyncConnection, *, before_time: float, keep_last: int) -> int:
+def compact(conn: Connection, *, before_time: float, keep_last: int) -> int:
     """Drop events older than ``before_time`` or beyond the newest ``keep_last``.
 
     Returns the new compaction watermark: every revision at or below it is gone.
     """
-    newest = await read_counter(conn, schema.REVISION)
+    newest = read_counter(conn, schema.REVISION)
     cutoff_by_count = newest - keep_last
     cutoff_by_time = (
-        await conn.execute(
+        conn.execute(
             sa.select(sa.func.max(events.c.revision)).where(events.c.event_time < before_time)
         )
     ).scalar_one_or_none() or 0
     watermark = max(
-        cutoff_by_count, int(cutoff_by_time), await read_counter(conn, schema.COMPACTED_THROUGH)
+        cutoff_by_count, int(cutoff_by_time), read_counter(conn, schema.COMPACTED_THROUGH)
     )
-    await conn.execute(sa.delete(events).where(events.c.revision <= watermark))
-    await write_counter(conn, schema.COMPACTED_THROUGH, watermark)
+    conn.execute(sa.delete(events).where(events.c.revision <= watermark))
+    write_counter(conn, schema.COMPACTED_THROUGH, watermark)
     return watermark

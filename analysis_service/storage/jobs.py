@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from analysis_service.domain.models import (
     Attempt,
@@ -48,22 +48,20 @@ def error_values(error: JobError | None) -> dict[str, Any]:
     }
 
 
-async def known_ids(conn: AsyncConnection, media_ids: Collection[str]) -> set[str]:
-    rows = await conn.execute(
-        sa.select(jobs.c.media_id).where(jobs.c.media_id.in_(list(media_ids)))
-    )
+def known_ids(conn: Connection, media_ids: Collection[str]) -> set[str]:
+    rows = conn.execute(sa.select(jobs.c.media_id).where(jobs.c.media_id.in_(list(media_ids))))
     return set(rows.scalars())
 
 
-async def insert_jobs(
-    conn: AsyncConnection,
+def insert_jobs(
+    conn: Connection,
     specs: Sequence[JobSpec],
     *,
     now: float,
     max_attempts: int,
     revisions: Sequence[int],
 ) -> None:
-    await conn.execute(
+    conn.execute(
         jobs.insert(),
         [
             {
@@ -92,7 +90,7 @@ async def insert_jobs(
     )
 
 
-async def next_claimable(conn: AsyncConnection, now: float) -> Any | None:
+def next_claimable(conn: Connection, now: float) -> Any | None:
     """The first PENDING job in queue order that is due."""
     query = (
         sa.select(jobs)
@@ -100,20 +98,20 @@ async def next_claimable(conn: AsyncConnection, now: float) -> Any | None:
         .order_by(*QUEUE_ORDER)
         .limit(1)
     )
-    return (await conn.execute(query)).first()
+    return conn.execute(query).first()
 
 
-async def next_due_time(conn: AsyncConnection) -> float | None:
+def next_due_time(conn: Connection) -> float | None:
     """When the earliest PENDING job becomes claimable."""
     query = sa.select(sa.func.min(jobs.c.next_attempt_at)).where(
         jobs.c.status == JobStatus.PENDING.value
     )
-    value = (await conn.execute(query)).scalar_one_or_none()
+    value = conn.execute(query).scalar_one_or_none()
     return float(value) if value is not None else None
 
 
-async def claim(
-    conn: AsyncConnection,
+def claim(
+    conn: Connection,
     row: Any,
     *,
     worker_id: str,
@@ -123,7 +121,7 @@ async def claim(
 ) -> ClaimedJob:
     token = row.lease_token + 1
     attempt = row.attempt + 1
-    await conn.execute(
+    conn.execute(
         sa.update(jobs)
         .where(jobs.c.media_id == row.media_id)
         .values(
@@ -136,7 +134,7 @@ async def claim(
             revision=revision,
         )
     )
-    await conn.execute(
+    conn.execute(
         attempts.insert().values(
             media_id=row.media_id, number=attempt, started_at=now, outcome="RUNNING"
         )
@@ -144,11 +142,11 @@ async def claim(
     return ClaimedJob(spec_from_row(row), attempt, token, row.quota_deferrals)
 
 
-async def fenced_update(
-    conn: AsyncConnection, media_id: str, lease_token: int, values: Mapping[str, Any]
+def fenced_update(
+    conn: Connection, media_id: str, lease_token: int, values: Mapping[str, Any]
 ) -> bool:
     """Update a PROCESSING job only if ``lease_token`` still holds its lease."""
-    result = await conn.execute(
+    result = conn.execute(
         sa.update(jobs)
         .where(
             jobs.c.media_id == media_id,
@@ -160,8 +158,8 @@ async def fenced_update(
     return bool(result.rowcount == 1)
 
 
-async def finish_attempt(
-    conn: AsyncConnection,
+def finish_attempt(
+    conn: Connection,
     media_id: str,
     number: int,
     *,
@@ -169,7 +167,7 @@ async def finish_attempt(
     outcome: str,
     error: JobError | None,
 ) -> None:
-    await conn.execute(
+    conn.execute(
         sa.update(attempts)
         .where(
             attempts.c.media_id == media_id,
@@ -180,11 +178,9 @@ async def finish_attempt(
     )
 
 
-async def reset_for_retry(
-    conn: AsyncConnection, media_id: str, *, now: float, revision: int
-) -> None:
+def reset_for_retry(conn: Connection, media_id: str, *, now: float, revision: int) -> None:
     """A terminal job back to PENDING with a fresh set of attempts."""
-    await conn.execute(
+    conn.execute(
         sa.update(jobs)
         .where(jobs.c.media_id == media_id)
         .values(
@@ -203,39 +199,37 @@ async def reset_for_retry(
     )
 
 
-async def expired_leases(conn: AsyncConnection, now: float) -> list[Any]:
+def expired_leases(conn: Connection, now: float) -> list[Any]:
     query = sa.select(jobs).where(
         jobs.c.status == JobStatus.PROCESSING.value, jobs.c.lease_expires_at < now
     )
-    return list((await conn.execute(query)).all())
+    return list(conn.execute(query).all())
 
 
-async def job_rows(
-    conn: AsyncConnection, media_ids: Collection[str] = (), *, owner_id: str = "", status: JobStatus
+def job_rows(
+    conn: Connection, media_ids: Collection[str] = (), *, owner_id: str = "", status: JobStatus
 ) -> list[Any]:
     query = sa.select(jobs).where(jobs.c.status == status.value)
     if media_ids:
         query = query.where(jobs.c.media_id.in_(list(media_ids)))
     if owner_id:
         query = query.where(jobs.c.owner_id == owner_id)
-    return list((await conn.execute(query.order_by(*QUEUE_ORDER))).all())
+    return list(conn.execute(query.order_by(*QUEUE_ORDER)).all())
 
 
-async def get_result(conn: AsyncConnection, key: str) -> JobResult | None:
-    row = (await conn.execute(sa.select(results).where(results.c.key == key))).first()
+def get_result(conn: Connection, key: str) -> JobResult | None:
+    row = conn.execute(sa.select(results).where(results.c.key == key)).first()
     return result_from_row(row, reused=True, with_embedding=True) if row else None
 
 
-async def store_result(
-    conn: AsyncConnection, key: str, sha256: str, result: JobResult, now: float
-) -> None:
+def store_result(conn: Connection, key: str, sha256: str, result: JobResult, now: float) -> None:
     """Insert a result unless the key is already cached (results are deterministic by key)."""
     if result.embedding is None:
         raise ValueError("a stored result needs its embedding")
-    exists = (await conn.execute(sa.select(results.c.key).where(results.c.key == key))).first()
+    exists = conn.execute(sa.select(results.c.key).where(results.c.key == key)).first()
     if exists:
         return
-    await conn.execute(
+    conn.execute(
         results.insert().values(
             key=key,
             sha256=sha256,
@@ -287,22 +281,20 @@ def _job_from_row(row: Any, with_embedding: bool, attempt_rows: Sequence[Any] = 
     )
 
 
-async def get_job(conn: AsyncConnection, media_id: str, *, with_embedding: bool) -> Job | None:
-    row = (
-        await conn.execute(_job_select(with_embedding).where(jobs.c.media_id == media_id))
-    ).first()
+def get_job(conn: Connection, media_id: str, *, with_embedding: bool) -> Job | None:
+    row = conn.execute(_job_select(with_embedding).where(jobs.c.media_id == media_id)).first()
     if row is None:
         return None
     attempt_rows = (
-        await conn.execute(
+        conn.execute(
             sa.select(attempts).where(attempts.c.media_id == media_id).order_by(attempts.c.id)
         )
     ).all()
     return _job_from_row(row, with_embedding, attempt_rows)
 
 
-async def list_jobs(
-    conn: AsyncConnection,
+def list_jobs(
+    conn: Connection,
     *,
     status: JobStatus | None,
     owner_id: str,
@@ -332,10 +324,10 @@ async def list_jobs(
                 ),
             )
         )
-    rows = (await conn.execute(query)).all()
+    rows = conn.execute(query).all()
     by_id: dict[str, list[Any]] = {row.media_id: [] for row in rows}
     if by_id:
-        attempt_rows = await conn.execute(
+        attempt_rows = conn.execute(
             sa.select(attempts).where(attempts.c.media_id.in_(list(by_id))).order_by(attempts.c.id)
         )
         for attempt_row in attempt_rows:
@@ -343,17 +335,17 @@ async def list_jobs(
     return [_job_from_row(row, with_embedding, by_id[row.media_id]) for row in rows]
 
 
-async def counts_by_status(conn: AsyncConnection) -> dict[JobStatus, int]:
-    rows = await conn.execute(sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status))
+def counts_by_status(conn: Connection) -> dict[JobStatus, int]:
+    rows = conn.execute(sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status))
     counts = dict.fromkeys(JobStatus, 0)
     for status, count in rows:
         counts[JobStatus(status)] = int(count)
     return counts
 
 
-async def oldest_pending_submission(conn: AsyncConnection) -> float | None:
+def oldest_pending_submission(conn: Connection) -> float | None:
     value = (
-        await conn.execute(
+        conn.execute(
             sa.select(sa.func.min(jobs.c.submitted_at)).where(
                 jobs.c.status == JobStatus.PENDING.value
             )

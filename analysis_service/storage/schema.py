@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
-from mediatag_common.database import Migration
+from mediatag_common.database import SyncMigration
 
 metadata = sa.MetaData()
 
@@ -106,9 +106,9 @@ COMPACTED_THROUGH = "compacted_through"
 PAUSED = "paused"
 
 
-async def _initial_schema(conn: AsyncConnection) -> None:
-    await conn.run_sync(metadata.create_all)
-    await conn.execute(
+def _initial_schema(conn: Connection) -> None:
+    metadata.create_all(conn)
+    conn.execute(
         counters.insert(),
         [
             {"name": REVISION, "value": 0},
@@ -118,4 +118,4 @@ async def _initial_schema(conn: AsyncConnection) -> None:
     )
 
 
-MIGRATIONS = [Migration(1, "jobs, attempts, results, events, counters", _initial_schema)]
+MIGRATIONS = [SyncMigration(1, "jobs, attempts, results, events, counters", _initial_schema)]

@@ -1,29 +1,40 @@
-"""Database access for the domain, with driver errors wrapped in the service's own root."""
+"""Database access for the domain, with driver errors wrapped in the service's own root.
+
+The domain writes each transaction as a plain function of a synchronous connection; it runs
+whole on a database thread (see :mod:`mediatag_common.threaded_database`).
+"""
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from analysis_service.errors import StorageUnavailable
-from mediatag_common.database import Database, DatabaseError, raising_as
+from mediatag_common.database import DatabaseError
+from mediatag_common.threaded_database import ThreadedDatabase
+
+T = TypeVar("T")
 
 
-def _unavailable(exc: DatabaseError) -> StorageUnavailable:
-    return StorageUnavailable(f"analysis database unavailable: {exc}")
+async def _unavailable_as_storage_error(call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except DatabaseError as exc:
+        raise StorageUnavailable(f"analysis database unavailable: {exc}") from exc
 
 
-def reading(db: Database) -> AbstractAsyncContextManager[AsyncConnection]:
-    """A connection for reads."""
-    return raising_as(db.read(), _unavailable)
+async def read(db: ThreadedDatabase, query: Callable[[Connection], T]) -> T:
+    """The result of ``query`` on a read connection."""
+    return await _unavailable_as_storage_error(db.read(query))
 
 
-def writing(db: Database) -> AbstractAsyncContextManager[AsyncConnection]:
-    """A serialised write transaction that commits on exit."""
-    return raising_as(db.write(), _unavailable)
+async def write(db: ThreadedDatabase, transaction: Callable[[Connection], T]) -> T:
+    """The result of ``transaction``, committed (one writer at a time, in order)."""
+    return await _unavailable_as_storage_error(db.write(transaction))
 
 
-def consistent_read(db: Database) -> AbstractAsyncContextManager[AsyncConnection]:
-    """Several reads with no commit in between."""
-    return raising_as(db.snapshot(), _unavailable)
+async def consistent_read(db: ThreadedDatabase, query: Callable[[Connection], T]) -> T:
+    """The result of several reads with no commit in between."""
+    return await _unavailable_as_storage_error(db.snapshot(query))
