@@ -42,6 +42,78 @@ class WatchConfig:
     compaction_interval: float = 60.0
 
 
+# The dimensions multimodalembedding@001 offers.
+GOOGLE_EMBEDDING_DIMENSIONS = (128, 256, 512, 1408)
+# Hosts of Google's own APIs: never reached in plaintext or without credentials.
+_GOOGLE_API_DOMAINS = ("googleapis.com", "google.com")
+
+
+@dataclass(frozen=True)
+class GoogleConfig:
+    """The ``google`` analyser: Cloud Vision, Vertex AI embeddings and (optionally) Gemini.
+
+    Endpoints are ``host:port``. ``insecure`` means plaintext and no credentials, for
+    emulators and tests; it is refused for Google's own endpoints.
+    """
+
+    project: str = ""
+    location: str = "us-central1"
+    vision_endpoint: str = "vision.googleapis.com:443"
+    # Empty: the regional endpoint of ``location``.
+    vertex_endpoint: str = ""
+    insecure: bool = False
+    embedding_model: str = "multimodalembedding@001"
+    refine_tags: bool = False
+    gemini_model: str = "gemini-2.5-flash"
+    # Vision labels and objects below this score are not tags.
+    min_score: float = 0.6
+    max_labels: int = 20
+    max_objects: int = 10
+    max_tags: int = 20
+    # Each call's own deadline; the library's retries are off, our retry policy decides.
+    request_timeout: float = 20.0
+    # What the APIs take (Vision and embeddings: 20 MB; Vision: 75 megapixels); larger
+    # images are downscaled before sending.
+    max_image_bytes: int = 20_000_000
+    max_image_pixels: int = 75_000_000
+
+    @property
+    def resolved_vertex_endpoint(self) -> str:
+        return self.vertex_endpoint or f"{self.location}-aiplatform.googleapis.com:443"
+
+    def check(self, embedding_dimensions: int) -> None:
+        """Raise ``ValueError`` naming what cannot work in this configuration."""
+        if embedding_dimensions not in GOOGLE_EMBEDDING_DIMENSIONS:
+            raise ValueError(
+                "the google analyser's embeddings have "
+                f"{', '.join(map(str, GOOGLE_EMBEDDING_DIMENSIONS))} dimensions, "
+                f"not {embedding_dimensions}"
+            )
+        if not self.project:
+            raise ValueError(
+                "the google analyser needs a Google Cloud project "
+                "(--gcp-project, MEDIATAG_GCP_PROJECT)"
+            )
+        if not self.location:
+            raise ValueError(
+                "the google analyser needs a location (--gcp-location, MEDIATAG_GCP_LOCATION)"
+            )
+        if self.insecure:
+            for endpoint in (self.vision_endpoint, self.resolved_vertex_endpoint):
+                host = endpoint.rsplit(":", 1)[0].strip("[]").lower()
+                if any(host == d or host.endswith("." + d) for d in _GOOGLE_API_DOMAINS):
+                    raise ValueError(
+                        f"insecure mode (plaintext, no credentials) is for emulators and tests "
+                        f"only, not for Google's endpoint {endpoint}"
+                    )
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ValueError("min_score must be between 0 and 1")
+        if self.request_timeout <= 0:
+            raise ValueError("request_timeout must be positive")
+        if min(self.max_labels, self.max_objects, self.max_tags) < 1:
+            raise ValueError("max_labels, max_objects and max_tags must be positive")
+
+
 @dataclass(frozen=True)
 class AnalysisConfig:
     """Everything the analysis service needs to run."""
@@ -54,6 +126,7 @@ class AnalysisConfig:
     ingest_address: str = "127.0.0.1:50051"
     analyzer: str = "local"
     embedding_dimensions: int = 1408
+    google: GoogleConfig = field(default_factory=GoogleConfig)
     workers: int = 4
     # Overrides of the analyser's default per-API limits, by API name.
     rate_limits: Mapping[str, RateLimitConfig] = field(default_factory=dict)

@@ -7,7 +7,7 @@ import logging
 from mediatag.analysis.v1 import analysis_pb2, analysis_pb2_grpc
 
 from analysis_service.analyzers.base import Analyzer
-from analysis_service.analyzers.registry import build_analyzer
+from analysis_service.analyzers.registry import build_analyzer, close_analyzer
 from analysis_service.api.servicer import AnalysisServicer
 from analysis_service.config import AnalysisConfig
 from analysis_service.domain.cache import ResultCache
@@ -132,6 +132,7 @@ async def create_server(
             await metrics_server.stop()
         await maintenance.stop()
         await fetcher.close()
+        await close_analyzer(analyzer)
         await db.close()
 
     host = ServiceHost(

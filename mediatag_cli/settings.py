@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from analysis_service.config import AnalysisConfig, RateLimitConfig, RetryPolicy, WatchConfig
+from analysis_service.config import (
+    AnalysisConfig,
+    GoogleConfig,
+    RateLimitConfig,
+    RetryPolicy,
+    WatchConfig,
+)
 from ingest_service.config import IngestConfig, UploadLimits
 from mediatag_cli.values import (
     LOG_LEVELS,
@@ -126,6 +132,72 @@ EMBEDDING_DIMENSIONS: Setting[int] = Setting(
     "--embedding-dimensions", positive_int, _ANALYSIS.embedding_dimensions,
     "length of the embedding vector", "N", ONLY_ANALYSIS,
 )  # fmt: skip
+# ---- the google analyser (used with --analyzer google) ----
+_GOOGLE = GoogleConfig()
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+_FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def switch(text: str) -> bool:
+    """An on/off setting: a flag without a value, or ``1``/``0`` (true/false, yes/no, on/off)."""
+    value = text.strip().lower()
+    if value not in _TRUE_WORDS | _FALSE_WORDS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 1 or 0 (true/false, yes/no, on/off)")
+    return value in _TRUE_WORDS
+
+
+def _score(text: str) -> float:
+    value = non_negative_float(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a score between 0 and 1")
+    return value
+
+
+GCP_PROJECT: Setting[str] = Setting(
+    "--gcp-project", word, _GOOGLE.project, "Google Cloud project of the Vertex AI calls",
+    "PROJECT", ONLY_ANALYSIS, shown_default="none; required by --analyzer google",
+)  # fmt: skip
+GCP_LOCATION: Setting[str] = Setting(
+    "--gcp-location", word, _GOOGLE.location, "Vertex AI region", "LOCATION", ONLY_ANALYSIS
+)
+VISION_ENDPOINT: Setting[str] = Setting(
+    "--vision-endpoint", word, _GOOGLE.vision_endpoint, "Cloud Vision API endpoint",
+    "HOST:PORT", ONLY_ANALYSIS,
+)  # fmt: skip
+VERTEX_ENDPOINT: Setting[str] = Setting(
+    "--vertex-endpoint", word, _GOOGLE.vertex_endpoint, "Vertex AI API endpoint",
+    "HOST:PORT", ONLY_ANALYSIS, shown_default="LOCATION-aiplatform.googleapis.com:443",
+)  # fmt: skip
+GOOGLE_INSECURE: Setting[bool] = Setting(
+    "--google-insecure", switch, False,
+    "plaintext and no credentials to the Vision/Vertex endpoints: for emulators and tests "
+    "only, refused for Google's own endpoints", "", ONLY_ANALYSIS, shown_default="off",
+)  # fmt: skip
+EMBEDDING_MODEL: Setting[str] = Setting(
+    "--embedding-model", word, _GOOGLE.embedding_model, "Vertex AI multimodal embedding model",
+    "MODEL", ONLY_ANALYSIS,
+)  # fmt: skip
+REFINE_TAGS: Setting[bool] = Setting(
+    "--refine-tags", switch, False,
+    "refine Vision's tags with Gemini from the image, the category and the context", "",
+    ONLY_ANALYSIS, shown_default="off",
+)  # fmt: skip
+GEMINI_MODEL: Setting[str] = Setting(
+    "--gemini-model", word, _GOOGLE.gemini_model, "Gemini model of --refine-tags", "MODEL",
+    ONLY_ANALYSIS,
+)  # fmt: skip
+MIN_LABEL_SCORE: Setting[float] = Setting(
+    "--min-label-score", _score, _GOOGLE.min_score,
+    "Vision labels and objects scoring below this are not tags", "SCORE", ONLY_ANALYSIS,
+)  # fmt: skip
+GOOGLE_TIMEOUT: Setting[float] = Setting(
+    "--google-timeout", positive_float, _GOOGLE.request_timeout,
+    "seconds each call to Google may take", "SECONDS", ONLY_ANALYSIS,
+)  # fmt: skip
+GOOGLE_SETTINGS: tuple[Setting[Any], ...] = (
+    GCP_PROJECT, GCP_LOCATION, VISION_ENDPOINT, VERTEX_ENDPOINT, GOOGLE_INSECURE,
+    EMBEDDING_MODEL, REFINE_TAGS, GEMINI_MODEL, MIN_LABEL_SCORE, GOOGLE_TIMEOUT,
+)  # fmt: skip
 WORKERS: Setting[int] = Setting(
     "--workers", positive_int, _ANALYSIS.workers, "concurrent analysis workers", "N",
     ONLY_ANALYSIS,
@@ -212,6 +284,7 @@ LOG_FORMAT: Setting[str] = Setting(
 SERVE_SETTINGS: tuple[Setting[Any], ...] = (
     DATA_DIR, HOST, INGEST_PORT, ANALYSIS_PORT, INGEST_ADDRESS, ANALYSIS_ADDRESS,
     INGEST_DATABASE_URL, ANALYSIS_DATABASE_URL, SQLITE_SYNCHRONOUS, GRACE_PERIOD, ANALYZER,
+    *GOOGLE_SETTINGS,
     EMBEDDING_DIMENSIONS, WORKERS, RATE_LIMITS, MAX_ATTEMPTS, BACKOFF_BASE, LEASE_SECONDS,
     BOOKMARK_INTERVAL, MAX_WATCHERS, WATCH_BUFFER, EVENT_RETENTION, EVENT_RETENTION_COUNT,
     COMPACTION_INTERVAL, MAX_FILES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS,
@@ -252,6 +325,16 @@ def _help(setting: Setting[T]) -> str:
 
 
 def _add_argument(parser: argparse.ArgumentParser, setting: Setting[T]) -> None:
+    if setting.parse is switch:
+        # An on/off flag takes no value; its variable takes 1/0.
+        parser.add_argument(
+            setting.flag,
+            dest=setting.dest,
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help=_help(setting),
+        )
+        return
     parser.add_argument(
         setting.flag,
         dest=setting.dest,
@@ -390,6 +473,7 @@ def serve_settings(
             ),
             analyzer=get(ANALYZER),
             embedding_dimensions=get(EMBEDDING_DIMENSIONS),
+            google=_google_config(get),
             workers=get(WORKERS),
             rate_limits=get(RATE_LIMITS),
             retry=RetryPolicy(max_attempts=get(MAX_ATTEMPTS), backoff_base=get(BACKOFF_BASE)),
@@ -405,12 +489,32 @@ def serve_settings(
             grace_period=grace_period,
             metrics_port=get(ANALYSIS_METRICS_PORT),
         )
+    if analysis is not None and analysis.analyzer == "google":
+        try:
+            analysis.google.check(analysis.embedding_dimensions)
+        except ValueError as error:
+            raise SettingsError(str(error)) from None
     return ServeSettings(
         ingest=ingest,
         analysis=analysis,
         grace_period=grace_period,
         log_level=get(LOG_LEVEL),
         log_format=get(LOG_FORMAT),
+    )
+
+
+def _google_config(get: Callable[[Setting[Any]], Any]) -> GoogleConfig:
+    return GoogleConfig(
+        project=get(GCP_PROJECT),
+        location=get(GCP_LOCATION),
+        vision_endpoint=get(VISION_ENDPOINT),
+        vertex_endpoint=get(VERTEX_ENDPOINT),
+        insecure=get(GOOGLE_INSECURE),
+        embedding_model=get(EMBEDDING_MODEL),
+        refine_tags=get(REFINE_TAGS),
+        gemini_model=get(GEMINI_MODEL),
+        min_score=get(MIN_LABEL_SCORE),
+        request_timeout=get(GOOGLE_TIMEOUT),
     )
 
 
