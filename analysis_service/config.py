@@ -128,6 +128,8 @@ class AnalysisConfig:
     embedding_dimensions: int = 1408
     google: GoogleConfig = field(default_factory=GoogleConfig)
     workers: int = 4
+    # Child processes of the local analyser; 0 = threads of this process (see LocalAnalyzer).
+    analyzer_processes: int = 0
     # Overrides of the analyser's default per-API limits, by API name.
     rate_limits: Mapping[str, RateLimitConfig] = field(default_factory=dict)
     retry: RetryPolicy = field(default_factory=RetryPolicy)

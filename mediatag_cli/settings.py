@@ -32,6 +32,7 @@ from mediatag_cli.values import (
     log_format,
     log_level,
     non_negative_float,
+    non_negative_int,
     port,
     port_or_off,
     positive_float,
@@ -202,6 +203,11 @@ WORKERS: Setting[int] = Setting(
     "--workers", positive_int, _ANALYSIS.workers, "concurrent analysis workers", "N",
     ONLY_ANALYSIS,
 )  # fmt: skip
+ANALYZER_PROCESSES: Setting[int] = Setting(
+    "--analyzer-processes", non_negative_int, os.cpu_count() or 1,
+    "processes the local analyser measures images in, at low CPU priority "
+    "(0: threads of the service's own process)", "N", ONLY_ANALYSIS,
+)  # fmt: skip
 RATE_LIMITS: Setting[Mapping[str, RateLimitConfig]] = Setting(
     "--rate-limit", rate_limits, {},
     "limit calls to one upstream API to RATE per second in bursts of BURST (default 1); "
@@ -285,7 +291,8 @@ SERVE_SETTINGS: tuple[Setting[Any], ...] = (
     DATA_DIR, HOST, INGEST_PORT, ANALYSIS_PORT, INGEST_ADDRESS, ANALYSIS_ADDRESS,
     INGEST_DATABASE_URL, ANALYSIS_DATABASE_URL, SQLITE_SYNCHRONOUS, GRACE_PERIOD, ANALYZER,
     *GOOGLE_SETTINGS,
-    EMBEDDING_DIMENSIONS, WORKERS, RATE_LIMITS, MAX_ATTEMPTS, BACKOFF_BASE, LEASE_SECONDS,
+    EMBEDDING_DIMENSIONS, WORKERS, ANALYZER_PROCESSES, RATE_LIMITS, MAX_ATTEMPTS, BACKOFF_BASE,
+    LEASE_SECONDS,
     BOOKMARK_INTERVAL, MAX_WATCHERS, WATCH_BUFFER, EVENT_RETENTION, EVENT_RETENTION_COUNT,
     COMPACTION_INTERVAL, MAX_FILES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS,
     MAX_VIDEO_BYTES, INGEST_METRICS_PORT, ANALYSIS_METRICS_PORT, LOG_LEVEL, LOG_FORMAT,
@@ -475,6 +482,7 @@ def serve_settings(
             embedding_dimensions=get(EMBEDDING_DIMENSIONS),
             google=_google_config(get),
             workers=get(WORKERS),
+            analyzer_processes=get(ANALYZER_PROCESSES),
             rate_limits=get(RATE_LIMITS),
             retry=RetryPolicy(max_attempts=get(MAX_ATTEMPTS), backoff_base=get(BACKOFF_BASE)),
             lease_seconds=get(LEASE_SECONDS),

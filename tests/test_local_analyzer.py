@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import multiprocessing
+import os
 import re
+import signal
 import struct
 import time
 import zlib
@@ -19,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from analysis_service.analyzers.base import AnalysisInput, AnalysisOutput, ApiLimit
 from analysis_service.analyzers.local import LocalAnalyzer
-from analysis_service.errors import PermanentAnalyzerError
+from analysis_service.errors import PermanentAnalyzerError, TransientAnalyzerError
 
 TAG_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 SCENE_SEEDS = (11, 22, 33, 44, 55, 66)
@@ -345,3 +348,39 @@ async def test_one_limiter_slot_per_analysis_and_a_cache_key_without_category() 
     food = analyzer.cache_inputs("food", {})
     assert food == analyzer.cache_inputs("pets", {"caption": "a dog"}) == {"dimensions": "256"}
     assert LocalAnalyzer(embedding_dimensions=128).cache_inputs("food", {}) != food
+
+
+async def test_analysis_processes_measure_exactly_what_threads_do() -> None:
+    images = [encode(scene(seed), "JPEG") for seed in SCENE_SEEDS[:3]]
+    in_process = [await analyse(content) for content in images]
+    analyzer = LocalAnalyzer(processes=2)
+    try:
+        in_children = [await analyse(content, analyzer) for content in images]
+        with pytest.raises(PermanentAnalyzerError) as raised:
+            await analyse(b"not an image at all", analyzer)
+    finally:
+        await analyzer.aclose()
+    for here, there in zip(in_process, in_children, strict=True):
+        assert there.tags == here.tags
+        np.testing.assert_array_equal(there.embedding, here.embedding)
+    assert raised.value.reason == "IMAGE_UNDECODABLE"
+    assert not raised.value.transient
+
+
+async def test_analysis_processes_run_at_lower_cpu_priority_and_a_dead_one_is_replaced() -> None:
+    content = encode(scene(SCENE_SEEDS[0]), "JPEG")
+    analyzer = LocalAnalyzer(processes=1)
+    try:
+        await analyse(content, analyzer)
+        (child,) = multiprocessing.active_children()
+        assert os.getpriority(os.PRIO_PROCESS, child.pid or 0) > os.getpriority(os.PRIO_PROCESS, 0)
+        os.kill(child.pid or 0, signal.SIGKILL)
+        child.join(timeout=10)
+        # The call that finds the pool broken is a transient failure (the job is retried)...
+        with pytest.raises(TransientAnalyzerError):
+            await analyse(content, analyzer)
+        # ... and the next one runs in a new process.
+        assert (await analyse(content, analyzer)).tags
+    finally:
+        await analyzer.aclose()
+    assert not multiprocessing.active_children()

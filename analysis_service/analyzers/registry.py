@@ -17,7 +17,10 @@ def build_analyzer(config: AnalysisConfig) -> Analyzer:
     if config.analyzer == "local":
         from analysis_service.analyzers.local import LocalAnalyzer
 
-        return LocalAnalyzer(embedding_dimensions=config.embedding_dimensions)
+        return LocalAnalyzer(
+            embedding_dimensions=config.embedding_dimensions,
+            processes=config.analyzer_processes,
+        )
     if config.analyzer == "google":
         config.google.check(config.embedding_dimensions)
         try:
