@@ -251,9 +251,13 @@ class GoogleClients:
         )
         parameters = struct_pb2.Value()
         parameters.struct_value.update({"dimension": self._dimensions})
-        return prediction_service.PredictRequest(
-            endpoint=self.embedding_model_path, instances=[instance], parameters=parameters
+        # Built as the protobuf message: proto-plus does not take Values in a repeated field.
+        request: prediction_service.PredictRequest = prediction_service.PredictRequest.wrap(
+            prediction_service.PredictRequest.pb()(
+                endpoint=self.embedding_model_path, instances=[instance], parameters=parameters
+            )
         )
+        return request
 
     async def embed(self, image: UploadImage) -> npt.NDArray[np.float32]:
         """The image's embedding, L2-normalised."""

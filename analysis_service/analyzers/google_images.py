@@ -104,19 +104,21 @@ def fit(image: UploadImage, accepted: frozenset[str], limits: ImageLimits) -> Up
 
 def _reencode(image: UploadImage, scale: float, limits: ImageLimits) -> UploadImage:
     with Image.open(io.BytesIO(image.content)) as opened:
-        target = _scaled((image.width, image.height), scale)
         # JPEG only: libjpeg scales by 1/2..1/8 while decoding, to no less than the request.
-        opened.draft("RGB", target)
+        opened.draft("RGB", _scaled((image.width, image.height), scale))
         decoded = ImageOps.exif_transpose(opened)
-        has_alpha = decoded.mode in ("RGBA", "LA", "PA") or "transparency" in decoded.info
-        working = decoded.convert("RGBA" if has_alpha else "RGB")
-    # exif_transpose may have swapped the sides.
-    if working.size != (image.width, image.height):
-        target = _scaled(working.size, scale)
+    has_alpha = decoded.mode in ("RGBA", "LA", "PA") or "transparency" in decoded.info
+    mode = "RGBA" if has_alpha else "L" if decoded.mode == "L" else "RGB"
+    working = decoded if decoded.mode == mode else decoded.convert(mode)
+    # Draft decoding and EXIF rotation change the size: fit what was decoded.
+    width, height = working.size
+    target = _scaled(working.size, min(1.0, math.sqrt(limits.max_pixels / (width * height))))
     for _ in range(_MAX_ROUNDS):
         resized = working
         if target != working.size:
-            resized = working.resize(target, Image.Resampling.LANCZOS)
+            # Bilinear: Pillow scales its support with the factor (no aliasing), and it is
+            # twice as fast as Lanczos on a 75-megapixel image; the APIs downscale further.
+            resized = working.resize(target, Image.Resampling.BILINEAR)
         content, mime_type = _encode(resized, has_alpha)
         if len(content) <= limits.max_bytes:
             return UploadImage(content, mime_type, *resized.size)
