@@ -16,14 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from google.api_core import exceptions as api_exceptions
+from google.auth import exceptions as auth_exceptions
 from google.cloud import vision_v1
 from google.cloud.aiplatform_v1.types import prediction_service
-from google.protobuf import json_format
+from google.protobuf import duration_pb2, json_format
+from google.rpc import error_details_pb2
 from mediatag.analysis.v1 import analysis_pb2 as apb
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 from PIL import Image
 
 from analysis_service.analyzers.google import GoogleAnalyzer
+from analysis_service.analyzers.google_clients import classify
 from analysis_service.analyzers.google_images import (
     EMBEDDING_TYPES,
     VISION_TYPES,
@@ -33,6 +37,7 @@ from analysis_service.analyzers.google_images import (
 )
 from analysis_service.analyzers.google_tags import normalise, parse_refined
 from analysis_service.config import AnalysisConfig, GoogleConfig, RateLimitConfig, RetryPolicy
+from analysis_service.errors import PermanentAnalyzerError, QuotaExceeded, TransientAnalyzerError
 from mediatag_cli.main import build_parser
 from mediatag_cli.settings import SettingsError, serve_settings
 from tests.conftest import Cluster
@@ -475,6 +480,52 @@ def test_tags_are_normalised(text: str, tag: str) -> None:
 )
 def test_gemini_answers_are_parsed_or_refused(answer: str, tags: list[str] | None) -> None:
     assert parse_refined(answer) == tags
+
+
+def _with_retry_info(seconds: float) -> api_exceptions.ResourceExhausted:
+    info = error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=int(seconds), nanos=int(seconds % 1 * 1e9))
+    )
+    return api_exceptions.ResourceExhausted("quota", details=[info])
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "reason"),
+    [
+        (api_exceptions.ResourceExhausted("quota"), QuotaExceeded, "QUOTA_EXCEEDED"),
+        (api_exceptions.DeadlineExceeded("slow"), TransientAnalyzerError, "ANALYZER_TIMEOUT"),
+        (api_exceptions.ServiceUnavailable("down"), TransientAnalyzerError, "ANALYZER_UNAVAILABLE"),
+        (
+            api_exceptions.InternalServerError("oops"),
+            TransientAnalyzerError,
+            "ANALYZER_UNAVAILABLE",
+        ),
+        (api_exceptions.Aborted("conflict"), TransientAnalyzerError, "ANALYZER_UNAVAILABLE"),
+        (api_exceptions.Unknown("?"), TransientAnalyzerError, "ANALYZER_UNAVAILABLE"),
+        (api_exceptions.InvalidArgument("bad"), PermanentAnalyzerError, "ANALYZER_REJECTED"),
+        (api_exceptions.FailedPrecondition("no"), PermanentAnalyzerError, "ANALYZER_REJECTED"),
+        (api_exceptions.PermissionDenied("api off"), PermanentAnalyzerError, "ANALYZER_REJECTED"),
+        (api_exceptions.Unauthenticated("who"), PermanentAnalyzerError, "ANALYZER_REJECTED"),
+        (api_exceptions.NotFound("model"), PermanentAnalyzerError, "ANALYZER_REJECTED"),
+        (api_exceptions.MethodNotImplemented("x"), PermanentAnalyzerError, "ANALYZER_REJECTED"),
+        (auth_exceptions.TransportError("net"), TransientAnalyzerError, "ANALYZER_UNAVAILABLE"),
+        (auth_exceptions.RefreshError("revoked"), PermanentAnalyzerError, "ANALYZER_REJECTED"),
+    ],
+)
+def test_errors_are_classified(error: Exception, kind: type[Exception], reason: str) -> None:
+    classified = classify("vision", error, timeout=2.0)
+    assert type(classified) is kind
+    assert classified.reason == reason
+    assert classified.transient is (kind is not PermanentAnalyzerError)
+
+
+def test_a_quota_error_carries_its_retry_delay() -> None:
+    classified = classify("embeddings", _with_retry_info(2.5), timeout=2.0)
+    assert isinstance(classified, QuotaExceeded)
+    assert (classified.api, classified.retry_after) == ("embeddings", 2.5)
+    plain = classify("embeddings", api_exceptions.ResourceExhausted("quota"), timeout=2.0)
+    assert isinstance(plain, QuotaExceeded)
+    assert plain.retry_after is None
 
 
 def test_default_limits_and_cache_inputs(vision: FakeVision, vertex: FakeVertex) -> None:

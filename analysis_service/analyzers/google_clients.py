@@ -70,15 +70,15 @@ CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 _SAFE_SEARCH_CATEGORIES = ("adult", "spoof", "medical", "violence", "racy")
 
-# Failures of the service, not of the request: another attempt may succeed.
-_TRANSIENT = (
-    api_exceptions.ServiceUnavailable,
-    api_exceptions.InternalServerError,
-    api_exceptions.DeadlineExceeded,
-    api_exceptions.Aborted,
-    api_exceptions.Cancelled,
-    api_exceptions.Unknown,
-    api_exceptions.ServerError,
+# Refusals of the request itself (400, 401, 403, 404, 409 without Aborted, 501): the same
+# request would be refused again. Everything else from the server is worth another attempt.
+_PERMANENT = (
+    api_exceptions.BadRequest,  # InvalidArgument, FailedPrecondition, OutOfRange
+    api_exceptions.Unauthorized,  # Unauthenticated
+    api_exceptions.Forbidden,  # PermissionDenied (e.g. the API is not enabled)
+    api_exceptions.NotFound,  # e.g. an unknown model
+    api_exceptions.AlreadyExists,
+    api_exceptions.MethodNotImplemented,  # e.g. an endpoint that is not this API
 )
 # Per-image error codes inside Vision's response that say the same as these exceptions.
 _TRANSIENT_CODES = frozenset(
@@ -103,6 +103,7 @@ def application_default_credentials() -> Credentials:
 def classify(api: str, exc: Exception, timeout: float) -> AnalyzerFailure:
     """The analyser error for a failed call to ``api``."""
     message = getattr(exc, "message", None) or str(exc)
+    text = f"{api}: {type(exc).__name__}: {message}"
     if isinstance(exc, api_exceptions.ResourceExhausted):
         return QuotaExceeded(
             f"{api}: quota exceeded: {message}", api=api, retry_after=retry_delay(exc)
@@ -111,13 +112,15 @@ def classify(api: str, exc: Exception, timeout: float) -> AnalyzerFailure:
         return TransientAnalyzerError(
             f"{api}: no answer within {timeout:g} s", reason="ANALYZER_TIMEOUT"
         )
-    if isinstance(exc, (*_TRANSIENT, auth_exceptions.TransportError)):
-        return TransientAnalyzerError(f"{api}: {type(exc).__name__}: {message}")
-    if isinstance(exc, api_exceptions.GoogleAPICallError | auth_exceptions.GoogleAuthError):
-        # InvalidArgument, NotFound (model), PermissionDenied, Unauthenticated,
-        # FailedPrecondition...: the same request would be refused again.
-        return PermanentAnalyzerError(f"{api}: {type(exc).__name__}: {message}")
-    return TransientAnalyzerError(f"{api}: {type(exc).__name__}: {message}")
+    if isinstance(exc, _PERMANENT):
+        return PermanentAnalyzerError(text)
+    if isinstance(exc, auth_exceptions.GoogleAuthError) and not (
+        isinstance(exc, auth_exceptions.TransportError) or getattr(exc, "retryable", False)
+    ):
+        # Credentials that cannot be refreshed (revoked, wrong key) stay that way.
+        return PermanentAnalyzerError(text)
+    # ServiceUnavailable, InternalServerError, Aborted, Unknown, network trouble...
+    return TransientAnalyzerError(text)
 
 
 def retry_delay(exc: api_exceptions.GoogleAPICallError) -> float | None:
