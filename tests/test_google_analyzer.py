@@ -11,9 +11,11 @@ import base64
 import io
 import itertools
 import math
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
+import google.cloud
 import numpy as np
 import pytest
 from google.api_core import exceptions as api_exceptions
@@ -36,6 +38,7 @@ from analysis_service.analyzers.google_images import (
     open_upload,
 )
 from analysis_service.analyzers.google_tags import normalise, parse_refined
+from analysis_service.analyzers.registry import build_analyzer
 from analysis_service.config import AnalysisConfig, GoogleConfig, RateLimitConfig, RetryPolicy
 from analysis_service.errors import PermanentAnalyzerError, QuotaExceeded, TransientAnalyzerError
 from mediatag_cli.main import build_parser
@@ -75,6 +78,13 @@ SAFE_SEARCH: dict[str, int] = {
 }
 VISION_TAGS = ["hair", "hairstyle", "person", "dominant-black", "unsafe-racy"]
 FAST = {"vision": RateLimitConfig(50), "embeddings": RateLimitConfig(50)}
+
+
+@pytest.fixture(autouse=True)
+def no_application_default_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A key file that does not exist: an ADC lookup fails at once, before google-auth would
+    probe the Compute Engine metadata server (no traffic leaves the machine)."""
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
 
 
 @pytest.fixture
@@ -551,13 +561,27 @@ def test_default_limits_and_cache_inputs(vision: FakeVision, vertex: FakeVertex)
     assert other_gemini.cache_inputs("Hair", {}) != refining.cache_inputs("Hair", {})
 
 
-def test_missing_credentials_say_how_to_set_them_up(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+def test_missing_credentials_say_how_to_set_them_up() -> None:
+    # GOOGLE_APPLICATION_CREDENTIALS names a missing file (the autouse fixture).
     config = GoogleConfig(project=PROJECT)
     with pytest.raises(RuntimeError, match="gcloud auth application-default login"):
         GoogleAnalyzer(config)
+
+
+def test_without_the_google_extra_the_analyser_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As if google-cloud-vision were not installed: its import fails.
+    monkeypatch.setitem(sys.modules, "google.cloud.vision_v1", None)
+    monkeypatch.delattr(google.cloud, "vision_v1")
+    for module in (
+        "analysis_service.analyzers.google",
+        "analysis_service.analyzers.google_clients",
+    ):
+        monkeypatch.delitem(sys.modules, module)
+    config = AnalysisConfig(analyzer="google", google=GoogleConfig(project=PROJECT))
+    with pytest.raises(RuntimeError, match=r"pip install 'mediatag\[google\]'"):
+        build_analyzer(config)
 
 
 # ---- configuration ----
