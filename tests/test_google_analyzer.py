@@ -408,15 +408,21 @@ async def test_images_above_the_limits_are_downscaled_and_formats_converted(
     done = await wait_terminal(cluster, ids)
     assert all(m.status == ipb.PROCESSING_STATUS_COMPLETED for m in done), done
 
-    large_sent, webp_sent = (r.requests[0].image.content for r in vision.requests())
+    # Two jobs in flight at once: tell their requests apart by content, not by order.
+    vision_sent = [r.requests[0].image.content for r in vision.requests()]
+    embedded = [embedded_bytes(r) for r in vertex.predict_requests()]
+    # Vision reads WebP: sent as uploaded.
+    assert small_webp in vision_sent
+    (large_sent,) = (content for content in vision_sent if content != small_webp)
+    assert large_sent != large
     with Image.open(io.BytesIO(large_sent)) as sent:
         assert sent.format == "JPEG"
         assert sent.width * sent.height <= 20_000
         assert abs(sent.width / sent.height - 320 / 240) < 0.02
-    assert embedded_bytes(vertex.predict_requests()[0]) == large_sent
-    # Vision reads WebP: sent as uploaded. Embeddings do not: converted, same size.
-    assert webp_sent == small_webp
-    with Image.open(io.BytesIO(embedded_bytes(vertex.predict_requests()[1]))) as converted:
+    # The embeddings get the downscaled JPEG, and the WebP converted (same size).
+    assert large_sent in embedded
+    (converted_bytes,) = (content for content in embedded if content != large_sent)
+    with Image.open(io.BytesIO(converted_bytes)) as converted:
         assert converted.format in ("JPEG", "PNG")
         assert converted.size == (100, 75)
 

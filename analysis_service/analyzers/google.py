@@ -21,8 +21,6 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 
-import numpy as np
-
 from analysis_service.analyzers.base import AnalysisInput, AnalysisOutput, ApiLimit, RateLimiter
 from analysis_service.analyzers.google_clients import EMBEDDINGS, GEMINI, VISION, GoogleClients
 from analysis_service.analyzers.google_images import (
@@ -116,9 +114,7 @@ class GoogleAnalyzer:
                     item.media_id,
                     extra={"media_id": item.media_id},
                 )
-        return AnalysisOutput(
-            merge(refined, tags, self._config.max_tags), embedding.astype(np.float32)
-        )
+        return AnalysisOutput(merge(refined, tags, self._config.max_tags), embedding)
 
     async def _fit(self, image: UploadImage, accepted: frozenset[str]) -> UploadImage:
         if fits(image, accepted, self._limits):
