@@ -23,6 +23,11 @@ class UploadLimits:
     max_context_value_length: int = 1024
     max_filename_length: int = 255
 
+    @property
+    def largest_file_bytes(self) -> int:
+        """No file of any kind may be larger than this."""
+        return max(self.max_image_bytes, self.max_video_bytes)
+
 
 @dataclass(frozen=True)
 class IngestConfig:
@@ -38,6 +43,13 @@ class IngestConfig:
     limits: UploadLimits = field(default_factory=UploadLimits)
     # One UploadMedia message; larger uploads go through UploadMediaStream.
     max_message_bytes: int = 128 * MIB
+    # How long an upload's request_id is remembered (AIP-155 asks for at least a day), and
+    # how often expired ones are purged.
+    request_id_retention: float = 24 * 3600.0
+    request_id_purge_interval: float = 600.0
+    # A streamed upload that sends nothing for this long is ended (UPLOAD_STALLED) and its
+    # partial file removed.
+    stream_idle_timeout: float = 120.0
     outbox_batch_size: int = 100
     outbox_initial_backoff: float = 0.5
     outbox_max_backoff: float = 30.0

@@ -37,9 +37,18 @@ class AnalysisUnavailable(IngestError):
     reason = "ANALYSIS_UNAVAILABLE"
 
 
-class NotImplementedYet(IngestError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-    reason = "NOT_IMPLEMENTED"
+class RequestIdReused(IngestError):
+    """A request id already recorded for an upload with other content or metadata."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "REQUEST_ID_REUSED"
+
+
+class UploadStalled(IngestError):
+    """A streamed upload sent nothing for longer than the idle timeout."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "UPLOAD_STALLED"
 
 
 def invalid(field: str, reason: str, description: str) -> InvalidArgument:

@@ -14,7 +14,9 @@ from ingest_service.domain.blobs import BlobStore
 from ingest_service.domain.library import MediaLibrary
 from ingest_service.domain.mirror import StatusMirror
 from ingest_service.domain.outbox import OutboxForwarder
+from ingest_service.domain.requests import RequestIds
 from ingest_service.domain.sniff import refuse_decompression_bombs
+from ingest_service.domain.stream_upload import StreamUploads
 from ingest_service.domain.uploads import Uploads
 from ingest_service.metrics import IngestMetrics
 from ingest_service.storage.schema import MIGRATIONS
@@ -57,7 +59,25 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         initial_backoff=config.mirror_initial_backoff,
         max_backoff=config.mirror_max_backoff,
     )
-    uploads = Uploads(db=db, blobs=blobs, limits=config.limits, on_committed=forwarder.wake)
+    requests = RequestIds(
+        db=db,
+        retention=config.request_id_retention,
+        purge_interval=config.request_id_purge_interval,
+    )
+    uploads = Uploads(
+        db=db,
+        blobs=blobs,
+        limits=config.limits,
+        requests=requests,
+        on_committed=forwarder.wake,
+    )
+    streams = StreamUploads(
+        uploads=uploads,
+        blobs=blobs,
+        requests=requests,
+        limits=config.limits,
+        idle_timeout=config.stream_idle_timeout,
+    )
     library = MediaLibrary(db=db, blobs=blobs, limits=config.limits, analysis=analysis)
 
     metrics_server = (
@@ -77,7 +97,7 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         interceptors=[] if metrics_server is None else [metrics.grpc.interceptor()],
     )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(
-        IngestServicer(uploads=uploads, library=library), server
+        IngestServicer(uploads=uploads, streams=streams, library=library), server
     )
     port = server.add_insecure_port(f"{config.host}:{config.port}")
 
@@ -87,6 +107,7 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
             metrics_server.start()
         forwarder.start()
         mirror.start()
+        requests.start()
         logger.info(
             "ingest service on %s:%d: data in %s, analysis at %s",
             config.host,
@@ -103,6 +124,7 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         if metrics_server is not None:
             await metrics_server.stop()
         await uploads.close()
+        await requests.stop()
         await forwarder.stop()
         await mirror.stop()
         await analysis_channel.close()

@@ -388,17 +388,6 @@ async def test_a_bad_item_rejects_the_whole_batch_and_stores_nothing(
     assert ingest.blob_files() == blobs_before
 
 
-async def test_upload_media_stream_is_not_implemented_yet(ingest: IngestRunner) -> None:
-    stub = await ingest.start()
-
-    async def requests() -> AsyncIterator[ipb.UploadMediaStreamRequest]:
-        yield ipb.UploadMediaStreamRequest(header=ipb.UploadHeader(owner_id=OWNER))
-
-    error = await refusal(stub.UploadMediaStream(requests(), timeout=5))
-
-    assert_refused(error, grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED", None)
-
-
 # -- reads -----------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from ingest_service.domain.models import (
     Media,
     MediaKind,
     ProcessingStatus,
+    StreamHeader,
     UploadFile,
     UploadRequest,
 )
@@ -34,6 +35,7 @@ def upload_from_pb(request: pb.UploadMediaRequest) -> UploadRequest:
         category=request.category,
         context=dict(request.context),
         priority=request.priority,
+        request_id=request.request_id,
         files=[
             UploadFile(
                 filename=file.filename,
@@ -42,6 +44,20 @@ def upload_from_pb(request: pb.UploadMediaRequest) -> UploadRequest:
             )
             for file in request.files
         ],
+    )
+
+
+def stream_header_from_pb(header: pb.UploadHeader) -> StreamHeader:
+    return StreamHeader(
+        owner_id=header.owner_id,
+        filename=header.filename,
+        declared_content_type=header.content_type,
+        category=header.category,
+        context=dict(header.context),
+        priority=header.priority,
+        request_id=header.request_id,
+        size_bytes=header.size_bytes,
+        sha256=header.sha256,
     )
 
 

@@ -16,8 +16,9 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 from ingest_service.api import convert
 from ingest_service.domain.library import MediaLibrary
 from ingest_service.domain.models import ProcessingStatus
+from ingest_service.domain.stream_upload import StreamPart, StreamUploads
 from ingest_service.domain.uploads import Uploads
-from ingest_service.errors import NotImplementedYet, invalid
+from ingest_service.errors import invalid
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -32,11 +33,24 @@ def _status_filter(value: int) -> ProcessingStatus | None:
     return status
 
 
+async def _stream_parts(
+    requests: AsyncIterator[pb.UploadMediaStreamRequest],
+) -> AsyncIterator[StreamPart]:
+    """The messages of an UploadMediaStream call as headers and chunks (a message without
+    a payload is an empty chunk)."""
+    async for message in requests:
+        if message.WhichOneof("payload") == "header":
+            yield convert.stream_header_from_pb(message.header)
+        else:
+            yield message.chunk
+
+
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     """Implements mediatag.ingest.v1.IngestService."""
 
-    def __init__(self, *, uploads: Uploads, library: MediaLibrary) -> None:
+    def __init__(self, *, uploads: Uploads, streams: StreamUploads, library: MediaLibrary) -> None:
         self._uploads = uploads
+        self._streams = streams
         self._library = library
 
     async def UploadMedia(
@@ -52,9 +66,12 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def UploadMediaStream(
         self, request_iterator: AsyncIterator[pb.UploadMediaStreamRequest], context: Context
     ) -> pb.UploadMediaStreamResponse:
-        # Answered here rather than by the generated base class, whose NotImplementedError
-        # the error interceptor would turn into INTERNAL.
-        raise NotImplementedYet("UploadMediaStream is not implemented yet; use UploadMedia")
+        # A client that cancels mid-stream cancels this coroutine: CancelledError passes
+        # through untouched (grpc/grpc#43360), and the partial file is removed on the way.
+        result = await self._streams.upload(_stream_parts(request_iterator))
+        return pb.UploadMediaStreamResponse(
+            media=convert.media_to_pb(result.media[0]), message=result.message
+        )
 
     async def GetMedia(self, request: pb.GetMediaRequest, context: Context) -> pb.GetMediaResponse:
         media = await self._library.get(

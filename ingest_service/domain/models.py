@@ -61,6 +61,37 @@ class UploadRequest:
     category: str = ""
     context: Mapping[str, str] = field(default_factory=dict)
     priority: int = 0
+    # Optional UUID (AIP-155): a retry with the same id gets the first answer.
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class StreamHeader:
+    """The first message of a streamed upload: everything but the content."""
+
+    owner_id: str
+    filename: str = ""
+    declared_content_type: str = ""
+    category: str = ""
+    context: Mapping[str, str] = field(default_factory=dict)
+    priority: int = 0
+    request_id: str = ""
+    # 0 = not declared; otherwise the content must be exactly this long.
+    size_bytes: int = 0
+    # "" = not declared; otherwise the hex SHA-256 the content must have.
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """An upload that carried a request id, as remembered for answering its retries."""
+
+    request_id: str
+    # SHA-256 of the request's content and metadata.
+    digest: str
+    media_ids: tuple[str, ...]
+    message: str
+    created_at: float
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,17 @@ where the format allows (a JPEG's segments up to its first scan and its end mark
 chunk CRCs, a WebP's RIFF length): that catches truncated and mangled files at a fraction of a
 decode's cost, which upload latency cannot afford. Damage inside the compressed pixel data
 surfaces when the analyser decodes the image (a permanent ``IMAGE_UNDECODABLE`` failure).
-Videos are recognised by their container signature. Everything here is blocking: call it
-off the event loop.
+Videos are recognised by their container signature. The content may be ``bytes`` or, for a
+streamed upload, the received file mapped into memory: the checks touch only the pages they
+read. Everything here is blocking: call it off the event loop.
 """
 
 from __future__ import annotations
 
 import io
+import mmap
 import warnings
+from typing import IO, cast
 
 from PIL import Image, UnidentifiedImageError
 
@@ -43,6 +46,11 @@ _EXIF_ORIENTATION = 0x0112
 
 _EBML_MAGIC = b"\x1a\x45\xdf\xa3"
 _EBML_HEADER_SCAN = 64
+# How many leading bytes decide whether content is a video (see sniff_video).
+VIDEO_SIGNATURE_BYTES = _EBML_HEADER_SCAN
+
+# Whole content in memory, or a received file mapped read-only.
+Content = bytes | mmap.mmap
 # ISO base media files that are still images (HEIF, AVIF), not video.
 _IMAGE_BRANDS = frozenset(
     {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
@@ -70,32 +78,42 @@ def refuse_decompression_bombs() -> None:
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
-def sniff_video(content: bytes) -> SniffedMedia | None:
-    """The container of a video by its signature, or None when it is not one we accept."""
-    if content[4:8] == b"ftyp":
-        brand = content[8:12]
+def sniff_video(content: Content) -> SniffedMedia | None:
+    """The container of a video by its signature, or None when it is not one we accept.
+
+    Only the first :data:`VIDEO_SIGNATURE_BYTES` bytes are looked at.
+    """
+    head = bytes(content[:VIDEO_SIGNATURE_BYTES])
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
         if brand in _IMAGE_BRANDS:
             return None
         content_type = "video/quicktime" if brand == b"qt  " else "video/mp4"
         return SniffedMedia(content_type, MediaKind.VIDEO, not_applicable_reason="video")
-    if content.startswith(_EBML_MAGIC):
+    if head.startswith(_EBML_MAGIC):
         # The EBML header names its DocType near the start: "webm" or "matroska".
-        is_webm = b"webm" in content[:_EBML_HEADER_SCAN]
+        is_webm = b"webm" in head[:_EBML_HEADER_SCAN]
         content_type = "video/webm" if is_webm else "video/x-matroska"
         return SniffedMedia(content_type, MediaKind.VIDEO, not_applicable_reason="video")
-    if content[:4] == b"RIFF" and content[8:12] == b"AVI ":
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
         return SniffedMedia("video/x-msvideo", MediaKind.VIDEO, not_applicable_reason="video")
     return None
 
 
-def sniff_image(content: bytes, *, field: str, max_pixels: int) -> SniffedMedia | None:
+def sniff_image(content: Content, *, field: str, max_pixels: int) -> SniffedMedia | None:
     """The image in ``content`` after a cheap decode check, or None when it is not an image.
 
     Raises CORRUPT_IMAGE for a truncated or corrupt image and IMAGE_TOO_LARGE beyond
     ``max_pixels`` (a decompression bomb is refused before anything is decoded).
     """
+    if isinstance(content, mmap.mmap):
+        content.seek(0)
+        # An mmap reads, seeks and tells like a file: Pillow reads through it in place.
+        source = cast(IO[bytes], content)
+    else:
+        source = io.BytesIO(content)
     try:
-        with Image.open(io.BytesIO(content), formats=_OPENED_FORMATS) as image:
+        with Image.open(source, formats=_OPENED_FORMATS) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise invalid(
@@ -125,12 +143,13 @@ def sniff_image(content: bytes, *, field: str, max_pixels: int) -> SniffedMedia 
     )
 
 
-def _looks_like_image(content: bytes) -> bool:
-    is_webp = content[:4] == b"RIFF" and content[8:12] == b"WEBP"
-    return is_webp or content.startswith(_IMAGE_SIGNATURES)
+def _looks_like_image(content: Content) -> bool:
+    head = bytes(content[:16])
+    is_webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+    return is_webp or head.startswith(_IMAGE_SIGNATURES)
 
 
-def _check_decodes(image: Image.Image, content: bytes) -> bool:
+def _check_decodes(image: Image.Image, content: Content) -> bool:
     """Check ``image`` as cheaply as its format allows; True when EXIF turns it 90 degrees."""
     if image.format == "PNG":
         # verify() checks every chunk's CRC without decoding the pixels. (PNG's rare eXIf
@@ -147,7 +166,7 @@ def _check_decodes(image: Image.Image, content: bytes) -> bool:
     return rotated
 
 
-def _check_jpeg_structure(content: bytes) -> None:
+def _check_jpeg_structure(content: Content) -> None:
     """Walk a JPEG's segments up to its first scan and find its end; raise ValueError if broken.
 
     In the compressed data 0xFF is always followed by 0x00 or a restart marker, never by
@@ -182,19 +201,21 @@ def _check_jpeg_structure(content: bytes) -> None:
             return
 
 
-def _check_riff_length(content: bytes) -> None:
+def _check_riff_length(content: Content) -> None:
     declared = int.from_bytes(content[4:8], "little") + 8
     if len(content) < declared:
         raise ValueError(f"truncated: {len(content)} of {declared} bytes")
 
 
-def sniff(content: bytes, *, index: int, limits: UploadLimits) -> SniffedMedia:
+def sniff(
+    content: Content, *, limits: UploadLimits, index: int = 0, field: str | None = None
+) -> SniffedMedia:
     """What file ``index`` of an upload is; refuses what ingest does not accept.
 
     Raises FILE_TOO_LARGE, UNSUPPORTED_MEDIA_TYPE, CORRUPT_IMAGE or IMAGE_TOO_LARGE, naming
-    ``files[index].content``.
+    ``field`` (by default ``files[index].content``).
     """
-    field = f"files[{index}].content"
+    field = field or f"files[{index}].content"
     video = sniff_video(content)
     if video is not None:
         if len(content) > limits.max_video_bytes:

@@ -3,17 +3,21 @@
 A batch is all or nothing: every file is validated and sniffed before anything is stored,
 and the media rows and their outbox rows commit in one transaction before the answer.
 The answer never waits for the analysis service; the outbox forwarder is woken instead.
+An upload with a request id is recorded in the same transaction (see ``requests``).
+Streamed uploads (``stream_upload``) store their file their own way and commit here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -22,11 +26,13 @@ from ingest_service.domain.blobs import BlobStore
 from ingest_service.domain.models import (
     Media,
     ProcessingStatus,
+    RequestRecord,
     SniffedMedia,
     UploadFile,
     UploadRequest,
     UploadResult,
 )
+from ingest_service.domain.requests import RequestIds, parse_request_id, upload_digest
 from ingest_service.domain.sniff import sniff
 from ingest_service.errors import StorageUnavailable, invalid
 from ingest_service.storage import repository
@@ -54,18 +60,42 @@ def validate_owner_id(owner_id: str, limits: UploadLimits, field: str = "owner_i
         )
 
 
-def validate_request(request: UploadRequest, limits: UploadLimits) -> None:
-    """Everything about a batch that can be judged without looking into the bytes."""
-    validate_owner_id(request.owner_id, limits)
-    if len(request.category) > limits.max_category_length or _CONTROL_CHARACTERS.search(
-        request.category
-    ):
+def validate_metadata(
+    *,
+    owner_id: str,
+    category: str,
+    context: Mapping[str, str],
+    limits: UploadLimits,
+    prefix: str = "",
+) -> None:
+    """Owner, category and context of an upload; fields are named with ``prefix``."""
+    validate_owner_id(owner_id, limits, f"{prefix}owner_id")
+    if len(category) > limits.max_category_length or _CONTROL_CHARACTERS.search(category):
         raise invalid(
-            "category",
+            f"{prefix}category",
             "INVALID_CATEGORY",
             f"at most {limits.max_category_length} characters, no control characters",
         )
-    _validate_context(request, limits)
+    _validate_context(context, limits, f"{prefix}context")
+
+
+def validate_filename(filename: str, limits: UploadLimits, field: str) -> None:
+    if len(filename) > limits.max_filename_length or _CONTROL_CHARACTERS.search(filename):
+        raise invalid(
+            field,
+            "INVALID_FILENAME",
+            f"at most {limits.max_filename_length} characters, no control characters",
+        )
+
+
+def validate_request(request: UploadRequest, limits: UploadLimits) -> None:
+    """Everything about a batch that can be judged without looking into the bytes."""
+    validate_metadata(
+        owner_id=request.owner_id,
+        category=request.category,
+        context=request.context,
+        limits=limits,
+    )
     if not request.files:
         raise invalid("files", "NO_FILES", "an upload needs at least one file")
     if len(request.files) > limits.max_files:
@@ -74,16 +104,9 @@ def validate_request(request: UploadRequest, limits: UploadLimits) -> None:
             "TOO_MANY_FILES",
             f"{len(request.files)} files; at most {limits.max_files} per upload",
         )
-    largest = max(limits.max_image_bytes, limits.max_video_bytes)
+    largest = limits.largest_file_bytes
     for index, file in enumerate(request.files):
-        if len(file.filename) > limits.max_filename_length or _CONTROL_CHARACTERS.search(
-            file.filename
-        ):
-            raise invalid(
-                f"files[{index}].filename",
-                "INVALID_FILENAME",
-                f"at most {limits.max_filename_length} characters, no control characters",
-            )
+        validate_filename(file.filename, limits, f"files[{index}].filename")
         if not file.content:
             raise invalid(f"files[{index}].content", "EMPTY_FILE", "the file is empty")
         if len(file.content) > largest:
@@ -94,19 +117,19 @@ def validate_request(request: UploadRequest, limits: UploadLimits) -> None:
             )
 
 
-def _validate_context(request: UploadRequest, limits: UploadLimits) -> None:
-    if len(request.context) > limits.max_context_entries:
-        raise invalid("context", "INVALID_CONTEXT", f"at most {limits.max_context_entries} entries")
-    for key, value in request.context.items():
+def _validate_context(context: Mapping[str, str], limits: UploadLimits, field: str) -> None:
+    if len(context) > limits.max_context_entries:
+        raise invalid(field, "INVALID_CONTEXT", f"at most {limits.max_context_entries} entries")
+    for key, value in context.items():
         if not key or len(key) > MAX_CONTEXT_KEY_LENGTH or _CONTROL_CHARACTERS.search(key):
             raise invalid(
-                "context",
+                field,
                 "INVALID_CONTEXT",
                 f"key {key[:40]!r}: 1-{MAX_CONTEXT_KEY_LENGTH} characters, no control characters",
             )
         if len(value) > limits.max_context_value_length:
             raise invalid(
-                "context",
+                field,
                 "INVALID_CONTEXT",
                 f"value of {key!r}: at most {limits.max_context_value_length} characters",
             )
@@ -118,6 +141,16 @@ def upload_message(count: int, analysed: int) -> str:
     )
 
 
+@dataclass
+class _PendingUpload:
+    """The rows of one upload on their way into a group commit."""
+
+    items: tuple[Media, ...]
+    request: RequestRecord | None
+    # Set by the commit when another call recorded the same request id first.
+    prior: RequestRecord | None = None
+
+
 class Uploads:
     """Stores uploaded batches and queues their analysis through the outbox."""
 
@@ -127,22 +160,95 @@ class Uploads:
         db: Database,
         blobs: BlobStore,
         limits: UploadLimits,
+        requests: RequestIds,
         on_committed: Callable[[], None],
     ) -> None:
         self._blobs = blobs
         self._limits = limits
+        self._requests = requests
         self._on_committed = on_committed
-        self._commits: GroupCommit[Sequence[Media]] = GroupCommit(lambda: writing(db), self._insert)
+        self._commits: GroupCommit[_PendingUpload] = GroupCommit(lambda: writing(db), self._insert)
 
     async def upload(self, request: UploadRequest) -> UploadResult:
-        """Store every file of ``request`` or none; raises IngestError on a bad item."""
+        """Store every file of ``request`` or none; raises IngestError on a bad item.
+
+        With a request id, a repeated request is answered with its first answer instead.
+        """
         validate_request(request, self._limits)
+        request_id = parse_request_id(request.request_id, "request_id")
+        if not request_id:
+            return await self._store(request, digests=None, record=None)
+        digests = await asyncio.gather(
+            *(asyncio.to_thread(_sha256, file.content) for file in request.files)
+        )
+        digest = upload_digest(
+            method="UploadMedia",
+            owner_id=request.owner_id,
+            category=request.category,
+            context=request.context,
+            priority=request.priority,
+            files=[
+                (file.filename, file.declared_content_type, sha256)
+                for file, sha256 in zip(request.files, digests, strict=True)
+            ],
+        )
+        async with self._requests.claim(request_id):
+            prior = await self._requests.lookup(request_id)
+            if prior is not None:
+                return UploadResult(*await self._requests.replay(prior, digest, "request_id"))
+            record = RequestRecord(request_id, digest, (), "", 0.0)
+            return await self._store(request, digests=digests, record=record)
+
+    async def commit(
+        self, items: tuple[Media, ...], record: RequestRecord | None, *, request_id_field: str
+    ) -> UploadResult:
+        """Commit the rows of stored ``items`` (and ``record``), then answer.
+
+        ``record`` is completed here with the items and the message. When another process
+        recorded the same request id first, its answer (or refusal) is returned instead.
+        """
+        analysed = sum(item.status is ProcessingStatus.PENDING for item in items)
+        message = upload_message(len(items), analysed)
+        if record is not None:
+            record = dataclasses.replace(
+                record,
+                media_ids=tuple(item.id for item in items),
+                message=message,
+                created_at=time.time(),
+            )
+        pending = _PendingUpload(items, record)
+        await self._commits.commit(pending)
+        if pending.prior is not None and record is not None:
+            return UploadResult(
+                *await self._requests.replay(pending.prior, record.digest, request_id_field)
+            )
+        return UploadResult(items, message)
+
+    async def close(self) -> None:
+        """Wait for uploads being committed."""
+        await self._commits.close()
+
+    async def _store(
+        self,
+        request: UploadRequest,
+        *,
+        digests: Sequence[str] | None,
+        record: RequestRecord | None,
+    ) -> UploadResult:
         # Every file is judged before any is stored: a bad one rejects the batch untouched.
         sniffed = await asyncio.to_thread(self._sniff_all, request.files)
         # The files are independent: their hashing and writes (two fsyncs each) overlap.
-        digests = await asyncio.gather(
-            *(asyncio.to_thread(self._store, file.content) for file in request.files)
-        )
+        if digests is None:
+            digests = await asyncio.gather(
+                *(asyncio.to_thread(self._put, file.content, None) for file in request.files)
+            )
+        else:
+            await asyncio.gather(
+                *(
+                    asyncio.to_thread(self._put, file.content, sha256)
+                    for file, sha256 in zip(request.files, digests, strict=True)
+                )
+            )
         now = time.time()
         items = tuple(
             Media(
@@ -165,23 +271,42 @@ class Uploads:
             )
             for file, found, sha256 in zip(request.files, sniffed, digests, strict=True)
         )
-        await self._commits.commit(items)
-        analysed = [item.id for item in items if item.status is ProcessingStatus.PENDING]
-        for item, file in zip(items, request.files, strict=True):
-            _log_stored(item, file.declared_content_type)
-        return UploadResult(items, upload_message(len(items), len(analysed)))
+        result = await self.commit(items, record, request_id_field="request_id")
+        if result.media is items:
+            for item, file in zip(items, request.files, strict=True):
+                log_stored(item, file.declared_content_type)
+        return result
 
-    async def close(self) -> None:
-        """Wait for uploads being committed."""
-        await self._commits.close()
+    async def _insert(self, conn: AsyncConnection, uploads: Sequence[_PendingUpload]) -> None:
+        """The rows of ``uploads`` and the outbox rows of their images, in one go.
 
-    async def _insert(self, conn: AsyncConnection, uploads: Sequence[Sequence[Media]]) -> None:
-        """The media rows of ``uploads`` and the outbox rows of their images, in one go."""
-        items = [item for upload in uploads for item in upload]
-        await repository.insert_media(conn, items)
+        An upload whose request id is already recorded (by another process, or earlier in
+        this group) stores nothing: it is answered from the record.
+        """
+        requested = [upload.request.request_id for upload in uploads if upload.request]
+        known: dict[str, RequestRecord] = {}
+        if requested:
+            cutoff = self._requests.cutoff()
+            await repository.delete_expired_requests(conn, before=cutoff, request_ids=requested)
+            known = await repository.find_requests(conn, requested, not_before=cutoff)
+        records: list[RequestRecord] = []
+        items: list[Media] = []
+        for upload in uploads:
+            if upload.request is not None:
+                prior = known.get(upload.request.request_id)
+                if prior is not None:
+                    upload.prior = prior
+                    continue
+                known[upload.request.request_id] = upload.request
+                records.append(upload.request)
+            items.extend(upload.items)
+        if items:
+            await repository.insert_media(conn, items)
         analysed = [item.id for item in items if item.status is ProcessingStatus.PENDING]
         await repository.insert_outbox(conn, analysed, now=time.time())
-        after_commit(conn, self._on_committed)
+        await repository.insert_requests(conn, records)
+        if analysed:
+            after_commit(conn, self._on_committed)
 
     def _sniff_all(self, files: Sequence[UploadFile]) -> list[SniffedMedia]:
         return [
@@ -189,9 +314,10 @@ class Uploads:
             for index, file in enumerate(files)
         ]
 
-    def _store(self, content: bytes) -> str:
-        """Store ``content`` under its SHA-256 and return the hex digest."""
-        sha256 = hashlib.sha256(content).hexdigest()
+    def _put(self, content: bytes, sha256: str | None) -> str:
+        """Store ``content`` under its SHA-256 (hashed here unless given); returns the digest."""
+        if sha256 is None:
+            sha256 = _sha256(content)
         try:
             self._blobs.put(sha256, len(content), [content])
         except OSError as exc:
@@ -199,7 +325,12 @@ class Uploads:
         return sha256
 
 
-def _log_stored(item: Media, declared_content_type: str) -> None:
+def _sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def log_stored(item: Media, declared_content_type: str) -> None:
+    """One line per stored item: what it is, what the client claimed, where it goes."""
     status = item.status.value
     if item.not_applicable_reason:
         status = f"{status} ({item.not_applicable_reason})"

@@ -16,10 +16,17 @@ from ingest_service.domain.models import (
     Media,
     MediaKind,
     ProcessingStatus,
+    RequestRecord,
     StatusUpdate,
 )
 from ingest_service.errors import StorageUnavailable
-from ingest_service.storage.schema import MIRROR_REVISION, counters, media, outbox
+from ingest_service.storage.schema import (
+    MIRROR_REVISION,
+    counters,
+    media,
+    outbox,
+    upload_requests,
+)
 from mediatag_common.database import Database, DatabaseError, raising_as
 
 # ListMedia order: newest first; the id breaks ties within one upload.
@@ -146,6 +153,15 @@ async def get_media(conn: AsyncConnection, media_id: str, *, with_embedding: boo
     return media_from_row(row) if row is not None else None
 
 
+async def get_media_many(conn: AsyncConnection, media_ids: Sequence[str]) -> list[Media]:
+    """The items of ``media_ids`` (embeddings left out), in that order; unknown ids are skipped."""
+    rows = await conn.execute(
+        sa.select(*_columns(with_embedding=False)).where(media.c.id.in_(list(media_ids)))
+    )
+    found = {row.id: media_from_row(row) for row in rows}
+    return [found[media_id] for media_id in media_ids if media_id in found]
+
+
 async def list_media(
     conn: AsyncConnection,
     *,
@@ -235,6 +251,64 @@ async def undelivered(conn: AsyncConnection, media_ids: Collection[str]) -> set[
         sa.select(outbox.c.media_id).where(outbox.c.media_id.in_(list(media_ids)))
     )
     return set(rows.scalars())
+
+
+# -- request ids ---------------------------------------------------------------------------
+
+
+def _request_from_row(row: Any) -> RequestRecord:
+    return RequestRecord(
+        request_id=row.request_id,
+        digest=row.digest,
+        media_ids=tuple(row.media_ids),
+        message=row.message,
+        created_at=row.created_at,
+    )
+
+
+async def find_requests(
+    conn: AsyncConnection, request_ids: Collection[str], *, not_before: float
+) -> dict[str, RequestRecord]:
+    """The records of ``request_ids`` made at ``not_before`` or later (older ones have expired)."""
+    if not request_ids:
+        return {}
+    rows = await conn.execute(
+        sa.select(upload_requests).where(
+            upload_requests.c.request_id.in_(list(request_ids)),
+            upload_requests.c.created_at >= not_before,
+        )
+    )
+    return {row.request_id: _request_from_row(row) for row in rows}
+
+
+async def insert_requests(conn: AsyncConnection, records: Sequence[RequestRecord]) -> None:
+    if records:
+        await conn.execute(
+            upload_requests.insert(),
+            [
+                {
+                    "request_id": record.request_id,
+                    "digest": record.digest,
+                    "media_ids": list(record.media_ids),
+                    "message": record.message,
+                    "created_at": record.created_at,
+                }
+                for record in records
+            ],
+        )
+
+
+async def delete_expired_requests(
+    conn: AsyncConnection, *, before: float, request_ids: Collection[str] | None = None
+) -> int:
+    """Forget request ids recorded before ``before`` (only ``request_ids``, when given)."""
+    query = sa.delete(upload_requests).where(upload_requests.c.created_at < before)
+    if request_ids is not None:
+        if not request_ids:
+            return 0
+        query = query.where(upload_requests.c.request_id.in_(list(request_ids)))
+    result = await conn.execute(query)
+    return int(result.rowcount or 0)
 
 
 # -- counters ------------------------------------------------------------------------------

@@ -66,10 +66,34 @@ counters = sa.Table(
 
 MIRROR_REVISION = "mirror_revision"
 
+# Uploads that carried a request_id (AIP-155), kept for the retention period: a retry with the
+# same id is answered from here. The primary key is what makes a duplicate store nothing twice
+# even when two processes race; within one process the uploads serialise per id before this.
+upload_requests = sa.Table(
+    "upload_requests",
+    metadata,
+    sa.Column("request_id", sa.String(36), primary_key=True),
+    # SHA-256 of the request's content and metadata: the same id with other content is refused.
+    sa.Column("digest", sa.String(64), nullable=False),
+    # The media the first answer listed, in its order.
+    sa.Column("media_ids", sa.JSON, nullable=False),
+    sa.Column("message", sa.String, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Index("upload_requests_created_at", "created_at"),
+)
+
 
 async def _initial_schema(conn: AsyncConnection) -> None:
-    await conn.run_sync(metadata.create_all)
+    # Only the tables of version 1: later tables are their own migrations.
+    await conn.run_sync(lambda sync: metadata.create_all(sync, tables=[media, outbox, counters]))
     await conn.execute(counters.insert(), [{"name": MIRROR_REVISION, "value": 0}])
 
 
-MIGRATIONS = [Migration(1, "media, outbox, counters", _initial_schema)]
+async def _upload_requests(conn: AsyncConnection) -> None:
+    await conn.run_sync(lambda sync: upload_requests.create(sync))
+
+
+MIGRATIONS = [
+    Migration(1, "media, outbox, counters", _initial_schema),
+    Migration(2, "upload_requests: request ids of uploads (AIP-155)", _upload_requests),
+]

@@ -1,0 +1,269 @@
+"""Streamed uploads (``UploadMediaStream``): one file, a header first, then its content.
+
+The content goes to a temp file as it arrives, hashed on the way, in batches of about
+:data:`WRITE_BATCH_BYTES` written off the event loop: however large the file, the service
+holds one batch and the message gRPC is delivering, so memory stays flat. The kind of file
+is known from its first bytes, so a file over its kind's limit (or over the size its header
+declared) is refused as soon as the running total passes it, without reading the rest.
+Once the stream ends, the file is checked like an ``UploadMedia`` file (the same sniffing,
+against the file mapped into memory rather than read into it), verified against the
+header's SHA-256, moved into the blob store under its digest, and committed through the same
+group commit and outbox as every upload. Whatever ends the call before that (a refusal, the
+client cancelling, the connection breaking, a stall) removes the partial file: no blob, no
+temp file, no row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+from ingest_service.config import UploadLimits
+from ingest_service.domain.blobs import BlobStore, IncomingBlob
+from ingest_service.domain.models import (
+    Media,
+    RequestRecord,
+    SniffedMedia,
+    StreamHeader,
+    UploadResult,
+)
+from ingest_service.domain.requests import RequestIds, parse_request_id, upload_digest
+from ingest_service.domain.sniff import VIDEO_SIGNATURE_BYTES, sniff, sniff_video
+from ingest_service.domain.uploads import (
+    Uploads,
+    log_stored,
+    validate_filename,
+    validate_metadata,
+)
+from ingest_service.errors import StorageUnavailable, UploadStalled, invalid
+
+logger = logging.getLogger(__name__)
+
+# Content is written (and hashed) once this much has arrived: large enough that the hop to
+# a thread is rare, small enough to keep memory flat.
+WRITE_BATCH_BYTES = 1024 * 1024
+# Field that content refusals name: the stream's content arrives in ``chunk`` messages.
+CONTENT_FIELD = "chunk"
+REQUEST_ID_FIELD = "header.request_id"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+StreamPart = StreamHeader | bytes
+T = TypeVar("T")
+
+
+class StreamUploads:
+    """Receives streamed uploads to disk and stores them like ``UploadMedia`` files."""
+
+    def __init__(
+        self,
+        *,
+        uploads: Uploads,
+        blobs: BlobStore,
+        requests: RequestIds,
+        limits: UploadLimits,
+        idle_timeout: float,
+    ) -> None:
+        self._uploads = uploads
+        self._blobs = blobs
+        self._requests = requests
+        self._limits = limits
+        self._idle_timeout = idle_timeout
+
+    async def upload(self, parts: AsyncIterator[StreamPart]) -> UploadResult:
+        """Store the one file ``parts`` carry (a header, then chunks); raises IngestError."""
+        header = self._validated(await self._next(parts))
+        request_id = parse_request_id(header.request_id, REQUEST_ID_FIELD)
+        if request_id and header.sha256:
+            # The content is declared, so a retry is answered before its bytes are read.
+            prior = await self._requests.lookup(request_id)
+            if prior is not None:
+                digest = _digest(header, header.sha256)
+                return UploadResult(*await self._requests.replay(prior, digest, REQUEST_ID_FIELD))
+        incoming = await _off_loop(self._blobs.incoming)
+        try:
+            await self._receive(parts, header, incoming)
+            sha256 = await _off_loop(incoming.finish)
+            if header.sha256 and sha256 != header.sha256:
+                raise invalid(
+                    "header.sha256",
+                    "CHECKSUM_MISMATCH",
+                    f"the content's SHA-256 is {sha256}, not the declared {header.sha256}",
+                )
+            found = await asyncio.to_thread(self._sniff, incoming)
+            if not request_id:
+                return await self._store(header, incoming, sha256, found, None)
+            digest = _digest(header, sha256)
+            async with self._requests.claim(request_id):
+                prior = await self._requests.lookup(request_id)
+                if prior is not None:
+                    replayed = await self._requests.replay(prior, digest, REQUEST_ID_FIELD)
+                    return UploadResult(*replayed)
+                record = RequestRecord(request_id, digest, (), "", 0.0)
+                return await self._store(header, incoming, sha256, found, record)
+        finally:
+            # Synchronous, so that it also runs to the end when the call is being cancelled.
+            incoming.discard()
+
+    def _validated(self, first: StreamPart | None) -> StreamHeader:
+        if not isinstance(first, StreamHeader):
+            raise invalid("header", "HEADER_REQUIRED", "the first message must be the header")
+        limits = self._limits
+        validate_metadata(
+            owner_id=first.owner_id,
+            category=first.category,
+            context=first.context,
+            limits=limits,
+            prefix="header.",
+        )
+        validate_filename(first.filename, limits, "header.filename")
+        if first.size_bytes < 0:
+            raise invalid("header.size_bytes", "INVALID_SIZE", "must not be negative")
+        self._check_declared_size(first, limits.largest_file_bytes)
+        sha256 = first.sha256.lower()
+        if sha256 and not _SHA256.fullmatch(sha256):
+            raise invalid("header.sha256", "INVALID_SHA256", "must be 64 hex digits")
+        return dataclasses.replace(first, sha256=sha256)
+
+    async def _receive(
+        self, parts: AsyncIterator[StreamPart], header: StreamHeader, incoming: IncomingBlob
+    ) -> None:
+        """Write the chunks to ``incoming``, refusing as soon as a size limit is passed."""
+        limit = self._limits.largest_file_bytes
+        head = b""
+        total = 0
+        batch: list[bytes] = []
+        batched = 0
+        while (part := await self._next(parts)) is not None:
+            if isinstance(part, StreamHeader):
+                raise invalid("header", "HEADER_REPEATED", "only the first message is a header")
+            if not part:
+                continue
+            total += len(part)
+            if len(head) < VIDEO_SIGNATURE_BYTES:
+                head += part[: VIDEO_SIGNATURE_BYTES - len(head)]
+                if len(head) == VIDEO_SIGNATURE_BYTES:
+                    limit = self._limit_for(head, header)
+            self._check_size(total, limit, header)
+            batch.append(part)
+            batched += len(part)
+            if batched >= WRITE_BATCH_BYTES:
+                await _off_loop(incoming.write, batch)
+                batch, batched = [], 0
+        if batch:
+            await _off_loop(incoming.write, batch)
+        if total == 0:
+            raise invalid(CONTENT_FIELD, "EMPTY_FILE", "the file is empty")
+        self._check_size(total, self._limit_for(head, header), header)
+        if header.size_bytes and total != header.size_bytes:
+            raise invalid(
+                "header.size_bytes",
+                "SIZE_MISMATCH",
+                f"the stream ended after {total} of the {header.size_bytes} bytes declared",
+            )
+
+    def _limit_for(self, head: bytes, header: StreamHeader) -> int:
+        """The size limit of the file that starts with ``head``; checks the declared size."""
+        is_video = sniff_video(head) is not None
+        limit = self._limits.max_video_bytes if is_video else self._limits.max_image_bytes
+        self._check_declared_size(header, limit)
+        return limit
+
+    @staticmethod
+    def _check_declared_size(header: StreamHeader, limit: int) -> None:
+        if header.size_bytes > limit:
+            raise invalid(
+                "header.size_bytes",
+                "FILE_TOO_LARGE",
+                f"{header.size_bytes} bytes declared; this file may have at most {limit}",
+            )
+
+    @staticmethod
+    def _check_size(total: int, limit: int, header: StreamHeader) -> None:
+        if header.size_bytes and total > header.size_bytes:
+            raise invalid(
+                "header.size_bytes",
+                "SIZE_MISMATCH",
+                f"more than the {header.size_bytes} bytes declared",
+            )
+        if total > limit:
+            raise invalid(
+                CONTENT_FIELD,
+                "FILE_TOO_LARGE",
+                f"over {limit} bytes; this file may have at most {limit}",
+            )
+
+    def _sniff(self, incoming: IncomingBlob) -> SniffedMedia:
+        try:
+            content = incoming.mapped()
+        except OSError as exc:
+            raise StorageUnavailable(f"received upload unreadable: {exc}") from exc
+        with content:
+            return sniff(content, field=CONTENT_FIELD, limits=self._limits)
+
+    async def _store(
+        self,
+        header: StreamHeader,
+        incoming: IncomingBlob,
+        sha256: str,
+        found: SniffedMedia,
+        record: RequestRecord | None,
+    ) -> UploadResult:
+        await _off_loop(incoming.store, sha256)
+        now = time.time()
+        item = Media(
+            id=str(uuid.uuid4()),
+            owner_id=header.owner_id,
+            category=header.category,
+            context=dict(header.context),
+            filename=header.filename,
+            content_type=found.content_type,
+            kind=found.kind,
+            size_bytes=incoming.size,
+            sha256=sha256,
+            width=found.width,
+            height=found.height,
+            priority=header.priority,
+            status=found.status,
+            not_applicable_reason=found.not_applicable_reason,
+            created_at=now,
+            updated_at=now,
+        )
+        result = await self._uploads.commit((item,), record, request_id_field=REQUEST_ID_FIELD)
+        if result.media[0] is item:
+            log_stored(item, header.declared_content_type)
+        return result
+
+    async def _next(self, parts: AsyncIterator[StreamPart]) -> StreamPart | None:
+        """The next message, None at the end; a client silent for too long is refused."""
+        try:
+            async with asyncio.timeout(self._idle_timeout):
+                return await anext(parts, None)
+        except TimeoutError as exc:
+            raise UploadStalled(
+                f"nothing received for {self._idle_timeout:g} s; the partial upload was removed"
+            ) from exc
+
+
+def _digest(header: StreamHeader, sha256: str) -> str:
+    return upload_digest(
+        method="UploadMediaStream",
+        owner_id=header.owner_id,
+        category=header.category,
+        context=header.context,
+        priority=header.priority,
+        files=[(header.filename, header.declared_content_type, sha256)],
+    )
+
+
+async def _off_loop(function: Callable[..., T], *args: object) -> T:
+    """Run a blocking blob-store step in a thread; a disk failure is StorageUnavailable."""
+    try:
+        return await asyncio.to_thread(function, *args)
+    except OSError as exc:
+        raise StorageUnavailable(f"blob store unavailable: {exc}") from exc

@@ -1,0 +1,151 @@
+"""The ingest service alone for the upload tests: a runner with any configuration, the
+stream-upload helpers, and what a refusal must look like (AIP-193)."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from mediatag.ingest.v1 import ingest_pb2 as ipb
+from mediatag.ingest.v1 import ingest_pb2_grpc
+
+from ingest_service.config import IngestConfig
+from ingest_service.server import create_server
+from mediatag_common.errors import DOMAIN, error_info, field_violations
+from mediatag_common.grpc_server import ServiceHost, channel_options, health_check_stub
+from tests.conftest import free_port
+
+OWNER = "listing-7"
+
+
+@dataclass
+class IngestServer:
+    """The ingest service on a data directory (restartable on it), analysis nowhere."""
+
+    data_dir: Path
+    config: IngestConfig = field(default_factory=IngestConfig)
+    analysis_port: int = field(default_factory=free_port)
+    host: ServiceHost | None = None
+    channel: grpc.aio.Channel | None = None
+
+    async def start(self) -> ingest_pb2_grpc.IngestServiceAsyncStub:
+        config = replace(
+            self.config,
+            port=0,
+            data_dir=self.data_dir,
+            analysis_address=f"127.0.0.1:{self.analysis_port}",
+            sqlite_synchronous="NORMAL",
+            outbox_initial_backoff=0.05,
+            outbox_max_backoff=0.5,
+            mirror_initial_backoff=0.05,
+            mirror_max_backoff=0.5,
+        )
+        self.host, port = await create_server(config)
+        await self.host.start()
+        self.channel = grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=channel_options(256 * 1024 * 1024)
+        )
+        return ingest_pb2_grpc.IngestServiceStub(self.channel)
+
+    async def stop(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
+        if self.host is not None:
+            await self.host.stop(1.0)
+            self.host = None
+
+    async def health(self) -> int:
+        assert self.channel is not None
+        response = await health_check_stub(self.channel)(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+        return response.status
+
+    def blob_files(self) -> set[Path]:
+        """Every file under the blob store, temp files of uploads in progress included."""
+        return {p for p in (self.data_dir / "blobs").rglob("*") if p.is_file()}
+
+    def incoming_files(self) -> list[Path]:
+        return list((self.data_dir / "blobs" / "incoming").iterdir())
+
+    def blob(self, sha256: str) -> Path:
+        return self.data_dir / "blobs" / sha256[:2] / sha256
+
+    def count_rows(self, table: str) -> int:
+        """Rows of ``table`` in the service's SQLite file (read-only peek)."""
+        with sqlite3.connect(f"file:{self.data_dir / 'ingest.db'}?mode=ro", uri=True) as conn:
+            (count,) = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+        return int(count)
+
+
+async def refusal(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
+    """The error a call that must fail ends with."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+def assert_refused(
+    error: grpc.aio.AioRpcError, code: grpc.StatusCode, reason: str, field_name: str | None
+) -> None:
+    """``error`` is ``code`` with ErrorInfo ``reason`` (domain mediatag) naming ``field_name``."""
+    assert error.code() == code, error.details()
+    info = error_info(error)
+    assert info is not None
+    assert (info.reason, info.domain) == (reason, DOMAIN), error.details()
+    if field_name is not None:
+        assert [v.field for v in field_violations(error)] == [field_name]
+
+
+def sha256_of(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def header(**fields: Any) -> ipb.UploadMediaStreamRequest:
+    fields.setdefault("owner_id", OWNER)
+    return ipb.UploadMediaStreamRequest(header=ipb.UploadHeader(**fields))
+
+
+def chunk(data: bytes) -> ipb.UploadMediaStreamRequest:
+    return ipb.UploadMediaStreamRequest(chunk=data)
+
+
+def chunks_of(content: bytes, size: int = 64 * 1024) -> list[ipb.UploadMediaStreamRequest]:
+    return [chunk(content[i : i + size]) for i in range(0, len(content), size)]
+
+
+async def stream(
+    messages: Iterable[ipb.UploadMediaStreamRequest],
+) -> AsyncIterator[ipb.UploadMediaStreamRequest]:
+    for message in messages:
+        yield message
+
+
+async def upload_stream(
+    stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    content: bytes,
+    *,
+    chunk_size: int = 64 * 1024,
+    deadline: float = 30,
+    **header_fields: Any,
+) -> ipb.UploadMediaStreamResponse:
+    """Stream ``content`` after a header made of ``header_fields``."""
+    messages = [header(**header_fields), *chunks_of(content, chunk_size)]
+    response: ipb.UploadMediaStreamResponse = await stub.UploadMediaStream(
+        stream(messages), timeout=deadline
+    )
+    return response
+
+
+async def listed(stub: ingest_pb2_grpc.IngestServiceAsyncStub, owner: str = OWNER) -> list[str]:
+    """The ids of every item of ``owner``, newest first."""
+    response = await stub.ListMedia(ipb.ListMediaRequest(owner_id=owner, page_size=1000), timeout=5)
+    return [m.id for m in response.media]
