@@ -70,7 +70,7 @@ CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 _SAFE_SEARCH_CATEGORIES = ("adult", "spoof", "medical", "violence", "racy")
 
-# Refusals of the request itself (400, 401, 403, 404, 409 without Aborted, 501): the same
+# Refusals of the request itself (HTTP 400, 401, 403, 404, 409 AlreadyExists, 501): the same
 # request would be refused again. Everything else from the server is worth another attempt.
 _PERMANENT = (
     api_exceptions.BadRequest,  # InvalidArgument, FailedPrecondition, OutOfRange
