@@ -268,6 +268,41 @@ MAX_VIDEO_BYTES: Setting[int] = Setting(
     "--max-video-bytes", byte_size, _LIMITS.max_video_bytes, "largest video, e.g. 512MiB",
     "SIZE", ONLY_INGEST, shown_default=format_byte_size(_LIMITS.max_video_bytes),
 )  # fmt: skip
+MAX_OWNER_ID_LENGTH: Setting[int] = Setting(
+    "--max-owner-id-length", positive_int, _LIMITS.max_owner_id_length,
+    "longest owner id", "N", ONLY_INGEST,
+)  # fmt: skip
+MAX_CATEGORY_LENGTH: Setting[int] = Setting(
+    "--max-category-length", positive_int, _LIMITS.max_category_length,
+    "longest category", "N", ONLY_INGEST,
+)  # fmt: skip
+MAX_CONTEXT_ENTRIES: Setting[int] = Setting(
+    "--max-context-entries", non_negative_int, _LIMITS.max_context_entries,
+    "context entries per upload", "N", ONLY_INGEST,
+)  # fmt: skip
+MAX_CONTEXT_VALUE_LENGTH: Setting[int] = Setting(
+    "--max-context-value-length", positive_int, _LIMITS.max_context_value_length,
+    "longest context value", "N", ONLY_INGEST,
+)  # fmt: skip
+MAX_FILENAME_LENGTH: Setting[int] = Setting(
+    "--max-filename-length", positive_int, _LIMITS.max_filename_length,
+    "longest filename", "N", ONLY_INGEST,
+)  # fmt: skip
+_INGEST = IngestConfig()
+REQUEST_ID_RETENTION: Setting[float] = Setting(
+    "--request-id-retention", positive_float, _INGEST.request_id_retention,
+    "seconds an upload's request_id is remembered: a retry within it gets the first answer",
+    "SECONDS", ONLY_INGEST,
+)  # fmt: skip
+UPLOAD_IDLE_TIMEOUT: Setting[float] = Setting(
+    "--upload-idle-timeout", positive_float, _INGEST.stream_idle_timeout,
+    "an UploadMediaStream that sends nothing for this long is ended and its partial file "
+    "removed", "SECONDS", ONLY_INGEST,
+)  # fmt: skip
+INGEST_UPLOAD_SETTINGS: tuple[Setting[Any], ...] = (
+    MAX_OWNER_ID_LENGTH, MAX_CATEGORY_LENGTH, MAX_CONTEXT_ENTRIES, MAX_CONTEXT_VALUE_LENGTH,
+    MAX_FILENAME_LENGTH, REQUEST_ID_RETENTION, UPLOAD_IDLE_TIMEOUT,
+)  # fmt: skip
 # The services' own defaults are off (an embedded service grabs no port unasked); `serve` is on.
 INGEST_METRICS_PORT: Setting[int | None] = Setting(
     "--ingest-metrics-port", port_or_off, 9451,
@@ -295,7 +330,8 @@ SERVE_SETTINGS: tuple[Setting[Any], ...] = (
     LEASE_SECONDS,
     BOOKMARK_INTERVAL, MAX_WATCHERS, WATCH_BUFFER, EVENT_RETENTION, EVENT_RETENTION_COUNT,
     COMPACTION_INTERVAL, MAX_FILES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS,
-    MAX_VIDEO_BYTES, INGEST_METRICS_PORT, ANALYSIS_METRICS_PORT, LOG_LEVEL, LOG_FORMAT,
+    MAX_VIDEO_BYTES, *INGEST_UPLOAD_SETTINGS, INGEST_METRICS_PORT, ANALYSIS_METRICS_PORT,
+    LOG_LEVEL, LOG_FORMAT,
 )  # fmt: skip
 
 INGEST_TARGET: Setting[str] = Setting(
@@ -464,7 +500,14 @@ def serve_settings(
                 max_image_bytes=get(MAX_IMAGE_BYTES),
                 max_image_pixels=get(MAX_IMAGE_PIXELS),
                 max_video_bytes=get(MAX_VIDEO_BYTES),
+                max_owner_id_length=get(MAX_OWNER_ID_LENGTH),
+                max_category_length=get(MAX_CATEGORY_LENGTH),
+                max_context_entries=get(MAX_CONTEXT_ENTRIES),
+                max_context_value_length=get(MAX_CONTEXT_VALUE_LENGTH),
+                max_filename_length=get(MAX_FILENAME_LENGTH),
             ),
+            request_id_retention=get(REQUEST_ID_RETENTION),
+            stream_idle_timeout=get(UPLOAD_IDLE_TIMEOUT),
             grace_period=grace_period,
             metrics_port=get(INGEST_METRICS_PORT),
         )

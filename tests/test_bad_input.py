@@ -5,6 +5,7 @@ the configured ones. (The stream's refusals are in tests/test_upload_stream.py.)
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from collections.abc import AsyncIterator
@@ -16,6 +17,8 @@ from mediatag.ingest.v1 import ingest_pb2 as ipb
 from mediatag.ingest.v1 import ingest_pb2_grpc
 
 from ingest_service.config import IngestConfig, UploadLimits
+from mediatag_cli.main import parse
+from mediatag_cli.settings import serve_settings
 from tests import media_samples as samples
 from tests.ingest_support import OWNER, IngestServer, assert_refused, listed, refusal
 
@@ -292,3 +295,40 @@ async def test_malformed_metadata_is_refused(server: IngestServer, case: str) ->
         reason,
         field_name,
     )
+
+
+# -- the limits come from flags and environment ------------------------------------------------
+
+
+def test_every_upload_limit_is_a_flag_and_an_environment_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("MEDIATAG_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MEDIATAG_MAX_CONTEXT_ENTRIES", "5")
+    monkeypatch.setenv("MEDIATAG_REQUEST_ID_RETENTION", "172800")
+    command_line = (
+        "serve ingest --max-files 4 --max-image-bytes 2MiB --max-image-pixels 5000 "
+        "--max-video-bytes 1GiB --max-owner-id-length 20 --max-category-length 30 "
+        "--max-context-value-length 40 --max-filename-length 50 --upload-idle-timeout 7 "
+        "--request-id-retention 3600"
+    )
+    args = parse(command_line.split())
+
+    ingest = serve_settings(args, ["ingest"]).ingest
+
+    assert ingest is not None
+    assert ingest.limits == UploadLimits(
+        max_files=4,
+        max_image_bytes=2 * 1024 * 1024,
+        max_image_pixels=5000,
+        max_video_bytes=1024 * 1024 * 1024,
+        max_owner_id_length=20,
+        max_category_length=30,
+        max_context_entries=5,
+        max_context_value_length=40,
+        max_filename_length=50,
+    )
+    # The flag wins over the environment.
+    assert (ingest.request_id_retention, ingest.stream_idle_timeout) == (3600.0, 7.0)
