@@ -23,7 +23,8 @@ class RetryPolicy:
     backoff_base: float = 1.0
     backoff_max: float = 60.0
     jitter: float = 0.2
-    # Quota refusals do not count as attempts; this bounds how often a job may be refused.
+    # Quota refusals and an unreachable ingest do not count as attempts; this bounds how
+    # often a job may be put off for them (with backoff up to backoff_max, over an hour).
     max_quota_deferrals: int = 100
 
 

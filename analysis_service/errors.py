@@ -56,6 +56,16 @@ class PermanentAnalyzerError(AnalyzerFailure):
     reason = "ANALYZER_REJECTED"
 
 
+class ContentUnavailable(TransientAnalyzerError):
+    """The ingest service, which holds the job's bytes, cannot be reached right now.
+
+    Not a failed attempt: neither the image nor the analyser is at fault, so the job waits
+    (with backoff) for ingest to come back instead of using up its attempts.
+    """
+
+    reason = "CONTENT_UNAVAILABLE"
+
+
 class QuotaExceeded(AnalyzerFailure):
     """The upstream API refused for quota (RESOURCE_EXHAUSTED / 429).
 

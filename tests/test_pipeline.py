@@ -162,6 +162,54 @@ async def test_upload_succeeds_while_analysis_is_down_and_completes_once_it_star
     assert all(m.status == ipb.PROCESSING_STATUS_COMPLETED for m in done)
 
 
+async def test_jobs_wait_for_an_unreachable_ingest_without_using_attempts(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(
+        analyzer=ScriptedAnalyzer(),
+        analysis_config=AnalysisConfig(
+            retry=RetryPolicy(max_attempts=2, backoff_base=0.05, backoff_max=0.2),
+            rate_limits={"local": RateLimitConfig(50, 1)},
+        ),
+    )
+    await cluster.start_analysis()
+    analysis = cluster.analysis
+    await analysis.PauseQueue(apb.PauseQueueRequest())
+    await cluster.start_ingest()
+    ids = [m.id for m in (await upload(cluster, image_files(3, first_seed=70))).media]
+
+    async def submitted() -> bool:
+        status = await analysis.GetQueueStatus(apb.GetQueueStatusRequest())
+        counts = {c.status: c.count for c in status.counts}
+        return counts.get(apb.PROCESSING_STATUS_PENDING, 0) == len(ids)
+
+    await wait_until(submitted)
+    await cluster.stop_ingest()
+    await analysis.ResumeQueue(apb.ResumeQueueRequest())
+
+    async def put_off_beyond_max_attempts() -> bool:
+        for media_id in ids:
+            job = (await analysis.GetJob(apb.GetJobRequest(media_id=media_id))).job
+            refused = [a for a in job.attempts if a.outcome == "CONTENT_UNAVAILABLE"]
+            if len(refused) <= job.max_attempts or job.status == apb.PROCESSING_STATUS_FAILED:
+                return False
+        return True
+
+    await wait_until(put_off_beyond_max_attempts, within=30)
+    await cluster.start_ingest()
+    # This process's failed connections to the stopped ingest back off before reconnecting.
+    await cluster.ingest.GetMedia(
+        ipb.GetMediaRequest(media_id=ids[0]), timeout=10, wait_for_ready=True
+    )
+    done = await wait_terminal(cluster, ids)
+    assert [m.status for m in done] == [ipb.PROCESSING_STATUS_COMPLETED] * len(ids)
+    for media_id in ids:
+        job = (await analysis.GetJob(apb.GetJobRequest(media_id=media_id))).job
+        assert job.attempt == 1
+        assert job.attempts[-1].outcome == "COMPLETED"
+        assert {a.error.reason for a in job.attempts[:-1]} == {"CONTENT_UNAVAILABLE"}
+
+
 async def test_transient_errors_are_retried_permanent_fail_at_once_and_retry_brings_back(
     make_cluster: Callable[..., Cluster],
 ) -> None:

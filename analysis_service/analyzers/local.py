@@ -35,6 +35,8 @@ import io
 import logging
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -164,8 +166,8 @@ class LocalAnalyzer:
                 self._processes,
                 # Not fork: the service's process runs gRPC's and the database's threads.
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=os.nice,
-                initargs=(_PROCESS_NICENESS,),
+                initializer=_start_child,
+                initargs=(os.getpid(),),
             )
         try:
             return await asyncio.get_running_loop().run_in_executor(
@@ -183,6 +185,20 @@ class LocalAnalyzer:
         pool, self._pool = self._pool, None
         if pool is not None:
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+
+
+def _start_child(parent_pid: int) -> None:
+    os.nice(_PROCESS_NICENESS)
+    # A parent killed with SIGKILL cannot stop its pool: the child notices and leaves.
+    threading.Thread(
+        target=_exit_with_parent, args=(parent_pid,), name="parent-watch", daemon=True
+    ).start()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _analyze_bytes(content: bytes, dimensions: int) -> AnalysisOutput:

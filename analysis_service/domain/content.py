@@ -9,20 +9,26 @@ import grpc
 from mediatag.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 from analysis_service.domain.models import JobSpec
-from analysis_service.errors import PermanentAnalyzerError, TransientAnalyzerError
+from analysis_service.errors import (
+    ContentUnavailable,
+    PermanentAnalyzerError,
+    TransientAnalyzerError,
+)
 from mediatag_common.grpc_server import channel_options
 
 logger = logging.getLogger(__name__)
 
-TRANSIENT_CODES = frozenset(
+# Ingest down, restarting, draining or overloaded: wait for it without using attempts.
+UNREACHABLE_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
     }
+)
+# Errors another attempt may not meet; they count as attempts (a bug must not loop forever).
+TRANSIENT_CODES = frozenset(
+    {grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 )
 
 
@@ -54,8 +60,10 @@ class ContentFetcher:
                 chunks.append(response.data)
         except grpc.aio.AioRpcError as exc:
             problem = f"reading content of media {spec.media_id}: {exc.code().name} {exc.details()}"
+            if exc.code() in UNREACHABLE_CODES:
+                raise ContentUnavailable(problem) from exc
             if exc.code() in TRANSIENT_CODES:
-                raise TransientAnalyzerError(problem, reason="CONTENT_UNAVAILABLE") from exc
+                raise TransientAnalyzerError(problem, reason="CONTENT_READ_FAILED") from exc
             if exc.code() is grpc.StatusCode.NOT_FOUND:
                 raise PermanentAnalyzerError(problem, reason="CONTENT_NOT_FOUND") from exc
             raise PermanentAnalyzerError(problem, reason="CONTENT_UNREADABLE") from exc

@@ -39,20 +39,27 @@ class Subscription:
         self._events: collections.deque[StatusEvent] = collections.deque()
         self._ready = asyncio.Event()
         self._ended: Exception | None = None
+        # Counts of events ever taken and ever handed on, and ``_taken`` at the end of the
+        # last burst (below).
+        self._taken = 0
+        self._handed_on = 0
+        self._burst_end = 0
 
     def offer(self, events: Sequence[StatusEvent]) -> None:
         """Take the matching events of one commit.
 
-        Slow means still holding a full buffer from earlier commits. One commit is taken
-        whole: a watcher that keeps up is not cut off because a single transaction (a retry
-        of many jobs) touched more items than its buffer holds.
+        Slow means ``buffer_size`` events behind when the next commit comes. A burst is
+        forgiven once until it has been read: a commit that takes the buffer beyond its
+        size (a retry of many jobs) is taken whole, and the count starts again at its end,
+        so a watcher that keeps up is not cut off by the commits right after it. Memory
+        stays bounded by about twice the buffer plus one commit.
         """
         if self._ended is not None:
             return
         matching = [event for event in events if self.filter.matches(event)]
         if not matching:
             return
-        if len(self._events) >= self._buffer_size:
+        if self._taken - max(self._handed_on, self._burst_end) >= self._buffer_size:
             self.end(
                 WatcherTooSlow(
                     f"watcher fell {self._buffer_size} events behind; resume from its last revision"
@@ -60,6 +67,9 @@ class Subscription:
             )
             return
         self._events.extend(matching)
+        self._taken += len(matching)
+        if len(self._events) > self._buffer_size and self._handed_on >= self._burst_end:
+            self._burst_end = self._taken
         self._ready.set()
 
     def end(self, reason: Exception) -> None:
@@ -84,6 +94,7 @@ class Subscription:
                     return None
         if self._ended is not None:
             raise self._ended
+        self._handed_on += 1
         return self._events.popleft()
 
     def close(self) -> None:

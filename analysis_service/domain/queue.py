@@ -272,8 +272,11 @@ class JobQueue:
             attempt=job.attempt,
         )
 
-    async def defer_for_quota(self, job: ClaimedJob, error: JobError, delay: float) -> StatusEvent:
-        """A quota refusal: back to PENDING after ``delay``; the attempt does not count."""
+    async def defer(self, job: ClaimedJob, error: JobError, delay: float) -> StatusEvent:
+        """Not the job's fault (quota, ingest unreachable): PENDING again after ``delay``.
+
+        The attempt does not count; past ``max_quota_deferrals`` such refusals the job FAILS.
+        """
         if job.quota_deferrals >= self._retry.max_quota_deferrals:
             return await self._end_attempt(
                 job,
@@ -287,7 +290,7 @@ class JobQueue:
             job,
             status=JobStatus.PENDING,
             error=error,
-            outcome="QUOTA_EXCEEDED",
+            outcome=error.reason,
             delay=delay,
             attempt=job.attempt - 1,
             extra={"quota_deferrals": job.quota_deferrals + 1},

@@ -24,12 +24,14 @@ from analysis_service.domain.stats import Throughput
 from analysis_service.errors import (
     AnalysisError,
     AnalyzerFailure,
+    ContentUnavailable,
     LeaseLost,
     QuotaExceeded,
     StorageUnavailable,
 )
 from analysis_service.metrics import (
     COMPLETED,
+    CONTENT_DEFERRED,
     FAILED,
     INTERNAL,
     LEASE_LOST,
@@ -238,10 +240,10 @@ class WorkerPool:
                 return COMPLETED
             except QuotaExceeded as exc:
                 pause = self._limits.quota_exceeded(exc.api, exc.retry_after)
-                event = await self._queue.defer_for_quota(
-                    job, JobError(exc.reason, exc.message, True), pause
-                )
-                return FAILED if event.status is JobStatus.FAILED else QUOTA_DEFERRED
+                return await self._defer(job, exc, pause, QUOTA_DEFERRED)
+            except ContentUnavailable as exc:
+                pause = self._queue.backoff(job.quota_deferrals + 1)
+                return await self._defer(job, exc, pause, CONTENT_DEFERRED)
             except AnalyzerFailure as exc:
                 return await self._fail(job, JobError(exc.reason, exc.message, exc.transient))
             except TimeoutError:
@@ -270,6 +272,23 @@ class WorkerPool:
                 exc,
             )
             return NOT_RECORDED
+
+    async def _defer(
+        self, job: ClaimedJob, refusal: AnalyzerFailure, delay: float, outcome: str
+    ) -> str:
+        """Put the job off for ``delay`` without using an attempt; the attempt's outcome."""
+        event = await self._queue.defer(job, JobError(refusal.reason, refusal.message, True), delay)
+        if event.status is JobStatus.FAILED:
+            return FAILED
+        logger.warning(
+            "media %s put off for %.1f s (%s: %s); attempt not counted",
+            job.spec.media_id,
+            delay,
+            refusal.reason,
+            refusal.message,
+            extra={"media_id": job.spec.media_id, "attempt": job.attempt},
+        )
+        return outcome
 
     async def _fail(self, job: ClaimedJob, error: JobError) -> str:
         """Record a failed attempt; its outcome (a retry is scheduled, or the job failed)."""
