@@ -91,6 +91,13 @@ BAD_CONTENT: dict[str, tuple[bytes, str, str, str]] = {
     "truncated-png": (samples.png_bytes(64)[:3000], "x.png", "", "CORRUPT_IMAGE"),
     "truncated-webp": (samples.webp_bytes(65)[:2000], "x.webp", "", "CORRUPT_IMAGE"),
     "truncated-gif": (samples.gif_bytes(66)[:1500], "x.gif", "", "CORRUPT_IMAGE"),
+    # Found by tests/test_upload_fuzz.py: Pillow fails on this cut with struct.error.
+    "animated-gif-cut-in-its-second-frame-header": (
+        samples.animated_gif_bytes(84, (24, 24), frames=2)[:790],
+        "x.gif",
+        "image/gif",
+        "CORRUPT_IMAGE",
+    ),
     "truncated-bmp": (samples.bmp_bytes(67)[:5000], "x.bmp", "", "CORRUPT_IMAGE"),
     "truncated-tiff": (samples.tiff_bytes(68)[:3000], "x.tif", "", "CORRUPT_IMAGE"),
     "jpeg-bomb": (_jpeg_declaring(65_000, 65_000), "bomb.jpg", "image/jpeg", "IMAGE_TOO_LARGE"),

@@ -13,7 +13,9 @@ read. Everything here is blocking: call it off the event loop.
 from __future__ import annotations
 
 import io
+import logging
 import mmap
+import struct
 import warnings
 from typing import IO, cast
 
@@ -22,6 +24,8 @@ from PIL import Image, UnidentifiedImageError
 from ingest_service.config import UploadLimits
 from ingest_service.domain.models import MediaKind, SniffedMedia
 from ingest_service.errors import InvalidArgument, invalid
+
+logger = logging.getLogger(__name__)
 
 # Pillow format -> the content type ingest records. MPO is how Pillow names a JPEG with
 # extra frames (stereo pairs, depth maps from phone cameras): a still JPEG to everyone else.
@@ -115,23 +119,26 @@ def sniff_image(content: Content, *, field: str, max_pixels: int) -> SniffedMedi
     try:
         with Image.open(source, formats=_OPENED_FORMATS) as image:
             width, height = image.size
-            if width * height > max_pixels:
-                raise invalid(
-                    field,
-                    "IMAGE_TOO_LARGE",
-                    f"image of {width}x{height} pixels exceeds {max_pixels} pixels",
-                )
+            # Before anything is decoded: a bomb under Pillow's own limit is refused too.
+            _check_pixels(width, height, field=field, max_pixels=max_pixels)
             image_format = image.format or ""
             animated = image_format != "MPO" and bool(getattr(image, "is_animated", False))
             rotated = _check_decodes(image, content)
+    except InvalidArgument:
+        raise
     except UnidentifiedImageError as exc:
         if _looks_like_image(content):
             raise invalid(field, "CORRUPT_IMAGE", "image header is unreadable") from exc
         return None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise invalid(field, "IMAGE_TOO_LARGE", f"image exceeds {max_pixels} pixels") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise invalid(field, "CORRUPT_IMAGE", f"image does not decode: {exc}") from exc
+    except Exception as exc:
+        # Pillow's parsers meet damaged input with more kinds of error than they document
+        # (IndexError, KeyError, ...): whatever they raise, these bytes are no usable image.
+        logger.info("image parser failed on %s with %s: %s", field, type(exc).__name__, exc)
+        raise invalid(field, "CORRUPT_IMAGE", "image does not decode") from exc
     if rotated:
         width, height = height, width
     return SniffedMedia(
@@ -141,6 +148,15 @@ def sniff_image(content: Content, *, field: str, max_pixels: int) -> SniffedMedi
         height=height,
         not_applicable_reason="animated" if animated else "",
     )
+
+
+def _check_pixels(width: int, height: int, *, field: str, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise invalid(
+            field,
+            "IMAGE_TOO_LARGE",
+            f"image of {width}x{height} pixels exceeds {max_pixels} pixels",
+        )
 
 
 def _looks_like_image(content: Content) -> bool:
