@@ -226,6 +226,8 @@ async def test_sigkill_of_either_service_under_load_loses_no_answered_upload(
             for media_id, media in items.items():
                 assert media.sha256 in ledger.attempted
                 assert await _content_sha256(ingest_stub, media_id) == media.sha256
+            # Temp files of blobs a kill cut short were removed when ingest started again.
+            assert not list((tmp_path / "data" / "ingest" / "blobs").rglob(".incoming-*"))
 
             # Exactly one terminal status per item, over the whole event log.
             status = await analysis_stub.GetQueueStatus(apb.GetQueueStatusRequest())

@@ -1,12 +1,12 @@
 """A content-addressed store of media bytes on the local filesystem.
 
-Each blob lives at ``root/ab/<sha256>`` and is written atomically: a temp file in the
-same directory is written and fsynced, renamed over the final name, and the directory is
-fsynced, so a crash leaves either the whole blob or none. Identical content is stored once.
-The 256 fan-out directories are made once, up front, so that storing a blob costs two
-fsyncs and never a directory creation. Streamed content whose digest is known only at the
-end is received into ``root/incoming/`` (same filesystem, so the final rename is atomic);
-what a crash leaves there is removed on start. Every method blocks: call it off the event
+Each blob lives at ``root/ab/<sha256>`` and is written atomically: a temp file in
+``root/incoming/`` (same filesystem, so the rename is atomic) is written and fsynced,
+renamed over the final name, and the directory is fsynced, so a crash leaves either the
+whole blob or none — and any temp file it leaves is removed on the next start. Identical
+content is stored once. The 256 fan-out directories are made once, up front, so that storing
+a blob costs two fsyncs and never a directory creation. Streamed content, whose digest is
+known only at the end, is received the same way. Every method blocks: call it off the event
 loop.
 """
 
@@ -54,7 +54,7 @@ class BlobStore:
         if self.contains(sha256, size):
             return
         path = self.path_for(sha256)
-        descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
+        descriptor, temp_name = tempfile.mkstemp(dir=self.root / INCOMING, prefix=".incoming-")
         try:
             with os.fdopen(descriptor, "wb") as temp:
                 for chunk in chunks:
@@ -78,13 +78,13 @@ class BlobStore:
         return IncomingBlob(self, os.fdopen(descriptor, "wb"), Path(temp_name))
 
     def _clear_incoming(self) -> None:
-        """Make ``incoming/`` and remove what an earlier process left there half-received."""
+        """Make ``incoming/`` and remove what an earlier process left there half-written."""
         incoming = self.root / INCOMING
         incoming.mkdir(exist_ok=True)
         for leftover in incoming.iterdir():
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
-                logger.info("removed a partial upload left by an earlier run: %s", leftover.name)
+                logger.info("removed a partial blob left by an earlier run: %s", leftover.name)
 
     def _make_fan_out(self) -> None:
         """Create the root and its 256 fan-out directories, each made durable in its parent."""
