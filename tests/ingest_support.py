@@ -3,6 +3,7 @@ stream-upload helpers, and what a refusal must look like (AIP-193)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Iterable
@@ -34,6 +35,7 @@ class IngestServer:
     analysis_port: int = field(default_factory=free_port)
     host: ServiceHost | None = None
     channel: grpc.aio.Channel | None = None
+    port: int = 0
 
     async def start(self) -> ingest_pb2_grpc.IngestServiceAsyncStub:
         config = replace(
@@ -47,10 +49,10 @@ class IngestServer:
             mirror_initial_backoff=0.05,
             mirror_max_backoff=0.5,
         )
-        self.host, port = await create_server(config)
+        self.host, self.port = await create_server(config)
         await self.host.start()
         self.channel = grpc.aio.insecure_channel(
-            f"127.0.0.1:{port}", options=channel_options(256 * 1024 * 1024)
+            f"127.0.0.1:{self.port}", options=channel_options(256 * 1024 * 1024)
         )
         return ingest_pb2_grpc.IngestServiceStub(self.channel)
 
@@ -86,15 +88,15 @@ class IngestServer:
         return int(count)
 
 
-async def refusal(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
-    """The error a call that must fail ends with."""
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
+async def refusal(call: Awaitable[Any]) -> grpc.RpcError:
+    """The error a call that must fail ends with (grpc.aio's or the synchronous client's)."""
+    with pytest.raises(grpc.RpcError) as caught:
         await call
     return caught.value
 
 
 def assert_refused(
-    error: grpc.aio.AioRpcError, code: grpc.StatusCode, reason: str, field_name: str | None
+    error: grpc.RpcError, code: grpc.StatusCode, reason: str, field_name: str | None
 ) -> None:
     """``error`` is ``code`` with ErrorInfo ``reason`` (domain mediatag) naming ``field_name``."""
     assert error.code() == code, error.details()
@@ -143,6 +145,28 @@ async def upload_stream(
         stream(messages), timeout=deadline
     )
     return response
+
+
+async def stream_with_sync_client(
+    server: IngestServer, messages: Iterable[ipb.UploadMediaStreamRequest], deadline: float = 30
+) -> ipb.UploadMediaStreamResponse:
+    """UploadMediaStream through gRPC's synchronous client, in a thread.
+
+    For streams the server ends before the client has sent everything (an early refusal, an
+    answer from the header alone): grpc.aio's client can then report ``INTERNAL: Internal
+    error from Core`` instead of the server's status, when its next write fails after the
+    stream closed (grpc/grpc#36066). The synchronous client reports the server's status.
+    """
+
+    def call() -> ipb.UploadMediaStreamResponse:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            response: ipb.UploadMediaStreamResponse = stub.UploadMediaStream(
+                iter(messages), timeout=deadline
+            )
+            return response
+
+    return await asyncio.to_thread(call)
 
 
 async def listed(stub: ingest_pb2_grpc.IngestServiceAsyncStub, owner: str = OWNER) -> list[str]:

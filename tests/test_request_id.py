@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,14 @@ from tests.ingest_support import (
     OWNER,
     IngestServer,
     assert_refused,
+    chunk,
     chunks_of,
     header,
     listed,
     refusal,
     sha256_of,
     stream,
+    stream_with_sync_client,
     upload_stream,
 )
 
@@ -335,24 +337,27 @@ async def test_a_retried_stream_that_declares_its_sha256_is_answered_before_its_
 ) -> None:
     stub = await server.start()
     request_id = str(uuid.uuid4())
-    content = samples.mp4_bytes(payload_bytes=4 * 1024 * 1024)
+    content = samples.mp4_bytes(payload_bytes=256 * 1024)
     fields: dict[str, Any] = {"request_id": request_id, "sha256": sha256_of(content)}
     first = await stub.UploadMediaStream(
         stream([header(**fields), *chunks_of(content)]), timeout=10
     )
     sent = 0
 
-    async def retry() -> AsyncIterator[ipb.UploadMediaStreamRequest]:
+    def retry() -> Iterator[ipb.UploadMediaStreamRequest]:
+        # The content would never end: only an answer from the header ends the call.
         nonlocal sent
         yield header(**fields)
-        for message in chunks_of(content):
-            sent += len(message.chunk)
-            yield message
+        block = bytes(64 * 1024)
+        while True:
+            sent += len(block)
+            yield chunk(block)
 
-    again = await stub.UploadMediaStream(retry(), timeout=10)
+    # Answered before the client is done sending: see stream_with_sync_client.
+    again = await stream_with_sync_client(server, retry(), deadline=30)
 
     assert again == first
-    assert sent < len(content)
+    assert sent < 16 * 1024 * 1024
     assert server.count_rows("media") == 1
     assert server.incoming_files() == []
 

@@ -19,7 +19,6 @@ import hashlib
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -34,7 +33,7 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 from ingest_service.config import IngestConfig
 from mediatag_common.errors import DOMAIN, error_info, field_violations
 from tests import media_samples as samples
-from tests.ingest_support import IngestServer
+from tests.ingest_support import IngestServer, stream_with_sync_client
 
 EXAMPLES = int(os.environ.get("MEDIATAG_FUZZ_EXAMPLES", "150"))
 settings.register_profile(
@@ -256,9 +255,7 @@ class Harness:
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
-    def check_refusal(
-        self, error: grpc.aio.AioRpcError, fields: re.Pattern[str], files: int
-    ) -> None:
+    def check_refusal(self, error: grpc.RpcError, fields: re.Pattern[str], files: int) -> None:
         code = error.code()
         assert code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), error.details()
         info = error_info(error)
@@ -295,13 +292,10 @@ class Harness:
         assert self.stub is not None
         blobs = self.server.blob_files()
 
-        async def messages() -> AsyncIterator[ipb.UploadMediaStreamRequest]:
-            for message in case.messages:
-                yield message
-
         try:
-            response = await self.stub.UploadMediaStream(messages(), timeout=30)
-        except grpc.aio.AioRpcError as error:
+            # Refusals can come before the last message is sent: see stream_with_sync_client.
+            response = await stream_with_sync_client(self.server, case.messages)
+        except grpc.RpcError as error:
             self.check_refusal(error, STREAM_FIELDS, 0)
             assert self.server.blob_files() == blobs
             assert self.server.incoming_files() == []
