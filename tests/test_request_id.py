@@ -16,6 +16,8 @@ from mediatag.ingest.v1 import ingest_pb2 as ipb
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig
 from ingest_service.config import IngestConfig
+from ingest_service.storage.schema import MIGRATIONS
+from mediatag_common.database import Database, sqlite_url
 from tests import media_samples as samples
 from tests.conftest import Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
@@ -374,3 +376,21 @@ async def test_a_stream_racing_its_own_retry_stores_once(server: IngestServer) -
     assert all(answer == answers[0] for answer in answers)
     assert await listed(stub) == [answers[0].media.id]
     assert server.incoming_files() == []
+
+
+async def test_a_database_from_before_request_ids_is_migrated_on_start(tmp_path: Path) -> None:
+    data_dir = tmp_path / "ingest"
+    data_dir.mkdir()
+    old = Database(sqlite_url(str(data_dir / "ingest.db")))
+    await old.migrate(MIGRATIONS[:1])
+    await old.close()
+    server = IngestServer(data_dir)
+    try:
+        stub = await server.start()
+        request_id = str(uuid.uuid4())
+        first = await stub.UploadMedia(upload_request(request_id), timeout=5)
+        assert await stub.UploadMedia(upload_request(request_id), timeout=5) == first
+        assert server.count_rows("upload_requests") == 1
+        assert server.count_rows("schema_migrations") == len(MIGRATIONS)
+    finally:
+        await server.stop()

@@ -141,6 +141,32 @@ async def test_identical_streamed_content_is_stored_once(server: IngestServer) -
     assert server.blob_files() == {server.blob(sha256_of(content))}
 
 
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [
+        (samples.png_bytes(22), "image/png"),
+        (samples.webp_bytes(23), "image/webp"),
+        (samples.bmp_bytes(24), "image/bmp"),
+        (samples.tiff_bytes(25), "image/tiff"),
+        (samples.gif_bytes(26), "image/gif"),
+    ],
+    ids=["png", "webp", "bmp", "tiff", "gif"],
+)
+async def test_every_image_format_streams_in(
+    server: IngestServer, content: bytes, content_type: str
+) -> None:
+    stub = await server.start()
+
+    response = await upload_stream(stub, content, chunk_size=7000)
+
+    assert (response.media.content_type, response.media.status) == (
+        content_type,
+        ipb.PROCESSING_STATUS_PENDING,
+    )
+    assert (response.media.width, response.media.height) == (320, 240)
+    assert server.blob(sha256_of(content)).read_bytes() == content
+
+
 # -- memory ----------------------------------------------------------------------------------
 
 
