@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -23,7 +24,8 @@ class BehaviorInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def wrap_unary(self, method: str, kind: str, behavior: Behavior) -> Behavior:
-        """A behaviour that answers once (unary response)."""
+        """A behaviour whose call is awaited: a unary response, or a streaming one written
+        with ``context.write()`` (as grpc_health's ``Watch``)."""
         raise NotImplementedError
 
     def wrap_stream(self, method: str, kind: str, behavior: Behavior) -> Behavior:
@@ -47,7 +49,10 @@ class BehaviorInterceptor(grpc.aio.ServerInterceptor):
                 replaced[kind] = self.wrap_unary(method, kind, behavior)
         for kind in _STREAM_RESPONSE:
             if (behavior := getattr(handler, kind)) is not None:
-                replaced[kind] = self.wrap_stream(method, kind, behavior)
+                # gRPC iterates what a generator yields but awaits a coroutine that writes
+                # its responses; a wrapper must be of the same kind as what it wraps.
+                wrap = self.wrap_stream if inspect.isasyncgenfunction(behavior) else self.wrap_unary
+                replaced[kind] = wrap(method, kind, behavior)
         # RpcMethodHandler is a namedtuple at run time; its stub does not say so.
         result: grpc.RpcMethodHandler[_Req, _Resp] = handler._replace(**replaced)  # type: ignore[attr-defined]
         return result
