@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mediatag_common.tls import ClientTls, ServerTls
+
 
 @dataclass(frozen=True)
 class RateLimitConfig:
@@ -143,6 +145,13 @@ class AnalysisConfig:
     watch: WatchConfig = field(default_factory=WatchConfig)
     max_message_bytes: int = 64 * 1024 * 1024
     grace_period: float = 10.0
+    # Security (all off by default, as on loopback). With a tokens file every call but health
+    # and reflection needs a bearer token; ``tls`` serves TLS (mutual with a client CA);
+    # ``peer_tls`` and ``service_token`` are how this service reaches the ingest service.
+    tokens_file: Path | None = None
+    tls: ServerTls | None = None
+    peer_tls: ClientTls | None = None
+    service_token: str | None = field(default=None, repr=False)
     # Prometheus metrics at http://host:metrics_port/metrics; None = off (the CLI's default is
     # 9452, an embedded service grabs no port unasked); 0 picks a free port.
     metrics_port: int | None = None

@@ -8,7 +8,7 @@ from mediatag.analysis.v1 import analysis_pb2, analysis_pb2_grpc
 
 from analysis_service.analyzers.base import Analyzer
 from analysis_service.analyzers.registry import build_analyzer, close_analyzer
-from analysis_service.api.servicer import AnalysisServicer
+from analysis_service.api.servicer import METHOD_ROLES, AnalysisServicer
 from analysis_service.config import AnalysisConfig
 from analysis_service.domain.cache import ResultCache
 from analysis_service.domain.content import ContentFetcher
@@ -21,7 +21,8 @@ from analysis_service.domain.watch import StatusWatcher
 from analysis_service.domain.workers import WorkerPool
 from analysis_service.metrics import AnalysisMetrics
 from analysis_service.storage.schema import MIGRATIONS
-from mediatag_common.grpc_server import ServiceHost, new_server
+from mediatag_common.auth import load_tokens
+from mediatag_common.grpc_server import ServiceHost, bind, new_server, warn_if_exposed
 from mediatag_common.metrics import MetricsServer
 from mediatag_common.threaded_database import ThreadedDatabase
 
@@ -38,6 +39,7 @@ async def create_server(
     ``analyzer`` replaces the configured one (tests use it for a fake at the API edge).
     Nothing runs until the returned host is started.
     """
+    tokens = load_tokens(config.tokens_file) if config.tokens_file is not None else None
     analyzer = analyzer or build_analyzer(config)
     metrics = AnalysisMetrics()
     metrics.analyzer_info.labels(analyzer.name, analyzer.version).set(1)
@@ -54,6 +56,8 @@ async def create_server(
         config.ingest_address,
         timeout=config.content_fetch_timeout,
         max_bytes=config.max_content_bytes,
+        tls=config.peer_tls,
+        token=config.service_token,
     )
     cache = ResultCache(db, analyzer_name=analyzer.name, analyzer_version=analyzer.version)
     pool = WorkerPool(
@@ -89,6 +93,8 @@ async def create_server(
     server = new_server(
         max_message_bytes=config.max_message_bytes,
         interceptors=[] if metrics_server is None else [metrics.grpc.interceptor()],
+        tokens=tokens,
+        method_roles=METHOD_ROLES,
     )
     analysis_pb2_grpc.add_AnalysisServiceServicer_to_server(
         AnalysisServicer(
@@ -102,7 +108,8 @@ async def create_server(
         ),
         server,
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = bind(server, f"{config.host}:{config.port}", config.tls)
+    warn_if_exposed("analysis", config.host, tokens=tokens, tls=config.tls)
 
     async def on_start() -> None:
         # First: if its port is taken, nothing else has started yet.

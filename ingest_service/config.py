@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mediatag_common.tls import ClientTls, ServerTls
+
 MIB = 1024 * 1024
 
 
@@ -56,6 +58,13 @@ class IngestConfig:
     mirror_initial_backoff: float = 0.5
     mirror_max_backoff: float = 30.0
     grace_period: float = 10.0
+    # Security (all off by default, as on loopback). With a tokens file every call but health
+    # and reflection needs a bearer token; ``tls`` serves TLS (mutual with a client CA);
+    # ``peer_tls`` and ``service_token`` are how this service reaches the analysis service.
+    tokens_file: Path | None = None
+    tls: ServerTls | None = None
+    peer_tls: ClientTls | None = None
+    service_token: str | None = field(default=None, repr=False)
     # Prometheus metrics at http://host:metrics_port/metrics; None = off (the CLI's default is
     # 9451, an embedded service grabs no port unasked); 0 picks a free port.
     metrics_port: int | None = None

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 
-import grpc
 from mediatag.analysis.v1 import analysis_pb2_grpc
 from mediatag.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
-from ingest_service.api.servicer import IngestServicer
+from ingest_service.api.servicer import METHOD_ROLES, IngestServicer
 from ingest_service.config import IngestConfig
 from ingest_service.domain.blobs import BlobStore
 from ingest_service.domain.library import MediaLibrary
@@ -20,8 +19,16 @@ from ingest_service.domain.stream_upload import StreamUploads
 from ingest_service.domain.uploads import Uploads
 from ingest_service.metrics import IngestMetrics
 from ingest_service.storage.schema import MIGRATIONS
+from mediatag_common.auth import load_tokens
 from mediatag_common.database import Database
-from mediatag_common.grpc_server import ServiceHost, channel_options, new_server
+from mediatag_common.grpc_server import (
+    ServiceHost,
+    bind,
+    channel_options,
+    new_server,
+    open_channel,
+    warn_if_exposed,
+)
 from mediatag_common.metrics import MetricsServer
 
 logger = logging.getLogger(__name__)
@@ -41,8 +48,12 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
     blobs = BlobStore(config.data_dir / "blobs")
     metrics = IngestMetrics()
 
-    analysis_channel = grpc.aio.insecure_channel(
-        config.analysis_address, options=channel_options(config.max_message_bytes)
+    tokens = load_tokens(config.tokens_file) if config.tokens_file is not None else None
+    analysis_channel = open_channel(
+        config.analysis_address,
+        options=channel_options(config.max_message_bytes),
+        tls=config.peer_tls,
+        token=config.service_token,
     )
     analysis = analysis_pb2_grpc.AnalysisServiceStub(analysis_channel)
     forwarder = OutboxForwarder(
@@ -95,11 +106,14 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
     server = new_server(
         max_message_bytes=config.max_message_bytes,
         interceptors=[] if metrics_server is None else [metrics.grpc.interceptor()],
+        tokens=tokens,
+        method_roles=METHOD_ROLES,
     )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(
         IngestServicer(uploads=uploads, streams=streams, library=library), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = bind(server, f"{config.host}:{config.port}", config.tls)
+    warn_if_exposed("ingest", config.host, tokens=tokens, tls=config.tls)
 
     async def on_start() -> None:
         # First: if its port is taken, nothing else has started yet.

@@ -34,7 +34,7 @@ from mediatag_cli.render import (
 )
 from mediatag_cli.settings import ClientSettings
 from mediatag_cli.watching import ResumableWatch
-from mediatag_common.grpc_server import channel_options
+from mediatag_common.grpc_server import channel_options, open_channel
 
 if TYPE_CHECKING:
     from mediatag.analysis.v1.analysis_pb2_grpc import AnalysisServiceAsyncStub
@@ -55,12 +55,20 @@ class CommandFailed(Exception):
 
 @asynccontextmanager
 async def _channel(
-    service: str, address: str, max_message_bytes: int | None
+    service: str, address: str, client: ClientSettings, max_message_bytes: int | None
 ) -> AsyncIterator[grpc.aio.Channel]:
-    """A channel to ``service``; a failed call made through it becomes ``CommandFailed``."""
+    """A channel to ``service`` (TLS and token as configured); a failed call made through it
+    becomes ``CommandFailed``."""
     options = channel_options() if max_message_bytes is None else channel_options(max_message_bytes)
     try:
-        async with grpc.aio.insecure_channel(address, options=options) as channel:
+        channel = open_channel(address, options=options, tls=client.tls, token=client.token)
+    except OSError as error:
+        # An unreadable certificate or key file.
+        raise CommandFailed(
+            [f"error: {error.filename or ''}: {error.strerror or error}"]
+        ) from error
+    try:
+        async with channel:
             yield channel
     except grpc.aio.AioRpcError as error:
         raise CommandFailed(rpc_error_lines(error, service, address)) from error
@@ -70,13 +78,13 @@ async def _channel(
 async def _ingest(
     client: ClientSettings, max_message_bytes: int | None = None
 ) -> AsyncIterator[IngestServiceAsyncStub]:
-    async with _channel("ingest", client.ingest_address, max_message_bytes) as channel:
+    async with _channel("ingest", client.ingest_address, client, max_message_bytes) as channel:
         yield ingest_pb2_grpc.IngestServiceStub(channel)
 
 
 @asynccontextmanager
 async def _analysis(client: ClientSettings) -> AsyncIterator[AnalysisServiceAsyncStub]:
-    async with _channel("analysis", client.analysis_address, None) as channel:
+    async with _channel("analysis", client.analysis_address, client, None) as channel:
         yield analysis_pb2_grpc.AnalysisServiceStub(channel)
 
 

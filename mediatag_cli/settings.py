@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -41,6 +41,8 @@ from mediatag_cli.values import (
     sqlite_synchronous,
     word,
 )
+from mediatag_common.grpc_server import is_loopback
+from mediatag_common.tls import ClientTls, ServerTls
 
 T = TypeVar("T")
 
@@ -322,6 +324,60 @@ LOG_FORMAT: Setting[str] = Setting(
     "FORMAT", BOTH,
 )  # fmt: skip
 
+# ---- security (README "Security") ----
+
+
+def secret(text: str) -> str:
+    """A token: non-empty, no spaces; never quoted back in an error."""
+    value = text.strip()
+    if not value or any(c.isspace() for c in value):
+        raise argparse.ArgumentTypeError("a token must be non-empty and contain no spaces")
+    return value
+
+
+TOKENS_FILE: Setting[Path | None] = Setting(
+    "--tokens-file", Path, None,
+    "TOML file of bearer tokens, their roles and owners; every call but health and "
+    "reflection then needs a token", "FILE", BOTH, shown_default="none: no authentication",
+)  # fmt: skip
+SERVICE_TOKEN: Setting[str | None] = Setting(
+    "--service-token", secret, None,
+    "token (role service) this service sends to the other one; prefer the variable or "
+    "--service-token-file, a flag shows in the process list", "TOKEN", BOTH,
+    shown_default="none",
+)  # fmt: skip
+SERVICE_TOKEN_FILE: Setting[Path | None] = Setting(
+    "--service-token-file", Path, None, "file holding the service token", "FILE", BOTH,
+    shown_default="none",
+)  # fmt: skip
+INSECURE: Setting[bool] = Setting(
+    "--insecure", switch, False,
+    "allow binding a non-loopback address without --tokens-file (anyone who reaches the "
+    "port may call every method)", "", BOTH, shown_default="off",
+)  # fmt: skip
+SERVE_TLS_CERT: Setting[Path | None] = Setting(
+    "--tls-cert", Path, None,
+    "PEM certificate chain to serve TLS with; also presented to the other service when it "
+    "asks for a client certificate", "FILE", BOTH, shown_default="none: plaintext",
+)  # fmt: skip
+SERVE_TLS_KEY: Setting[Path | None] = Setting(
+    "--tls-key", Path, None, "PEM private key of --tls-cert", "FILE", BOTH, shown_default="none"
+)
+TLS_CLIENT_CA: Setting[Path | None] = Setting(
+    "--tls-client-ca", Path, None,
+    "require client certificates signed by this CA (mutual TLS)", "FILE", BOTH,
+    shown_default="none: no client certificates",
+)  # fmt: skip
+SERVE_TLS_CA: Setting[Path | None] = Setting(
+    "--tls-ca", Path, None,
+    "CA that signed the other service's certificate; with it or --tls-cert the services "
+    "reach each other over TLS", "FILE", BOTH, shown_default="the system's roots",
+)  # fmt: skip
+SECURITY_SETTINGS: tuple[Setting[Any], ...] = (
+    TOKENS_FILE, SERVICE_TOKEN, SERVICE_TOKEN_FILE, INSECURE, SERVE_TLS_CERT, SERVE_TLS_KEY,
+    TLS_CLIENT_CA, SERVE_TLS_CA,
+)  # fmt: skip
+
 SERVE_SETTINGS: tuple[Setting[Any], ...] = (
     DATA_DIR, HOST, INGEST_PORT, ANALYSIS_PORT, INGEST_ADDRESS, ANALYSIS_ADDRESS,
     INGEST_DATABASE_URL, ANALYSIS_DATABASE_URL, SQLITE_SYNCHRONOUS, GRACE_PERIOD, ANALYZER,
@@ -331,7 +387,7 @@ SERVE_SETTINGS: tuple[Setting[Any], ...] = (
     BOOKMARK_INTERVAL, MAX_WATCHERS, WATCH_BUFFER, EVENT_RETENTION, EVENT_RETENTION_COUNT,
     COMPACTION_INTERVAL, MAX_FILES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS,
     MAX_VIDEO_BYTES, *INGEST_UPLOAD_SETTINGS, INGEST_METRICS_PORT, ANALYSIS_METRICS_PORT,
-    LOG_LEVEL, LOG_FORMAT,
+    *SECURITY_SETTINGS, LOG_LEVEL, LOG_FORMAT,
 )  # fmt: skip
 
 INGEST_TARGET: Setting[str] = Setting(
@@ -346,7 +402,28 @@ TIMEOUT: Setting[float] = Setting(
     "--timeout", positive_float, 30.0, "seconds to wait for each call (not for watch streams)",
     "SECONDS",
 )  # fmt: skip
-CLIENT_SETTINGS: tuple[Setting[Any], ...] = (INGEST_TARGET, ANALYSIS_TARGET, TIMEOUT)
+TOKEN: Setting[str | None] = Setting(
+    "--token", secret, None, "bearer token to call the services with", "TOKEN",
+    shown_default="none",
+)  # fmt: skip
+CLIENT_TLS: Setting[bool] = Setting(
+    "--tls", switch, False, "connect over TLS (implied by --tls-ca and --tls-cert)", "",
+    shown_default="off",
+)  # fmt: skip
+TLS_CA: Setting[Path | None] = Setting(
+    "--tls-ca", Path, None, "CA that signed the services' certificates", "FILE",
+    shown_default="the system's roots",
+)  # fmt: skip
+TLS_CERT: Setting[Path | None] = Setting(
+    "--tls-cert", Path, None, "client certificate, for services that require one", "FILE",
+    shown_default="none",
+)  # fmt: skip
+TLS_KEY: Setting[Path | None] = Setting(
+    "--tls-key", Path, None, "private key of --tls-cert", "FILE", shown_default="none"
+)
+CLIENT_SETTINGS: tuple[Setting[Any], ...] = (
+    INGEST_TARGET, ANALYSIS_TARGET, TIMEOUT, TOKEN, CLIENT_TLS, TLS_CA, TLS_CERT, TLS_KEY,
+)  # fmt: skip
 
 
 class _MergeRateLimits(argparse.Action):
@@ -445,6 +522,8 @@ class ClientSettings:
     analysis_address: str
     timeout: float
     json: bool
+    token: str | None = field(default=None, repr=False)
+    tls: ClientTls | None = None
 
 
 def connect_address(host: str, port_number: int) -> str:
@@ -483,6 +562,7 @@ def serve_settings(
     data_dir = get(DATA_DIR)
     host = get(HOST)
     grace_period = get(GRACE_PERIOD)
+    security = _security(get, host, both=set(services) == set(SERVICES))
     ingest: IngestConfig | None = None
     analysis: AnalysisConfig | None = None
     if INGEST in services:
@@ -540,6 +620,10 @@ def serve_settings(
             grace_period=grace_period,
             metrics_port=get(ANALYSIS_METRICS_PORT),
         )
+    if ingest is not None:
+        ingest = replace(ingest, **security)
+    if analysis is not None:
+        analysis = replace(analysis, **security)
     if analysis is not None and analysis.analyzer == "google":
         try:
             analysis.google.check(analysis.embedding_dimensions)
@@ -552,6 +636,50 @@ def serve_settings(
         log_level=get(LOG_LEVEL),
         log_format=get(LOG_FORMAT),
     )
+
+
+def _tls_pair(cert: Path | None, key: Path | None, cert_flag: str, key_flag: str) -> None:
+    if (cert is None) != (key is None):
+        raise SettingsError(f"{cert_flag} and {key_flag} go together")
+
+
+def _security(get: Callable[[Setting[Any]], Any], host: str, *, both: bool) -> dict[str, Any]:
+    """The security fields both services' configs share."""
+    tokens_file: Path | None = get(TOKENS_FILE)
+    if tokens_file is None and not is_loopback(host) and not get(INSECURE):
+        raise SettingsError(
+            f"binding {host}, which other machines can reach, without --tokens-file lets anyone "
+            "call every method: give --tokens-file, or --insecure if that is what you want"
+        )
+    service_token: str | None = get(SERVICE_TOKEN)
+    token_file: Path | None = get(SERVICE_TOKEN_FILE)
+    if token_file is not None:
+        if service_token is not None:
+            raise SettingsError("give --service-token or --service-token-file, not both")
+        try:
+            service_token = secret(token_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, argparse.ArgumentTypeError) as error:
+            raise SettingsError(f"service token file {token_file}: {error}") from None
+    if both and tokens_file is not None and service_token is None:
+        raise SettingsError(
+            "with --tokens-file the two services call each other with a service token: give "
+            "--service-token-file (or MEDIATAG_SERVICE_TOKEN) with a token of role service"
+        )
+    cert, key = get(SERVE_TLS_CERT), get(SERVE_TLS_KEY)
+    _tls_pair(cert, key, SERVE_TLS_CERT.flag, SERVE_TLS_KEY.flag)
+    client_ca, peer_ca = get(TLS_CLIENT_CA), get(SERVE_TLS_CA)
+    if client_ca is not None and cert is None:
+        raise SettingsError(
+            f"{TLS_CLIENT_CA.flag} needs {SERVE_TLS_CERT.flag} and {SERVE_TLS_KEY.flag}"
+        )
+    return {
+        "tokens_file": tokens_file,
+        "service_token": service_token,
+        "tls": ServerTls(cert, key, client_ca) if cert is not None and key is not None else None,
+        # The other service is reached over TLS when this one serves it, or a CA is named;
+        # this service's certificate doubles as its client certificate.
+        "peer_tls": ClientTls(peer_ca, cert, key) if cert is not None or peer_ca else None,
+    }
 
 
 def _google_config(get: Callable[[Setting[Any]], Any]) -> GoogleConfig:
@@ -573,9 +701,14 @@ def client_settings(
     args: argparse.Namespace, environ: Mapping[str, str] | None = None
 ) -> ClientSettings:
     """Resolve the client commands' shared options."""
+    ca, cert, key = (resolve(s, args, environ) for s in (TLS_CA, TLS_CERT, TLS_KEY))
+    _tls_pair(cert, key, TLS_CERT.flag, TLS_KEY.flag)
+    use_tls = resolve(CLIENT_TLS, args, environ) or ca is not None or cert is not None
     return ClientSettings(
         ingest_address=resolve(INGEST_TARGET, args, environ),
         analysis_address=resolve(ANALYSIS_TARGET, args, environ),
         timeout=resolve(TIMEOUT, args, environ),
         json=bool(getattr(args, "json", False)),
+        token=resolve(TOKEN, args, environ),
+        tls=ClientTls(ca, cert, key) if use_tls else None,
     )

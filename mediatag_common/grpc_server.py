@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -12,8 +13,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mediatag_common.auth import AuthInterceptor, MethodRoles, TokenTable, token_interceptors
 from mediatag_common.errors import ErrorMappingInterceptor
 from mediatag_common.tasks import cancel_and_wait
+from mediatag_common.tls import ClientTls, ServerTls
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +35,15 @@ def new_server(
     *,
     max_message_bytes: int,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    tokens: TokenTable | None = None,
+    method_roles: MethodRoles | None = None,
 ) -> grpc.aio.Server:
     """A grpc.aio server with our error mapping and message size limits.
 
     ``interceptors`` run outside the error mapping, so they see the status it sets
-    (the metrics interceptor goes there).
+    (the metrics interceptor goes there). With ``tokens``, every call but health and
+    reflection is authenticated and checked against ``method_roles``, inside the error
+    mapping so that its refusals carry AIP-193 details.
     """
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -45,7 +52,65 @@ def new_server(
         ("grpc.so_reuseport", 0),
         *KEEPALIVE_OPTIONS,
     ]
-    return grpc.aio.server(interceptors=[*interceptors, ErrorMappingInterceptor()], options=options)
+    chain: list[grpc.aio.ServerInterceptor] = [*interceptors, ErrorMappingInterceptor()]
+    if tokens is not None:
+        chain.append(AuthInterceptor(tokens, method_roles or {}))
+    return grpc.aio.server(interceptors=chain, options=options)
+
+
+def bind(server: grpc.aio.Server, address: str, tls: ServerTls | None) -> int:
+    """Listen on ``address`` in plaintext, or with TLS; the port bound."""
+    if tls is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, tls.credentials())
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the port on this machine."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(
+    name: str, host: str, *, tokens: TokenTable | None, tls: ServerTls | None
+) -> None:
+    """Log what is unprotected on an address other machines can reach."""
+    if is_loopback(host):
+        return
+    if tokens is None:
+        logger.warning(
+            "%s service binds %s without authentication: anyone who reaches it may call it",
+            name,
+            host,
+        )
+    elif tls is None:
+        logger.warning(
+            "%s service binds %s without TLS: bearer tokens cross the network in clear text",
+            name,
+            host,
+        )
+
+
+def open_channel(
+    address: str,
+    *,
+    options: Sequence[tuple[str, Any]] | None = None,
+    tls: ClientTls | None = None,
+    token: str | None = None,
+) -> grpc.aio.Channel:
+    """A channel to ``address``: plaintext or TLS, sending ``token`` as a bearer token."""
+    opts = list(channel_options() if options is None else options)
+    interceptors = token_interceptors(token)
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=opts, interceptors=interceptors)
+    return grpc.aio.secure_channel(
+        address, tls.credentials(), options=opts, interceptors=interceptors
+    )
 
 
 def channel_options(max_message_bytes: int = 64 * 1024 * 1024) -> list[tuple[str, Any]]:

@@ -252,11 +252,11 @@ def test_the_services_find_each_other_on_the_host_and_ports_by_default() -> None
 
 
 def test_a_wildcard_bind_host_is_reached_over_loopback() -> None:
-    ingest, analysis = both(settings_for("--host 0.0.0.0"))
+    ingest, analysis = both(settings_for("--host 0.0.0.0 --insecure"))
     assert ingest.host == "0.0.0.0"
     assert ingest.analysis_address == "127.0.0.1:50052"
     assert analysis.ingest_address == "127.0.0.1:50051"
-    ingest, _ = both(settings_for("--host ::"))
+    ingest, _ = both(settings_for("--host :: --insecure"))
     assert ingest.analysis_address == "[::1]:50052"
 
 

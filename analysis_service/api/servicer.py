@@ -1,7 +1,8 @@
 """The gRPC surface of the analysis service: protobuf <-> domain, nothing else.
 
 Errors are raised as AnalysisError subclasses and mapped to statuses by the shared
-ErrorMappingInterceptor.
+ErrorMappingInterceptor. With authentication on, the shared AuthInterceptor has checked the
+caller's role against ``METHOD_ROLES`` before a method runs; the methods check its owners.
 """
 
 from __future__ import annotations
@@ -24,10 +25,26 @@ from analysis_service.domain.watch import StatusWatcher, WatchRequest
 from analysis_service.domain.workers import WorkerPool
 from analysis_service.errors import InvalidArgument, JobNotFound
 from analysis_service.metrics import AnalysisMetrics
-from mediatag_common import paging
+from mediatag_common import auth, paging
+from mediatag_common.auth import SERVICE, UPLOADER, VIEWER
 from mediatag_common.errors import FieldViolation
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["AnalysisService"].full_name
+# Who may call what (admin may call everything, pausing and resuming only admin). The ingest
+# service (role ``service``) submits jobs, mirrors statuses and passes reprocessing on.
+METHOD_ROLES: auth.MethodRoles = {
+    f"/{_SERVICE}/{method}": frozenset(roles)
+    for method, roles in {
+        "SubmitJobs": {SERVICE},
+        "GetJob": {UPLOADER, VIEWER},
+        "ListJobs": {UPLOADER, VIEWER},
+        "WatchStatus": {UPLOADER, VIEWER, SERVICE},
+        "GetQueueStatus": {UPLOADER, VIEWER},
+        "RetryJobs": {SERVICE},
+    }.items()
+}
 
 MAX_SUBMIT_BATCH = 1000
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -91,6 +108,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             raise _invalid("jobs", "TOO_MANY_JOBS", f"at most {MAX_SUBMIT_BATCH} per call")
         for index, spec in enumerate(request.jobs):
             _validate_spec(index, spec)
+            auth.check_owner(spec.owner_id, f"jobs[{index}].owner_id")
         new, known = await self._queue.submit([convert.spec_from_pb(s) for s in request.jobs])
         return pb.SubmitJobsResponse(accepted_count=len(new), existing_count=len(known))
 
@@ -100,6 +118,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         job = await self._queue.get(
             request.media_id, with_embedding=request.view == pb.JOB_VIEW_FULL
         )
+        auth.check_item(job.spec.owner_id if job else None, request.media_id, "media_id")
         if job is None:
             raise JobNotFound(
                 f"no job for media {request.media_id}",
@@ -109,9 +128,10 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
         limit = _page_size(request.page_size)
+        owner_id = auth.implicit_owner(request.owner_id)
         filters = {
             "status": request.status,
-            "owner_id": request.owner_id,
+            "owner_id": owner_id,
             "error_reason": request.error_reason,
         }
         try:
@@ -122,7 +142,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             raise _invalid("page_token", "INVALID_PAGE_TOKEN", "page_token is malformed")
         jobs = await self._queue.list(
             status=convert.status_from_pb(request.status),
-            owner_id=request.owner_id,
+            owner_id=owner_id,
             error_reason=request.error_reason,
             after=after,
             limit=limit + 1,
@@ -138,9 +158,13 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     async def WatchStatus(
         self, request: pb.WatchStatusRequest, context: Context
     ) -> AsyncIterator[pb.WatchStatusResponse]:
+        # Other owners' items are left out as if unknown (they are not refused: refusing
+        # would tell the caller which ids exist); naming another owner is refused.
+        auth.check_owner(request.owner_id)
         watch = WatchRequest(
             media_ids=frozenset(request.media_ids),
             owner_id=request.owner_id,
+            allowed_owners=auth.allowed_owners(),
             start_revision=request.start_revision,
             send_initial_state=request.send_initial_state,
             until_terminal=request.until_terminal,
@@ -180,9 +204,18 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             raise _invalid(
                 "media_ids", "FILTER_REQUIRED", "name media_ids, or an owner_id and/or status"
             )
+        owner_id = request.owner_id
+        if auth.allowed_owners() is not None:
+            for index, media_id in enumerate(request.media_ids):
+                job = await self._queue.get(media_id, with_embedding=False)
+                auth.check_item(job.spec.owner_id if job else None, media_id, f"media_ids[{index}]")
+            if request.media_ids:
+                auth.check_owner(owner_id)
+            else:
+                owner_id = auth.implicit_owner(owner_id)
         retried = await self._queue.retry(
             list(request.media_ids),
-            owner_id=request.owner_id,
+            owner_id=owner_id,
             status=status or JobStatus.FAILED,
         )
         return pb.RetryJobsResponse(media_ids=retried, count=len(retried))

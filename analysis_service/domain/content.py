@@ -14,16 +14,21 @@ from analysis_service.errors import (
     PermanentAnalyzerError,
     TransientAnalyzerError,
 )
-from mediatag_common.grpc_server import channel_options
+from mediatag_common.grpc_server import open_channel
+from mediatag_common.tls import ClientTls
 
 logger = logging.getLogger(__name__)
 
-# Ingest down, restarting, draining or overloaded: wait for it without using attempts.
+# Ingest down, restarting, draining or overloaded: wait for it without using attempts. A
+# refused service token is a configuration mistake, not the image's fault: jobs wait for
+# the operator to fix it instead of failing.
 UNREACHABLE_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
     }
 )
 # Errors another attempt may not meet; they count as attempts (a bug must not loop forever).
@@ -35,8 +40,16 @@ TRANSIENT_CODES = frozenset(
 class ContentFetcher:
     """Reads media bytes with ingest's ``ReadMediaContent`` and verifies their SHA-256."""
 
-    def __init__(self, ingest_address: str, *, timeout: float, max_bytes: int) -> None:
-        self._channel = grpc.aio.insecure_channel(ingest_address, options=channel_options())
+    def __init__(
+        self,
+        ingest_address: str,
+        *,
+        timeout: float,
+        max_bytes: int,
+        tls: ClientTls | None = None,
+        token: str | None = None,
+    ) -> None:
+        self._channel = open_channel(ingest_address, tls=tls, token=token)
         self._stub = ingest_pb2_grpc.IngestServiceStub(self._channel)
         self._timeout = timeout
         self._max_bytes = max_bytes

@@ -16,15 +16,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WatchFilter:
-    """Which events a watcher sees: listed media ids (empty = all), and one owner (empty = all)."""
+    """Which events a watcher sees: listed media ids (empty = all), one owner (empty = all),
+    and the owners its token may see (None = all)."""
 
     media_ids: frozenset[str] = frozenset()
     owner_id: str = ""
+    allowed_owners: frozenset[str] | None = None
 
     def matches(self, event: StatusEvent) -> bool:
+        # Runs per event per watcher: a set lookup each, nothing more.
         if self.media_ids and event.media_id not in self.media_ids:
             return False
-        return not self.owner_id or event.owner_id == self.owner_id
+        if self.owner_id and event.owner_id != self.owner_id:
+            return False
+        return self.allowed_owners is None or event.owner_id in self.allowed_owners
 
 
 class Subscription:

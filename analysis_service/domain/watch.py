@@ -7,6 +7,7 @@ nothing is missed and nothing is sent twice.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ class WatchRequest:
     send_initial_state: bool = False
     until_terminal: bool = False
     include_embedding: bool = False
+    # The owners the caller's token may see (None = all): other owners' items are left out
+    # as if they did not exist.
+    allowed_owners: frozenset[str] | None = None
 
 
 class _TerminalTracker:
@@ -82,7 +86,11 @@ class StatusWatcher:
     async def watch(self, request: WatchRequest) -> AsyncIterator[StatusEvent | Bookmark]:
         """The stream: optional initial state, catch-up from the log, then live events."""
         self.validate(request)
-        watch_filter = WatchFilter(request.media_ids, request.owner_id)
+        if not request.owner_id and request.allowed_owners and len(request.allowed_owners) == 1:
+            # One allowed owner is an owner filter the queries can use.
+            (only,) = request.allowed_owners
+            request = dataclasses.replace(request, owner_id=only)
+        watch_filter = WatchFilter(request.media_ids, request.owner_id, request.allowed_owners)
         subscription = self._hub.subscribe(watch_filter)
         try:
             async for item in self._stream(request, subscription):
@@ -113,6 +121,9 @@ class StatusWatcher:
             )
 
         snapshot_revision, compacted_through, states = await consistent_read(self._db, snapshot)
+        visible = subscription.filter.matches if request.allowed_owners is not None else None
+        if visible is not None:
+            states = [state for state in states if visible(state)]
         tracker = _TerminalTracker(request.media_ids, states) if request.until_terminal else None
 
         if request.send_initial_state:
@@ -135,6 +146,8 @@ class StatusWatcher:
                 )
             last = request.start_revision
             async for event in self._catch_up(request, last):
+                if visible is not None and not visible(event):
+                    continue
                 if tracker and event.revision > snapshot_revision:
                     tracker.see(event)
                 yield event

@@ -1,7 +1,8 @@
 """The gRPC surface of the ingest service: protobuf <-> domain, nothing else.
 
 Errors are raised as IngestError subclasses and mapped to statuses by the shared
-ErrorMappingInterceptor.
+ErrorMappingInterceptor. With authentication on, the shared AuthInterceptor has checked the
+caller's role against ``METHOD_ROLES`` before a method runs; the methods check its owners.
 """
 
 from __future__ import annotations
@@ -15,12 +16,29 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 
 from ingest_service.api import convert
 from ingest_service.domain.library import MediaLibrary
-from ingest_service.domain.models import ProcessingStatus
+from ingest_service.domain.models import Media, ProcessingStatus
 from ingest_service.domain.stream_upload import StreamPart, StreamUploads
 from ingest_service.domain.uploads import Uploads
-from ingest_service.errors import invalid
+from ingest_service.errors import MediaNotFound, invalid
+from mediatag_common import auth
+from mediatag_common.auth import SERVICE, UPLOADER, VIEWER
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["IngestService"].full_name
+# Who may call what (admin may call everything). Uploaders read and reprocess their owners'
+# items; the analysis service (role ``service``) fetches content.
+METHOD_ROLES: auth.MethodRoles = {
+    f"/{_SERVICE}/{method}": frozenset(roles)
+    for method, roles in {
+        "UploadMedia": {UPLOADER},
+        "UploadMediaStream": {UPLOADER},
+        "GetMedia": {UPLOADER, VIEWER},
+        "ListMedia": {UPLOADER, VIEWER},
+        "ReprocessMedia": {UPLOADER},
+        "ReadMediaContent": {UPLOADER, VIEWER, SERVICE},
+    }.items()
+}
 
 
 def _status_filter(value: int) -> ProcessingStatus | None:
@@ -40,6 +58,7 @@ async def _stream_parts(
     a payload is an empty chunk)."""
     async for message in requests:
         if message.WhichOneof("payload") == "header":
+            auth.check_owner(message.header.owner_id, "header.owner_id")
             yield convert.stream_header_from_pb(message.header)
         else:
             yield message.chunk
@@ -56,6 +75,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def UploadMedia(
         self, request: pb.UploadMediaRequest, context: Context
     ) -> pb.UploadMediaResponse:
+        auth.check_owner(request.owner_id)
         result = await self._uploads.upload(convert.upload_from_pb(request))
         return pb.UploadMediaResponse(
             media=[convert.media_to_pb(m) for m in result.media],
@@ -73,8 +93,19 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             media=convert.media_to_pb(result.media[0]), message=result.message
         )
 
+    async def _visible(self, media_id: str, *, with_embedding: bool) -> Media:
+        """The item, if the caller may see its owner; an owner-restricted caller gets
+        PERMISSION_DENIED for an unknown id too, so it cannot probe other owners' ids."""
+        try:
+            media = await self._library.get(media_id, with_embedding=with_embedding)
+        except MediaNotFound:
+            auth.check_item(None, media_id, "media_id")
+            raise
+        auth.check_item(media.owner_id, media_id, "media_id")
+        return media
+
     async def GetMedia(self, request: pb.GetMediaRequest, context: Context) -> pb.GetMediaResponse:
-        media = await self._library.get(
+        media = await self._visible(
             request.media_id, with_embedding=request.view == pb.MEDIA_VIEW_FULL
         )
         return pb.GetMediaResponse(media=convert.media_to_pb(media))
@@ -83,7 +114,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request: pb.ListMediaRequest, context: Context
     ) -> pb.ListMediaResponse:
         page = await self._library.list_page(
-            owner_id=request.owner_id,
+            owner_id=auth.implicit_owner(request.owner_id),
             status=_status_filter(request.status),
             page_size=request.page_size,
             page_token=request.page_token,
@@ -97,9 +128,20 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def ReprocessMedia(
         self, request: pb.ReprocessMediaRequest, context: Context
     ) -> pb.ReprocessMediaResponse:
+        media_ids = list(request.media_ids)
+        owner_id = request.owner_id
+        owners = auth.allowed_owners()
+        if owners is not None:
+            if media_ids:
+                known = await self._library.owners_of(media_ids)
+                for index, media_id in enumerate(media_ids):
+                    auth.check_item(known.get(media_id), media_id, f"media_ids[{index}]")
+                auth.check_owner(owner_id)
+            else:
+                owner_id = auth.implicit_owner(owner_id)
         reprocessed = await self._library.reprocess(
-            list(request.media_ids),
-            owner_id=request.owner_id,
+            media_ids,
+            owner_id=owner_id,
             status=_status_filter(request.status),
         )
         return pb.ReprocessMediaResponse(
@@ -109,7 +151,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def ReadMediaContent(
         self, request: pb.ReadMediaContentRequest, context: Context
     ) -> AsyncIterator[pb.ReadMediaContentResponse]:
-        media = await self._library.get(request.media_id, with_embedding=False)
+        media = await self._visible(request.media_id, with_embedding=False)
         first = True
         # A cancelled call (client gone) propagates CancelledError untouched: swallowing it
         # leaks the call (grpc/grpc#43360).
