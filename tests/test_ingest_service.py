@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +20,12 @@ from google.protobuf import timestamp_pb2
 from mediatag.analysis.v1 import analysis_pb2 as apb
 from mediatag.analysis.v1 import analysis_pb2_grpc
 from mediatag.ingest.v1 import ingest_pb2 as ipb
-from mediatag.ingest.v1 import ingest_pb2_grpc
 
-from ingest_service.config import IngestConfig, UploadLimits
-from ingest_service.server import create_server
 from mediatag_common.errors import DOMAIN, ServiceError, error_info, field_violations
-from mediatag_common.grpc_server import ServiceHost, channel_options, new_server
+from mediatag_common.grpc_server import new_server
 from tests import media_samples as samples
 from tests.conftest import free_port, wait_until
+from tests.ingest_support import IngestServer
 
 OWNER = "listing-42"
 SEED_MESSAGE = "Uploaded {n} media file(s). {k} image(s) are being analyzed in the background."
@@ -60,45 +57,6 @@ def assert_refused(
     assert (info.reason, info.domain) == (reason, DOMAIN)
     if field_name is not None:
         assert [v.field for v in field_violations(error)] == [field_name]
-
-
-@dataclass
-class IngestRunner:
-    """The ingest service on a data directory; restartable on the same one."""
-
-    data_dir: Path
-    analysis_port: int
-    limits: UploadLimits = field(default_factory=UploadLimits)
-    host: ServiceHost | None = None
-    channel: grpc.aio.Channel | None = None
-
-    async def start(self) -> ingest_pb2_grpc.IngestServiceAsyncStub:
-        config = IngestConfig(
-            port=0,
-            data_dir=self.data_dir,
-            analysis_address=f"127.0.0.1:{self.analysis_port}",
-            sqlite_synchronous="NORMAL",
-            limits=self.limits,
-            outbox_initial_backoff=0.05,
-            outbox_max_backoff=0.3,
-            mirror_initial_backoff=0.05,
-            mirror_max_backoff=0.3,
-        )
-        self.host, port = await create_server(config)
-        await self.host.start()
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options())
-        return ingest_pb2_grpc.IngestServiceStub(self.channel)
-
-    async def stop(self) -> None:
-        if self.channel is not None:
-            await self.channel.close()
-            self.channel = None
-        if self.host is not None:
-            await self.host.stop(1.0)
-            self.host = None
-
-    def blob_files(self) -> set[Path]:
-        return {p for p in (self.data_dir / "blobs").rglob("*") if p.is_file()}
 
 
 class FakeAnalysis(analysis_pb2_grpc.AnalysisServiceServicer):
@@ -166,8 +124,8 @@ async def analysis_port() -> int:
 
 
 @pytest.fixture
-async def ingest(tmp_path: Path, analysis_port: int) -> AsyncIterator[IngestRunner]:
-    runner = IngestRunner(tmp_path / "ingest", analysis_port)
+async def ingest(tmp_path: Path, analysis_port: int) -> AsyncIterator[IngestServer]:
+    runner = IngestServer(tmp_path / "ingest", analysis_port=analysis_port)
     yield runner
     await runner.stop()
 
@@ -197,7 +155,7 @@ async def start_fake(
 
 
 async def test_upload_answers_at_once_with_types_sniffed_from_the_bytes(
-    ingest: IngestRunner,
+    ingest: IngestServer,
 ) -> None:
     stub = await ingest.start()
     contents = [
@@ -261,7 +219,7 @@ async def test_upload_answers_at_once_with_types_sniffed_from_the_bytes(
     ids=["still-gif", "animated-gif", "animated-webp", "quicktime", "webm", "matroska", "avi"],
 )
 async def test_animated_images_and_videos_are_stored_but_not_analysed(
-    ingest: IngestRunner, content: bytes, content_type: str, kind: int, reason: str
+    ingest: IngestServer, content: bytes, content_type: str, kind: int, reason: str
 ) -> None:
     stub = await ingest.start()
 
@@ -280,7 +238,7 @@ async def test_animated_images_and_videos_are_stored_but_not_analysed(
     assert response.message == SEED_MESSAGE.format(n=1, k=0 if reason else 1)
 
 
-async def test_identical_content_is_stored_once(ingest: IngestRunner) -> None:
+async def test_identical_content_is_stored_once(ingest: IngestServer) -> None:
     stub = await ingest.start()
     content = samples.jpeg_bytes(7)
 
@@ -372,7 +330,7 @@ REFUSED_BATCHES: dict[str, tuple[Callable[[], ipb.UploadMediaRequest], str, str]
 
 @pytest.mark.parametrize("case", list(REFUSED_BATCHES))
 async def test_a_bad_item_rejects_the_whole_batch_and_stores_nothing(
-    ingest: IngestRunner, case: str
+    ingest: IngestServer, case: str
 ) -> None:
     make_request, reason, field_name = REFUSED_BATCHES[case]
     stub = await ingest.start()
@@ -391,7 +349,7 @@ async def test_a_bad_item_rejects_the_whole_batch_and_stores_nothing(
 # -- reads -----------------------------------------------------------------------------------
 
 
-async def test_list_media_pages_newest_first_and_filters_by_status(ingest: IngestRunner) -> None:
+async def test_list_media_pages_newest_first_and_filters_by_status(ingest: IngestServer) -> None:
     stub = await ingest.start()
     uploaded: list[str] = []
     for n in range(4):
@@ -428,7 +386,7 @@ async def test_list_media_pages_newest_first_and_filters_by_status(ingest: Inges
     assert [m.id for m in not_applicable.media] == [uploaded[4]]
 
 
-async def test_list_media_refuses_bad_paging(ingest: IngestRunner) -> None:
+async def test_list_media_refuses_bad_paging(ingest: IngestServer) -> None:
     stub = await ingest.start()
     for n in range(3):
         await stub.UploadMedia(upload_request(media_file(samples.jpeg_bytes(n))), timeout=5)
@@ -467,7 +425,7 @@ async def test_list_media_refuses_bad_paging(ingest: IngestRunner) -> None:
         assert_refused(error, code, reason, field_name)
 
 
-async def test_get_media_of_an_unknown_id_is_not_found(ingest: IngestRunner) -> None:
+async def test_get_media_of_an_unknown_id_is_not_found(ingest: IngestServer) -> None:
     stub = await ingest.start()
 
     unknown = await refusal(stub.GetMedia(ipb.GetMediaRequest(media_id="no-such-id"), timeout=5))
@@ -477,7 +435,7 @@ async def test_get_media_of_an_unknown_id_is_not_found(ingest: IngestRunner) -> 
     assert_refused(missing, grpc.StatusCode.INVALID_ARGUMENT, "MEDIA_ID_REQUIRED", "media_id")
 
 
-async def test_read_media_content_streams_exactly_the_uploaded_bytes(ingest: IngestRunner) -> None:
+async def test_read_media_content_streams_exactly_the_uploaded_bytes(ingest: IngestServer) -> None:
     stub = await ingest.start()
     content = samples.jpeg_bytes(11, (1600, 1200), quality=95)
     assert len(content) > 2 * 256 * 1024
@@ -509,7 +467,7 @@ async def test_read_media_content_streams_exactly_the_uploaded_bytes(ingest: Ing
 
 
 async def test_outbox_keeps_jobs_while_analysis_is_down_and_delivers_each_once(
-    ingest: IngestRunner, start_fake: Callable[[], Awaitable[FakeAnalysis]]
+    ingest: IngestServer, start_fake: Callable[[], Awaitable[FakeAnalysis]]
 ) -> None:
     stub = await ingest.start()
     images = [samples.jpeg_bytes(20 + n) for n in range(3)]
@@ -596,7 +554,7 @@ def bookmark(revision: int, *, initial_state_end: bool = False) -> apb.WatchStat
 
 
 async def test_status_mirror_applies_changes_and_resumes_from_the_last_revision(
-    ingest: IngestRunner, start_fake: Callable[[], Awaitable[FakeAnalysis]]
+    ingest: IngestServer, start_fake: Callable[[], Awaitable[FakeAnalysis]]
 ) -> None:
     fake = await start_fake()
     stub = await ingest.start()
@@ -727,7 +685,7 @@ async def test_status_mirror_applies_changes_and_resumes_from_the_last_revision(
 
 
 async def test_reprocess_passes_on_to_analysis(
-    ingest: IngestRunner, start_fake: Callable[[], Awaitable[FakeAnalysis]]
+    ingest: IngestServer, start_fake: Callable[[], Awaitable[FakeAnalysis]]
 ) -> None:
     fake = await start_fake()
     stub = await ingest.start()
@@ -763,7 +721,7 @@ async def test_reprocess_passes_on_to_analysis(
     assert_refused(unknown, grpc.StatusCode.NOT_FOUND, "MEDIA_NOT_FOUND", "media_ids[1]")
 
 
-async def test_reprocess_while_analysis_is_down_is_unavailable(ingest: IngestRunner) -> None:
+async def test_reprocess_while_analysis_is_down_is_unavailable(ingest: IngestServer) -> None:
     stub = await ingest.start()
     await stub.UploadMedia(upload_request(media_file(samples.jpeg_bytes(1))), timeout=5)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -142,6 +143,40 @@ class Media:
     outcome: AnalysisOutcome | None = None
     error: AnalysisFailure | None = None
     status_revision: int = 0
+
+    @classmethod
+    def stored(
+        cls,
+        *,
+        owner_id: str,
+        category: str,
+        context: Mapping[str, str],
+        filename: str,
+        priority: int,
+        found: SniffedMedia,
+        size_bytes: int,
+        sha256: str,
+        now: float,
+    ) -> Media:
+        """A new item for content just stored, of the type sniffing ``found``."""
+        return cls(
+            id=str(uuid.uuid4()),
+            owner_id=owner_id,
+            category=category,
+            context=dict(context),
+            filename=filename,
+            content_type=found.content_type,
+            kind=found.kind,
+            size_bytes=size_bytes,
+            sha256=sha256,
+            width=found.width,
+            height=found.height,
+            priority=priority,
+            status=found.status,
+            not_applicable_reason=found.not_applicable_reason,
+            created_at=now,
+            updated_at=now,
+        )
 
 
 @dataclass(frozen=True)

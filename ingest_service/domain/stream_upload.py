@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
@@ -216,23 +215,16 @@ class StreamUploads:
     ) -> UploadResult:
         await _off_loop(incoming.store, sha256)
         now = time.time()
-        item = Media(
-            id=str(uuid.uuid4()),
+        item = Media.stored(
             owner_id=header.owner_id,
             category=header.category,
-            context=dict(header.context),
+            context=header.context,
             filename=header.filename,
-            content_type=found.content_type,
-            kind=found.kind,
+            priority=header.priority,
+            found=found,
             size_bytes=incoming.size,
             sha256=sha256,
-            width=found.width,
-            height=found.height,
-            priority=header.priority,
-            status=found.status,
-            not_applicable_reason=found.not_applicable_reason,
-            created_at=now,
-            updated_at=now,
+            now=now,
         )
         result = await self._uploads.commit((item,), record, request_id_field=REQUEST_ID_FIELD)
         if result.media[0] is item:

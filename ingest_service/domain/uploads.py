@@ -15,7 +15,6 @@ import hashlib
 import logging
 import re
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -251,23 +250,16 @@ class Uploads:
             )
         now = time.time()
         items = tuple(
-            Media(
-                id=str(uuid.uuid4()),
+            Media.stored(
                 owner_id=request.owner_id,
                 category=request.category,
-                context=dict(request.context),
+                context=request.context,
                 filename=file.filename,
-                content_type=found.content_type,
-                kind=found.kind,
+                priority=request.priority,
+                found=found,
                 size_bytes=len(file.content),
                 sha256=sha256,
-                width=found.width,
-                height=found.height,
-                priority=request.priority,
-                status=found.status,
-                not_applicable_reason=found.not_applicable_reason,
-                created_at=now,
-                updated_at=now,
+                now=now,
             )
             for file, found, sha256 in zip(request.files, sniffed, digests, strict=True)
         )
