@@ -12,7 +12,13 @@ from grpc_health.v1 import health_pb2
 
 from mediatag_cli.settings import ServeSettings, connect_address
 from mediatag_common.database import DatabaseError
-from mediatag_common.grpc_server import ServiceHost, health_check_stub, serve_until_signal
+from mediatag_common.grpc_server import (
+    ServiceHost,
+    health_check_stub,
+    open_channel,
+    serve_until_signal,
+)
+from mediatag_common.tls import ClientTls
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +36,9 @@ class _Service:
     bind_host: str
     port: int
     data_dir: Path
+    # How the readiness probe reaches a TLS port: the CA and certificate the service uses
+    # for its peer (the same CA signs both services in the README's set-up).
+    probe_tls: ClientTls | None = None
 
     @property
     def bound(self) -> str:
@@ -65,15 +74,17 @@ async def _create(settings: ServeSettings) -> list[_Service]:
         from ingest_service.server import create_server as create_ingest_server
 
         host, port = await create_ingest_server(settings.ingest)
-        services.append(
-            _Service("ingest", host, settings.ingest.host, port, settings.ingest.data_dir)
-        )
+        ingest = settings.ingest
+        probe_tls = (ingest.peer_tls or ClientTls()) if ingest.tls else None
+        services.append(_Service("ingest", host, ingest.host, port, ingest.data_dir, probe_tls))
     if settings.analysis is not None:
         from analysis_service.server import create_server as create_analysis_server
 
         host, port = await create_analysis_server(settings.analysis)
+        analysis = settings.analysis
+        probe_tls = (analysis.peer_tls or ClientTls()) if analysis.tls else None
         services.append(
-            _Service("analysis", host, settings.analysis.host, port, settings.analysis.data_dir)
+            _Service("analysis", host, analysis.host, port, analysis.data_dir, probe_tls)
         )
     return services
 
@@ -84,7 +95,7 @@ async def _announce_when_serving(service: _Service) -> None:
     Printed on stdout, whatever the log settings, so scripts can wait for it.
     """
     address = connect_address(service.bind_host, service.port)
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address, tls=service.probe_tls) as channel:
         check = health_check_stub(channel)
         while True:
             try:
