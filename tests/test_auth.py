@@ -380,7 +380,8 @@ async def test_a_watcher_sees_only_the_owners_it_may_see(
     admin = clients.ingest("admin")
     mine = (await admin.UploadMedia(image_upload("listing-7", 30))).media[0]
     theirs = (await admin.UploadMedia(image_upload("listing-8", 31))).media[0]
-    await completed(clients, [mine.id, theirs.id])
+    third = (await admin.UploadMedia(image_upload("listing-9", 32))).media[0]
+    await completed(clients, [mine.id, theirs.id, third.id])
     viewer7 = clients.analysis("viewer7")
 
     # Naming another owner is refused.
@@ -389,9 +390,9 @@ async def test_a_watcher_sees_only_the_owners_it_may_see(
             pass
     assert_refused(caught.value, PERMISSION_DENIED, "OWNER_NOT_ALLOWED", "owner_id")
 
-    async def initial_state(request: apb.WatchStatusRequest) -> set[str]:
+    async def initial_state(request: apb.WatchStatusRequest, who: str = "viewer7") -> set[str]:
         seen: set[str] = set()
-        async for response in viewer7.WatchStatus(request):
+        async for response in clients.analysis(who).WatchStatus(request):
             if response.HasField("change"):
                 seen.add(response.change.media_id)
             elif response.bookmark.initial_state_end:
@@ -405,11 +406,15 @@ async def test_a_watcher_sees_only_the_owners_it_may_see(
         apb.WatchStatusRequest(media_ids=[theirs.id, mine.id], send_initial_state=True)
     )
     assert named == {mine.id}
-    live_mine = viewer7.WatchStatus(apb.WatchStatusRequest())
-    live_all = clients.analysis("viewer").WatchStatus(apb.WatchStatusRequest())
-    # Anchored: both streams have sent their headers before the next changes happen.
-    await live_mine.initial_metadata()
-    await live_all.initial_metadata()
+    # A token of several owners: the events of exactly those.
+    two = await initial_state(apb.WatchStatusRequest(send_initial_state=True), "viewer78")
+    assert two == {mine.id, theirs.id}
+    # Both streams start from the same revision (catch-up, then live), so each gets every
+    # change after it that its token may see, whenever its subscription began.
+    status = await clients.analysis("admin").GetQueueStatus(apb.GetQueueStatusRequest())
+    since = apb.WatchStatusRequest(start_revision=status.current_revision)
+    live_mine = viewer7.WatchStatus(since)
+    live_all = clients.analysis("viewer").WatchStatus(since)
 
     # Live: reprocess both items; the restricted watcher gets only its owner's events.
     await admin.ReprocessMedia(ipb.ReprocessMediaRequest(media_ids=[theirs.id, mine.id]))
