@@ -207,7 +207,7 @@ WORKERS: Setting[int] = Setting(
 )  # fmt: skip
 ANALYZER_PROCESSES: Setting[int] = Setting(
     "--analyzer-processes", non_negative_int, os.cpu_count() or 1,
-    "processes the local analyser measures images in, at low CPU priority "
+    "processes the local analyser measures images in, at idle CPU priority "
     "(0: threads of the service's own process)", "N", ONLY_ANALYSIS,
 )  # fmt: skip
 RATE_LIMITS: Setting[Mapping[str, RateLimitConfig]] = Setting(

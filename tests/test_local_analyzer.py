@@ -374,6 +374,8 @@ async def test_analysis_processes_run_at_lower_cpu_priority_and_a_dead_one_is_re
         await analyse(content, analyzer)
         (child,) = multiprocessing.active_children()
         assert os.getpriority(os.PRIO_PROCESS, child.pid or 0) > os.getpriority(os.PRIO_PROCESS, 0)
+        if hasattr(os, "SCHED_IDLE"):
+            assert os.sched_getscheduler(child.pid or 0) == os.SCHED_IDLE
         os.kill(child.pid or 0, signal.SIGKILL)
         child.join(timeout=10)
         # The call that finds the pool broken is a transient failure (the job is retried)...
