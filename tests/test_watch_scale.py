@@ -683,7 +683,7 @@ async def test_watchers_resume_across_a_restart_of_the_analysis_service_and_miss
     async def mid_stream() -> bool:
         return len(watchers[0].changes()) >= 40
 
-    await wait_until(mid_stream, within=10)
+    await wait_until(mid_stream, within=30)
     streaming = [n for n, w in enumerate(watchers) if not w.done]
     assert len(streaming) >= 8
     assert len(watchers[0].changes()) < 3 * len(all_ids), "the restart came too late"
