@@ -321,6 +321,31 @@ async def test_rate_limit_holds_over_ten_seconds(make_cluster: Callable[..., Clu
     assert most_in_one_second <= rate + burst, most_in_one_second
 
 
+async def test_waiting_for_the_rate_limit_does_not_count_against_the_analyser_timeout(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    # Calls 1 s apart, four workers, a 0.5 s analyser timeout and one attempt per job:
+    # the third job queues 2 s for its slot, yet only its call is timed.
+    analyzer = ScriptedAnalyzer(dimensions=64)
+    cluster = make_cluster(
+        analyzer=analyzer,
+        analysis_config=AnalysisConfig(
+            workers=4,
+            embedding_dimensions=64,
+            analyzer_timeout=0.5,
+            retry=RetryPolicy(max_attempts=1),
+            rate_limits={"local": RateLimitConfig(1.0, 1)},
+        ),
+    )
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    ids = [m.id for m in (await upload(cluster, image_files(4, first_seed=130))).media]
+    done = await wait_terminal(cluster, ids, within=30)
+    assert [m.status for m in done] == [ipb.PROCESSING_STATUS_COMPLETED] * len(ids)
+    times = sorted(call.at for call in analyzer.calls)
+    assert times[-1] - times[0] >= 2.5  # they did wait their turn
+
+
 @pytest.mark.parametrize("view", [ipb.MEDIA_VIEW_BASIC, ipb.MEDIA_VIEW_UNSPECIFIED])
 async def test_basic_view_leaves_out_the_embedding(
     make_cluster: Callable[..., Cluster], view: ipb.MediaView

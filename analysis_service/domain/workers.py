@@ -55,20 +55,31 @@ STORAGE_RETRY = 1.0
 class _MeteredCall:
     """The rate limiter one analyser call sees.
 
-    It notes the time the call spent waiting for limiters (left out of the call's latency)
-    and the last API it asked for: by the Analyzer contract a slot is acquired before each
-    upstream call, so an error belongs to that API.
+    It notes the time the call spent waiting for limiters and leaves it out of the call's
+    latency and of its ``deadline`` (the analyser timeout bounds the analyser, not the
+    queue for a rate limit a quota refusal may have paused for a minute), and the last API
+    it asked for: by the Analyzer contract a slot is acquired before each upstream call,
+    so an error belongs to that API.
     """
 
-    def __init__(self, limits: RateLimits) -> None:
+    def __init__(self, limits: RateLimits, deadline: asyncio.Timeout) -> None:
         self._limits = limits
+        self._deadline = deadline
         self.waited = 0.0
         self.last_api = "none"
 
     async def acquire(self, api: str) -> None:
+        # The deadline is suspended while waiting, then moved on by the time waited.
+        when = self._deadline.when()
+        self._deadline.reschedule(None)
         started = time.monotonic()
-        await self._limits.acquire(api)
-        self.waited += time.monotonic() - started
+        try:
+            await self._limits.acquire(api)
+        finally:
+            waited = time.monotonic() - started
+            self.waited += waited
+            if when is not None:
+                self._deadline.reschedule(when + waited)
         self.last_api = api
 
 
@@ -165,10 +176,10 @@ class WorkerPool:
     async def _analyze_and_complete(self, job: ClaimedJob, started: float) -> None:
         spec = job.spec
         key = self._cache.key(spec.sha256, self._analyzer.cache_inputs(spec.category, spec.context))
-        result = await asyncio.wait_for(
-            self._cache.get_or_compute(key, spec.sha256, lambda: self._analyze(job)),
-            self._analyzer_timeout,
-        )
+        async with asyncio.timeout(self._analyzer_timeout) as deadline:
+            result = await self._cache.get_or_compute(
+                key, spec.sha256, lambda: self._analyze(job, deadline)
+            )
         await self._queue.complete(job, result, key)
         duration = time.monotonic() - started
         self._throughput.record(duration)
@@ -186,7 +197,7 @@ class WorkerPool:
             },
         )
 
-    async def _analyze(self, job: ClaimedJob) -> JobResult:
+    async def _analyze(self, job: ClaimedJob, deadline: asyncio.Timeout) -> JobResult:
         spec = job.spec
         content = await self._fetcher.fetch(spec)
         logger.info(
@@ -196,7 +207,7 @@ class WorkerPool:
             spec.category or "no category",
             extra={"media_id": spec.media_id},
         )
-        call = _MeteredCall(self._limits)
+        call = _MeteredCall(self._limits, deadline)
         started = time.monotonic()
         try:
             output = await self._analyzer.analyze(
