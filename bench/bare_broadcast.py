@@ -8,9 +8,11 @@ that falls ``--stream-buffer`` messages behind is ended with RESOURCE_EXHAUSTED,
 mediatag ends a slow watcher. Nothing else: no database, filters, conversion or interceptor.
 
 The benchmark drives it through ``/bench.BareBroadcast/Broadcast`` (unary, JSON): send
-``rate`` messages per second, evenly spaced, for ``seconds``, cycling through ``templates``
-(serialised WatchStatusResponses recorded from mediatag, base64), each re-stamped with the
-next revision and, as its event time, the moment it is broadcast. The answer is the last
+``rate`` messages per second for ``seconds``, cycling through ``templates`` (serialised
+WatchStatusResponses recorded from mediatag, base64), each re-stamped with the next revision
+and, as its event time, the moment it is broadcast. They go evenly spaced, or, given
+``offsets`` (seconds from the start, ascending), at those moments, the schedule repeated as
+often as ``seconds`` needs. The answer is the last
 revision sent. It serves the standard health service, so it is started and awaited exactly
 like ``mediatag serve``.
 
@@ -83,6 +85,9 @@ class Broadcaster:
         """The control method: broadcast as asked, then answer the last revision sent."""
         order = json.loads(request)
         rate, seconds = float(order["rate"]), float(order["seconds"])
+        offsets = [float(offset) for offset in order.get("offsets", ())]
+        # A repeated schedule starts again one average interval after its last message.
+        span = offsets[-1] + 1 / rate if offsets else 0.0
         templates = [
             analysis_pb2.WatchStatusResponse.FromString(base64.b64decode(text))
             for text in order["templates"]
@@ -91,7 +96,12 @@ class Broadcaster:
         started = time.monotonic()
         for number in range(count):
             # Send on a fixed schedule: a late tick is sent at once, not pushed back.
-            delay = started + number / rate - time.monotonic()
+            if offsets:
+                rounds, index = divmod(number, len(offsets))
+                due = rounds * span + offsets[index]
+            else:
+                due = number / rate
+            delay = started + due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             self._revision += 1

@@ -32,10 +32,12 @@ from bench.bare_broadcast import BROADCAST_METHOD
 from bench.benchmark import Benchmark, Figures, positive
 from bench.fanout_report import (
     BARE,
+    BARE_TIMED,
     OURS,
     Measured,
     ServerFigures,
     Setup,
+    commit_offsets,
     fanout_figures,
     print_results,
     print_setup,
@@ -132,7 +134,12 @@ async def run(args: argparse.Namespace) -> Figures:
         rate = ServerFigures.of(ours).changes_per_second
         print(f"measuring {BARE} at {rate:.1f} changes/s ...", flush=True)
         bare = await _measure_bare(Path(work_dir), setup, rate, samples)
-    figures = fanout_figures(setup, ours, bare, jobs_per_second_without_watchers=unwatched)
+        print(f"measuring {BARE_TIMED}: {BARE} at the moments {OURS} committed ...", flush=True)
+        offsets = commit_offsets(ours.receipts)
+        bare_timed = await _measure_bare(Path(work_dir), setup, rate, samples, offsets)
+    figures = fanout_figures(
+        setup, ours, bare, bare_timed, jobs_per_second_without_watchers=unwatched
+    )
     print_results(figures)
     return dataclasses.asdict(figures)
 
@@ -189,9 +196,14 @@ async def _measure_ours(
 
 
 async def _measure_bare(
-    work_dir: Path, setup: Setup, rate: float, samples: list[bytes]
+    work_dir: Path,
+    setup: Setup,
+    rate: float,
+    samples: list[bytes],
+    offsets: list[float] | None = None,
 ) -> Measured:
-    """The bare broadcaster's run at ``rate`` broadcasts per second of ``samples``."""
+    """The bare broadcaster's run at ``rate`` broadcasts per second of ``samples``, evenly
+    spaced or at ``offsets``."""
     (port,) = free_ports(1)
     address = f"127.0.0.1:{port}"
     argv = [sys.executable, "-m", "bench.bare_broadcast", "--port", str(port)]
@@ -206,7 +218,9 @@ async def _measure_bare(
         )
 
         async def broadcast(seconds: float) -> int:
-            order = {"rate": rate, "seconds": seconds, "templates": templates}
+            order: dict[str, object] = {"rate": rate, "seconds": seconds, "templates": templates}
+            if offsets:
+                order["offsets"] = offsets
             answer = await control(json.dumps(order).encode(), timeout=seconds + _CALL_TIMEOUT)
             return int(json.loads(answer)["last_revision"])
 

@@ -14,6 +14,7 @@ from bench.watchers import Receipts
 
 OURS = "mediatag"
 BARE = "bare"
+BARE_TIMED = "bare-t"
 P99_TARGET = 2.0
 MEMORY_TARGET = 1.5
 KIB = 1024
@@ -140,6 +141,15 @@ def jobs_completed_per_second(measured: Measured) -> float:
     return len(np.unique(_array(receipts.revisions)[completed])) / ((end - start) / _NS_PER_S)
 
 
+def commit_offsets(receipts: Receipts) -> list[float]:
+    """Seconds from the first change's event time to each change's, in revision order."""
+    revisions, first = np.unique(_array(receipts.revisions), return_index=True)
+    if not len(revisions):
+        return []
+    committed = _array(receipts.committed_ns)[first]
+    return [float(ns) / _NS_PER_S for ns in np.maximum.accumulate(committed) - committed[0]]
+
+
 @dataclass(frozen=True)
 class TargetCheck:
     description: str
@@ -154,10 +164,14 @@ class FanoutFigures:
     setup: Setup
     ours: ServerFigures
     bare: ServerFigures
+    # The bare server again, sending at the moments mediatag committed (its bursts).
+    bare_timed: ServerFigures
     delivered_ratio: float
     p50_ratio: float
     p99_ratio: float
     memory_ratio: float
+    p50_ratio_timed: float
+    p99_ratio_timed: float
     # mediatag's workers, with the watchers connected and with none.
     jobs_per_second: float
     jobs_per_second_without_watchers: float
@@ -165,19 +179,28 @@ class FanoutFigures:
 
 
 def fanout_figures(
-    setup: Setup, ours: Measured, bare: Measured, *, jobs_per_second_without_watchers: float
+    setup: Setup,
+    ours: Measured,
+    bare: Measured,
+    bare_timed: Measured,
+    *,
+    jobs_per_second_without_watchers: float,
 ) -> FanoutFigures:
     ours_figures, bare_figures = ServerFigures.of(ours), ServerFigures.of(bare)
+    timed_figures = ServerFigures.of(bare_timed)
     p99_ratio = ours_figures.delay_p99_ms / bare_figures.delay_p99_ms
     memory_ratio = ours_figures.kib_per_idle_watcher / bare_figures.kib_per_idle_watcher
     return FanoutFigures(
         setup=setup,
         ours=ours_figures,
         bare=bare_figures,
+        bare_timed=timed_figures,
         delivered_ratio=ours_figures.delivered_per_second / bare_figures.delivered_per_second,
         p50_ratio=ours_figures.delay_p50_ms / bare_figures.delay_p50_ms,
         p99_ratio=p99_ratio,
         memory_ratio=memory_ratio,
+        p50_ratio_timed=ours_figures.delay_p50_ms / timed_figures.delay_p50_ms,
+        p99_ratio_timed=ours_figures.delay_p99_ms / timed_figures.delay_p99_ms,
         jobs_per_second=jobs_completed_per_second(ours),
         jobs_per_second_without_watchers=jobs_per_second_without_watchers,
         targets=[
@@ -208,7 +231,9 @@ def print_setup(setup: Setup) -> None:
          "workers run flat out, no rate limit"),
         (BARE, "`python -m bench.bare_broadcast`: one asyncio.Queue per stream, replaying "
          "mediatag's own change messages, re-stamped, evenly spaced at the rate mediatag "
-         "committed them"),
+         "committed them (the baseline of the targets)"),
+        (BARE_TIMED, "the same bare server sending at the moments mediatag committed its "
+         "changes, bursts and gaps alike: how much of the delay is the timing of the changes"),
         ("watchers", f"{setup.watchers} streams (all items, from now) over {setup.channels} "
          "connections, all in this process"),
         ("memory", "server RSS with the streams open and idle minus RSS with none, after a "
@@ -237,8 +262,11 @@ def print_results(figures: FanoutFigures) -> None:
         header,
         _server_row(OURS, figures.ours),
         _server_row(BARE, figures.bare),
+        _server_row(BARE_TIMED, figures.bare_timed),
         f"  {'ours/bare':<10}{'':>10}{figures.delivered_ratio:>12.2f}x"
         f"{figures.p50_ratio:>9.2f}x{figures.p99_ratio:>9.2f}x{figures.memory_ratio:>17.2f}x",
+        f"  {'ours/' + BARE_TIMED:<10}{'':>22}"
+        f"{figures.p50_ratio_timed:>9.2f}x{figures.p99_ratio_timed:>9.2f}x",
         "",
         *_wrap(
             OURS,
@@ -248,6 +276,7 @@ def print_results(figures: FanoutFigures) -> None:
         ),
         *_details(OURS, figures.ours),
         *_details(BARE, figures.bare),
+        *_details(BARE_TIMED, figures.bare_timed),
         *_bottlenecks(figures),
         "",
         "targets",
@@ -289,7 +318,11 @@ def _bottlenecks(figures: FanoutFigures) -> list[str]:
     """Say so when an event loop, or the whole machine, was busy enough to limit a run."""
     notes = []
     cores = figures.setup.cores
-    for name, server in ((OURS, figures.ours), (BARE, figures.bare)):
+    for name, server in (
+        (OURS, figures.ours),
+        (BARE, figures.bare),
+        (BARE_TIMED, figures.bare_timed),
+    ):
         loops = {role: used for role, used in server.cpu_cores.items() if role.endswith(" loop")}
         notes += [
             f"in the {name} run the {role.removesuffix(' loop')} process's main thread (its "
