@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import grpc
 
 from mediatag_common.errors import FieldViolation, ServiceError
@@ -28,6 +30,24 @@ class StorageUnavailable(IngestError):
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "STORAGE_UNAVAILABLE"
+
+
+class StorageFull(StorageUnavailable):
+    """The disk (or the process's file-size limit, or a quota) has no room for the upload."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "STORAGE_FULL"
+
+
+# Out of room, as opposed to a disk that failed or is read-only.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def blob_store_error(exc: OSError, what: str) -> StorageUnavailable:
+    """The refusal for a blob store failure: full (RESOURCE_EXHAUSTED) or unavailable."""
+    if exc.errno in _NO_ROOM:
+        return StorageFull(f"no room to store {what}: {exc.strerror}")
+    return StorageUnavailable(f"blob store unavailable for {what}: {exc}")
 
 
 class AnalysisUnavailable(IngestError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -60,9 +61,12 @@ _FREE_METRICS_PORTS = {"MEDIATAG_INGEST_METRICS_PORT": "0", "MEDIATAG_ANALYSIS_M
 class Serve:
     """``mediatag serve [SERVICE] ARGS...`` in the background, its output in a log file."""
 
-    def __init__(self, log: Path, *args: str) -> None:
+    def __init__(self, log: Path, *args: str, file_size_limit: int | None = None) -> None:
         self.log = log
         self.args = args
+        # RLIMIT_FSIZE of the process: no file it writes may grow beyond this (a full disk
+        # without root or a mount).
+        self.file_size_limit = file_size_limit
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, *wait_for_ports: int) -> Serve:
@@ -73,10 +77,15 @@ class Serve:
                 stderr=subprocess.STDOUT,
                 # Metrics on free ports unless a test says otherwise: never the fixed defaults.
                 env={**_FREE_METRICS_PORTS, **os.environ, "PYTHONUNBUFFERED": "1"},
+                preexec_fn=self._limit_file_size if self.file_size_limit else None,
             )
         for port in wait_for_ports:
             wait_serving(port)
         return self
+
+    def _limit_file_size(self) -> None:
+        assert self.file_size_limit is not None
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size_limit, self.file_size_limit))
 
     def kill(self) -> None:
         """SIGKILL: no drain, no cleanup, as a crash would."""

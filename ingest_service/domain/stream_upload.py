@@ -40,7 +40,7 @@ from ingest_service.domain.uploads import (
     validate_filename,
     validate_metadata,
 )
-from ingest_service.errors import StorageUnavailable, UploadStalled, invalid
+from ingest_service.errors import StorageUnavailable, UploadStalled, blob_store_error, invalid
 
 logger = logging.getLogger(__name__)
 
@@ -258,4 +258,4 @@ async def _off_loop(function: Callable[..., T], *args: object) -> T:
     try:
         return await asyncio.to_thread(function, *args)
     except OSError as exc:
-        raise StorageUnavailable(f"blob store unavailable: {exc}") from exc
+        raise blob_store_error(exc, "the streamed upload") from exc

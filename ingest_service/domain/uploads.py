@@ -33,7 +33,7 @@ from ingest_service.domain.models import (
 )
 from ingest_service.domain.requests import RequestIds, parse_request_id, upload_digest
 from ingest_service.domain.sniff import sniff
-from ingest_service.errors import StorageUnavailable, invalid
+from ingest_service.errors import blob_store_error, invalid
 from ingest_service.storage import repository
 from ingest_service.storage.repository import writing
 from mediatag_common.database import Database, after_commit
@@ -313,7 +313,7 @@ class Uploads:
         try:
             self._blobs.put(sha256, len(content), [content])
         except OSError as exc:
-            raise StorageUnavailable(f"blob store unavailable: {exc}") from exc
+            raise blob_store_error(exc, "the upload") from exc
         return sha256
 
 
