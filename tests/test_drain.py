@@ -6,20 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import signal
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 from mediatag.analysis.v1 import analysis_pb2 as apb
+from mediatag.analysis.v1 import analysis_pb2_grpc
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig, RetryPolicy
 from mediatag_common.grpc_server import ServiceHost
-from tests.conftest import Cluster, wait_until
+from tests.conftest import Cluster, free_port, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.media_samples import jpeg_bytes
+from tests.processes import Serve
 from tests.test_pipeline import image_files, upload, wait_terminal
 
 
@@ -175,3 +179,39 @@ async def test_an_upload_in_flight_completes_and_new_ones_are_refused(
     )
     (media,) = await wait_terminal(cluster, [response.media.id])
     assert media.status == ipb.PROCESSING_STATUS_COMPLETED
+
+
+async def test_sigterm_drains_mediatag_serve(tmp_path: Path) -> None:
+    """The same drain, started by SIGTERM on ``mediatag serve`` as an operator sends it."""
+    ingest_port, analysis_port = free_port(), free_port()
+    serve = Serve(
+        tmp_path / "serve.log",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--ingest-port",
+        str(ingest_port),
+        "--analysis-port",
+        str(analysis_port),
+        "--grace-period",
+        "5",
+    ).start(ingest_port, analysis_port)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{analysis_port}") as channel:
+        health_call = channel.unary_stream(
+            "/grpc.health.v1.Health/Watch",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )(health_pb2.HealthCheckRequest(), timeout=30)
+        assert await next_status(health_call) == health_pb2.HealthCheckResponse.SERVING
+        watch = analysis_pb2_grpc.AnalysisServiceStub(channel).WatchStatus(
+            apb.WatchStatusRequest(), timeout=30
+        )
+        await watch.wait_for_connection()
+
+        assert serve.process is not None
+        serve.process.send_signal(signal.SIGTERM)
+        assert await next_status(health_call) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            async for _ in watch:
+                pass
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert await asyncio.to_thread(serve.process.wait, 20) == 0, serve.output()
