@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import itertools
@@ -13,6 +14,7 @@ import struct
 import time
 import zlib
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -367,12 +369,21 @@ async def test_analysis_processes_measure_exactly_what_threads_do() -> None:
     assert not raised.value.transient
 
 
-async def test_analysis_processes_run_at_lower_cpu_priority_and_a_dead_one_is_replaced() -> None:
+async def test_analysis_processes_run_at_lower_cpu_priority_and_a_dead_one_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(variable, raising=False)
     content = encode(scene(SCENE_SEEDS[0]), "JPEG")
     analyzer = LocalAnalyzer(processes=1)
     try:
         await analyse(content, analyzer)
         (child,) = multiprocessing.active_children()
+        # Numeric libraries single-threaded in there (their busy-waiting threads would
+        # compete with the other processes).
+        environ = Path(f"/proc/{child.pid}/environ")
+        environment = (await asyncio.to_thread(environ.read_bytes)).split(b"\0")
+        assert b"OPENBLAS_NUM_THREADS=1" in environment
         assert os.getpriority(os.PRIO_PROCESS, child.pid or 0) > os.getpriority(os.PRIO_PROCESS, 0)
         if hasattr(os, "SCHED_IDLE"):
             assert os.sched_getscheduler(child.pid or 0) == os.SCHED_IDLE

@@ -61,6 +61,11 @@ _PROJECTION_SEED = 0x6D656469  # fixed: changing it changes every embedding (bum
 # streams is what callers wait on; analysis is background work that takes what is left
 # (idle scheduling class where there is one, else this niceness).
 _PROCESS_NICENESS = 10
+# Thread pools of the numeric libraries, held to one thread in the analysis processes: there
+# is one process per CPU already, and OpenBLAS's threads busy-wait. Two processes with two
+# threads each on two cores took three minutes over the embedding's first QR decomposition
+# (0.2 s alone). The libraries read these when they load, so the children must inherit them.
+_LIBRARY_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 _COLOUR_NAMES = (
     "red",
@@ -163,6 +168,8 @@ class LocalAnalyzer:
             return await asyncio.to_thread(_analyze_bytes, item.content, self._dimensions)
         pool = self._pool
         if pool is None:
+            for variable in _LIBRARY_THREAD_VARIABLES:
+                os.environ.setdefault(variable, "1")
             pool = self._pool = ProcessPoolExecutor(
                 self._processes,
                 # Not fork: the service's process runs gRPC's and the database's threads.
