@@ -179,8 +179,17 @@ class JobQueue:
                 revision=event.revision,
             )
 
-        # A claim cancelled on its way back leaves its lease to expire and be reaped.
-        return await write(self._db, transaction)
+        claiming = asyncio.ensure_future(write(self._db, transaction))
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            # The transaction runs on in its thread and may commit: a job leased to a worker
+            # that is gone would wait out its lease and lose an attempt. Give it back (if
+            # that fails too, the lease expiry is what is left).
+            with contextlib.suppress(Exception):
+                if (claimed := await claiming) is not None:
+                    await self.release(claimed)
+            raise
 
     async def wait_for_work(self, max_wait: float) -> None:
         """Sleep until a job may be due (submit, retry, resume, next backoff) or max_wait."""

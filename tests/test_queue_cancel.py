@@ -1,0 +1,73 @@
+"""A claim cancelled while its transaction runs (a worker stopped at the end of the drain)
+gives the job back instead of leaving it leased to a worker that is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from analysis_service.config import RetryPolicy
+from analysis_service.domain.hub import StatusHub
+from analysis_service.domain.models import JobSpec, JobStatus
+from analysis_service.domain.queue import JobQueue
+from analysis_service.storage.schema import MIGRATIONS
+from mediatag_common.database import sqlite_url
+from mediatag_common.threaded_database import ThreadedDatabase
+
+
+@pytest.fixture
+async def queue(tmp_path: Path) -> AsyncIterator[JobQueue]:
+    db = ThreadedDatabase(sqlite_url(str(tmp_path / "analysis.db")), synchronous="NORMAL")
+    await db.migrate(MIGRATIONS)
+    job_queue = JobQueue(db, StatusHub(buffer_size=64, max_watchers=8), RetryPolicy(), 30.0)
+    await job_queue.load()
+    yield job_queue
+    await db.close()
+
+
+def spec(number: int) -> JobSpec:
+    media_id = f"media-{number}"
+    return JobSpec(
+        media_id=media_id,
+        owner_id="owner",
+        sha256=hashlib.sha256(media_id.encode()).hexdigest(),
+        size_bytes=1000,
+        content_type="image/jpeg",
+        content_ref=media_id,
+    )
+
+
+async def test_a_claim_cancelled_while_its_transaction_runs_gives_the_job_back(
+    queue: JobQueue, tmp_path: Path
+) -> None:
+    await queue.submit([spec(1)])
+    # Another writer holds SQLite's write lock, so the claim's transaction, once begun on the
+    # database thread, blocks there (busy timeout) until the lock is released.
+    blocker = sqlite3.connect(tmp_path / "analysis.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        claim = asyncio.create_task(queue.claim("worker-1"))
+        # Time for the thread to take the transaction up: from then on, cancelling cannot
+        # stop it (before it, cancelling stops it from starting, and the test would pass
+        # without exercising anything).
+        await asyncio.sleep(0.3)
+        claim.cancel()
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    with pytest.raises(asyncio.CancelledError):
+        await claim
+
+    job = await queue.get("media-1", with_embedding=False)
+    assert job is not None
+    assert job.status is JobStatus.PENDING
+    assert job.attempt == 0
+    assert [attempt.outcome for attempt in job.attempts] == ["RELEASED"]
+    claimed = await queue.claim("worker-2")
+    assert claimed is not None
+    assert claimed.spec.media_id == "media-1"
