@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -29,16 +29,10 @@ class DatabaseError(Exception):
 
 @dataclass(frozen=True)
 class Migration:
-    """One versioned schema step, applied once, in order, on start."""
+    """One versioned schema step, applied once, in order, on start.
 
-    version: int
-    description: str
-    apply: Callable[[AsyncConnection], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class SyncMigration:
-    """A :class:`Migration` for a database driven through a synchronous connection."""
+    ``apply`` takes a synchronous connection, whichever way the database is driven.
+    """
 
     version: int
     description: str
@@ -151,16 +145,11 @@ class Database:
 
     async def migrate(self, migrations: Sequence[Migration]) -> None:
         """Apply every migration not yet recorded, each in its own transaction."""
-        async with self.write() as conn:
-            await conn.run_sync(_migrations_table.metadata.create_all)
-            applied = set((await conn.execute(sa.select(_migrations_table.c.version))).scalars())
-        for migration in sorted(migrations, key=lambda m: m.version):
-            if migration.version in applied:
-                continue
-            async with self.write() as conn:
-                await migration.apply(conn)
-                await conn.execute(_migration_record(migration.version, migration.description))
-            logger.info("applied schema migration %d: %s", migration.version, migration.description)
+        try:
+            async with self._write_lock, self._engine.connect() as conn:
+                await conn.run_sync(apply_migrations, migrations)
+        except SQLAlchemyError as exc:
+            raise _driver_error(exc) from exc
 
     async def ping(self) -> bool:
         """True when a trivial query succeeds (for the health service)."""
@@ -175,24 +164,24 @@ class Database:
         await self._engine.dispose()
 
 
-def apply_migrations(engine: Engine, migrations: Sequence[SyncMigration]) -> None:
-    """Apply every migration not yet recorded, each in its own transaction (blocking)."""
-    with engine.begin() as conn:
+def apply_migrations(conn: Connection, migrations: Sequence[Migration]) -> None:
+    """Apply every migration not yet recorded on ``conn``, each in its own transaction."""
+    with conn.begin():
         _migrations_table.metadata.create_all(conn)
         applied = set(conn.execute(sa.select(_migrations_table.c.version)).scalars())
     for migration in sorted(migrations, key=lambda m: m.version):
         if migration.version in applied:
             continue
-        with engine.begin() as conn:
+        with conn.begin():
             migration.apply(conn)
-            conn.execute(_migration_record(migration.version, migration.description))
+            conn.execute(
+                _migrations_table.insert().values(
+                    version=migration.version,
+                    description=migration.description,
+                    applied_at=time.time(),
+                )
+            )
         logger.info("applied schema migration %d: %s", migration.version, migration.description)
-
-
-def _migration_record(version: int, description: str) -> sa.Insert:
-    return _migrations_table.insert().values(
-        version=version, description=description, applied_at=time.time()
-    )
 
 
 def sqlite_pragmas(synchronous: str) -> Callable[[Any, Any], None]:

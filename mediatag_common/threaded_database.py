@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from mediatag_common.database import (
     AFTER_COMMIT,
     DatabaseError,
-    SyncMigration,
+    Migration,
     apply_migrations,
     sqlite_pragmas,
 )
@@ -113,13 +113,14 @@ class ThreadedDatabase:
         except SQLAlchemyError as exc:
             raise DatabaseError(str(exc)) from exc
 
-    async def migrate(self, migrations: Sequence[SyncMigration]) -> None:
+    async def migrate(self, migrations: Sequence[Migration]) -> None:
         """Apply every migration not yet recorded, each in its own transaction."""
         await asyncio.wrap_future(self._writer.submit(self._migrate_in_thread, migrations))
 
-    def _migrate_in_thread(self, migrations: Sequence[SyncMigration]) -> None:
+    def _migrate_in_thread(self, migrations: Sequence[Migration]) -> None:
         try:
-            apply_migrations(self._engine, migrations)
+            with self._engine.connect() as conn:
+                apply_migrations(conn, migrations)
         except SQLAlchemyError as exc:
             raise DatabaseError(str(exc)) from exc
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from mediatag_common.database import SyncMigration
+from mediatag_common.database import Migration
 
 metadata = sa.MetaData()
 
@@ -118,4 +118,4 @@ def _initial_schema(conn: Connection) -> None:
     )
 
 
-MIGRATIONS = [SyncMigration(1, "jobs, attempts, results, events, counters", _initial_schema)]
+MIGRATIONS = [Migration(1, "jobs, attempts, results, events, counters", _initial_schema)]

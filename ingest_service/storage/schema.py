@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from mediatag_common.database import Migration
 
@@ -83,14 +83,14 @@ upload_requests = sa.Table(
 )
 
 
-async def _initial_schema(conn: AsyncConnection) -> None:
+def _initial_schema(conn: Connection) -> None:
     # Only the tables of version 1: later tables are their own migrations.
-    await conn.run_sync(lambda sync: metadata.create_all(sync, tables=[media, outbox, counters]))
-    await conn.execute(counters.insert(), [{"name": MIRROR_REVISION, "value": 0}])
+    metadata.create_all(conn, tables=[media, outbox, counters])
+    conn.execute(counters.insert(), [{"name": MIRROR_REVISION, "value": 0}])
 
 
-async def _upload_requests(conn: AsyncConnection) -> None:
-    await conn.run_sync(lambda sync: upload_requests.create(sync))
+def _upload_requests(conn: Connection) -> None:
+    upload_requests.create(conn)
 
 
 MIGRATIONS = [
