@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
 from mediatag.analysis.v1 import analysis_pb2 as apb
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 
-from analysis_service.config import AnalysisConfig, RateLimitConfig
+from analysis_service.config import AnalysisConfig, RateLimitConfig, WatchConfig
 from mediatag_common.errors import error_info, field_violations
-from tests.conftest import Cluster
+from tests.conftest import Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.test_pipeline import image_files, upload, wait_terminal
 
 TERMINAL = {apb.PROCESSING_STATUS_COMPLETED, apb.PROCESSING_STATUS_FAILED}
 
 
-async def started_cluster(make_cluster: Callable[..., Cluster], rate: float = 20) -> Cluster:
+async def started_cluster(
+    make_cluster: Callable[..., Cluster], rate: float = 20, watch: WatchConfig | None = None
+) -> Cluster:
     cluster = make_cluster(
         analyzer=ScriptedAnalyzer(dimensions=64),
         analysis_config=AnalysisConfig(
-            embedding_dimensions=64, rate_limits={"local": RateLimitConfig(rate, 1)}
+            embedding_dimensions=64,
+            rate_limits={"local": RateLimitConfig(rate, 1)},
+            watch=watch or WatchConfig(),
         ),
     )
     await cluster.start_analysis()
@@ -131,6 +138,50 @@ async def test_initial_state_then_bookmark_then_live_events(
     assert {r.change.media_id for r in live} == {later.media[0].id}
     assert all(r.revision > bookmark.revision for r in live)
     assert not any(r.change.initial_state for r in live)
+
+
+async def test_idle_bookmarks_carry_the_current_revision_and_only_follow_silence(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    interval = 0.3
+    cluster = await started_cluster(make_cluster, watch=WatchConfig(bookmark_interval=interval))
+    arrivals: list[tuple[float, apb.WatchStatusResponse]] = []
+    call = cluster.analysis.WatchStatus(apb.WatchStatusRequest())
+
+    async def read() -> None:
+        async for response in call:
+            arrivals.append((time.monotonic(), response))
+
+    def bookmarks_from(index: int) -> Callable[[], Awaitable[bool]]:
+        async def seen() -> bool:
+            return sum(r.WhichOneof("event") == "bookmark" for _, r in arrivals[index:]) >= 2
+
+        return seen
+
+    reading = asyncio.create_task(read())
+    try:
+        # Idle: bookmarks, each with the revision of the log's newest event.
+        await wait_until(bookmarks_from(0), within=10)
+        before = await current_revision(cluster)
+        assert all(r.revision == before for _, r in arrivals)
+
+        # Busy: events closer together than the interval; then idle again.
+        response = await upload(cluster, image_files(6, first_seed=300))
+        await wait_terminal(cluster, [m.id for m in response.media])
+        after = await current_revision(cluster)
+        await wait_until(bookmarks_from(len(arrivals)), within=10)
+    finally:
+        call.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+
+    changes_seen = [r.revision for _, r in arrivals if r.WhichOneof("event") == "change"]
+    assert changes_seen == list(range(before + 1, after + 1))
+    assert arrivals[-1][1].revision == after
+    # A bookmark comes only after an interval with nothing sent (a little slack for the
+    # trip to this client), never between events that come faster.
+    for (previous, _), (at, response) in itertools.pairwise(arrivals):
+        if response.WhichOneof("event") == "bookmark":
+            assert at - previous > interval * 0.8, (at - previous, response)
 
 
 async def test_until_terminal_ends_at_once_for_items_already_terminal(

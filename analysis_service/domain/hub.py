@@ -42,8 +42,13 @@ class Subscription:
         self.filter = watch_filter
         self._buffer_size = buffer_size
         self._events: collections.deque[StatusEvent] = collections.deque()
-        self._ready = asyncio.Event()
         self._ended: Exception | None = None
+        # The watcher's pending ``next()``, and the one timer that ends it when the watcher
+        # has been idle too long (see ``next``).
+        self._waiter: asyncio.Future[None] | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._max_wait = 0.0
+        self._idle_since = asyncio.get_running_loop().time()
         # Counts of events ever taken and ever handed on, and ``_taken`` at the end of the
         # last burst (below).
         self._taken = 0
@@ -75,35 +80,63 @@ class Subscription:
         self._taken += len(matching)
         if len(self._events) > self._buffer_size and self._handed_on >= self._burst_end:
             self._burst_end = self._taken
-        self._ready.set()
+        self._wake()
 
     def end(self, reason: Exception) -> None:
         """End the feed; the watcher's next read raises ``reason``."""
         if self._ended is None:
             self._ended = reason
             self._events.clear()
-            self._ready.set()
+            self._wake()
 
     async def next(self, max_wait: float) -> StatusEvent | None:
-        """The next event, or None when none arrived within ``max_wait`` seconds."""
+        """The next event, or None when the watcher has had nothing for ``max_wait`` seconds
+        (counted from the previous ``next()``, or from the subscription).
+
+        No timer per call: this runs per event per watcher, and arming and cancelling a
+        timeout each time cost four times the wake-up itself. One timer per subscription
+        fires at most once per ``max_wait`` and re-arms itself while events flow.
+        """
+        loop = asyncio.get_running_loop()
         if not self._events and self._ended is None:
-            self._ready.clear()
+            self._max_wait = max_wait
+            if self._idle_timer is None:
+                self._idle_timer = loop.call_at(self._idle_since + max_wait, self._on_idle_timer)
+            self._waiter = loop.create_future()
             try:
-                # Not wait_for: it starts a task per call, and this runs per event per watcher.
-                async with asyncio.timeout(max_wait):
-                    await self._ready.wait()
-            except TimeoutError:
-                # An event offered while the timeout was cancelling the wait is still this
-                # watcher's next one: returning None would let a bookmark claim its revision.
-                if not self._events and self._ended is None:
-                    return None
+                await self._waiter
+            finally:
+                self._waiter = None
+        self._idle_since = loop.time()
         if self._ended is not None:
             raise self._ended
+        if not self._events:
+            return None
         self._handed_on += 1
         return self._events.popleft()
 
     def close(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self._hub.unsubscribe(self)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _on_idle_timer(self) -> None:
+        self._idle_timer = None
+        if self._waiter is None or self._waiter.done():
+            # Busy sending: the next wait arms the timer again.
+            return
+        due = self._idle_since + self._max_wait
+        loop = asyncio.get_running_loop()
+        if loop.time() >= due:
+            self._waiter.set_result(None)
+        else:
+            # Events came since the timer was armed: wait out the rest of the idle time.
+            self._idle_timer = loop.call_at(due, self._on_idle_timer)
 
 
 class StatusHub:
