@@ -455,6 +455,80 @@ async def test_a_watcher_that_stops_reading_is_cut_off_while_a_reading_one_keeps
     assert stalled_seconds < 3 * baseline_seconds
 
 
+async def test_the_watcher_cap_refuses_more_and_a_cut_off_watcher_frees_its_slot_at_once(
+    make_cluster: Callable[..., Cluster], channels: OpenChannel
+) -> None:
+    # Three slots, one of them held by the ingest service's status mirror.
+    cluster = fast_cluster(
+        make_cluster, WatchConfig(max_watchers=3, stream_buffer=16), dimensions=1408
+    )
+    start = await warmed_up(cluster)
+    port = cluster.analysis_port
+    stub = analysis_pb2_grpc.AnalysisServiceStub(channels(port))
+    reader = Watcher(stub, apb.WatchStatusRequest(start_revision=start))
+    await reader.connected()
+    # Never reads: large events and HTTP/2's default 64 KB window (see the test above).
+    stalled = analysis_pb2_grpc.AnalysisServiceStub(
+        channels(port, ("grpc.http2.bdp_probe", 0))
+    ).WatchStatus(apb.WatchStatusRequest(include_embedding=True))
+    await stalled.wait_for_connection()
+
+    async def one_more_watcher() -> grpc.aio.UnaryStreamCall[Any, Any] | grpc.aio.AioRpcError:
+        call = stub.WatchStatus(apb.WatchStatusRequest())
+        try:
+            await call.wait_for_connection()
+            if call.done():
+                await call.read()  # raises the refusal
+        except grpc.aio.AioRpcError as error:
+            return error
+        return call
+
+    refusal = await one_more_watcher()
+    assert isinstance(refusal, grpc.aio.AioRpcError)
+    assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(refusal)
+    assert info is not None
+    assert (info.reason, info.metadata["maxWatchers"]) == ("TOO_MANY_WATCHERS", "3")
+
+    # The cap never holds up uploads: these complete while every slot is taken.
+    response = await upload(cluster, small_images(30, first_seed=70_000))
+    ids = {m.id for m in response.media}
+
+    async def reader_saw_them_end() -> bool:
+        return reader.saw_terminal(ids)
+
+    await wait_until(reader_saw_them_end, within=30)
+
+    # The stalled watcher has been cut off, and its slot is free while its client still
+    # does not read.
+    admitted: list[grpc.aio.UnaryStreamCall[Any, Any]] = []
+
+    async def a_slot_is_free() -> bool:
+        attempt = await one_more_watcher()
+        if isinstance(attempt, grpc.aio.AioRpcError):
+            refused = error_info(attempt)
+            assert refused is not None
+            assert refused.reason == "TOO_MANY_WATCHERS"
+            return False
+        admitted.append(attempt)
+        return True
+
+    await wait_until(a_slot_is_free, within=30)
+    admitted[0].cancel()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stalled:
+            pass
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(caught.value)
+    assert info is not None
+    assert info.reason == "WATCHER_TOO_SLOW"
+
+    # The reader, which kept up, was neither cut off nor missed anything.
+    final = await current_revision(cluster)
+    assert reader.error is None
+    assert_exactly(reader, await reference(cluster.analysis, start, final), "reader")
+
+
 # -- 3. compaction -------------------------------------------------------------------------
 
 

@@ -170,14 +170,16 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             until_terminal=request.until_terminal,
             include_embedding=request.include_embedding,
         )
-        # Headers at once, so a client knows the stream is open before the first event
-        # (which may be a bookmark interval away).
-        await context.send_initial_metadata(())
-        # A cancelled call (client gone) propagates CancelledError untouched: swallowing it
-        # leaks the call (grpc/grpc#43360).
-        async for item in self._watcher.watch(watch):
-            yield self._watch_messages.get(item, include_embedding=request.include_embedding)
-            (self._sent_bookmarks if isinstance(item, Bookmark) else self._sent_events).inc()
+        async with self._watcher.watch(watch) as stream:
+            # Headers at once, so a client knows the stream is open before the first event
+            # (which may be a bookmark interval away); only once it is, so a refusal comes
+            # as the call's status instead.
+            await context.send_initial_metadata(())
+            # A cancelled call (client gone) propagates CancelledError untouched: swallowing
+            # it leaks the call (grpc/grpc#43360).
+            async for item in stream:
+                yield self._watch_messages.get(item, include_embedding=request.include_embedding)
+                (self._sent_bookmarks if isinstance(item, Bookmark) else self._sent_events).inc()
 
     async def GetQueueStatus(
         self, request: pb.GetQueueStatusRequest, context: Context

@@ -83,10 +83,16 @@ class Subscription:
         self._wake()
 
     def end(self, reason: Exception) -> None:
-        """End the feed; the watcher's next read raises ``reason``."""
+        """End the feed; the watcher's next read raises ``reason``.
+
+        It leaves the hub at once: a watcher cut off while its client is not reading stays
+        blocked in a send until the client reads or goes, and must not hold a watcher slot
+        (or be offered events) meanwhile.
+        """
         if self._ended is None:
             self._ended = reason
             self._events.clear()
+            self._hub.unsubscribe(self)
             self._wake()
 
     async def next(self, max_wait: float) -> StatusEvent | None:

@@ -7,9 +7,10 @@ nothing is missed and nothing is sent twice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Connection
@@ -57,6 +58,24 @@ class _TerminalTracker:
         return all(status is not None and status.terminal for status in self._status.values())
 
 
+class WatchStream(contextlib.AbstractAsyncContextManager["WatchStream"]):
+    """One open watch: iterate it for the optional initial state, the catch-up from the log
+    and then live events; leaving its ``async with`` block ends its subscription."""
+
+    def __init__(
+        self, subscription: Subscription, items: AsyncGenerator[StatusEvent | Bookmark, None]
+    ) -> None:
+        self._subscription = subscription
+        self._items = items
+
+    def __aiter__(self) -> AsyncIterator[StatusEvent | Bookmark]:
+        return self._items
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._subscription.close()
+        await self._items.aclose()
+
+
 class StatusWatcher:
     """Serves watch streams from the event log and the hub."""
 
@@ -83,8 +102,9 @@ class StatusWatcher:
                 field_violations=[FieldViolation("media_ids", "required with until_terminal")],
             )
 
-    async def watch(self, request: WatchRequest) -> AsyncIterator[StatusEvent | Bookmark]:
-        """The stream: optional initial state, catch-up from the log, then live events."""
+    def watch(self, request: WatchRequest) -> WatchStream:
+        """A stream registered with the hub at once (refused here when the watcher cap is
+        reached), so a caller can open it before telling its client the stream is open."""
         self.validate(request)
         if not request.owner_id and request.allowed_owners and len(request.allowed_owners) == 1:
             # One allowed owner is an owner filter the queries can use.
@@ -92,15 +112,11 @@ class StatusWatcher:
             request = dataclasses.replace(request, owner_id=only)
         watch_filter = WatchFilter(request.media_ids, request.owner_id, request.allowed_owners)
         subscription = self._hub.subscribe(watch_filter)
-        try:
-            async for item in self._stream(request, subscription):
-                yield item
-        finally:
-            subscription.close()
+        return WatchStream(subscription, self._stream(request, subscription))
 
     async def _stream(
         self, request: WatchRequest, subscription: Subscription
-    ) -> AsyncIterator[StatusEvent | Bookmark]:
+    ) -> AsyncGenerator[StatusEvent | Bookmark, None]:
         needs_state = request.send_initial_state or request.until_terminal
 
         def snapshot(conn: Connection) -> tuple[int, int, list[StatusEvent]]:
