@@ -49,7 +49,13 @@ async def create_server(
     await db.migrate(MIGRATIONS)
 
     hub = StatusHub(buffer_size=config.watch.stream_buffer, max_watchers=config.watch.max_watchers)
-    queue = JobQueue(db, hub, config.retry, config.lease_seconds)
+    queue = JobQueue(
+        db,
+        hub,
+        config.retry,
+        config.lease_seconds,
+        delivery_pacing=config.watch.delivery_pacing,
+    )
     await queue.load()
     throughput = Throughput()
     fetcher = ContentFetcher(

@@ -243,6 +243,11 @@ WATCH_BUFFER: Setting[int] = Setting(
     "events buffered per WatchStatus stream; a watcher this far behind is cut off", "N",
     ONLY_ANALYSIS,
 )  # fmt: skip
+DELIVERY_PACING: Setting[float] = Setting(
+    "--delivery-pacing", non_negative_float, _WATCH.delivery_pacing,
+    "longest a worker waits for the watchers to take the last status changes before it "
+    "commits its next claim or completion; 0 never waits", "SECONDS", ONLY_ANALYSIS,
+)  # fmt: skip
 EVENT_RETENTION: Setting[float] = Setting(
     "--event-retention", positive_float, _WATCH.retention_seconds,
     "seconds status events are kept for resuming watchers", "SECONDS", ONLY_ANALYSIS,
@@ -384,7 +389,8 @@ SERVE_SETTINGS: tuple[Setting[Any], ...] = (
     *GOOGLE_SETTINGS,
     EMBEDDING_DIMENSIONS, WORKERS, ANALYZER_PROCESSES, RATE_LIMITS, MAX_ATTEMPTS, BACKOFF_BASE,
     LEASE_SECONDS,
-    BOOKMARK_INTERVAL, MAX_WATCHERS, WATCH_BUFFER, EVENT_RETENTION, EVENT_RETENTION_COUNT,
+    BOOKMARK_INTERVAL, MAX_WATCHERS, WATCH_BUFFER, DELIVERY_PACING, EVENT_RETENTION,
+    EVENT_RETENTION_COUNT,
     COMPACTION_INTERVAL, MAX_FILES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS,
     MAX_VIDEO_BYTES, *INGEST_UPLOAD_SETTINGS, INGEST_METRICS_PORT, ANALYSIS_METRICS_PORT,
     *SECURITY_SETTINGS, LOG_LEVEL, LOG_FORMAT,
@@ -613,6 +619,7 @@ def serve_settings(
                 bookmark_interval=get(BOOKMARK_INTERVAL),
                 max_watchers=get(MAX_WATCHERS),
                 stream_buffer=get(WATCH_BUFFER),
+                delivery_pacing=get(DELIVERY_PACING),
                 retention_seconds=get(EVENT_RETENTION),
                 retention_events=get(EVENT_RETENTION_COUNT),
                 compaction_interval=get(COMPACTION_INTERVAL),

@@ -13,6 +13,13 @@ from analysis_service.errors import ShuttingDown, TooManyWatchers, WatcherTooSlo
 
 logger = logging.getLogger(__name__)
 
+# A watcher holding more untaken events than this is not waited for by ``delivered``: it
+# is not reading (and will be cut off), or too far behind for a pause to help it.
+PACED_BACKLOG = 8
+# The share of watchers ``delivered`` does not wait for, so a few stragglers cannot pace
+# the workers.
+PACING_STRAGGLERS = 0.01
+
 
 @dataclass(frozen=True)
 class WatchFilter:
@@ -54,6 +61,8 @@ class Subscription:
         self._taken = 0
         self._handed_on = 0
         self._burst_end = 0
+        # Whether the hub counts this watcher as still taking a delivery (see ``delivered``).
+        self._delivering = False
 
     def offer(self, events: Sequence[StatusEvent]) -> None:
         """Take the matching events of one commit.
@@ -80,6 +89,7 @@ class Subscription:
         self._taken += len(matching)
         if len(self._events) > self._buffer_size and self._handed_on >= self._burst_end:
             self._burst_end = self._taken
+        self._track_delivery()
         self._wake()
 
     def end(self, reason: Exception) -> None:
@@ -92,6 +102,7 @@ class Subscription:
         if self._ended is None:
             self._ended = reason
             self._events.clear()
+            self._track_delivery()
             self._hub.unsubscribe(self)
             self._wake()
 
@@ -119,13 +130,23 @@ class Subscription:
         if not self._events:
             return None
         self._handed_on += 1
-        return self._events.popleft()
+        event = self._events.popleft()
+        self._track_delivery()
+        return event
 
     def close(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        self._events.clear()
+        self._track_delivery()
         self._hub.unsubscribe(self)
+
+    def _track_delivery(self) -> None:
+        delivering = 0 < len(self._events) <= PACED_BACKLOG
+        if delivering != self._delivering:
+            self._delivering = delivering
+            self._hub.delivery_changed(delivering)
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -146,7 +167,11 @@ class Subscription:
 
 
 class StatusHub:
-    """Publishes committed events, in commit order, to every matching subscription."""
+    """Publishes committed events, in commit order, to every matching subscription.
+
+    It also tells the workers when the watchers have taken what was published
+    (``delivered``), so that they can pace their commits to the fan-out.
+    """
 
     def __init__(self, *, buffer_size: int, max_watchers: int, current_revision: int = 0) -> None:
         self._buffer_size = buffer_size
@@ -155,6 +180,10 @@ class StatusHub:
         self._closed = False
         self.current_revision = current_revision
         self.events_published = 0
+        # Watchers holding 1 to PACED_BACKLOG untaken events, and the ``delivered`` calls
+        # waiting for that count to fall.
+        self._delivering = 0
+        self._pacers: list[asyncio.Future[None]] = []
 
     @property
     def watcher_count(self) -> int:
@@ -168,6 +197,45 @@ class StatusHub:
         self.events_published += len(events)
         for subscription in list(self._subscriptions):
             subscription.offer(events)
+
+    async def delivered(self, max_wait: float) -> None:
+        """Return once the watchers have taken the events published so far, or after
+        ``max_wait`` seconds.
+
+        Why workers wait: sending one change to a thousand streams keeps the event loop
+        busy for tens of milliseconds, and changes committed meanwhile queue behind it. A
+        worker's completion and its next claim come milliseconds apart, and workers that
+        wait on one busy loop fall into step, so unpaced changes come in bursts and each
+        waits out the ones before it. Paced, each change finds the loop free and the
+        workers lose no throughput (the analysis runs on while they wait).
+
+        Not waited for: watchers holding more than ``PACED_BACKLOG`` untaken events (one
+        that stopped reading must not slow the workers), and ``PACING_STRAGGLERS`` of all.
+        """
+        if max_wait <= 0 or self._is_delivered():
+            return
+        pacer = asyncio.get_running_loop().create_future()
+        self._pacers.append(pacer)
+        try:
+            async with asyncio.timeout(max_wait):
+                await pacer
+        except TimeoutError:
+            pass
+        finally:
+            if pacer in self._pacers:
+                self._pacers.remove(pacer)
+
+    def delivery_changed(self, delivering: bool) -> None:
+        """A subscription started or finished taking a delivery."""
+        self._delivering += 1 if delivering else -1
+        if self._pacers and self._is_delivered():
+            for pacer in self._pacers:
+                if not pacer.done():
+                    pacer.set_result(None)
+            self._pacers.clear()
+
+    def _is_delivered(self) -> bool:
+        return self._delivering <= int(len(self._subscriptions) * PACING_STRAGGLERS)
 
     def subscribe(self, watch_filter: WatchFilter) -> Subscription:
         if self._closed:

@@ -62,12 +62,19 @@ class JobQueue:
     """Submit, claim, complete, fail, retry; pause and resume; wake idle workers."""
 
     def __init__(
-        self, db: ThreadedDatabase, hub: StatusHub, retry: RetryPolicy, lease_seconds: float
+        self,
+        db: ThreadedDatabase,
+        hub: StatusHub,
+        retry: RetryPolicy,
+        lease_seconds: float,
+        *,
+        delivery_pacing: float = 0.0,
     ) -> None:
         self._db = db
         self._hub = hub
         self._retry = retry
         self.lease_seconds = lease_seconds
+        self._delivery_pacing = delivery_pacing
         self._work_available = asyncio.Event()
         self.paused = False
 
@@ -151,6 +158,9 @@ class JobQueue:
         """Lease the next due job in queue order, or None (also while paused)."""
         if self.paused:
             return None
+        # Claims and completions are a worker's frequent changes: each waits (briefly) for
+        # the watchers to take the last ones (StatusHub.delivered).
+        await self._hub.delivered(self._delivery_pacing)
 
         def transaction(conn: Connection) -> ClaimedJob | None:
             now = time.time()
@@ -227,6 +237,7 @@ class JobQueue:
 
         Raises LeaseLost when a newer claim holds the job (this worker was fenced out).
         """
+        await self._hub.delivered(self._delivery_pacing)
 
         def transaction(conn: Connection) -> None:
             now = time.time()
