@@ -37,8 +37,8 @@ class WatchConfig:
     bookmark_interval: float = 30.0
     # Events buffered per stream before a watcher that does not read is cut off.
     stream_buffer: int = 1024
-    # Longest a worker waits, before committing a claim or a completion, for the watchers to
-    # take the changes already published (0: never waits). See StatusHub.delivered.
+    # Longest a worker waits, before committing a claim or a completion, for its turn with
+    # the watch fan-out (0: never waits). See analysis_service.domain.pacing.
     delivery_pacing: float = 0.2
     max_watchers: int = 1000
     # Event log retention: events older than this, or beyond this many, are compacted away

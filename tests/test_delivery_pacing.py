@@ -1,5 +1,6 @@
-"""Delivery pacing: workers wait, briefly, for the watchers to take the published changes
-(``StatusHub.delivered``), and never for a watcher that stopped reading.
+"""Delivery pacing: the workers' commits take turns with the fan-out (``StatusHub.paced``),
+each once the watchers have taken the changes before it, never waiting for a watcher that
+stopped reading.
 
 The hub and its subscriptions are driven directly here; the whole service's behaviour
 with a stalled watcher (workers keep their pace) is in test_watch_scale, and the effect on
@@ -39,45 +40,113 @@ def hub_with(watchers: int) -> tuple[StatusHub, list[Subscription]]:
     return hub, [hub.subscribe(WatchFilter()) for _ in range(watchers)]
 
 
-async def is_waiting(pacing: asyncio.Task[None]) -> bool:
-    """Let the loop run a little, then tell whether ``pacing`` is still waiting."""
-    for _ in range(5):
-        await asyncio.sleep(0)
-    return not pacing.done()
+class Commit:
+    """A paced block held open until ``finish``: it stands for one worker's commit."""
+
+    def __init__(self, hub: StatusHub, max_wait: float = FOREVER) -> None:
+        self.entered = asyncio.Event()
+        self._release = asyncio.Event()
+        self.task = asyncio.create_task(self._run(hub, max_wait))
+
+    async def _run(self, hub: StatusHub, max_wait: float) -> None:
+        async with hub.paced(max_wait):
+            self.entered.set()
+            await self._release.wait()
+
+    async def runs(self) -> None:
+        await asyncio.wait_for(self.entered.wait(), SOON)
+
+    async def is_waiting(self) -> bool:
+        """Let the loop run a little, then tell whether the block has yet to start."""
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return not self.entered.is_set()
+
+    async def finish(self) -> None:
+        self._release.set()
+        await asyncio.wait_for(self.task, SOON)
 
 
-async def test_returns_at_once_with_no_watchers_or_everything_taken() -> None:
+async def take_all(watchers: list[Subscription]) -> None:
+    """Each watcher takes every event it holds (a zero wait ends at the first idle one)."""
+    for watcher in watchers:
+        while await watcher.next(0) is not None:
+            pass
+
+
+async def test_without_watchers_or_with_everything_taken_commits_go_at_once() -> None:
     hub, _ = hub_with(0)
     hub.publish([change()])
-    await asyncio.wait_for(hub.delivered(FOREVER), SOON)
+    first, second = Commit(hub), Commit(hub)
+    await first.runs()
+    await second.runs()  # no turns to take without watchers
+    await first.finish()
+    await second.finish()
 
     hub, watchers = hub_with(3)
     hub.publish([change()])
-    for watcher in watchers:
-        assert await watcher.next(FOREVER) is not None
-    await asyncio.wait_for(hub.delivered(FOREVER), SOON)
+    await take_all(watchers)
+    commit = Commit(hub)
+    await commit.runs()
+    await commit.finish()
 
 
-async def test_waits_until_the_last_watcher_has_taken_the_change() -> None:
+async def test_a_commit_waits_until_the_last_watcher_has_taken_the_changes() -> None:
     hub, watchers = hub_with(3)
     hub.publish([change(), change()])
-    pacing = asyncio.create_task(hub.delivered(FOREVER))
+    commit = Commit(hub)
     for watcher in watchers:
-        assert await is_waiting(pacing)
+        assert await commit.is_waiting()
         await watcher.next(FOREVER)
-    # Each holds one more: still delivering.
-    assert await is_waiting(pacing)
-    for watcher in watchers:
-        await watcher.next(FOREVER)
-    await asyncio.wait_for(pacing, SOON)
+    # Each still holds the second change.
+    assert await commit.is_waiting()
+    await take_all(watchers)
+    await commit.runs()
+    await commit.finish()
 
 
-async def test_waits_no_longer_than_its_bound() -> None:
+async def test_commits_take_turns_each_after_the_fan_out_of_the_one_before() -> None:
+    hub, watchers = hub_with(3)
+    first, second = Commit(hub), Commit(hub)
+    await first.runs()
+    assert await second.is_waiting()
+    # The first publishes a change: the second waits for the watchers to take it.
+    hub.publish([change()])
+    await first.finish()
+    assert await second.is_waiting()
+    await take_all(watchers)
+    await second.runs()
+    # A commit that publishes nothing (a claim with no job due) passes the turn at once.
+    third = Commit(hub)
+    assert await third.is_waiting()
+    await second.finish()
+    await third.runs()
+    await third.finish()
+
+
+async def test_a_commit_cancelled_while_waiting_leaves_the_turn_free() -> None:
+    hub, _watchers = hub_with(2)
+    first, cancelled = Commit(hub), Commit(hub)
+    await first.runs()
+    assert await cancelled.is_waiting()
+    cancelled.task.cancel()
+    later = Commit(hub)
+    await first.finish()
+    await later.runs()
+    await later.finish()
+    assert cancelled.task.cancelled()
+
+
+async def test_a_commit_waits_no_longer_than_its_bound() -> None:
     hub, _ = hub_with(1)
     hub.publish([change()])
-    await asyncio.wait_for(hub.delivered(0.05), SOON)
+    bounded = Commit(hub, max_wait=0.05)
+    await bounded.runs()
     # Zero turns pacing off.
-    await asyncio.wait_for(hub.delivered(0), SOON)
+    unpaced = Commit(hub, max_wait=0)
+    await unpaced.runs()
+    await bounded.finish()
+    await unpaced.finish()
 
 
 async def test_a_watcher_that_stopped_reading_is_not_waited_for() -> None:
@@ -86,39 +155,41 @@ async def test_a_watcher_that_stopped_reading_is_not_waited_for() -> None:
         hub.publish([change()])
         await reader.next(FOREVER)
     # Within PACED_BACKLOG events it may just be slow to take them.
-    pacing = asyncio.create_task(hub.delivered(FOREVER))
-    assert await is_waiting(pacing)
+    commit = Commit(hub)
+    assert await commit.is_waiting()
     # Beyond it, it is not reading: the workers go on.
     hub.publish([change()])
     await reader.next(FOREVER)
-    await asyncio.wait_for(pacing, SOON)
-    await asyncio.wait_for(hub.delivered(FOREVER), SOON)
+    await commit.runs()
+    await commit.finish()
 
 
 async def test_ended_and_closed_watchers_are_not_waited_for() -> None:
     hub, (cut_off, gone) = hub_with(2)
     hub.publish([change()])
-    pacing = asyncio.create_task(hub.delivered(FOREVER))
-    assert await is_waiting(pacing)
+    commit = Commit(hub)
+    assert await commit.is_waiting()
     cut_off.end(WatcherTooSlow("too slow"))
-    assert await is_waiting(pacing)
+    assert await commit.is_waiting()
     gone.close()
-    await asyncio.wait_for(pacing, SOON)
+    await commit.runs()
+    await commit.finish()
 
 
 async def test_one_in_a_hundred_stragglers_does_not_hold_the_workers() -> None:
     hub, watchers = hub_with(300)
     hub.publish([change()])
     # Three of 300 never take it: within 1 %.
-    for watcher in watchers[3:]:
-        await watcher.next(FOREVER)
-    await asyncio.wait_for(hub.delivered(FOREVER), SOON)
+    await take_all(watchers[3:])
+    commit = Commit(hub)
+    await commit.runs()
+    await commit.finish()
 
     hub.publish([change()])
-    for watcher in watchers[3:-1]:
-        await watcher.next(FOREVER)
+    await take_all(watchers[3:-1])
     # Four of 300 behind: more than 1 %.
-    pacing = asyncio.create_task(hub.delivered(FOREVER))
-    assert await is_waiting(pacing)
-    await watchers[-1].next(FOREVER)
-    await asyncio.wait_for(pacing, SOON)
+    commit = Commit(hub)
+    assert await commit.is_waiting()
+    await take_all(watchers[-1:])
+    await commit.runs()
+    await commit.finish()

@@ -154,7 +154,8 @@ async def test_idle_bookmarks_carry_the_current_revision_and_only_follow_silence
 
     def bookmarks_from(index: int) -> Callable[[], Awaitable[bool]]:
         async def seen() -> bool:
-            return sum(r.WhichOneof("event") == "bookmark" for _, r in arrivals[index:]) >= 2
+            bookmarks = [r for _, r in arrivals[index:] if r.WhichOneof("event") == "bookmark"]
+            return len(bookmarks) >= 2
 
         return seen
 
@@ -179,9 +180,9 @@ async def test_idle_bookmarks_carry_the_current_revision_and_only_follow_silence
     assert arrivals[-1][1].revision == after
     # A bookmark comes only after an interval with nothing sent (a little slack for the
     # trip to this client), never between events that come faster.
-    for (previous, _), (at, response) in itertools.pairwise(arrivals):
-        if response.WhichOneof("event") == "bookmark":
-            assert at - previous > interval * 0.8, (at - previous, response)
+    for (previous, _), (at, message) in itertools.pairwise(arrivals):
+        if message.WhichOneof("event") == "bookmark":
+            assert at - previous > interval * 0.8, (at - previous, message)
 
 
 async def test_until_terminal_ends_at_once_for_items_already_terminal(

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from analysis_service.domain.models import StatusEvent
+from analysis_service.domain.pacing import DeliveryPacer
 from analysis_service.errors import ShuttingDown, TooManyWatchers, WatcherTooSlow
 
 logger = logging.getLogger(__name__)
 
-# A watcher holding more untaken events than this is not waited for by ``delivered``: it
+# A watcher holding more untaken events than this is not waited for by ``paced``: it
 # is not reading (and will be cut off), or too far behind for a pause to help it.
 PACED_BACKLOG = 8
-# The share of watchers ``delivered`` does not wait for, so a few stragglers cannot pace
+# The share of watchers ``paced`` does not wait for, so a few stragglers cannot pace
 # the workers.
 PACING_STRAGGLERS = 0.01
 
@@ -61,7 +63,7 @@ class Subscription:
         self._taken = 0
         self._handed_on = 0
         self._burst_end = 0
-        # Whether the hub counts this watcher as still taking a delivery (see ``delivered``).
+        # Whether the hub counts this watcher as still taking a delivery (see ``paced``).
         self._delivering = False
 
     def offer(self, events: Sequence[StatusEvent]) -> None:
@@ -169,8 +171,7 @@ class Subscription:
 class StatusHub:
     """Publishes committed events, in commit order, to every matching subscription.
 
-    It also tells the workers when the watchers have taken what was published
-    (``delivered``), so that they can pace their commits to the fan-out.
+    It also paces the workers' commits to the fan-out (``paced``).
     """
 
     def __init__(self, *, buffer_size: int, max_watchers: int, current_revision: int = 0) -> None:
@@ -180,10 +181,9 @@ class StatusHub:
         self._closed = False
         self.current_revision = current_revision
         self.events_published = 0
-        # Watchers holding 1 to PACED_BACKLOG untaken events, and the ``delivered`` calls
-        # waiting for that count to fall.
+        # Watchers holding 1 to PACED_BACKLOG untaken events.
         self._delivering = 0
-        self._pacers: list[asyncio.Future[None]] = []
+        self._pacer = DeliveryPacer(self._is_delivered)
 
     @property
     def watcher_count(self) -> int:
@@ -198,41 +198,24 @@ class StatusHub:
         for subscription in list(self._subscriptions):
             subscription.offer(events)
 
-    async def delivered(self, max_wait: float) -> None:
-        """Return once the watchers have taken the events published so far, or after
-        ``max_wait`` seconds.
-
-        Why workers wait: sending one change to a thousand streams keeps the event loop
-        busy for tens of milliseconds, and changes committed meanwhile queue behind it. A
-        worker's completion and its next claim come milliseconds apart, and workers that
-        wait on one busy loop fall into step, so unpaced changes come in bursts and each
-        waits out the ones before it. Paced, each change finds the loop free and the
-        workers lose no throughput (the analysis runs on while they wait).
+    def paced(self, max_wait: float) -> contextlib.AbstractAsyncContextManager[None]:
+        """A block for a commit that publishes, run in turn with the fan-out (see
+        :mod:`analysis_service.domain.pacing`): once the watchers have taken the changes
+        published before, and no other paced commit is running; after ``max_wait`` seconds
+        of waiting, out of turn. With no watchers, or ``max_wait`` 0, at once.
 
         Not waited for: watchers holding more than ``PACED_BACKLOG`` untaken events (one
         that stopped reading must not slow the workers), and ``PACING_STRAGGLERS`` of all.
         """
-        if max_wait <= 0 or self._is_delivered():
-            return
-        pacer = asyncio.get_running_loop().create_future()
-        self._pacers.append(pacer)
-        try:
-            async with asyncio.timeout(max_wait):
-                await pacer
-        except TimeoutError:
-            pass
-        finally:
-            if pacer in self._pacers:
-                self._pacers.remove(pacer)
+        if max_wait <= 0 or not self._subscriptions:
+            return contextlib.nullcontext()
+        return self._pacer.turn(max_wait)
 
     def delivery_changed(self, delivering: bool) -> None:
         """A subscription started or finished taking a delivery."""
         self._delivering += 1 if delivering else -1
-        if self._pacers and self._is_delivered():
-            for pacer in self._pacers:
-                if not pacer.done():
-                    pacer.set_result(None)
-            self._pacers.clear()
+        if not delivering:
+            self._pacer.pass_turn()
 
     def _is_delivered(self) -> bool:
         return self._delivering <= int(len(self._subscriptions) * PACING_STRAGGLERS)
@@ -251,6 +234,7 @@ class StatusHub:
 
     def unsubscribe(self, subscription: Subscription) -> None:
         self._subscriptions.discard(subscription)
+        self._pacer.pass_turn()
 
     def close(self) -> None:
         """End every stream with UNAVAILABLE; watchers resume from their last revision."""

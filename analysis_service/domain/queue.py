@@ -158,9 +158,6 @@ class JobQueue:
         """Lease the next due job in queue order, or None (also while paused)."""
         if self.paused:
             return None
-        # Claims and completions are a worker's frequent changes: each waits (briefly) for
-        # the watchers to take the last ones (StatusHub.delivered).
-        await self._hub.delivered(self._delivery_pacing)
 
         def transaction(conn: Connection) -> ClaimedJob | None:
             now = time.time()
@@ -189,17 +186,20 @@ class JobQueue:
                 revision=event.revision,
             )
 
-        claiming = asyncio.ensure_future(write(self._db, transaction))
-        try:
-            return await asyncio.shield(claiming)
-        except asyncio.CancelledError:
-            # The transaction runs on in its thread and may commit: a job leased to a worker
-            # that is gone would wait out its lease and lose an attempt. Give it back (if
-            # that fails too, the lease expiry is what is left).
-            with contextlib.suppress(Exception):
-                if (claimed := await claiming) is not None:
-                    await self.release(claimed)
-            raise
+        # Claims and completions are the workers' frequent changes: they take turns with
+        # the fan-out (StatusHub.paced).
+        async with self._hub.paced(self._delivery_pacing):
+            claiming = asyncio.ensure_future(write(self._db, transaction))
+            try:
+                return await asyncio.shield(claiming)
+            except asyncio.CancelledError:
+                # The transaction runs on in its thread and may commit: a job leased to a
+                # worker that is gone would wait out its lease and lose an attempt. Give it
+                # back (if that fails too, the lease expiry is what is left).
+                with contextlib.suppress(Exception):
+                    if (claimed := await claiming) is not None:
+                        await self.release(claimed)
+                raise
 
     async def wait_for_work(self, max_wait: float) -> None:
         """Sleep until a job may be due (submit, retry, resume, next backoff) or max_wait."""
@@ -237,7 +237,6 @@ class JobQueue:
 
         Raises LeaseLost when a newer claim holds the job (this worker was fenced out).
         """
-        await self._hub.delivered(self._delivery_pacing)
 
         def transaction(conn: Connection) -> None:
             now = time.time()
@@ -278,7 +277,8 @@ class JobQueue:
                 conn, job.spec.media_id, job.attempt, ended_at=now, outcome="COMPLETED", error=None
             )
 
-        await write(self._db, transaction)
+        async with self._hub.paced(self._delivery_pacing):
+            await write(self._db, transaction)
 
     async def fail_attempt(self, job: ClaimedJob, error: JobError) -> StatusEvent:
         """A failed attempt: retried with backoff if transient and attempts remain, else FAILED."""
