@@ -171,9 +171,9 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             include_embedding=request.include_embedding,
         )
         async with self._watcher.watch(watch) as stream:
-            # Headers at once, so a client knows the stream is open before the first event
-            # (which may be a bookmark interval away); only once it is, so a refusal comes
-            # as the call's status instead.
+            # Headers as soon as the stream is registered (a refusal is the call's status
+            # instead), so a client knows it is open before the first event, which may be a
+            # bookmark interval away.
             await context.send_initial_metadata(())
             # A cancelled call (client gone) propagates CancelledError untouched: swallowing
             # it leaks the call (grpc/grpc#43360).
