@@ -245,8 +245,9 @@ WATCH_BUFFER: Setting[int] = Setting(
 )  # fmt: skip
 DELIVERY_PACING: Setting[float] = Setting(
     "--delivery-pacing", non_negative_float, _WATCH.delivery_pacing,
-    "longest a worker waits for the watchers to take the last status changes before it "
-    "commits its next claim or completion; 0 never waits", "SECONDS", ONLY_ANALYSIS,
+    "longest a claim or completion waits for its turn with the WatchStatus fan-out (each "
+    "commits once the watchers have taken the changes before it); 0 never waits", "SECONDS",
+    ONLY_ANALYSIS,
 )  # fmt: skip
 EVENT_RETENTION: Setting[float] = Setting(
     "--event-retention", positive_float, _WATCH.retention_seconds,
