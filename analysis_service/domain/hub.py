@@ -103,9 +103,7 @@ class Subscription:
         """
         if self._ended is None:
             self._ended = reason
-            self._events.clear()
-            self._track_delivery()
-            self._hub.unsubscribe(self)
+            self._leave_hub()
             self._wake()
 
     async def next(self, max_wait: float) -> StatusEvent | None:
@@ -141,6 +139,10 @@ class Subscription:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        self._leave_hub()
+
+    def _leave_hub(self) -> None:
+        """Drop what is held and leave: no slot, no events offered, not waited for by pacing."""
         self._events.clear()
         self._track_delivery()
         self._hub.unsubscribe(self)
