@@ -20,7 +20,8 @@ from analysis_service.api import convert
 from analysis_service.domain.limits import RateLimits
 from analysis_service.domain.models import Bookmark, JobStatus
 from analysis_service.domain.queue import JobQueue
-from analysis_service.domain.stats import Throughput, queue_status
+from analysis_service.domain.queue_status import queue_status
+from analysis_service.domain.stats import Throughput
 from analysis_service.domain.watch import StatusWatcher, WatchRequest
 from analysis_service.domain.workers import WorkerPool
 from analysis_service.errors import InvalidArgument, JobNotFound
