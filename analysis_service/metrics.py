@@ -1,33 +1,29 @@
 """Every Prometheus metric of the analysis service, in the service's own registry.
 
-Instruments (histograms, counters) are updated where things happen: the workers (attempts,
-analyser calls), the rate limits (waits), the servicer (watch messages). Values the service
-already keeps (watchers, events published, cache hits, quota errors, busy workers) are read
-at scrape time by :class:`_LiveValues`; the queue depth comes from the database, refreshed
-on the event loop by :meth:`AnalysisMetrics.record_queue_depth`.
+:class:`AnalysisMetrics` is the domain's :class:`AnalysisObserver`: the workers report
+attempts, analyser calls and rate-limit waits to it, and the servicer counts watch messages.
+Values the service keeps anyway (watchers, events published, cache hits, quota errors, busy
+workers) are read at scrape time through the plain callables of :class:`Readings`, wired by
+the server; the queue depth comes from the database, refreshed on the event loop by
+:meth:`AnalysisMetrics.record_queue_depth`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from analysis_service.domain.models import JobStatus
+from analysis_service.domain.models import AttemptOutcome, JobStatus
+from analysis_service.domain.observer import CallOutcome
 from mediatag_common.metrics import GrpcServerMetrics, new_registry
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
-
-    from analysis_service.domain.cache import ResultCache
-    from analysis_service.domain.hub import StatusHub
-    from analysis_service.domain.limits import RateLimits
-    from analysis_service.domain.queue import JobQueue
-    from analysis_service.domain.workers import WorkerPool
 
 # Seconds. A cached result takes milliseconds, the local analyser tens to hundreds of them,
 # an upstream AI API seconds.
@@ -36,22 +32,13 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 7, 10)
 
-# Outcomes of one attempt (label ``outcome`` of the attempt duration).
-COMPLETED = "completed"
-FAILED = "failed"
-RETRY_SCHEDULED = "retry_scheduled"
-QUOTA_DEFERRED = "quota_deferred"
-CONTENT_DEFERRED = "content_deferred"
-LEASE_LOST = "lease_lost"
-NOT_RECORDED = "not_recorded"
-RELEASED = "released"
+# Attempts that leave the job terminal also record how many attempts it took.
+_TERMINAL_OUTCOMES = (AttemptOutcome.COMPLETED, AttemptOutcome.FAILED)
 
-# Classes of analyser errors (label ``class``); ``ok`` is the outcome of a call without one.
-TRANSIENT = "transient"
-PERMANENT = "permanent"
-QUOTA = "quota"
-INTERNAL = "internal"
-OK = "ok"
+
+def _label(outcome: AttemptOutcome | CallOutcome) -> str:
+    """An outcome as a label value: its name in lower case (``quota_deferred``, ``ok``)."""
+    return outcome.name.lower()
 
 
 @dataclass(frozen=True)
@@ -62,8 +49,30 @@ class QueueSample:
     oldest_pending_submission: float | None
 
 
+@dataclass(frozen=True)
+class Readings:
+    """Where a scrape reads the numbers the service keeps itself.
+
+    Called on the scrape thread: each must only read attributes (or take a ``len``), never
+    touch asyncio or the database.
+    """
+
+    queue_paused: Callable[[], bool]
+    workers: Callable[[], int]
+    workers_busy: Callable[[], int]
+    watchers: Callable[[], int]
+    events_published: Callable[[], int]
+    current_revision: Callable[[], int]
+    cache_hits: Callable[[], int]
+    cache_misses: Callable[[], int]
+    quota_errors: Callable[[], Mapping[str, int]]
+
+
 class AnalysisMetrics:
-    """The analysis service's metrics; ``registry`` is what its ``/metrics`` serves."""
+    """The analysis service's metrics; ``registry`` is what its ``/metrics`` serves.
+
+    An :class:`~analysis_service.domain.observer.AnalysisObserver`.
+    """
 
     def __init__(self) -> None:
         self.registry = new_registry()
@@ -119,19 +128,24 @@ class AnalysisMetrics:
         # Replaced whole by the event loop, read by the scrape thread.
         self.queue_sample: QueueSample | None = None
 
-    # -- updated by the service --------------------------------------------------------
+    # -- reported by the domain ---------------------------------------------------------
 
-    def attempt_finished(self, outcome: str, seconds: float, attempt: int) -> None:
-        """One attempt ended with ``outcome``; a terminal one also records its attempt count."""
-        self.attempt_duration.labels(outcome).observe(seconds)
-        if outcome in (COMPLETED, FAILED):
-            self.job_attempts.labels(outcome).observe(attempt)
+    def attempt_ended(self, outcome: AttemptOutcome, seconds: float, attempt: int) -> None:
+        label = _label(outcome)
+        self.attempt_duration.labels(label).observe(seconds)
+        if outcome in _TERMINAL_OUTCOMES:
+            self.job_attempts.labels(label).observe(attempt)
 
-    def analyzer_call(self, outcome: str, seconds: float, api: str) -> None:
-        """One analyser call ended: ``ok`` or the class of its error, on ``api``."""
-        self.analyzer_call_duration.labels(outcome).observe(seconds)
-        if outcome != OK:
-            self.analyzer_errors.labels(api, outcome).inc()
+    def analyzer_call_ended(self, outcome: CallOutcome, seconds: float, api: str) -> None:
+        label = _label(outcome)
+        self.analyzer_call_duration.labels(label).observe(seconds)
+        if outcome is not CallOutcome.OK:
+            self.analyzer_errors.labels(api, label).inc()
+
+    def waited_for_limit(self, api: str, seconds: float) -> None:
+        self.rate_limit_wait.labels(api).observe(seconds)
+
+    # -- read from the service ---------------------------------------------------------
 
     def record_queue_depth(
         self, counts: Mapping[JobStatus, int], oldest_pending_submission: float | None
@@ -139,40 +153,20 @@ class AnalysisMetrics:
         """The queue as just read from the database (called on the event loop)."""
         self.queue_sample = QueueSample(dict(counts), oldest_pending_submission)
 
-    def expose(
-        self,
-        *,
-        queue: JobQueue,
-        pool: WorkerPool,
-        hub: StatusHub,
-        cache: ResultCache,
-        limits: RateLimits,
-    ) -> None:
-        """Serve the values these objects keep themselves, read at scrape time."""
-        self.registry.register(_LiveValues(self, queue, pool, hub, cache, limits))
+    def expose(self, readings: Readings) -> None:
+        """Serve the values the service keeps itself, read at scrape time."""
+        self.registry.register(_LiveValues(self, readings))
 
 
 class _LiveValues:
     """Reads, on the scrape thread, numbers the event loop keeps current.
 
-    Only attribute reads and ``len``: nothing here touches asyncio or the database.
+    Only the readings and the last queue sample: nothing here touches asyncio or the database.
     """
 
-    def __init__(
-        self,
-        metrics: AnalysisMetrics,
-        queue: JobQueue,
-        pool: WorkerPool,
-        hub: StatusHub,
-        cache: ResultCache,
-        limits: RateLimits,
-    ) -> None:
+    def __init__(self, metrics: AnalysisMetrics, readings: Readings) -> None:
         self._metrics = metrics
-        self._queue = queue
-        self._pool = pool
-        self._hub = hub
-        self._cache = cache
-        self._limits = limits
+        self._readings = readings
 
     def collect(self) -> Iterable[Metric]:
         sample = self._metrics.queue_sample
@@ -191,41 +185,42 @@ class _LiveValues:
                 "Age of the oldest PENDING job (0 when none waits).",
                 value=max(0.0, time.time() - oldest) if oldest is not None else 0.0,
             )
+        read = self._readings
         yield GaugeMetricFamily(
-            "mediatag_queue_paused", "1 while the queue is paused.", value=int(self._queue.paused)
+            "mediatag_queue_paused", "1 while the queue is paused.", value=int(read.queue_paused())
         )
-        yield GaugeMetricFamily("mediatag_workers", "Analysis workers.", value=self._pool.size)
+        yield GaugeMetricFamily("mediatag_workers", "Analysis workers.", value=read.workers())
         yield GaugeMetricFamily(
-            "mediatag_workers_busy", "Workers processing a job now.", value=self._pool.busy
+            "mediatag_workers_busy", "Workers processing a job now.", value=read.workers_busy()
         )
         yield GaugeMetricFamily(
-            "mediatag_watchers", "Open WatchStatus streams.", value=self._hub.watcher_count
+            "mediatag_watchers", "Open WatchStatus streams.", value=read.watchers()
         )
         yield CounterMetricFamily(
             "mediatag_status_events_published",
             "Status events published to watchers since the service started.",
-            value=self._hub.events_published,
+            value=read.events_published(),
         )
         yield GaugeMetricFamily(
             "mediatag_status_revision",
             "Revision of the latest status event.",
-            value=self._hub.current_revision,
+            value=read.current_revision(),
         )
         yield CounterMetricFamily(
             "mediatag_cache_hits",
             "Jobs completed from a cached result, without an analyser call.",
-            value=self._cache.hits,
+            value=read.cache_hits(),
         )
         yield CounterMetricFamily(
             "mediatag_cache_misses",
             "Jobs that found no cached result and had their content analysed.",
-            value=self._cache.misses,
+            value=read.cache_misses(),
         )
         quota = CounterMetricFamily(
             "mediatag_quota_errors",
             "Quota refusals (RESOURCE_EXHAUSTED / 429) by upstream API.",
             labels=["api"],
         )
-        for api, errors in self._limits.quota_error_counts().items():
+        for api, errors in read.quota_errors().items():
             quota.add_metric([api], errors)
         yield quota

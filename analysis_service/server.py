@@ -19,7 +19,7 @@ from analysis_service.domain.queue import JobQueue
 from analysis_service.domain.stats import Throughput
 from analysis_service.domain.watch import StatusWatcher
 from analysis_service.domain.workers import WorkerPool
-from analysis_service.metrics import AnalysisMetrics
+from analysis_service.metrics import AnalysisMetrics, Readings
 from analysis_service.storage.schema import MIGRATIONS
 from mediatag_common.auth import load_tokens
 from mediatag_common.grpc_server import ServiceHost, bind, new_server, warn_if_exposed
@@ -43,7 +43,7 @@ async def create_server(
     analyzer = analyzer or build_analyzer(config)
     metrics = AnalysisMetrics()
     metrics.analyzer_info.labels(analyzer.name, analyzer.version).set(1)
-    limits = RateLimits(analyzer.api_limits, config.rate_limits, metrics=metrics)
+    limits = RateLimits(analyzer.api_limits, config.rate_limits)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     db = ThreadedDatabase(config.resolved_database_url, synchronous=config.sqlite_synchronous)
     await db.migrate(MIGRATIONS)
@@ -75,11 +75,23 @@ async def create_server(
         size=config.workers,
         analyzer_timeout=config.analyzer_timeout,
         throughput=throughput,
-        metrics=metrics,
+        observer=metrics,
     )
     watcher = StatusWatcher(db, hub, bookmark_interval=config.watch.bookmark_interval)
     maintenance = Maintenance(queue, config.watch)
-    metrics.expose(queue=queue, pool=pool, hub=hub, cache=cache, limits=limits)
+    metrics.expose(
+        Readings(
+            queue_paused=lambda: queue.paused,
+            workers=lambda: pool.size,
+            workers_busy=lambda: pool.busy,
+            watchers=lambda: hub.watcher_count,
+            events_published=lambda: hub.events_published,
+            current_revision=lambda: hub.current_revision,
+            cache_hits=lambda: cache.hits,
+            cache_misses=lambda: cache.misses,
+            quota_errors=limits.quota_error_counts,
+        )
+    )
 
     async def refresh_queue_depth() -> None:
         metrics.record_queue_depth(*await queue.depth())

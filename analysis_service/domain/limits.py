@@ -12,16 +12,12 @@ import collections
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 from aiolimiter import AsyncLimiter
 
 from analysis_service.analyzers.base import ApiLimit
 from analysis_service.config import RateLimitConfig
 from analysis_service.domain.models import RateLimitState
-
-if TYPE_CHECKING:
-    from analysis_service.metrics import AnalysisMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +61,6 @@ class RateLimits:
         self,
         defaults: Sequence[ApiLimit],
         overrides: Mapping[str, RateLimitConfig],
-        *,
-        metrics: AnalysisMetrics,
     ) -> None:
         configs = {d.api: RateLimitConfig(d.rate_per_second, d.burst) for d in defaults}
         unknown = set(overrides) - set(configs)
@@ -80,7 +74,6 @@ class RateLimits:
             if config.rate_per_second <= 0 or config.burst < 1:
                 raise ValueError(f"rate limit of {api} must be > 0 with burst >= 1")
         self._limiters = {api: _ApiLimiter(api, config) for api, config in configs.items()}
-        self._metrics = metrics
 
     def _limiter(self, api: str) -> _ApiLimiter:
         try:
@@ -89,10 +82,7 @@ class RateLimits:
             raise ValueError(f"no rate limit configured for API {api!r}") from None
 
     async def acquire(self, api: str) -> None:
-        limiter = self._limiter(api)
-        started = time.monotonic()
-        await limiter.acquire()
-        self._metrics.rate_limit_wait.labels(api).observe(time.monotonic() - started)
+        await self._limiter(api).acquire()
 
     def succeeded(self, apis: Sequence[str]) -> None:
         """Calls went through: quota backoff starts again from its initial value."""

@@ -59,6 +59,30 @@ class JobResult:
     reused: bool
 
 
+class AttemptOutcome(enum.Enum):
+    """How one attempt at a job ended.
+
+    The value is what the attempt history keeps (``Attempt.outcome``, documented in the
+    proto); metrics label an outcome by its name in lower case. The last two are a worker's
+    view only and are never kept: the job's row belongs to another claim, or to nobody.
+    """
+
+    COMPLETED = "COMPLETED"
+    RETRY_SCHEDULED = "RETRY_SCHEDULED"
+    FAILED = "FAILED"
+    # Put off, not counted as an attempt: a quota refusal, or ingest unreachable for the bytes.
+    QUOTA_DEFERRED = "QUOTA_EXCEEDED"
+    CONTENT_DEFERRED = "CONTENT_UNAVAILABLE"
+    # Given back on shutdown; not counted.
+    RELEASED = "RELEASED"
+    # The reaper's: the worker holding the lease stopped renewing it.
+    LEASE_EXPIRED = "LEASE_EXPIRED"
+    # The worker found its lease taken over; its outcome was dropped.
+    LEASE_LOST = "LEASE_LOST"
+    # The worker could not write its outcome (database away); the lease will expire.
+    NOT_RECORDED = "NOT_RECORDED"
+
+
 @dataclass(frozen=True)
 class Attempt:
     """One try at a job, kept for the dead-letter view."""
@@ -66,6 +90,7 @@ class Attempt:
     number: int
     started_at: float
     ended_at: float | None
+    # An AttemptOutcome's value, or RUNNING while the attempt is under way.
     outcome: str
     error: JobError | None
 

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection
 from analysis_service.config import RetryPolicy
 from analysis_service.domain.hub import StatusHub
 from analysis_service.domain.models import (
+    AttemptOutcome,
     ClaimedJob,
     Job,
     JobError,
@@ -274,7 +275,12 @@ class JobQueue:
                 # Raising rolls the event back too: a fenced-out worker changes nothing.
                 raise LeaseLost(f"lease on media {job.spec.media_id} was lost")
             job_store.finish_attempt(
-                conn, job.spec.media_id, job.attempt, ended_at=now, outcome="COMPLETED", error=None
+                conn,
+                job.spec.media_id,
+                job.attempt,
+                ended_at=now,
+                outcome=AttemptOutcome.COMPLETED.value,
+                error=None,
             )
 
         async with self._hub.paced(self._delivery_pacing):
@@ -287,22 +293,25 @@ class JobQueue:
             job,
             status=JobStatus.PENDING if retry else JobStatus.FAILED,
             error=error,
-            outcome="RETRY_SCHEDULED" if retry else "FAILED",
+            outcome=AttemptOutcome.RETRY_SCHEDULED if retry else AttemptOutcome.FAILED,
             delay=self.backoff(job.attempt) if retry else None,
             attempt=job.attempt,
         )
 
-    async def defer(self, job: ClaimedJob, error: JobError, delay: float) -> StatusEvent:
+    async def defer(
+        self, job: ClaimedJob, outcome: AttemptOutcome, error: JobError, delay: float
+    ) -> StatusEvent:
         """Not the job's fault (quota, ingest unreachable): PENDING again after ``delay``.
 
-        The attempt does not count; past ``max_quota_deferrals`` such refusals the job FAILS.
+        ``outcome`` says which deferral it is. The attempt does not count; past
+        ``max_quota_deferrals`` such refusals the job FAILS.
         """
         if job.quota_deferrals >= self._retry.max_quota_deferrals:
             return await self._end_attempt(
                 job,
                 status=JobStatus.FAILED,
                 error=error,
-                outcome="FAILED",
+                outcome=AttemptOutcome.FAILED,
                 delay=None,
                 attempt=job.attempt,
             )
@@ -310,7 +319,7 @@ class JobQueue:
             job,
             status=JobStatus.PENDING,
             error=error,
-            outcome=error.reason,
+            outcome=outcome,
             delay=delay,
             attempt=job.attempt - 1,
             extra={"quota_deferrals": job.quota_deferrals + 1},
@@ -323,7 +332,7 @@ class JobQueue:
             job,
             status=JobStatus.PENDING,
             error=None,
-            outcome="RELEASED",
+            outcome=AttemptOutcome.RELEASED,
             delay=0.0,
             attempt=job.attempt - 1,
             attempt_error=error,
@@ -335,7 +344,7 @@ class JobQueue:
         *,
         status: JobStatus,
         error: JobError | None,
-        outcome: str,
+        outcome: AttemptOutcome,
         delay: float | None,
         attempt: int,
         extra: dict[str, Any] | None = None,
@@ -380,7 +389,7 @@ class JobQueue:
                 job.spec.media_id,
                 job.attempt,
                 ended_at=now,
-                outcome=outcome,
+                outcome=outcome.value,
                 error=attempt_error or error,
             )
             return event
@@ -436,7 +445,7 @@ class JobQueue:
                     row.media_id,
                     row.attempt,
                     ended_at=now,
-                    outcome="LEASE_EXPIRED",
+                    outcome=AttemptOutcome.LEASE_EXPIRED.value,
                     error=LEASE_EXPIRED,
                 )
             return events

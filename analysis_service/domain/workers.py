@@ -18,7 +18,14 @@ from analysis_service.analyzers.base import AnalysisInput, Analyzer
 from analysis_service.domain.cache import ResultCache
 from analysis_service.domain.content import ContentFetcher
 from analysis_service.domain.limits import RateLimits
-from analysis_service.domain.models import ClaimedJob, JobError, JobResult, JobStatus
+from analysis_service.domain.models import (
+    AttemptOutcome,
+    ClaimedJob,
+    JobError,
+    JobResult,
+    JobStatus,
+)
+from analysis_service.domain.observer import AnalysisObserver, CallOutcome
 from analysis_service.domain.queue import JobQueue
 from analysis_service.domain.stats import Throughput
 from analysis_service.errors import (
@@ -28,22 +35,6 @@ from analysis_service.errors import (
     LeaseLost,
     QuotaExceeded,
     StorageUnavailable,
-)
-from analysis_service.metrics import (
-    COMPLETED,
-    CONTENT_DEFERRED,
-    FAILED,
-    INTERNAL,
-    LEASE_LOST,
-    NOT_RECORDED,
-    OK,
-    PERMANENT,
-    QUOTA,
-    QUOTA_DEFERRED,
-    RELEASED,
-    RETRY_SCHEDULED,
-    TRANSIENT,
-    AnalysisMetrics,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,16 +46,19 @@ STORAGE_RETRY = 1.0
 class _MeteredCall:
     """The rate limiter one analyser call sees.
 
-    It notes the time the call spent waiting for limiters and leaves it out of the call's
-    latency and of its ``deadline`` (the analyser timeout bounds the analyser, not the
-    queue for a rate limit a quota refusal may have paused for a minute), and the last API
-    it asked for: by the Analyzer contract a slot is acquired before each upstream call,
-    so an error belongs to that API.
+    It notes the time the call spent waiting for limiters (and reports each wait) and
+    leaves it out of the call's latency and of its ``deadline`` (the analyser timeout
+    bounds the analyser, not the queue for a rate limit a quota refusal may have paused for
+    a minute), and the last API it asked for: by the Analyzer contract a slot is acquired
+    before each upstream call, so an error belongs to that API.
     """
 
-    def __init__(self, limits: RateLimits, deadline: asyncio.Timeout) -> None:
+    def __init__(
+        self, limits: RateLimits, deadline: asyncio.Timeout, observer: AnalysisObserver
+    ) -> None:
         self._limits = limits
         self._deadline = deadline
+        self._observer = observer
         self.waited = 0.0
         self.last_api = "none"
 
@@ -80,6 +74,7 @@ class _MeteredCall:
             self.waited += waited
             if when is not None:
                 self._deadline.reschedule(when + waited)
+        self._observer.waited_for_limit(api, waited)
         self.last_api = api
 
 
@@ -97,7 +92,7 @@ class WorkerPool:
         size: int,
         analyzer_timeout: float,
         throughput: Throughput,
-        metrics: AnalysisMetrics,
+        observer: AnalysisObserver,
     ) -> None:
         if size < 1:
             raise ValueError("the worker pool needs at least one worker")
@@ -109,7 +104,7 @@ class WorkerPool:
         self.size = size
         self._analyzer_timeout = analyzer_timeout
         self._throughput = throughput
-        self._metrics = metrics
+        self._observer = observer
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self.busy = 0
@@ -162,7 +157,7 @@ class WorkerPool:
         )
         started = time.monotonic()
         heartbeat = asyncio.create_task(self._heartbeat(job))
-        outcome = RELEASED
+        outcome = AttemptOutcome.RELEASED
         try:
             outcome = await self._record(job, self._analyze_and_complete(job, started))
         except asyncio.CancelledError:
@@ -171,7 +166,7 @@ class WorkerPool:
             raise
         finally:
             heartbeat.cancel()
-            self._metrics.attempt_finished(outcome, time.monotonic() - started, job.attempt)
+            self._observer.attempt_ended(outcome, time.monotonic() - started, job.attempt)
 
     async def _analyze_and_complete(self, job: ClaimedJob, started: float) -> None:
         spec = job.spec
@@ -207,7 +202,7 @@ class WorkerPool:
             spec.category or "no category",
             extra={"media_id": spec.media_id},
         )
-        call = _MeteredCall(self._limits, deadline)
+        call = _MeteredCall(self._limits, deadline, self._observer)
         started = time.monotonic()
         try:
             output = await self._analyzer.analyze(
@@ -224,14 +219,18 @@ class WorkerPool:
         except Exception as exc:
             api = call.last_api
             if isinstance(exc, QuotaExceeded):
-                error_class, api = QUOTA, exc.api
+                outcome, api = CallOutcome.QUOTA, exc.api
             elif isinstance(exc, AnalyzerFailure):
-                error_class = TRANSIENT if exc.transient else PERMANENT
+                outcome = CallOutcome.TRANSIENT if exc.transient else CallOutcome.PERMANENT
             else:
-                error_class = INTERNAL
-            self._metrics.analyzer_call(error_class, time.monotonic() - started - call.waited, api)
+                outcome = CallOutcome.INTERNAL
+            self._observer.analyzer_call_ended(
+                outcome, time.monotonic() - started - call.waited, api
+            )
             raise
-        self._metrics.analyzer_call(OK, time.monotonic() - started - call.waited, call.last_api)
+        self._observer.analyzer_call_ended(
+            CallOutcome.OK, time.monotonic() - started - call.waited, call.last_api
+        )
         self._limits.succeeded([limit.api for limit in self._analyzer.api_limits])
         return JobResult(
             tags=output.tags,
@@ -242,19 +241,19 @@ class WorkerPool:
             reused=False,
         )
 
-    async def _record(self, job: ClaimedJob, work: Awaitable[None]) -> str:
+    async def _record(self, job: ClaimedJob, work: Awaitable[None]) -> AttemptOutcome:
         """Run ``work`` and turn its failure into the job's next status; the attempt's outcome."""
         spec = job.spec
         try:
             try:
                 await work
-                return COMPLETED
+                return AttemptOutcome.COMPLETED
             except QuotaExceeded as exc:
                 pause = self._limits.quota_exceeded(exc.api, exc.retry_after)
-                return await self._defer(job, exc, pause, QUOTA_DEFERRED)
+                return await self._defer(job, exc, pause, AttemptOutcome.QUOTA_DEFERRED)
             except ContentUnavailable as exc:
                 pause = self._queue.backoff(job.quota_deferrals + 1)
-                return await self._defer(job, exc, pause, CONTENT_DEFERRED)
+                return await self._defer(job, exc, pause, AttemptOutcome.CONTENT_DEFERRED)
             except AnalyzerFailure as exc:
                 return await self._fail(job, JobError(exc.reason, exc.message, exc.transient))
             except TimeoutError:
@@ -274,7 +273,7 @@ class WorkerPool:
                 spec.media_id,
                 extra={"media_id": spec.media_id},
             )
-            return LEASE_LOST
+            return AttemptOutcome.LEASE_LOST
         except StorageUnavailable as exc:
             logger.error(
                 "media %s: could not record the outcome (%s); the lease will expire and the job "
@@ -282,15 +281,16 @@ class WorkerPool:
                 spec.media_id,
                 exc,
             )
-            return NOT_RECORDED
+            return AttemptOutcome.NOT_RECORDED
 
     async def _defer(
-        self, job: ClaimedJob, refusal: AnalyzerFailure, delay: float, outcome: str
-    ) -> str:
+        self, job: ClaimedJob, refusal: AnalyzerFailure, delay: float, outcome: AttemptOutcome
+    ) -> AttemptOutcome:
         """Put the job off for ``delay`` without using an attempt; the attempt's outcome."""
-        event = await self._queue.defer(job, JobError(refusal.reason, refusal.message, True), delay)
+        error = JobError(refusal.reason, refusal.message, True)
+        event = await self._queue.defer(job, outcome, error, delay)
         if event.status is JobStatus.FAILED:
-            return FAILED
+            return AttemptOutcome.FAILED
         logger.warning(
             "media %s put off for %.1f s (%s: %s); attempt not counted",
             job.spec.media_id,
@@ -301,7 +301,7 @@ class WorkerPool:
         )
         return outcome
 
-    async def _fail(self, job: ClaimedJob, error: JobError) -> str:
+    async def _fail(self, job: ClaimedJob, error: JobError) -> AttemptOutcome:
         """Record a failed attempt; its outcome (a retry is scheduled, or the job failed)."""
         event = await self._queue.fail_attempt(job, error)
         spec = job.spec
@@ -315,7 +315,7 @@ class WorkerPool:
                 event.next_attempt_at - event.event_time,
                 extra={"media_id": spec.media_id, "attempt": job.attempt},
             )
-            return RETRY_SCHEDULED
+            return AttemptOutcome.RETRY_SCHEDULED
         logger.error(
             "media %s FAILED on attempt %d (%s: %s)",
             spec.media_id,
@@ -324,7 +324,7 @@ class WorkerPool:
             error.message,
             extra={"media_id": spec.media_id, "attempt": job.attempt},
         )
-        return FAILED
+        return AttemptOutcome.FAILED
 
     async def _heartbeat(self, job: ClaimedJob) -> None:
         interval = self._queue.lease_seconds / 3
