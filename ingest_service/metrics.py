@@ -1,8 +1,9 @@
 """Every Prometheus metric of the ingest service, in the service's own registry.
 
-The outbox backlog lives in the database: the forwarder measures it on the event loop
-(``OutboxForwarder.measure_backlog``, run by the metrics server's refresh task) and the
-scrape only reads the gauge.
+:class:`IngestMetrics` is the domain's ``IngestObserver``: the outbox forwarder reports its
+deliveries to it. The outbox backlog lives in the database: the metrics server's refresh
+task reads it on the event loop (``OutboxForwarder.backlog``) and sets the gauge, which is
+all a scrape reads.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from mediatag_common.metrics import GrpcServerMetrics, new_registry
 
 
 class IngestMetrics:
-    """The ingest service's metrics; ``registry`` is what its ``/metrics`` serves."""
+    """The ingest service's metrics; ``registry`` is what its ``/metrics`` serves.
+
+    An :class:`~ingest_service.domain.observer.IngestObserver`.
+    """
 
     def __init__(self) -> None:
         self.registry = new_registry()
@@ -36,3 +40,11 @@ class IngestMetrics:
             "each is retried with backoff.",
             registry=registry,
         )
+
+    # -- reported by the domain ---------------------------------------------------------
+
+    def jobs_delivered(self, count: int) -> None:
+        self.outbox_delivered.inc(count)
+
+    def delivery_failed(self) -> None:
+        self.outbox_delivery_failures.inc()

@@ -62,7 +62,7 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         batch_size=config.outbox_batch_size,
         initial_backoff=config.outbox_initial_backoff,
         max_backoff=config.outbox_max_backoff,
-        metrics=metrics,
+        observer=metrics,
     )
     mirror = StatusMirror(
         db=db,
@@ -91,13 +91,16 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
     )
     library = MediaLibrary(db=db, blobs=blobs, limits=config.limits, analysis=analysis)
 
+    async def refresh_backlog() -> None:
+        metrics.outbox_backlog.set(await forwarder.backlog())
+
     metrics_server = (
         MetricsServer(
             metrics.registry,
             name="ingest",
             host=config.host,
             port=config.metrics_port,
-            refresh=forwarder.measure_backlog,
+            refresh=refresh_backlog,
             refresh_interval=config.metrics_refresh_interval,
         )
         if config.metrics_port is not None

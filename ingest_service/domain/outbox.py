@@ -15,8 +15,8 @@ import grpc
 from mediatag.analysis.v1 import analysis_pb2
 
 from ingest_service.domain.models import Media
+from ingest_service.domain.observer import IngestObserver
 from ingest_service.errors import StorageUnavailable
-from ingest_service.metrics import IngestMetrics
 from ingest_service.storage import repository
 from ingest_service.storage.repository import reading, writing
 from mediatag_common.backoff import Backoff
@@ -57,13 +57,13 @@ class OutboxForwarder:
         batch_size: int,
         initial_backoff: float,
         max_backoff: float,
-        metrics: IngestMetrics,
+        observer: IngestObserver,
     ) -> None:
         self._db = db
         self._analysis = analysis
         self._batch_size = batch_size
         self._backoff = Backoff(initial_backoff, max_backoff)
-        self._metrics = metrics
+        self._observer = observer
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -84,7 +84,7 @@ class OutboxForwarder:
             try:
                 delivered = await self._deliver_batch()
             except Exception as exc:
-                self._metrics.outbox_delivery_failures.inc()
+                self._observer.delivery_failed()
                 await self._back_off(exc)
                 continue
             if self._backoff.failures:
@@ -111,15 +111,15 @@ class OutboxForwarder:
         response = await self._analysis.SubmitJobs(request, timeout=SUBMIT_CALL_TIMEOUT)
         async with writing(self._db) as conn:
             await repository.delete_outbox(conn, [outbox_id for outbox_id, _ in batch])
-        self._metrics.outbox_delivered.inc(len(batch))
+        self._observer.jobs_delivered(len(batch))
         if response.existing_count:
             logger.debug("%d job(s) were already known to analysis", response.existing_count)
         return [media for _, media in batch]
 
-    async def measure_backlog(self) -> None:
-        """Set the backlog gauge to the jobs waiting in the outbox now."""
+    async def backlog(self) -> int:
+        """The jobs waiting in the outbox now."""
         async with reading(self._db) as conn:
-            self._metrics.outbox_backlog.set(await repository.outbox_size(conn))
+            return await repository.outbox_size(conn)
 
     async def _back_off(self, error: Exception) -> None:
         delay = self._backoff.next_delay()
@@ -141,7 +141,6 @@ class OutboxForwarder:
 
     async def _waiting_jobs(self) -> str:
         try:
-            async with reading(self._db) as conn:
-                return str(await repository.outbox_size(conn))
+            return str(await self.backlog())
         except StorageUnavailable:
             return "an unknown number of"
