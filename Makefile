@@ -8,7 +8,7 @@ BUF := node_modules/.bin/buf
 
 help:
 	@echo "make run    - create .venv, install, start both services (SQLite, local disk, local analyser)"
-	@echo "make test   - install test tools, then ruff, mypy, buf lint, stale-generated check, pytest"
+	@echo "make test   - install test tools, then ruff, import contracts, mypy, buf lint, stale-generated check, pytest"
 	@echo "make bench  - benchmarks (not tests)"
 	@echo "make proto  - regenerate generated/ from protos/"
 
@@ -30,6 +30,7 @@ run: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
@@ -60,4 +61,4 @@ bench: $(VENV)/.installed
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
