@@ -11,7 +11,6 @@ from analysis_service.analyzers.registry import build_analyzer, close_analyzer
 from analysis_service.api.servicer import METHOD_ROLES, AnalysisServicer
 from analysis_service.config import AnalysisConfig
 from analysis_service.domain.cache import ResultCache
-from analysis_service.domain.content import ContentFetcher
 from analysis_service.domain.hub import StatusHub
 from analysis_service.domain.limits import RateLimits
 from analysis_service.domain.maintenance import Maintenance
@@ -19,6 +18,7 @@ from analysis_service.domain.queue import JobQueue
 from analysis_service.domain.stats import Throughput
 from analysis_service.domain.watch import StatusWatcher
 from analysis_service.domain.workers import WorkerPool
+from analysis_service.ingest_content import IngestContent
 from analysis_service.metrics import AnalysisMetrics, Readings
 from analysis_service.storage.schema import MIGRATIONS
 from mediatag_common.auth import load_tokens
@@ -58,7 +58,7 @@ async def create_server(
     )
     await queue.load()
     throughput = Throughput()
-    fetcher = ContentFetcher(
+    content = IngestContent(
         config.ingest_address,
         timeout=config.content_fetch_timeout,
         max_bytes=config.max_content_bytes,
@@ -71,7 +71,7 @@ async def create_server(
         analyzer=analyzer,
         limits=limits,
         cache=cache,
-        fetcher=fetcher,
+        content=content,
         size=config.workers,
         analyzer_timeout=config.analyzer_timeout,
         throughput=throughput,
@@ -156,7 +156,7 @@ async def create_server(
         if metrics_server is not None:
             await metrics_server.stop()
         await maintenance.stop()
-        await fetcher.close()
+        await content.close()
         await close_analyzer(analyzer)
         await db.close()
 

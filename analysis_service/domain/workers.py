@@ -16,7 +16,7 @@ from collections.abc import Awaitable
 
 from analysis_service.analyzers.base import AnalysisInput, Analyzer
 from analysis_service.domain.cache import ResultCache
-from analysis_service.domain.content import ContentFetcher
+from analysis_service.domain.content import ContentSource, fetch_content
 from analysis_service.domain.limits import RateLimits
 from analysis_service.domain.models import (
     AttemptOutcome,
@@ -88,7 +88,7 @@ class WorkerPool:
         analyzer: Analyzer,
         limits: RateLimits,
         cache: ResultCache,
-        fetcher: ContentFetcher,
+        content: ContentSource,
         size: int,
         analyzer_timeout: float,
         throughput: Throughput,
@@ -100,7 +100,7 @@ class WorkerPool:
         self._analyzer = analyzer
         self._limits = limits
         self._cache = cache
-        self._fetcher = fetcher
+        self._content = content
         self.size = size
         self._analyzer_timeout = analyzer_timeout
         self._throughput = throughput
@@ -194,7 +194,7 @@ class WorkerPool:
 
     async def _analyze(self, job: ClaimedJob, deadline: asyncio.Timeout) -> JobResult:
         spec = job.spec
-        content = await self._fetcher.fetch(spec)
+        content = await fetch_content(self._content, spec)
         logger.info(
             "analysing media %s with %s (%s)",
             spec.media_id,
