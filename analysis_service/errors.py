@@ -1,8 +1,26 @@
-"""The analysis service's exception tree; the root maps to gRPC statuses in one place."""
+"""The analysis service's exception tree.
+
+Each class says what went wrong (its ``reason``); the gRPC layer gives it a status code
+(``analysis_service.api.status_codes``)::
+
+    AnalysisError                 root (mediatag_common.errors.ServiceError)
+    ├── InvalidArgument           a request the client must change
+    ├── JobNotFound               JOB_NOT_FOUND
+    ├── LeaseLost                 a worker's outcome after its lease was taken over
+    ├── StorageUnavailable        the database failed
+    ├── AnalyzerFailure           an analyser call failed (never sent to a client)
+    │   ├── TransientAnalyzerError
+    │   │   └── ContentUnavailable
+    │   ├── PermanentAnalyzerError
+    │   └── QuotaExceeded
+    ├── RevisionCompacted         a watch resumes from before the event log's start
+    ├── RevisionAhead             a watch resumes from a revision of another event log
+    ├── WatcherTooSlow            a watcher's buffer overflowed
+    ├── TooManyWatchers           no watcher slot left
+    └── ShuttingDown              the service is draining
+"""
 
 from __future__ import annotations
-
-import grpc
 
 from mediatag_common.errors import ServiceError
 
@@ -12,26 +30,30 @@ class AnalysisError(ServiceError):
 
 
 class InvalidArgument(AnalysisError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    """A request the client must change; ``reason`` says what is wrong."""
+
     reason = "INVALID_ARGUMENT"
 
 
+# An INVALID_ARGUMENT refusal naming ``field`` (e.g. ``jobs[2].sha256``).
+invalid = InvalidArgument.for_field
+
+
 class JobNotFound(AnalysisError):
-    code = grpc.StatusCode.NOT_FOUND
+    """No job for the media id asked for."""
+
     reason = "JOB_NOT_FOUND"
 
 
 class LeaseLost(AnalysisError):
     """A worker's lease was taken over (it expired); its outcome is discarded."""
 
-    code = grpc.StatusCode.ABORTED
     reason = "LEASE_LOST"
 
 
 class StorageUnavailable(AnalysisError):
     """The database could not be used; wraps the driver's error."""
 
-    code = grpc.StatusCode.UNAVAILABLE
     reason = "STORAGE_UNAVAILABLE"
 
 
@@ -84,7 +106,6 @@ class QuotaExceeded(AnalyzerFailure):
 class RevisionCompacted(AnalysisError):
     """A watch asked to resume from a revision the event log no longer keeps."""
 
-    code = grpc.StatusCode.OUT_OF_RANGE
     reason = "REVISION_COMPACTED"
 
 
@@ -92,24 +113,22 @@ class RevisionAhead(AnalysisError):
     """A watch asked to resume from a revision this service has not written (its database
     was replaced or restored from a backup)."""
 
-    code = grpc.StatusCode.OUT_OF_RANGE
     reason = "REVISION_AHEAD"
 
 
 class WatcherTooSlow(AnalysisError):
     """A watcher's buffer overflowed; it should resume from its last revision."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "WATCHER_TOO_SLOW"
 
 
 class TooManyWatchers(AnalysisError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    """Every watcher slot is taken."""
+
     reason = "TOO_MANY_WATCHERS"
 
 
 class ShuttingDown(AnalysisError):
     """The service is draining; clients resume elsewhere or after the restart."""
 
-    code = grpc.StatusCode.UNAVAILABLE
     reason = "SHUTTING_DOWN"

@@ -9,6 +9,7 @@ from mediatag.analysis.v1 import analysis_pb2, analysis_pb2_grpc
 from analysis_service.analyzers.base import Analyzer
 from analysis_service.analyzers.registry import build_analyzer, close_analyzer
 from analysis_service.api.servicer import METHOD_ROLES, AnalysisServicer
+from analysis_service.api.status_codes import STATUS_CODES
 from analysis_service.config import AnalysisConfig
 from analysis_service.domain.cache import ResultCache
 from analysis_service.domain.hub import StatusHub
@@ -113,6 +114,7 @@ async def create_server(
         interceptors=[] if metrics_server is None else [metrics.grpc.interceptor()],
         tokens=tokens,
         method_roles=METHOD_ROLES,
+        status_codes=STATUS_CODES,
     )
     analysis_pb2_grpc.add_AnalysisServiceServicer_to_server(
         AnalysisServicer(

@@ -1,10 +1,22 @@
-"""The ingest service's exception tree; the root maps to gRPC statuses in one place."""
+"""The ingest service's exception tree.
+
+Each class says what went wrong (its ``reason``); the gRPC layer gives it a status code
+(``ingest_service.api.status_codes``)::
+
+    IngestError                   root (mediatag_common.errors.ServiceError)
+    ├── InvalidArgument           a request the client must change
+    ├── MediaNotFound             MEDIA_NOT_FOUND
+    ├── StorageUnavailable        the database or the blob store failed
+    │   └── StorageFull           no room for the upload
+    ├── AnalysisUnavailable       the analysis service cannot be reached
+    ├── AnalysisRefused           the analysis service refused a call made for the client
+    ├── RequestIdReused           REQUEST_ID_REUSED
+    └── UploadStalled             a stream sent nothing for too long
+"""
 
 from __future__ import annotations
 
 import errno
-
-import grpc
 
 from mediatag_common.errors import FieldViolation, ServiceError
 
@@ -16,26 +28,24 @@ class IngestError(ServiceError):
 class InvalidArgument(IngestError):
     """A request the client must change; ``reason`` says what is wrong."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "INVALID_ARGUMENT"
 
 
 class MediaNotFound(IngestError):
-    code = grpc.StatusCode.NOT_FOUND
+    """No media with the id asked for."""
+
     reason = "MEDIA_NOT_FOUND"
 
 
 class StorageUnavailable(IngestError):
     """The database or the blob store could not be used; wraps the underlying error."""
 
-    code = grpc.StatusCode.UNAVAILABLE
     reason = "STORAGE_UNAVAILABLE"
 
 
 class StorageFull(StorageUnavailable):
     """The disk (or the process's file-size limit, or a quota) has no room for the upload."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "STORAGE_FULL"
 
 
@@ -53,31 +63,29 @@ def blob_store_error(exc: OSError, what: str) -> StorageUnavailable:
 class AnalysisUnavailable(IngestError):
     """The analysis service could not be reached for a call that needs its answer."""
 
-    code = grpc.StatusCode.UNAVAILABLE
     reason = "ANALYSIS_UNAVAILABLE"
+
+
+class AnalysisRefused(IngestError):
+    """The analysis service refused a call made on the client's behalf; ``reason`` is its."""
+
+    reason = "ANALYSIS_REFUSED"
 
 
 class RequestIdReused(IngestError):
     """A request id already recorded for an upload with other content or metadata."""
 
-    code = grpc.StatusCode.ALREADY_EXISTS
     reason = "REQUEST_ID_REUSED"
 
 
 class UploadStalled(IngestError):
     """A streamed upload sent nothing for longer than the idle timeout."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "UPLOAD_STALLED"
 
 
-def invalid(field: str, reason: str, description: str) -> InvalidArgument:
-    """An INVALID_ARGUMENT refusal naming ``field`` (e.g. ``files[2].content``)."""
-    return InvalidArgument(
-        f"{field}: {description}",
-        reason=reason,
-        field_violations=[FieldViolation(field, description)],
-    )
+# An INVALID_ARGUMENT refusal naming ``field`` (e.g. ``files[2].content``).
+invalid = InvalidArgument.for_field
 
 
 def media_not_found(media_id: str, field: str = "media_id") -> MediaNotFound:

@@ -8,6 +8,7 @@ from mediatag.analysis.v1 import analysis_pb2_grpc
 from mediatag.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 from ingest_service.api.servicer import METHOD_ROLES, IngestServicer
+from ingest_service.api.status_codes import STATUS_CODES
 from ingest_service.config import IngestConfig
 from ingest_service.domain.blobs import BlobStore
 from ingest_service.domain.library import MediaLibrary
@@ -111,6 +112,7 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         interceptors=[] if metrics_server is None else [metrics.grpc.interceptor()],
         tokens=tokens,
         method_roles=METHOD_ROLES,
+        status_codes=STATUS_CODES,
     )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(
         IngestServicer(uploads=uploads, streams=streams, library=library), server

@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from mediatag_common.errors import FieldViolation, ServiceError
+from mediatag_common.errors import FieldViolation, PermissionDenied, Unauthenticated
 from mediatag_common.interceptors import Behavior, BehaviorInterceptor
 
 logger = logging.getLogger(__name__)
@@ -50,20 +50,6 @@ OPEN_SERVICES = (
 MIN_TOKEN_LENGTH = 16
 
 MethodRoles = Mapping[str, frozenset[str]]
-
-
-class Unauthenticated(ServiceError):
-    """No token, or one the tokens file does not know."""
-
-    code = grpc.StatusCode.UNAUTHENTICATED
-    reason = "TOKEN_INVALID"
-
-
-class PermissionDenied(ServiceError):
-    """A known principal asked for something its roles or owners do not cover."""
-
-    code = grpc.StatusCode.PERMISSION_DENIED
-    reason = "ROLE_NOT_ALLOWED"
 
 
 class TokensFileError(RuntimeError):

@@ -1,23 +1,39 @@
-"""Refusals as gRPC statuses with AIP-193 details, mapped in one place for both services."""
+"""The root of both services' exception trees, the refusals they share, and reading a
+refusal back on the client side.
+
+Every refusal a client can act on is a :class:`ServiceError`: a ``reason`` (the AIP-193
+``ErrorInfo.reason``), a message for the client, the fields at fault and ErrorInfo metadata.
+The classes carry no gRPC status codes: the gRPC layer maps each class to its code in a table
+(:mod:`mediatag_common.status` for the classes here, one beside each service's servicer for
+its own). This module imports no gRPC, so the domain may raise these freely.
+
+The tree::
+
+    ServiceError                  any refusal; INTERNAL unless a table says otherwise
+    ├── Unauthenticated           TOKEN_MISSING, TOKEN_INVALID
+    ├── PermissionDenied          ROLE_NOT_ALLOWED, OWNER_NOT_ALLOWED
+    ├── AnalysisError             the analysis service's tree (analysis_service.errors)
+    └── IngestError               the ingest service's tree (ingest_service.errors)
+"""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Self
 
-import grpc
-from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
-from mediatag_common.interceptors import Behavior, BehaviorInterceptor
+if TYPE_CHECKING:
+    import grpc
 
 DOMAIN = "mediatag"
+# The trailer a status's AIP-193 details travel in.
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
-logger = logging.getLogger(__name__)
+# WatchStatus refusals (OUT_OF_RANGE) after which a client starts over from the current state
+# (send_initial_state): its revision was compacted away, or belongs to a replaced event log.
+RESYNC_REASONS = frozenset({"REVISION_COMPACTED", "REVISION_AHEAD"})
 
 
 @dataclass(frozen=True)
@@ -31,11 +47,10 @@ class FieldViolation:
 class ServiceError(Exception):
     """A refusal a client can act on; each service derives its own root from this.
 
-    ``code`` and ``reason`` are class defaults that subclasses override; an instance may
-    override either for one refusal.
+    ``reason`` is a class default that subclasses override; an instance may override it for
+    one refusal. ``message`` is what the client reads.
     """
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "INTERNAL"
 
     def __init__(
@@ -43,7 +58,6 @@ class ServiceError(Exception):
         message: str,
         *,
         reason: str | None = None,
-        code: grpc.StatusCode | None = None,
         field_violations: Sequence[FieldViolation] = (),
         metadata: Mapping[str, str] | None = None,
     ) -> None:
@@ -51,100 +65,45 @@ class ServiceError(Exception):
         self.message = message
         if reason is not None:
             self.reason = reason
-        if code is not None:
-            self.code = code
         self.field_violations = tuple(field_violations)
         self.metadata = dict(metadata or {})
 
-
-def to_grpc_status(error: ServiceError) -> grpc.Status:
-    """The AIP-193 ``google.rpc.Status`` for ``error``: one ErrorInfo, plus BadRequest."""
-    details: list[any_pb2.Any] = []
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
-    packed = any_pb2.Any()
-    packed.Pack(info)
-    details.append(packed)
-    if error.field_violations:
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
-                )
-                for v in error.field_violations
-            ]
+    @classmethod
+    def for_field(cls, field: str, reason: str, description: str) -> Self:
+        """A refusal of one field (e.g. ``files[2].content``), saying what is wrong with it."""
+        return cls(
+            f"{field}: {description}",
+            reason=reason,
+            field_violations=[FieldViolation(field, description)],
         )
-        packed = any_pb2.Any()
-        packed.Pack(bad_request)
-        details.append(packed)
-    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
-    converted: grpc.Status = rpc_status.to_status(status)
-    return converted
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError) -> None:
-    status = to_grpc_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
+class Unauthenticated(ServiceError):
+    """No token, or one the tokens file does not know."""
+
+    reason = "TOKEN_INVALID"
 
 
-def _internal(method: str, exc: Exception) -> ServiceError:
-    logger.exception("unexpected error in %s", method, exc_info=exc)
-    return ServiceError("internal error", reason="INTERNAL", code=grpc.StatusCode.INTERNAL)
+class PermissionDenied(ServiceError):
+    """A known principal asked for something its roles or owners do not cover."""
+
+    reason = "ROLE_NOT_ALLOWED"
 
 
-def _wrap_unary(method: str, behavior: Behavior) -> Behavior:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        try:
-            return await behavior(request, context)
-        except ServiceError as error:
-            await _abort(context, error)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, _internal(method, exc))
-
-    return wrapper
+# ---- reading a refusal back (clients and tests) ----
 
 
-def _wrap_stream(method: str, behavior: Behavior) -> Behavior:
-    async def wrapper(
-        request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
-        try:
-            async for response in behavior(request, context):
-                yield response
-        except ServiceError as error:
-            await _abort(context, error)
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            # Re-raised: swallowing a cancellation leaks the call (grpc/grpc#43360).
-            raise
-        except Exception as exc:
-            await _abort(context, _internal(method, exc))
-
-    return wrapper
+def _status_details(error: grpc.RpcError) -> status_pb2.Status | None:
+    trailers = getattr(error, "trailing_metadata", None)
+    for key, value in (trailers() if trailers is not None else None) or ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            return status_pb2.Status.FromString(value)
+    return None
 
 
-class ErrorMappingInterceptor(BehaviorInterceptor):
-    """Turns every :class:`ServiceError` a servicer raises into its gRPC status.
-
-    Unexpected exceptions are logged with their traceback and answered ``INTERNAL``
-    without leaking their text to the client.
-    """
-
-    def wrap_unary(self, method: str, kind: str, behavior: Behavior) -> Behavior:
-        return _wrap_unary(method, behavior)
-
-    def wrap_stream(self, method: str, kind: str, behavior: Behavior) -> Behavior:
-        return _wrap_stream(method, behavior)
-
-
-# WatchStatus refusals (OUT_OF_RANGE) after which a client starts over from the current state
-# (send_initial_state): its revision was compacted away, or belongs to a replaced event log.
-RESYNC_REASONS = frozenset({"REVISION_COMPACTED", "REVISION_AHEAD"})
-
-
-def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     """The ErrorInfo carried by a failed call, if any (for clients and tests)."""
-    status = rpc_status.from_call(cast(grpc.Call, error))
+    status = _status_details(error)
     if status is None:
         return None
     for detail in status.details:
@@ -155,9 +114,9 @@ def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2
     return None
 
 
-def field_violations(error: grpc.aio.AioRpcError | grpc.RpcError) -> list[FieldViolation]:
+def field_violations(error: grpc.RpcError) -> list[FieldViolation]:
     """The BadRequest field violations carried by a failed call."""
-    status = rpc_status.from_call(cast(grpc.Call, error))
+    status = _status_details(error)
     found: list[FieldViolation] = []
     if status is None:
         return found

@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mediatag_common.auth import AuthInterceptor, MethodRoles, TokenTable, token_interceptors
-from mediatag_common.errors import ErrorMappingInterceptor
+from mediatag_common.status import ErrorMappingInterceptor, StatusCodes
 from mediatag_common.tasks import cancel_and_wait
 from mediatag_common.tls import ClientTls, ServerTls
 
@@ -37,8 +37,12 @@ def new_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     tokens: TokenTable | None = None,
     method_roles: MethodRoles | None = None,
+    status_codes: StatusCodes | None = None,
 ) -> grpc.aio.Server:
     """A grpc.aio server with our error mapping and message size limits.
+
+    ``status_codes`` gives the service's error classes their codes (beside
+    :data:`mediatag_common.status.STATUS_CODES`, which covers the shared ones).
 
     ``interceptors`` run outside the error mapping, so they see the status it sets
     (the metrics interceptor goes there). With ``tokens``, every call but health and
@@ -52,7 +56,10 @@ def new_server(
         ("grpc.so_reuseport", 0),
         *KEEPALIVE_OPTIONS,
     ]
-    chain: list[grpc.aio.ServerInterceptor] = [*interceptors, ErrorMappingInterceptor()]
+    chain: list[grpc.aio.ServerInterceptor] = [
+        *interceptors,
+        ErrorMappingInterceptor(status_codes or {}),
+    ]
     if tokens is not None:
         chain.append(AuthInterceptor(tokens, method_roles or {}))
     return grpc.aio.server(interceptors=chain, options=options)

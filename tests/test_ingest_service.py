@@ -21,6 +21,8 @@ from mediatag.analysis.v1 import analysis_pb2 as apb
 from mediatag.analysis.v1 import analysis_pb2_grpc
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 
+from analysis_service.api.status_codes import STATUS_CODES
+from analysis_service.errors import RevisionCompacted, ShuttingDown
 from mediatag_common.errors import DOMAIN, ServiceError, error_info, field_violations
 from mediatag_common.grpc_server import new_server
 from tests import media_samples as samples
@@ -92,7 +94,7 @@ class FakeAnalysis(analysis_pb2_grpc.AnalysisServiceServicer):
     ) -> apb.SubmitJobsResponse:
         if self.submit_failures > 0:
             self.submit_failures -= 1
-            raise ServiceError("starting up", code=grpc.StatusCode.UNAVAILABLE, reason="DOWN")
+            raise ShuttingDown("starting up", reason="DOWN")
         known = {spec.media_id for spec in self.submitted}
         new = [spec for spec in request.jobs if spec.media_id not in known]
         self.submitted.extend(new)
@@ -139,7 +141,7 @@ async def start_fake(
     async def start() -> FakeAnalysis:
         # Only the methods ingest calls are implemented.
         fake = FakeAnalysis()  # type: ignore[abstract]
-        server = new_server(max_message_bytes=64 * 1024 * 1024)
+        server = new_server(max_message_bytes=64 * 1024 * 1024, status_codes=STATUS_CODES)
         analysis_pb2_grpc.add_AnalysisServiceServicer_to_server(fake, server)
         server.add_insecure_port(f"127.0.0.1:{analysis_port}")
         await server.start()
@@ -599,7 +601,7 @@ async def test_status_mirror_applies_changes_and_resumes_from_the_last_revision(
             error=apb.JobError(reason="MAX_ATTEMPTS_EXCEEDED", message="gave up", transient=True),
         ),
         bookmark(9),
-        ServiceError("restarting", code=grpc.StatusCode.UNAVAILABLE, reason="SHUTTING_DOWN"),
+        ShuttingDown("restarting"),
     )
 
     # The stream ended after the bookmark: the mirror resumes from the persisted revision.
@@ -652,7 +654,7 @@ async def test_status_mirror_applies_changes_and_resumes_from_the_last_revision(
     # an initial-state change no newer than what a row holds leaves the row as it is.
     fake.send(
         2,
-        ServiceError("compacted", code=grpc.StatusCode.OUT_OF_RANGE, reason="REVISION_COMPACTED"),
+        RevisionCompacted("compacted"),
     )
     fourth = await fake.watch_request(3)
     assert (fourth.send_initial_state, fourth.start_revision, fourth.include_embedding) == (

@@ -1,8 +1,9 @@
 """The gRPC surface of the analysis service: protobuf <-> domain, nothing else.
 
-Errors are raised as AnalysisError subclasses and mapped to statuses by the shared
-ErrorMappingInterceptor. With authentication on, the shared AuthInterceptor has checked the
-caller's role against ``METHOD_ROLES`` before a method runs; the methods check its owners.
+Errors are raised as AnalysisError subclasses; the shared ErrorMappingInterceptor gives each its
+status code from ``status_codes.STATUS_CODES``. With authentication on, the shared
+AuthInterceptor has checked the caller's role against ``METHOD_ROLES`` before a method runs;
+the methods check its owners.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from analysis_service.domain.queue_status import queue_status
 from analysis_service.domain.stats import Throughput
 from analysis_service.domain.watch import StatusWatcher, WatchRequest
 from analysis_service.domain.workers import WorkerPool
-from analysis_service.errors import InvalidArgument, JobNotFound
+from analysis_service.errors import JobNotFound, invalid
 from analysis_service.metrics import AnalysisMetrics
 from mediatag_common import auth, paging
 from mediatag_common.auth import SERVICE, UPLOADER, VIEWER
@@ -51,31 +52,23 @@ MAX_SUBMIT_BATCH = 1000
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _invalid(field: str, reason: str, description: str) -> InvalidArgument:
-    return InvalidArgument(
-        f"{field}: {description}",
-        reason=reason,
-        field_violations=[FieldViolation(field, description)],
-    )
-
-
 def _validate_spec(index: int, spec: pb.JobSpec) -> None:
     prefix = f"jobs[{index}]"
     if not spec.media_id:
-        raise _invalid(f"{prefix}.media_id", "MEDIA_ID_REQUIRED", "required")
+        raise invalid(f"{prefix}.media_id", "MEDIA_ID_REQUIRED", "required")
     if not spec.owner_id:
-        raise _invalid(f"{prefix}.owner_id", "OWNER_ID_REQUIRED", "required")
+        raise invalid(f"{prefix}.owner_id", "OWNER_ID_REQUIRED", "required")
     if not SHA256_HEX.match(spec.sha256.lower()):
-        raise _invalid(f"{prefix}.sha256", "INVALID_SHA256", "must be 64 hex digits")
+        raise invalid(f"{prefix}.sha256", "INVALID_SHA256", "must be 64 hex digits")
     if spec.size_bytes < 0:
-        raise _invalid(f"{prefix}.size_bytes", "INVALID_SIZE", "must not be negative")
+        raise invalid(f"{prefix}.size_bytes", "INVALID_SIZE", "must not be negative")
 
 
 def _page_size(requested: int) -> int:
     try:
         return paging.page_size(requested)
     except paging.InvalidPageSize as exc:
-        raise _invalid("page_size", "INVALID_PAGE_SIZE", str(exc)) from exc
+        raise invalid("page_size", "INVALID_PAGE_SIZE", str(exc)) from exc
 
 
 class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
@@ -106,7 +99,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         self, request: pb.SubmitJobsRequest, context: Context
     ) -> pb.SubmitJobsResponse:
         if len(request.jobs) > MAX_SUBMIT_BATCH:
-            raise _invalid("jobs", "TOO_MANY_JOBS", f"at most {MAX_SUBMIT_BATCH} per call")
+            raise invalid("jobs", "TOO_MANY_JOBS", f"at most {MAX_SUBMIT_BATCH} per call")
         for index, spec in enumerate(request.jobs):
             _validate_spec(index, spec)
             auth.check_owner(spec.owner_id, f"jobs[{index}].owner_id")
@@ -115,7 +108,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
 
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
         if not request.media_id:
-            raise _invalid("media_id", "MEDIA_ID_REQUIRED", "required")
+            raise invalid("media_id", "MEDIA_ID_REQUIRED", "required")
         job = await self._queue.get(
             request.media_id, with_embedding=request.view == pb.JOB_VIEW_FULL
         )
@@ -138,9 +131,9 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         try:
             after = paging.decode(request.page_token, filters)
         except paging.InvalidPageToken as exc:
-            raise _invalid("page_token", "INVALID_PAGE_TOKEN", str(exc)) from exc
+            raise invalid("page_token", "INVALID_PAGE_TOKEN", str(exc)) from exc
         if after is not None and len(after) != 3:
-            raise _invalid("page_token", "INVALID_PAGE_TOKEN", "page_token is malformed")
+            raise invalid("page_token", "INVALID_PAGE_TOKEN", "page_token is malformed")
         jobs = await self._queue.list(
             status=convert.status_from_pb(request.status),
             owner_id=owner_id,
@@ -200,11 +193,11 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     ) -> pb.RetryJobsResponse:
         status = convert.status_from_pb(request.status)
         if status is not None and not status.terminal:
-            raise _invalid(
+            raise invalid(
                 "status", "INVALID_STATUS", "only FAILED or COMPLETED jobs can be retried"
             )
         if not request.media_ids and not request.owner_id and status is None:
-            raise _invalid(
+            raise invalid(
                 "media_ids", "FILTER_REQUIRED", "name media_ids, or an owner_id and/or status"
             )
         owner_id = request.owner_id

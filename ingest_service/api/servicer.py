@@ -1,8 +1,9 @@
 """The gRPC surface of the ingest service: protobuf <-> domain, nothing else.
 
-Errors are raised as IngestError subclasses and mapped to statuses by the shared
-ErrorMappingInterceptor. With authentication on, the shared AuthInterceptor has checked the
-caller's role against ``METHOD_ROLES`` before a method runs; the methods check its owners.
+Errors are raised as IngestError subclasses; the shared ErrorMappingInterceptor gives each its
+status code from ``status_codes.STATUS_CODES``. With authentication on, the shared
+AuthInterceptor has checked the caller's role against ``METHOD_ROLES`` before a method runs;
+the methods check its owners.
 """
 
 from __future__ import annotations

@@ -16,8 +16,10 @@ from ingest_service.domain.blobs import BlobStore
 from ingest_service.domain.models import Media, ProcessingStatus
 from ingest_service.domain.uploads import validate_owner_id
 from ingest_service.errors import (
+    AnalysisRefused,
     AnalysisUnavailable,
-    IngestError,
+    InvalidArgument,
+    MediaNotFound,
     StorageUnavailable,
     invalid,
     media_not_found,
@@ -26,7 +28,13 @@ from ingest_service.storage import repository
 from ingest_service.storage.repository import reading
 from mediatag_common import paging
 from mediatag_common.database import Database
-from mediatag_common.errors import error_info, field_violations
+from mediatag_common.errors import (
+    PermissionDenied,
+    ServiceError,
+    Unauthenticated,
+    error_info,
+    field_violations,
+)
 
 if TYPE_CHECKING:
     from mediatag.analysis.v1.analysis_pb2_grpc import AnalysisServiceAsyncStub
@@ -45,6 +53,13 @@ _UNREACHABLE_CODES = frozenset(
         grpc.StatusCode.CANCELLED,
     }
 )
+# Refusals of the analysis service passed on to the client as the same kind of refusal.
+_PASSED_ON: dict[grpc.StatusCode, type[ServiceError]] = {
+    grpc.StatusCode.NOT_FOUND: MediaNotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+}
 _REPROCESSABLE = (ProcessingStatus.FAILED, ProcessingStatus.COMPLETED)
 
 
@@ -210,23 +225,15 @@ def _analysis_status(status: ProcessingStatus | None) -> analysis_pb2.Processing
     return value
 
 
-def _refusal_of(error: grpc.aio.AioRpcError) -> IngestError:
+def _refusal_of(error: grpc.aio.AioRpcError) -> ServiceError:
     """What ingest answers when the analysis service refused or could not be reached."""
     code = error.code()
     if code in _UNREACHABLE_CODES:
         return AnalysisUnavailable(f"analysis service unavailable: {code.name} {error.details()}")
     info = error_info(error)
-    if code is grpc.StatusCode.NOT_FOUND:
-        # A job the analysis service does not know (yet): to the client, media it cannot find.
-        return IngestError(
-            error.details() or "media not found by the analysis service",
-            code=code,
-            reason="MEDIA_NOT_FOUND",
-            field_violations=field_violations(error),
-        )
-    return IngestError(
-        error.details() or code.name,
-        code=code,
-        reason=info.reason if info is not None else "ANALYSIS_REFUSED",
-        field_violations=field_violations(error),
+    refusal = _PASSED_ON.get(code, AnalysisRefused)
+    # A job the analysis service does not know (yet) is, to the client, media it cannot find.
+    reason = None if refusal is MediaNotFound else info.reason if info else "ANALYSIS_REFUSED"
+    return refusal(
+        error.details() or code.name, reason=reason, field_violations=field_violations(error)
     )
