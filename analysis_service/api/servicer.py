@@ -3,7 +3,7 @@
 Errors are raised as AnalysisError subclasses; the shared ErrorMappingInterceptor gives each its
 status code from ``status_codes.STATUS_CODES``. With authentication on, the shared
 AuthInterceptor has checked the caller's role against ``METHOD_ROLES`` before a method runs;
-the methods check its owners.
+the methods check its owners (``auth.owner_scope()``).
 """
 
 from __future__ import annotations
@@ -100,9 +100,10 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     ) -> pb.SubmitJobsResponse:
         if len(request.jobs) > MAX_SUBMIT_BATCH:
             raise invalid("jobs", "TOO_MANY_JOBS", f"at most {MAX_SUBMIT_BATCH} per call")
+        scope = auth.owner_scope()
         for index, spec in enumerate(request.jobs):
             _validate_spec(index, spec)
-            auth.check_owner(spec.owner_id, f"jobs[{index}].owner_id")
+            scope.check_owner(spec.owner_id, f"jobs[{index}].owner_id")
         new, known = await self._queue.submit([convert.spec_from_pb(s) for s in request.jobs])
         return pb.SubmitJobsResponse(accepted_count=len(new), existing_count=len(known))
 
@@ -112,7 +113,9 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         job = await self._queue.get(
             request.media_id, with_embedding=request.view == pb.JOB_VIEW_FULL
         )
-        auth.check_item(job.spec.owner_id if job else None, request.media_id, "media_id")
+        auth.owner_scope().check_item(
+            job.spec.owner_id if job else None, request.media_id, "media_id"
+        )
         if job is None:
             raise JobNotFound(
                 f"no job for media {request.media_id}",
@@ -122,7 +125,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
         limit = _page_size(request.page_size)
-        owner_id = auth.implicit_owner(request.owner_id)
+        owner_id = auth.owner_scope().list_owner(request.owner_id)
         filters = {
             "status": request.status,
             "owner_id": owner_id,
@@ -154,11 +157,12 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     ) -> AsyncIterator[pb.WatchStatusResponse]:
         # Other owners' items are left out as if unknown (they are not refused: refusing
         # would tell the caller which ids exist); naming another owner is refused.
-        auth.check_owner(request.owner_id)
+        scope = auth.owner_scope()
+        scope.check_owner(request.owner_id)
         watch = WatchRequest(
             media_ids=frozenset(request.media_ids),
             owner_id=request.owner_id,
-            allowed_owners=auth.allowed_owners(),
+            allowed_owners=scope.owners,
             start_revision=request.start_revision,
             send_initial_state=request.send_initial_state,
             until_terminal=request.until_terminal,
@@ -200,15 +204,9 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             raise invalid(
                 "media_ids", "FILTER_REQUIRED", "name media_ids, or an owner_id and/or status"
             )
-        owner_id = request.owner_id
-        if auth.allowed_owners() is not None:
-            for index, media_id in enumerate(request.media_ids):
-                job = await self._queue.get(media_id, with_embedding=False)
-                auth.check_item(job.spec.owner_id if job else None, media_id, f"media_ids[{index}]")
-            if request.media_ids:
-                auth.check_owner(owner_id)
-            else:
-                owner_id = auth.implicit_owner(owner_id)
+        owner_id = await auth.owner_scope().check_selection(
+            request.media_ids, request.owner_id, self._queue.owners_of
+        )
         retried = await self._queue.retry(
             list(request.media_ids),
             owner_id=owner_id,

@@ -523,6 +523,10 @@ class JobQueue:
             lambda conn: job_store.get_job(conn, media_id, with_embedding=with_embedding),
         )
 
+    async def owners_of(self, media_ids: Sequence[str]) -> dict[str, str]:
+        """The owner of each known job of ``media_ids``; unknown ids are left out."""
+        return await read(self._db, lambda conn: job_store.owners_of(conn, media_ids))
+
     async def list(
         self,
         *,

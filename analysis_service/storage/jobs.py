@@ -53,6 +53,14 @@ def known_ids(conn: Connection, media_ids: Collection[str]) -> set[str]:
     return set(rows.scalars())
 
 
+def owners_of(conn: Connection, media_ids: Collection[str]) -> dict[str, str]:
+    """The owner of each known job of ``media_ids``, in one query."""
+    rows = conn.execute(
+        sa.select(jobs.c.media_id, jobs.c.owner_id).where(jobs.c.media_id.in_(list(media_ids)))
+    )
+    return {row.media_id: row.owner_id for row in rows}
+
+
 def insert_jobs(
     conn: Connection,
     specs: Sequence[JobSpec],

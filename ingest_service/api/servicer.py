@@ -3,7 +3,7 @@
 Errors are raised as IngestError subclasses; the shared ErrorMappingInterceptor gives each its
 status code from ``status_codes.STATUS_CODES``. With authentication on, the shared
 AuthInterceptor has checked the caller's role against ``METHOD_ROLES`` before a method runs;
-the methods check its owners.
+the methods check its owners (``auth.owner_scope()``).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ async def _stream_parts(
     a payload is an empty chunk)."""
     async for message in requests:
         if message.WhichOneof("payload") == "header":
-            auth.check_owner(message.header.owner_id, "header.owner_id")
+            auth.owner_scope().check_owner(message.header.owner_id, "header.owner_id")
             yield convert.stream_header_from_pb(message.header)
         else:
             yield message.chunk
@@ -76,7 +76,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def UploadMedia(
         self, request: pb.UploadMediaRequest, context: Context
     ) -> pb.UploadMediaResponse:
-        auth.check_owner(request.owner_id)
+        auth.owner_scope().check_owner(request.owner_id)
         result = await self._uploads.upload(convert.upload_from_pb(request))
         return pb.UploadMediaResponse(
             media=[convert.media_to_pb(m) for m in result.media],
@@ -97,12 +97,13 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def _visible(self, media_id: str, *, with_embedding: bool) -> Media:
         """The item, if the caller may see its owner; an owner-restricted caller gets
         PERMISSION_DENIED for an unknown id too, so it cannot probe other owners' ids."""
+        scope = auth.owner_scope()
         try:
             media = await self._library.get(media_id, with_embedding=with_embedding)
         except MediaNotFound:
-            auth.check_item(None, media_id, "media_id")
+            scope.check_item(None, media_id, "media_id")
             raise
-        auth.check_item(media.owner_id, media_id, "media_id")
+        scope.check_item(media.owner_id, media_id, "media_id")
         return media
 
     async def GetMedia(self, request: pb.GetMediaRequest, context: Context) -> pb.GetMediaResponse:
@@ -115,7 +116,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request: pb.ListMediaRequest, context: Context
     ) -> pb.ListMediaResponse:
         page = await self._library.list_page(
-            owner_id=auth.implicit_owner(request.owner_id),
+            owner_id=auth.owner_scope().list_owner(request.owner_id),
             status=_status_filter(request.status),
             page_size=request.page_size,
             page_token=request.page_token,
@@ -130,16 +131,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request: pb.ReprocessMediaRequest, context: Context
     ) -> pb.ReprocessMediaResponse:
         media_ids = list(request.media_ids)
-        owner_id = request.owner_id
-        owners = auth.allowed_owners()
-        if owners is not None:
-            if media_ids:
-                known = await self._library.owners_of(media_ids)
-                for index, media_id in enumerate(media_ids):
-                    auth.check_item(known.get(media_id), media_id, f"media_ids[{index}]")
-                auth.check_owner(owner_id)
-            else:
-                owner_id = auth.implicit_owner(owner_id)
+        owner_id = await auth.owner_scope().check_selection(
+            media_ids, request.owner_id, self._library.owners_of
+        )
         reprocessed = await self._library.reprocess(
             media_ids,
             owner_id=owner_id,
