@@ -1,0 +1,3 @@
+"""The ``mediatag`` command (``main.main``): serves the services and calls them."""
+
+__all__ = ["main"]

@@ -1,1 +1,3 @@
 """Image analysers behind one small interface, chosen by configuration."""
+
+__all__ = ["base", "registry"]

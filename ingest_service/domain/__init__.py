@@ -1,1 +1,13 @@
 """What the ingest service does, free of protobuf and SQL (except at the analysis client edge)."""
+
+__all__ = [
+    "blobs",
+    "library",
+    "mirror",
+    "models",
+    "outbox",
+    "requests",
+    "sniff",
+    "stream_upload",
+    "uploads",
+]

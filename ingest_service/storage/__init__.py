@@ -1,1 +1,3 @@
 """Tables and queries of the ingest database."""
+
+__all__ = ["repository", "schema"]
