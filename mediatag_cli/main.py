@@ -22,7 +22,7 @@ from mediatag_cli.settings import (
     client_settings,
     serve_settings,
 )
-from mediatag_cli.values import (
+from mediatag_common.values import (
     int32,
     key_value,
     non_negative_int,
@@ -90,32 +90,40 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--owner", required=True, metavar="ID", help="owner of the media")
     upload.add_argument("--category", default="", help="category, e.g. Hair")
     upload.add_argument(
-        "--context", action="append", type=key_value, metavar="KEY=VALUE",
+        "--context",
+        action="append",
+        type=key_value,
+        metavar="KEY=VALUE",
         help="context for the analyser; repeatable",
-    )  # fmt: skip
+    )
     upload.add_argument(
         "--priority", type=int32, default=0, metavar="N", help="higher is analysed first"
     )
     upload.add_argument(
-        "--watch", action="store_true",
+        "--watch",
+        action="store_true",
         help="follow the analysis until every image is done; exit 1 if any failed",
-    )  # fmt: skip
+    )
 
     watch = client("watch", "stream status changes (Ctrl-C to stop)")
     watch.add_argument("media_ids", nargs="*", metavar="MEDIA_ID", help="only these items")
     watch.add_argument("--owner", default="", metavar="ID", help="only this owner's items")
     watch.add_argument(
-        "--since", type=non_negative_int, default=0, metavar="REVISION",
+        "--since",
+        type=non_negative_int,
+        default=0,
+        metavar="REVISION",
         help="every change after this revision (default: from now)",
-    )  # fmt: skip
+    )
     watch.add_argument(
         "--initial", action="store_true", help="first show the current state of every item"
     )
     watch.add_argument(
-        "--until-terminal", action="store_true",
+        "--until-terminal",
+        action="store_true",
         help="stop once every MEDIA_ID is completed, failed or not applicable; "
         "exit 1 if any failed",
-    )  # fmt: skip
+    )
 
     get = client("get", "show one item")
     get.add_argument("media_id", metavar="MEDIA_ID")
@@ -124,9 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls = client("ls", "list an owner's items, newest first")
     ls.add_argument("--owner", required=True, metavar="ID")
     ls.add_argument(
-        "--status", type=parse_status, default=0, metavar="STATUS",
+        "--status",
+        type=parse_status,
+        default=0,
+        metavar="STATUS",
         help="pending, processing, completed, failed or not_applicable",
-    )  # fmt: skip
+    )
     ls.add_argument("--limit", type=positive_int, metavar="N", help="at most N items")
 
     queue = client("queue", "show the analysis queue: counts, workers, rate limits, wait")

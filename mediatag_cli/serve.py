@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2
 
-from mediatag_cli.settings import ServeSettings, connect_address
+from mediatag_cli.settings import ServeSettings
 from mediatag_common.database import DatabaseError
 from mediatag_common.grpc_server import (
     ServiceHost,
@@ -18,6 +18,7 @@ from mediatag_common.grpc_server import (
     open_channel,
     serve_until_signal,
 )
+from mediatag_common.service_config import connect_address
 from mediatag_common.tls import ClientTls
 
 logger = logging.getLogger(__name__)

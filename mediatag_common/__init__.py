@@ -6,7 +6,9 @@
 - ``grpc_server``: server options, health, start/drain/stop, channels;
 - ``database``, ``threaded_database``, ``group_commit``: SQLAlchemy access and batched commits;
 - ``paging``: AIP-158 page tokens; ``backoff``, ``tasks``: retry delays and task shutdown;
-- ``metrics``: each service's Prometheus registry and endpoint.
+- ``metrics``: each service's Prometheus registry and endpoint;
+- ``settings``: how a config field declares its flag and variable; ``values``: parsers of
+  setting values; ``service_config``: the settings both services share.
 """
 
 __all__ = [
@@ -19,8 +21,11 @@ __all__ = [
     "interceptors",
     "metrics",
     "paging",
+    "service_config",
+    "settings",
     "status",
     "tasks",
     "threaded_database",
     "tls",
+    "values",
 ]

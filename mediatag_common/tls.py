@@ -11,6 +11,8 @@ from pathlib import Path
 
 import grpc
 
+from mediatag_common.settings import setting
+
 
 @dataclass(frozen=True)
 class ServerTls:
@@ -49,3 +51,74 @@ class ClientTls:
             private_key=self.key_file.read_bytes() if self.key_file else None,
             certificate_chain=self.cert_file.read_bytes() if self.cert_file else None,
         )
+
+
+@dataclass(frozen=True)
+class ServiceTls:
+    """The PEM files a service serves TLS with and reaches the other service with.
+
+    With a certificate (and its key) the service serves TLS, and presents the same certificate
+    to the other service when asked for a client certificate; the other service is reached
+    over TLS when this one serves TLS or a CA for it is named.
+    """
+
+    cert_file: Path | None = setting(
+        None,
+        flag="--tls-cert",
+        help="PEM certificate chain to serve TLS with; also presented to the other service "
+        "when it asks for a client certificate",
+        parse=Path,
+        metavar="FILE",
+        shown_default="none: plaintext",
+        shared=True,
+    )
+    key_file: Path | None = setting(
+        None,
+        flag="--tls-key",
+        help="PEM private key of --tls-cert",
+        parse=Path,
+        metavar="FILE",
+        shown_default="none",
+        shared=True,
+    )
+    # Clients must present a certificate this CA signed (mutual TLS).
+    client_ca_file: Path | None = setting(
+        None,
+        flag="--tls-client-ca",
+        help="require client certificates signed by this CA (mutual TLS)",
+        parse=Path,
+        metavar="FILE",
+        shown_default="none: no client certificates",
+        shared=True,
+    )
+    # The CA that signed the other service's certificate; None: the system's roots.
+    peer_ca_file: Path | None = setting(
+        None,
+        flag="--tls-ca",
+        help="CA that signed the other service's certificate; with it or --tls-cert the "
+        "services reach each other over TLS",
+        parse=Path,
+        metavar="FILE",
+        shown_default="the system's roots",
+        shared=True,
+    )
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+
+    @property
+    def server(self) -> ServerTls | None:
+        """What the service serves with; None: plaintext."""
+        if self.cert_file is None or self.key_file is None:
+            return None
+        return ServerTls(self.cert_file, self.key_file, self.client_ca_file)
+
+    @property
+    def peer(self) -> ClientTls | None:
+        """How the service reaches the other one; None: plaintext."""
+        if self.cert_file is None and self.peer_ca_file is None:
+            return None
+        return ClientTls(self.peer_ca_file, self.cert_file, self.key_file)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ from mediatag.ingest.v1 import ingest_pb2 as ipb
 from mediatag.ingest.v1 import ingest_pb2_grpc
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig, WatchConfig
+from analysis_service.server import create_server as create_analysis
 from ingest_service.config import IngestConfig
+from ingest_service.server import create_server as create_ingest
 from mediatag_cli.main import parse, run_client
 from mediatag_cli.settings import SettingsError, serve_settings
 from mediatag_common.auth import TokensFileError, load_tokens
@@ -536,6 +539,27 @@ def test_binding_beyond_loopback_without_tokens_needs_insecure(tmp_path: Path) -
     assert TOKENS["service"] not in repr(settings)
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.5"):
         assert _serve(["--host", host]).ingest.host == host
+
+
+@pytest.mark.parametrize(
+    ("config_type", "create_server"),
+    [(IngestConfig, create_ingest), (AnalysisConfig, create_analysis)],
+    ids=["ingest", "analysis"],
+)
+async def test_a_server_built_in_code_refuses_an_exposed_address_without_tokens(
+    tmp_path: Path,
+    config_type: type[IngestConfig | AnalysisConfig],
+    create_server: Callable[..., Awaitable[object]],
+) -> None:
+    """The rule is the config's, so `create_server` callers get it too, not only the CLI."""
+    data_dir = tmp_path / "data"
+    with pytest.raises(ValueError, match="--insecure"):
+        await create_server(config_type(host="0.0.0.0", port=0, data_dir=data_dir))
+    accepted = config_type(host="0.0.0.0", port=0, data_dir=data_dir, insecure=True)
+    with pytest.raises(ValueError, match="--insecure"):
+        replace(accepted, insecure=False)
+    assert not data_dir.exists()
+    assert replace(accepted, insecure=False, tokens_file=tokens_file(tmp_path)).tokens_file
 
 
 def test_a_service_token_comes_from_a_file_or_the_environment(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from mediatag.ingest.v1 import ingest_pb2
 
-from analysis_service.config import RateLimitConfig
+from analysis_service.config import RateLimitConfig, rate_limits
 from mediatag_cli.logging_setup import JsonFormatter, TextFormatter
 from mediatag_cli.main import parse, run_client
 from mediatag_cli.render import parse_status, status_name
@@ -26,7 +26,7 @@ from mediatag_cli.settings import (
     client_settings,
     serve_settings,
 )
-from mediatag_cli.values import byte_size, rate_limits
+from mediatag_common.values import byte_size
 
 MIB = 1024 * 1024
 

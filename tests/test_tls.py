@@ -20,7 +20,7 @@ from ingest_service.config import IngestConfig
 from mediatag_cli.main import parse, run_client
 from mediatag_cli.settings import SettingsError, client_settings, serve_settings
 from mediatag_common.grpc_server import health_check_stub, open_channel
-from mediatag_common.tls import ClientTls, ServerTls
+from mediatag_common.tls import ClientTls, ServerTls, ServiceTls
 from tests import media_samples as samples
 from tests.conftest import Cluster, free_port, wait_until
 from tests.fakes import ScriptedAnalyzer
@@ -34,23 +34,20 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def mutual(pki: Pki) -> tuple[ServerTls, ClientTls]:
+def mutual(pki: Pki) -> ServiceTls:
     """What each service serves with, and how it reaches the other: the README's set-up."""
-    return (
-        ServerTls(pki.server.cert, pki.server.key, client_ca_file=pki.ca),
-        ClientTls(pki.ca, pki.server.cert, pki.server.key),
-    )
+    return ServiceTls(pki.server.cert, pki.server.key, client_ca_file=pki.ca, peer_ca_file=pki.ca)
 
 
 @pytest.fixture
 async def mtls_cluster(make_cluster: Callable[..., Cluster], pki: Pki) -> Cluster:
-    server_tls, peer_tls = mutual(pki)
+    tls_files = mutual(pki)
     cluster = make_cluster(
         analyzer=ScriptedAnalyzer(),
         analysis_config=AnalysisConfig(
-            rate_limits={"local": RateLimitConfig(100, 10)}, tls=server_tls, peer_tls=peer_tls
+            rate_limits={"local": RateLimitConfig(100, 10)}, tls_files=tls_files
         ),
-        ingest_config=IngestConfig(tls=server_tls, peer_tls=peer_tls),
+        ingest_config=IngestConfig(tls_files=tls_files),
     )
     await cluster.start_analysis()
     await cluster.start_ingest()
@@ -128,7 +125,7 @@ async def test_tls_without_client_certificates_and_with_tokens(
     """Server-only TLS: any client that trusts the CA connects; tokens still decide."""
     cluster = make_cluster(
         ingest_config=IngestConfig(
-            tls=ServerTls(pki.server.cert, pki.server.key),
+            tls_files=ServiceTls(pki.server.cert, pki.server.key),
             tokens_file=tokens_file(tmp_path / "secrets"),
         )
     )

@@ -20,7 +20,8 @@ import pytest
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig
-from ingest_service.config import MIB, IngestConfig, UploadLimits
+from ingest_service.config import IngestConfig, UploadLimits
+from mediatag_common.service_config import MIB
 from tests import media_samples as samples
 from tests.conftest import Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from analysis_service.analyzers.base import Analyzer
-from analysis_service.config import AnalysisConfig
-
-ANALYZERS = ("local", "google")
+from analysis_service.config import ANALYZERS, AnalysisConfig
 
 
 def build_analyzer(config: AnalysisConfig) -> Analyzer:
     """The analyser named by ``config.analyzer``.
 
-    ``ValueError`` for a configuration it cannot use; ``RuntimeError`` when what it needs is
-    missing (the ``google`` extra, Google credentials).
+    ``ValueError`` for an analyser it does not know (the config refuses settings a known one
+    cannot use); ``RuntimeError`` when what it needs is missing (the ``google`` extra, Google
+    credentials).
     """
     if config.analyzer == "local":
         from analysis_service.analyzers.local import LocalAnalyzer
@@ -22,7 +21,6 @@ def build_analyzer(config: AnalysisConfig) -> Analyzer:
             processes=config.analyzer_processes,
         )
     if config.analyzer == "google":
-        config.google.check(config.embedding_dimensions)
         try:
             # Imported here: the Google client libraries are the optional `google` extra.
             from analysis_service.analyzers.google import GoogleAnalyzer

@@ -1,6 +1,7 @@
-"""Parsers of flag and environment values: each turns a string into a value or explains why not.
+"""Parsers of setting values: each turns a flag's or variable's text into a value, or says why not.
 
-They raise ``argparse.ArgumentTypeError``, whose message argparse shows as a usage error.
+They raise ``argparse.ArgumentTypeError``, whose message argparse shows as a usage error; the
+settings of the services' configs name them (see :mod:`mediatag_common.settings`).
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ import argparse
 import math
 import re
 from collections.abc import Callable, Sequence
-
-from analysis_service.config import RateLimitConfig
 
 SQLITE_SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -105,7 +104,7 @@ def key_value(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
-def _one_of(choices: Sequence[str], *, upper: bool) -> Callable[[str], str]:
+def one_of(choices: Sequence[str], *, upper: bool) -> Callable[[str], str]:
     """Case-insensitive choice; the value comes back in the case of ``choices``."""
 
     def parse(text: str) -> str:
@@ -118,35 +117,26 @@ def _one_of(choices: Sequence[str], *, upper: bool) -> Callable[[str], str]:
     return parse
 
 
-sqlite_synchronous = _one_of(SQLITE_SYNCHRONOUS_MODES, upper=True)
-log_level = _one_of(LOG_LEVELS, upper=True)
-log_format = _one_of(LOG_FORMATS, upper=False)
+sqlite_synchronous = one_of(SQLITE_SYNCHRONOUS_MODES, upper=True)
+log_level = one_of(LOG_LEVELS, upper=True)
+log_format = one_of(LOG_FORMATS, upper=False)
 
 
-def analyzer_name(text: str) -> str:
-    """The name of an analyser the analysis service has."""
-    # Imported here: the registry pulls in numpy, which the client commands do not need.
-    from analysis_service.analyzers.registry import ANALYZERS
-
-    return _one_of(ANALYZERS, upper=False)(text)
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+_FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 
-def rate_limits(text: str) -> dict[str, RateLimitConfig]:
-    """``API=RATE[:BURST]``, several separated by commas: ``local=2:1,vision=30``.
+def switch(text: str) -> bool:
+    """An on/off setting's variable: ``1``/``0`` (true/false, yes/no, on/off)."""
+    value = text.strip().lower()
+    if value not in _TRUE_WORDS | _FALSE_WORDS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 1 or 0 (true/false, yes/no, on/off)")
+    return value in _TRUE_WORDS
 
-    RATE is calls per second (> 0); BURST the calls allowed back to back (default 1).
-    """
-    limits: dict[str, RateLimitConfig] = {}
-    for entry in (part.strip() for part in text.split(",")):
-        api, equals, spec = entry.partition("=")
-        api = api.strip()
-        if not equals or not api or any(c.isspace() for c in api):
-            raise argparse.ArgumentTypeError(f"{entry!r} is not API=RATE[:BURST], e.g. local=2:1")
-        rate_text, colon, burst_text = spec.partition(":")
-        try:
-            rate = positive_float(rate_text)
-            burst = positive_int(burst_text) if colon else 1
-        except argparse.ArgumentTypeError as error:
-            raise argparse.ArgumentTypeError(f"{entry!r}: {error}") from None
-        limits[api] = RateLimitConfig(rate_per_second=rate, burst=burst)
-    return limits
+
+def secret(text: str) -> str:
+    """A token: non-empty, no spaces; never quoted back in an error."""
+    value = text.strip()
+    if not value or any(c.isspace() for c in value):
+        raise argparse.ArgumentTypeError("a token must be non-empty and contain no spaces")
+    return value

@@ -1,0 +1,189 @@
+"""The settings both services share: where a service listens and keeps its data, how it drains,
+how it is secured and where its metrics are. Each service's config extends :class:`ServiceConfig`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from mediatag_common.grpc_server import is_loopback
+from mediatag_common.settings import Lookup, setting
+from mediatag_common.tls import ClientTls, ServerTls, ServiceTls
+from mediatag_common.values import (
+    SQLITE_SYNCHRONOUS_MODES,
+    non_negative_float,
+    port,
+    port_or_off,
+    secret,
+    sqlite_synchronous,
+    word,
+)
+
+MIB = 1024 * 1024
+# Hosts that mean "every interface": fine to bind, but not an address to connect to.
+_WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
+
+
+def connect_address(host: str, port_number: int) -> str:
+    """A gRPC target that reaches ``host:port``; a wildcard bind host becomes loopback."""
+    host = _WILDCARD_HOSTS.get(host, host)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port_number}"
+
+
+def peer_address(peer: str) -> Callable[[Lookup], str]:
+    """The default address of the ``peer`` service: this host, the peer's port."""
+
+    def derive(lookup: Lookup) -> str:
+        peer_port: int = lookup(f"--{peer}-port")
+        if peer_port == 0:
+            raise ValueError(
+                f"a port of 0 is only known once bound, so --{peer}-address (or "
+                f"MEDIATAG_{peer.upper()}_ADDRESS) must say where the other service is"
+            )
+        return connect_address(lookup("--host"), peer_port)
+
+    return derive
+
+
+def _own_directory(root: Path, service: str) -> Path:
+    return root / service
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What every service needs to run. A subclass names its ``SERVICE`` (the flags of the
+    settings each service has its own of are named after it) and redeclares the defaults that
+    differ between services (``mediatag_common.settings.redeclared``).
+
+    Security is off by default, as on loopback: binding an address other machines can reach
+    needs a tokens file, or ``insecure``.
+    """
+
+    SERVICE: ClassVar[str]
+
+    host: str = setting(
+        "127.0.0.1", flag="--host", help="address to bind", parse=word, metavar="HOST", shared=True
+    )
+    # 0 picks a free port. Both services take both ports: each reaches the other on its port.
+    port: int = setting(
+        0,
+        flag="--{service}-port",
+        help="port of the {service} service",
+        parse=port,
+        metavar="PORT",
+        shared=True,
+    )
+    # This service's own directory; the command names the root that holds both.
+    data_dir: Path = setting(
+        Path("data"),
+        flag="--data-dir",
+        help="data root: ingest uses DIR/ingest, analysis DIR/analysis",
+        parse=Path,
+        metavar="DIR",
+        shown_default="./data",
+        command_default=Path("data"),
+        per_service=_own_directory,
+        shared=True,
+    )
+    # None: an SQLite file in data_dir.
+    database_url: str | None = setting(
+        None,
+        flag="--{service}-database-url",
+        help="SQLAlchemy URL of the {service} database",
+        parse=word,
+        metavar="URL",
+        shown_default="SQLite file DIR/{service}/{service}.db",
+    )
+    sqlite_synchronous: str = setting(
+        "FULL",
+        flag="--sqlite-synchronous",
+        help=f"SQLite synchronous pragma: {', '.join(SQLITE_SYNCHRONOUS_MODES)}",
+        parse=sqlite_synchronous,
+        metavar="MODE",
+        shared=True,
+    )
+    # The largest gRPC message, either way.
+    max_message_bytes: int = 64 * MIB
+    grace_period: float = setting(
+        10.0,
+        flag="--grace-period",
+        help="seconds in-flight work gets to finish on SIGTERM",
+        parse=non_negative_float,
+        metavar="SECONDS",
+        shared=True,
+    )
+    # With a tokens file every call but health and reflection needs a bearer token.
+    tokens_file: Path | None = setting(
+        None,
+        flag="--tokens-file",
+        help="TOML file of bearer tokens, their roles and owners; every call but health and "
+        "reflection then needs a token",
+        parse=Path,
+        metavar="FILE",
+        shown_default="none: no authentication",
+        shared=True,
+    )
+    # The token (role service) this service calls the other one with.
+    service_token: str | None = setting(
+        None,
+        flag="--service-token",
+        help="token (role service) this service sends to the other one; prefer the variable "
+        "or --service-token-file, a flag shows in the process list",
+        parse=secret,
+        metavar="TOKEN",
+        shown_default="none",
+        file_flag="--service-token-file",
+        file_help="file holding the service token",
+        shared=True,
+        repr=False,
+    )
+    # Allows binding an address other machines reach without a tokens file.
+    insecure: bool = setting(
+        False,
+        flag="--insecure",
+        help="allow binding a non-loopback address without --tokens-file (anyone who reaches "
+        "the port may call every method)",
+        shared=True,
+    )
+    tls_files: ServiceTls = field(default_factory=ServiceTls)
+    # Prometheus metrics at http://host:metrics_port/metrics; None: off (an embedded service
+    # grabs no port unasked; `mediatag serve` serves them); 0 picks a free port.
+    metrics_port: int | None = setting(
+        None,
+        flag="--{service}-metrics-port",
+        help="port of the {service} service's Prometheus metrics (http://HOST:PORT/metrics); "
+        "off disables them, 0 picks a free port",
+        parse=port_or_off,
+        metavar="PORT|off",
+    )
+    # How often the metrics read from the database are refreshed.
+    metrics_refresh_interval: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.tokens_file is None and not self.insecure and not is_loopback(self.host):
+            raise ValueError(
+                f"binding {self.host}, which other machines can reach, without --tokens-file "
+                "lets anyone call every method: give --tokens-file, or --insecure if that is "
+                "what you want"
+            )
+
+    @property
+    def tls(self) -> ServerTls | None:
+        """What the service serves TLS with; None: plaintext."""
+        return self.tls_files.server
+
+    @property
+    def peer_tls(self) -> ClientTls | None:
+        """How the service reaches the other one over TLS; None: plaintext."""
+        return self.tls_files.peer
+
+    @property
+    def resolved_database_url(self) -> str:
+        from mediatag_common.database import sqlite_url
+
+        return self.database_url or sqlite_url(str(self.data_dir / f"{self.SERVICE}.db"))
