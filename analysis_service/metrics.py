@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from analysis_service.domain.models import AttemptOutcome, JobStatus
 from analysis_service.domain.observer import CallOutcome
-from mediatag_common.metrics import GrpcServerMetrics, new_registry
+from mediatag_common.metrics import ServiceMetrics
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -68,16 +68,15 @@ class Readings:
     quota_errors: Callable[[], Mapping[str, int]]
 
 
-class AnalysisMetrics:
+class AnalysisMetrics(ServiceMetrics):
     """The analysis service's metrics; ``registry`` is what its ``/metrics`` serves.
 
     An :class:`~analysis_service.domain.observer.AnalysisObserver`.
     """
 
     def __init__(self) -> None:
-        self.registry = new_registry()
+        super().__init__()
         registry = self.registry
-        self.grpc = GrpcServerMetrics(registry)
         self.attempt_duration = Histogram(
             "mediatag_job_attempt_duration_seconds",
             "Time from claiming a job to recording the outcome of that attempt.",

@@ -23,8 +23,8 @@ from analysis_service.ingest_content import IngestContent
 from analysis_service.metrics import AnalysisMetrics, Readings
 from analysis_service.storage.schema import MIGRATIONS
 from mediatag_common.auth import load_tokens
-from mediatag_common.grpc_server import ServiceHost, bind, new_server, warn_if_exposed
-from mediatag_common.metrics import MetricsServer
+from mediatag_common.grpc_server import ServiceHost
+from mediatag_common.service_wiring import listening_server, metrics_server
 from mediatag_common.threaded_database import ThreadedDatabase
 
 logger = logging.getLogger(__name__)
@@ -97,21 +97,10 @@ async def create_server(
     async def refresh_queue_depth() -> None:
         metrics.record_queue_depth(*await queue.depth())
 
-    metrics_server = (
-        MetricsServer(
-            metrics.registry,
-            name="analysis",
-            host=config.host,
-            port=config.metrics_port,
-            refresh=refresh_queue_depth,
-            refresh_interval=config.metrics_refresh_interval,
-        )
-        if config.metrics_port is not None
-        else None
-    )
-    server = new_server(
-        max_message_bytes=config.max_message_bytes,
-        interceptors=[] if metrics_server is None else [metrics.grpc.interceptor()],
+    metrics_endpoint = metrics_server(config, metrics, refresh=refresh_queue_depth)
+    server, port = listening_server(
+        config,
+        metrics_endpoint,
         tokens=tokens,
         method_roles=METHOD_ROLES,
         status_codes=STATUS_CODES,
@@ -128,13 +117,10 @@ async def create_server(
         ),
         server,
     )
-    port = bind(server, f"{config.host}:{config.port}", config.tls)
-    warn_if_exposed("analysis", config.host, tokens=tokens, tls=config.tls)
 
     async def on_start() -> None:
         # First: if its port is taken, nothing else has started yet.
-        if metrics_server is not None:
-            metrics_server.start()
+        metrics_endpoint.start()
         pool.start()
         maintenance.start()
         logger.info(
@@ -155,8 +141,7 @@ async def create_server(
         await pool.drain(grace)
 
     async def on_stop() -> None:
-        if metrics_server is not None:
-            await metrics_server.stop()
+        await metrics_endpoint.stop()
         await maintenance.stop()
         await content.close()
         await close_analyzer(analyzer)

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-from mediatag_common.metrics import GrpcServerMetrics, new_registry
+from mediatag_common.metrics import ServiceMetrics
 
 
-class IngestMetrics:
+class IngestMetrics(ServiceMetrics):
     """The ingest service's metrics; ``registry`` is what its ``/metrics`` serves.
 
     An :class:`~ingest_service.domain.observer.IngestObserver`.
     """
 
     def __init__(self) -> None:
-        self.registry = new_registry()
+        super().__init__()
         registry = self.registry
-        self.grpc = GrpcServerMetrics(registry)
         self.outbox_backlog = Gauge(
             "mediatag_outbox_backlog",
             "Analysis jobs committed but not yet delivered to the analysis service "

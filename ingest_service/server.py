@@ -24,13 +24,10 @@ from mediatag_common.auth import load_tokens
 from mediatag_common.database import Database
 from mediatag_common.grpc_server import (
     ServiceHost,
-    bind,
     channel_options,
-    new_server,
     open_channel,
-    warn_if_exposed,
 )
-from mediatag_common.metrics import MetricsServer
+from mediatag_common.service_wiring import listening_server, metrics_server
 
 logger = logging.getLogger(__name__)
 
@@ -95,21 +92,10 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
     async def refresh_backlog() -> None:
         metrics.outbox_backlog.set(await forwarder.backlog())
 
-    metrics_server = (
-        MetricsServer(
-            metrics.registry,
-            name="ingest",
-            host=config.host,
-            port=config.metrics_port,
-            refresh=refresh_backlog,
-            refresh_interval=config.metrics_refresh_interval,
-        )
-        if config.metrics_port is not None
-        else None
-    )
-    server = new_server(
-        max_message_bytes=config.max_message_bytes,
-        interceptors=[] if metrics_server is None else [metrics.grpc.interceptor()],
+    metrics_endpoint = metrics_server(config, metrics, refresh=refresh_backlog)
+    server, port = listening_server(
+        config,
+        metrics_endpoint,
         tokens=tokens,
         method_roles=METHOD_ROLES,
         status_codes=STATUS_CODES,
@@ -117,13 +103,10 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(
         IngestServicer(uploads=uploads, streams=streams, library=library), server
     )
-    port = bind(server, f"{config.host}:{config.port}", config.tls)
-    warn_if_exposed("ingest", config.host, tokens=tokens, tls=config.tls)
 
     async def on_start() -> None:
         # First: if its port is taken, nothing else has started yet.
-        if metrics_server is not None:
-            metrics_server.start()
+        metrics_endpoint.start()
         forwarder.start()
         mirror.start()
         requests.start()
@@ -140,8 +123,7 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         return
 
     async def on_stop() -> None:
-        if metrics_server is not None:
-            await metrics_server.stop()
+        await metrics_endpoint.stop()
         await uploads.close()
         await requests.stop()
         await forwarder.stop()

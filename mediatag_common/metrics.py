@@ -1,5 +1,6 @@
-"""Prometheus plumbing both services share: a registry per service, its ``/metrics`` endpoint,
-gRPC request metrics, and the periodic refresh of values that live in the database.
+"""Prometheus plumbing both services share: a registry per service with its gRPC request
+metrics (:class:`ServiceMetrics`), its ``/metrics`` endpoint, and the periodic refresh of
+values that live in the database (:class:`MetricsServer`).
 
 ``mediatag serve`` runs both services in one process, so each service has its own registry
 and its own HTTP server, never prometheus_client's global default registry.
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 GRPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
 
 
-def new_registry() -> CollectorRegistry:
+def _new_registry() -> CollectorRegistry:
     """A service's own registry, with the process, platform and GC metrics of this process."""
     registry = CollectorRegistry()
     # The same process-wide collectors serve every registry: each endpoint describes the
@@ -75,6 +76,14 @@ class GrpcServerMetrics:
 
     def interceptor(self) -> grpc.aio.ServerInterceptor:
         return MetricsInterceptor(self)
+
+
+class ServiceMetrics:
+    """What every service's metrics start from: its own registry and its gRPC call metrics."""
+
+    def __init__(self) -> None:
+        self.registry = _new_registry()
+        self.grpc = GrpcServerMetrics(self.registry)
 
 
 _CALL_TYPES = {
@@ -169,23 +178,25 @@ class MetricsInterceptor(BehaviorInterceptor):
 
 
 class MetricsServer:
-    """Serves one registry at ``http://host:port/metrics`` while its service runs.
+    """Serves a service's metrics at ``http://host:port/metrics`` while the service runs.
 
-    ``refresh`` (if given) runs on the event loop every ``refresh_interval`` seconds while
-    serving, to bring values that need the database up to date.
+    With ``port`` None the metrics are off: nothing is served and gRPC calls are not
+    metered. ``refresh`` (if given) runs on the event loop every ``refresh_interval``
+    seconds while serving, to bring values that need the database up to date.
     """
 
     def __init__(
         self,
-        registry: CollectorRegistry,
+        metrics: ServiceMetrics,
         *,
         name: str,
         host: str,
-        port: int,
+        port: int | None,
         refresh: Callable[[], Awaitable[None]] | None = None,
         refresh_interval: float = 5.0,
     ) -> None:
-        self.registry = registry
+        self.registry = metrics.registry
+        self._grpc = metrics.grpc
         self._name = name
         self._host = host
         self._requested_port = port
@@ -199,11 +210,18 @@ class MetricsServer:
         """The bound port while serving (the one picked when 0 was asked for)."""
         return self._http.server_port if self._http is not None else None
 
-    def start(self) -> int:
-        """Bind and serve on a daemon thread; returns the bound port.
+    @property
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """What the service's gRPC server installs: the call metrics, unless metrics are off."""
+        return [] if self._requested_port is None else [self._grpc.interceptor()]
+
+    def start(self) -> int | None:
+        """Bind and serve on a daemon thread; returns the bound port (None: metrics off).
 
         Raises OSError (e.g. the port is taken) with the address in its message.
         """
+        if self._requested_port is None:
+            return None
         try:
             self._http, _ = start_http_server(
                 self._requested_port, addr=self._host, registry=self.registry
