@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from analysis_service.domain.models import JobError, JobResult, JobStatus, StatusEvent
 from analysis_service.storage import schema
 from analysis_service.storage.schema import counters, events, jobs, results
+from mediatag_common.embeddings import embedding_from_bytes
 
 
 def allocate_revisions(conn: Connection, count: int) -> int:
@@ -82,7 +82,7 @@ def result_from_row(row: Any, reused: bool, with_embedding: bool) -> JobResult |
     """The JobResult of a row joined with ``results`` (None when it has no result)."""
     if row.tags is None:
         return None
-    embedding = np.frombuffer(row.embedding, dtype=np.float32) if with_embedding else None
+    embedding = embedding_from_bytes(row.embedding) if with_embedding else None
     return JobResult(
         tags=tuple(row.tags),
         embedding=embedding,

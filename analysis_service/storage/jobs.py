@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -20,6 +19,7 @@ from analysis_service.domain.models import (
 )
 from analysis_service.storage.events import error_from_row, result_from_row
 from analysis_service.storage.schema import attempts, jobs, results
+from mediatag_common.embeddings import embedding_to_bytes
 
 # Queue order: priority first, then submission time (media id breaks ties).
 QUEUE_ORDER = (jobs.c.priority.desc(), jobs.c.submitted_at, jobs.c.media_id)
@@ -244,7 +244,7 @@ def store_result(conn: Connection, key: str, sha256: str, result: JobResult, now
             analyzer_name=result.analyzer_name,
             analyzer_version=result.analyzer_version,
             tags=list(result.tags),
-            embedding=np.asarray(result.embedding, dtype=np.float32).tobytes(),
+            embedding=embedding_to_bytes(result.embedding),
             embedding_dimensions=result.embedding_dimensions,
             created_at=now,
         )

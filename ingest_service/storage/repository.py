@@ -6,7 +6,6 @@ from collections.abc import Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -28,6 +27,7 @@ from ingest_service.storage.schema import (
     upload_requests,
 )
 from mediatag_common.database import Database, DatabaseError, raising_as
+from mediatag_common.embeddings import embedding_from_bytes, embedding_to_bytes
 
 # ListMedia order: newest first; the id breaks ties within one upload.
 LIST_ORDER = (media.c.created_at.desc(), media.c.id.desc())
@@ -60,7 +60,7 @@ def media_from_row(row: Any) -> Media:
         raw = getattr(row, "embedding", None)
         outcome = AnalysisOutcome(
             tags=tuple(row.tags or ()),
-            embedding=np.frombuffer(raw, dtype=np.float32) if raw is not None else None,
+            embedding=embedding_from_bytes(raw) if raw is not None else None,
             embedding_dimensions=row.embedding_dimensions,
             analyzer_name=row.analyzer_name,
             analyzer_version=row.analyzer_version,
@@ -97,7 +97,7 @@ def _outcome_values(outcome: AnalysisOutcome | None) -> dict[str, Any]:
     """Column values recording ``outcome`` (or clearing it)."""
     embedding = None
     if outcome is not None and outcome.embedding is not None:
-        embedding = np.asarray(outcome.embedding, dtype=np.float32).tobytes()
+        embedding = embedding_to_bytes(outcome.embedding)
     return {
         "tags": list(outcome.tags) if outcome else None,
         "embedding": embedding,
