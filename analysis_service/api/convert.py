@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from google.protobuf import duration_pb2, timestamp_pb2
 from mediatag.analysis.v1 import analysis_pb2 as pb
 
 from analysis_service.domain.models import (
@@ -18,27 +17,12 @@ from analysis_service.domain.models import (
     QueueStatus,
     StatusEvent,
 )
+from mediatag_common.proto_time import duration, timestamp
 
 STATUS_TO_PB: dict[JobStatus, pb.ProcessingStatus] = {
     status: getattr(pb, f"PROCESSING_STATUS_{status.value}") for status in JobStatus
 }
 STATUS_FROM_PB: dict[int, JobStatus] = {value: status for status, value in STATUS_TO_PB.items()}
-
-
-def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
-    if seconds is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
-def duration(seconds: float | None) -> duration_pb2.Duration | None:
-    if seconds is None:
-        return None
-    value = duration_pb2.Duration()
-    value.FromNanoseconds(int(seconds * 1e9))
-    return value
 
 
 def status_from_pb(value: int) -> JobStatus | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from google.protobuf import timestamp_pb2
 from mediatag.ingest.v1 import ingest_pb2 as pb
 
 from ingest_service.domain.models import (
@@ -13,6 +12,7 @@ from ingest_service.domain.models import (
     UploadFile,
     UploadRequest,
 )
+from mediatag_common.proto_time import timestamp
 
 STATUS_TO_PB: dict[ProcessingStatus, pb.ProcessingStatus] = {
     status: getattr(pb, f"PROCESSING_STATUS_{status.value}") for status in ProcessingStatus
@@ -21,12 +21,6 @@ STATUS_FROM_PB: dict[int, ProcessingStatus] = {value: s for s, value in STATUS_T
 KIND_TO_PB: dict[MediaKind, pb.MediaKind] = {
     kind: getattr(pb, f"MEDIA_KIND_{kind.value}") for kind in MediaKind
 }
-
-
-def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
 
 
 def upload_from_pb(request: pb.UploadMediaRequest) -> UploadRequest:
