@@ -6,7 +6,10 @@
 - ``grpc_server``: server options, health, start/drain/stop, channels;
 - ``database``, ``threaded_database``, ``group_commit``: SQLAlchemy access and batched commits;
 - ``paging``: AIP-158 page tokens; ``backoff``, ``tasks``: retry delays and task shutdown;
-- ``metrics``: each service's Prometheus registry and endpoint;
+- ``metrics``: each service's Prometheus registry and endpoint; ``service_wiring``: the
+  metrics endpoint and listening gRPC server both ``create_server`` build from their config;
+- ``embeddings``: an embedding as stored bytes; ``proto_time``: seconds as protobuf
+  Timestamp and Duration;
 - ``settings``: how a config field declares its flag and variable; ``values``: parsers of
   setting values; ``service_config``: the settings both services share.
 """
@@ -15,13 +18,16 @@ __all__ = [
     "auth",
     "backoff",
     "database",
+    "embeddings",
     "errors",
     "group_commit",
     "grpc_server",
     "interceptors",
     "metrics",
     "paging",
+    "proto_time",
     "service_config",
+    "service_wiring",
     "settings",
     "status",
     "tasks",

@@ -5,6 +5,7 @@ __all__ = [
     "library",
     "mirror",
     "models",
+    "observer",
     "outbox",
     "requests",
     "sniff",
