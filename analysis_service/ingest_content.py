@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import grpc
 from mediatag.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
@@ -15,8 +13,6 @@ from analysis_service.errors import (
 )
 from mediatag_common.grpc_server import open_channel
 from mediatag_common.tls import ClientTls
-
-logger = logging.getLogger(__name__)
 
 # Ingest down, restarting, draining or overloaded: wait for it without using attempts. A
 # refused service token is a configuration mistake, not the image's fault: jobs wait for
