@@ -12,6 +12,9 @@ The tree::
     ServiceError                  any refusal; INTERNAL unless a table says otherwise
     ├── Unauthenticated           TOKEN_MISSING, TOKEN_INVALID
     ├── PermissionDenied          ROLE_NOT_ALLOWED, OWNER_NOT_ALLOWED
+    ├── MalformedRequest          a request message that does not decode
+    ├── RequestTooSlow            a request message that took too long to arrive
+    ├── ServerBusy                no room to read one more request message
     ├── AnalysisError             the analysis service's tree (analysis_service.errors)
     └── IngestError               the ingest service's tree (ingest_service.errors)
 """
@@ -88,6 +91,24 @@ class PermissionDenied(ServiceError):
     """A known principal asked for something its roles or owners do not cover."""
 
     reason = "ROLE_NOT_ALLOWED"
+
+
+class MalformedRequest(ServiceError):
+    """A request message that is not the protobuf message of its method."""
+
+    reason = "MALFORMED_REQUEST"
+
+
+class RequestTooSlow(ServiceError):
+    """A request message that did not arrive in time: the call held memory meanwhile."""
+
+    reason = "REQUEST_TOO_SLOW"
+
+
+class ServerBusy(ServiceError):
+    """The request messages being read and served already take all the room allowed."""
+
+    reason = "SERVER_BUSY"
 
 
 # ---- reading a refusal back (clients and tests) ----

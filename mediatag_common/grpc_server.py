@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mediatag_common.auth import AuthInterceptor, MethodRoles, TokenTable, token_interceptors
+from mediatag_common.request_bodies import RequestGate, RequestLimits, RequestReader
 from mediatag_common.status import ErrorMappingInterceptor, StatusCodes
 from mediatag_common.tasks import cancel_and_wait
 from mediatag_common.tls import ClientTls, ServerTls
@@ -32,8 +33,8 @@ KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
 
 
 def new_server(
+    limits: RequestLimits,
     *,
-    max_message_bytes: int,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     tokens: TokenTable | None = None,
     method_roles: MethodRoles | None = None,
@@ -47,21 +48,24 @@ def new_server(
     ``interceptors`` run outside the error mapping, so they see the status it sets
     (the metrics interceptor goes there). With ``tokens``, every call but health and
     reflection is authenticated and checked against ``method_roles``, inside the error
-    mapping so that its refusals carry AIP-193 details.
+    mapping so that its refusals carry AIP-193 details. A request message is read only after
+    that, within ``limits`` (see :mod:`mediatag_common.request_bodies`).
     """
     options: list[tuple[str, Any]] = [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", limits.max_message_bytes),
         # Without this, a second process binds a port already in use and splits its traffic.
         ("grpc.so_reuseport", 0),
         *KEEPALIVE_OPTIONS,
     ]
     chain: list[grpc.aio.ServerInterceptor] = [
+        RequestGate(),
         *interceptors,
         ErrorMappingInterceptor(status_codes or {}),
     ]
     if tokens is not None:
         chain.append(AuthInterceptor(tokens, method_roles or {}))
+    chain.append(RequestReader(limits))
     return grpc.aio.server(interceptors=chain, options=options)
 
 

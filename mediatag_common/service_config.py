@@ -10,13 +10,16 @@ from pathlib import Path
 from typing import ClassVar
 
 from mediatag_common.grpc_server import is_loopback
+from mediatag_common.request_bodies import RequestLimits
 from mediatag_common.settings import Lookup, setting
 from mediatag_common.tls import ClientTls, ServerTls, ServiceTls
 from mediatag_common.values import (
     SQLITE_SYNCHRONOUS_MODES,
+    byte_size,
     non_negative_float,
     port,
     port_or_off,
+    positive_float,
     secret,
     sqlite_synchronous,
     word,
@@ -109,6 +112,28 @@ class ServiceConfig:
     )
     # The largest gRPC message, either way.
     max_message_bytes: int = 64 * MIB
+    # Request messages held at once: one being read counts as max_message_bytes (its size is
+    # known once read), one read as its size until its call is answered. None: two messages of
+    # max_message_bytes. See mediatag_common.request_bodies.
+    max_request_bytes_in_flight: int | None = setting(
+        None,
+        flag="--{service}-request-memory",
+        help="bytes of request messages the {service} service holds at once (a message being "
+        "read counts as the largest allowed); further calls wait",
+        parse=byte_size,
+        metavar="SIZE",
+        shown_default="two of its largest messages",
+    )
+    # How long a call waits for room to read its request message, and then for the message.
+    request_read_timeout: float = setting(
+        60.0,
+        flag="--request-read-timeout",
+        help="seconds a call waits for room to read its request message (RESOURCE_EXHAUSTED "
+        "SERVER_BUSY), and then for the message to arrive (DEADLINE_EXCEEDED REQUEST_TOO_SLOW)",
+        parse=positive_float,
+        metavar="SECONDS",
+        shared=True,
+    )
     grace_period: float = setting(
         10.0,
         flag="--grace-period",
@@ -171,6 +196,15 @@ class ServiceConfig:
                 "lets anyone call every method: give --tokens-file, or --insecure if that is "
                 "what you want"
             )
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        """How request messages are read (``mediatag_common.request_bodies``)."""
+        return RequestLimits(
+            max_message_bytes=self.max_message_bytes,
+            max_bytes_in_flight=self.max_request_bytes_in_flight or 2 * self.max_message_bytes,
+            read_timeout=self.request_read_timeout,
+        )
 
     @property
     def tls(self) -> ServerTls | None:

@@ -46,7 +46,7 @@ def listening_server(
     when 0 was asked for). Warns if other machines can call it unprotected.
     """
     server = new_server(
-        max_message_bytes=config.max_message_bytes,
+        config.request_limits,
         interceptors=metrics.interceptors,
         tokens=tokens,
         method_roles=method_roles,

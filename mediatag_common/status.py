@@ -22,7 +22,15 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from mediatag_common.errors import DOMAIN, PermissionDenied, ServiceError, Unauthenticated
+from mediatag_common.errors import (
+    DOMAIN,
+    MalformedRequest,
+    PermissionDenied,
+    RequestTooSlow,
+    ServerBusy,
+    ServiceError,
+    Unauthenticated,
+)
 from mediatag_common.interceptors import Behavior, BehaviorInterceptor
 
 logger = logging.getLogger(__name__)
@@ -33,6 +41,9 @@ STATUS_CODES: StatusCodes = {
     ServiceError: grpc.StatusCode.INTERNAL,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    MalformedRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    RequestTooSlow: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ServerBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -80,27 +91,31 @@ class ErrorMappingInterceptor(BehaviorInterceptor):
     def __init__(self, codes: StatusCodes = STATUS_CODES) -> None:
         self._codes = {**STATUS_CODES, **codes}
 
-    async def _abort(
-        self, context: grpc.aio.ServicerContext[Any, Any], error: ServiceError
-    ) -> None:
-        status = to_grpc_status(error, status_code(error, self._codes))
-        await context.abort(status.code, status.details, status.trailing_metadata)
+    def _status(self, error: ServiceError) -> grpc.Status:
+        return to_grpc_status(error, status_code(error, self._codes))
 
     @staticmethod
     def _internal(method: str, exc: Exception) -> ServiceError:
         logger.exception("unexpected error in %s", method, exc_info=exc)
         return ServiceError("internal error")
 
+    # The abort is raised outside the ``except`` block, on purpose: raised inside, it would
+    # chain the refusal, whose traceback holds the request, to gRPC's abort exception, which
+    # sits in a reference cycle with the call's state. The request (an upload's 100 MiB)
+    # would then live until the cycle collector ran: eight refused uploads held 1.7 GiB.
+
     def wrap_unary(self, method: str, kind: str, behavior: Behavior) -> Behavior:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
                 return await behavior(request, context)
             except ServiceError as error:
-                await self._abort(context, error)
+                status = self._status(error)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await self._abort(context, self._internal(method, exc))
+                status = self._status(self._internal(method, exc))
+            await context.abort(status.code, status.details, status.trailing_metadata)
+            return None  # not reached: abort raises
 
         return wrapper
 
@@ -111,12 +126,14 @@ class ErrorMappingInterceptor(BehaviorInterceptor):
             try:
                 async for response in behavior(request, context):
                     yield response
+                return
             except ServiceError as error:
-                await self._abort(context, error)
+                status = self._status(error)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 # Re-raised: swallowing a cancellation leaks the call (grpc/grpc#43360).
                 raise
             except Exception as exc:
-                await self._abort(context, self._internal(method, exc))
+                status = self._status(self._internal(method, exc))
+            await context.abort(status.code, status.details, status.trailing_metadata)
 
         return wrapper

@@ -107,3 +107,28 @@ class Serve:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+# ---- memory of a process (Linux /proc) ----
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for process {pid}")
+
+
+def rss_mib(pid: int) -> float:
+    """The process's resident memory now (VmRSS), in MiB."""
+    return _status_kib(pid, "VmRSS") / 1024
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's highest resident memory since the last :func:`reset_peak_rss` (VmHWM)."""
+    return _status_kib(pid, "VmHWM") / 1024
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start measuring the peak anew (``5`` to clear_refs resets VmHWM, Linux 4.0 and later)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")

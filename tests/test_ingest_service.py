@@ -22,6 +22,7 @@ from mediatag.analysis.v1 import analysis_pb2_grpc
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 
 from analysis_service.api.status_codes import STATUS_CODES
+from analysis_service.config import AnalysisConfig
 from analysis_service.errors import RevisionCompacted, ShuttingDown
 from mediatag_common.errors import DOMAIN, ServiceError, error_info, field_violations
 from mediatag_common.grpc_server import new_server
@@ -141,7 +142,7 @@ async def start_fake(
     async def start() -> FakeAnalysis:
         # Only the methods ingest calls are implemented.
         fake = FakeAnalysis()  # type: ignore[abstract]
-        server = new_server(max_message_bytes=64 * 1024 * 1024, status_codes=STATUS_CODES)
+        server = new_server(AnalysisConfig().request_limits, status_codes=STATUS_CODES)
         analysis_pb2_grpc.add_AnalysisServiceServicer_to_server(fake, server)
         server.add_insecure_port(f"127.0.0.1:{analysis_port}")
         await server.start()

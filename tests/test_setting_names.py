@@ -30,6 +30,7 @@ SHARED_SERVE = {
     "--tls-ca": "MEDIATAG_TLS_CA",
     "--log-level": "MEDIATAG_LOG_LEVEL",
     "--log-format": "MEDIATAG_LOG_FORMAT",
+    "--request-read-timeout": "MEDIATAG_REQUEST_READ_TIMEOUT",
 }
 INGEST_SERVE = {
     "--analysis-address": "MEDIATAG_ANALYSIS_ADDRESS",
@@ -46,6 +47,7 @@ INGEST_SERVE = {
     "--request-id-retention": "MEDIATAG_REQUEST_ID_RETENTION",
     "--upload-idle-timeout": "MEDIATAG_UPLOAD_IDLE_TIMEOUT",
     "--ingest-metrics-port": "MEDIATAG_INGEST_METRICS_PORT",
+    "--ingest-request-memory": "MEDIATAG_INGEST_REQUEST_MEMORY",
 }
 ANALYSIS_SERVE = {
     "--ingest-address": "MEDIATAG_INGEST_ADDRESS",
@@ -76,6 +78,7 @@ ANALYSIS_SERVE = {
     "--event-retention-count": "MEDIATAG_EVENT_RETENTION_COUNT",
     "--compaction-interval": "MEDIATAG_COMPACTION_INTERVAL",
     "--analysis-metrics-port": "MEDIATAG_ANALYSIS_METRICS_PORT",
+    "--analysis-request-memory": "MEDIATAG_ANALYSIS_REQUEST_MEMORY",
 }
 # Every client command takes these; None: a flag without a variable.
 CLIENT = {

@@ -1,0 +1,241 @@
+"""Request messages are read only once a call is admitted, within a memory budget: calls
+without a valid token cost no body, large bodies in flight are bounded, and bytes that do not
+parse are INVALID_ARGUMENT (issue 12, items 4 and 7)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from mediatag.ingest.v1 import ingest_pb2 as ipb
+from mediatag.ingest.v1 import ingest_pb2_grpc
+
+from ingest_service.config import IngestConfig
+from mediatag_common.grpc_server import channel_options, open_channel
+from tests.conftest import Cluster, free_port, wait_until
+from tests.ingest_support import OWNER, IngestServer, assert_refused, listed, refusal
+from tests.processes import Serve, peak_rss_mib, reset_peak_rss, rss_mib
+from tests.test_auth import TOKENS, tokens_file
+from tests.test_metrics import INGEST, expect, handled
+
+MIB = 1024 * 1024
+# Eight concurrent 100 MiB uploads: the attack of issue 12, item 4.
+ATTACK_CALLS = 8
+ATTACK_BYTES = 100 * MIB
+# What the unread bodies of the refused calls may cost the service: the HTTP/2 windows gRPC
+# keeps per stream, not the bodies (documented in the README, Security).
+UNREAD_BODIES_BOUND_MIB = 64
+# The default budget of request bytes in flight (two messages of 128 MiB), and what the
+# process may grow by while it is full: each message is held by gRPC as it arrives, as bytes,
+# decoded, and as the upload's content (README, Limits).
+BYTES_IN_FLIGHT_MIB = 256
+READ_BODIES_BOUND_MIB = 4 * BYTES_IN_FLIGHT_MIB
+
+
+async def _attack(
+    port: int, token: str | None, content: bytes
+) -> list[grpc.aio.AioRpcError | ipb.UploadMediaResponse]:
+    """ATTACK_CALLS concurrent UploadMedia of ``content``, each on a connection of its own."""
+    channels = [
+        open_channel(f"127.0.0.1:{port}", options=channel_options(256 * MIB), token=token)
+        for _ in range(ATTACK_CALLS)
+    ]
+    request = ipb.UploadMediaRequest(
+        owner_id="listing-7", files=[ipb.MediaFile(filename="big.jpg", content=content)]
+    )
+
+    async def one(channel: grpc.aio.Channel) -> grpc.aio.AioRpcError | ipb.UploadMediaResponse:
+        try:
+            response: ipb.UploadMediaResponse = await ingest_pb2_grpc.IngestServiceStub(
+                channel
+            ).UploadMedia(request, timeout=60)
+            return response
+        except grpc.aio.AioRpcError as error:
+            return error
+
+    try:
+        return await asyncio.gather(*(one(channel) for channel in channels))
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+@pytest.mark.e2e
+async def test_unauthenticated_bodies_are_never_read_and_read_ones_stay_in_budget(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    serve = Serve(
+        tmp_path / "ingest.log",
+        "ingest",
+        "--data-dir", str(tmp_path / "data"),
+        "--ingest-port", str(port),
+        "--tokens-file", str(tokens_file(tmp_path / "secrets")),
+        "--ingest-metrics-port", "off",
+    ).start(port)  # fmt: skip
+    try:
+        assert serve.process is not None
+        pid = serve.process.pid
+        content = bytes(ATTACK_BYTES)
+
+        before = rss_mib(pid)
+        reset_peak_rss(pid)
+        results = await _attack(port, None, content)
+        during = peak_rss_mib(pid)
+        after = rss_mib(pid)
+        print(
+            f"unauthenticated: RSS {before:.0f} MiB before, {during:.0f} MiB peak, "
+            f"{after:.0f} MiB after"
+        )
+        for result in results:
+            assert isinstance(result, grpc.aio.AioRpcError)
+            assert_refused(result, grpc.StatusCode.UNAUTHENTICATED, "TOKEN_MISSING", None)
+        assert during - before < UNREAD_BODIES_BOUND_MIB
+
+        before = rss_mib(pid)
+        reset_peak_rss(pid)
+        results = await _attack(port, TOKENS["uploader7"], content)
+        during = peak_rss_mib(pid)
+        after = rss_mib(pid)
+        print(
+            f"authenticated: RSS {before:.0f} MiB before, {during:.0f} MiB peak, "
+            f"{after:.0f} MiB after"
+        )
+        for result in results:
+            assert isinstance(result, grpc.aio.AioRpcError)
+            assert_refused(result, grpc.StatusCode.INVALID_ARGUMENT, "FILE_TOO_LARGE", None)
+        assert during - before < READ_BODIES_BOUND_MIB
+    finally:
+        assert serve.stop() == 0
+
+
+# ---- bytes that are no protobuf message (item 7) ----
+
+# An unterminated varint: no protobuf message parses from it.
+GARBAGE = b"\xff" * 16
+UPLOAD_MEDIA = "/mediatag.ingest.v1.IngestService/UploadMedia"
+UPLOAD_STREAM = "/mediatag.ingest.v1.IngestService/UploadMediaStream"
+WATCH_STATUS = "/mediatag.analysis.v1.AnalysisService/WatchStatus"
+
+
+@pytest.fixture
+async def ingest(tmp_path: Path) -> AsyncIterator[IngestServer]:
+    server = IngestServer(tmp_path / "ingest")
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def test_a_message_that_does_not_decode_is_invalid_argument_and_logged_once(
+    ingest: IngestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert ingest.channel is not None
+    caplog.set_level(logging.INFO)
+    upload: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = ingest.channel.unary_unary(
+        UPLOAD_MEDIA
+    )
+    for _ in range(20):
+        error = await refusal(upload(GARBAGE, timeout=5))
+        assert_refused(error, grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST", None)
+
+    async def garbage_stream() -> AsyncIterator[bytes]:
+        yield ipb.UploadMediaStreamRequest(
+            header=ipb.UploadHeader(owner_id=OWNER, filename="a.jpg")
+        ).SerializeToString()
+        yield GARBAGE
+
+    def streamed() -> grpc.RpcError:
+        # The synchronous client reports the service's status when it ends a stream early.
+        with grpc.insecure_channel(f"127.0.0.1:{ingest.port}") as channel:
+            call: grpc.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(UPLOAD_STREAM)
+            with pytest.raises(grpc.RpcError) as caught:
+                call(iter([GARBAGE]), timeout=5)
+            return caught.value
+
+    assert_refused(
+        await asyncio.to_thread(streamed),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "MALFORMED_REQUEST",
+        None,
+    )
+    stream: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = ingest.channel.stream_unary(
+        UPLOAD_STREAM
+    )
+    error = await refusal(stream(garbage_stream(), timeout=5))
+    assert_refused(error, grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST", None)
+
+    # One line for the lot, no traceback; and nothing of the stream was kept.
+    lines = [r for r in caplog.records if "no valid request" in r.getMessage()]
+    assert len(lines) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert ingest.incoming_files() == []
+    assert await listed(ingest_pb2_grpc.IngestServiceStub(ingest.channel), OWNER) == []
+
+
+async def test_without_a_token_nothing_is_decoded(tmp_path: Path) -> None:
+    server = IngestServer(
+        tmp_path / "ingest", config=IngestConfig(tokens_file=tokens_file(tmp_path / "secrets"))
+    )
+    await server.start()
+    try:
+        assert server.channel is not None
+        upload: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = server.channel.unary_unary(
+            UPLOAD_MEDIA
+        )
+        error = await refusal(upload(GARBAGE, timeout=5))
+        assert_refused(error, grpc.StatusCode.UNAUTHENTICATED, "TOKEN_MISSING", None)
+    finally:
+        await server.stop()
+
+
+async def test_a_watch_request_that_does_not_decode_is_invalid_argument(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster()
+    await cluster.start_analysis()
+    watch: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = cluster.channel(
+        cluster.analysis_port
+    ).unary_stream(WATCH_STATUS)
+    call = watch(GARBAGE, timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in call:
+            pass
+    assert_refused(caught.value, grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST", None)
+
+
+async def test_a_stream_its_client_cancels_after_the_header_is_counted_cancelled(
+    tmp_path: Path,
+) -> None:
+    metrics_port = free_port()
+    server = IngestServer(tmp_path / "ingest", config=IngestConfig(metrics_port=metrics_port))
+    stub = await server.start()
+    try:
+        held = asyncio.Event()
+
+        async def header_then_nothing() -> AsyncIterator[ipb.UploadMediaStreamRequest]:
+            yield ipb.UploadMediaStreamRequest(header=ipb.UploadHeader(owner_id=OWNER))
+            await held.wait()
+
+        call = stub.UploadMediaStream(header_then_nothing(), timeout=30)
+
+        async def receiving() -> bool:
+            return len(server.incoming_files()) == 1
+
+        await wait_until(receiving, within=10)
+        call.cancel()
+        samples = await expect(
+            metrics_port,
+            "mediatag_grpc_server_handled_total",
+            1,
+            **handled(INGEST, "UploadMediaStream", "CANCELLED", "client_stream"),
+        )
+        invalid = handled(INGEST, "UploadMediaStream", "INVALID_ARGUMENT", "client_stream")
+        assert samples.get("mediatag_grpc_server_handled_total", **invalid) is None
+        assert server.incoming_files() == []
+    finally:
+        held.set()
+        await server.stop()
