@@ -233,6 +233,19 @@ async def test_an_unknown_or_malformed_token_is_unauthenticated(
     assert await clients.ingest("hashed").ListMedia(request) is not None
 
 
+async def test_two_authorization_headers_are_refused(secured: tuple[Cluster, Clients]) -> None:
+    cluster, clients = secured
+    stub = ingest_pb2_grpc.IngestServiceStub(clients.raw(cluster.ingest_port))
+    request = ipb.ListMediaRequest(owner_id="listing-7")
+    admin, viewer = f"Bearer {TOKENS['admin']}", f"Bearer {TOKENS['viewer7']}"
+    for headers in ([admin, viewer], [viewer, admin], [admin, admin]):
+        error = await refusal(
+            stub.ListMedia(request, metadata=[("authorization", h) for h in headers])
+        )
+        assert_refused(error, UNAUTHENTICATED, "TOKEN_INVALID", None)
+    assert await stub.ListMedia(request, metadata=[("authorization", admin)]) is not None
+
+
 async def test_tokens_are_never_logged_the_principal_is(
     secured: tuple[Cluster, Clients], caplog: pytest.LogCaptureFixture
 ) -> None:

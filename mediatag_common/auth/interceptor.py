@@ -33,14 +33,19 @@ OPEN_SERVICES = (
 MethodRoles = Mapping[str, frozenset[str]]
 
 
-def _bearer_token(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == AUTHORIZATION:
-            text = value.decode() if isinstance(value, bytes) else value
-            if text[: len(_BEARER)].lower() == _BEARER:
-                return text[len(_BEARER) :].strip()
-            return ""
-    return None
+def _bearer_token(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """The call's bearer token; "" for another scheme, None for none. Two headers are refused:
+    which one a proxy or a service reads would otherwise decide who the caller is."""
+    headers = [value for key, value in context.invocation_metadata() or () if key == AUTHORIZATION]
+    if len(headers) > 1:
+        logger.warning("refused %s from %s: several authorization headers", method, context.peer())
+        raise Unauthenticated("one 'authorization' header at most", reason="TOKEN_INVALID")
+    if not headers:
+        return None
+    text = headers[0].decode() if isinstance(headers[0], bytes) else headers[0]
+    if text[: len(_BEARER)].lower() == _BEARER:
+        return text[len(_BEARER) :].strip()
+    return ""
 
 
 class AuthInterceptor(BehaviorInterceptor):
@@ -56,7 +61,7 @@ class AuthInterceptor(BehaviorInterceptor):
         self._method_roles = method_roles
 
     def _authorise(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
-        token = _bearer_token(context)
+        token = _bearer_token(method, context)
         if token is None:
             logger.info("refused %s from %s: no bearer token", method, context.peer())
             raise Unauthenticated(
