@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import urlsplit
 
 from mediatag_common.service_config import MIB, ServiceConfig, peer_address
 from mediatag_common.settings import redeclared, setting
@@ -79,6 +80,42 @@ class UploadLimits:
         return max(self.max_image_bytes, self.max_video_bytes)
 
 
+BLOB_STORE_SCHEMES = ("file", "gs", "s3")
+
+
+@dataclass(frozen=True)
+class BlobStoreUrl:
+    """Where the blobs are: ``file:///path``, ``gs://bucket/prefix`` or ``s3://bucket/prefix``."""
+
+    scheme: str
+    # The bucket; empty for a local directory.
+    bucket: str
+    # A directory for ``file``; the key prefix (maybe empty) in the bucket otherwise.
+    path: str
+
+    @classmethod
+    def parse(cls, text: str) -> BlobStoreUrl:
+        """Raises ValueError for a URL of no store."""
+        parts = urlsplit(text)
+        if parts.scheme not in BLOB_STORE_SCHEMES or parts.query or parts.fragment:
+            raise ValueError(
+                f"{text!r} is no blob store URL: file:///path, gs://bucket/prefix or "
+                "s3://bucket/prefix"
+            )
+        if parts.scheme == "file":
+            if parts.netloc or not parts.path.startswith("/"):
+                raise ValueError(f"{text!r}: a file URL names an absolute path, file:///path")
+            return cls("file", "", parts.path)
+        if not parts.netloc:
+            raise ValueError(f"{text!r} names no bucket")
+        return cls(parts.scheme, parts.netloc, parts.path.strip("/"))
+
+
+def blob_store_url(text: str) -> str:
+    BlobStoreUrl.parse(text)
+    return text
+
+
 @dataclass(frozen=True)
 class IngestConfig(ServiceConfig):
     """Everything the ingest service needs to run."""
@@ -121,8 +158,66 @@ class IngestConfig(ServiceConfig):
         parse=positive_float,
         metavar="SECONDS",
     )
+    # None: the directory ``blobs`` in data_dir, the layout every version had.
+    blob_store: str | None = setting(
+        None,
+        flag="--blob-store",
+        help="where blobs are kept: file:///path, gs://bucket/prefix (Cloud Storage, "
+        "Application Default Credentials) or s3://bucket/prefix (S3 or compatible, the AWS "
+        "credential chain)",
+        parse=blob_store_url,
+        metavar="URL",
+        shown_default="file://DIR/ingest/blobs",
+    )
+    # An S3-compatible service's address (MinIO, Ceph, R2...); None: AWS's own.
+    blob_store_endpoint: str | None = setting(
+        None,
+        flag="--blob-store-endpoint",
+        help="endpoint of an S3-compatible store, e.g. https://minio.example:9000 (s3:// only)",
+        parse=word,
+        metavar="URL",
+        shown_default="AWS",
+    )
+    # One call to the blob store, its retries included.
+    blob_store_timeout: float = setting(
+        30.0,
+        flag="--blob-store-timeout",
+        help="seconds one call to a Cloud Storage or S3 blob store may take, retries included",
+        parse=positive_float,
+        metavar="SECONDS",
+    )
+    # Blobs no row names (left by a crash between blob and row) and temporary objects are
+    # removed once older than the grace period, which must be far longer than an upload.
+    blob_sweep_grace: float = setting(
+        3600.0,
+        flag="--blob-sweep-grace",
+        help="seconds a blob no media names (a crash's leftover) is kept before the sweep "
+        "removes it",
+        parse=positive_float,
+        metavar="SECONDS",
+    )
+    blob_sweep_interval: float = setting(
+        3600.0,
+        flag="--blob-sweep-interval",
+        help="seconds between two sweeps of the blob store (the first runs at start)",
+        parse=positive_float,
+        metavar="SECONDS",
+    )
     outbox_batch_size: int = 100
     outbox_initial_backoff: float = 0.5
     outbox_max_backoff: float = 30.0
     mirror_initial_backoff: float = 0.5
     mirror_max_backoff: float = 30.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        location = self.blob_store_location
+        if self.blob_store_endpoint is not None and location.scheme != "s3":
+            raise ValueError("--blob-store-endpoint is for an s3:// blob store")
+
+    @property
+    def blob_store_location(self) -> BlobStoreUrl:
+        """The blob store, its default (``data_dir/blobs``) resolved."""
+        if self.blob_store is None:
+            return BlobStoreUrl("file", "", str((self.data_dir / "blobs").absolute()))
+        return BlobStoreUrl.parse(self.blob_store)

@@ -7,7 +7,9 @@ Each class says what went wrong (its ``reason``); the gRPC layer gives it a stat
     ├── InvalidArgument           a request the client must change
     ├── MediaNotFound             MEDIA_NOT_FOUND
     ├── StorageUnavailable        the database or the blob store failed
-    │   └── StorageFull           no room for the upload
+    │   ├── StorageFull           no room for the upload
+    │   ├── StorageQuotaExceeded  the blob store's request quota or rate limit is exceeded
+    │   └── StoragePermissionDenied  the blob store refused the service's credentials
     ├── AnalysisUnavailable       the analysis service cannot be reached
     ├── AnalysisRefused           the analysis service refused a call made for the client
     ├── RequestIdReused           REQUEST_ID_REUSED
@@ -49,15 +51,30 @@ class StorageFull(StorageUnavailable):
     reason = "STORAGE_FULL"
 
 
+class StorageQuotaExceeded(StorageUnavailable):
+    """The blob store refused a call for its quota or rate limit; later it may succeed."""
+
+    reason = "STORAGE_QUOTA_EXCEEDED"
+
+
+class StoragePermissionDenied(StorageUnavailable):
+    """The blob store refused the service's credentials (or it found none)."""
+
+    reason = "STORAGE_PERMISSION_DENIED"
+
+
 # Out of room, as opposed to a disk that failed or is read-only.
 _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
-def blob_store_error(exc: OSError, what: str) -> StorageUnavailable:
-    """The refusal for a blob store failure: full (RESOURCE_EXHAUSTED) or unavailable."""
+def blob_store_error(exc: OSError) -> StorageUnavailable:
+    """The refusal for a failure of a local blob directory: full or unavailable.
+
+    The message names no path: clients read it. The cause stays chained for the log.
+    """
     if exc.errno in _NO_ROOM:
-        return StorageFull(f"no room to store {what}: {exc.strerror}")
-    return StorageUnavailable(f"blob store unavailable for {what}: {exc}")
+        return StorageFull(f"no room in the blob store: {exc.strerror}")
+    return StorageUnavailable(f"blob store unavailable: {exc.strerror or type(exc).__name__}")
 
 
 class AnalysisUnavailable(IngestError):

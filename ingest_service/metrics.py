@@ -1,14 +1,14 @@
 """Every Prometheus metric of the ingest service, in the service's own registry.
 
-:class:`IngestMetrics` is the domain's ``IngestObserver``: the outbox forwarder reports its
-deliveries to it. The outbox backlog lives in the database: the metrics server's refresh
-task reads it on the event loop (``OutboxForwarder.backlog``) and sets the gauge, which is
-all a scrape reads.
+:class:`IngestMetrics` is the domain's ``IngestObserver`` and ``BlobStoreObserver``: the
+outbox forwarder reports its deliveries to it, the blob store each call. The outbox backlog
+lives in the database: the metrics server's refresh task reads it on the event loop
+(``OutboxForwarder.backlog``) and sets the gauge, which is all a scrape reads.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from mediatag_common.metrics import ServiceMetrics
 
@@ -16,7 +16,8 @@ from mediatag_common.metrics import ServiceMetrics
 class IngestMetrics(ServiceMetrics):
     """The ingest service's metrics; ``registry`` is what its ``/metrics`` serves.
 
-    An :class:`~ingest_service.domain.observer.IngestObserver`.
+    An :class:`~ingest_service.domain.observer.IngestObserver` and
+    :class:`~ingest_service.domain.observer.BlobStoreObserver`.
     """
 
     def __init__(self) -> None:
@@ -40,6 +41,23 @@ class IngestMetrics(ServiceMetrics):
             registry=registry,
         )
 
+        self.blob_store_call_seconds = Histogram(
+            "mediatag_blob_store_call_seconds",
+            "One call to the blob store (a part of a streamed upload, a read, a sweep's "
+            "delete...), by operation; failed calls included.",
+            ["operation"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.blob_store_errors = Counter(
+            "mediatag_blob_store_errors_total",
+            "Calls to the blob store that failed, by operation and reason "
+            "(STORAGE_UNAVAILABLE, STORAGE_FULL, STORAGE_QUOTA_EXCEEDED, "
+            "STORAGE_PERMISSION_DENIED).",
+            ["operation", "reason"],
+            registry=registry,
+        )
+
     # -- reported by the domain ---------------------------------------------------------
 
     def jobs_delivered(self, count: int) -> None:
@@ -47,3 +65,8 @@ class IngestMetrics(ServiceMetrics):
 
     def delivery_failed(self) -> None:
         self.outbox_delivery_failures.inc()
+
+    def blob_store_call(self, operation: str, seconds: float, failure: str | None) -> None:
+        self.blob_store_call_seconds.labels(operation).observe(seconds)
+        if failure is not None:
+            self.blob_store_errors.labels(operation, failure).inc()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from mediatag.analysis.v1 import analysis_pb2_grpc
@@ -9,8 +10,9 @@ from mediatag.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 from ingest_service.api.servicer import METHOD_ROLES, IngestServicer
 from ingest_service.api.status_codes import STATUS_CODES
+from ingest_service.blobstores import open_blob_store
 from ingest_service.config import IngestConfig
-from ingest_service.domain.blobs import BlobStore
+from ingest_service.domain.blob_sweep import BlobSweep
 from ingest_service.domain.library import MediaLibrary
 from ingest_service.domain.mirror import StatusMirror
 from ingest_service.domain.outbox import OutboxForwarder
@@ -43,8 +45,21 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(config.resolved_database_url, synchronous=config.sqlite_synchronous)
     await db.migrate(MIGRATIONS)
-    blobs = BlobStore(config.data_dir / "blobs")
     metrics = IngestMetrics()
+    blobs = await asyncio.to_thread(
+        open_blob_store,
+        config.blob_store_location,
+        endpoint=config.blob_store_endpoint,
+        timeout=config.blob_store_timeout,
+        spool_dir=config.data_dir / "spool",
+        observer=metrics,
+    )
+    sweep = BlobSweep(
+        db=db,
+        blobs=blobs,
+        grace_period=config.blob_sweep_grace,
+        interval=config.blob_sweep_interval,
+    )
 
     tokens = load_tokens(config.tokens_file) if config.tokens_file is not None else None
     analysis_channel = open_channel(
@@ -79,6 +94,7 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         limits=config.limits,
         requests=requests,
         on_committed=forwarder.wake,
+        blob_grace_period=config.blob_sweep_grace,
     )
     streams = StreamUploads(
         uploads=uploads,
@@ -110,11 +126,13 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         forwarder.start()
         mirror.start()
         requests.start()
+        sweep.start()
         logger.info(
-            "ingest service on %s:%d: data in %s, analysis at %s",
+            "ingest service on %s:%d: data in %s, blobs in a %s store, analysis at %s",
             config.host,
             port,
             config.data_dir,
+            config.blob_store_location.scheme,
             config.analysis_address,
         )
 
@@ -124,11 +142,14 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
 
     async def on_stop() -> None:
         await metrics_endpoint.stop()
+        await sweep.stop()
         await uploads.close()
+        await streams.close()
         await requests.stop()
         await forwarder.stop()
         await mirror.stop()
         await analysis_channel.close()
+        await blobs.close()
         await db.close()
 
     host = ServiceHost(

@@ -22,6 +22,9 @@ from ingest_service.config import IngestConfig
 from ingest_service.server import create_server as create_ingest
 from mediatag_common.grpc_server import ServiceHost, channel_options
 
+# The blob store fixtures (emulators started once per session).
+pytest_plugins = ["tests.blob_stores"]
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -21,6 +21,7 @@ from ingest_service.config import IngestConfig
 from ingest_service.server import create_server
 from mediatag_common.errors import DOMAIN, error_info, field_violations
 from mediatag_common.grpc_server import ServiceHost, channel_options, health_check_stub
+from tests.blob_stores import StoreUnderTest, blob_key
 from tests.conftest import free_port
 
 OWNER = "listing-7"
@@ -28,14 +29,20 @@ OWNER = "listing-7"
 
 @dataclass
 class IngestServer:
-    """The ingest service on a data directory (restartable on it), analysis nowhere."""
+    """The ingest service on a data directory (restartable on it), analysis nowhere; its
+    blobs in ``store`` (by default the local directory in the data directory)."""
 
     data_dir: Path
     config: IngestConfig = field(default_factory=IngestConfig)
     analysis_port: int = field(default_factory=free_port)
+    store: StoreUnderTest | None = None
     host: ServiceHost | None = None
     channel: grpc.aio.Channel | None = None
     port: int = 0
+
+    def __post_init__(self) -> None:
+        if self.store is None:
+            self.store = StoreUnderTest("file", self.data_dir / "blobs")
 
     async def start(self) -> ingest_pb2_grpc.IngestServiceAsyncStub:
         config = replace(
@@ -48,6 +55,7 @@ class IngestServer:
             outbox_max_backoff=0.5,
             mirror_initial_backoff=0.05,
             mirror_max_backoff=0.5,
+            **self.blobs.settings(),
         )
         self.host, self.port = await create_server(config)
         await self.host.start()
@@ -71,15 +79,28 @@ class IngestServer:
         )
         return response.status
 
-    def blob_files(self) -> set[Path]:
-        """Every file under the blob store, temp files of uploads in progress included."""
-        return {p for p in (self.data_dir / "blobs").rglob("*") if p.is_file()}
+    @property
+    def blobs(self) -> StoreUnderTest:
+        assert self.store is not None
+        return self.store
+
+    def blob_files(self) -> set[str]:
+        """The key of every object in the blob store, temporary ones included."""
+        return self.blobs.keys()
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where uploads being received are spooled on this machine."""
+        if self.blobs.scheme == "file":
+            return self.blobs.root / "incoming"
+        return self.data_dir / "spool"
 
     def incoming_files(self) -> list[Path]:
-        return list((self.data_dir / "blobs" / "incoming").iterdir())
+        """The local spool files of uploads being received."""
+        return list(self.spool_dir.iterdir())
 
-    def blob(self, sha256: str) -> Path:
-        return self.data_dir / "blobs" / sha256[:2] / sha256
+    def blob(self, sha256: str) -> str:
+        return blob_key(sha256)
 
     def count_rows(self, table: str) -> int:
         """Rows of ``table`` in the service's SQLite file (read-only peek)."""

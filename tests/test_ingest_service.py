@@ -27,6 +27,7 @@ from analysis_service.errors import RevisionCompacted, ShuttingDown
 from mediatag_common.errors import DOMAIN, ServiceError, error_info, field_violations
 from mediatag_common.grpc_server import new_server
 from tests import media_samples as samples
+from tests.blob_stores import StoreUnderTest
 from tests.conftest import free_port, wait_until
 from tests.ingest_support import IngestServer
 
@@ -129,6 +130,16 @@ async def analysis_port() -> int:
 @pytest.fixture
 async def ingest(tmp_path: Path, analysis_port: int) -> AsyncIterator[IngestServer]:
     runner = IngestServer(tmp_path / "ingest", analysis_port=analysis_port)
+    yield runner
+    await runner.stop()
+
+
+@pytest.fixture
+async def ingest_on_each_store(
+    tmp_path: Path, analysis_port: int, blob_store: StoreUnderTest
+) -> AsyncIterator[IngestServer]:
+    """The ingest service with its blobs in each store in turn."""
+    runner = IngestServer(tmp_path / "ingest", analysis_port=analysis_port, store=blob_store)
     yield runner
     await runner.stop()
 
@@ -241,7 +252,8 @@ async def test_animated_images_and_videos_are_stored_but_not_analysed(
     assert response.message == SEED_MESSAGE.format(n=1, k=0 if reason else 1)
 
 
-async def test_identical_content_is_stored_once(ingest: IngestServer) -> None:
+async def test_identical_content_is_stored_once(ingest_on_each_store: IngestServer) -> None:
+    ingest = ingest_on_each_store
     stub = await ingest.start()
     content = samples.jpeg_bytes(7)
 
@@ -254,9 +266,8 @@ async def test_identical_content_is_stored_once(ingest: IngestServer) -> None:
     media = [*first.media, *second.media]
     assert [m.sha256 for m in media] == [digest] * 3
     assert len({m.id for m in media}) == 3
-    blob = ingest.data_dir / "blobs" / digest[:2] / digest
-    assert ingest.blob_files() == {blob}
-    assert blob.read_bytes() == content
+    assert ingest.blob_files() == {ingest.blob(digest)}
+    assert ingest.blobs.read(digest) == content
 
 
 # -- refusals --------------------------------------------------------------------------------
@@ -438,7 +449,10 @@ async def test_get_media_of_an_unknown_id_is_not_found(ingest: IngestServer) -> 
     assert_refused(missing, grpc.StatusCode.INVALID_ARGUMENT, "MEDIA_ID_REQUIRED", "media_id")
 
 
-async def test_read_media_content_streams_exactly_the_uploaded_bytes(ingest: IngestServer) -> None:
+async def test_read_media_content_streams_exactly_the_uploaded_bytes(
+    ingest_on_each_store: IngestServer,
+) -> None:
+    ingest = ingest_on_each_store
     stub = await ingest.start()
     content = samples.jpeg_bytes(11, (1600, 1200), quality=95)
     assert len(content) > 2 * 256 * 1024

@@ -313,7 +313,7 @@ class Harness:
             ipb.PROCESSING_STATUS_NOT_APPLICABLE,
         )
         assert self.accepted.setdefault(media.id, sha256) == sha256
-        assert self.server.blob(sha256).is_file()
+        assert self.server.blob(sha256) in self.server.blob_files()
 
     async def still_healthy_and_intact(self) -> None:
         """SERVING, a normal upload works, and every accepted item reads back unchanged."""

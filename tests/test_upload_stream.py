@@ -23,6 +23,7 @@ from analysis_service.config import AnalysisConfig, RateLimitConfig
 from ingest_service.config import IngestConfig, UploadLimits
 from mediatag_common.service_config import MIB
 from tests import media_samples as samples
+from tests.blob_stores import StoreUnderTest
 from tests.conftest import Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.ingest_support import (
@@ -43,8 +44,8 @@ MESSAGE = "Uploaded 1 media file(s). {k} image(s) are being analyzed in the back
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[IngestServer]:
-    runner = IngestServer(tmp_path / "ingest")
+async def server(tmp_path: Path, blob_store: StoreUnderTest) -> AsyncIterator[IngestServer]:
+    runner = IngestServer(tmp_path / "ingest", store=blob_store)
     yield runner
     await runner.stop()
 
@@ -124,7 +125,7 @@ async def test_video_and_animations_stream_in_as_not_applicable(
     )
     assert response.media.status == ipb.PROCESSING_STATUS_NOT_APPLICABLE
     assert response.message == MESSAGE.format(k=0)
-    assert server.blob(sha256_of(content)).read_bytes() == content
+    assert server.blobs.read(sha256_of(content)) == content
 
 
 async def test_identical_streamed_content_is_stored_once(server: IngestServer) -> None:
@@ -165,7 +166,7 @@ async def test_every_image_format_streams_in(
         ipb.PROCESSING_STATUS_PENDING,
     )
     assert (response.media.width, response.media.height) == (320, 240)
-    assert server.blob(sha256_of(content)).read_bytes() == content
+    assert server.blobs.read(sha256_of(content)) == content
 
 
 # -- memory ----------------------------------------------------------------------------------
@@ -200,11 +201,14 @@ class GeneratedVideo:
             yield chunk(piece)
 
 
-async def test_a_large_stream_goes_to_disk_with_flat_memory(tmp_path: Path) -> None:
+async def test_a_large_stream_goes_to_disk_with_flat_memory(
+    tmp_path: Path, blob_store: StoreUnderTest
+) -> None:
     size = 64 * MIB
     server = IngestServer(
         tmp_path / "ingest",
         config=IngestConfig(limits=UploadLimits(max_video_bytes=size)),
+        store=blob_store,
     )
     try:
         stub = await server.start()
@@ -234,7 +238,7 @@ async def test_a_large_stream_goes_to_disk_with_flat_memory(tmp_path: Path) -> N
         assert response.media.size_bytes == size == video.sent
         assert response.media.sha256 == video.sha256.hexdigest()
         assert response.media.status == ipb.PROCESSING_STATUS_NOT_APPLICABLE
-        assert server.blob(response.media.sha256).stat().st_size == size
+        assert len(server.blobs.read(response.media.sha256)) == size
         # Client and server share this process, so this bounds both together. They hold a
         # write batch (1 MiB), a few 64 KiB chunks in flight, and HTTP/2 flow-control
         # windows on each side (a few MiB at most); reading the file into memory would
@@ -432,8 +436,12 @@ async def test_a_cancelled_stream_leaves_no_blob_no_temp_file_and_no_item(
     assert (await upload_stream(stub, content)).media.size_bytes == len(content)
 
 
-async def test_a_stalled_stream_is_ended_and_its_partial_file_removed(tmp_path: Path) -> None:
-    server = IngestServer(tmp_path / "ingest", config=IngestConfig(stream_idle_timeout=0.3))
+async def test_a_stalled_stream_is_ended_and_its_partial_file_removed(
+    tmp_path: Path, blob_store: StoreUnderTest
+) -> None:
+    server = IngestServer(
+        tmp_path / "ingest", config=IngestConfig(stream_idle_timeout=0.3), store=blob_store
+    )
     hold = asyncio.Event()
 
     async def stall() -> AsyncIterator[ipb.UploadMediaStreamRequest]:
@@ -456,7 +464,7 @@ async def test_a_stalled_stream_is_ended_and_its_partial_file_removed(tmp_path: 
 async def test_partial_uploads_left_by_a_crash_are_removed_on_start(server: IngestServer) -> None:
     await server.start()
     await server.stop()
-    leftover = server.data_dir / "blobs" / "incoming" / ".incoming-crashed"
+    leftover = server.spool_dir / ".incoming-crashed"
     leftover.write_bytes(b"half a video")
 
     await server.start()

@@ -15,6 +15,7 @@ STATUS_CODES: StatusCodes = {
     errors.MediaNotFound: grpc.StatusCode.NOT_FOUND,
     errors.StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.StorageQuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.AnalysisUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.RequestIdReused: grpc.StatusCode.ALREADY_EXISTS,
     errors.UploadStalled: grpc.StatusCode.DEADLINE_EXCEEDED,

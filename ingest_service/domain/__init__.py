@@ -1,6 +1,7 @@
 """What the ingest service does, free of protobuf and SQL (except at the analysis client edge)."""
 
 __all__ = [
+    "blob_sweep",
     "blobs",
     "library",
     "mirror",

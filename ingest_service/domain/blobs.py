@@ -1,168 +1,118 @@
-"""A content-addressed store of media bytes on the local filesystem.
+"""The blob store as the domain sees it: media bytes by their SHA-256, stored once.
 
-Each blob lives at ``root/ab/<sha256>`` and is written atomically: a temp file in
-``root/incoming/`` (same filesystem, so the rename is atomic) is written and fsynced,
-renamed over the final name, and the directory is fsynced, so a crash leaves either the
-whole blob or none — and any temp file it leaves is removed on the next start. Identical
-content is stored once. The 256 fan-out directories are made once, up front, so that storing
-a blob costs two fsyncs and never a directory creation. Streamed content, whose digest is
-known only at the end, is received the same way. Every method blocks: call it off the event
-loop.
+One store may be shared by several ingest processes (a bucket in Cloud Storage or S3), so
+whatever one stores, another reads. Implementations live outside the domain
+(``ingest_service.blobstores``: a local directory, Cloud Storage, S3); they raise the
+service's ``StorageUnavailable`` family when the store fails, never their library's errors.
+
+Order is what keeps every row's bytes: a blob is stored before the row naming it commits, and
+the sweep (``blob_sweep``) removes only blobs that no row names and that are older than its
+grace period. One race is left to the uploader: a blob found already stored (or stored longer
+ago than half the grace period) may be an orphan the sweep is deleting that very moment, so
+after its row commits the uploader checks it is still there and stores it again if not
+(:meth:`Placement.may_be_swept`). The sweep checks the rows and deletes in one database write
+transaction, which orders it against every commit.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import logging
 import mmap
-import os
-import tempfile
-import threading
-from collections.abc import Iterable
-from pathlib import Path
-from typing import BinaryIO
-
-logger = logging.getLogger(__name__)
-
-INCOMING = "incoming"
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 
-class BlobStore:
-    """Bytes by their hex SHA-256."""
+@dataclass(frozen=True)
+class Placement:
+    """How a blob came to be at its key."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._make_fan_out()
-        self._clear_incoming()
+    # The key held the content already (another upload of the same bytes stored it).
+    reused: bool
+    # When this process stored or found it (time.monotonic()).
+    at: float
 
-    def path_for(self, sha256: str) -> Path:
-        return self.root / sha256[:2] / sha256
+    @classmethod
+    def now(cls, *, reused: bool) -> Placement:
+        return cls(reused, time.monotonic())
 
-    def contains(self, sha256: str, size: int) -> bool:
-        """True when the blob is stored in full (blobs are immutable once renamed in)."""
-        try:
-            return self.path_for(sha256).stat().st_size == size
-        except FileNotFoundError:
-            return False
+    def may_be_swept(self, grace_period: float) -> bool:
+        """True when the sweep may have judged this blob an orphan before its row committed.
 
-    def put(self, sha256: str, size: int, chunks: Iterable[bytes]) -> None:
-        """Store the content ``chunks`` make up under ``sha256``, unless already stored.
-
-        The caller vouches for the digest and size (it hashed the content while sniffing).
+        A blob found stored may be an old orphan; one stored here is new to the sweep for
+        its grace period (half of it, leaving room for clocks that disagree).
         """
-        if self.contains(sha256, size):
-            return
-        path = self.path_for(sha256)
-        descriptor, temp_name = tempfile.mkstemp(dir=self.root / INCOMING, prefix=".incoming-")
-        try:
-            with os.fdopen(descriptor, "wb") as temp:
-                for chunk in chunks:
-                    temp.write(chunk)
-                temp.flush()
-                os.fsync(temp.fileno())
-            os.replace(temp_name, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp_name)
-            raise
-        _fsync_directory(path.parent)
-
-    def open(self, sha256: str) -> BinaryIO:
-        """The stored bytes for reading; raises FileNotFoundError when absent."""
-        return self.path_for(sha256).open("rb")
-
-    def incoming(self) -> IncomingBlob:
-        """A new temp file to receive content into, before its digest is known."""
-        descriptor, temp_name = tempfile.mkstemp(dir=self.root / INCOMING, prefix=".incoming-")
-        return IncomingBlob(self, os.fdopen(descriptor, "wb"), Path(temp_name))
-
-    def _clear_incoming(self) -> None:
-        """Make ``incoming/`` and remove what an earlier process left there half-written."""
-        incoming = self.root / INCOMING
-        incoming.mkdir(exist_ok=True)
-        for leftover in incoming.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
-                logger.info("removed a partial blob left by an earlier run: %s", leftover.name)
-
-    def _make_fan_out(self) -> None:
-        """Create the root and its 256 fan-out directories, each made durable in its parent."""
-        if not self.root.exists():
-            self.root.mkdir(parents=True, exist_ok=True)
-            _fsync_directory(self.root.parent)
-        created = False
-        for prefix in range(256):
-            directory = self.root / f"{prefix:02x}"
-            if not directory.exists():
-                directory.mkdir(exist_ok=True)
-                created = True
-        if created:
-            _fsync_directory(self.root)
+        return self.reused or time.monotonic() - self.at > grace_period / 2
 
 
-class IncomingBlob:
-    """Content being received: appended to a temp file and hashed as it arrives.
+@dataclass(frozen=True)
+class StoredObject:
+    """One object of the store, as its listing shows it."""
 
-    Either :meth:`store` moves it into the store under its digest, or :meth:`discard` removes
-    it; ``discard`` after ``store`` does nothing, so a ``finally`` can always call it.
+    # The key within the store; what :meth:`BlobStore.delete` takes.
+    key: str
+    # The blob's SHA-256, or None for a temporary object (content being received).
+    sha256: str | None
+    # When it was last written (seconds since the epoch, the store's clock).
+    modified: float
+
+
+class ReceivedBlob(Protocol):
+    """Streamed content on its way into the store, before its digest is known.
+
+    Written in order, hashed on the way; :meth:`finish` makes it whole (in a temporary place:
+    a temp file, a temporary object), :meth:`store` copies it to its key. :meth:`discard`
+    removes whatever is temporary (aborting an unfinished multipart upload) and is safe to
+    call at any point, more than once: a ``finally`` always calls it.
     """
 
-    def __init__(self, store: BlobStore, file: BinaryIO, path: Path) -> None:
-        self._store = store
-        self._file = file
-        self._path = path
-        self._hash = hashlib.sha256()
-        self.size = 0
-        # Held while a thread writes, so that discarding from the event loop (the client
-        # went away) never closes the file under a write.
-        self._lock = threading.Lock()
-        self._settled = False
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
 
-    def write(self, chunks: Iterable[bytes]) -> None:
-        with self._lock:
-            for chunk in chunks:
-                self._file.write(chunk)
-                self._hash.update(chunk)
-                self.size += len(chunk)
+    async def write(self, chunks: Sequence[bytes]) -> None:
+        """Append ``chunks``; may send a part to the store once enough has arrived."""
 
-    def finish(self) -> str:
-        """Make the received content durable; returns its hex SHA-256."""
-        with self._lock:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-        return self._hash.hexdigest()
+    async def finish(self) -> str:
+        """Complete the temporary copy; returns the content's hex SHA-256."""
 
     def mapped(self) -> mmap.mmap:
-        """The finished content mapped read-only, for checks that need random access."""
-        with self._path.open("rb") as file:
-            return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        """The finished content mapped read-only (blocking: call off the event loop)."""
 
-    def store(self, sha256: str) -> None:
-        """Move the finished content into the store under ``sha256`` (once per digest)."""
-        if self._store.contains(sha256, self.size):
-            self.discard()
-            return
-        path = self._store.path_for(sha256)
-        os.replace(self._path, path)
-        self._settled = True
-        _fsync_directory(path.parent)
+    async def store(self, sha256: str) -> Placement:
+        """Put the finished content at ``sha256``'s key, unless it is already there.
 
-    def discard(self) -> None:
-        """Remove the temp file, unless it was stored; safe to call more than once."""
-        if self._settled:
-            return
-        self._settled = True
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path)
-        with self._lock:
-            self._file.close()
+        The temporary copy stays until :meth:`discard`, so this can be called again.
+        """
+
+    async def discard(self) -> None:
+        """Remove the temporary copy, or abort the upload it is."""
 
 
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+class BlobStore(Protocol):
+    """Bytes by their hex SHA-256. Every method is a coroutine or an async iterator: stores
+    that block run their calls off the event loop, each with a timeout."""
+
+    async def contains(self, sha256: str) -> bool:
+        """True when the blob is stored (blobs are whole once at their key)."""
+
+    async def put(self, sha256: str, content: bytes) -> Placement:
+        """Store ``content`` at ``sha256``'s key unless it is already there.
+
+        The caller vouches for the digest (it hashed the content).
+        """
+
+    async def receive(self) -> ReceivedBlob:
+        """Start receiving streamed content."""
+
+    def read(self, sha256: str) -> AsyncIterator[bytes]:
+        """The blob's bytes in chunks, streamed from the store."""
+
+    def listing(self) -> AsyncIterator[StoredObject]:
+        """Every blob and temporary object of the store (what the sweep looks at)."""
+
+    async def delete(self, key: str) -> None:
+        """Remove the object at ``key``; nothing happens when it is already gone."""
+
+    async def close(self) -> None:
+        """Release the store's clients and threads."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CONTENT_CHUNK_BYTES = 256 * 1024
 MAX_REPROCESS_IDS = 1000
 RETRY_CALL_TIMEOUT = 10.0
 # Codes of an analysis service that is down, restarting or overloaded.
@@ -138,17 +136,13 @@ class MediaLibrary:
         return MediaPage(page, token)
 
     async def content(self, media: Media) -> AsyncIterator[bytes]:
-        """The stored bytes of ``media`` in chunks, read off the event loop."""
+        """The stored bytes of ``media`` in chunks, streamed from the blob store."""
         try:
-            blob = await asyncio.to_thread(self._blobs.open, media.sha256)
-            try:
-                while chunk := await asyncio.to_thread(blob.read, CONTENT_CHUNK_BYTES):
-                    yield chunk
-            finally:
-                blob.close()
-        except OSError as exc:
+            async for chunk in self._blobs.read(media.sha256):
+                yield chunk
+        except StorageUnavailable:
             logger.error("content of media %s (sha256 %s) is unreadable", media.id, media.sha256)
-            raise StorageUnavailable(f"content of media {media.id} is unreadable") from exc
+            raise
 
     async def reprocess(
         self, media_ids: Sequence[str], *, owner_id: str, status: ProcessingStatus | None

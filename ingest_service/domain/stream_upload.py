@@ -1,16 +1,17 @@
 """Streamed uploads (``UploadMediaStream``): one file, a header first, then its content.
 
-The content goes to a temp file as it arrives, hashed on the way, in batches of about
-:data:`WRITE_BATCH_BYTES` written off the event loop: however large the file, the service
-holds one batch and the message gRPC is delivering, so memory stays flat. The kind of file
+The content goes to the blob store as it arrives (a temp file, or a multipart upload to a
+temporary object beside a local spool file), hashed on the way, in batches of about
+:data:`WRITE_BATCH_BYTES`: however large the file, the service holds one batch (and, for a
+bucket, one part) and the message gRPC is delivering, so memory stays flat. The kind of file
 is known from its first bytes, so a file over its kind's limit (or over the size its header
 declared) is refused as soon as the running total passes it, without reading the rest.
 Once the stream ends, the file is checked like an ``UploadMedia`` file (the same sniffing,
 against the file mapped into memory rather than read into it), verified against the
-header's SHA-256, moved into the blob store under its digest, and committed through the same
-group commit and outbox as every upload. Whatever ends the call before that (a refusal, the
-client cancelling, the connection breaking, a stall) removes the partial file: no blob, no
-temp file, no row.
+header's SHA-256, stored under its digest, and committed through the same group commit and
+outbox as every upload. Whatever ends the call before that (a refusal, the client
+cancelling, the connection breaking, a stall, the store failing) removes the partial upload:
+no blob, no temporary copy, no row.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 from ingest_service.config import UploadLimits
-from ingest_service.domain.blobs import BlobStore, IncomingBlob
+from ingest_service.domain.blobs import BlobStore, ReceivedBlob
 from ingest_service.domain.models import (
     Media,
     RequestRecord,
@@ -40,7 +41,7 @@ from ingest_service.domain.uploads import (
     validate_filename,
     validate_metadata,
 )
-from ingest_service.errors import StorageUnavailable, UploadStalled, blob_store_error, invalid
+from ingest_service.errors import StorageUnavailable, UploadStalled, invalid
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,6 @@ REQUEST_ID_FIELD = "header.request_id"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 StreamPart = StreamHeader | bytes
-T = TypeVar("T")
 
 
 class StreamUploads:
@@ -73,6 +73,8 @@ class StreamUploads:
         self._requests = requests
         self._limits = limits
         self._idle_timeout = idle_timeout
+        # Removals of partial uploads still running after their call was cancelled.
+        self._discards: set[asyncio.Task[Any]] = set()
 
     async def upload(self, parts: AsyncIterator[StreamPart]) -> UploadResult:
         """Store the one file ``parts`` carry (a header, then chunks); raises IngestError."""
@@ -84,10 +86,10 @@ class StreamUploads:
             if prior is not None:
                 digest = _digest(header, header.sha256)
                 return UploadResult(*await self._requests.replay(prior, digest, REQUEST_ID_FIELD))
-        incoming = await _off_loop(self._blobs.incoming)
+        incoming = await self._blobs.receive()
         try:
             await self._receive(parts, header, incoming)
-            sha256 = await _off_loop(incoming.finish)
+            sha256 = await incoming.finish()
             if header.sha256 and sha256 != header.sha256:
                 raise invalid(
                     "header.sha256",
@@ -106,8 +108,22 @@ class StreamUploads:
                 record = RequestRecord(request_id, digest, (), "", 0.0)
                 return await self._store(header, incoming, sha256, found, record)
         finally:
-            # Synchronous, so that it also runs to the end when the call is being cancelled.
-            incoming.discard()
+            await self._discard(incoming)
+
+    async def close(self) -> None:
+        """Wait for the removal of partial uploads whose calls were cancelled."""
+        await asyncio.gather(*self._discards, return_exceptions=True)
+
+    async def _discard(self, incoming: ReceivedBlob) -> None:
+        """Remove what is temporary of ``incoming``; runs to its end, also when the call is
+        cancelled (again) meanwhile."""
+        discard = asyncio.create_task(incoming.discard(), name="discard-partial-upload")
+        self._discards.add(discard)
+        discard.add_done_callback(self._discards.discard)
+        try:
+            await asyncio.shield(discard)
+        except StorageUnavailable:
+            logger.warning("could not remove a partial upload's temporary copy")
 
     def _validated(self, first: StreamPart | None) -> StreamHeader:
         if not isinstance(first, StreamHeader):
@@ -130,7 +146,7 @@ class StreamUploads:
         return dataclasses.replace(first, sha256=sha256)
 
     async def _receive(
-        self, parts: AsyncIterator[StreamPart], header: StreamHeader, incoming: IncomingBlob
+        self, parts: AsyncIterator[StreamPart], header: StreamHeader, incoming: ReceivedBlob
     ) -> None:
         """Write the chunks to ``incoming``, refusing as soon as a size limit is passed."""
         limit = self._limits.largest_file_bytes
@@ -152,10 +168,10 @@ class StreamUploads:
             batch.append(part)
             batched += len(part)
             if batched >= WRITE_BATCH_BYTES:
-                await _off_loop(incoming.write, batch)
+                await incoming.write(batch)
                 batch, batched = [], 0
         if batch:
-            await _off_loop(incoming.write, batch)
+            await incoming.write(batch)
         if total == 0:
             raise invalid(CONTENT_FIELD, "EMPTY_FILE", "the file is empty")
         self._check_size(total, self._limit_for(head, header), header)
@@ -197,7 +213,7 @@ class StreamUploads:
                 f"over {limit} bytes; this file may have at most {limit}",
             )
 
-    def _sniff(self, incoming: IncomingBlob) -> SniffedMedia:
+    def _sniff(self, incoming: ReceivedBlob) -> SniffedMedia:
         try:
             content = incoming.mapped()
         except OSError as exc:
@@ -208,12 +224,12 @@ class StreamUploads:
     async def _store(
         self,
         header: StreamHeader,
-        incoming: IncomingBlob,
+        incoming: ReceivedBlob,
         sha256: str,
         found: SniffedMedia,
         record: RequestRecord | None,
     ) -> UploadResult:
-        await _off_loop(incoming.store, sha256)
+        placement = await incoming.store(sha256)
         now = time.time()
         item = Media.stored(
             owner_id=header.owner_id,
@@ -228,6 +244,7 @@ class StreamUploads:
         )
         result = await self._uploads.commit((item,), record, request_id_field=REQUEST_ID_FIELD)
         if result.media[0] is item:
+            await self._uploads.keep_blob(sha256, placement, lambda: incoming.store(sha256))
             log_stored(item, header.declared_content_type)
         return result
 
@@ -251,11 +268,3 @@ def _digest(header: StreamHeader, sha256: str) -> str:
         priority=header.priority,
         files=[(header.filename, header.declared_content_type, sha256)],
     )
-
-
-async def _off_loop(function: Callable[..., T], *args: object) -> T:
-    """Run a blocking blob-store step in a thread; a disk failure is StorageUnavailable."""
-    try:
-        return await asyncio.to_thread(function, *args)
-    except OSError as exc:
-        raise blob_store_error(exc, "the streamed upload") from exc

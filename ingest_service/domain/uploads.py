@@ -15,13 +15,13 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ingest_service.config import UploadLimits
-from ingest_service.domain.blobs import BlobStore
+from ingest_service.domain.blobs import BlobStore, Placement
 from ingest_service.domain.models import (
     Media,
     ProcessingStatus,
@@ -33,7 +33,7 @@ from ingest_service.domain.models import (
 )
 from ingest_service.domain.requests import RequestIds, parse_request_id, upload_digest
 from ingest_service.domain.sniff import sniff
-from ingest_service.errors import blob_store_error, invalid
+from ingest_service.errors import invalid
 from ingest_service.storage import repository
 from ingest_service.storage.repository import writing
 from mediatag_common.database import Database, after_commit
@@ -161,8 +161,10 @@ class Uploads:
         limits: UploadLimits,
         requests: RequestIds,
         on_committed: Callable[[], None],
+        blob_grace_period: float,
     ) -> None:
         self._blobs = blobs
+        self._blob_grace_period = blob_grace_period
         self._limits = limits
         self._requests = requests
         self._on_committed = on_committed
@@ -223,6 +225,19 @@ class Uploads:
             )
         return UploadResult(items, message)
 
+    async def keep_blob(
+        self, sha256: str, placement: Placement, store_again: Callable[[], Awaitable[Placement]]
+    ) -> None:
+        """After the rows naming ``sha256`` committed: store it again if the sweep took it.
+
+        Only a blob the sweep may have judged an orphan is looked for (see ``blobs``).
+        """
+        if placement.may_be_swept(self._blob_grace_period) and not await self._blobs.contains(
+            sha256
+        ):
+            logger.warning("blob %s was swept as its row committed; storing it again", sha256)
+            await store_again()
+
     async def close(self) -> None:
         """Wait for uploads being committed."""
         await self._commits.close()
@@ -239,15 +254,14 @@ class Uploads:
         # The files are independent: their hashing and writes (two fsyncs each) overlap.
         if digests is None:
             digests = await asyncio.gather(
-                *(asyncio.to_thread(self._put, file.content, None) for file in request.files)
+                *(asyncio.to_thread(_sha256, file.content) for file in request.files)
             )
-        else:
-            await asyncio.gather(
-                *(
-                    asyncio.to_thread(self._put, file.content, sha256)
-                    for file, sha256 in zip(request.files, digests, strict=True)
-                )
+        placements = await asyncio.gather(
+            *(
+                self._blobs.put(sha256, file.content)
+                for file, sha256 in zip(request.files, digests, strict=True)
             )
+        )
         now = time.time()
         items = tuple(
             Media.stored(
@@ -265,9 +279,20 @@ class Uploads:
         )
         result = await self.commit(items, record, request_id_field="request_id")
         if result.media is items:
+            await asyncio.gather(
+                *(
+                    self.keep_blob(sha256, placement, self._storing(sha256, file.content))
+                    for file, sha256, placement in zip(
+                        request.files, digests, placements, strict=True
+                    )
+                )
+            )
             for item, file in zip(items, request.files, strict=True):
                 log_stored(item, file.declared_content_type)
         return result
+
+    def _storing(self, sha256: str, content: bytes) -> Callable[[], Awaitable[Placement]]:
+        return lambda: self._blobs.put(sha256, content)
 
     async def _insert(self, conn: AsyncConnection, uploads: Sequence[_PendingUpload]) -> None:
         """The rows of ``uploads`` and the outbox rows of their images, in one go.
@@ -305,16 +330,6 @@ class Uploads:
             sniff(file.content, index=index, limits=self._limits)
             for index, file in enumerate(files)
         ]
-
-    def _put(self, content: bytes, sha256: str | None) -> str:
-        """Store ``content`` under its SHA-256 (hashed here unless given); returns the digest."""
-        if sha256 is None:
-            sha256 = _sha256(content)
-        try:
-            self._blobs.put(sha256, len(content), [content])
-        except OSError as exc:
-            raise blob_store_error(exc, "the upload") from exc
-        return sha256
 
 
 def _sha256(content: bytes) -> str:

@@ -187,6 +187,20 @@ async def list_media(
     return [media_from_row(row) for row in rows]
 
 
+async def referenced_sha256(conn: AsyncConnection, candidates: Collection[str]) -> set[str]:
+    """Which of the blobs ``candidates`` (hex SHA-256) some media row names.
+
+    The blob sweep calls it in a write transaction and deletes the others before that
+    commits, so no upload commits a row naming one of them meanwhile (SQLite: the one writer;
+    a database with concurrent writers must lock out inserts of media rows until the
+    transaction ends, e.g. PostgreSQL's ``LOCK TABLE media IN SHARE MODE``).
+    """
+    rows = await conn.execute(
+        sa.select(media.c.sha256).where(media.c.sha256.in_(list(candidates))).distinct()
+    )
+    return {row.sha256 for row in rows}
+
+
 async def media_statuses(
     conn: AsyncConnection, media_ids: Collection[str]
 ) -> dict[str, ProcessingStatus]:

@@ -1,0 +1,155 @@
+"""S3 (and S3-compatible services) through AWS's own client, ``boto3``.
+
+Credentials come from the standard AWS chain (environment, shared config and credentials
+files, SSO, container or instance roles), found by the client; an S3-compatible service is
+reached at ``--blob-store-endpoint`` (path-style addressing). Every call is bounded by the
+store's timeout per attempt, with the client's standard retries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, BinaryIO, cast
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from ingest_service.errors import (
+    StoragePermissionDenied,
+    StorageQuotaExceeded,
+    StorageUnavailable,
+)
+
+_PERMISSION_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AccountProblem",
+        "AllAccessDisabled",
+        "ExpiredToken",
+        "InvalidAccessKeyId",
+        "InvalidToken",
+        "SignatureDoesNotMatch",
+    }
+)
+_QUOTA_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"}
+)
+_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+
+
+class S3Upload:
+    """A multipart upload."""
+
+    def __init__(self, client: Any, bucket: str, key: str) -> None:
+        self._client = client
+        self._bucket = bucket
+        self._key = key
+        self._parts: list[dict[str, Any]] = []
+        created = client.create_multipart_upload(Bucket=bucket, Key=key)
+        self._upload_id: str = created["UploadId"]
+
+    def send(self, part: bytes) -> None:
+        number = len(self._parts) + 1
+        sent = self._client.upload_part(
+            Bucket=self._bucket,
+            Key=self._key,
+            UploadId=self._upload_id,
+            PartNumber=number,
+            Body=part,
+        )
+        self._parts.append({"PartNumber": number, "ETag": sent["ETag"]})
+
+    def complete(self) -> None:
+        self._client.complete_multipart_upload(
+            Bucket=self._bucket,
+            Key=self._key,
+            UploadId=self._upload_id,
+            MultipartUpload={"Parts": self._parts},
+        )
+
+    def abort(self) -> None:
+        self._client.abort_multipart_upload(
+            Bucket=self._bucket, Key=self._key, UploadId=self._upload_id
+        )
+
+
+class S3Bucket:
+    """A :class:`~ingest_service.blobstores.object_store.Bucket` in S3."""
+
+    def __init__(self, bucket: str, prefix: str, *, endpoint: str | None, timeout: float) -> None:
+        config = Config(
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            retries={"max_attempts": 3, "mode": "standard"},
+            s3={"addressing_style": "path"} if endpoint else None,
+        )
+        self._client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+        self._bucket = bucket
+        self._prefix = f"{prefix}/" if prefix else ""
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self._bucket, Key=self._name(key))
+        except ClientError as exc:
+            if _code(exc) in _MISSING_CODES:
+                return False
+            raise
+        return True
+
+    def put(self, key: str, content: bytes) -> None:
+        self._client.put_object(Bucket=self._bucket, Key=self._name(key), Body=content)
+
+    def start_upload(self, key: str) -> S3Upload:
+        return S3Upload(self._client, self._bucket, self._name(key))
+
+    def copy(self, source: str, target: str) -> None:
+        self._client.copy_object(
+            Bucket=self._bucket,
+            Key=self._name(target),
+            CopySource={"Bucket": self._bucket, "Key": self._name(source)},
+        )
+
+    def delete(self, key: str) -> None:
+        # S3 answers a delete of an absent key with success.
+        self._client.delete_object(Bucket=self._bucket, Key=self._name(key))
+
+    def open(self, key: str) -> BinaryIO:
+        found = self._client.get_object(Bucket=self._bucket, Key=self._name(key))
+        return cast(BinaryIO, found["Body"])
+
+    def list_pages(self) -> Iterator[list[tuple[str, float]]]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self._bucket, Prefix=self._prefix):
+            yield [
+                (item["Key"][len(self._prefix) :], item["LastModified"].timestamp())
+                for item in page.get("Contents", [])
+            ]
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _name(self, key: str) -> str:
+        return self._prefix + key
+
+    @staticmethod
+    def classify(exc: Exception) -> StorageUnavailable | None:
+        """S3's errors as the service's; messages name no bucket."""
+        if isinstance(exc, NoCredentialsError):
+            return StoragePermissionDenied("the blob store has no usable credentials")
+        if isinstance(exc, ClientError):
+            code = _code(exc)
+            if code in _PERMISSION_CODES:
+                return StoragePermissionDenied("the blob store refused the service's credentials")
+            if code in _QUOTA_CODES:
+                return StorageQuotaExceeded(
+                    "the blob store's request rate is exceeded; retry later"
+                )
+            return StorageUnavailable("blob store unavailable")
+        if isinstance(exc, BotoCoreError):
+            return StorageUnavailable("blob store unavailable")
+        return None
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
