@@ -11,23 +11,36 @@ import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+from google.api_core import exceptions as api_exceptions
+from google.auth.exceptions import DefaultCredentialsError
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 from mediatag.ingest.v1 import ingest_pb2_grpc
 
+from ingest_service.blobstores.gcs import GcsBucket
 from ingest_service.blobstores.local import LocalBlobStore
+from ingest_service.blobstores.s3 import S3Bucket
 from ingest_service.config import IngestConfig, UploadLimits
 from ingest_service.domain.observer import NoObserver
 from ingest_service.domain.requests import RequestIds
 from ingest_service.domain.uploads import Uploads
 from ingest_service.storage.schema import MIGRATIONS
 from mediatag_common.database import Database, sqlite_url
+from mediatag_common.service_config import MIB
 from tests import media_samples as samples
-from tests.blob_stores import StoreUnderTest, blob_key
+from tests.blob_stores import BUCKET, StoreUnderTest, blob_key, s3_client, store_under_test
 from tests.conftest import wait_until
 from tests.ingest_support import (
     IngestServer,
+    assert_refused,
+    chunks_of,
+    header,
+    listed,
+    refusal,
     sha256_of,
+    upload_stream,
 )
 
 OWNER = "listing-7"
@@ -137,3 +150,172 @@ async def test_a_blob_swept_before_its_row_committed_is_stored_again(tmp_path: P
     finally:
         await uploads.close()
         await db.close()
+
+
+# -- a store that stops answering ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+async def test_a_store_that_stops_answering_fails_uploads_cleanly_until_it_returns(
+    request: pytest.FixtureRequest, tmp_path: Path, scheme: str
+) -> None:
+    store = store_under_test(request, scheme, tmp_path / "unused")
+    assert store.emulator is not None
+    server = IngestServer(
+        tmp_path / "ingest", config=IngestConfig(blob_store_timeout=1.0), store=store
+    )
+    try:
+        stub = await server.start()
+        image, video = samples.jpeg_bytes(3), samples.mp4_bytes(payload_bytes=MIB)
+        with store.emulator.stopped():
+            for call in (
+                stub.UploadMedia(upload(image), timeout=60),
+                upload_stream(stub, video, deadline=60, filename="clip.mp4"),
+            ):
+                error = await refusal(call)
+                assert_refused(error, grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE", None)
+                # Clients read no bucket, prefix or endpoint.
+                details = error.details() or ""
+                assert BUCKET not in details
+                assert store.prefix not in details
+                assert "127.0.0.1" not in details
+            assert await listed(stub) == []
+        # Back: nothing half-stored, and uploads go through again.
+        assert server.blob_files() == set()
+        assert server.incoming_files() == []
+        answer = await stub.UploadMedia(upload(image), timeout=30)
+        assert await read_back(stub, answer.media[0].id) == image
+        streamed = await upload_stream(stub, video, filename="clip.mp4")
+        assert await read_back(stub, streamed.media.id) == video
+    finally:
+        await server.stop()
+
+
+async def test_a_cancelled_multipart_upload_is_aborted_and_leaves_no_object(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """On S3: gcp-storage-emulator answers 501 to cancelling a resumable upload (an
+    unfinished one is no object there either)."""
+    store = store_under_test(request, "s3", tmp_path / "unused")
+    assert store.emulator is not None
+    server = IngestServer(
+        tmp_path / "ingest",
+        config=IngestConfig(limits=UploadLimits(max_video_bytes=64 * MIB)),
+        store=store,
+    )
+    hold = asyncio.Event()
+    content = samples.mp4_bytes(payload_bytes=16 * MIB)
+    s3 = s3_client(store.emulator)
+
+    def multipart_uploads() -> list[str]:
+        found = s3.list_multipart_uploads(Bucket=BUCKET, Prefix=f"{store.prefix}/")
+        return [upload["Key"] for upload in found.get("Uploads", [])]
+
+    async def two_parts_then_wait() -> AsyncIterator[ipb.UploadMediaStreamRequest]:
+        for message in [header(filename="clip.mp4"), *chunks_of(content[: 12 * MIB])]:
+            yield message
+        await hold.wait()
+
+    try:
+        stub = await server.start()
+        call = stub.UploadMediaStream(two_parts_then_wait(), timeout=60)
+
+        async def parts_sent() -> bool:
+            return bool(multipart_uploads())
+
+        await wait_until(parts_sent, within=30)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+        async def aborted() -> bool:
+            return not multipart_uploads() and server.incoming_files() == []
+
+        await wait_until(aborted, within=30)
+        assert server.blob_files() == set()
+        assert await listed(stub) == []
+    finally:
+        hold.set()
+        await server.stop()
+
+
+# -- replicas --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+async def test_what_one_replica_stores_the_other_reads(
+    request: pytest.FixtureRequest, tmp_path: Path, scheme: str
+) -> None:
+    """Two ingest processes on their own machines (data directories), one database, one
+    bucket; on SQLite one after the other."""
+    store = store_under_test(request, scheme, tmp_path / "unused")
+    shared = IngestConfig(database_url=sqlite_url(str(tmp_path / "shared.db")))
+    first = IngestServer(tmp_path / "first", config=shared, store=store)
+    second = IngestServer(tmp_path / "second", config=shared, store=store)
+    image, video = samples.jpeg_bytes(8), samples.mp4_bytes(payload_bytes=6 * MIB)
+    try:
+        stub = await first.start()
+        uploaded = (await stub.UploadMedia(upload(image), timeout=30)).media[0]
+        streamed = (await upload_stream(stub, video, filename="clip.mp4")).media
+        await first.stop()
+
+        stub = await second.start()
+        assert await read_back(stub, uploaded.id) == image
+        assert await read_back(stub, streamed.id) == video
+        # And the other way round: the second stores, the first reads.
+        again = (await stub.UploadMedia(upload(samples.jpeg_bytes(9)), timeout=30)).media[0]
+        await second.stop()
+        stub = await first.start()
+        assert await read_back(stub, again.id) == samples.jpeg_bytes(9)
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+# -- what each client's refusals mean -------------------------------------------------------
+
+
+def s3_error(code: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "no"}}, "PutObject")
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (s3_error("AccessDenied"), "STORAGE_PERMISSION_DENIED"),
+        (s3_error("InvalidAccessKeyId"), "STORAGE_PERMISSION_DENIED"),
+        (NoCredentialsError(), "STORAGE_PERMISSION_DENIED"),
+        (s3_error("SlowDown"), "STORAGE_QUOTA_EXCEEDED"),
+        (s3_error("InternalError"), "STORAGE_UNAVAILABLE"),
+        (EndpointConnectionError(endpoint_url="http://s3.example"), "STORAGE_UNAVAILABLE"),
+    ],
+)
+def test_s3_refusals_say_whether_quota_or_permission(error: Exception, reason: str) -> None:
+    classified = S3Bucket.classify(error)
+    assert classified is not None
+    assert classified.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (
+            api_exceptions.Forbidden("no", errors=[{"reason": "forbidden"}]),
+            "STORAGE_PERMISSION_DENIED",
+        ),
+        (api_exceptions.Unauthorized("no"), "STORAGE_PERMISSION_DENIED"),
+        (DefaultCredentialsError("none"), "STORAGE_PERMISSION_DENIED"),
+        (api_exceptions.TooManyRequests("slow down"), "STORAGE_QUOTA_EXCEEDED"),
+        (
+            api_exceptions.Forbidden("no", errors=[{"reason": "quotaExceeded"}]),
+            "STORAGE_QUOTA_EXCEEDED",
+        ),
+        (api_exceptions.ServiceUnavailable("down"), "STORAGE_UNAVAILABLE"),
+    ],
+)
+def test_cloud_storage_refusals_say_whether_quota_or_permission(
+    error: Exception, reason: str
+) -> None:
+    classified = GcsBucket.classify(error)
+    assert classified is not None
+    assert classified.reason == reason

@@ -46,6 +46,11 @@ INGEST_SERVE = {
     "--max-filename-length": "MEDIATAG_MAX_FILENAME_LENGTH",
     "--request-id-retention": "MEDIATAG_REQUEST_ID_RETENTION",
     "--upload-idle-timeout": "MEDIATAG_UPLOAD_IDLE_TIMEOUT",
+    "--blob-store": "MEDIATAG_BLOB_STORE",
+    "--blob-store-endpoint": "MEDIATAG_BLOB_STORE_ENDPOINT",
+    "--blob-store-timeout": "MEDIATAG_BLOB_STORE_TIMEOUT",
+    "--blob-sweep-grace": "MEDIATAG_BLOB_SWEEP_GRACE",
+    "--blob-sweep-interval": "MEDIATAG_BLOB_SWEEP_INTERVAL",
     "--ingest-metrics-port": "MEDIATAG_INGEST_METRICS_PORT",
     "--ingest-request-memory": "MEDIATAG_INGEST_REQUEST_MEMORY",
 }

@@ -48,8 +48,7 @@ class LocalBlobStore:
         return await self._calls.run("put", self._put, sha256, content)
 
     async def receive(self) -> LocalReceivedBlob:
-        spool = await self._calls.run("write", Spool, self.root / INCOMING)
-        return LocalReceivedBlob(self, spool, self._calls)
+        return LocalReceivedBlob(self, Spool(self.root / INCOMING), self._calls)
 
     async def read(self, sha256: str) -> AsyncIterator[bytes]:
         blob: BinaryIO = await self._calls.run("read", self.path_for(sha256).open, "rb")
@@ -74,6 +73,7 @@ class LocalBlobStore:
     def link(self, spool: Spool, sha256: str) -> Placement:
         """Give the finished ``spool`` its blob's name, unless the blob is already stored."""
         path = self.path_for(sha256)
+        assert spool.path is not None, "a finished spool has its file"
         try:
             os.link(spool.path, path)
         except FileExistsError:

@@ -107,8 +107,7 @@ class ObjectStoreBlobs:
         return Placement.now(reused=False)
 
     async def receive(self) -> ObjectReceivedBlob:
-        spool = await self.calls.run("write", Spool, self._spool_dir)
-        return ObjectReceivedBlob(self, self._bucket, spool)
+        return ObjectReceivedBlob(self, self._bucket, Spool(self._spool_dir))
 
     async def read(self, sha256: str) -> AsyncIterator[bytes]:
         reader = await self.calls.run("read", self._bucket.open, blob_key(sha256))
