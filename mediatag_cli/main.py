@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
+from mediatag_cli.blob_copy import copy_blobs
 from mediatag_cli.client_commands import run_command
 from mediatag_cli.logging_setup import configure_logging
 from mediatag_cli.render import parse_status
@@ -79,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
             ),
             [name],
         )
+
+    copy_blobs = _command_parser(
+        commands.add_parser(
+            "copy-blobs",
+            help="copy a local blob directory into the blob store (to move to a bucket)",
+            usage="mediatag copy-blobs DIR [serve ingest options]",
+            description="Copy every blob of DIR (a local blob directory, DATA_DIR/ingest/blobs) "
+            "into the blob store that `mediatag serve ingest` with the same options uses "
+            "(--blob-store). Blobs already there are skipped, so it can run again, also "
+            "while the service runs.",
+        )
+    )
+    copy_blobs.add_argument("source", type=Path, metavar="DIR", help="the blob directory")
+    add_serve_arguments(copy_blobs, [INGEST])
 
     def client(name: str, summary: str) -> argparse.ArgumentParser:
         command = _command_parser(commands.add_parser(name, help=summary, description=summary))
@@ -196,6 +212,8 @@ def run(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.command == "serve":
         return _run_serve(args)
+    if args.command == "copy-blobs":
+        return _run_copy_blobs(args)
     configure_logging("WARNING")
     try:
         return asyncio.run(_run_client(args))
@@ -216,6 +234,22 @@ def _run_serve(args: argparse.Namespace) -> int:
         return asyncio.run(serve(settings))
     except KeyboardInterrupt:
         return _INTERRUPTED
+
+
+def _run_copy_blobs(args: argparse.Namespace) -> int:
+    try:
+        ingest = serve_settings(args, [INGEST]).ingest
+    except SettingsError as error:
+        _usage_error(args, str(error))
+    assert ingest is not None
+    source: Path = args.source
+    if not source.is_dir():
+        _usage_error(args, f"{source} is no directory")
+    location = ingest.blob_store_location
+    if location.scheme == "file" and Path(location.path).resolve() == source.resolve():
+        _usage_error(args, f"{source} is the blob store itself (give --blob-store)")
+    configure_logging("WARNING")
+    return asyncio.run(copy_blobs(source, ingest))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,6 +42,7 @@ from tests.ingest_support import (
     sha256_of,
     upload_stream,
 )
+from tests.processes import run_cli
 
 OWNER = "listing-7"
 # Sweeps often, and judges anything older than a moment.
@@ -319,3 +320,39 @@ def test_cloud_storage_refusals_say_whether_quota_or_permission(
     classified = GcsBucket.classify(error)
     assert classified is not None
     assert classified.reason == reason
+
+
+# -- moving a deployment to a bucket -------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+async def test_copy_blobs_moves_a_local_blob_directory_into_a_bucket(
+    request: pytest.FixtureRequest, tmp_path: Path, scheme: str
+) -> None:
+    database = IngestConfig(database_url=sqlite_url(str(tmp_path / "ingest.db")))
+    local = IngestServer(tmp_path / "before", config=database)
+    image, video = samples.jpeg_bytes(21), samples.mp4_bytes(payload_bytes=7 * MIB)
+    try:
+        stub = await local.start()
+        uploaded = (await stub.UploadMedia(upload(image), timeout=30)).media[0]
+        streamed = (await upload_stream(stub, video, filename="clip.mp4")).media
+    finally:
+        await local.stop()
+    bucket = store_under_test(request, scheme, tmp_path / "unused")
+    command = ["copy-blobs", str(local.blobs.root), "--data-dir", str(tmp_path), *bucket.flags()]
+
+    first = await asyncio.to_thread(run_cli, *command)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "copied 2 blob(s); 0 already there"
+    again = await asyncio.to_thread(run_cli, *command)
+    assert again.stdout.strip() == "copied 0 blob(s); 2 already there"
+    assert bucket.blob_keys() == {blob_key(uploaded.sha256), blob_key(streamed.sha256)}
+
+    moved = IngestServer(tmp_path / "after", config=database, store=bucket)
+    try:
+        stub = await moved.start()
+        assert await read_back(stub, uploaded.id) == image
+        assert await read_back(stub, streamed.id) == video
+    finally:
+        await moved.stop()

@@ -10,7 +10,7 @@ from ingest_service.config import BlobStoreUrl
 from ingest_service.domain.blobs import BlobStore
 from ingest_service.domain.observer import BlobStoreObserver
 
-__all__ = ["calls", "gcs", "local", "object_store", "open_blob_store", "s3", "spool"]
+__all__ = ["calls", "copy", "gcs", "local", "object_store", "open_blob_store", "s3", "spool"]
 
 
 def open_blob_store(

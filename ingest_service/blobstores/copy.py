@@ -1,0 +1,72 @@
+"""Copying a local blob directory into a blob store, so a deployment can move to a bucket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ingest_service.domain.blobs import BlobStore
+
+logger = logging.getLogger(__name__)
+
+# Blobs copied at once; each holds one read chunk (and, for a bucket, one part).
+CONCURRENCY = 4
+READ_BYTES = 1024 * 1024
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class CopyReport:
+    copied: int
+    already_there: int
+    # Files whose content does not hash to their name: left out, and logged.
+    damaged: int
+
+
+def blob_files(source: Path) -> Iterator[tuple[str, Path]]:
+    """The blobs of a local blob directory, ``ab/<sha256>``; its ``incoming/`` is skipped."""
+    for fan_out in sorted(source.iterdir()):
+        if fan_out.is_dir() and re.fullmatch(r"[0-9a-f]{2}", fan_out.name):
+            for path in sorted(fan_out.iterdir()):
+                if _SHA256.fullmatch(path.name) and path.name.startswith(fan_out.name):
+                    yield path.name, path
+
+
+async def copy_blobs(source: Path, target: BlobStore) -> CopyReport:
+    """Copy every blob of ``source`` that ``target`` lacks, streamed and its digest checked.
+
+    Safe to run again, also beside a service using ``target``: what is there is skipped.
+    """
+    copied = already_there = damaged = 0
+    files = blob_files(source)
+
+    async def copy(sha256: str, path: Path) -> None:
+        nonlocal copied, already_there, damaged
+        if await target.contains(sha256):
+            already_there += 1
+            return
+        received = await target.receive()
+        try:
+            with path.open("rb") as blob:
+                while chunk := await asyncio.to_thread(blob.read, READ_BYTES):
+                    await received.write([chunk])
+            if await received.finish() != sha256:
+                logger.error("%s does not hash to its name: not copied", path)
+                damaged += 1
+                return
+            await received.store(sha256)
+            copied += 1
+        finally:
+            await received.discard()
+
+    async def copier() -> None:
+        # The copiers share one walk of the directory.
+        for sha256, path in files:
+            await copy(sha256, path)
+
+    await asyncio.gather(*(copier() for _ in range(CONCURRENCY)))
+    return CopyReport(copied, already_there, damaged)

@@ -1,0 +1,37 @@
+"""``mediatag copy-blobs``: a local blob directory into the configured blob store."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from ingest_service.blobstores import open_blob_store
+from ingest_service.blobstores.copy import copy_blobs as copy_into
+from ingest_service.config import IngestConfig
+from ingest_service.domain.observer import NoObserver
+from ingest_service.errors import IngestError
+
+
+async def copy_blobs(source: Path, ingest: IngestConfig) -> int:
+    """Copy ``source`` into ``ingest``'s blob store; prints what it did; the exit status."""
+    target = await asyncio.to_thread(
+        open_blob_store,
+        ingest.blob_store_location,
+        endpoint=ingest.blob_store_endpoint,
+        timeout=ingest.blob_store_timeout,
+        spool_dir=ingest.data_dir / "spool",
+        observer=NoObserver(),
+    )
+    try:
+        report = await copy_into(source, target)
+    except IngestError as exc:
+        print(f"copy stopped: {exc} (run it again to go on)", file=sys.stderr)
+        return 1
+    finally:
+        await target.close()
+    print(
+        f"copied {report.copied} blob(s); {report.already_there} already there"
+        + (f"; {report.damaged} damaged, not copied" if report.damaged else "")
+    )
+    return 1 if report.damaged else 0
