@@ -119,6 +119,14 @@ class WatchConfig:
         parse=positive_int,
         metavar="N",
     )
+    # Media ids one WatchStatus may name: its filter is held for as long as it is open.
+    max_media_ids: int = setting(
+        1000,
+        flag="--max-watch-media-ids",
+        help="media ids one WatchStatus may name (INVALID_ARGUMENT TOO_MANY_MEDIA_IDS beyond)",
+        parse=positive_int,
+        metavar="N",
+    )
     # Event log retention: events older than this, or beyond this many, are compacted away
     # every ``compaction_interval`` seconds; a resume from before them re-syncs.
     retention_seconds: float = setting(

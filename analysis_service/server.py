@@ -114,6 +114,7 @@ async def create_server(
             throughput=throughput,
             analyzer=analyzer,
             metrics=metrics,
+            max_watch_media_ids=config.watch.max_media_ids,
         ),
         server,
     )

@@ -13,6 +13,7 @@ The tree::
     ├── Unauthenticated           TOKEN_MISSING, TOKEN_INVALID
     ├── PermissionDenied          ROLE_NOT_ALLOWED, OWNER_NOT_ALLOWED
     ├── MalformedRequest          a request message that does not decode
+    ├── RequestTooLarge           a streaming call's request over its size limit
     ├── RequestTooSlow            a request message that took too long to arrive
     ├── ServerBusy                no room to read one more request message
     ├── AnalysisError             the analysis service's tree (analysis_service.errors)
@@ -97,6 +98,12 @@ class MalformedRequest(ServiceError):
     """A request message that is not the protobuf message of its method."""
 
     reason = "MALFORMED_REQUEST"
+
+
+class RequestTooLarge(ServiceError):
+    """The request of a call that streams its answer is larger than such a request may be."""
+
+    reason = "REQUEST_TOO_LARGE"
 
 
 class RequestTooSlow(ServiceError):

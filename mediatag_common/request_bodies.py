@@ -30,7 +30,12 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from mediatag_common.errors import MalformedRequest, RequestTooSlow, ServerBusy
+from mediatag_common.errors import (
+    MalformedRequest,
+    RequestTooLarge,
+    RequestTooSlow,
+    ServerBusy,
+)
 from mediatag_common.interceptors import Behavior, BehaviorInterceptor
 
 logger = logging.getLogger(__name__)
@@ -43,6 +48,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 # Health and reflection are gRPC's own services: served as gRPC serves them.
 _GRPC_SERVICES = ("/grpc.",)
 MALFORMED_LOG_INTERVAL = 10.0
+# The largest request of a call that streams its answer (a watch's filters): it is held for
+# as long as the stream is open, by each of up to thousands of streams.
+MAX_STREAM_REQUEST_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -144,8 +152,9 @@ class PendingRequest:
         self._raw_messages = raw_messages
         self._deserializer = deserializer
 
-    async def read(self, context: Context) -> tuple[Any, int]:
-        """The decoded message and its size in bytes."""
+    async def read(self, context: Context, max_bytes: int | None = None) -> tuple[Any, int]:
+        """The decoded message and its size in bytes; one over ``max_bytes`` is refused
+        before it is decoded."""
         name = self._method.rsplit("/", 1)[-1]
         messages = aiter(self._raw_messages)
         raw = await anext(messages, None)
@@ -156,6 +165,11 @@ class PendingRequest:
         # receiver left before it keeps the message's memory (100 MiB per call, measured).
         if await anext(messages, None) is not None:
             raise MalformedRequest(f"{name} takes one request message, it was sent more")
+        if max_bytes is not None and len(raw) > max_bytes:
+            raise RequestTooLarge(
+                f"the request of {name} has {len(raw)} bytes; at most {max_bytes}",
+                metadata={"maxBytes": str(max_bytes)},
+            )
         return _decode(self._method, self._deserializer, raw, context.peer()), len(raw)
 
 
@@ -255,7 +269,9 @@ class RequestReader(BehaviorInterceptor):
         self._limits = limits
         self._budget = ByteBudget(limits.max_bytes_in_flight)
 
-    async def _read(self, request: Any, context: Context) -> tuple[Any, int]:
+    async def _read(
+        self, request: Any, context: Context, max_bytes: int | None = None
+    ) -> tuple[Any, int]:
         """The message of ``request`` and the bytes of budget its call holds."""
         if not isinstance(request, PendingRequest):
             return request, 0
@@ -271,7 +287,7 @@ class RequestReader(BehaviorInterceptor):
             ) from exc
         try:
             async with asyncio.timeout(timeout):
-                message, size = await request.read(context)
+                message, size = await request.read(context, max_bytes)
         except BaseException as exc:
             self._budget.release(reserved)
             if isinstance(exc, TimeoutError):
@@ -294,8 +310,9 @@ class RequestReader(BehaviorInterceptor):
 
     def wrap_stream(self, method: str, kind: str, behavior: Behavior) -> Behavior:
         async def wrapper(request: Any, context: Context) -> AsyncIterator[Any]:
-            # A stream's request is small (its filters); it leaves the budget once read.
-            message, held = await self._read(request, context)
+            # A stream's request is its filters: small, and held for as long as the stream is
+            # open, so it is bounded on its own and leaves the budget once read.
+            message, held = await self._read(request, context, MAX_STREAM_REQUEST_BYTES)
             self._budget.release(held)
             async for response in behavior(message, context):
                 yield response

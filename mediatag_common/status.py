@@ -26,6 +26,7 @@ from mediatag_common.errors import (
     DOMAIN,
     MalformedRequest,
     PermissionDenied,
+    RequestTooLarge,
     RequestTooSlow,
     ServerBusy,
     ServiceError,
@@ -42,6 +43,7 @@ STATUS_CODES: StatusCodes = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     MalformedRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RequestTooSlow: grpc.StatusCode.DEADLINE_EXCEEDED,
     ServerBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }

@@ -84,6 +84,7 @@ ANALYSIS_SERVE = {
     "--compaction-interval": "MEDIATAG_COMPACTION_INTERVAL",
     "--analysis-metrics-port": "MEDIATAG_ANALYSIS_METRICS_PORT",
     "--analysis-request-memory": "MEDIATAG_ANALYSIS_REQUEST_MEMORY",
+    "--max-watch-media-ids": "MEDIATAG_MAX_WATCH_MEDIA_IDS",
 }
 # Every client command takes these; None: a flag without a variable.
 CLIENT = {

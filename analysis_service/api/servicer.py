@@ -9,7 +9,7 @@ the methods check its owners (``auth.owner_scope()``).
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sized
 from typing import Any
 
 import grpc
@@ -49,6 +49,8 @@ METHOD_ROLES: auth.MethodRoles = {
 }
 
 MAX_SUBMIT_BATCH = 1000
+# Media ids one RetryJobs may name, as ingest's ReprocessMedia.
+MAX_RETRY_IDS = 1000
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -62,6 +64,13 @@ def _validate_spec(index: int, spec: pb.JobSpec) -> None:
         raise invalid(f"{prefix}.sha256", "INVALID_SHA256", "must be 64 hex digits")
     if spec.size_bytes < 0:
         raise invalid(f"{prefix}.size_bytes", "INVALID_SIZE", "must not be negative")
+
+
+def _check_id_count(media_ids: Sized, limit: int) -> None:
+    if len(media_ids) > limit:
+        raise invalid(
+            "media_ids", "TOO_MANY_MEDIA_IDS", f"{len(media_ids)} media ids; at most {limit}"
+        )
 
 
 def _page_size(requested: int) -> int:
@@ -84,8 +93,10 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         throughput: Throughput,
         analyzer: Analyzer,
         metrics: AnalysisMetrics,
+        max_watch_media_ids: int,
     ) -> None:
         self._queue = queue
+        self._max_watch_media_ids = max_watch_media_ids
         self._watcher = watcher
         self._watch_messages = convert.WatchMessages()
         self._pool = pool
@@ -155,6 +166,8 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     async def WatchStatus(
         self, request: pb.WatchStatusRequest, context: Context
     ) -> AsyncIterator[pb.WatchStatusResponse]:
+        # Counted on the message, before a set of them is built: the set is what costs.
+        _check_id_count(request.media_ids, self._max_watch_media_ids)
         # Other owners' items are left out as if unknown (they are not refused: refusing
         # would tell the caller which ids exist); naming another owner is refused.
         scope = auth.owner_scope()
@@ -204,6 +217,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             raise invalid(
                 "media_ids", "FILTER_REQUIRED", "name media_ids, or an owner_id and/or status"
             )
+        _check_id_count(request.media_ids, MAX_RETRY_IDS)
         owner_id = await auth.owner_scope().check_selection(
             request.media_ids, request.owner_id, self._queue.owners_of
         )
