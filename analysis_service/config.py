@@ -119,6 +119,24 @@ class WatchConfig:
         parse=positive_int,
         metavar="N",
     )
+    # One caller's share of max_watchers: a token's (or without authentication a peer
+    # address's); None: half of them.
+    max_watchers_per_caller: int | None = setting(
+        None,
+        flag="--max-watchers-per-caller",
+        help="WatchStatus streams one token (without --tokens-file: one peer address) may hold",
+        parse=positive_int,
+        metavar="N",
+        shown_default="half of --max-watchers",
+    )
+    # The services' own streams (role service): slots apart from the clients'.
+    max_service_watchers: int = setting(
+        100,
+        flag="--max-service-watchers",
+        help="WatchStatus streams of each service token (role service), beyond --max-watchers",
+        parse=positive_int,
+        metavar="N",
+    )
     # Media ids one WatchStatus may name: its filter is held for as long as it is open.
     max_media_ids: int = setting(
         1000,

@@ -49,7 +49,12 @@ async def create_server(
     db = ThreadedDatabase(config.resolved_database_url, synchronous=config.sqlite_synchronous)
     await db.migrate(MIGRATIONS)
 
-    hub = StatusHub(buffer_size=config.watch.stream_buffer, max_watchers=config.watch.max_watchers)
+    hub = StatusHub(
+        buffer_size=config.watch.stream_buffer,
+        max_watchers=config.watch.max_watchers,
+        max_watchers_per_caller=config.watch.max_watchers_per_caller,
+        max_service_watchers=config.watch.max_service_watchers,
+    )
     queue = JobQueue(
         db,
         hub,

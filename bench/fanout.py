@@ -254,6 +254,8 @@ def _mediatag(
         argv += [
             "--workers", str(setup.workers), "--rate-limit", setup.rate_limit,
             "--max-watchers", str(setup.max_watchers),
+            # Every watcher is this benchmark's, one caller: its share is all of them.
+            "--max-watchers-per-caller", str(setup.max_watchers),
         ]  # fmt: skip
     port = analysis_port if service == "analysis" else ingest_port
     env = {key: value for key, value in os.environ.items() if not key.startswith(_ENV_PREFIX)}

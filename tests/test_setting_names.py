@@ -85,6 +85,8 @@ ANALYSIS_SERVE = {
     "--analysis-metrics-port": "MEDIATAG_ANALYSIS_METRICS_PORT",
     "--analysis-request-memory": "MEDIATAG_ANALYSIS_REQUEST_MEMORY",
     "--max-watch-media-ids": "MEDIATAG_MAX_WATCH_MEDIA_IDS",
+    "--max-watchers-per-caller": "MEDIATAG_MAX_WATCHERS_PER_CALLER",
+    "--max-service-watchers": "MEDIATAG_MAX_SERVICE_WATCHERS",
 }
 # Every client command takes these; None: a flag without a variable.
 CLIENT = {

@@ -5,17 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from mediatag.analysis.v1 import analysis_pb2 as apb
+from mediatag.analysis.v1 import analysis_pb2_grpc
 
+from analysis_service.config import AnalysisConfig, RateLimitConfig, WatchConfig
+from analysis_service.domain.hub import StatusHub, WatchFilter
+from analysis_service.errors import TooManyWatchers, WatcherTooSlow
+from ingest_service.config import IngestConfig
+from mediatag_common.callers import Caller
+from mediatag_common.errors import error_info
 from mediatag_common.grpc_server import channel_options, open_channel
-from tests.conftest import free_port
+from tests.conftest import Cluster, free_port
+from tests.fakes import ScriptedAnalyzer
 from tests.ingest_support import assert_refused
 from tests.processes import Serve, peak_rss_mib, reset_peak_rss, rss_mib
-from tests.test_auth import TOKENS, tokens_file
+from tests.test_auth import TOKENS, Clients, completed, image_upload, tokens_file
 
 MIB = 1024 * 1024
 WATCH_STATUS = "/mediatag.analysis.v1.AnalysisService/WatchStatus"
@@ -98,3 +108,94 @@ async def test_huge_watch_filters_are_refused_at_a_bounded_cost(tmp_path: Path) 
     finally:
         await channel.close()
         assert serve.stop() == 0
+
+
+# ---- watcher slots (item 3) ----
+
+
+async def _open_watch(
+    stub: analysis_pb2_grpc.AnalysisServiceAsyncStub,
+) -> grpc.aio.UnaryStreamCall[Any, Any] | grpc.aio.AioRpcError:
+    """A watch once the service has registered it (its headers came), or its refusal."""
+    call = stub.WatchStatus(apb.WatchStatusRequest())
+    try:
+        await call.wait_for_connection()
+        if call.done():
+            await call.read()  # raises the refusal
+    except grpc.aio.AioRpcError as error:
+        return error
+    return call
+
+
+async def test_one_caller_cannot_take_every_watcher_slot_nor_the_services_theirs(
+    make_cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    path = tokens_file(tmp_path / "secrets")
+    cluster = make_cluster(
+        analyzer=ScriptedAnalyzer(),
+        analysis_config=AnalysisConfig(
+            rate_limits={"local": RateLimitConfig(100, 10)},
+            watch=WatchConfig(max_watchers=4, max_watchers_per_caller=2),
+            tokens_file=path,
+            service_token=TOKENS["service"],
+        ),
+        ingest_config=IngestConfig(tokens_file=path, service_token=TOKENS["service"]),
+    )
+    await cluster.start_analysis()
+    clients = Clients(cluster)
+    try:
+        # An owner-restricted uploader holds its share, and no more.
+        uploader = clients.analysis("uploader7")
+        held = [await _open_watch(uploader) for _ in range(2)]
+        assert not any(isinstance(call, grpc.aio.AioRpcError) for call in held)
+        refusal = await _open_watch(uploader)
+        assert isinstance(refusal, grpc.aio.AioRpcError)
+        assert_refused(
+            refusal, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WATCHERS_FOR_CALLER", None
+        )
+        info = error_info(refusal)
+        assert info is not None
+        assert info.metadata["maxWatchersPerCaller"] == "2"
+
+        # Another caller takes the other two: every client slot is taken.
+        held += [await _open_watch(clients.analysis("viewer")) for _ in range(2)]
+        refusal = await _open_watch(clients.analysis("viewer7"))
+        assert isinstance(refusal, grpc.aio.AioRpcError)
+        assert_refused(refusal, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WATCHERS", None)
+
+        # The ingest service's status mirror (role service) still gets its stream: an
+        # upload's completion reaches GetMedia.
+        await cluster.start_ingest()
+        media = (
+            await clients.ingest("uploader7").UploadMedia(image_upload("listing-7", 50))
+        ).media[0]
+        await completed(clients, [media.id])
+        for call in held:
+            assert not isinstance(call, grpc.aio.AioRpcError)
+            call.cancel()
+    finally:
+        await clients.close()
+
+
+async def test_a_slot_is_given_back_once_however_its_subscription_leaves() -> None:
+    hub = StatusHub(buffer_size=4, max_watchers=3, max_watchers_per_caller=2)
+    app, other, ingest = Caller("app"), Caller("other"), Caller("ingest", service=True)
+    first, second = hub.subscribe(WatchFilter(), app), hub.subscribe(WatchFilter(), app)
+    with pytest.raises(TooManyWatchers) as caught:
+        hub.subscribe(WatchFilter(), app)
+    assert caught.value.reason == "TOO_MANY_WATCHERS_FOR_CALLER"
+    # Ended (cut off) and then closed: one slot back, not two.
+    first.end(WatcherTooSlow("behind"))
+    first.close()
+    third = hub.subscribe(WatchFilter(), app)
+    with pytest.raises(TooManyWatchers):
+        hub.subscribe(WatchFilter(), app)
+    hub.subscribe(WatchFilter(), other)
+    with pytest.raises(TooManyWatchers) as caught:
+        hub.subscribe(WatchFilter(), other)
+    assert caught.value.reason == "TOO_MANY_WATCHERS"
+    # The services' slots are their own.
+    assert [hub.subscribe(WatchFilter(), ingest) for _ in range(5)]
+    for subscription in (second, third):
+        subscription.close()
+    assert hub.subscribe(WatchFilter(), other) is not None

@@ -458,9 +458,12 @@ async def test_a_watcher_that_stops_reading_is_cut_off_while_a_reading_one_keeps
 async def test_the_watcher_cap_refuses_more_and_a_cut_off_watcher_frees_its_slot_at_once(
     make_cluster: Callable[..., Cluster], channels: OpenChannel
 ) -> None:
-    # Three slots, one of them held by the ingest service's status mirror.
+    # Three slots, one of them held by the ingest service's status mirror (without tokens, all
+    # of them one caller's: its share is all three).
     cluster = fast_cluster(
-        make_cluster, WatchConfig(max_watchers=3, stream_buffer=16), dimensions=1408
+        make_cluster,
+        WatchConfig(max_watchers=3, max_watchers_per_caller=3, stream_buffer=16),
+        dimensions=1408,
     )
     start = await warmed_up(cluster)
     port = cluster.analysis_port

@@ -181,7 +181,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             until_terminal=request.until_terminal,
             include_embedding=request.include_embedding,
         )
-        async with self._watcher.watch(watch) as stream:
+        async with self._watcher.watch(watch, auth.current_caller(context.peer())) as stream:
             # Headers as soon as the stream is registered (a refusal is the call's status
             # instead), so a client knows it is open before the first event, which may be a
             # bookmark interval away.

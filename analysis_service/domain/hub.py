@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from analysis_service.domain.models import StatusEvent
 from analysis_service.domain.pacing import DeliveryPacer
 from analysis_service.errors import ShuttingDown, TooManyWatchers, WatcherTooSlow
+from mediatag_common.callers import ANONYMOUS, Caller
 
 logger = logging.getLogger(__name__)
 
@@ -177,10 +178,23 @@ class StatusHub:
     It also paces the workers' commits to the fan-out (``paced``).
     """
 
-    def __init__(self, *, buffer_size: int, max_watchers: int, current_revision: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        buffer_size: int,
+        max_watchers: int,
+        max_watchers_per_caller: int | None = None,
+        max_service_watchers: int = 100,
+        current_revision: int = 0,
+    ) -> None:
         self._buffer_size = buffer_size
+        # Clients' watchers, all and of one caller (None: half of all); the services' own.
         self._max_watchers = max_watchers
-        self._subscriptions: set[Subscription] = set()
+        self._max_per_caller = max_watchers_per_caller or max(1, max_watchers // 2)
+        self._max_service_watchers = max_service_watchers
+        self._subscriptions: dict[Subscription, Caller] = {}
+        self._held: collections.Counter[Caller] = collections.Counter()
+        self._client_watchers = 0
         self._closed = False
         self.current_revision = current_revision
         self.events_published = 0
@@ -223,20 +237,42 @@ class StatusHub:
     def _is_delivered(self) -> bool:
         return self._delivering <= int(len(self._subscriptions) * PACING_STRAGGLERS)
 
-    def subscribe(self, watch_filter: WatchFilter) -> Subscription:
+    def subscribe(self, watch_filter: WatchFilter, holder: Caller = ANONYMOUS) -> Subscription:
+        """A subscription of ``holder``, refused beyond its slots: a service has its own, apart
+        from the clients'; a client is refused when every client slot is taken, or its share
+        of them (so that one client cannot take them all)."""
         if self._closed:
             raise ShuttingDown("the analysis service is shutting down")
-        if len(self._subscriptions) >= self._max_watchers:
+        if holder.service:
+            if self._held[holder] >= self._max_service_watchers:
+                raise TooManyWatchers(
+                    f"at most {self._max_service_watchers} watchers of a service",
+                    metadata={"maxServiceWatchers": str(self._max_service_watchers)},
+                )
+        elif self._client_watchers >= self._max_watchers:
             raise TooManyWatchers(
                 f"at most {self._max_watchers} watchers; retry with backoff",
                 metadata={"maxWatchers": str(self._max_watchers)},
             )
+        elif self._held[holder] >= self._max_per_caller:
+            raise TooManyWatchers(
+                f"at most {self._max_per_caller} watchers of one caller; close one first",
+                reason="TOO_MANY_WATCHERS_FOR_CALLER",
+                metadata={"maxWatchersPerCaller": str(self._max_per_caller)},
+            )
         subscription = Subscription(self, watch_filter, self._buffer_size)
-        self._subscriptions.add(subscription)
+        self._subscriptions[subscription] = holder
+        self._held[holder] += 1
+        self._client_watchers += not holder.service
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
-        self._subscriptions.discard(subscription)
+        holder = self._subscriptions.pop(subscription, None)
+        if holder is not None:
+            self._held[holder] -= 1
+            if not self._held[holder]:
+                del self._held[holder]
+            self._client_watchers -= not holder.service
         self._pacer.pass_turn()
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ from analysis_service.errors import InvalidArgument, RevisionAhead, RevisionComp
 from analysis_service.storage import events as event_log
 from analysis_service.storage import schema
 from analysis_service.storage.session import consistent_read, read
+from mediatag_common.callers import ANONYMOUS, Caller
 from mediatag_common.errors import FieldViolation
 from mediatag_common.threaded_database import ThreadedDatabase
 
@@ -102,16 +103,17 @@ class StatusWatcher:
                 field_violations=[FieldViolation("media_ids", "required with until_terminal")],
             )
 
-    def watch(self, request: WatchRequest) -> WatchStream:
-        """A stream registered with the hub at once (refused here when the watcher cap is
-        reached), so a caller can open it before telling its client the stream is open."""
+    def watch(self, request: WatchRequest, holder: Caller = ANONYMOUS) -> WatchStream:
+        """A stream registered with the hub at once for ``holder`` (refused here when its
+        watcher slots are taken), so a caller can open it before telling its client the stream
+        is open."""
         self.validate(request)
         if not request.owner_id and request.allowed_owners and len(request.allowed_owners) == 1:
             # One allowed owner is an owner filter the queries can use.
             (only,) = request.allowed_owners
             request = dataclasses.replace(request, owner_id=only)
         watch_filter = WatchFilter(request.media_ids, request.owner_id, request.allowed_owners)
-        subscription = self._hub.subscribe(watch_filter)
+        subscription = self._hub.subscribe(watch_filter, holder)
         return WatchStream(subscription, self._stream(request, subscription))
 
     async def _stream(

@@ -10,7 +10,12 @@
 
 from mediatag_common.auth.credentials import token_interceptors
 from mediatag_common.auth.interceptor import AuthInterceptor, MethodRoles
-from mediatag_common.auth.scope import OwnerScope, current_principal, owner_scope
+from mediatag_common.auth.scope import (
+    OwnerScope,
+    current_caller,
+    current_principal,
+    owner_scope,
+)
 from mediatag_common.auth.tokens import (
     ADMIN,
     ROLES,
@@ -35,6 +40,7 @@ __all__ = [
     "Principal",
     "TokenTable",
     "TokensFileError",
+    "current_caller",
     "current_principal",
     "load_tokens",
     "owner_scope",

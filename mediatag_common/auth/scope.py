@@ -15,7 +15,8 @@ import contextvars
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from mediatag_common.auth.tokens import Principal
+from mediatag_common.auth.tokens import SERVICE, Principal
+from mediatag_common.callers import Caller
 from mediatag_common.errors import FieldViolation, PermissionDenied
 
 _CURRENT: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
@@ -38,6 +39,18 @@ def set_principal(principal: Principal) -> None:
     handler may be finalised in another context, where a reset would fail.
     """
     _CURRENT.set(principal)
+
+
+def current_caller(peer: str) -> Caller:
+    """Who the call being served is from: its principal, or without authentication the
+    address of ``peer`` (gRPC's ``ipv4:10.0.0.7:53412``, its port left out)."""
+    principal = _CURRENT.get()
+    if principal is not None:
+        return Caller(principal.name, SERVICE in principal.roles)
+    scheme, _, address = peer.partition(":")
+    if scheme in ("ipv4", "ipv6"):
+        return Caller(f"{scheme}:{address.rpartition(':')[0]}")
+    return Caller(peer)
 
 
 def owner_scope() -> OwnerScope:
