@@ -5,6 +5,7 @@ replicas sharing a bucket, and how each client's refusals are told apart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
@@ -31,7 +32,7 @@ from mediatag_common.database import Database, sqlite_url
 from mediatag_common.service_config import MIB
 from tests import media_samples as samples
 from tests.blob_stores import BUCKET, StoreUnderTest, blob_key, s3_client, store_under_test
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 from tests.ingest_support import (
     IngestServer,
     assert_refused,
@@ -42,7 +43,7 @@ from tests.ingest_support import (
     sha256_of,
     upload_stream,
 )
-from tests.processes import run_cli
+from tests.processes import Serve, run_cli
 
 OWNER = "listing-7"
 # Sweeps often, and judges anything older than a moment.
@@ -356,3 +357,74 @@ async def test_copy_blobs_moves_a_local_blob_directory_into_a_bucket(
         assert await read_back(stub, streamed.id) == video
     finally:
         await moved.stop()
+
+
+# -- a crash in the middle of large uploads ------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+async def test_sigkill_amid_large_streams_keeps_every_answered_upload_and_sweeps_the_rest(
+    request: pytest.FixtureRequest, tmp_path: Path, scheme: str
+) -> None:
+    seed = int(os.environ.get("MEDIATAG_TEST_SEED", random.randrange(2**32)))
+    print(f"seed {seed} (replay with MEDIATAG_TEST_SEED={seed})")
+    chance = random.Random(seed)
+    store = store_under_test(request, scheme, tmp_path / "unused")
+    port = free_port()
+    args = (
+        "ingest", "--data-dir", str(tmp_path / "data"), "--ingest-port", str(port),
+        "--analysis-address", f"127.0.0.1:{free_port()}", "--max-video-bytes", "32MiB",
+        "--blob-sweep-grace", "0.5", "--blob-sweep-interval", "0.2", *store.flags(),
+    )  # fmt: skip
+    ingest = Serve(tmp_path / "ingest.log", *args).start(port)
+    answered: list[ipb.Media] = []
+
+    async def paced(content: bytes) -> AsyncIterator[ipb.UploadMediaStreamRequest]:
+        yield header(filename="clip.mp4")
+        for message in chunks_of(content, 256 * 1024):
+            yield message
+            await asyncio.sleep(chance.uniform(0, 0.02))
+
+    async def stream_one(number: int) -> None:
+        await asyncio.sleep(number * chance.uniform(0.1, 0.4))
+        content = samples.mp4_bytes(number, payload_bytes=chance.randrange(6, 14) * MIB)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            response = await stub.UploadMediaStream(paced(content), timeout=60)
+            answered.append(response.media)
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        streams = [asyncio.create_task(stream_one(n)) for n in range(8)]
+
+        async def some_answered() -> bool:
+            return len(answered) >= 2
+
+        await wait_until(some_answered, within=60)
+        ingest.kill()
+        await asyncio.gather(*streams)
+    assert len(answered) < 8, "every stream had ended before the kill: not a crash mid-upload"
+
+    ingest = Serve(tmp_path / "ingest.log", *args).start(port)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            for media in answered:
+                content = await read_back(stub, media.id)
+                assert hashlib.sha256(content).hexdigest() == media.sha256
+            # An upload may have committed and been killed before it answered: its row names
+            # a blob too.
+            named = {blob_key(media.sha256) for media in await all_media(stub)}
+            assert {blob_key(media.sha256) for media in answered} <= named
+
+            async def swept() -> bool:
+                return store.keys() == named
+
+            await wait_until(swept, within=30)
+    finally:
+        assert ingest.stop() == 0
+
+
+async def all_media(stub: ingest_pb2_grpc.IngestServiceAsyncStub) -> list[ipb.Media]:
+    response = await stub.ListMedia(ipb.ListMediaRequest(owner_id=OWNER, page_size=1000))
+    return list(response.media)
