@@ -1,0 +1,190 @@
+"""Server-Sent Events through a plain HTTP client: ids are revisions, ``Last-Event-ID``
+resumes exactly, many clients share one upstream watch, a lost revision says reset."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+from mediatag.analysis.v1 import analysis_pb2 as apb
+
+from analysis_service.config import WatchConfig
+from tests.conftest import Cluster, wait_until
+from tests.test_metrics import scrape
+from tests.test_pipeline import upload, wait_terminal
+from tests.test_watch_scale import fast_cluster, small_images
+from tests.web_support import Event, EventStream, Gateways, open_events, web_config
+from web_gateway.config import EventsConfig
+
+OWNER = "listing-9"
+Seen = tuple[int, str, str]
+
+
+@pytest.fixture
+async def gateways() -> AsyncIterator[Gateways]:
+    started = Gateways()
+    yield started
+    await started.close()
+
+
+def seen(event: Event) -> Seen:
+    """What a change says: (revision, media id, status); its id is its revision."""
+    response = event.json
+    assert int(response["revision"]) == event.revision
+    change = response["change"]
+    return event.revision, change["mediaId"], change["status"]
+
+
+async def reference(cluster: Cluster, after: int, media_ids: set[str]) -> list[Seen]:
+    """What WatchStatus itself sends from ``after`` until every item of ``media_ids`` is
+    terminal."""
+    terminal = {"PROCESSING_STATUS_COMPLETED", "PROCESSING_STATUS_FAILED"}
+    found: list[Seen] = []
+    done: set[str] = set()
+    call = cluster.analysis.WatchStatus(
+        apb.WatchStatusRequest(owner_id=OWNER, start_revision=after), timeout=30
+    )
+    async for response in call:
+        if not response.HasField("change"):
+            continue
+        status = apb.ProcessingStatus.Name(response.change.status)
+        found.append((response.revision, response.change.media_id, status))
+        if status in terminal:
+            done.add(response.change.media_id)
+        if done >= media_ids:
+            call.cancel()
+            break
+    return found
+
+
+async def read_until(stream: EventStream, revision: int) -> list[Seen]:
+    """The changes a stream sends up to ``revision``."""
+    found: list[Seen] = []
+    while not found or found[-1][0] < revision:
+        (event,) = await stream.changes(1)
+        found.append(seen(event))
+    return found
+
+
+@pytest.mark.parametrize("replay_events", [4096, 1], ids=["from-memory", "from-the-log"])
+async def test_resume_after_an_analysis_restart_gets_exactly_the_missed_events(
+    make_cluster: Callable[..., Cluster], gateways: Gateways, replay_events: int
+) -> None:
+    # from-the-log: the gateway remembers one event, so the resuming client reads the event
+    # log through a watch of its own, then joins the shared one.
+    cluster = fast_cluster(make_cluster, WatchConfig(bookmark_interval=0.3))
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    events = EventsConfig(keepalive_interval=0.2, replay_events=replay_events)
+    web = await gateways.start(web_config(cluster, events=events))
+    query = f"?owner_id={OWNER}"
+    staying = await open_events(web, query)
+    leaving = await open_events(web, query)
+
+    first = await upload(cluster, small_images(2, first_seed=10), owner=OWNER)
+    first_ids = {m.id for m in first.media}
+    completed: set[str] = set()
+    while completed != first_ids:
+        event = await leaving.next()
+        change = event.json.get("change", {})
+        if change.get("status") == "PROCESSING_STATUS_COMPLETED":
+            completed.add(change["mediaId"])
+    # The last id the client saw is what EventSource resumes from.
+    last_id = event.id
+    assert last_id is not None
+    leaving.close()
+
+    await cluster.stop_analysis()
+    await cluster.start_analysis()
+    second = await upload(cluster, small_images(2, first_seed=20), owner=OWNER)
+    second_ids = {m.id for m in second.media}
+    await wait_terminal(cluster, list(second_ids))
+    expected = await reference(cluster, int(last_id), second_ids)
+    assert {media_id for _, media_id, _ in expected} == second_ids
+
+    resumed = await open_events(web, query, **{"Last-Event-ID": last_id})
+    assert await read_until(resumed, expected[-1][0]) == expected
+    # The client that stayed connected across the restart missed nothing either.
+    stayed = [s for s in await read_until(staying, expected[-1][0]) if s[0] > int(last_id)]
+    assert stayed == expected
+    staying.close()
+    resumed.close()
+
+
+async def test_500_clients_of_one_filter_share_one_upstream_watch(
+    make_cluster: Callable[..., Cluster], gateways: Gateways
+) -> None:
+    cluster = fast_cluster(make_cluster, WatchConfig(), metrics=True)
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    assert cluster.analysis_config is not None
+    metrics_port = cluster.analysis_config.metrics_port
+    assert metrics_port is not None
+    web = await gateways.start(web_config(cluster), connector=aiohttp.TCPConnector(limit=0))
+
+    async def watchers() -> float | None:
+        return (await scrape(metrics_port)).get("mediatag_watchers")
+
+    # Ingest's status mirror and the gateway's own watch of everything (its throughput).
+    async def settled() -> bool:
+        return await watchers() == 2
+
+    await wait_until(settled)
+    streams = await asyncio.gather(*(open_events(web, f"?owner_id={OWNER}") for _ in range(500)))
+    assert web.host.gateway.watches.streams == 501
+    assert await watchers() == 3
+
+    answer = await upload(cluster, small_images(1, first_seed=30), owner=OWNER)
+    media_id = answer.media[0].id
+
+    async def completed(stream: EventStream) -> list[Seen]:
+        found: list[Seen] = []
+        while not found or found[-1][2] != "PROCESSING_STATUS_COMPLETED":
+            (event,) = await stream.changes(1)
+            found.append(seen(event))
+        return found
+
+    received = await asyncio.gather(*(completed(s) for s in streams))
+    assert all(r == received[0] for r in received)
+    assert [(m, s) for _, m, s in received[0]] == [
+        (media_id, "PROCESSING_STATUS_PENDING"),
+        (media_id, "PROCESSING_STATUS_PROCESSING"),
+        (media_id, "PROCESSING_STATUS_COMPLETED"),
+    ]
+    assert await watchers() == 3
+    for stream in streams:
+        stream.close()
+
+
+async def test_a_revision_the_log_no_longer_holds_or_never_held_says_reset(
+    make_cluster: Callable[..., Cluster], gateways: Gateways
+) -> None:
+    cluster = fast_cluster(make_cluster, WatchConfig(retention_events=2, compaction_interval=0.1))
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    web = await gateways.start(web_config(cluster))
+    answer = await upload(cluster, small_images(3, first_seed=40), owner=OWNER)
+    await wait_terminal(cluster, [m.id for m in answer.media])
+
+    async def compacted() -> bool:
+        stream = await open_events(web, f"?owner_id={OWNER}", **{"Last-Event-ID": "1"})
+        event = await stream.next()
+        stream.close()
+        return event.event == "reset"
+
+    await wait_until(compacted)
+    for query in (f"?owner_id={OWNER}", "?owner_id=someone-else"):
+        # A revision from the future: the shared watch exists (first) or is new (second).
+        stream = await open_events(web, query, **{"Last-Event-ID": "999999"})
+        event = await stream.next()
+        assert event.event == "reset"
+        status = event.json
+        assert status["code"] == 11  # OUT_OF_RANGE
+        (info,) = status["details"]
+        assert info["reason"] == "REVISION_AHEAD"
+        assert int(info["metadata"]["currentRevision"]) > 0
+        with pytest.raises(EOFError):
+            await stream.next()
+        stream.close()

@@ -1,0 +1,241 @@
+"""``/api/v1/media``: the ingest service's items, their content, uploads, reprocessing."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import grpc
+from aiohttp import BodyPartReader, web
+from google.rpc import code_pb2
+from mediatag.ingest.v1 import ingest_pb2 as ipb
+
+from web_gateway.api.context import body, call, caller_of, gateway_of, query, reply
+from web_gateway.errors import Refusal, exhausted, invalid
+from web_gateway.protojson import from_query
+from web_gateway.upstream import refusal_of
+
+# Bytes read from (and sent on) per step of an upload or a download.
+CHUNK_BYTES = 256 * 1024
+# A text field of an upload form (owner, category, one context entry...).
+MAX_FIELD_BYTES = 64 * 1024
+# Content never changes under its id; a browser may keep it for a day.
+_CONTENT_CACHE = "private, max-age=86400"
+
+
+async def list_media(request: web.Request) -> web.Response:
+    listed = await call(
+        gateway_of(request).upstream.ingest.ListMedia,
+        query(request, ipb.ListMediaRequest()),
+        request,
+    )
+    return reply(listed)
+
+
+async def get_media(request: web.Request) -> web.Response:
+    asked = query(request, ipb.GetMediaRequest())
+    asked.media_id = request.match_info["media_id"]
+    return reply(await call(gateway_of(request).upstream.ingest.GetMedia, asked, request))
+
+
+async def reprocess(request: web.Request) -> web.Response:
+    asked = await body(request, ipb.ReprocessMediaRequest())
+    return reply(await call(gateway_of(request).upstream.ingest.ReprocessMedia, asked, request))
+
+
+def _etag_matches(if_none_match: str, etag: str) -> bool:
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+async def content(request: web.Request) -> web.StreamResponse:
+    """The stored bytes, typed as sniffed, with the SHA-256 as ETag (a matching
+    ``If-None-Match`` gets 304 once the caller's right to read them has been checked)."""
+    upstream = gateway_of(request).upstream
+    stream = upstream.ingest.ReadMediaContent(
+        ipb.ReadMediaContentRequest(media_id=request.match_info["media_id"]),
+        metadata=caller_of(request).metadata,
+    )
+    try:
+        first = await stream.read()
+        if not isinstance(first, ipb.ReadMediaContentResponse):
+            raise Refusal.of(
+                code_pb2.UNAVAILABLE, "CONTENT_UNAVAILABLE", "the ingest service sent no content"
+            )
+        etag = f'"{first.sha256}"'
+        headers = {
+            "ETag": etag,
+            "Cache-Control": _CONTENT_CACHE,
+            # Never run as a page of this origin, whatever the bytes are.
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+        }
+        if _etag_matches(request.headers.get("If-None-Match", ""), etag):
+            return web.Response(status=304, headers=headers)
+        response = web.StreamResponse(
+            headers={**headers, "Content-Type": first.content_type or "application/octet-stream"}
+        )
+        response.content_length = first.size_bytes
+        await response.prepare(request)
+        await response.write(first.data)
+        async for chunk in stream:
+            await response.write(chunk.data)
+        await response.write_eof()
+        return response
+    except grpc.aio.AioRpcError as error:
+        # After the headers went out a failure can only cut the response short.
+        raise refusal_of(error) from None
+    finally:
+        stream.cancel()
+
+
+async def upload(request: web.Request) -> web.Response:
+    """``multipart/form-data``: the fields of ``UploadMediaRequest`` first (``context`` as
+    repeated ``key=value``), then the files. Several files are one ``UploadMedia`` (a bad
+    one refuses them all); one file too large to hold goes through ``UploadMediaStream``.
+    The answer is an ``UploadMediaResponse`` either way."""
+    gateway = gateway_of(request)
+    if not request.content_type.startswith("multipart/form-data"):
+        raise invalid("body", "MULTIPART_REQUIRED", "an upload is multipart/form-data")
+    limit = gateway.config.max_concurrent_uploads
+    if gateway.uploads_in_progress >= limit:
+        raise exhausted(
+            "TOO_MANY_UPLOADS",
+            f"the gateway takes at most {limit} uploads at once; try again shortly",
+            maxUploads=str(limit),
+        )
+    gateway.uploads_in_progress += 1
+    try:
+        return reply(await _Upload(request).run())
+    finally:
+        gateway.uploads_in_progress -= 1
+
+
+class _Upload:
+    """One multipart upload on its way to the ingest service."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self._gateway = gateway_of(request)
+        self._fields: dict[str, list[str]] = {}
+        self._files: list[ipb.MediaFile] = []
+        self._held = 0
+        self._stream: Any = None
+        # The answer of a stream the service ended early (it needed no more).
+        self._answer: ipb.UploadMediaResponse | None = None
+
+    async def run(self) -> ipb.UploadMediaResponse:
+        try:
+            reader = await self._request.multipart()
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader):
+                    raise invalid("body", "NESTED_MULTIPART", "nested multipart is not taken")
+                if part.filename is None:
+                    await self._field(part)
+                else:
+                    await self._file(part)
+            return await self._send()
+        finally:
+            if self._stream is not None:
+                self._stream.cancel()
+
+    @property
+    def _streaming(self) -> bool:
+        return self._stream is not None or self._answer is not None
+
+    def _metadata(self) -> ipb.UploadMediaRequest:
+        fields = dict(self._fields)
+        context: dict[str, str] = {}
+        for entry in fields.pop("context", []):
+            key, sep, value = entry.partition("=")
+            if not sep:
+                raise invalid("context", "INVALID_CONTEXT", "context entries are key=value")
+            context[key] = value
+        asked = from_query(fields, ipb.UploadMediaRequest())
+        asked.context.update(context)
+        return asked
+
+    async def _field(self, part: BodyPartReader) -> None:
+        name = part.name or ""
+        if self._files or self._streaming:
+            raise invalid(name, "FIELD_AFTER_FILES", "the form's fields go before its files")
+        value = bytearray()
+        while chunk := await part.read_chunk(CHUNK_BYTES):
+            value += chunk
+            if len(value) > MAX_FIELD_BYTES:
+                raise invalid(name, "FIELD_TOO_LARGE", f"at most {MAX_FIELD_BYTES} bytes")
+        self._fields.setdefault(name, []).append(value.decode("utf-8", errors="replace"))
+
+    async def _file(self, part: BodyPartReader) -> None:
+        limit = self._gateway.config.max_batch_upload_bytes
+        if self._streaming:
+            raise invalid(
+                "files", "LARGE_FILE_NOT_ALONE", f"a file over {limit} bytes is uploaded alone"
+            )
+        content = bytearray()
+        while chunk := await part.read_chunk(CHUNK_BYTES):
+            if self._streaming:
+                await self._write(ipb.UploadMediaStreamRequest(chunk=chunk))
+                continue
+            content += chunk
+            self._held += len(chunk)
+            if self._held > limit:
+                if self._files:
+                    raise invalid(
+                        "files",
+                        "BATCH_TOO_LARGE",
+                        f"files uploaded together may hold {limit} bytes; send large ones alone",
+                    )
+                await self._open_stream(part, bytes(content))
+                content = bytearray()
+        if not self._streaming and (part.filename or content):
+            content_type = part.headers.get("Content-Type", "")
+            self._files.append(
+                ipb.MediaFile(
+                    filename=part.filename or "", content_type=content_type, content=bytes(content)
+                )
+            )
+
+    async def _open_stream(self, part: BodyPartReader, held: bytes) -> None:
+        asked = self._metadata()
+        header = ipb.UploadHeader(
+            owner_id=asked.owner_id,
+            category=asked.category,
+            context=asked.context,
+            filename=part.filename or "",
+            content_type=part.headers.get("Content-Type", ""),
+            request_id=asked.request_id,
+            priority=asked.priority,
+        )
+        self._stream = self._gateway.upstream.ingest.UploadMediaStream(
+            metadata=caller_of(self._request).metadata
+        )
+        await self._write(ipb.UploadMediaStreamRequest(header=header))
+        await self._write(ipb.UploadMediaStreamRequest(chunk=held))
+
+    async def _write(self, message: ipb.UploadMediaStreamRequest) -> None:
+        if self._answer is not None:
+            return
+        try:
+            await self._stream.write(message)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
+            # The service answered early (mostly a refusal): the call's status says.
+            self._answer = await self._finish_stream()
+
+    async def _finish_stream(self) -> ipb.UploadMediaResponse:
+        stream, self._stream = self._stream, None
+        try:
+            with contextlib.suppress(grpc.aio.UsageError, RuntimeError):
+                await stream.done_writing()
+            answer: ipb.UploadMediaStreamResponse = await stream
+        except grpc.aio.AioRpcError as error:
+            raise refusal_of(error) from None
+        return ipb.UploadMediaResponse(media=[answer.media], count=1, message=answer.message)
+
+    async def _send(self) -> ipb.UploadMediaResponse:
+        if self._answer is not None:
+            return self._answer
+        if self._stream is not None:
+            return await self._finish_stream()
+        asked = self._metadata()
+        asked.files.extend(self._files)
+        return await call(self._gateway.upstream.ingest.UploadMedia, asked, self._request)

@@ -1,0 +1,1 @@
+"""What the gateway knows beyond one request: shared upstream watches, sessions, throughput."""

@@ -1,0 +1,393 @@
+"""Upstream ``WatchStatus`` streams shared by many clients: one per filter.
+
+A :class:`SharedWatch` reads one upstream stream for its filter and offers each change to
+every :class:`Subscription` on it, each with its own bounded queue and its own visibility
+(an owner-restricted client sees only its owners' changes). The gateway watches with its own
+credential, so sharing does not depend on who asks; what a client may see is applied here,
+per subscription.
+
+Clients resume by revision. A shared watch remembers its last ``replay_events`` changes: a
+client resuming from within them gets them from memory and then the live changes. One
+resuming from further back (or a revision the gateway has not seen yet) reads the event log
+through a catch-up watch of its own until that reaches the point where it joined the shared
+watch, and then goes on with the live changes it was offered meanwhile; revisions decide
+what was already sent, so nothing is missed or sent twice. A shared watch whose upstream
+stream breaks (the analysis service restarts) resumes from its last revision while its
+clients stay connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+
+from google.rpc import code_pb2
+
+from mediatag_common.backoff import Backoff
+from mediatag_common.tasks import cancel_and_wait
+from web_gateway.config import EventsConfig
+from web_gateway.domain.events import (
+    Change,
+    Position,
+    WatchFilter,
+    WatchSource,
+    is_transient,
+)
+from web_gateway.errors import Refusal, exhausted
+
+logger = logging.getLogger(__name__)
+
+# Who may see a change, by its owner; None: everyone.
+Visibility = Callable[[str], bool] | None
+
+
+def _too_slow(buffer: int) -> Refusal:
+    return exhausted(
+        "EVENT_STREAM_TOO_SLOW",
+        f"this event stream fell {buffer} changes behind; reconnect with Last-Event-ID",
+        streamBuffer=str(buffer),
+    )
+
+
+def _closing() -> Refusal:
+    return Refusal.of(code_pb2.UNAVAILABLE, "GATEWAY_CLOSING", "the gateway is shutting down")
+
+
+class Subscription:
+    """One client's view of a shared watch: ``next()`` gives its changes in revision order,
+    or a :class:`Position` when nothing happened for a while (a keep-alive to resume from)."""
+
+    def __init__(self, watch: SharedWatch, visible: Visibility, after: int) -> None:
+        self._watch = watch
+        self._visible = visible
+        self._buffer = watch.config.stream_buffer
+        self._live: collections.deque[Change] = collections.deque()
+        self._wake = asyncio.Event()
+        # The last revision handed to the client, and the last the shared watch offered
+        # (shown to this client or not).
+        self.sent = after
+        self._offered = after
+        self._failure: Refusal | None = None
+        self._closed = False
+        # While catching up: what the catch-up watch read, and how far it has read.
+        self._caught: collections.deque[Change] = collections.deque()
+        self._caught_through = after
+        self._drained = asyncio.Event()
+        self._catch_up: asyncio.Task[None] | None = None
+
+    def _shows(self, change: Change) -> bool:
+        return self._visible is None or self._visible(change.owner_id)
+
+    # ---- fed by the shared watch ----
+
+    def _offer(self, change: Change) -> None:
+        self._offered = change.revision
+        if not self._shows(change):
+            return
+        if len(self._live) >= self._buffer:
+            self._end(_too_slow(self._buffer))
+            return
+        self._live.append(change)
+        self._wake.set()
+
+    def _advance(self, revision: int) -> None:
+        self._offered = max(self._offered, revision)
+
+    def _preload(self, changes: list[Change], position: int) -> None:
+        self._live.extend(c for c in changes if self._shows(c))
+        self._offered = max(self._offered, position)
+
+    def _end(self, failure: Refusal) -> None:
+        if self._failure is None:
+            self._failure = failure
+        self._watch.leave(self)
+        self._wake.set()
+
+    # ---- catching up from the event log ----
+
+    def _start_catch_up(self, join: int) -> None:
+        self._catch_up = asyncio.create_task(
+            self._read_log(join), name=f"catch-up-{self._watch.filter}"
+        )
+
+    async def _read_log(self, join: int) -> None:
+        """Read the event log from ``sent`` through ``join`` (the shared watch's revision
+        when this client joined it); what comes after, the live queue holds."""
+        watches = self._watch.registry
+        async with watches.catch_up_slots:
+            backoff = Backoff(self._watch.config.reconnect_initial_backoff, 1.0)
+            while True:
+                try:
+                    async for item in watches.source.open(self._watch.filter, self._caught_through):
+                        backoff.reset()
+                        if item.revision > join:
+                            return
+                        if isinstance(item, Change) and self._shows(item):
+                            while len(self._caught) >= self._buffer:
+                                self._drained.clear()
+                                await self._drained.wait()
+                            self._caught.append(item)
+                        self._caught_through = item.revision
+                        self._wake.set()
+                        if item.revision == join:
+                            return
+                except Refusal as refusal:
+                    if not is_transient(refusal):
+                        raise
+                    await asyncio.sleep(backoff.next_delay())
+                finally:
+                    self._wake.set()
+
+    def _take_caught(self) -> Change | None:
+        """The next change read from the log; None when none is ready or catching up is
+        over (``_catch_up`` then None)."""
+        assert self._catch_up is not None
+        while self._caught:
+            change = self._caught.popleft()
+            self._drained.set()
+            if change.revision > self.sent:
+                return change
+        if self._catch_up.done():
+            error = None if self._catch_up.cancelled() else self._catch_up.exception()
+            self._catch_up = None
+            if isinstance(error, Refusal):
+                self._end(error)
+            elif error is not None:
+                logger.error("catching up failed", exc_info=error)
+                self._end(Refusal.of(code_pb2.INTERNAL, "INTERNAL", "internal error"))
+        return None
+
+    # ---- read by the client's handler ----
+
+    def _take(self) -> Change | None:
+        if self._catch_up is not None:
+            change = self._take_caught()
+            if change is not None or self._catch_up is not None:
+                return change
+        while self._live:
+            change = self._live.popleft()
+            if change.revision > self.sent:
+                return change
+        return None
+
+    def _position(self) -> int:
+        """How far the client has everything, once every queue is empty."""
+        if self._catch_up is not None:
+            return max(self.sent, self._caught_through)
+        return max(self.sent, self._offered)
+
+    async def next(self, idle: float) -> Change | Position:
+        """The next change; a :class:`Position` after ``idle`` seconds without one.
+
+        Raises :class:`Refusal` once the subscription has ended: cut off as too slow, its
+        revision no longer (or not yet) in the event log, or the gateway closing.
+        """
+        while True:
+            # Cleared before looking, so that nothing added after the look goes unnoticed.
+            self._wake.clear()
+            change = self._take()
+            if change is not None:
+                self.sent = change.revision
+                return change
+            if self._failure is not None:
+                raise self._failure
+            try:
+                async with asyncio.timeout(idle):
+                    await self._wake.wait()
+            except TimeoutError:
+                self.sent = self._position()
+                return Position(self.sent)
+
+    async def close(self) -> None:
+        """Leave the shared watch (the client has gone)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._watch.leave(self)
+        self._watch.registry.stream_closed()
+        await cancel_and_wait(self._catch_up)
+
+
+class SharedWatch:
+    """One upstream watch of one filter and its subscriptions."""
+
+    def __init__(self, registry: SharedWatches, watch_filter: WatchFilter, start: int) -> None:
+        self.registry = registry
+        self.config = registry.config
+        self.filter = watch_filter
+        # The last revision received from upstream (or where the watch started).
+        self.position = start
+        self._ring: collections.deque[Change] = collections.deque()
+        # Every change after this revision (up to ``position``) is in the ring.
+        self._ring_floor = start
+        self._subscriptions: set[Subscription] = set()
+        self._linger: asyncio.TimerHandle | None = None
+        self._ended = False
+        self._task = asyncio.create_task(self._run(), name=f"shared-watch-{watch_filter}")
+
+    def join(self, visible: Visibility, after: int | None) -> Subscription:
+        """A subscription from ``after`` (None: from now)."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        start = self.position if after is None else after
+        subscription = Subscription(self, visible, start)
+        if self._ring_floor <= start <= self.position:
+            subscription._preload(self._replay_after(start), self.position)
+        else:
+            subscription._start_catch_up(self.position)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    def _replay_after(self, revision: int) -> list[Change]:
+        newer: list[Change] = []
+        for change in reversed(self._ring):
+            if change.revision <= revision:
+                break
+            newer.append(change)
+        newer.reverse()
+        return newer
+
+    def leave(self, subscription: Subscription) -> None:
+        self._subscriptions.discard(subscription)
+        if not self._subscriptions and self._linger is None and not self._ended:
+            self._linger = asyncio.get_running_loop().call_later(
+                self.config.linger, self._end_if_idle
+            )
+
+    def _end_if_idle(self) -> None:
+        self._linger = None
+        if not self._subscriptions:
+            self.end(_closing())
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscriptions)
+
+    def _publish(self, item: Change | Position) -> None:
+        if isinstance(item, Position):
+            self.position = max(self.position, item.revision)
+            for subscription in self._subscriptions:
+                subscription._advance(self.position)
+            return
+        if item.revision <= self.position:
+            return
+        self.position = item.revision
+        self._ring.append(item)
+        if len(self._ring) > self.config.replay_events:
+            self._ring_floor = self._ring.popleft().revision
+        # A copy: a subscription cut off as too slow leaves the set.
+        for subscription in list(self._subscriptions):
+            subscription._offer(item)
+
+    async def _run(self) -> None:
+        backoff = Backoff(self.config.reconnect_initial_backoff, self.config.reconnect_max_backoff)
+        while True:
+            try:
+                async for item in self.registry.source.open(self.filter, self.position):
+                    backoff.reset()
+                    self._publish(item)
+                logger.warning("watch of %s ended by the analysis service; again", self.filter)
+            except Refusal as refusal:
+                if not is_transient(refusal):
+                    logger.warning("watch of %s refused: %s", self.filter, refusal.status.message)
+                    self.end(refusal)
+                    return
+                logger.info(
+                    "watch of %s broke off (%s); resuming from revision %d",
+                    self.filter,
+                    refusal.status.message,
+                    self.position,
+                )
+            await asyncio.sleep(backoff.next_delay())
+
+    def end(self, failure: Refusal) -> None:
+        """End every subscription with ``failure`` and stop watching."""
+        if self._ended:
+            return
+        self._ended = True
+        self.registry.forget(self, self._task)
+        for subscription in list(self._subscriptions):
+            subscription._end(failure)
+        if self._linger is not None:
+            self._linger.cancel()
+        self._task.cancel()
+
+
+class SharedWatches:
+    """The shared watches by filter, and the bounds on them."""
+
+    def __init__(self, source: WatchSource, config: EventsConfig) -> None:
+        self.source = source
+        self.config = config
+        self.catch_up_slots = asyncio.Semaphore(config.max_catch_ups)
+        self._watches: dict[WatchFilter, SharedWatch] = {}
+        # Tasks of ended watches, until they have finished.
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._streams = 0
+
+    @property
+    def upstream_watches(self) -> int:
+        return len(self._watches)
+
+    @property
+    def streams(self) -> int:
+        return self._streams
+
+    async def subscribe(
+        self, watch_filter: WatchFilter, *, after: int | None, visible: Visibility
+    ) -> Subscription:
+        """A subscription to ``watch_filter`` from ``after`` (None: from now).
+
+        Refused (RESOURCE_EXHAUSTED) beyond ``max_streams`` subscriptions or ``max_filters``
+        shared watches.
+        """
+        if self._streams >= self.config.max_streams:
+            raise exhausted(
+                "TOO_MANY_EVENT_STREAMS",
+                f"the gateway serves at most {self.config.max_streams} event streams",
+                maxStreams=str(self.config.max_streams),
+            )
+        self._streams += 1
+        try:
+            watch = self._watches.get(watch_filter)
+            if watch is None:
+                self._check_filters()
+                start = after if after is not None else await self.source.current_revision()
+                # Another client may have started the same watch meanwhile.
+                watch = self._watches.get(watch_filter)
+                if watch is None:
+                    self._check_filters()
+                    watch = SharedWatch(self, watch_filter, start)
+                    self._watches[watch_filter] = watch
+            return watch.join(visible, after)
+        except BaseException:
+            self._streams -= 1
+            raise
+
+    def _check_filters(self) -> None:
+        if len(self._watches) >= self.config.max_filters:
+            raise exhausted(
+                "TOO_MANY_FILTERS",
+                f"the gateway watches at most {self.config.max_filters} filters at once",
+                maxFilters=str(self.config.max_filters),
+            )
+
+    def stream_closed(self) -> None:
+        self._streams -= 1
+
+    def forget(self, watch: SharedWatch, task: asyncio.Task[None]) -> None:
+        """Stop sharing ``watch``, which has ended; ``task`` is its upstream reader."""
+        if self._watches.get(watch.filter) is watch:
+            del self._watches[watch.filter]
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def close(self) -> None:
+        """End every subscription (UNAVAILABLE) and every upstream watch."""
+        for watch in list(self._watches.values()):
+            watch.end(_closing())
+        for task in list(self._stopping):
+            await cancel_and_wait(task)

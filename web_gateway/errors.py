@@ -1,0 +1,80 @@
+"""Refusals as ``google.rpc.Status`` messages: the gateway's own, and the services' passed on.
+
+The gateway speaks the services' error model (AIP-193: one ``ErrorInfo``, plus ``BadRequest``
+for bad input) whether a refusal is its own or came from upstream, so an HTTP client reads
+both the same way. Codes are ``google.rpc.Code`` numbers; the HTTP layer maps them to HTTP
+statuses in one table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from mediatag_common.errors import DOMAIN
+
+
+class Refusal(Exception):
+    """A refusal to pass on to the client, carried as its ``google.rpc.Status``."""
+
+    def __init__(self, status: status_pb2.Status) -> None:
+        super().__init__(status.message)
+        self.status = status
+
+    @classmethod
+    def of(
+        cls,
+        code: int,
+        reason: str,
+        message: str,
+        *,
+        field: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Refusal:
+        """A refusal of the gateway's own: ``code`` a ``google.rpc.Code`` number."""
+        info = any_pb2.Any()
+        info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata))
+        details = [info]
+        if field is not None:
+            bad_request = any_pb2.Any()
+            bad_request.Pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=field, description=message
+                        )
+                    ]
+                )
+            )
+            details.append(bad_request)
+        return cls(status_pb2.Status(code=code, message=message, details=details))
+
+    @property
+    def code(self) -> int:
+        return int(self.status.code)
+
+    @property
+    def info(self) -> error_details_pb2.ErrorInfo | None:
+        for detail in self.status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                return info
+        return None
+
+    @property
+    def reason(self) -> str:
+        info = self.info
+        return info.reason if info is not None else ""
+
+
+def invalid(field: str, reason: str, message: str) -> Refusal:
+    """Bad input: INVALID_ARGUMENT naming the field."""
+    return Refusal.of(code_pb2.INVALID_ARGUMENT, reason, message, field=field)
+
+
+def exhausted(reason: str, message: str, **metadata: str) -> Refusal:
+    """A bound reached: RESOURCE_EXHAUSTED, with the bound in the metadata."""
+    return Refusal.of(code_pb2.RESOURCE_EXHAUSTED, reason, message, metadata=metadata)
