@@ -3,14 +3,19 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
+# Debian's Chromium drives the browser tests (Playwright's own browser download cannot work
+# without the internet).
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: help install run test lint format typecheck buf-lint buf-breaking proto proto-check pytest bench clean
+.PHONY: help install run test lint format typecheck buf-lint buf-breaking proto proto-check vendor vendor-check pytest screenshot bench clean
 
 help:
 	@echo "make run    - create .venv, install, start both services (SQLite, local disk, local analyser)"
 	@echo "make test   - install test tools, then ruff, import contracts, mypy, buf lint, stale-generated check, pytest"
 	@echo "make bench  - benchmarks (not tests)"
 	@echo "make proto  - regenerate generated/ from protos/"
+	@echo "make vendor - copy the dashboard's chart library from node_modules/ into the package"
+	@echo "make screenshot - docs/dashboard.png: the dashboard under load, in Chromium"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +26,12 @@ $(VENV)/.installed: pyproject.toml
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
+
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "the browser tests need Chromium at $(CHROMIUM)"; exit 1; }
+	@echo "installing Debian's chromium for the browser tests"
+	@apt-get update -qq >/dev/null
+	@DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
 install: $(VENV)/.installed
 
@@ -52,10 +63,20 @@ proto: $(VENV)/.installed
 proto-check: $(VENV)/.installed
 	$(PY) scripts/protos.py --check
 
-pytest: $(VENV)/.installed
+vendor: $(VENV)/.installed node_modules/.installed
+	$(PY) scripts/vendor.py
+
+vendor-check: $(VENV)/.installed node_modules/.installed
+	$(PY) scripts/vendor.py --check
+
+pytest: $(VENV)/.installed $(CHROMIUM)
 	$(VENV)/bin/pytest
 
-test: lint typecheck buf-lint proto-check pytest
+# The dashboard with work going through it, for the README (tests write no tracked files).
+screenshot: $(VENV)/.installed $(CHROMIUM)
+	$(PY) -m tests.screenshot docs/dashboard.png
+
+test: lint typecheck buf-lint proto-check vendor-check pytest
 
 bench: $(VENV)/.installed
 	$(PY) -m bench

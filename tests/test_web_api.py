@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
+from analysis_service.config import WatchConfig
 from tests.conftest import Cluster, wait_until
-from tests.media_samples import jpeg_bytes, mp4_bytes, png_bytes, truncated_jpeg_bytes
+from tests.media_samples import mp4_bytes, png_bytes, truncated_jpeg_bytes
+from tests.test_watch_scale import fast_cluster
 from tests.web_support import Gateways, Web, form, web_config
 
 
@@ -23,7 +25,7 @@ async def gateways() -> AsyncIterator[Gateways]:
 
 @pytest.fixture
 async def web(make_cluster: Callable[..., Cluster], gateways: Gateways) -> Web:
-    cluster = make_cluster()
+    cluster = fast_cluster(make_cluster, WatchConfig())
     await cluster.start_analysis()
     await cluster.start_ingest()
     return await gateways.start(web_config(cluster))
@@ -48,13 +50,15 @@ def violated_fields(answer: dict[str, Any]) -> list[str]:
 
 
 async def test_upload_list_get_and_content_as_json(web: Web) -> None:
-    image = jpeg_bytes(seed=1)
+    # Larger than one chunk of ReadMediaContent.
+    image = png_bytes(seed=1, size=(640, 480))
+    assert len(image) > 256 * 1024
     answer = await web.ok(
         "POST",
         "/api/v1/media",
         data=form(
             {"owner_id": "listing-1", "category": "Hair", "context": ["city=Oslo"]},
-            [("a.jpg", image, "image/jpeg"), ("clip.mp4", mp4_bytes(), "video/mp4")],
+            [("a.png", image, "image/png"), ("clip.mp4", mp4_bytes(), "video/mp4")],
         ),
     )
     assert answer["count"] == 2
@@ -83,7 +87,7 @@ async def test_upload_list_get_and_content_as_json(web: Web) -> None:
     url = f"{web.url}/api/v1/media/{first['id']}/content"
     async with web.client.get(url) as response:
         assert response.status == 200
-        assert response.headers["Content-Type"] == "image/jpeg"
+        assert response.headers["Content-Type"] == "image/png"
         etag = response.headers["ETag"]
         assert etag == f'"{hashlib.sha256(image).hexdigest()}"'
         assert await response.read() == image

@@ -63,6 +63,8 @@ class Gateways:
     async def start(self, config: WebConfig, **client_options: Any) -> Web:
         host, port = await create_server(config)
         await host.start()
+        # Cookies of 127.0.0.1 too (aiohttp keeps none for IP addresses by default).
+        client_options.setdefault("cookie_jar", aiohttp.CookieJar(unsafe=True))
         client = aiohttp.ClientSession(**client_options)
         web = Web(host, port, client, "https" if config.tls else "http")
         self._started.append(web)

@@ -7,7 +7,7 @@ client without one may give ``start_revision``). A connection idle for the keep-
 interval gets a ``bookmark`` event carrying the revision it is at. A revision the event log
 no longer holds (or a log that was replaced) ends the stream with a ``reset`` event: the
 client reloads its state and watches again without a revision. Other ends (the gateway
-shutting down, the client too slow) send an ``error`` event with the ``google.rpc.Status``;
+shutting down, the client too slow) send an ``ended`` event with the ``google.rpc.Status``;
 reconnecting with the last id resumes.
 """
 
@@ -105,7 +105,7 @@ async def events(request: web.Request) -> web.StreamResponse:
             try:
                 item = await subscription.next(config.keepalive_interval)
             except Refusal as ended:
-                event = "reset" if is_resync(ended) else "error"
+                event = "reset" if is_resync(ended) else "ended"
                 async with asyncio.timeout(config.write_timeout):
                     await response.write(_frame(event, to_json(ended.status)))
                 return response

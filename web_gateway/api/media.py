@@ -76,9 +76,10 @@ async def content(request: web.Request) -> web.StreamResponse:
         )
         response.content_length = first.size_bytes
         await response.prepare(request)
-        await response.write(first.data)
-        async for chunk in stream:
+        chunk = first
+        while isinstance(chunk, ipb.ReadMediaContentResponse):
             await response.write(chunk.data)
+            chunk = await stream.read()
         await response.write_eof()
         return response
     except grpc.aio.AioRpcError as error:

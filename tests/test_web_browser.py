@@ -1,0 +1,218 @@
+"""The dashboard in a real browser (Debian's Chromium, driven by Playwright): uploads going
+through live, a failure and its retry, pause, a viewer's page, untrusted names as text."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from mediatag.analysis.v1 import analysis_pb2 as apb
+from playwright.async_api import Page, expect
+
+from analysis_service.config import AnalysisConfig, RateLimitConfig, WatchConfig
+from ingest_service.config import IngestConfig
+from tests.browser_support import Chromium
+from tests.conftest import Cluster, wait_until
+from tests.fakes import ScriptedAnalyzer
+from tests.media_samples import jpeg_bytes, png_bytes
+from tests.test_auth import TOKENS, tokens_file
+from tests.web_support import Gateways, Web, web_config
+
+OWNER = "listing-3"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Chromium]:
+    browser = Chromium()
+    yield browser
+    browser.close()
+
+
+@pytest.fixture
+async def gateways() -> AsyncIterator[Gateways]:
+    started = Gateways()
+    yield started
+    await started.close()
+
+
+def fast(make_cluster: Callable[..., Cluster], **config: object) -> Cluster:
+    return make_cluster(
+        analyzer=ScriptedAnalyzer(dimensions=64),
+        analysis_config=AnalysisConfig(
+            embedding_dimensions=64,
+            rate_limits={"local": RateLimitConfig(100, 10)},
+            watch=WatchConfig(bookmark_interval=0.5),
+            **config,
+        ),
+    )
+
+
+@pytest.fixture
+async def web(make_cluster: Callable[..., Cluster], gateways: Gateways) -> Web:
+    cluster = fast(make_cluster)
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    return await gateways.start(web_config(cluster))
+
+
+@pytest.fixture
+async def page(chromium: Chromium) -> AsyncIterator[Page]:
+    async with chromium.context() as context:
+        yield await context.new_page()
+
+
+def undecodable_png(seed: int) -> bytes:
+    """A PNG whose structure is sound (chunk CRCs, IEND) but whose pixels do not inflate:
+    ingest takes it, analysis cannot decode it."""
+    png = png_bytes(seed)
+    start = png.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", png[start : start + 4])
+    garbage = bytes((n * 37 + 11) % 256 for n in range(length))
+    chunk = struct.pack(">I", length) + b"IDAT" + garbage
+    chunk += struct.pack(">I", zlib.crc32(b"IDAT" + garbage))
+    return png[:start] + chunk + png[start + 12 + length :]
+
+
+def file(name: str, content: bytes, mime: str = "image/jpeg") -> dict[str, object]:
+    return {"name": name, "mimeType": mime, "buffer": content}
+
+
+async def show_owner(page: Page, web: Web, owner: str = OWNER) -> None:
+    await page.goto(web.url)
+    await page.fill("#owner", owner)
+    await page.click("#filters button[type=submit]")
+    await expect(page.locator("#connection")).to_have_text("live")
+
+
+def row(page: Page, filename: str) -> object:
+    return page.locator("#items tbody tr", has_text=filename)
+
+
+async def test_two_uploads_reach_completed_in_the_list_without_a_reload(
+    web: Web, page: Page
+) -> None:
+    await show_owner(page, web)
+    await page.evaluate("window.notReloaded = true")
+    await page.set_input_files(
+        "#files", [file("first.jpg", jpeg_bytes(1)), file("second.jpg", jpeg_bytes(2))]
+    )
+    for name in ("first.jpg", "second.jpg"):
+        line = page.locator("#items tbody tr", has_text=name)
+        await expect(line.locator(".status")).to_have_text("completed")
+        await expect(line.locator(".detail")).not_to_be_empty()
+        await expect(page.locator("#uploads li", has_text=name).locator(".status")).to_have_text(
+            "completed"
+        )
+    assert await page.evaluate("window.notReloaded") is True
+
+
+async def test_an_undecodable_image_shows_its_reason_and_retry_sends_it_back(
+    web: Web, page: Page
+) -> None:
+    await show_owner(page, web)
+    await page.set_input_files("#files", [file("broken.png", undecodable_png(5), "image/png")])
+    line = page.locator("#items tbody tr", has_text="broken.png")
+    await expect(line.locator(".status")).to_have_text("failed")
+    await expect(line.locator(".detail")).to_contain_text("IMAGE_UNDECODABLE")
+    # Its page has every attempt, with the reason.
+    await line.locator("a").click()
+    attempt = page.locator("#attempts tbody tr")
+    await expect(attempt).to_have_count(1)
+    await expect(attempt.locator("td").nth(3)).to_have_text("FAILED")
+    await expect(attempt.locator("td").nth(4)).to_have_text("IMAGE_UNDECODABLE")
+    await expect(page.locator("#item-retry")).to_be_visible()
+    await page.go_back()
+    # Paused, a job sent back stays pending where the page can see it.
+    await page.click("#pause")
+    await expect(page.locator("#paused")).to_have_text("paused")
+    await line.locator("button.retry").click()
+    await expect(line.locator(".status")).to_have_text("pending")
+    await expect(line.locator("button.retry")).to_be_hidden()
+
+
+async def test_pause_shows_paused_and_nothing_is_claimed_until_resume(
+    make_cluster: Callable[..., Cluster], gateways: Gateways, page: Page
+) -> None:
+    cluster = fast(make_cluster)
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    web = await gateways.start(web_config(cluster))
+    await show_owner(page, web)
+    await page.click("#pause")
+    await expect(page.locator("#paused")).to_have_text("paused")
+    await expect(page.locator("#resume")).to_be_visible()
+    await page.set_input_files("#files", [file("held.jpg", jpeg_bytes(9))])
+    line = page.locator("#items tbody tr", has_text="held.jpg")
+    await expect(line.locator(".status")).to_have_text("pending")
+    media_id = await line.get_attribute("data-media-id")
+    assert media_id
+
+    async def queued() -> bool:
+        found = await cluster.analysis.ListJobs(apb.ListJobsRequest())
+        return any(job.media_id == media_id for job in found.jobs)
+
+    # The job reached the queue, and the workers, woken by it, claimed nothing: the page
+    # refreshes the counts every 2 s and shows it still waiting.
+    await wait_until(queued)
+    await expect(page.locator("#count-pending")).to_have_text("1")
+    await expect(page.locator("#workers")).to_have_text("0 / 4")
+    job = await cluster.analysis.GetJob(apb.GetJobRequest(media_id=media_id))
+    assert job.job.status == apb.PROCESSING_STATUS_PENDING
+    assert list(job.job.attempts) == []
+    await page.click("#resume")
+    await expect(line.locator(".status")).to_have_text("completed")
+
+
+async def test_a_viewer_sees_no_actions_and_is_refused_if_it_calls_them(
+    make_cluster: Callable[..., Cluster], gateways: Gateways, page: Page, tmp_path: Path
+) -> None:
+    path = tokens_file(tmp_path / "secrets")
+    cluster = make_cluster(
+        analyzer=ScriptedAnalyzer(dimensions=64),
+        analysis_config=AnalysisConfig(
+            embedding_dimensions=64, tokens_file=path, service_token=TOKENS["service"]
+        ),
+        ingest_config=IngestConfig(tokens_file=path, service_token=TOKENS["service"]),
+    )
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    web = await gateways.start(
+        web_config(cluster, tokens_file=path, service_token=TOKENS["service"])
+    )
+    await page.goto(web.url)
+    await expect(page.locator("#sign-in")).to_be_visible()
+    await page.fill("#token", TOKENS["viewer"])
+    await page.click("#sign-in-form button")
+    await expect(page.locator("#who")).to_contain_text("dashboard (viewer)")
+    await expect(page.locator("#paused")).to_have_text("running")
+    for action in ("#pause", "#resume", "#retry-failed", "#drop"):
+        await expect(page.locator(action)).to_be_hidden()
+
+    refused = await page.evaluate(
+        """async () => {
+            const session = await (await fetch("/api/v1/session")).json();
+            const answer = await fetch("/api/v1/queue:pause", {
+                method: "POST", headers: {"X-CSRF-Token": session.csrfToken}});
+            return [answer.status, (await answer.json()).details[0].reason];
+        }"""
+    )
+    assert refused == [403, "ROLE_NOT_ALLOWED"]
+    status = await web.ok(
+        "GET", "/api/v1/queue", headers={"Authorization": f"Bearer {TOKENS['admin']}"}
+    )
+    assert status["paused"] is False
+
+
+async def test_a_filename_with_markup_shows_as_text(web: Web, page: Page) -> None:
+    await show_owner(page, web)
+    name = "<script>window.injected = 1</script><img src=x onerror=window.injected=2>.jpg"
+    await page.set_input_files("#files", [file(name, jpeg_bytes(4))])
+    line = page.locator("#items tbody tr", has_text="<script>")
+    await expect(line.locator("a")).to_have_text(name)
+    await expect(line.locator(".status")).to_have_text("completed")
+    assert await page.evaluate("window.injected") is None
+    assert await page.locator("#items script, #uploads script").count() == 0
+    assert await page.locator("#items img[src=x]").count() == 0
