@@ -18,6 +18,7 @@ from mediatag_cli.settings import (
     ANALYSIS,
     INGEST,
     SERVICES,
+    WEB,
     SettingsError,
     add_client_arguments,
     add_serve_arguments,
@@ -61,22 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve = _command_parser(
         commands.add_parser(
             "serve",
-            help="run both services in one process (or one of them)",
-            usage="mediatag serve [ingest | analysis] [options]",
-            description="Run the ingest and analysis services in one process, or one of them. "
-            "Each flag can also be set by the environment variable named in its help.",
+            help="run both services and the web gateway in one process (or one of them)",
+            usage="mediatag serve [ingest | analysis | web] [options]",
+            description="Run the ingest and analysis services and the web gateway in one "
+            "process, or one of them. Each flag can also be set by the environment variable "
+            "named in its help.",
         )
     )
     add_serve_arguments(serve, SERVICES)
     services = serve.add_subparsers(dest="service", metavar="SERVICE", prog="mediatag serve")
-    for name in (INGEST, ANALYSIS):
+    for name, what in (
+        (INGEST, "the ingest service"),
+        (ANALYSIS, "the analysis service"),
+        (WEB, "the web gateway (dashboard, JSON API, Server-Sent Events) for remote services"),
+    ):
         add_serve_arguments(
             _command_parser(
                 services.add_parser(
                     name,
-                    help=f"run only the {name} service",
-                    description=f"Run only the {name} service. Each flag can also be set by "
-                    "the environment variable named in its help.",
+                    help=f"run only {what}",
+                    description=f"Run only {what}. Each flag can also be set by the "
+                    "environment variable named in its help.",
                 )
             ),
             [name],

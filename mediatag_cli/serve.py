@@ -1,4 +1,5 @@
-"""``mediatag serve``: run the ingest service, the analysis service, or both in one process."""
+"""``mediatag serve``: run the ingest service, the analysis service and the web gateway in one
+process (one event loop), or one of them."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -13,6 +15,7 @@ from grpc_health.v1 import health_pb2
 from mediatag_cli.settings import ServeSettings
 from mediatag_common.database import DatabaseError
 from mediatag_common.grpc_server import (
+    Host,
     ServiceHost,
     health_check_stub,
     open_channel,
@@ -20,6 +23,9 @@ from mediatag_common.grpc_server import (
 )
 from mediatag_common.service_config import connect_address
 from mediatag_common.tls import ClientTls
+
+if TYPE_CHECKING:
+    from web_gateway.server import WebHost
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +56,18 @@ async def serve(settings: ServeSettings) -> int:
     """Start the configured services, run until SIGINT/SIGTERM, drain; the exit status."""
     try:
         services = await _create(settings)
+        web = await _create_web(settings)
     except (OSError, RuntimeError, DatabaseError) as error:
         # Port taken, data dir not writable, database unreachable: say so without a traceback.
         logger.error("cannot start: %s", error, exc_info=logger.isEnabledFor(logging.DEBUG))
         return 1
     announcements = [asyncio.create_task(_announce_when_serving(s)) for s in services]
+    hosts: list[Host] = [s.host for s in services]
+    if web is not None:
+        announcements.append(asyncio.create_task(_announce_web(web)))
+        hosts.append(web)
     try:
-        await serve_until_signal([s.host for s in services], settings.grace_period)
+        await serve_until_signal(hosts, settings.grace_period)
     except (DatabaseError, OSError) as error:
         # OSError: a metrics port is taken (bound when its service starts).
         logger.error("cannot serve: %s", error, exc_info=logger.isEnabledFor(logging.DEBUG))
@@ -88,6 +99,21 @@ async def _create(settings: ServeSettings) -> list[_Service]:
             _Service("analysis", host, analysis.host, port, analysis.data_dir, probe_tls)
         )
     return services
+
+
+async def _create_web(settings: ServeSettings) -> WebHost | None:
+    if settings.web is None:
+        return None
+    from web_gateway.server import create_server as create_web_server
+
+    host, _ = await create_web_server(settings.web)
+    return host
+
+
+async def _announce_web(web: WebHost) -> None:
+    """Print ``web gateway listening on URL`` once it takes requests (stdout, as the others)."""
+    await web.serving.wait()
+    print(f"web gateway listening on {web.url}", flush=True)
 
 
 async def _announce_when_serving(service: _Service) -> None:

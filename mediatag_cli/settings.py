@@ -27,11 +27,18 @@ from mediatag_common.values import (
     secret,
     word,
 )
+from web_gateway.config import WebConfig
 
 INGEST = IngestConfig.SERVICE
 ANALYSIS = AnalysisConfig.SERVICE
-SERVICES = (INGEST, ANALYSIS)
-_CONFIGS: dict[str, ServiceConfig] = {INGEST: IngestConfig(), ANALYSIS: AnalysisConfig()}
+WEB = WebConfig.SERVICE
+SERVICES = (INGEST, ANALYSIS, WEB)
+_SECTIONS = {WEB: "web gateway"}
+_CONFIGS: dict[str, ServiceConfig | WebConfig] = {
+    INGEST: IngestConfig(),
+    ANALYSIS: AnalysisConfig(),
+    WEB: WebConfig(),
+}
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class ServeSettings:
 
     ingest: IngestConfig | None = None
     analysis: AnalysisConfig | None = None
+    web: WebConfig | None = None
     log_level: str = setting(
         "INFO",
         flag="--log-level",
@@ -58,7 +66,9 @@ class ServeSettings:
     )
 
     def __post_init__(self) -> None:
-        # In one process the two services call each other: with tokens, with a service token.
+        # In one process the two services call each other (and the web gateway watches the
+        # analysis service): with tokens, with a service token. The gateway's own config
+        # already requires one with a tokens file.
         for caller, callee in ((self.ingest, self.analysis), (self.analysis, self.ingest)):
             if caller and callee and callee.tokens_file is not None and not caller.service_token:
                 raise ValueError(
@@ -70,7 +80,8 @@ class ServeSettings:
     @property
     def grace_period(self) -> float:
         """How long in-flight work gets to finish on SIGTERM."""
-        return max(config.grace_period for config in (self.ingest, self.analysis) if config)
+        configs = (self.ingest, self.analysis, self.web)
+        return max(config.grace_period for config in configs if config)
 
 
 @dataclass(frozen=True)
@@ -155,7 +166,7 @@ def _serve_options(services: Sequence[str]) -> list[tuple[str, Option]]:
     """The options of ``mediatag serve`` for ``services``, each with its help section.
 
     A service's settings are offered when it runs, and its shared ones (the ports each
-    service reaches the other on, say) always; a setting both services have is offered once.
+    service reaches the other on, say) always; a setting several have is offered once.
     """
     offered: dict[str, tuple[str, Option]] = {}
     for service, config in _CONFIGS.items():
@@ -164,9 +175,9 @@ def _serve_options(services: Sequence[str]) -> list[tuple[str, Option]]:
                 continue
             flag = option.setting.flag
             if flag in offered:
-                offered[flag] = ("both services", offered[flag][1])
+                offered[flag] = ("shared", offered[flag][1])
             else:
-                offered[flag] = (f"{service} service", option)
+                offered[flag] = (_SECTIONS.get(service, f"{service} service"), option)
     for option in options_of(ServeSettings()):
         offered[option.setting.flag] = ("logging", option)
     return list(offered.values())

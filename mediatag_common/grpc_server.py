@@ -7,7 +7,7 @@ import ipaddress
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -235,13 +235,21 @@ class ServiceHost:
         logger.info("%s service stopped", self.name)
 
 
-async def serve_until_signal(hosts: Sequence[ServiceHost], grace: float) -> None:
+class Host(Protocol):
+    """Something ``mediatag serve`` starts and drains: a service, or the web gateway."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace: float) -> None: ...
+
+
+async def serve_until_signal(hosts: Sequence[Host], grace: float) -> None:
     """Start every host, run until SIGINT or SIGTERM, then drain and stop them all."""
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_requested.set)
-    started: list[ServiceHost] = []
+    started: list[Host] = []
     try:
         for host in hosts:
             await host.start()

@@ -55,7 +55,12 @@ def wait_serving(port: int, within: float = 30.0) -> None:
             time.sleep(0.05)
 
 
-_FREE_METRICS_PORTS = {"MEDIATAG_INGEST_METRICS_PORT": "0", "MEDIATAG_ANALYSIS_METRICS_PORT": "0"}
+# Metrics and the web gateway on free ports: never the fixed defaults.
+_FREE_PORTS = {
+    "MEDIATAG_INGEST_METRICS_PORT": "0",
+    "MEDIATAG_ANALYSIS_METRICS_PORT": "0",
+    "MEDIATAG_WEB_PORT": "0",
+}
 
 
 class Serve:
@@ -76,7 +81,7 @@ class Serve:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 # Metrics on free ports unless a test says otherwise: never the fixed defaults.
-                env={**_FREE_METRICS_PORTS, **os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**_FREE_PORTS, **os.environ, "PYTHONUNBUFFERED": "1"},
                 preexec_fn=self._limit_file_size if self.file_size_limit else None,
             )
         for port in wait_for_ports:

@@ -20,7 +20,7 @@ from analysis_service.config import AnalysisConfig, RateLimitConfig, RetryPolicy
 from tests.browser_support import Chromium
 from tests.conftest import Cluster
 from tests.media_samples import jpeg_bytes
-from tests.test_web_browser import undecodable_png
+from tests.test_web_browser import file, undecodable_png
 from tests.web_support import Gateways, web_config
 
 OWNER = "listing-42"
@@ -51,16 +51,10 @@ async def shoot(out: Path, chromium: Chromium) -> None:
                 await expect(page.locator("#connection")).to_have_text("live")
                 await page.fill("#category", "Hair")
                 files = [
-                    {
-                        "name": f"salon-{n:02d}.jpg",
-                        "mimeType": "image/jpeg",
-                        "buffer": jpeg_bytes(seed=n, size=(480, 360)),
-                    }
+                    file(f"salon-{n:02d}.jpg", jpeg_bytes(seed=n, size=(480, 360)))
                     for n in range(PHOTOS)
                 ]
-                files[3:3] = [
-                    {"name": "scan.png", "mimeType": "image/png", "buffer": undecodable_png(3)}
-                ]
+                files[3:3] = [file("scan.png", undecodable_png(3), "image/png")]
                 await page.set_input_files("#files", files)
                 completed = page.locator("#items .status", has_text="completed")
                 await expect(completed.nth(PHOTOS // 4)).to_be_visible()

@@ -88,6 +88,13 @@ ANALYSIS_SERVE = {
     "--max-watchers-per-caller": "MEDIATAG_MAX_WATCHERS_PER_CALLER",
     "--max-service-watchers": "MEDIATAG_MAX_SERVICE_WATCHERS",
 }
+WEB_SERVE = {
+    "--web-port": "MEDIATAG_WEB_PORT",
+    "--ingest-address": "MEDIATAG_INGEST_ADDRESS",
+    "--analysis-address": "MEDIATAG_ANALYSIS_ADDRESS",
+    "--event-keepalive": "MEDIATAG_EVENT_KEEPALIVE",
+    "--max-event-streams": "MEDIATAG_MAX_EVENT_STREAMS",
+}
 # Every client command takes these; None: a flag without a variable.
 CLIENT = {
     "--ingest": "MEDIATAG_INGEST_ADDRESS",
@@ -102,7 +109,8 @@ CLIENT = {
 }
 
 EXPECTED: dict[str, dict[str, str | None]] = {
-    "serve": {**SHARED_SERVE, **INGEST_SERVE, **ANALYSIS_SERVE},
+    "serve": {**SHARED_SERVE, **INGEST_SERVE, **ANALYSIS_SERVE, **WEB_SERVE},
+    "serve web": {**SHARED_SERVE, **WEB_SERVE},
     "serve ingest": {**SHARED_SERVE, **INGEST_SERVE},
     "serve analysis": {**SHARED_SERVE, **ANALYSIS_SERVE},
     "upload": {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from mediatag.analysis.v1 import analysis_pb2 as apb
-from playwright.async_api import Page, expect
+from playwright.async_api import FilePayload, Page, expect
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig, WatchConfig
 from ingest_service.config import IngestConfig
@@ -38,14 +38,13 @@ async def gateways() -> AsyncIterator[Gateways]:
     await started.close()
 
 
-def fast(make_cluster: Callable[..., Cluster], **config: object) -> Cluster:
+def fast(make_cluster: Callable[..., Cluster]) -> Cluster:
     return make_cluster(
         analyzer=ScriptedAnalyzer(dimensions=64),
         analysis_config=AnalysisConfig(
             embedding_dimensions=64,
             rate_limits={"local": RateLimitConfig(100, 10)},
             watch=WatchConfig(bookmark_interval=0.5),
-            **config,
         ),
     )
 
@@ -76,7 +75,7 @@ def undecodable_png(seed: int) -> bytes:
     return png[:start] + chunk + png[start + 12 + length :]
 
 
-def file(name: str, content: bytes, mime: str = "image/jpeg") -> dict[str, object]:
+def file(name: str, content: bytes, mime: str = "image/jpeg") -> FilePayload:
     return {"name": name, "mimeType": mime, "buffer": content}
 
 

@@ -14,7 +14,7 @@ from yarl import URL
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig, WatchConfig
 from ingest_service.config import IngestConfig
-from mediatag_common.tls import ServerTls
+from mediatag_common.tls import ServiceTls
 from tests.conftest import Cluster
 from tests.fakes import ScriptedAnalyzer
 from tests.media_samples import jpeg_bytes
@@ -255,7 +255,7 @@ async def test_tls_serves_https_and_marks_the_session_cookie_secure(
             cluster,
             tokens_file=path,
             service_token=TOKENS["service"],
-            tls=ServerTls(pki.server.cert, pki.server.key),
+            tls_files=ServiceTls(cert_file=pki.server.cert, key_file=pki.server.key),
         ),
         connector=aiohttp.TCPConnector(ssl=trust),
     )

@@ -1,14 +1,21 @@
-"""Typed configuration of the web gateway (filled from flags/env by the CLI only)."""
+"""Typed configuration of the web gateway, with the flag and variable of each setting.
+
+Where the gateway shares a setting with the services (the address it binds, the tokens
+file, TLS...), it redeclares theirs: one flag, one variable, one value for all of
+``mediatag serve``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from mediatag_common.grpc_server import is_loopback
-from mediatag_common.tls import ClientTls, ServerTls
-
-MIB = 1024 * 1024
+from mediatag_common.service_config import MIB, ServiceConfig, peer_address
+from mediatag_common.settings import redeclared, setting
+from mediatag_common.tls import ClientTls, ServerTls, ServiceTls
+from mediatag_common.values import port, positive_float, positive_int, word
 
 
 @dataclass(frozen=True)
@@ -17,9 +24,21 @@ class EventsConfig:
 
     # An SSE connection that has sent nothing for this long gets a bookmark event, so
     # proxies keep it open and the client holds a recent revision to resume from.
-    keepalive_interval: float = 15.0
+    keepalive_interval: float = setting(
+        15.0,
+        flag="--event-keepalive",
+        help="an event stream that sent nothing for this long gets a bookmark event",
+        parse=positive_float,
+        metavar="SECONDS",
+    )
     # Open SSE connections at most; beyond, 429 RESOURCE_EXHAUSTED/TOO_MANY_EVENT_STREAMS.
-    max_streams: int = 10_000
+    max_streams: int = setting(
+        10_000,
+        flag="--max-event-streams",
+        help="open event streams (Server-Sent Events) the web gateway serves at once",
+        parse=positive_int,
+        metavar="N",
+    )
     # Distinct filters watched upstream at once (one WatchStatus each); beyond, 429
     # RESOURCE_EXHAUSTED/TOO_MANY_FILTERS.
     max_filters: int = 256
@@ -56,10 +75,31 @@ class SessionConfig:
 class WebConfig:
     """Everything the web gateway needs to run."""
 
-    host: str = "127.0.0.1"
-    port: int = 8450
-    ingest_address: str = "127.0.0.1:50051"
-    analysis_address: str = "127.0.0.1:50052"
+    # The name ``mediatag serve`` knows it by.
+    SERVICE: ClassVar[str] = "web"
+
+    host: str = redeclared(ServiceConfig, "host", "127.0.0.1")
+    port: int = setting(
+        8450, flag="--web-port", help="port of the web gateway", parse=port, metavar="PORT"
+    )
+    ingest_address: str = setting(
+        "127.0.0.1:50051",
+        flag="--ingest-address",
+        help="where the web gateway reaches ingest",
+        parse=word,
+        metavar="ADDR",
+        shown_default="HOST:INGEST_PORT",
+        default_from=peer_address("ingest"),
+    )
+    analysis_address: str = setting(
+        "127.0.0.1:50052",
+        flag="--analysis-address",
+        help="where the web gateway reaches analysis",
+        parse=word,
+        metavar="ADDR",
+        shown_default="HOST:ANALYSIS_PORT",
+        default_from=peer_address("analysis"),
+    )
     # Deadline of each unary call to a service.
     call_timeout: float = 30.0
     events: EventsConfig = field(default_factory=EventsConfig)
@@ -69,17 +109,16 @@ class WebConfig:
     max_batch_upload_bytes: int = 128 * MIB
     # Uploads in progress at once; beyond, 429 RESOURCE_EXHAUSTED/TOO_MANY_UPLOADS.
     max_concurrent_uploads: int = 16
-    grace_period: float = 10.0
+    grace_period: float = redeclared(ServiceConfig, "grace_period", 10.0)
     # Security, as for the gRPC ports (README "Security"). With a tokens file every API call
     # needs a bearer token or a session; ``service_token`` (role service) is the gateway's
-    # own credential for the WatchStatus streams it shares among browsers. ``tls`` serves
-    # HTTPS (and marks the session cookie Secure); ``peer_tls`` reaches the services.
-    tokens_file: Path | None = None
-    service_token: str | None = field(default=None, repr=False)
-    tls: ServerTls | None = None
-    peer_tls: ClientTls | None = None
-    # Serving beyond loopback without a tokens file or without TLS needs this.
-    insecure: bool = False
+    # own credential for the WatchStatus streams it shares among browsers. With a
+    # certificate it serves HTTPS (and marks the session cookie Secure), and reaches the
+    # services over TLS as they reach each other.
+    tokens_file: Path | None = redeclared(ServiceConfig, "tokens_file", None)
+    service_token: str | None = redeclared(ServiceConfig, "service_token", None)
+    insecure: bool = redeclared(ServiceConfig, "insecure", False)
+    tls_files: ServiceTls = field(default_factory=ServiceTls)
 
     def __post_init__(self) -> None:
         if self.tokens_file is not None and not self.service_token:
@@ -102,5 +141,15 @@ class WebConfig:
             )
 
     @property
-    def authenticated(self) -> bool:
-        return self.tokens_file is not None
+    def tls(self) -> ServerTls | None:
+        """What the gateway serves HTTPS with; None: plain HTTP. Browsers sign in with
+        tokens: the gRPC ports' client CA (mutual TLS) is not asked of them."""
+        files = self.tls_files
+        if files.cert_file is None or files.key_file is None:
+            return None
+        return ServerTls(files.cert_file, files.key_file)
+
+    @property
+    def peer_tls(self) -> ClientTls | None:
+        """How the gateway reaches the services over TLS; None: plaintext."""
+        return self.tls_files.peer

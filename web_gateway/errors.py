@@ -15,6 +15,23 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from mediatag_common.errors import DOMAIN
 
+# Refusals after which a watch starts again from where it was: the service was restarting,
+# draining, overloaded, or cut the watch off as too slow.
+_TRANSIENT_CODES = frozenset(
+    {
+        code_pb2.UNAVAILABLE,
+        code_pb2.RESOURCE_EXHAUSTED,
+        code_pb2.DEADLINE_EXCEEDED,
+        code_pb2.CANCELLED,
+        code_pb2.ABORTED,
+        code_pb2.INTERNAL,
+        code_pb2.UNKNOWN,
+    }
+)
+# A revision the event log no longer holds, or one from a replaced log: the client's state is
+# lost; it reloads and watches from now.
+_RESYNC_REASONS = frozenset({"REVISION_COMPACTED", "REVISION_AHEAD"})
+
 
 class Refusal(Exception):
     """A refusal to pass on to the client, carried as its ``google.rpc.Status``."""
@@ -69,6 +86,16 @@ class Refusal(Exception):
         info = self.info
         return info.reason if info is not None else ""
 
+    @property
+    def transient(self) -> bool:
+        """Worth trying again as it was (the service was away or busy)."""
+        return self.code in _TRANSIENT_CODES
+
+    @property
+    def resync(self) -> bool:
+        """The revision asked for is gone (or never was): start over from the current state."""
+        return self.code == code_pb2.OUT_OF_RANGE and self.reason in _RESYNC_REASONS
+
 
 def invalid(field: str, reason: str, message: str) -> Refusal:
     """Bad input: INVALID_ARGUMENT naming the field."""
@@ -78,3 +105,13 @@ def invalid(field: str, reason: str, message: str) -> Refusal:
 def exhausted(reason: str, message: str, **metadata: str) -> Refusal:
     """A bound reached: RESOURCE_EXHAUSTED, with the bound in the metadata."""
     return Refusal.of(code_pb2.RESOURCE_EXHAUSTED, reason, message, metadata=metadata)
+
+
+def unavailable(reason: str, message: str) -> Refusal:
+    """Not now: UNAVAILABLE."""
+    return Refusal.of(code_pb2.UNAVAILABLE, reason, message)
+
+
+def internal() -> Refusal:
+    """Something unexpected, told without its details: INTERNAL."""
+    return Refusal.of(code_pb2.INTERNAL, "INTERNAL", "internal error")

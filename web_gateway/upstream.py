@@ -11,17 +11,17 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, cast
 
 import grpc
-from google.rpc import code_pb2, status_pb2
+from google.rpc import status_pb2
 from grpc_status import rpc_status
 from mediatag.analysis.v1 import analysis_pb2 as apb
 from mediatag.analysis.v1 import analysis_pb2_grpc
 from mediatag.ingest.v1 import ingest_pb2_grpc
 
-from mediatag_common.auth import AUTHORIZATION
+from mediatag_common.auth.interceptor import AUTHORIZATION
 from mediatag_common.grpc_server import channel_options, open_channel
 from web_gateway.config import WebConfig
 from web_gateway.domain.events import Change, Position, WatchFilter
-from web_gateway.errors import Refusal
+from web_gateway.errors import Refusal, unavailable
 from web_gateway.protojson import to_json
 
 if TYPE_CHECKING:
@@ -118,6 +118,4 @@ class Upstream:
             raise refusal_of(error) from None
         finally:
             call.cancel()
-        raise Refusal.of(
-            code_pb2.UNAVAILABLE, "ANALYSIS_UNAVAILABLE", "the analysis service ended the watch"
-        )
+        raise unavailable("ANALYSIS_UNAVAILABLE", "the analysis service ended the watch")

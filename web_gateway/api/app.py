@@ -30,7 +30,7 @@ from web_gateway.api.callers import check_host
 from web_gateway.api.context import CALLER, GATEWAY, JSON, Gateway
 from web_gateway.api.errors import body, http_status
 from web_gateway.api.headers import add_security_headers
-from web_gateway.errors import Refusal
+from web_gateway.errors import Refusal, internal
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         )
     except Exception:
         logger.exception("unexpected error in %s %s", request.method, request.path)
-        return _error_response(Refusal.of(code_pb2.INTERNAL, "INTERNAL", "internal error"))
+        return _error_response(internal())
 
 
 async def _secure(request: web.Request, response: web.StreamResponse) -> None:

@@ -44,9 +44,6 @@ class Caller:
     def metadata(self) -> Metadata:
         return credentials(self.token)
 
-    def may_see(self, owner_id: str) -> bool:
-        return self.principal is None or self.principal.may_see(owner_id)
-
 
 def _unauthenticated(reason: str, message: str) -> Refusal:
     return Refusal.of(code_pb2.UNAUTHENTICATED, reason, message)

@@ -19,9 +19,10 @@ from aiohttp import web
 from google.rpc import code_pb2
 from mediatag.analysis.v1 import analysis_pb2 as apb
 
+from mediatag_common.auth import OwnerScope
 from web_gateway.api.callers import Caller
 from web_gateway.api.context import caller_of, gateway_of
-from web_gateway.domain.events import Change, WatchFilter, is_resync
+from web_gateway.domain.events import Change, WatchFilter
 from web_gateway.domain.watches import Visibility
 from web_gateway.errors import Refusal, invalid
 from web_gateway.protojson import to_json
@@ -47,7 +48,8 @@ def _scope(caller: Caller, owner_id: str) -> tuple[str, Visibility]:
     principal = caller.principal
     if principal is None or principal.owners is None:
         return owner_id, None
-    if owner_id and not principal.may_see(owner_id):
+    scope = OwnerScope(principal.owners)
+    if owner_id and not scope.may_see(owner_id):
         raise Refusal.of(
             code_pb2.PERMISSION_DENIED,
             "OWNER_NOT_ALLOWED",
@@ -56,7 +58,7 @@ def _scope(caller: Caller, owner_id: str) -> tuple[str, Visibility]:
         )
     if not owner_id and len(principal.owners) == 1:
         (owner_id,) = principal.owners
-    return owner_id, principal.may_see
+    return owner_id, scope.may_see
 
 
 def _watch_filter(request: web.Request) -> tuple[WatchFilter, int | None]:
@@ -105,7 +107,7 @@ async def events(request: web.Request) -> web.StreamResponse:
             try:
                 item = await subscription.next(config.keepalive_interval)
             except Refusal as ended:
-                event = "reset" if is_resync(ended) else "ended"
+                event = "reset" if ended.resync else "ended"
                 async with asyncio.timeout(config.write_timeout):
                     await response.write(_frame(event, to_json(ended.status)))
                 return response

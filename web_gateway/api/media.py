@@ -76,7 +76,7 @@ async def content(request: web.Request) -> web.StreamResponse:
         )
         response.content_length = first.size_bytes
         await response.prepare(request)
-        chunk = first
+        chunk: object = first
         while isinstance(chunk, ipb.ReadMediaContentResponse):
             await response.write(chunk.data)
             chunk = await stream.read()

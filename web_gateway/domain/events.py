@@ -6,35 +6,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from google.rpc import code_pb2
-
-from web_gateway.errors import Refusal
-
-# Upstream refusals after which a watch starts again from where it was: the service was
-# restarting, draining, overloaded, or cut this watch off as too slow.
-_TRANSIENT_CODES = frozenset(
-    {
-        code_pb2.UNAVAILABLE,
-        code_pb2.RESOURCE_EXHAUSTED,
-        code_pb2.DEADLINE_EXCEEDED,
-        code_pb2.CANCELLED,
-        code_pb2.ABORTED,
-        code_pb2.INTERNAL,
-        code_pb2.UNKNOWN,
-    }
-)
-# A revision the event log no longer holds, or one from a replaced log: the client's state
-# is lost; it reloads and watches from now.
-RESYNC_REASONS = frozenset({"REVISION_COMPACTED", "REVISION_AHEAD"})
-
-
-def is_transient(refusal: Refusal) -> bool:
-    return refusal.code in _TRANSIENT_CODES
-
-
-def is_resync(refusal: Refusal) -> bool:
-    return refusal.code == code_pb2.OUT_OF_RANGE and refusal.reason in RESYNC_REASONS
-
 
 @dataclass(frozen=True)
 class WatchFilter:
@@ -70,8 +41,8 @@ class Position:
 class WatchSource(Protocol):
     """The analysis service's ``WatchStatus``, seen from the gateway.
 
-    Both methods raise :class:`Refusal` for what the service answered (``is_transient`` tells
-    the refusals worth retrying).
+    Both methods raise :class:`~web_gateway.errors.Refusal` for what the service answered
+    (``transient`` tells the refusals worth retrying).
     """
 
     def open(self, watch_filter: WatchFilter, after: int) -> AsyncIterator[Change | Position]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from mediatag_common.backoff import Backoff
 from mediatag_common.tasks import cancel_and_wait
-from web_gateway.domain.events import Change, WatchFilter, is_resync
+from web_gateway.domain.events import Change, WatchFilter
 from web_gateway.domain.watches import SharedWatches
 from web_gateway.errors import Refusal
 
@@ -110,7 +110,7 @@ class ThroughputRecorder:
                     after = item.revision
             except Refusal as refusal:
                 logger.info("throughput: watch ended (%s)", refusal.status.message)
-                if is_resync(refusal):
+                if refusal.resync:
                     after = None
             finally:
                 await subscription.close()

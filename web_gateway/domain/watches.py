@@ -23,19 +23,11 @@ import collections
 import logging
 from collections.abc import Callable
 
-from google.rpc import code_pb2
-
 from mediatag_common.backoff import Backoff
 from mediatag_common.tasks import cancel_and_wait
 from web_gateway.config import EventsConfig
-from web_gateway.domain.events import (
-    Change,
-    Position,
-    WatchFilter,
-    WatchSource,
-    is_transient,
-)
-from web_gateway.errors import Refusal, exhausted
+from web_gateway.domain.events import Change, Position, WatchFilter, WatchSource
+from web_gateway.errors import Refusal, exhausted, internal, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +44,7 @@ def _too_slow(buffer: int) -> Refusal:
 
 
 def _closing() -> Refusal:
-    return Refusal.of(code_pb2.UNAVAILABLE, "GATEWAY_CLOSING", "the gateway is shutting down")
+    return unavailable("GATEWAY_CLOSING", "the gateway is shutting down")
 
 
 class Subscription:
@@ -134,7 +126,7 @@ class Subscription:
                         if item.revision == join:
                             return
                 except Refusal as refusal:
-                    if not is_transient(refusal):
+                    if not refusal.transient:
                         raise
                     await asyncio.sleep(backoff.next_delay())
                 finally:
@@ -156,7 +148,7 @@ class Subscription:
                 self._end(error)
             elif error is not None:
                 logger.error("catching up failed", exc_info=error)
-                self._end(Refusal.of(code_pb2.INTERNAL, "INTERNAL", "internal error"))
+                self._end(internal())
         return None
 
     # ---- read by the client's handler ----
@@ -291,7 +283,7 @@ class SharedWatch:
                     self._publish(item)
                 logger.warning("watch of %s ended by the analysis service; again", self.filter)
             except Refusal as refusal:
-                if not is_transient(refusal):
+                if not refusal.transient:
                     logger.warning("watch of %s refused: %s", self.filter, refusal.status.message)
                     self.end(refusal)
                     return
