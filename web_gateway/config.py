@@ -40,8 +40,9 @@ class EventsConfig:
         metavar="N",
     )
     # Distinct filters watched upstream at once (one WatchStatus each); beyond, 429
-    # RESOURCE_EXHAUSTED/TOO_MANY_FILTERS.
-    max_filters: int = 256
+    # RESOURCE_EXHAUSTED/TOO_MANY_FILTERS. With max_catch_ups and the ingest service's own
+    # watch, within the analysis service's --max-service-watchers (100) of one service token.
+    max_filters: int = 64
     # Media ids one filter may name.
     max_media_ids: int = 1000
     # Recent events each shared watch keeps, so a reconnecting client resumes from memory.
@@ -53,7 +54,7 @@ class EventsConfig:
     # Clients resuming from further back than a shared watch remembers read the event log
     # through a watch of their own until they catch up; at most this many at once (the
     # others wait, with keep-alives).
-    max_catch_ups: int = 32
+    max_catch_ups: int = 16
     # A shared watch without subscribers is kept this long for clients that reconnect.
     linger: float = 30.0
     # Reconnecting to the analysis service after a watch broke off.
