@@ -84,6 +84,20 @@ BLOB_STORE_SCHEMES = ("file", "gs", "s3")
 
 
 @dataclass(frozen=True)
+class StreamLimits:
+    """What ``UploadMediaStream`` calls may hold: each is ended after ``idle_timeout`` seconds
+    of silence, or when it brings less than ``min_rate`` bytes per second over a window of
+    ``rate_window`` seconds; at most ``max_streams`` are open, ``max_streams_per_caller`` of
+    one caller (None: half of them)."""
+
+    idle_timeout: float
+    min_rate: int
+    rate_window: float
+    max_streams: int
+    max_streams_per_caller: int | None
+
+
+@dataclass(frozen=True)
 class BlobStoreUrl:
     """Where the blobs are: ``file:///path``, ``gs://bucket/prefix`` or ``s3://bucket/prefix``."""
 
@@ -158,6 +172,41 @@ class IngestConfig(ServiceConfig):
         parse=positive_float,
         metavar="SECONDS",
     )
+    # A stream that brings less than this many bytes per second, on average over a window of
+    # ``upload_rate_window`` seconds, is ended (UPLOAD_TOO_SLOW): a client dripping a byte now
+    # and then holds a file and a slot for no upload. 16 KiB/s is a 128 kbit/s link; a phone
+    # uploading 500 MB at 2 Mbit/s brings 15 times that.
+    upload_min_rate: int = setting(
+        16 * 1024,
+        flag="--upload-min-rate",
+        help="bytes per second an UploadMediaStream must bring on average over each two "
+        "minutes, e.g. 16KiB",
+        parse=byte_size,
+        metavar="SIZE",
+        show=format_byte_size,
+    )
+    upload_rate_window: float = 120.0
+    # Streams held at once: each holds a temp file (a descriptor) and a message in memory.
+    max_upload_streams: int = setting(
+        64,
+        flag="--max-upload-streams",
+        help="UploadMediaStream calls open at once (RESOURCE_EXHAUSTED TOO_MANY_UPLOAD_STREAMS "
+        "beyond); unary uploads are not counted",
+        parse=positive_int,
+        metavar="N",
+    )
+    # One caller's share of them (a token, or a peer address without authentication); None:
+    # half of them.
+    max_upload_streams_per_caller: int | None = setting(
+        None,
+        flag="--max-upload-streams-per-caller",
+        help="UploadMediaStream calls one token (without --tokens-file: one peer address) may "
+        "have open at once",
+        parse=positive_int,
+        metavar="N",
+        shown_default="half of --max-upload-streams",
+    )
+
     # None: the directory ``blobs`` in data_dir, the layout every version had.
     blob_store: str | None = setting(
         None,
@@ -221,3 +270,14 @@ class IngestConfig(ServiceConfig):
         if self.blob_store is None:
             return BlobStoreUrl("file", "", str((self.data_dir / "blobs").absolute()))
         return BlobStoreUrl.parse(self.blob_store)
+
+    @property
+    def stream_limits(self) -> StreamLimits:
+        """The bounds of one stream and of all streams (see ``domain.stream_pace``)."""
+        return StreamLimits(
+            idle_timeout=self.stream_idle_timeout,
+            min_rate=self.upload_min_rate,
+            rate_window=self.upload_rate_window,
+            max_streams=self.max_upload_streams,
+            max_streams_per_caller=self.max_upload_streams_per_caller,
+        )

@@ -13,7 +13,9 @@ Each class says what went wrong (its ``reason``); the gRPC layer gives it a stat
     ├── AnalysisUnavailable       the analysis service cannot be reached
     ├── AnalysisRefused           the analysis service refused a call made for the client
     ├── RequestIdReused           REQUEST_ID_REUSED
-    └── UploadStalled             a stream sent nothing for too long
+    ├── UploadStalled             a stream sent nothing for too long
+    │   └── UploadTooSlow         or too little
+    └── TooManyUploadStreams      no upload stream slot left
 """
 
 from __future__ import annotations
@@ -99,6 +101,18 @@ class UploadStalled(IngestError):
     """A streamed upload sent nothing for longer than the idle timeout."""
 
     reason = "UPLOAD_STALLED"
+
+
+class UploadTooSlow(UploadStalled):
+    """A streamed upload brought less than the minimum rate over a window."""
+
+    reason = "UPLOAD_TOO_SLOW"
+
+
+class TooManyUploadStreams(IngestError):
+    """Every upload stream slot is taken, or the caller's share of them."""
+
+    reason = "TOO_MANY_UPLOAD_STREAMS"
 
 
 # An INVALID_ARGUMENT refusal naming ``field`` (e.g. ``files[2].content``).

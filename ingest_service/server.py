@@ -101,7 +101,7 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         blobs=blobs,
         requests=requests,
         limits=config.limits,
-        idle_timeout=config.stream_idle_timeout,
+        stream_limits=config.stream_limits,
     )
     library = MediaLibrary(db=db, blobs=blobs, limits=config.limits, analysis=analysis)
 

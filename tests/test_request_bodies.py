@@ -16,7 +16,7 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 
 from ingest_service.config import IngestConfig
 from mediatag_common.grpc_server import channel_options, open_channel
-from tests.conftest import Cluster, free_port, wait_until
+from tests.conftest import Cluster, free_port
 from tests.ingest_support import OWNER, IngestServer, assert_refused, listed, refusal
 from tests.processes import Serve, peak_rss_mib, reset_peak_rss, rss_mib
 from tests.test_auth import TOKENS, tokens_file
@@ -221,11 +221,12 @@ async def test_a_stream_its_client_cancels_after_the_header_is_counted_cancelled
             await held.wait()
 
         call = stub.UploadMediaStream(header_then_nothing(), timeout=30)
-
-        async def receiving() -> bool:
-            return len(server.incoming_files()) == 1
-
-        await wait_until(receiving, within=10)
+        started = {
+            "grpc_service": INGEST,
+            "grpc_method": "UploadMediaStream",
+            "grpc_type": "client_stream",
+        }
+        await expect(metrics_port, "mediatag_grpc_server_started_total", 1, **started)
         call.cancel()
         samples = await expect(
             metrics_port,

@@ -53,6 +53,9 @@ INGEST_SERVE = {
     "--blob-sweep-interval": "MEDIATAG_BLOB_SWEEP_INTERVAL",
     "--ingest-metrics-port": "MEDIATAG_INGEST_METRICS_PORT",
     "--ingest-request-memory": "MEDIATAG_INGEST_REQUEST_MEMORY",
+    "--upload-min-rate": "MEDIATAG_UPLOAD_MIN_RATE",
+    "--max-upload-streams": "MEDIATAG_MAX_UPLOAD_STREAMS",
+    "--max-upload-streams-per-caller": "MEDIATAG_MAX_UPLOAD_STREAMS_PER_CALLER",
 }
 ANALYSIS_SERVE = {
     "--ingest-address": "MEDIATAG_INGEST_ADDRESS",

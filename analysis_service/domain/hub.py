@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from analysis_service.domain.models import StatusEvent
 from analysis_service.domain.pacing import DeliveryPacer
 from analysis_service.errors import ShuttingDown, TooManyWatchers, WatcherTooSlow
+from mediatag_common.caller_slots import CallerSlots, SlotsFull
 from mediatag_common.callers import ANONYMOUS, Caller
 
 logger = logging.getLogger(__name__)
@@ -188,13 +189,12 @@ class StatusHub:
         current_revision: int = 0,
     ) -> None:
         self._buffer_size = buffer_size
-        # Clients' watchers, all and of one caller (None: half of all); the services' own.
-        self._max_watchers = max_watchers
-        self._max_per_caller = max_watchers_per_caller or max(1, max_watchers // 2)
-        self._max_service_watchers = max_service_watchers
+        self._slots = CallerSlots(
+            clients=max_watchers,
+            per_caller=max_watchers_per_caller,
+            per_service=max_service_watchers,
+        )
         self._subscriptions: dict[Subscription, Caller] = {}
-        self._held: collections.Counter[Caller] = collections.Counter()
-        self._client_watchers = 0
         self._closed = False
         self.current_revision = current_revision
         self.events_published = 0
@@ -243,36 +243,17 @@ class StatusHub:
         of them (so that one client cannot take them all)."""
         if self._closed:
             raise ShuttingDown("the analysis service is shutting down")
-        if holder.service:
-            if self._held[holder] >= self._max_service_watchers:
-                raise TooManyWatchers(
-                    f"at most {self._max_service_watchers} watchers of a service",
-                    metadata={"maxServiceWatchers": str(self._max_service_watchers)},
-                )
-        elif self._client_watchers >= self._max_watchers:
-            raise TooManyWatchers(
-                f"at most {self._max_watchers} watchers; retry with backoff",
-                metadata={"maxWatchers": str(self._max_watchers)},
-            )
-        elif self._held[holder] >= self._max_per_caller:
-            raise TooManyWatchers(
-                f"at most {self._max_per_caller} watchers of one caller; close one first",
-                reason="TOO_MANY_WATCHERS_FOR_CALLER",
-                metadata={"maxWatchersPerCaller": str(self._max_per_caller)},
-            )
+        full = self._slots.take(holder)
+        if full is not None:
+            raise _too_many_watchers(full, self._slots.limit(full))
         subscription = Subscription(self, watch_filter, self._buffer_size)
         self._subscriptions[subscription] = holder
-        self._held[holder] += 1
-        self._client_watchers += not holder.service
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
         holder = self._subscriptions.pop(subscription, None)
         if holder is not None:
-            self._held[holder] -= 1
-            if not self._held[holder]:
-                del self._held[holder]
-            self._client_watchers -= not holder.service
+            self._slots.give_back(holder)
         self._pacer.pass_turn()
 
     def close(self) -> None:
@@ -280,3 +261,19 @@ class StatusHub:
         self._closed = True
         for subscription in list(self._subscriptions):
             subscription.end(ShuttingDown("the analysis service is shutting down"))
+
+
+def _too_many_watchers(full: SlotsFull, limit: int) -> TooManyWatchers:
+    if full is SlotsFull.CALLER:
+        return TooManyWatchers(
+            f"at most {limit} watchers of one caller; close one first",
+            reason="TOO_MANY_WATCHERS_FOR_CALLER",
+            metadata={"maxWatchersPerCaller": str(limit)},
+        )
+    if full is SlotsFull.SERVICE:
+        return TooManyWatchers(
+            f"at most {limit} watchers of a service", metadata={"maxServiceWatchers": str(limit)}
+        )
+    return TooManyWatchers(
+        f"at most {limit} watchers; retry with backoff", metadata={"maxWatchers": str(limit)}
+    )

@@ -89,7 +89,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     ) -> pb.UploadMediaStreamResponse:
         # A client that cancels mid-stream cancels this coroutine: CancelledError passes
         # through untouched (grpc/grpc#43360), and the partial file is removed on the way.
-        result = await self._streams.upload(_stream_parts(request_iterator))
+        result = await self._streams.upload(
+            _stream_parts(request_iterator), auth.current_caller(context.peer())
+        )
         return pb.UploadMediaStreamResponse(
             media=convert.media_to_pb(result.media[0]), message=result.message
         )

@@ -19,4 +19,5 @@ STATUS_CODES: StatusCodes = {
     errors.AnalysisUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.RequestIdReused: grpc.StatusCode.ALREADY_EXISTS,
     errors.UploadStalled: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.TooManyUploadStreams: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }

@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ingest_service.config import UploadLimits
+from ingest_service.config import StreamLimits, UploadLimits
 from ingest_service.domain.blobs import BlobStore, ReceivedBlob
 from ingest_service.domain.models import (
     Media,
@@ -35,13 +35,16 @@ from ingest_service.domain.models import (
 )
 from ingest_service.domain.requests import RequestIds, parse_request_id, upload_digest
 from ingest_service.domain.sniff import VIDEO_SIGNATURE_BYTES, sniff, sniff_video
+from ingest_service.domain.stream_pace import StreamPace
 from ingest_service.domain.uploads import (
     Uploads,
     log_stored,
     validate_filename,
     validate_metadata,
 )
-from ingest_service.errors import StorageUnavailable, UploadStalled, invalid
+from ingest_service.errors import StorageUnavailable, TooManyUploadStreams, invalid
+from mediatag_common.caller_slots import CallerSlots, SlotsFull
+from mediatag_common.callers import ANONYMOUS, Caller
 
 logger = logging.getLogger(__name__)
 
@@ -66,19 +69,41 @@ class StreamUploads:
         blobs: BlobStore,
         requests: RequestIds,
         limits: UploadLimits,
-        idle_timeout: float,
+        stream_limits: StreamLimits,
     ) -> None:
         self._uploads = uploads
         self._blobs = blobs
         self._requests = requests
         self._limits = limits
-        self._idle_timeout = idle_timeout
+        self._stream_limits = stream_limits
+        # Each stream holds a temp file (a descriptor) and a message: a slot each.
+        self._slots = CallerSlots(
+            clients=stream_limits.max_streams,
+            per_caller=stream_limits.max_streams_per_caller,
+            per_service=stream_limits.max_streams,
+        )
         # Removals of partial uploads still running after their call was cancelled.
         self._discards: set[asyncio.Task[Any]] = set()
 
-    async def upload(self, parts: AsyncIterator[StreamPart]) -> UploadResult:
-        """Store the one file ``parts`` carry (a header, then chunks); raises IngestError."""
-        header = self._validated(await self._next(parts))
+    async def upload(
+        self, parts: AsyncIterator[StreamPart], caller: Caller = ANONYMOUS
+    ) -> UploadResult:
+        """Store the one file ``parts`` carry (a header, then chunks); raises IngestError.
+
+        Refused at once (TOO_MANY_UPLOAD_STREAMS) when every stream slot, or ``caller``'s
+        share of them, is taken.
+        """
+        full = self._slots.take(caller)
+        if full is not None:
+            raise _too_many_streams(full, self._slots.limit(full))
+        try:
+            pace = StreamPace(self._stream_limits, asyncio.get_running_loop().time())
+            return await self._upload(parts, pace)
+        finally:
+            self._slots.give_back(caller)
+
+    async def _upload(self, parts: AsyncIterator[StreamPart], pace: StreamPace) -> UploadResult:
+        header = self._validated(await self._next(parts, pace))
         request_id = parse_request_id(header.request_id, REQUEST_ID_FIELD)
         if request_id and header.sha256:
             # The content is declared, so a retry is answered before its bytes are read.
@@ -88,7 +113,7 @@ class StreamUploads:
                 return UploadResult(*await self._requests.replay(prior, digest, REQUEST_ID_FIELD))
         incoming = await self._blobs.receive()
         try:
-            await self._receive(parts, header, incoming)
+            await self._receive(parts, pace, header, incoming)
             sha256 = await incoming.finish()
             if header.sha256 and sha256 != header.sha256:
                 raise invalid(
@@ -146,7 +171,11 @@ class StreamUploads:
         return dataclasses.replace(first, sha256=sha256)
 
     async def _receive(
-        self, parts: AsyncIterator[StreamPart], header: StreamHeader, incoming: ReceivedBlob
+        self,
+        parts: AsyncIterator[StreamPart],
+        pace: StreamPace,
+        header: StreamHeader,
+        incoming: ReceivedBlob,
     ) -> None:
         """Write the chunks to ``incoming``, refusing as soon as a size limit is passed."""
         limit = self._limits.largest_file_bytes
@@ -154,7 +183,7 @@ class StreamUploads:
         total = 0
         batch: list[bytes] = []
         batched = 0
-        while (part := await self._next(parts)) is not None:
+        while (part := await self._next(parts, pace)) is not None:
             if isinstance(part, StreamHeader):
                 raise invalid("header", "HEADER_REPEATED", "only the first message is a header")
             if not part:
@@ -248,15 +277,16 @@ class StreamUploads:
             log_stored(item, header.declared_content_type)
         return result
 
-    async def _next(self, parts: AsyncIterator[StreamPart]) -> StreamPart | None:
-        """The next message, None at the end; a client silent for too long is refused."""
+    async def _next(self, parts: AsyncIterator[StreamPart], pace: StreamPace) -> StreamPart | None:
+        """The next message, None at the end; a client silent or slow for too long is refused."""
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self._idle_timeout):
-                return await anext(parts, None)
+            async with asyncio.timeout_at(pace.deadline()):
+                part = await anext(parts, None)
         except TimeoutError as exc:
-            raise UploadStalled(
-                f"nothing received for {self._idle_timeout:g} s; the partial upload was removed"
-            ) from exc
+            raise pace.refusal(loop.time()) from exc
+        pace.received(len(part) if isinstance(part, bytes) else 0, loop.time())
+        return part
 
 
 def _digest(header: StreamHeader, sha256: str) -> str:
@@ -267,4 +297,17 @@ def _digest(header: StreamHeader, sha256: str) -> str:
         context=header.context,
         priority=header.priority,
         files=[(header.filename, header.declared_content_type, sha256)],
+    )
+
+
+def _too_many_streams(full: SlotsFull, limit: int) -> TooManyUploadStreams:
+    if full is SlotsFull.CALLER:
+        return TooManyUploadStreams(
+            f"at most {limit} upload streams of one caller at once; UploadMedia is not limited so",
+            reason="TOO_MANY_UPLOAD_STREAMS_FOR_CALLER",
+            metadata={"maxUploadStreamsPerCaller": str(limit)},
+        )
+    return TooManyUploadStreams(
+        f"at most {limit} upload streams at once; retry with backoff, or use UploadMedia",
+        metadata={"maxUploadStreams": str(limit)},
     )
