@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -123,3 +124,143 @@ async def test_refusals_are_status_json_with_their_http_status(web: Web) -> None
 
     status, answer = await web.json("GET", "/api/v1/nothing-here")
     assert (status, answer["code"]) == (404, 5)
+
+
+async def test_one_file_too_large_to_hold_is_streamed_and_batches_are_bounded(
+    make_cluster: Callable[..., Cluster], gateways: Gateways
+) -> None:
+    cluster = fast_cluster(make_cluster, WatchConfig())
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    web = await gateways.start(web_config(cluster, max_batch_upload_bytes=100_000))
+    large = png_bytes(seed=6, size=(640, 480))
+    small = png_bytes(seed=7, size=(64, 48))
+    assert len(large) > 100_000 > len(small)
+
+    answer = await web.ok(
+        "POST", "/api/v1/media", data=form({"owner_id": "big"}, [("large.png", large, "")])
+    )
+    assert answer["count"] == 1
+    assert answer["media"][0]["sizeBytes"] == str(len(large))
+    assert answer["media"][0]["sha256"] == hashlib.sha256(large).hexdigest()
+
+    for files, reason in (
+        ([("a.png", small, ""), ("large.png", large, "")], "BATCH_TOO_LARGE"),
+        ([("large.png", large, ""), ("a.png", small, "")], "LARGE_FILE_NOT_ALONE"),
+    ):
+        status, refused = await web.json(
+            "POST", "/api/v1/media", data=form({"owner_id": "refused"}, files)
+        )
+        assert (status, error_info(refused)["reason"]) == (400, reason)
+        assert violated_fields(refused) == ["files"]
+    # Refused whole: nothing of either batch is stored, the streamed part neither.
+    assert (await web.ok("GET", "/api/v1/media?owner_id=refused"))["media"] == []
+    assert len((await web.ok("GET", "/api/v1/media?owner_id=big"))["media"]) == 1
+
+
+async def test_malformed_requests_are_refused_naming_what_is_wrong(web: Web) -> None:
+    cases: list[tuple[str, str, dict[str, Any], str, str]] = [
+        ("GET", "/api/v1/media?owner_id=a&owner_id=b", {}, "REPEATED_PARAMETER", "owner_id"),
+        ("GET", "/api/v1/media?owner_id=a&page_size=many", {}, "INVALID_REQUEST", "query"),
+        ("POST", "/api/v1/media:reprocess", {"data": "mediaIds=x"}, "JSON_REQUIRED", "body"),
+        (
+            "POST",
+            "/api/v1/media:reprocess",
+            {"data": "[1]", "headers": {"Content-Type": "application/json"}},
+            "INVALID_JSON",
+            "body",
+        ),
+        ("POST", "/api/v1/media", {"json": {"ownerId": "a"}}, "MULTIPART_REQUIRED", "body"),
+        (
+            "POST",
+            "/api/v1/media",
+            {"data": form({"owner_id": "a", "context": "no-equals-sign"}, [("a.png", b"x", "")])},
+            "INVALID_CONTEXT",
+            "context",
+        ),
+        (
+            "POST",
+            "/api/v1/media",
+            {"data": form({"owner_id": "a", "category": "x" * 70_000}, [("a.png", b"x", "")])},
+            "FIELD_TOO_LARGE",
+            "category",
+        ),
+        ("GET", "/api/v1/events?start_revision=-1", {}, "INVALID_REVISION", "start_revision"),
+        (
+            "GET",
+            "/api/v1/events",
+            {"headers": {"Last-Event-ID": "yesterday"}},
+            "INVALID_REVISION",
+            "Last-Event-ID",
+        ),
+        (
+            "GET",
+            "/api/v1/events?" + "&".join(f"media_ids={n}" for n in range(1001)),
+            {},
+            "TOO_MANY_MEDIA_IDS",
+            "media_ids",
+        ),
+    ]
+    for method, path, options, reason, field in cases:
+        status, answer = await web.json(method, path, **options)
+        assert (status, error_info(answer)["reason"], violated_fields(answer)) == (
+            400,
+            reason,
+            [field],
+        ), path
+    # A field after the files.
+    data = form({"owner_id": "a"}, [("a.png", png_bytes(seed=1), "image/png")])
+    data.add_field("category", "late")
+    status, answer = await web.json("POST", "/api/v1/media", data=data)
+    assert (status, error_info(answer)["reason"]) == (400, "FIELD_AFTER_FILES")
+    assert (await web.ok("GET", "/api/v1/media?owner_id=a"))["media"] == []
+
+
+async def test_uploads_in_progress_are_bounded(
+    make_cluster: Callable[..., Cluster], gateways: Gateways
+) -> None:
+    cluster = fast_cluster(make_cluster, WatchConfig())
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    web = await gateways.start(web_config(cluster, max_concurrent_uploads=1))
+    image = png_bytes(seed=8)
+    boundary = "gateway-test-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="owner_id"\r\n\r\nslow\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="slow.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    may_finish = asyncio.Event()
+
+    async def slowly() -> AsyncIterator[bytes]:
+        yield body[:200]
+        await may_finish.wait()
+        yield body[200:]
+
+    slow = asyncio.create_task(
+        web.json(
+            "POST",
+            "/api/v1/media",
+            data=slowly(),
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+    )
+
+    async def in_progress() -> bool:
+        return web.host.gateway.uploads_in_progress == 1
+
+    await wait_until(in_progress)
+    status, answer = await web.json(
+        "POST", "/api/v1/media", data=form({"owner_id": "fast"}, [("f.png", image, "")])
+    )
+    assert (status, error_info(answer)["reason"]) == (429, "TOO_MANY_UPLOADS")
+    assert error_info(answer)["metadata"] == {"maxUploads": "1"}
+    may_finish.set()
+    status, answer = await slow
+    assert (status, answer["media"][0]["filename"]) == (200, "slow.png")
+    assert (await web.ok("GET", "/api/v1/media?owner_id=fast"))["media"] == []
+    assert web.host.gateway.uploads_in_progress == 0

@@ -15,6 +15,7 @@ from tests.conftest import Cluster, wait_until
 from tests.test_metrics import scrape
 from tests.test_pipeline import upload, wait_terminal
 from tests.test_watch_scale import fast_cluster, small_images
+from tests.test_web_api import error_info
 from tests.web_support import Event, EventStream, Gateways, open_events, web_config
 from web_gateway.config import EventsConfig
 
@@ -187,4 +188,42 @@ async def test_a_revision_the_log_no_longer_holds_or_never_held_says_reset(
         assert int(info["metadata"]["currentRevision"]) > 0
         with pytest.raises(EOFError):
             await stream.next()
+        stream.close()
+
+
+async def test_event_streams_and_filters_are_bounded_and_freed_on_close(
+    make_cluster: Callable[..., Cluster], gateways: Gateways
+) -> None:
+    cluster = fast_cluster(make_cluster, WatchConfig())
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    # The gateway's own watch of every change (its throughput count) is one of each.
+    events = EventsConfig(max_streams=3, max_filters=2)
+    web = await gateways.start(web_config(cluster, events=events))
+
+    async def recording() -> bool:
+        return web.host.gateway.watches.streams == 1
+
+    await wait_until(recording)
+    first = await open_events(web, "?owner_id=a")
+    status, answer = await web.json("GET", "/api/v1/events?owner_id=b")
+    assert (status, error_info(answer)["reason"]) == (429, "TOO_MANY_FILTERS")
+    assert error_info(answer)["metadata"] == {"maxFilters": "2"}
+    second = await open_events(web, "?owner_id=a")
+    status, answer = await web.json("GET", "/api/v1/events?owner_id=a")
+    assert (status, error_info(answer)["reason"]) == (429, "TOO_MANY_EVENT_STREAMS")
+    assert error_info(answer)["metadata"] == {"maxStreams": "3"}
+
+    second.close()
+
+    async def freed() -> bool:
+        return web.host.gateway.watches.streams == 2
+
+    await wait_until(freed)
+    again = await open_events(web, "?owner_id=a")
+    # Nothing was lost for the streams that stayed: both see the next change.
+    answer = await upload(cluster, small_images(1, first_seed=50), owner="a")
+    for stream in (first, again):
+        (event,) = await stream.changes(1)
+        assert seen(event)[1:] == (answer.media[0].id, "PROCESSING_STATUS_PENDING")
         stream.close()

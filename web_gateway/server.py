@@ -28,6 +28,8 @@ from web_gateway.upstream import Upstream
 
 logger = logging.getLogger(__name__)
 
+MAX_REQUEST_LINE = 64 * 1024
+
 
 def _listen(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port`` (0 picks a port), so the port is known and a
@@ -130,7 +132,14 @@ async def create_server(config: WebConfig) -> tuple[WebHost, int]:
     sock = _listen(config.host, config.port)
     port: int = sock.getsockname()[1]
     runner = web.AppRunner(
-        create_app(gateway), access_log=None, shutdown_timeout=config.grace_period
+        create_app(gateway),
+        access_log=None,
+        shutdown_timeout=config.grace_period,
+        # A request line long enough for an event filter of 1000 media ids.
+        max_line_size=MAX_REQUEST_LINE,
+        # A client that goes away cancels its handler: an event stream frees its place at
+        # once, an upload cancels its call (ingest then keeps nothing of it).
+        handler_cancellation=True,
     )
     await runner.setup()
     host = WebHost(
