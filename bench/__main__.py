@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import fanout, queue_overhead, seed, upload
+from bench import fanout, queue_overhead, seed, sse, upload
 from bench.benchmark import Benchmark, Figures
 
 BENCHMARKS: list[Benchmark] = [
@@ -24,6 +24,7 @@ BENCHMARKS: list[Benchmark] = [
     fanout.BENCHMARK,
     seed.BENCHMARK,
     queue_overhead.BENCHMARK,
+    sse.BENCHMARK,
 ]
 # Exit status when interrupted, as shells report SIGINT.
 _INTERRUPTED = 130

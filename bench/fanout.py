@@ -167,15 +167,15 @@ async def _measure_ours(
         )
         queue = analysis_pb2_grpc.AnalysisServiceStub(channel)
         await queue.PauseQueue(analysis_pb2.PauseQueueRequest(), timeout=_CALL_TIMEOUT)
-        await _upload(ingest_pb2_grpc.IngestServiceStub(ingest_channel), image, setup.jobs)
-        await _until(queue, lambda status: _count(status, _PENDING) >= setup.jobs)
+        await upload_copies(ingest_pb2_grpc.IngestServiceStub(ingest_channel), image, setup.jobs)
+        await until_status(queue, lambda status: count_of(status, _PENDING) >= setup.jobs)
 
         async with _watchers(address, _WARMUP_WATCHERS, setup):
             await _run_jobs(queue, _WARMUP_JOBS)
         unwatched = await _jobs_per_second(queue, setup.warmup_seconds)
-        idle_rss = await _steady_rss(analysis.pid)
+        idle_rss = await steady_rss(analysis.pid)
         async with _watchers(address, setup.watchers, setup) as pool:
-            watched_rss = await _steady_rss(analysis.pid)
+            watched_rss = await steady_rss(analysis.pid)
             pids = {"analysis": analysis.pid, "ingest": ingest.pid, "client": os.getpid()}
             await queue.ResumeQueue(analysis_pb2.ResumeQueueRequest(), timeout=_CALL_TIMEOUT)
             window_ns, cpu_cores = await _window(setup, pids)
@@ -184,8 +184,8 @@ async def _measure_ours(
                 analysis_pb2.GetQueueStatusRequest(), timeout=_CALL_TIMEOUT
             )
             caught_up = await _drain(pool, status.current_revision)
-            await _pause(queue)
-            if not _count(status, _PENDING):
+            await pause_and_settle(queue)
+            if not count_of(status, _PENDING):
                 print("  warning: the queue ran dry during the run; raise --fanout-jobs")
             ended, samples = dict(pool.ended), list(pool.samples)
     measured = Measured(
@@ -226,9 +226,9 @@ async def _measure_bare(
 
         async with _watchers(address, _WARMUP_WATCHERS, setup):
             await broadcast(_WARMUP_BROADCAST_SECONDS)
-        idle_rss = await _steady_rss(process.pid)
+        idle_rss = await steady_rss(process.pid)
         async with _watchers(address, setup.watchers, setup) as pool:
-            watched_rss = await _steady_rss(process.pid)
+            watched_rss = await steady_rss(process.pid)
             pids = {BARE: process.pid, "client": os.getpid()}
             sending = asyncio.create_task(broadcast(setup.warmup_seconds + setup.window_seconds))
             window_ns, cpu_cores = await _window(setup, pids)
@@ -273,7 +273,9 @@ def _watchers(
     return watching(address, count=count, channels=channels, open_timeout=_OPEN_TIMEOUT)
 
 
-async def _upload(ingest: ingest_pb2_grpc.IngestServiceAsyncStub, image: bytes, jobs: int) -> None:
+async def upload_copies(
+    ingest: ingest_pb2_grpc.IngestServiceAsyncStub, image: bytes, jobs: int
+) -> None:
     """``jobs`` copies of ``image``, each with distinct bytes, so none is served from cache."""
     for first in range(0, jobs, _FILES_PER_UPLOAD):
         files = [
@@ -290,7 +292,7 @@ async def _upload(ingest: ingest_pb2_grpc.IngestServiceAsyncStub, image: bytes, 
         )
 
 
-async def _until(
+async def until_status(
     queue: analysis_pb2_grpc.AnalysisServiceAsyncStub,
     done: Callable[[analysis_pb2.GetQueueStatusResponse], bool],
 ) -> None:
@@ -303,21 +305,21 @@ async def _until(
             await asyncio.sleep(_POLL)
 
 
-def _count(status: analysis_pb2.GetQueueStatusResponse, job_status: int) -> int:
+def count_of(status: analysis_pb2.GetQueueStatusResponse, job_status: int) -> int:
     return sum(count.count for count in status.counts if count.status == job_status)
 
 
 async def _run_jobs(queue: analysis_pb2_grpc.AnalysisServiceAsyncStub, jobs: int) -> None:
     """Let the workers complete about ``jobs`` jobs, then pause and wait for them to stop."""
     await queue.ResumeQueue(analysis_pb2.ResumeQueueRequest(), timeout=_CALL_TIMEOUT)
-    await _until(queue, lambda status: _count(status, _COMPLETED) >= jobs)
-    await _pause(queue)
+    await until_status(queue, lambda status: count_of(status, _COMPLETED) >= jobs)
+    await pause_and_settle(queue)
 
 
-async def _pause(queue: analysis_pb2_grpc.AnalysisServiceAsyncStub) -> None:
+async def pause_and_settle(queue: analysis_pb2_grpc.AnalysisServiceAsyncStub) -> None:
     """Pause the queue and wait for the jobs in flight to end (so none fails at shutdown)."""
     await queue.PauseQueue(analysis_pb2.PauseQueueRequest(), timeout=_CALL_TIMEOUT)
-    await _until(queue, lambda status: status.workers_busy == 0)
+    await until_status(queue, lambda status: status.workers_busy == 0)
 
 
 async def _jobs_per_second(
@@ -327,12 +329,12 @@ async def _jobs_per_second(
     await queue.ResumeQueue(analysis_pb2.ResumeQueueRequest(), timeout=_CALL_TIMEOUT)
     await asyncio.sleep(1.0)
     request = analysis_pb2.GetQueueStatusRequest()
-    before = _count(await queue.GetQueueStatus(request, timeout=_CALL_TIMEOUT), _COMPLETED)
+    before = count_of(await queue.GetQueueStatus(request, timeout=_CALL_TIMEOUT), _COMPLETED)
     started = time.monotonic()
     await asyncio.sleep(seconds)
-    after = _count(await queue.GetQueueStatus(request, timeout=_CALL_TIMEOUT), _COMPLETED)
+    after = count_of(await queue.GetQueueStatus(request, timeout=_CALL_TIMEOUT), _COMPLETED)
     elapsed = time.monotonic() - started
-    await _pause(queue)
+    await pause_and_settle(queue)
     return (after - before) / elapsed
 
 
@@ -370,7 +372,7 @@ async def _drain(pool: WatcherPool, revision: int) -> bool:
     return True
 
 
-async def _steady_rss(pid: int) -> int:
+async def steady_rss(pid: int) -> int:
     await asyncio.sleep(_RSS_SETTLE)
     samples = []
     for _ in range(_RSS_SAMPLES):
