@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -24,6 +24,10 @@ from mediatag_common.grpc_server import ServiceHost, channel_options
 
 # The blob store fixtures (emulators started once per session).
 pytest_plugins = ["tests.blob_stores"]
+
+
+if TYPE_CHECKING:
+    from tests.web_support import Gateways
 
 
 def free_port() -> int:
@@ -131,3 +135,14 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[Callable[..., Cluster]]:
     yield make
     for cluster in clusters:
         await cluster.close()
+
+
+@pytest.fixture
+async def gateways() -> AsyncIterator[Gateways]:
+    """Web gateways a test starts (``await gateways.start(config)``), all stopped after it."""
+    # Imported here: tests.web_support imports this module.
+    from tests.web_support import Gateways
+
+    started = Gateways()
+    yield started
+    await started.close()

@@ -18,13 +18,6 @@ from tests.web_support import Gateways, Web, form, web_config
 
 
 @pytest.fixture
-async def gateways() -> AsyncIterator[Gateways]:
-    started = Gateways()
-    yield started
-    await started.close()
-
-
-@pytest.fixture
 async def web(make_cluster: Callable[..., Cluster], gateways: Gateways) -> Web:
     cluster = fast_cluster(make_cluster, WatchConfig())
     await cluster.start_analysis()

@@ -31,13 +31,6 @@ def chromium() -> Iterator[Chromium]:
     browser.close()
 
 
-@pytest.fixture
-async def gateways() -> AsyncIterator[Gateways]:
-    started = Gateways()
-    yield started
-    await started.close()
-
-
 def fast(make_cluster: Callable[..., Cluster]) -> Cluster:
     return make_cluster(
         analyzer=ScriptedAnalyzer(dimensions=64),

@@ -4,7 +4,7 @@ resumes exactly, many clients share one upstream watch, a lost revision says res
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -21,13 +21,6 @@ from web_gateway.config import EventsConfig
 
 OWNER = "listing-9"
 Seen = tuple[int, str, str]
-
-
-@pytest.fixture
-async def gateways() -> AsyncIterator[Gateways]:
-    started = Gateways()
-    yield started
-    await started.close()
 
 
 def seen(event: Event) -> Seen:

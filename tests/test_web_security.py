@@ -4,7 +4,7 @@ the content and the events, response headers, TLS with a Secure cookie."""
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,6 @@ from web_gateway.config import WebConfig
 
 def bearer(who: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKENS[who]}"}
-
-
-@pytest.fixture
-async def gateways() -> AsyncIterator[Gateways]:
-    started = Gateways()
-    yield started
-    await started.close()
 
 
 @pytest.fixture

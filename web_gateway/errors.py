@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from mediatag_common.errors import DOMAIN
+from mediatag_common.errors import DOMAIN, RESYNC_REASONS
 
 # Refusals after which a watch starts again from where it was: the service was restarting,
 # draining, overloaded, or cut the watch off as too slow.
@@ -28,9 +28,6 @@ _TRANSIENT_CODES = frozenset(
         code_pb2.UNKNOWN,
     }
 )
-# A revision the event log no longer holds, or one from a replaced log: the client's state is
-# lost; it reloads and watches from now.
-_RESYNC_REASONS = frozenset({"REVISION_COMPACTED", "REVISION_AHEAD"})
 
 
 class Refusal(Exception):
@@ -94,7 +91,7 @@ class Refusal(Exception):
     @property
     def resync(self) -> bool:
         """The revision asked for is gone (or never was): start over from the current state."""
-        return self.code == code_pb2.OUT_OF_RANGE and self.reason in _RESYNC_REASONS
+        return self.code == code_pb2.OUT_OF_RANGE and self.reason in RESYNC_REASONS
 
 
 def invalid(field: str, reason: str, message: str) -> Refusal:
