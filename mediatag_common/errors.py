@@ -52,7 +52,9 @@ class ServiceError(Exception):
     """A refusal a client can act on; each service derives its own root from this.
 
     ``reason`` is a class default that subclasses override; an instance may override it for
-    one refusal. ``message`` is what the client reads.
+    one refusal. ``message`` is what the client reads: it never names a server path, SQL or
+    an exception. The failure behind a refusal is chained as its cause (``raise ... from``);
+    ``str()`` of the refusal, which the logs use, adds it.
     """
 
     reason: str = "INTERNAL"
@@ -71,6 +73,10 @@ class ServiceError(Exception):
             self.reason = reason
         self.field_violations = tuple(field_violations)
         self.metadata = dict(metadata or {})
+
+    def __str__(self) -> str:
+        cause = self.__cause__
+        return self.message if cause is None else f"{self.message} ({cause})"
 
     @classmethod
     def for_field(cls, field: str, reason: str, description: str) -> Self:

@@ -48,6 +48,16 @@ STATUS_CODES: StatusCodes = {
     ServerBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
+# Codes that say the service failed, not the request: their cause is logged.
+_SERVER_FAULTS = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
 
 def status_code(error: ServiceError, codes: StatusCodes) -> grpc.StatusCode:
     """The code of ``error``'s class in ``codes``, else of its nearest base there."""
@@ -93,8 +103,12 @@ class ErrorMappingInterceptor(BehaviorInterceptor):
     def __init__(self, codes: StatusCodes = STATUS_CODES) -> None:
         self._codes = {**STATUS_CODES, **codes}
 
-    def _status(self, error: ServiceError) -> grpc.Status:
-        return to_grpc_status(error, status_code(error, self._codes))
+    def _status(self, method: str, error: ServiceError) -> grpc.Status:
+        code = status_code(error, self._codes)
+        if code in _SERVER_FAULTS and error.__cause__ is not None:
+            # The client reads the message; what failed (SQL, a path) is for the log only.
+            logger.warning("%s refused with %s: %s", method, code.name, error)
+        return to_grpc_status(error, code)
 
     @staticmethod
     def _internal(method: str, exc: Exception) -> ServiceError:
@@ -111,11 +125,11 @@ class ErrorMappingInterceptor(BehaviorInterceptor):
             try:
                 return await behavior(request, context)
             except ServiceError as error:
-                status = self._status(error)
+                status = self._status(method, error)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                status = self._status(self._internal(method, exc))
+                status = self._status(method, self._internal(method, exc))
             await context.abort(status.code, status.details, status.trailing_metadata)
             return None  # not reached: abort raises
 
@@ -130,12 +144,12 @@ class ErrorMappingInterceptor(BehaviorInterceptor):
                     yield response
                 return
             except ServiceError as error:
-                status = self._status(error)
+                status = self._status(method, error)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 # Re-raised: swallowing a cancellation leaks the call (grpc/grpc#43360).
                 raise
             except Exception as exc:
-                status = self._status(self._internal(method, exc))
+                status = self._status(method, self._internal(method, exc))
             await context.abort(status.code, status.details, status.trailing_metadata)
 
         return wrapper

@@ -261,12 +261,11 @@ class WorkerPool:
                 return await self._fail(job, JobError("ANALYSIS_TIMEOUT", message, True))
             except (LeaseLost, StorageUnavailable):
                 raise
-            except Exception as exc:
+            except Exception:
                 # A bug, not the image's fault: logged in full, retried like a transient error.
                 logger.exception("media %s: unexpected error during analysis", spec.media_id)
-                return await self._fail(
-                    job, JobError("INTERNAL", f"{type(exc).__name__}: {exc}", True)
-                )
+                error = JobError("INTERNAL", "an unexpected error in the analysis service", True)
+                return await self._fail(job, error)
         except LeaseLost:
             logger.warning(
                 "media %s: lease lost (expired and reclaimed); this worker's outcome is dropped",

@@ -22,7 +22,8 @@ async def _unavailable_as_storage_error(call: Awaitable[T]) -> T:
     try:
         return await call
     except DatabaseError as exc:
-        raise StorageUnavailable(f"analysis database unavailable: {exc}") from exc
+        # The driver's text (SQL, paths) goes to the log with the cause, not to clients.
+        raise StorageUnavailable("the analysis database is unavailable") from exc
 
 
 async def read(db: ThreadedDatabase, query: Callable[[Connection], T]) -> T:

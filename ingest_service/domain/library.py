@@ -223,7 +223,9 @@ def _refusal_of(error: grpc.aio.AioRpcError) -> ServiceError:
     """What ingest answers when the analysis service refused or could not be reached."""
     code = error.code()
     if code in _UNREACHABLE_CODES:
-        return AnalysisUnavailable(f"analysis service unavailable: {code.name} {error.details()}")
+        # gRPC's details name the analysis service's address: the log has them, not clients.
+        logger.warning("analysis service unavailable: %s %s", code.name, error.details())
+        return AnalysisUnavailable(f"the analysis service is unavailable ({code.name})")
     info = error_info(error)
     refusal = _PASSED_ON.get(code, AnalysisRefused)
     # A job the analysis service does not know (yet) is, to the client, media it cannot find.

@@ -246,7 +246,7 @@ class StreamUploads:
         try:
             content = incoming.mapped()
         except OSError as exc:
-            raise StorageUnavailable(f"received upload unreadable: {exc}") from exc
+            raise StorageUnavailable("the received upload cannot be read back") from exc
         with content:
             return sniff(content, field=CONTENT_FIELD, limits=self._limits)
 

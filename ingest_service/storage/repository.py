@@ -34,7 +34,8 @@ LIST_ORDER = (media.c.created_at.desc(), media.c.id.desc())
 
 
 def _unavailable(exc: DatabaseError) -> StorageUnavailable:
-    return StorageUnavailable(f"ingest database unavailable: {exc}")
+    # The driver's text (SQL, paths) goes to the log with the cause, not to clients.
+    return StorageUnavailable("the ingest database is unavailable")
 
 
 def reading(db: Database) -> AbstractAsyncContextManager[AsyncConnection]:
