@@ -16,11 +16,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import fanout, queue_overhead, seed, sse, upload
+from bench import fanout, queue_overhead, seed, sse, upload, upload_stores
 from bench.benchmark import Benchmark, Figures
 
 BENCHMARKS: list[Benchmark] = [
     upload.BENCHMARK,
+    upload_stores.BENCHMARK,
     fanout.BENCHMARK,
     seed.BENCHMARK,
     queue_overhead.BENCHMARK,

@@ -10,88 +10,31 @@ the instance metadata lookup is turned off.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-import requests
 from google.cloud import storage
 
+from bench import emulators
+from bench.emulators import AWS_TEST_ENVIRONMENT, Emulator, s3_client
 from tests.conftest import free_port
 
-BIN = Path(sys.executable).parent
+__all__ = ["BUCKET", "Emulator", "StoreUnderTest", "blob_key", "s3_client", "store_under_test"]
+
 BUCKET = "mediatag-test"
 SCHEMES = ("file", "gs", "s3")
-_AWS_TEST_ENVIRONMENT = {
-    "AWS_ACCESS_KEY_ID": "test",
-    "AWS_SECRET_ACCESS_KEY": "test",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-
-
-class Emulator:
-    """An emulator process on a loopback port."""
-
-    def __init__(self, command: list[str], port: int, log: Path) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        with log.open("ab") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        self._wait_answering()
-
-    def _wait_answering(self, within: float = 30.0) -> None:
-        deadline = time.monotonic() + within
-        while True:
-            try:
-                requests.get(self.url, timeout=1)
-                return
-            except requests.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise AssertionError(f"emulator on port {self.port} did not start") from None
-                time.sleep(0.1)
-
-    @contextmanager
-    def stopped(self) -> Iterator[None]:
-        """The emulator frozen (SIGSTOP): calls to it hang until it is continued."""
-        self.process.send_signal(signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            self.process.send_signal(signal.SIGCONT)
-
-    def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
-    port = free_port()
-    emulator = Emulator(
-        [
-            str(BIN / "gcp-storage-emulator"),
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--in-memory",
-            "--default-bucket",
-            BUCKET,
-        ],
-        port,
-        tmp_path_factory.mktemp("gcs") / "emulator.log",
+    emulator = emulators.cloud_storage_emulator(
+        free_port(), BUCKET, tmp_path_factory.mktemp("gcs") / "emulator.log"
     )
+    # What ingest's Cloud Storage client looks for (and then uses no credentials).
     previous = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = emulator.url
     yield emulator
@@ -104,15 +47,12 @@ def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]
 
 @pytest.fixture(scope="session")
 def s3_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
-    port = free_port()
-    emulator = Emulator(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        port,
-        tmp_path_factory.mktemp("s3") / "emulator.log",
+    emulator = emulators.s3_emulator(
+        free_port(), BUCKET, tmp_path_factory.mktemp("s3") / "emulator.log"
     )
-    previous = {name: os.environ.get(name) for name in _AWS_TEST_ENVIRONMENT}
-    os.environ.update(_AWS_TEST_ENVIRONMENT)
-    s3_client(emulator).create_bucket(Bucket=BUCKET)
+    # What ingest's S3 client finds first in the AWS credential chain.
+    previous = {name: os.environ.get(name) for name in AWS_TEST_ENVIRONMENT}
+    os.environ.update(AWS_TEST_ENVIRONMENT)
     yield emulator
     emulator.close()
     for name, value in previous.items():
@@ -120,10 +60,6 @@ def s3_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-
-
-def s3_client(emulator: Emulator) -> Any:
-    return boto3.client("s3", endpoint_url=emulator.url)
 
 
 @dataclass
