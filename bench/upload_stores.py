@@ -33,8 +33,8 @@ _ENV_PREFIX = "MEDIATAG_"
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
-        "--stores-levels", type=_levels, default=_levels("1:100,16:400"), metavar="C:N,...",
-        help="concurrency levels and uploads per store at each (default 1:100,16:400)",
+        "--stores-levels", type=_levels, default=_levels("1:100,8:200"), metavar="C:N,...",
+        help="concurrency levels and uploads per store at each (default 1:100,8:200)",
     )  # fmt: skip
     group.add_argument(
         "--stores-rounds", type=positive, default=2, metavar="N",

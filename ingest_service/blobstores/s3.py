@@ -15,6 +15,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
+from ingest_service.blobstores.object_store import MAX_THREADS
 from ingest_service.errors import (
     StoragePermissionDenied,
     StorageQuotaExceeded,
@@ -82,6 +83,8 @@ class S3Bucket:
             connect_timeout=timeout,
             read_timeout=timeout,
             retries={"max_attempts": 3, "mode": "standard"},
+            # A connection for each of the store's threads.
+            max_pool_connections=MAX_THREADS,
             s3={"addressing_style": "path"} if endpoint else None,
         )
         self._client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
