@@ -243,8 +243,12 @@ async def test_a_large_stream_goes_to_disk_with_flat_memory(
         # write batch (1 MiB), a few 64 KiB chunks in flight, and HTTP/2 flow-control
         # windows on each side (a few MiB at most); reading the file into memory would
         # cost its 64 MiB.
+        # A bucket's client adds its copies of a part on the way out, and its threads'
+        # allocator arenas: a few parts' worth, whatever the file's size (a 160 MiB stream
+        # to Cloud Storage's emulator grew it as much as this 64 MiB one).
+        bound = 16 * MIB if blob_store.scheme == "file" else 32 * MIB
         grew = peak - baseline
-        assert grew < 16 * MIB, f"resident memory grew by {grew / MIB:.1f} MiB"
+        assert grew < bound, f"resident memory grew by {grew / MIB:.1f} MiB"
     finally:
         await server.stop()
 

@@ -32,9 +32,6 @@ from ingest_service.errors import StorageUnavailable
 logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-# S3's smallest part (but the last), a multiple of Cloud Storage's 256 KiB, and few enough
-# parts for S3's 10,000 up to 50 GB.
-PART_BYTES = 5 * MIB
 READ_CHUNK_BYTES = 256 * 1024
 INCOMING = "incoming"
 # Calls in flight at once: each streamed upload has at most one.
@@ -46,7 +43,7 @@ class PartUpload(Protocol):
     """One multipart or resumable upload; every method blocks."""
 
     def send(self, part: bytes) -> None:
-        """Send the next part (each but the last at least :data:`PART_BYTES`)."""
+        """Send the next part (each but the last of the bucket's ``part_bytes``)."""
 
     def complete(self) -> None:
         """Make the object of the parts sent."""
@@ -58,6 +55,10 @@ class PartUpload(Protocol):
 class Bucket(Protocol):
     """What the store needs of a client, keys relative to the store's prefix; every method
     blocks, each call bounded by the client's timeout."""
+
+    # The size of each part of an upload but the last; memory holds about one (or a few
+    # copies of one, as the client sends it) per stream.
+    part_bytes: int
 
     def classify(self, exc: Exception) -> StorageUnavailable | None:
         """The client's errors as the service's; messages name no bucket."""
@@ -155,8 +156,9 @@ class ObjectReceivedBlob:
 
     async def write(self, chunks: Sequence[bytes]) -> None:
         await self._calls.run("write", self._spool.append, chunks)
-        while self._spool.size - self._sent >= PART_BYTES:
-            await self._send(PART_BYTES)
+        part_bytes = self._bucket.part_bytes
+        while self._spool.size - self._sent >= part_bytes:
+            await self._send(part_bytes)
 
     async def finish(self) -> str:
         sha256 = await self._calls.run("write", lambda: self._spool.finish(durable=False))

@@ -15,7 +15,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from ingest_service.blobstores.object_store import MAX_THREADS
+from ingest_service.blobstores.object_store import MAX_THREADS, MIB
 from ingest_service.errors import (
     StoragePermissionDenied,
     StorageQuotaExceeded,
@@ -77,6 +77,9 @@ class S3Upload:
 
 class S3Bucket:
     """A :class:`~ingest_service.blobstores.object_store.Bucket` in S3."""
+
+    # S3's smallest part (but the last); 10,000 of them make 50 GB.
+    part_bytes = 5 * MIB
 
     def __init__(self, bucket: str, prefix: str, *, endpoint: str | None, timeout: float) -> None:
         config = Config(
