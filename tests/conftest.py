@@ -25,6 +25,11 @@ from mediatag_common.grpc_server import ServiceHost, channel_options
 # The blob store fixtures (emulators started once per session).
 pytest_plugins = ["tests.blob_stores"]
 
+# How long a test waits for what should happen before it calls it a hang. Generous on purpose:
+# CI machines are shared and loaded, and a wait on a condition ends as soon as it holds
+# (pytest-timeout, 300 s a test, is the last resort).
+PATIENCE = 120.0
+
 
 if TYPE_CHECKING:
     from tests.web_support import Gateways
@@ -38,7 +43,7 @@ def free_port() -> int:
 
 
 async def wait_until(
-    condition: Callable[[], Awaitable[bool]], *, within: float = 30.0, interval: float = 0.05
+    condition: Callable[[], Awaitable[bool]], *, within: float = PATIENCE, interval: float = 0.05
 ) -> None:
     """Poll ``condition`` until it holds; fail the test after ``within`` seconds."""
     deadline = time.monotonic() + within

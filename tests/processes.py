@@ -15,23 +15,25 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
+from tests.conftest import PATIENCE
+
 MEDIATAG = str(Path(sys.executable).parent / "mediatag")
 
 
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, timeout: float = PATIENCE) -> subprocess.CompletedProcess[str]:
     """Run a client command of ``mediatag``; raises if it does not finish in time."""
     return subprocess.run(
         [MEDIATAG, *args], capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
-def run_json(*args: str, timeout: float = 60) -> Any:
+def run_json(*args: str, timeout: float = PATIENCE) -> Any:
     result = run_cli(*args, "--json", timeout=timeout)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
-def wait_serving(port: int, within: float = 30.0) -> None:
+def wait_serving(port: int, within: float = PATIENCE) -> None:
     """Block until the standard health service at ``port`` answers SERVING.
 
     Synchronous on purpose: it is called from async tests while their loop runs.
@@ -96,10 +98,11 @@ class Serve:
         """SIGKILL: no drain, no cleanup, as a crash would."""
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
+        self.process.wait(timeout=PATIENCE)
 
-    def stop(self, timeout: float = 20) -> int:
-        """SIGTERM and wait for the drain; returns the exit code."""
+    def stop(self, timeout: float = PATIENCE) -> int:
+        """SIGTERM and wait for the drain (its grace period, and on a loaded machine more);
+        returns the exit code."""
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else 0
         self.process.send_signal(signal.SIGTERM)

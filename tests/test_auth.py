@@ -28,7 +28,7 @@ from mediatag_cli.settings import SettingsError, serve_settings
 from mediatag_common.auth import TokensFileError, load_tokens
 from mediatag_common.grpc_server import health_check_stub, open_channel
 from tests import media_samples as samples
-from tests.conftest import Cluster, wait_until
+from tests.conftest import PATIENCE, Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.test_ingest_service import assert_refused, refusal
 
@@ -166,7 +166,7 @@ async def completed(clients: Clients, media_ids: list[str]) -> None:
                 return False
         return True
 
-    await wait_until(done, within=30)
+    await wait_until(done)
 
 
 # ---- authentication ----
@@ -445,9 +445,9 @@ async def test_a_watcher_sees_only_the_owners_it_may_see(
                     return got
         return got
 
-    seen_all = await asyncio.wait_for(changes_until_both_done(live_all), 30)
+    seen_all = await asyncio.wait_for(changes_until_both_done(live_all), PATIENCE)
     assert {c.owner_id for c in seen_all} == {"listing-7", "listing-8"}
-    seen_mine = await asyncio.wait_for(changes_until_both_done(live_mine), 30)
+    seen_mine = await asyncio.wait_for(changes_until_both_done(live_mine), PATIENCE)
     assert {c.owner_id for c in seen_mine} == {"listing-7"}
     # Everything the unrestricted watcher saw of listing-8 was left out for viewer7; its own
     # owner's changes all arrived.
@@ -471,10 +471,10 @@ async def test_a_watcher_sees_only_the_owners_it_may_see(
             call.cancel()
         raise AssertionError("the stream ended")
 
-    hidden = await asyncio.wait_for(first_message("viewer7"), 10)
+    hidden = await asyncio.wait_for(first_message("viewer7"), PATIENCE)
     assert not hidden.HasField("change")
     assert hidden.HasField("bookmark")
-    shown = await asyncio.wait_for(first_message("viewer"), 10)
+    shown = await asyncio.wait_for(first_message("viewer"), PATIENCE)
     assert shown.change.media_id == theirs.id
 
 

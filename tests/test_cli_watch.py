@@ -14,7 +14,7 @@ from mediatag.analysis.v1 import analysis_pb2 as apb
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig, WatchConfig
 from mediatag_common.errors import error_info
-from tests.conftest import Cluster, wait_until
+from tests.conftest import PATIENCE, Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.processes import MEDIATAG
 from tests.test_pipeline import image_files, upload, wait_terminal
@@ -47,7 +47,7 @@ async def cli_watch(cluster: Cluster, *args: str) -> AsyncIterator[asyncio.subpr
         if process.returncode is None:
             process.send_signal(signal.SIGINT)
             try:
-                await asyncio.wait_for(process.wait(), 10)
+                await asyncio.wait_for(process.wait(), PATIENCE)
             except TimeoutError:
                 process.kill()
                 await process.wait()
@@ -60,7 +60,7 @@ async def read_events(
     assert process.stdout is not None
     events: list[dict[str, Any]] = []
     while not enough(events):
-        line = await asyncio.wait_for(process.stdout.readline(), 60)
+        line = await asyncio.wait_for(process.stdout.readline(), PATIENCE)
         if not line:
             break
         events.append(json.loads(line))
@@ -152,11 +152,11 @@ async def test_cli_watch_starts_over_from_the_current_state_when_its_revision_is
             return info is not None and info.reason == "REVISION_COMPACTED"
         return False
 
-    await wait_until(revision_one_compacted, within=15)
+    await wait_until(revision_one_compacted)
 
     async with cli_watch(cluster, "--since", "1", "--until-terminal", *ids) as process:
         events = await read_events(process, lambda _: False)  # until the CLI ends by itself
-        assert await asyncio.wait_for(process.wait(), 10) == 0
+        assert await asyncio.wait_for(process.wait(), PATIENCE) == 0
 
     current = {e["change"]["mediaId"]: e["change"] for e in events if "change" in e}
     assert set(current) == set(ids)
@@ -198,6 +198,6 @@ async def test_cli_queue_watch_prints_a_fresh_status_every_interval(
         later = await read_events(process, shows_both_completed)
     finally:
         process.send_signal(signal.SIGINT)
-        await asyncio.wait_for(process.wait(), 10)
+        await asyncio.wait_for(process.wait(), PATIENCE)
     assert int(first[0]["currentRevision"]) < int(later[-1]["currentRevision"])
     assert shows_both_completed(later)

@@ -20,7 +20,7 @@ from mediatag.ingest.v1 import ingest_pb2 as ipb
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig, RetryPolicy
 from mediatag_common.grpc_server import ServiceHost
-from tests.conftest import Cluster, free_port, wait_until
+from tests.conftest import PATIENCE, Cluster, free_port, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.media_samples import jpeg_bytes
 from tests.processes import Serve
@@ -93,7 +93,7 @@ async def test_jobs_that_outlast_the_grace_period_go_back_to_pending_and_streams
         async for _ in watch:
             pass
     assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
-    await asyncio.wait_for(stop, timeout=15)
+    await asyncio.wait_for(stop, timeout=PATIENCE)
     cluster.analysis_host = None
 
     # Back with a fast analyser: released attempts did not count (max_attempts is 1).
@@ -117,7 +117,7 @@ async def test_jobs_that_finish_within_the_grace_period_complete(
     await processing(cluster, 2)
 
     stop = await stopping(cluster, cluster.analysis_host, grace=10.0)
-    await asyncio.wait_for(stop, timeout=15)
+    await asyncio.wait_for(stop, timeout=PATIENCE)
     cluster.analysis_host = None
     await cluster.start_analysis()
     for media_id in ids:
@@ -166,9 +166,9 @@ async def test_an_upload_in_flight_completes_and_new_ones_are_refused(
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
     may_finish.set()
-    response = await asyncio.wait_for(in_flight, timeout=15)
+    response = await asyncio.wait_for(in_flight, timeout=PATIENCE)
     assert response.media.sha256 == hashlib.sha256(content).hexdigest()
-    await asyncio.wait_for(stop, timeout=15)
+    await asyncio.wait_for(stop, timeout=PATIENCE)
     cluster.ingest_host = None
 
     # It was stored and handed to analysis: it completes after the restart.

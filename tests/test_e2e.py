@@ -14,7 +14,7 @@ from mediatag.analysis.v1 import analysis_pb2_grpc
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 from mediatag.ingest.v1 import ingest_pb2_grpc
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import PATIENCE, free_port, wait_until
 from tests.media_samples import jpeg_bytes, mp4_bytes
 from tests.processes import Serve, run_cli, run_json
 
@@ -148,11 +148,11 @@ async def test_analysis_killed_mid_processing_loses_nothing_and_completes_once(
             counts = {c.status: c.count for c in status.counts}
             return counts.get(apb.PROCESSING_STATUS_PROCESSING, 0) >= 2
 
-        await wait_until(some_processing, within=30, interval=0.02)
+        await wait_until(some_processing, interval=0.02)
         analysis.kill()
         analysis = Serve(tmp_path / "analysis.log", *analysis_args).start(analysis_port)
 
-        events = await asyncio.wait_for(watcher, timeout=90)
+        events = await asyncio.wait_for(watcher, timeout=PATIENCE)
         for media_id in ids:
             mine = [e.change for e in events if e.change.media_id == media_id]
             completions = [c for c in mine if c.status == apb.PROCESSING_STATUS_COMPLETED]
@@ -172,7 +172,7 @@ async def test_analysis_killed_mid_processing_loses_nothing_and_completes_once(
                     return False
             return True
 
-        await wait_until(mirrored, within=30)
+        await wait_until(mirrored)
     finally:
         await ingest_channel.close()
         await analysis_channel.close()

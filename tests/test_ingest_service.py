@@ -88,7 +88,7 @@ class FakeAnalysis(analysis_pb2_grpc.AnalysisServiceServicer):
         async def arrived() -> bool:
             return len(self.watch_requests) > stream
 
-        await wait_until(arrived, within=15)
+        await wait_until(arrived)
         return self.watch_requests[stream]
 
     async def SubmitJobs(
@@ -506,7 +506,7 @@ async def test_outbox_keeps_jobs_while_analysis_is_down_and_delivers_each_once(
     async def delivered() -> bool:
         return len(fake.submitted) >= 3
 
-    await wait_until(delivered, within=15)
+    await wait_until(delivered)
     # A later upload is delivered after the earlier rows (id order), so any repeat of them
     # would have been recorded by now.
     later = await stub.UploadMedia(upload_request(media_file(samples.png_bytes(30))), timeout=5)
@@ -515,7 +515,7 @@ async def test_outbox_keeps_jobs_while_analysis_is_down_and_delivers_each_once(
     async def later_delivered() -> bool:
         return any(spec.media_id == later_id for spec in fake.submitted)
 
-    await wait_until(later_delivered, within=15)
+    await wait_until(later_delivered)
 
     counts = Counter(spec.media_id for spec in fake.submitted)
     assert counts == Counter([*expected, later_id])
@@ -688,7 +688,7 @@ async def test_status_mirror_applies_changes_and_resumes_from_the_last_revision(
         media = (await stub.GetMedia(ipb.GetMediaRequest(media_id=done_id), timeout=5)).media
         return media.status == ipb.PROCESSING_STATUS_PENDING
 
-    await wait_until(reprocessed, within=15)
+    await wait_until(reprocessed)
     reset = (await stub.GetMedia(ipb.GetMediaRequest(media_id=done_id), timeout=5)).media
     assert (list(reset.tags), reset.status_revision) == ([], 40)
     still_failed = (await stub.GetMedia(ipb.GetMediaRequest(media_id=failed_id), timeout=5)).media
@@ -715,7 +715,7 @@ async def test_reprocess_passes_on_to_analysis(
     async def delivered() -> bool:
         return len(fake.submitted) == 1
 
-    await wait_until(delivered, within=15)
+    await wait_until(delivered)
 
     by_ids = await stub.ReprocessMedia(
         ipb.ReprocessMediaRequest(media_ids=[image_id, video_id]), timeout=5

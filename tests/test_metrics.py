@@ -63,7 +63,7 @@ async def expect(port: int, name: str, value: float, **labels: str) -> Samples:
         return last[0].get(name, **labels) == value
 
     try:
-        await wait_until(reached, within=15)
+        await wait_until(reached)
     except AssertionError:
         seen = last[0].get(name, **labels) if last else None
         raise AssertionError(f"{name}{labels} is {seen}, expected {value}") from None
@@ -120,7 +120,7 @@ async def test_an_upload_is_seen_in_both_services_metrics(
         failures = (await scrape(ingest_port)).get("mediatag_outbox_delivery_failures_total")
         return failures is not None and failures >= 1
 
-    await wait_until(delivery_failed, within=15)
+    await wait_until(delivery_failed)
 
     await cluster.start_analysis()
     (done,) = await wait_terminal(cluster, [first.media[0].id])

@@ -22,7 +22,7 @@ from mediatag_cli.settings import SettingsError, client_settings, serve_settings
 from mediatag_common.grpc_server import health_check_stub, open_channel
 from mediatag_common.tls import ClientTls, ServerTls, ServiceTls
 from tests import media_samples as samples
-from tests.conftest import Cluster, free_port, wait_until
+from tests.conftest import PATIENCE, Cluster, free_port, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.processes import MEDIATAG, Serve
 from tests.test_auth import TOKENS, tokens_file
@@ -91,7 +91,7 @@ async def test_the_services_reach_each_other_over_mutual_tls(
         media = (await ingest.GetMedia(ipb.GetMediaRequest(media_id=media_id))).media
         return media.status == ipb.PROCESSING_STATUS_COMPLETED
 
-    await wait_until(completed, within=30)
+    await wait_until(completed)
 
 
 async def test_mutual_tls_refuses_clients_without_a_trusted_certificate(
@@ -228,14 +228,14 @@ async def test_the_readme_secured_setup_runs(pki: Pki, tmp_path: Path) -> None:
             MEDIATAG, "upload", str(image), "--owner", "listing-7", "--watch",
             env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        out, err = await asyncio.wait_for(upload.communicate(), 60)
+        out, err = await asyncio.wait_for(upload.communicate(), PATIENCE)
         assert upload.returncode == 0, (out, err, serve.output())
         assert b"1/1 done: 1 completed" in out
         other = await asyncio.create_subprocess_exec(
             MEDIATAG, "ls", "--owner", "listing-8", env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        _, err = await asyncio.wait_for(other.communicate(), 30)
+        _, err = await asyncio.wait_for(other.communicate(), PATIENCE)
         assert other.returncode == 1
         assert b"PERMISSION_DENIED OWNER_NOT_ALLOWED" in err
     finally:

@@ -162,7 +162,7 @@ async def test_idle_bookmarks_carry_the_current_revision_and_only_follow_silence
     reading = asyncio.create_task(read())
     try:
         # Idle: bookmarks, each with the revision of the log's newest event.
-        await wait_until(bookmarks_from(0), within=10)
+        await wait_until(bookmarks_from(0))
         before = await current_revision(cluster)
         assert all(r.revision == before for _, r in arrivals)
 
@@ -170,7 +170,7 @@ async def test_idle_bookmarks_carry_the_current_revision_and_only_follow_silence
         response = await upload(cluster, image_files(6, first_seed=300))
         await wait_terminal(cluster, [m.id for m in response.media])
         after = await current_revision(cluster)
-        await wait_until(bookmarks_from(len(arrivals)), within=10)
+        await wait_until(bookmarks_from(len(arrivals)))
     finally:
         call.cancel()
         await asyncio.gather(reading, return_exceptions=True)
@@ -290,5 +290,5 @@ async def test_a_revision_ahead_of_the_log_is_out_of_range_and_the_mirror_starts
     shutil.rmtree(cluster.analysis_config.data_dir)
     await cluster.start_analysis()
     later = await upload(cluster, image_files(1, first_seed=62))
-    (media,) = await wait_terminal(cluster, [later.media[0].id], within=30)
+    (media,) = await wait_terminal(cluster, [later.media[0].id])
     assert media.status == ipb.PROCESSING_STATUS_COMPLETED
