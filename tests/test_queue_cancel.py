@@ -8,8 +8,11 @@ import hashlib
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
 
 from analysis_service.config import RetryPolicy
 from analysis_service.domain.hub import StatusHub
@@ -18,6 +21,7 @@ from analysis_service.domain.queue import JobQueue
 from analysis_service.storage.schema import MIGRATIONS
 from mediatag_common.database import sqlite_url
 from mediatag_common.threaded_database import ThreadedDatabase
+from tests.conftest import PATIENCE
 
 
 @pytest.fixture
@@ -46,23 +50,36 @@ async def test_a_claim_cancelled_while_its_transaction_runs_gives_the_job_back(
     queue: JobQueue, tmp_path: Path
 ) -> None:
     await queue.submit([spec(1)])
+    loop = asyncio.get_running_loop()
+    claim_writes = asyncio.Event()
+
+    def on_statement(conn: Connection, cursor: Any, statement: str, *args: Any) -> None:
+        # On the database thread: the claim's transaction has begun and now writes.
+        if statement.lstrip().upper().startswith(("INSERT", "UPDATE")):
+            loop.call_soon_threadsafe(claim_writes.set)
+
     # Another writer holds SQLite's write lock, so the claim's transaction, once begun on the
-    # database thread, blocks there (busy timeout) until the lock is released.
+    # database thread, blocks at its first write (busy timeout) until the lock is released.
     blocker = sqlite3.connect(tmp_path / "analysis.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
+    sa.event.listen(Engine, "before_cursor_execute", on_statement)
     try:
         claim = asyncio.create_task(queue.claim("worker-1"))
-        # Time for the thread to take the transaction up: from then on, cancelling cannot
-        # stop it (before it, cancelling stops it from starting, and the test would pass
-        # without exercising anything).
-        await asyncio.sleep(0.3)
-        claim.cancel()
+        try:
+            # Cancelled before the thread takes the transaction up, the claim would never run
+            # and this test would exercise nothing: wait until it is running, then cancel.
+            await asyncio.wait_for(claim_writes.wait(), PATIENCE)
+            claim.cancel()
+        finally:
+            blocker.execute("COMMIT")
+            blocker.close()
+        with pytest.raises(asyncio.CancelledError):
+            await claim
     finally:
-        blocker.execute("COMMIT")
-        blocker.close()
-    with pytest.raises(asyncio.CancelledError):
-        await claim
+        # Only once the transaction is over: the database thread reads the listeners.
+        sa.event.remove(Engine, "before_cursor_execute", on_statement)
 
+    # The transaction committed the claim after the caller had gone; the job was given back.
     job = await queue.get("media-1", with_embedding=False)
     assert job is not None
     assert job.status is JobStatus.PENDING
