@@ -44,13 +44,15 @@ class ScriptedAnalyzer:
 
     ``failures[sha256]`` lists exceptions raised by successive calls for that content
     (then it succeeds); ``fail_always`` maps sha256 to an exception raised on every call.
-    ``delay`` holds each call that long (to catch jobs mid-flight).
+    ``delay`` holds each call that long (to catch jobs mid-flight); while ``gate`` is clear,
+    calls wait for it (jobs stay mid-flight until the test lets them go).
     """
 
     dimensions: int = 1408
     failures: dict[str, list[Exception]] = field(default_factory=dict)
     fail_always: dict[str, Exception] = field(default_factory=dict)
     delay: float = 0.0
+    gate: asyncio.Event | None = None
     limits: Sequence[ApiLimit] | None = None
     calls: list[Call] = field(default_factory=list)
 
@@ -84,6 +86,8 @@ class ScriptedAnalyzer:
             raise self.failures[item.sha256].pop(0)
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.gate is not None:
+            await self.gate.wait()
         return await self._inner.analyze(item, recording)
 
     def calls_for(self, sha256: str) -> int:

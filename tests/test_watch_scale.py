@@ -21,10 +21,12 @@ from mediatag.analysis.v1 import analysis_pb2_grpc
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig, WatchConfig
+from analysis_service.domain.hub import StatusHub, WatchFilter
+from analysis_service.domain.models import JobStatus, StatusEvent
 from mediatag_common.backoff import Backoff
 from mediatag_common.errors import error_info
 from mediatag_common.grpc_server import channel_options
-from tests.conftest import Cluster, free_port, wait_until
+from tests.conftest import PATIENCE, Cluster, free_port, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.media_samples import jpeg_bytes
 from tests.test_metrics import scrape
@@ -83,10 +85,12 @@ def fast_cluster(
     dimensions: int = 64,
     rate: float = 1000.0,
     metrics: bool = False,
+    gate: asyncio.Event | None = None,
 ) -> Cluster:
-    """A cluster whose analyser is fast and barely rate-limited."""
+    """A cluster whose analyser is fast and barely rate-limited (and holds its calls while
+    ``gate`` is clear)."""
     return make_cluster(
-        analyzer=ScriptedAnalyzer(dimensions=dimensions),
+        analyzer=ScriptedAnalyzer(dimensions=dimensions, gate=gate),
         analysis_config=AnalysisConfig(
             embedding_dimensions=dimensions,
             rate_limits={"local": RateLimitConfig(rate, max(1, int(rate / 10)))},
@@ -314,13 +318,13 @@ async def test_500_watchers_on_shared_and_separate_channels_each_get_exactly_the
     async def every_watcher_saw_its_items_end() -> bool:
         return all(w.saw_terminal(items_of(w)) for w in watchers)
 
-    await wait_until(every_watcher_saw_its_items_end, within=60, interval=0.1)
+    await wait_until(every_watcher_saw_its_items_end, interval=0.1)
 
     # Id watchers end by themselves (until_terminal); the others are stopped here.
     async def id_watchers_ended() -> bool:
         return all(w.done for w in watchers[200:])
 
-    await wait_until(id_watchers_ended, within=10)
+    await wait_until(id_watchers_ended)
     await asyncio.gather(*(w.stop() for w in watchers[:200]))
 
     final = await current_revision(cluster)
@@ -337,10 +341,15 @@ async def test_500_watchers_on_shared_and_separate_channels_each_get_exactly_the
 async def test_a_bookmark_never_runs_ahead_of_an_event_still_to_be_sent(
     make_cluster: Callable[..., Cluster], channels: OpenChannel
 ) -> None:
-    # Bookmarks every 20 ms to 60 mostly idle watchers, while their items' events arrive:
-    # many bookmark timeouts fall right when an event is being handed over.
-    cluster = fast_cluster(make_cluster, WatchConfig(bookmark_interval=0.02))
+    # Bookmarks every 20 ms to 60 watchers of one item each. The analyses are held until every
+    # watcher has had a bookmark covering every event so far, others' included: bookmarks
+    # certainly fall between each watcher's own events. Then all go at once, and bookmark
+    # timeouts fall as events are handed over (the exact lost race: the next test).
+    gate = asyncio.Event()
+    gate.set()
+    cluster = fast_cluster(make_cluster, WatchConfig(bookmark_interval=0.02), gate=gate)
     start = await warmed_up(cluster)
+    gate.clear()
     stub = analysis_pb2_grpc.AnalysisServiceStub(channels(cluster.analysis_port))
     watchers: list[Watcher] = []
     for b in range(6):
@@ -350,17 +359,81 @@ async def test_a_bookmark_never_runs_ahead_of_an_event_still_to_be_sent(
                 start_revision=start, media_ids=[media.id], until_terminal=True
             )
             watchers.append(Watcher(stub, request))
+    uploaded = await current_revision(cluster)
+
+    async def each_bookmarked_past_every_upload() -> bool:
+        return all(
+            w.changes() and not is_change(w.received[-1]) and w.received[-1].revision >= uploaded
+            for w in watchers
+        )
+
+    await wait_until(each_bookmarked_past_every_upload)
+    gate.set()
 
     async def all_ended() -> bool:
         return all(w.done for w in watchers)
 
-    await wait_until(all_ended, within=30)
+    await wait_until(all_ended)
     reference_changes = await reference(cluster.analysis, start, await current_revision(cluster))
     for n, watcher in enumerate(watchers):
         assert watcher.error is None, (n, watcher.error)
         assert_exactly(watcher, reference_changes, f"watcher {n}")
-    bookmarks = sum(len(w.received) - len(w.changes()) for w in watchers)
-    print(f"bookmarks between events: {bookmarks}")
+    # The race happened: each watcher had bookmarks between its own events, and all but the
+    # one whose item has the newest event had one ahead of its last change, covering others'.
+    ahead = [bookmarked_ahead_of_its_next_change(w) for w in watchers]
+    assert all(ahead_by is not None for ahead_by in ahead), ahead
+    assert sum(1 for ahead_by in ahead if ahead_by) >= len(watchers) - 1, ahead
+
+
+def bookmarked_ahead_of_its_next_change(watcher: Watcher) -> int | None:
+    """How far beyond the watcher's previous change the furthest bookmark before one of its
+    changes went (in revisions); None if no bookmark came between two of its changes."""
+    furthest: int | None = None
+    previous: int | None = None
+    since_previous: int | None = None  # the furthest bookmark since the previous change
+    for response in watcher.received:
+        if not is_change(response):
+            if previous is not None:
+                beyond = response.revision - previous
+                since_previous = beyond if since_previous is None else max(since_previous, beyond)
+            continue
+        if since_previous is not None:
+            furthest = since_previous if furthest is None else max(furthest, since_previous)
+        previous, since_previous = response.revision, None
+    return furthest
+
+
+async def test_a_bookmark_timeout_that_loses_the_race_with_an_event_hands_the_event_on() -> None:
+    """The idle timer of a watcher fires, and in the same turn of the loop, before the watcher
+    resumes, an event for it is offered: it must get the event, not a bookmark (which would
+    claim the event's revision before the event was sent)."""
+    hub = StatusHub(buffer_size=8, max_watchers=8)
+    racing = hub.subscribe(WatchFilter(media_ids=frozenset({"raced"})))
+    # Its twin is offered nothing: its timer, which fires in the same turn, shows that it did.
+    twin = hub.subscribe(WatchFilter(media_ids=frozenset({"other"})))
+    loop = asyncio.get_running_loop()
+    # Idle for 0 s: each next() arms a timer due at once, to fire in the loop's next turn.
+    reads = [asyncio.create_task(racing.next(0.0)), asyncio.create_task(twin.next(0.0))]
+    await asyncio.sleep(0)  # both are waiting, their timers armed
+    # Due later than both timers, and due in the same turn: the loop runs due timers in the
+    # order they fall due, and the readers resume only after (their wake-ups queue behind).
+    armed = loop.time()
+    while loop.time() <= armed:
+        pass
+    event = StatusEvent(
+        revision=1,
+        media_id="raced",
+        owner_id="owner",
+        status=JobStatus.PROCESSING,
+        previous_status=JobStatus.PENDING,
+        attempt=1,
+        event_time=0.0,
+    )
+    loop.call_at(loop.time(), hub.publish, [event])
+    raced, twin_read = await asyncio.gather(*reads)
+    assert twin_read is None  # the idle timers fired in that turn
+    assert raced == event
+    assert hub.current_revision == 1
 
 
 # -- 2. slow consumers -------------------------------------------------------------------
@@ -390,7 +463,7 @@ async def test_a_watcher_that_stops_reading_is_cut_off_while_a_reading_one_keeps
         async def reader_saw_them_end() -> bool:
             return reader.saw_terminal(ids)
 
-        await wait_until(reader_saw_them_end, within=30)
+        await wait_until(reader_saw_them_end)
         return ids, time.monotonic() - began
 
     baseline_ids, baseline_seconds = await run(20_000)
@@ -404,7 +477,7 @@ async def test_a_watcher_that_stops_reading_is_cut_off_while_a_reading_one_keeps
         ends = [r for r in reader.changes() if r.change.status in TERMINAL]
         return reader.done or sum(1 for r in ends if r.change.media_id in baseline_ids) == 80
 
-    await wait_until(reader_saw_them_reprocessed, within=30)
+    await wait_until(reader_saw_them_reprocessed)
     assert reader.error is None, reader.error
 
     # A watcher on its own channel that never reads. gRPC core advertises a window of at
@@ -424,7 +497,7 @@ async def test_a_watcher_that_stops_reading_is_cut_off_while_a_reading_one_keeps
             late.append(response)
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await asyncio.wait_for(read_the_rest(), 10)
+        await asyncio.wait_for(read_the_rest(), PATIENCE)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     info = error_info(caught.value)
     assert info is not None
@@ -500,7 +573,7 @@ async def test_the_watcher_cap_refuses_more_and_a_cut_off_watcher_frees_its_slot
     async def reader_saw_them_end() -> bool:
         return reader.saw_terminal(ids)
 
-    await wait_until(reader_saw_them_end, within=30)
+    await wait_until(reader_saw_them_end)
 
     # The stalled watcher has been cut off, and its slot is free while its client still
     # does not read.
@@ -516,7 +589,7 @@ async def test_the_watcher_cap_refuses_more_and_a_cut_off_watcher_frees_its_slot
         admitted.append(attempt)
         return True
 
-    await wait_until(a_slot_is_free, within=30)
+    await wait_until(a_slot_is_free)
     admitted[0].cancel()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in stalled:
@@ -556,8 +629,8 @@ async def test_a_resume_from_a_compacted_revision_is_out_of_range_with_the_log_b
         info = error_info(error) if error is not None else None
         return info is not None and info.metadata.get("oldestRevision") == str(oldest)
 
-    # Twenty compaction intervals: the configured interval is what counts.
-    await wait_until(compacted_to_the_newest_twenty, within=2.0)
+    # Half the default compaction interval (60 s): only the configured one explains it.
+    await wait_until(compacted_to_the_newest_twenty)
 
     error = await watch_error(stub, apb.WatchStatusRequest(start_revision=oldest - 2))
     assert error is not None
@@ -614,13 +687,13 @@ async def test_the_ingest_mirror_resyncs_by_itself_after_its_revision_was_compac
                     return False
             return True
 
-        await wait_until(reprocessed, within=10)
+        await wait_until(reprocessed)
 
     async def mirror_revision_compacted() -> bool:
         error = await watch_error(cluster.analysis, apb.WatchStatusRequest(start_revision=mirrored))
         return error is not None and error.code() == grpc.StatusCode.OUT_OF_RANGE
 
-    await wait_until(mirror_revision_compacted, within=2.0)
+    await wait_until(mirror_revision_compacted)
 
     caplog.set_level(logging.WARNING, logger="ingest_service.domain.mirror")
     await cluster.start_ingest()
@@ -636,7 +709,7 @@ async def test_the_ingest_mirror_resyncs_by_itself_after_its_revision_was_compac
                 return False
         return True
 
-    await wait_until(mirror_shows_the_latest_state, within=10)
+    await wait_until(mirror_shows_the_latest_state)
     for media_id in ids:
         media = (await cluster.ingest.GetMedia(ipb.GetMediaRequest(media_id=media_id))).media
         assert media.status == ipb.PROCESSING_STATUS_COMPLETED
@@ -676,17 +749,17 @@ async def test_a_catch_up_overtaken_by_compaction_fails_instead_of_skipping_even
     async def reprocess() -> None:
         """Three more events per item (PENDING, PROCESSING, COMPLETED from the cache)."""
         await cluster.analysis.RetryJobs(apb.RetryJobsRequest(media_ids=ids))
-        await wait_until(all_completed, within=30)
+        await wait_until(all_completed)
 
     async def compacted_past(revision: int) -> bool:
         error = await watch_error(cluster.analysis, apb.WatchStatusRequest(start_revision=revision))
         return error is not None and error.code() == grpc.StatusCode.OUT_OF_RANGE
 
-    await wait_until(all_completed, within=30)
+    await wait_until(all_completed)
     await reprocess()
     current = await current_revision(cluster)
     start = current - retained  # the oldest revision a watch may still start from
-    await wait_until(lambda: compacted_past(start - 1), within=2.0)
+    await wait_until(lambda: compacted_past(start - 1))
 
     # A watcher with a 64 KB window (see the slow-consumer test) reads one event of its
     # catch-up and stops: its first page of 500 events is read; the server waits on the window.
@@ -700,7 +773,7 @@ async def test_a_catch_up_overtaken_by_compaction_fails_instead_of_skipping_even
     await reprocess()
     await reprocess()
     final = await current_revision(cluster)
-    await wait_until(lambda: compacted_past(start + 500), within=2.0)
+    await wait_until(lambda: compacted_past(start + 500))
 
     revisions = [first.revision]
 
@@ -716,7 +789,7 @@ async def test_a_catch_up_overtaken_by_compaction_fails_instead_of_skipping_even
             return error
         return None
 
-    error = await asyncio.wait_for(read_on(), 20)
+    error = await asyncio.wait_for(read_on(), PATIENCE)
     call.cancel()
     gaps = [(a, b) for a, b in itertools.pairwise(revisions) if b != a + 1]
     assert not gaps, f"events skipped between {gaps}"
@@ -763,7 +836,7 @@ async def test_watchers_resume_across_a_restart_of_the_analysis_service_and_miss
     # Every stream open first (response headers mean the hub has registered it): one still
     # being set up as the service stops would be cancelled, not told to come back.
     await asyncio.gather(*(w.connected() for w in watchers))
-    await wait_until(mid_stream, within=30)
+    await wait_until(mid_stream)
     streaming = [n for n, w in enumerate(watchers) if not w.done]
     assert len(streaming) >= 8
     assert len(watchers[0].changes()) < 3 * len(all_ids), "the restart came too late"
@@ -779,7 +852,7 @@ async def test_watchers_resume_across_a_restart_of_the_analysis_service_and_miss
     async def every_watcher_saw_its_items_end() -> bool:
         return all(w.saw_terminal(items_of(w)) for w in watchers)
 
-    await wait_until(every_watcher_saw_its_items_end, within=30)
+    await wait_until(every_watcher_saw_its_items_end)
     await asyncio.gather(*(w.stop() for w in watchers[:8]))
     final = await current_revision(cluster)
     reference_changes = await reference(cluster.analysis, start, final)
@@ -830,7 +903,7 @@ async def test_cancelled_streams_leave_no_watcher_and_no_memory_behind(
         async def reached() -> bool:
             return (await scrape(metrics_port)).get("mediatag_watchers") == count
 
-        await wait_until(reached, within=10)
+        await wait_until(reached)
 
     async def open_and_cancel(total: int, batch: int = 250) -> None:
         for _ in range(total // batch):
