@@ -11,13 +11,22 @@ import base64
 import io
 import itertools
 import math
+import os
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
+import pytest
+
+# The Google client libraries are the optional `google` extra: without it these tests are
+# skipped, not broken. `make test` installs the extra and sets MEDIATAG_TESTS_NEED_GOOGLE, so
+# there a missing library fails the run instead of skipping it.
+if not os.environ.get("MEDIATAG_TESTS_NEED_GOOGLE"):
+    pytest.importorskip("google.cloud.vision_v1", reason="needs the `google` extra")
+    pytest.importorskip("google.cloud.aiplatform_v1", reason="needs the `google` extra")
+
 import google.cloud
 import numpy as np
-import pytest
 from google.api_core import exceptions as api_exceptions
 from google.auth import exceptions as auth_exceptions
 from google.cloud import vision_v1
@@ -351,7 +360,7 @@ async def test_a_fake_that_never_answers_is_cut_off_by_our_timeout(
         retry=RetryPolicy(max_attempts=2, backoff_base=0.05),
     )
     (media_id,) = await upload(cluster, jpeg_bytes(seed=8))
-    (media,) = await wait_terminal(cluster, [media_id], within=15)
+    (media,) = await wait_terminal(cluster, [media_id])
 
     assert media.status == ipb.PROCESSING_STATUS_FAILED
     assert media.attempt == 2
@@ -379,7 +388,7 @@ async def test_each_api_stays_under_its_own_rate_limit(
         workers=jobs,
     )
     ids = await upload(cluster, *(jpeg_bytes(seed=100 + n, size=(64, 48)) for n in range(jobs)))
-    done = await wait_terminal(cluster, ids, within=30)
+    done = await wait_terminal(cluster, ids)
     assert all(m.status == ipb.PROCESSING_STATUS_COMPLETED for m in done)
 
     for method, rate, calls in (
