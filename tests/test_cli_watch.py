@@ -45,12 +45,22 @@ async def cli_watch(cluster: Cluster, *args: str) -> AsyncIterator[asyncio.subpr
         yield process
     finally:
         if process.returncode is None:
-            process.send_signal(signal.SIGINT)
             try:
-                await asyncio.wait_for(process.wait(), PATIENCE)
+                await interrupt(process)
             except TimeoutError:
                 process.kill()
                 await process.wait()
+
+
+async def interrupt(process: asyncio.subprocess.Process) -> int:
+    """Ctrl-C, then the exit status. What the CLI still prints is read meanwhile (its stderr
+    is left to the test): blocked on a full pipe, it could not flush and exit."""
+    assert process.stdout is not None
+    process.send_signal(signal.SIGINT)
+    _, status = await asyncio.wait_for(
+        asyncio.gather(process.stdout.read(), process.wait()), PATIENCE
+    )
+    return status
 
 
 async def read_events(
@@ -197,7 +207,7 @@ async def test_cli_queue_watch_prints_a_fresh_status_every_interval(
 
         later = await read_events(process, shows_both_completed)
     finally:
-        process.send_signal(signal.SIGINT)
-        await asyncio.wait_for(process.wait(), PATIENCE)
+        # The pipe may be full: nothing was read while the items were analysed.
+        await interrupt(process)
     assert int(first[0]["currentRevision"]) < int(later[-1]["currentRevision"])
     assert shows_both_completed(later)
