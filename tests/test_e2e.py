@@ -67,7 +67,7 @@ def test_cli_upload_of_five_images_and_a_video_completes(
 
     # `watch --until-terminal`-style waiting through the CLI: the default rate is 2 calls/s.
     image_ids = [m["id"] for m in answer["media"][:5]]
-    watched = run_cli("watch", *image_ids, "--initial", "--until-terminal", *targets, timeout=60)
+    watched = run_cli("watch", *image_ids, "--initial", "--until-terminal", *targets)
     assert watched.returncode == 0, watched.stderr
 
     for media_id in image_ids:
