@@ -35,6 +35,7 @@ from mediatag_cli.render import (
 from mediatag_cli.settings import ClientSettings
 from mediatag_cli.watching import ResumableWatch
 from mediatag_common.grpc_server import channel_options, open_channel
+from mediatag_common.untrusted_text import escaped
 
 if TYPE_CHECKING:
     from mediatag.analysis.v1.analysis_pb2_grpc import AnalysisServiceAsyncStub
@@ -89,11 +90,13 @@ async def _analysis(client: ClientSettings) -> AsyncIterator[AnalysisServiceAsyn
 
 
 def _say(text: str) -> None:
-    print(text, flush=True)
+    # Escaped whole too: a field the renderers did not mark as untrusted still cannot
+    # reach the terminal as a control sequence.
+    print(escaped(text, keep="\n"), flush=True)
 
 
 def _warn(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    print(escaped(text, keep="\n"), file=sys.stderr, flush=True)
 
 
 # ---- upload ----

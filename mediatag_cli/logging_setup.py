@@ -2,7 +2,8 @@
 
 Text: ``HH:MM:SS LEVEL logger message key=value ...``. JSON: one object per line with
 ``time``, ``level``, ``logger``, ``message`` and every ``extra`` field (``media_id``,
-``attempt``, ``duration_ms``, ...). Byte strings and secret-looking fields are never printed.
+``attempt``, ``duration_ms``, ...). Byte strings and secret-looking fields are never printed;
+control characters and bidirectional overrides in what is printed appear as ``\\uXXXX``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+from mediatag_common.untrusted_text import escaped
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD_ATTRIBUTES = frozenset(
@@ -52,12 +55,17 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         time = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        # Escaped: a message may quote what a client sent (a filename), and one line per record
+        # must stay one line that drives no terminal. The traceback below is the service's own.
         line = (
-            f"{time} {record.levelname:<7} {short_logger_name(record.name)} {record.getMessage()}"
+            f"{time} {record.levelname:<7} {short_logger_name(record.name)} "
+            f"{escaped(record.getMessage())}"
         )
         fields = extra_fields(record)
         if fields:
-            line += " " + " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
+            line += " " + " ".join(
+                f"{key}={escaped(_text_value(value))}" for key, value in fields.items()
+            )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         if record.stack_info:
@@ -88,7 +96,8 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        # json escapes C0 controls itself, not C1 controls or bidirectional overrides.
+        return escaped(json.dumps(entry, default=str, ensure_ascii=False))
 
 
 def configure_logging(

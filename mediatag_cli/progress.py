@@ -17,6 +17,7 @@ from mediatag.analysis.v1 import analysis_pb2
 from mediatag.ingest.v1 import ingest_pb2
 
 from mediatag_cli.render import STATUS_VALUES, TERMINAL_STATUSES, change_outcome, status_name
+from mediatag_common.untrusted_text import escaped
 
 _CURSOR_UP_LINES = "\x1b[{}F"  # to the start of the line N lines up
 _CLEAR_LINE = "\x1b[2K"
@@ -151,7 +152,7 @@ class StatusBoard:
         self._lines_drawn = redraw(self._out, lines, self._lines_drawn)
 
     def _print(self, line: str) -> None:
-        self._out.write(line + "\n")
+        self._out.write(escaped(line) + "\n")
         self._out.flush()
 
 
@@ -162,6 +163,7 @@ def redraw(out: TextIO, lines: Sequence[str], lines_drawn: int) -> int:
     """
     width = max(20, shutil.get_terminal_size().columns - 1)
     up = _CURSOR_UP_LINES.format(lines_drawn) if lines_drawn else ""
-    out.write(up + "".join(f"{_CLEAR_LINE}{line.rstrip()[:width]}\n" for line in lines))
+    # The lines hold untrusted text: escaped, then framed by the display's own controls.
+    out.write(up + "".join(f"{_CLEAR_LINE}{escaped(line.rstrip())[:width]}\n" for line in lines))
     out.flush()
     return len(lines)

@@ -1,4 +1,9 @@
-"""How the client commands show results: lines and tables for people, JSON for scripts."""
+"""How the client commands show results: lines and tables for people, JSON for scripts.
+
+Whatever came from a server (filenames, categories, context, tags, error messages) is
+untrusted text: it is shown through :func:`shown`, so control characters and bidirectional
+overrides appear as ``\\uXXXX`` and cannot drive the terminal.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from mediatag.analysis.v1 import analysis_pb2
 from mediatag.ingest.v1 import ingest_pb2
 
 from mediatag_common.errors import error_info, field_violations
+from mediatag_common.untrusted_text import escaped
 
 _STATUS_PREFIX = "PROCESSING_STATUS_"
 # The two protos number ProcessingStatus identically; the ingest enum names both.
@@ -66,7 +72,15 @@ def to_json(msg: message.Message, *, one_line: bool = False) -> str:
 
 
 def json_text(value: object, *, one_line: bool = False) -> str:
-    return json.dumps(value, indent=None if one_line else 2, ensure_ascii=False)
+    # json escapes C0 controls in strings itself (the newlines left are its indentation),
+    # not C1 controls or bidirectional overrides.
+    text = json.dumps(value, indent=None if one_line else 2, ensure_ascii=False)
+    return escaped(text, keep="\n")
+
+
+def shown(text: str) -> str:
+    """Untrusted ``text`` as it may be printed: unsafe characters as ``\\uXXXX``."""
+    return escaped(text)
 
 
 # ---- small values ----
@@ -109,8 +123,8 @@ def media_line(media: ingest_pb2.Media) -> str:
     """One uploaded item: id, filename, status (and why it is not analysed)."""
     status = status_name(media.status)
     if media.not_applicable_reason:
-        status += f" ({media.not_applicable_reason})"
-    return f"{media.id}  {media.filename}  {status}"
+        status += f" ({shown(media.not_applicable_reason)})"
+    return f"{shown(media.id)}  {shown(media.filename)}  {status}"
 
 
 def media_details(media: ingest_pb2.Media) -> str:
@@ -135,9 +149,9 @@ def media_details(media: ingest_pb2.Media) -> str:
         ("updated", format_time(media.update_time)),
         ("revision", str(media.status_revision)),
     ]
-    shown = [(name, value) for name, value in rows if value]
-    width = max(len(name) for name, _ in shown) + 1
-    return "\n".join(f"{name + ':':<{width}} {value}" for name, value in shown)
+    filled = [(name, shown(value)) for name, value in rows if value]
+    width = max(len(name) for name, _ in filled) + 1
+    return "\n".join(f"{name + ':':<{width}} {value}" for name, value in filled)
 
 
 def _media_type(media: ingest_pb2.Media) -> str:
@@ -184,7 +198,7 @@ def media_table(items: Iterable[ingest_pb2.Media]) -> str:
         )
         for media in items
     ]
-    return table(header, rows)
+    return table(header, [[shown(cell) for cell in row] for row in rows])
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -206,7 +220,7 @@ def queue_summary(status: analysis_pb2.GetQueueStatusResponse) -> str:
     jobs = ", ".join(f"{name} {counts.get(value, 0)}" for name, value in STATUS_VALUES.items())
     rows = [
         ("queue", "paused" if status.paused else "running"),
-        ("analyzer", f"{status.analyzer_name} {status.analyzer_version}".strip() or "-"),
+        ("analyzer", shown(f"{status.analyzer_name} {status.analyzer_version}".strip() or "-")),
         ("workers", f"{status.workers_busy} busy of {status.workers_total}"),
         ("jobs", jobs),
         ("done last minute", str(status.completed_last_minute)),
@@ -261,7 +275,7 @@ def change_line(response: analysis_pb2.WatchStatusResponse) -> str | None:
         transition = f"{status_name(change.previous_status)} -> {status_name(change.status)}"
     line = (
         f"{format_time(change.event_time, clock_only=True)} #{response.revision} "
-        f"{change.media_id} {transition} attempt {change.attempt}"
+        f"{shown(change.media_id)} {transition} attempt {change.attempt}"
     )
     return line + change_outcome(change)
 
@@ -270,10 +284,10 @@ def change_outcome(change: analysis_pb2.StatusChange) -> str:
     """What a change brought: tags, an error, or when the next attempt may start."""
     if change.status == analysis_pb2.PROCESSING_STATUS_COMPLETED:
         reused = " (reused)" if change.result.reused else ""
-        return f" tags: {_tags(change.result.tags)}{reused}"
+        return f" tags: {shown(_tags(change.result.tags))}{reused}"
     if not change.HasField("error"):
         return ""
-    error = f"{change.error.reason}: {change.error.message}"
+    error = shown(f"{change.error.reason}: {change.error.message}")
     if change.status == analysis_pb2.PROCESSING_STATUS_PENDING:
         retry_at = format_time(change.next_attempt_time, clock_only=True)
         return f" retry at {retry_at} after {error}"
@@ -287,14 +301,15 @@ def rpc_error_lines(error: grpc.aio.AioRpcError, service: str, address: str) -> 
     """``error: <CODE> <reason>: <message>`` and one line per field violation."""
     code = error.code()
     info = error_info(error)
+    details = error.details() or ""
     if info is None and code == grpc.StatusCode.UNAVAILABLE:
-        return [f"error: cannot reach the {service} service at {address} ({error.details()})"]
+        return [f"error: cannot reach the {service} service at {address} ({shown(details)})"]
     if info is None and code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return [
             f"error: DEADLINE_EXCEEDED: the {service} service at {address} did not answer in time"
         ]
     # INTERNAL INTERNAL says nothing twice: the reason is shown when it adds something.
     reason = f" {info.reason}" if info is not None and info.reason not in ("", code.name) else ""
-    lines = [f"error: {code.name}{reason}: {error.details()}"]
-    lines.extend(f"  {v.field}: {v.description}" for v in field_violations(error))
+    lines = [f"error: {code.name}{shown(reason)}: {shown(details)}"]
+    lines.extend(shown(f"  {v.field}: {v.description}") for v in field_violations(error))
     return lines

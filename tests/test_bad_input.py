@@ -277,6 +277,21 @@ MALFORMED: dict[str, tuple[dict[str, object], str, str]] = {
     "category-with-a-newline": ({"category": "Hair\nCut"}, "INVALID_CATEGORY", "category"),
     "empty-context-key": ({"context": {"": "x"}}, "INVALID_CONTEXT", "context"),
     "context-key-too-long": ({"context": {"k" * 129: "x"}}, "INVALID_CONTEXT", "context"),
+    # Terminal escapes (CSI as one C1 character) and a right-to-left override that shows
+    # "photo\u202egpj.exe" as "photoexe.jpg".
+    "filename-with-a-csi": (
+        {"files": [ipb.MediaFile(filename="\x9b31mred\x85.jpg", content=GOOD[0])]},
+        "INVALID_FILENAME",
+        "files[0].filename",
+    ),
+    "filename-with-a-bidi-override": (
+        {"files": [ipb.MediaFile(filename="photo\u202egpj.exe", content=GOOD[0])]},
+        "INVALID_FILENAME",
+        "files[0].filename",
+    ),
+    "category-with-a-csi": ({"category": "Hair\x9b2J"}, "INVALID_CATEGORY", "category"),
+    "category-with-an-isolate": ({"category": "a\u2067b"}, "INVALID_CATEGORY", "category"),
+    "context-key-with-an-escape": ({"context": {"k\x1b[2J": "x"}}, "INVALID_CONTEXT", "context"),
     "filename-with-a-nul": (
         {"files": [ipb.MediaFile(filename="a\x00.jpg", content=GOOD[0])]},
         "INVALID_FILENAME",
@@ -302,6 +317,25 @@ async def test_malformed_metadata_is_refused(server: IngestServer, case: str) ->
         reason,
         field_name,
     )
+
+
+async def test_the_joiners_of_emoji_and_persian_names_are_ordinary_text(
+    server: IngestServer,
+) -> None:
+    stub = await server.start()
+    filename, category = (
+        "\U0001f469\u200d\U0001f4bb.jpg",
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+    )
+    response = await stub.UploadMedia(
+        ipb.UploadMediaRequest(
+            owner_id=OWNER,
+            category=category,
+            files=[ipb.MediaFile(filename=filename, content=GOOD[2])],
+        )
+    )
+    (media,) = response.media
+    assert (media.filename, media.category) == (filename, category)
 
 
 # -- the limits come from flags and environment ------------------------------------------------

@@ -38,12 +38,13 @@ from ingest_service.storage import repository
 from ingest_service.storage.repository import writing
 from mediatag_common.database import Database, after_commit
 from mediatag_common.group_commit import GroupCommit
+from mediatag_common.untrusted_text import has_unsafe_characters
 
 logger = logging.getLogger(__name__)
 
 OWNER_ID_CHARACTERS = "A-Za-z0-9._:@-"
 MAX_CONTEXT_KEY_LENGTH = 128
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+NO_UNSAFE_CHARACTERS = "no control characters or bidirectional overrides"
 
 
 def validate_owner_id(owner_id: str, limits: UploadLimits, field: str = "owner_id") -> None:
@@ -69,21 +70,21 @@ def validate_metadata(
 ) -> None:
     """Owner, category and context of an upload; fields are named with ``prefix``."""
     validate_owner_id(owner_id, limits, f"{prefix}owner_id")
-    if len(category) > limits.max_category_length or _CONTROL_CHARACTERS.search(category):
+    if len(category) > limits.max_category_length or has_unsafe_characters(category):
         raise invalid(
             f"{prefix}category",
             "INVALID_CATEGORY",
-            f"at most {limits.max_category_length} characters, no control characters",
+            f"at most {limits.max_category_length} characters, {NO_UNSAFE_CHARACTERS}",
         )
     _validate_context(context, limits, f"{prefix}context")
 
 
 def validate_filename(filename: str, limits: UploadLimits, field: str) -> None:
-    if len(filename) > limits.max_filename_length or _CONTROL_CHARACTERS.search(filename):
+    if len(filename) > limits.max_filename_length or has_unsafe_characters(filename):
         raise invalid(
             field,
             "INVALID_FILENAME",
-            f"at most {limits.max_filename_length} characters, no control characters",
+            f"at most {limits.max_filename_length} characters, {NO_UNSAFE_CHARACTERS}",
         )
 
 
@@ -120,11 +121,11 @@ def _validate_context(context: Mapping[str, str], limits: UploadLimits, field: s
     if len(context) > limits.max_context_entries:
         raise invalid(field, "INVALID_CONTEXT", f"at most {limits.max_context_entries} entries")
     for key, value in context.items():
-        if not key or len(key) > MAX_CONTEXT_KEY_LENGTH or _CONTROL_CHARACTERS.search(key):
+        if not key or len(key) > MAX_CONTEXT_KEY_LENGTH or has_unsafe_characters(key):
             raise invalid(
                 field,
                 "INVALID_CONTEXT",
-                f"key {key[:40]!r}: 1-{MAX_CONTEXT_KEY_LENGTH} characters, no control characters",
+                f"key {key[:40]!r}: 1-{MAX_CONTEXT_KEY_LENGTH} characters, {NO_UNSAFE_CHARACTERS}",
             )
         if len(value) > limits.max_context_value_length:
             raise invalid(
