@@ -124,6 +124,22 @@ class ServerBusy(ServiceError):
     reason = "SERVER_BUSY"
 
 
+# How many items of a list a refusal names, and how much of each: a status travels in gRPC
+# trailers, which a default client refuses beyond 16 KiB (150 unknown ids reached that).
+LISTED_ITEMS = 5
+LISTED_ITEM_CHARACTERS = 64
+
+
+def listed(items: Sequence[str]) -> str:
+    """The first few of ``items`` for a refusal's message, and how many more there are."""
+    shown = [
+        item if len(item) <= LISTED_ITEM_CHARACTERS else item[: LISTED_ITEM_CHARACTERS - 1] + "…"
+        for item in items[:LISTED_ITEMS]
+    ]
+    more = len(items) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more else "")
+
+
 # ---- reading a refusal back (clients and tests) ----
 
 

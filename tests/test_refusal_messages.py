@@ -4,14 +4,17 @@ log keeps the detail (issue 12, item 6)."""
 from __future__ import annotations
 
 import sqlite3
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 from mediatag.analysis.v1 import analysis_pb2 as apb
+from mediatag.analysis.v1 import analysis_pb2_grpc
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 
+from mediatag_common.errors import error_info
 from tests import media_samples as samples
 from tests.conftest import Cluster
 from tests.ingest_support import IngestServer, assert_refused, refusal, upload_stream
@@ -115,3 +118,24 @@ async def test_an_unreachable_analysis_service_is_named_without_its_address(
         assert f"127.0.0.1:{server.analysis_port}" in caplog.text
     finally:
         await server.stop()
+
+
+async def test_a_refusal_naming_many_ids_names_a_few_and_counts_them(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster()
+    await cluster.start_analysis()
+    unknown = [str(uuid.uuid4()) for _ in range(1000)]
+    # A client with gRPC's default limits: trailers beyond 16 KiB would be refused by it
+    # (RESOURCE_EXHAUSTED), and the refusal lost.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.analysis_port}") as channel:
+        stub = analysis_pb2_grpc.AnalysisServiceStub(channel)
+        error = await refusal(stub.RetryJobs(apb.RetryJobsRequest(media_ids=unknown), timeout=10))
+    assert_refused(error, grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND", "media_ids")
+    info = error_info(error)
+    assert info is not None
+    assert info.metadata["unknownCount"] == "1000"
+    details = error.details() or ""
+    assert sorted(unknown)[0] in details
+    assert "and 995 more" in details
+    assert len(details) < 1024

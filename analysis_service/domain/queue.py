@@ -36,7 +36,7 @@ from analysis_service.storage import jobs as job_store
 from analysis_service.storage import schema
 from analysis_service.storage.session import read, write
 from mediatag_common.database import after_commit
-from mediatag_common.errors import FieldViolation
+from mediatag_common.errors import FieldViolation, listed
 from mediatag_common.threaded_database import ThreadedDatabase
 
 logger = logging.getLogger(__name__)
@@ -481,10 +481,11 @@ class JobQueue:
                 missing = sorted(set(media_ids) - known)
                 if missing:
                     raise JobNotFound(
-                        f"no job for media {', '.join(missing)}",
+                        f"no job for media {listed(missing)}",
                         field_violations=[
-                            FieldViolation("media_ids", f"unknown: {', '.join(missing)}")
+                            FieldViolation("media_ids", f"unknown: {listed(missing)}")
                         ],
+                        metadata={"unknownCount": str(len(missing))},
                     )
                 rows = [
                     row
