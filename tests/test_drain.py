@@ -132,7 +132,8 @@ async def test_an_upload_in_flight_completes_and_new_ones_are_refused(
     cluster = make_cluster()
     await cluster.start_analysis()
     await cluster.start_ingest()
-    content = jpeg_bytes(seed=520, size=(640, 480))
+    # Large enough that its first half (over 1 MiB, a write batch) reaches the spool file.
+    content = jpeg_bytes(seed=520, size=(3000, 2000), quality=95)
     half = len(content) // 2
     may_finish = asyncio.Event()
 
@@ -140,7 +141,8 @@ async def test_an_upload_in_flight_completes_and_new_ones_are_refused(
         yield ipb.UploadMediaStreamRequest(
             header=ipb.UploadHeader(owner_id="drain", filename="slow.jpg", size_bytes=len(content))
         )
-        yield ipb.UploadMediaStreamRequest(chunk=content[:half])
+        for start in range(0, half, 64 * 1024):
+            yield ipb.UploadMediaStreamRequest(chunk=content[start : min(start + 64 * 1024, half)])
         await may_finish.wait()
         yield ipb.UploadMediaStreamRequest(chunk=content[half:])
 

@@ -257,12 +257,20 @@ class Uploads:
             digests = await asyncio.gather(
                 *(asyncio.to_thread(_sha256, file.content) for file in request.files)
             )
-        placements = await asyncio.gather(
+        # Every put ends before the answer, also when one failed: a refusal leaves nothing
+        # being written behind it.
+        stored = await asyncio.gather(
             *(
                 self._blobs.put(sha256, file.content)
                 for file, sha256 in zip(request.files, digests, strict=True)
-            )
+            ),
+            return_exceptions=True,
         )
+        placements: list[Placement] = []
+        for outcome in stored:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            placements.append(outcome)
         now = time.time()
         items = tuple(
             Media.stored(
