@@ -121,11 +121,9 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
         if not request.media_id:
             raise invalid("media_id", "MEDIA_ID_REQUIRED", "required")
+        await auth.owner_scope().check_visible(request.media_id, self._queue.owners_of, "media_id")
         job = await self._queue.get(
             request.media_id, with_embedding=request.view == pb.JOB_VIEW_FULL
-        )
-        auth.owner_scope().check_item(
-            job.spec.owner_id if job else None, request.media_id, "media_id"
         )
         if job is None:
             raise JobNotFound(

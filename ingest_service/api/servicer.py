@@ -20,7 +20,7 @@ from ingest_service.domain.library import MediaLibrary
 from ingest_service.domain.models import Media, ProcessingStatus
 from ingest_service.domain.stream_upload import StreamPart, StreamUploads
 from ingest_service.domain.uploads import Uploads
-from ingest_service.errors import MediaNotFound, invalid
+from ingest_service.errors import invalid
 from mediatag_common import auth
 from mediatag_common.auth import SERVICE, UPLOADER, VIEWER
 
@@ -99,14 +99,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def _visible(self, media_id: str, *, with_embedding: bool) -> Media:
         """The item, if the caller may see its owner; an owner-restricted caller gets
         PERMISSION_DENIED for an unknown id too, so it cannot probe other owners' ids."""
-        scope = auth.owner_scope()
-        try:
-            media = await self._library.get(media_id, with_embedding=with_embedding)
-        except MediaNotFound:
-            scope.check_item(None, media_id, "media_id")
-            raise
-        scope.check_item(media.owner_id, media_id, "media_id")
-        return media
+        if media_id:  # else the library refuses it as missing
+            await auth.owner_scope().check_visible(media_id, self._library.owners_of, "media_id")
+        return await self._library.get(media_id, with_embedding=with_embedding)
 
     async def GetMedia(self, request: pb.GetMediaRequest, context: Context) -> pb.GetMediaResponse:
         media = await self._visible(

@@ -100,8 +100,7 @@ class MediaLibrary:
     async def owners_of(self, media_ids: Sequence[str]) -> dict[str, str]:
         """The owner of each known item of ``media_ids``; unknown ids are left out."""
         async with reading(self._db) as conn:
-            found = await repository.get_media_many(conn, media_ids)
-        return {media.id: media.owner_id for media in found}
+            return await repository.media_owners(conn, media_ids)
 
     async def list_page(
         self,

@@ -154,6 +154,14 @@ async def get_media(conn: AsyncConnection, media_id: str, *, with_embedding: boo
     return media_from_row(row) if row is not None else None
 
 
+async def media_owners(conn: AsyncConnection, media_ids: Sequence[str]) -> dict[str, str]:
+    """The owner of each known item of ``media_ids``, in one query."""
+    rows = await conn.execute(
+        sa.select(media.c.id, media.c.owner_id).where(media.c.id.in_(list(media_ids)))
+    )
+    return {row.id: row.owner_id for row in rows}
+
+
 async def get_media_many(conn: AsyncConnection, media_ids: Sequence[str]) -> list[Media]:
     """The items of ``media_ids`` (embeddings left out), in that order; unknown ids are skipped."""
     rows = await conn.execute(

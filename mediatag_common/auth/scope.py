@@ -91,6 +91,18 @@ class OwnerScope:
                 field_violations=[FieldViolation(field, "not allowed for this token")],
             )
 
+    async def check_visible(self, item_id: str, owners_of: OwnersOf, field: str) -> None:
+        """Refuse, for a restricted caller, an item that is not one of its owners'.
+
+        Another owner's item and an unknown id take the same work, one lookup of the owner and
+        one check, and end in the same refusal: the time taken does not tell them apart (the
+        full item is read only once it is allowed). Others pass: their unknown ids are
+        ``NOT_FOUND`` later.
+        """
+        if self.restricted:
+            owners = await owners_of([item_id])
+            self.check_item(owners.get(item_id), item_id, field)
+
     def list_owner(self, owner_id: str, field: str = "owner_id") -> str:
         """The owner filter of a list call: the one asked for (checked), else the caller's
         only owner. A caller restricted to several owners must name one (the queries filter
