@@ -24,6 +24,7 @@ from analysis_service.metrics import AnalysisMetrics, Readings
 from analysis_service.storage.schema import MIGRATIONS
 from mediatag_common.auth import load_tokens
 from mediatag_common.grpc_server import ServiceHost
+from mediatag_common.paging import PageTokens, page_token_secret
 from mediatag_common.service_wiring import listening_server, metrics_server
 from mediatag_common.threaded_database import ThreadedDatabase
 
@@ -120,6 +121,7 @@ async def create_server(
             analyzer=analyzer,
             metrics=metrics,
             max_watch_media_ids=config.watch.max_media_ids,
+            page_tokens=PageTokens(page_token_secret()),
         ),
         server,
     )

@@ -29,6 +29,7 @@ from mediatag_common.grpc_server import (
     channel_options,
     open_channel,
 )
+from mediatag_common.paging import PageTokens, page_token_secret
 from mediatag_common.service_wiring import listening_server, metrics_server
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,13 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         limits=config.limits,
         stream_limits=config.stream_limits,
     )
-    library = MediaLibrary(db=db, blobs=blobs, limits=config.limits, analysis=analysis)
+    library = MediaLibrary(
+        db=db,
+        blobs=blobs,
+        limits=config.limits,
+        analysis=analysis,
+        page_tokens=PageTokens(page_token_secret()),
+    )
 
     async def refresh_backlog() -> None:
         metrics.outbox_backlog.set(await forwarder.backlog())

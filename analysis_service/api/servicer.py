@@ -94,7 +94,9 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         analyzer: Analyzer,
         metrics: AnalysisMetrics,
         max_watch_media_ids: int,
+        page_tokens: paging.PageTokens,
     ) -> None:
+        self._page_tokens = page_tokens
         self._queue = queue
         self._max_watch_media_ids = max_watch_media_ids
         self._watcher = watcher
@@ -135,17 +137,15 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
         limit = _page_size(request.page_size)
         owner_id = auth.owner_scope().list_owner(request.owner_id)
-        filters = {
+        filters: dict[str, paging.KeyPart] = {
             "status": request.status,
             "owner_id": owner_id,
             "error_reason": request.error_reason,
         }
         try:
-            after = paging.decode(request.page_token, filters)
+            after = self._page_tokens.resume_after(request.page_token, filters, (int, float, str))
         except paging.InvalidPageToken as exc:
             raise invalid("page_token", "INVALID_PAGE_TOKEN", str(exc)) from exc
-        if after is not None and len(after) != 3:
-            raise invalid("page_token", "INVALID_PAGE_TOKEN", "page_token is malformed")
         jobs = await self._queue.list(
             status=convert.status_from_pb(request.status),
             owner_id=owner_id,
@@ -158,7 +158,9 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         token = ""
         if more:
             last = page[-1]
-            token = paging.encode([last.spec.priority, last.submitted_at, last.media_id], filters)
+            token = self._page_tokens.issue(
+                [last.spec.priority, last.submitted_at, last.media_id], filters
+            )
         return pb.ListJobsResponse(jobs=[convert.job_to_pb(j) for j in page], next_page_token=token)
 
     async def WatchStatus(

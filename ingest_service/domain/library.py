@@ -82,11 +82,13 @@ class MediaLibrary:
         blobs: BlobStore,
         limits: UploadLimits,
         analysis: AnalysisServiceAsyncStub,
+        page_tokens: paging.PageTokens,
     ) -> None:
         self._db = db
         self._blobs = blobs
         self._limits = limits
         self._analysis = analysis
+        self._page_tokens = page_tokens
 
     async def get(self, media_id: str, *, with_embedding: bool) -> Media:
         if not media_id:
@@ -118,7 +120,11 @@ class MediaLibrary:
         except paging.InvalidPageSize as exc:
             raise invalid("page_size", "INVALID_PAGE_SIZE", str(exc)) from exc
         filters = {"owner_id": owner_id, "status": status.value if status else ""}
-        after = _page_key(page_token, filters)
+        try:
+            key = self._page_tokens.resume_after(page_token, filters, (float, str))
+        except paging.InvalidPageToken as exc:
+            raise invalid("page_token", "INVALID_PAGE_TOKEN", str(exc)) from exc
+        after = None if key is None else (float(key[0]), str(key[1]))
         async with reading(self._db) as conn:
             found = await repository.list_media(
                 conn,
@@ -131,7 +137,7 @@ class MediaLibrary:
         page = tuple(found[:limit])
         token = ""
         if len(found) > limit:
-            token = paging.encode([page[-1].created_at, page[-1].id], filters)
+            token = self._page_tokens.issue([page[-1].created_at, page[-1].id], filters)
         return MediaPage(page, token)
 
     async def content(self, media: Media) -> AsyncIterator[bytes]:
@@ -192,20 +198,6 @@ class MediaLibrary:
             for media_id in dict.fromkeys(media_ids)
             if statuses[media_id] is not ProcessingStatus.NOT_APPLICABLE and media_id not in waiting
         ]
-
-
-def _page_key(page_token: str, filters: dict[str, str]) -> tuple[float, str] | None:
-    try:
-        key = paging.decode(page_token, filters)
-    except paging.InvalidPageToken as exc:
-        raise invalid("page_token", "INVALID_PAGE_TOKEN", str(exc)) from exc
-    if key is None:
-        return None
-    match key:
-        case [int() | float() as created_at, str() as media_id]:
-            return float(created_at), media_id
-        case _:
-            raise invalid("page_token", "INVALID_PAGE_TOKEN", "page_token is malformed")
 
 
 def _analysis_status(status: ProcessingStatus | None) -> analysis_pb2.ProcessingStatus:
