@@ -6,24 +6,20 @@ interface, as the statements each call sends to the database; how long it takes 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 from mediatag.analysis.v1 import analysis_pb2 as apb
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from analysis_service.config import AnalysisConfig, RateLimitConfig
-from ingest_service.config import IngestConfig
 from mediatag_common.errors import error_info, field_violations
 from tests.conftest import Cluster
-from tests.fakes import ScriptedAnalyzer
-from tests.test_auth import TOKENS, Clients, completed, image_upload, tokens_file
+from tests.test_auth import Clients, completed, image_upload
+from tests.test_auth import secured as secured  # the fixture: both services with tokens
 
 
 @contextmanager
@@ -57,27 +53,6 @@ async def _refusal(call: Any) -> grpc.aio.AioRpcError:
     except grpc.aio.AioRpcError as error:
         return error
     raise AssertionError("the probe was answered")
-
-
-@pytest.fixture
-async def secured(
-    make_cluster: Callable[..., Cluster], tmp_path: Path
-) -> AsyncIterator[tuple[Cluster, Clients]]:
-    path = tokens_file(tmp_path / "secrets")
-    cluster = make_cluster(
-        analyzer=ScriptedAnalyzer(),
-        analysis_config=AnalysisConfig(
-            rate_limits={"local": RateLimitConfig(100, 10)},
-            tokens_file=path,
-            service_token=TOKENS["service"],
-        ),
-        ingest_config=IngestConfig(tokens_file=path, service_token=TOKENS["service"]),
-    )
-    await cluster.start_analysis()
-    await cluster.start_ingest()
-    clients = Clients(cluster)
-    yield cluster, clients
-    await clients.close()
 
 
 async def test_another_owners_id_and_an_unknown_id_take_the_same_work(
