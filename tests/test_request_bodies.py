@@ -16,6 +16,7 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 
 from ingest_service.config import IngestConfig
 from mediatag_common.grpc_server import channel_options, open_channel
+from mediatag_common.request_bodies import ByteBudget
 from tests.conftest import Cluster, free_port
 from tests.ingest_support import OWNER, IngestServer, assert_refused, listed, refusal
 from tests.processes import Serve, peak_rss_mib, reset_peak_rss, rss_mib
@@ -240,3 +241,27 @@ async def test_a_stream_its_client_cancels_after_the_header_is_counted_cancelled
     finally:
         held.set()
         await server.stop()
+
+
+async def test_the_byte_budget_admits_in_order_and_forgets_a_cancelled_waiter() -> None:
+    budget = ByteBudget(100)
+    await budget.acquire(100)  # full
+    admitted: list[str] = []
+
+    async def take(name: str, amount: int) -> None:
+        await budget.acquire(amount)
+        admitted.append(name)
+
+    first = asyncio.create_task(take("first", 60))
+    gone = asyncio.create_task(take("gone", 10))
+    last = asyncio.create_task(take("last", 40))
+    await asyncio.sleep(0)
+    gone.cancel()
+    budget.release(100)
+    await asyncio.wait_for(asyncio.gather(first, last), timeout=5)
+    assert admitted == ["first", "last"]
+    assert budget.used == 100
+    # One message larger than the whole budget is still admitted when nothing else is held.
+    budget.release(100)
+    await asyncio.wait_for(budget.acquire(500), timeout=5)
+    assert budget.used == 500
