@@ -21,12 +21,13 @@ from analysis_service.domain.watch import StatusWatcher
 from analysis_service.domain.workers import WorkerPool
 from analysis_service.ingest_content import IngestContent
 from analysis_service.metrics import AnalysisMetrics, Readings
-from analysis_service.storage.schema import MIGRATIONS
+from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
 from mediatag_common.auth import load_tokens
+from mediatag_common.database import Database
 from mediatag_common.grpc_server import ServiceHost
-from mediatag_common.paging import PageTokens, page_token_secret
+from mediatag_common.keys import PAGE_TOKEN_KEY, load_or_create_key
+from mediatag_common.paging import PageTokens
 from mediatag_common.service_wiring import listening_server, metrics_server
-from mediatag_common.threaded_database import ThreadedDatabase
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ async def create_server(
     metrics.analyzer_info.labels(analyzer.name, analyzer.version).set(1)
     limits = RateLimits(analyzer.api_limits, config.rate_limits)
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    db = ThreadedDatabase(config.resolved_database_url, synchronous=config.sqlite_synchronous)
-    await db.migrate(MIGRATIONS)
+    db = Database(config.resolved_database_url, synchronous=config.sqlite_synchronous)
+    await db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
+    page_tokens = PageTokens(await db.write(lambda conn: load_or_create_key(conn, PAGE_TOKEN_KEY)))
 
     hub = StatusHub(
         buffer_size=config.watch.stream_buffer,
@@ -121,7 +123,7 @@ async def create_server(
             analyzer=analyzer,
             metrics=metrics,
             max_watch_media_ids=config.watch.max_media_ids,
-            page_tokens=PageTokens(page_token_secret()),
+            page_tokens=page_tokens,
         ),
         server,
     )

@@ -23,11 +23,10 @@ from analysis_service.config import AnalysisConfig
 from analysis_service.domain.hub import StatusHub
 from analysis_service.domain.models import ClaimedJob, JobResult, JobSpec, JobStatus
 from analysis_service.domain.queue import JobQueue
-from analysis_service.storage.schema import MIGRATIONS
+from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
 from bench.processes import cpu_seconds
 from bench.simulated import TAGS
-from mediatag_common.database import sqlite_url
-from mediatag_common.threaded_database import ThreadedDatabase
+from mediatag_common.database import Database, sqlite_url
 
 
 @dataclass(frozen=True)
@@ -79,9 +78,7 @@ class QueueAlone:
     def __init__(
         self, work_dir: Path, *, synchronous: str, batch: int, tasks: int, dimensions: int
     ) -> None:
-        self._db = ThreadedDatabase(
-            sqlite_url(str(work_dir / "analysis.db")), synchronous=synchronous
-        )
+        self._db = Database(sqlite_url(str(work_dir / "analysis.db")), synchronous=synchronous)
         config = AnalysisConfig()
         hub = StatusHub(
             buffer_size=config.watch.stream_buffer, max_watchers=config.watch.max_watchers
@@ -94,7 +91,7 @@ class QueueAlone:
         self._completed = 0
 
     async def __aenter__(self) -> QueueAlone:
-        await self._db.migrate(MIGRATIONS)
+        await self._db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
         await self._queue.load()
         return self
 

@@ -21,15 +21,16 @@ from ingest_service.domain.sniff import refuse_decompression_bombs
 from ingest_service.domain.stream_upload import StreamUploads
 from ingest_service.domain.uploads import Uploads
 from ingest_service.metrics import IngestMetrics
-from ingest_service.storage.schema import MIGRATIONS
+from ingest_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
+from mediatag_common.async_database import Database
 from mediatag_common.auth import load_tokens
-from mediatag_common.database import Database
 from mediatag_common.grpc_server import (
     ServiceHost,
     channel_options,
     open_channel,
 )
-from mediatag_common.paging import PageTokens, page_token_secret
+from mediatag_common.keys import PAGE_TOKEN_KEY, load_or_create_key
+from mediatag_common.paging import PageTokens
 from mediatag_common.service_wiring import listening_server, metrics_server
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
     refuse_decompression_bombs()
     config.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(config.resolved_database_url, synchronous=config.sqlite_synchronous)
-    await db.migrate(MIGRATIONS)
+    await db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
+    async with db.write() as conn:
+        page_tokens = PageTokens(await conn.run_sync(load_or_create_key, PAGE_TOKEN_KEY))
     metrics = IngestMetrics()
     blobs = await asyncio.to_thread(
         open_blob_store,
@@ -109,7 +112,7 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         blobs=blobs,
         limits=config.limits,
         analysis=analysis,
-        page_tokens=PageTokens(page_token_secret()),
+        page_tokens=page_tokens,
     )
 
     async def refresh_backlog() -> None:

@@ -4,7 +4,8 @@
   gRPC status codes and the error-mapping interceptor; ``interceptors``: the base of both;
 - ``auth``: tokens, roles, the owner scope; ``tls``: certificates and credentials;
 - ``grpc_server``: server options, health, start/drain/stop, channels;
-- ``database``, ``threaded_database``, ``group_commit``: SQLAlchemy access and batched commits;
+- ``database``, ``migrations``, ``keys``, ``group_commit``: SQLite/PostgreSQL access, schema
+  versions, stored secrets, batched commits;
 - ``paging``: AIP-158 page tokens; ``backoff``, ``tasks``: retry delays and task shutdown;
 - ``metrics``: each service's Prometheus registry and endpoint; ``service_wiring``: the
   metrics endpoint and listening gRPC server both ``create_server`` build from their config;
@@ -23,7 +24,9 @@ __all__ = [
     "group_commit",
     "grpc_server",
     "interceptors",
+    "keys",
     "metrics",
+    "migrations",
     "paging",
     "proto_time",
     "service_config",
@@ -31,7 +34,6 @@ __all__ = [
     "settings",
     "status",
     "tasks",
-    "threaded_database",
     "tls",
     "values",
 ]

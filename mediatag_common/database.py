@@ -1,187 +1,277 @@
-"""The embedded database both services use: SQLAlchemy async engine, pragmas, migrations.
+"""The database both services use: SQLite (the default) or PostgreSQL, one thread hop per
+transaction.
 
-Writes are serialised through one lock: SQLite has a single writer anyway, and a serial
-commit order is what keeps status revisions gap-free for watchers.
+Why not an asyncio driver: with aiosqlite every statement is several round trips between
+the event loop and the driver's thread (cursor, execute, fetch, close), and a transaction of
+six statements is some twenty-five. On a loop that also serves a thousand watch streams,
+each trip waits behind a burst of stream callbacks, so a commit took hundreds of
+milliseconds while the loop was only half busy. Here the loop hands a whole transaction,
+written as a plain function of a synchronous SQLAlchemy connection, to a thread and is
+woken once.
+
+SQLite: writes run on one thread, in submission order (SQLite has a single writer anyway,
+and a serial commit order is what keeps status revisions gap-free in one process); reads run
+on their own threads beside it (WAL). PostgreSQL (psycopg 3): transactions run concurrently
+on a pool of threads, one connection each; what must be ordered across them (revisions) is
+ordered by the database itself (a counter row locked to commit).
+
+Driver errors keep their meaning: :class:`DatabaseUnavailable` (the database cannot be
+reached or used right now), :class:`DatabaseConflict` (a constraint or a concurrent
+transaction got in the way: the caller decides), and plain :class:`DatabaseError` for what
+is neither (a bug). Their messages carry the driver's one-line reason, never SQL text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.engine import Connection
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, make_url
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from mediatag_common.migrations import Migration
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+SQLITE = "sqlite"
+POSTGRESQL = "postgresql"
+
+# Asyncio or other drivers a configured URL may name, and the driver used in their place.
+_DRIVERS = {
+    "sqlite": "sqlite+pysqlite",
+    "sqlite+aiosqlite": "sqlite+pysqlite",
+    "postgres": "postgresql+psycopg",
+    "postgresql": "postgresql+psycopg",
+    "postgresql+asyncpg": "postgresql+psycopg",
+    "postgresql+psycopg2": "postgresql+psycopg",
+    "postgresql+psycopg_async": "postgresql+psycopg",
+}
+# SQLSTATEs of a transaction that lost to a concurrent one: retrying may succeed.
+_CONCURRENCY_SQLSTATES = frozenset({"40001", "40P01"})
+# Server-side bounds for every PostgreSQL session: a replica that vanishes mid-transaction
+# must not hold the revision counter's lock (or any other) for long.
+_PG_SESSION_OPTIONS = "-c idle_in_transaction_session_timeout=30000 -c lock_timeout=30000"
+
 
 class DatabaseError(Exception):
-    """The database could not be used; services wrap this in their own root error."""
+    """A database failure that is neither an outage nor a conflict (most likely a bug)."""
 
 
-@dataclass(frozen=True)
-class Migration:
-    """One versioned schema step, applied once, in order, on start.
-
-    ``apply`` takes a synchronous connection, whichever way the database is driven.
-    """
-
-    version: int
-    description: str
-    apply: Callable[[Connection], None]
+class DatabaseUnavailable(DatabaseError):
+    """The database cannot be reached or used right now (down, locked, full, gone away)."""
 
 
-_migrations_table = sa.Table(
-    "schema_migrations",
-    sa.MetaData(),
-    sa.Column("version", sa.Integer, primary_key=True),
-    sa.Column("description", sa.String, nullable=False),
-    sa.Column("applied_at", sa.Float, nullable=False),
-)
+class DatabaseConflict(DatabaseError):
+    """A uniqueness or other constraint, or a concurrent transaction, refused the change."""
+
+
+def database_url(url: str) -> sa.URL:
+    """``url`` (libpq's ``postgresql://…`` form, SQLAlchemy's ``postgresql+driver://…`` forms,
+    or ``sqlite:///path``) with the driver this module runs."""
+    parsed = make_url(url)
+    driver = _DRIVERS.get(parsed.drivername)
+    if driver is None:
+        raise ValueError(
+            f"unsupported database URL scheme {parsed.drivername!r}: "
+            "use postgresql://USER@HOST:PORT/DB or sqlite:///PATH"
+        )
+    return parsed.set(drivername=driver)
+
+
+def sqlite_url(path: str) -> str:
+    """The URL of an SQLite file."""
+    return f"sqlite:///{path}"
+
+
+def dialect_of(url: str) -> str:
+    """``sqlite`` or ``postgresql``."""
+    return database_url(url).get_backend_name()
+
+
+def safe_url(url: str) -> str:
+    """``url`` with its password hidden, for logs and messages."""
+    return database_url(url).render_as_string(hide_password=True)
+
+
+def classify(error: sa_exc.SQLAlchemyError) -> DatabaseError:
+    """The :class:`DatabaseError` that says what ``error`` means, without its SQL text."""
+    original = getattr(error, "orig", None)
+    reason = str(original if original is not None else error).strip().splitlines()
+    message = reason[0] if reason else type(error).__name__
+    sqlstate = getattr(original, "sqlstate", None)
+    if isinstance(error, sa_exc.IntegrityError) or sqlstate in _CONCURRENCY_SQLSTATES:
+        return DatabaseConflict(message)
+    if isinstance(
+        error,
+        sa_exc.OperationalError
+        | sa_exc.InterfaceError
+        | sa_exc.DisconnectionError
+        | sa_exc.TimeoutError,
+    ):
+        return DatabaseUnavailable(message)
+    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+        return DatabaseUnavailable(message)
+    return DatabaseError(message)
 
 
 AFTER_COMMIT = "mediatag.after_commit"
 
 
-def after_commit(conn: AsyncConnection | Connection, callback: Callable[[], None]) -> None:
-    """Run ``callback`` on the event loop once the write transaction of ``conn`` has committed."""
+def after_commit(conn: Connection | AsyncConnection, callback: Callable[[], None]) -> None:
+    """Run ``callback`` on the event loop once the write transaction of ``conn`` commits.
+
+    On SQLite the callbacks of successive transactions run in commit order. On PostgreSQL
+    transactions commit concurrently and no order between them is promised.
+    """
     conn.info[AFTER_COMMIT].append(callback)
 
 
-def _driver_error(exc: SQLAlchemyError) -> BaseException:
-    """What to raise for a driver error: the cancellation it interrupted, if any.
-
-    A task cancelled mid-statement often fails again while rolling back; reporting that as
-    a database outage would turn a shutdown into a retry loop.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        return asyncio.CancelledError()
-    return DatabaseError(str(exc))
-
-
-@asynccontextmanager
-async def raising_as(
-    context: AbstractAsyncContextManager[AsyncConnection],
-    service_error: Callable[[DatabaseError], Exception],
-) -> AsyncIterator[AsyncConnection]:
-    """``context``'s connection, a :class:`DatabaseError` raised as the service's own error."""
-    try:
-        async with context as conn:
-            yield conn
-    except DatabaseError as exc:
-        raise service_error(exc) from exc
-
-
-def sqlite_url(path: str) -> str:
-    """The SQLAlchemy URL of an SQLite file for aiosqlite."""
-    return f"sqlite+aiosqlite:///{path}"
-
-
 class Database:
-    """An async engine with a serialised write path.
+    """A synchronous engine driven from asyncio, one thread hop per transaction.
 
-    ``read()`` hands out a connection for queries; ``write()`` a connection inside a
-    transaction that commits on exit, one writer at a time.
+    ``write(fn)`` runs ``fn(connection)`` in a transaction and commits; callbacks registered
+    with :func:`after_commit` are then scheduled on the caller's loop. ``read(fn)`` runs
+    ``fn`` in a transaction that is rolled back; ``snapshot(fn)`` runs it so that all its
+    queries see one state (SQLite: on the writer thread; PostgreSQL: a REPEATABLE READ
+    transaction). A caller cancelled while its function runs does not stop it: a write may
+    still commit (as with any database whose answer is lost on the way back).
     """
 
-    def __init__(self, url: str, *, synchronous: str = "FULL") -> None:
+    def __init__(
+        self, url: str, *, synchronous: str = "FULL", readers: int = 2, pool_size: int = 8
+    ) -> None:
+        engine_url = database_url(url)
         self.url = url
-        self._engine: AsyncEngine = create_async_engine(url)
-        self._write_lock = asyncio.Lock()
-        if self._engine.dialect.name == "sqlite":
-            event.listen(self._engine.sync_engine, "connect", sqlite_pragmas(synchronous))
+        self.dialect = engine_url.get_backend_name()
+        if self.dialect == SQLITE:
+            self._engine = sa.create_engine(
+                engine_url,
+                # Connections move between this object's threads, never used by two at once.
+                connect_args={"check_same_thread": False},
+                pool_size=readers + 1,
+            )
+            sa.event.listen(self._engine, "connect", sqlite_pragmas(synchronous))
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="db-writer")
+            self._readers = ThreadPoolExecutor(readers, thread_name_prefix="db-reader")
+        else:
+            self._engine = sa.create_engine(
+                engine_url,
+                pool_size=pool_size,
+                max_overflow=0,
+                pool_pre_ping=True,
+                connect_args={
+                    "application_name": "mediatag",
+                    "options": _PG_SESSION_OPTIONS,
+                    # A peer that vanished is noticed within about a minute.
+                    "keepalives": 1,
+                    "keepalives_idle": 30,
+                    "keepalives_interval": 10,
+                    "keepalives_count": 3,
+                    "connect_timeout": 10,
+                },
+            )
+            self._writer = ThreadPoolExecutor(pool_size, thread_name_prefix="db")
+            self._readers = self._writer
 
     @property
-    def engine(self) -> AsyncEngine:
+    def engine(self) -> sa.Engine:
         return self._engine
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for reads; its implicit transaction ends on exit."""
+    async def write(self, transaction: Callable[[Connection], T]) -> T:
+        """``transaction(conn)`` in a transaction that commits on return, rolls back on raise."""
+        loop = asyncio.get_running_loop()
+        return await asyncio.wrap_future(
+            self._writer.submit(self._write_in_thread, transaction, loop)
+        )
+
+    async def read(self, query: Callable[[Connection], T]) -> T:
+        """``query(conn)`` in a transaction that is rolled back."""
+        return await asyncio.wrap_future(self._readers.submit(self._read_in_thread, query))
+
+    async def snapshot(self, query: Callable[[Connection], T]) -> T:
+        """``query(conn)`` with every statement seeing the same committed state."""
+        return await asyncio.wrap_future(self._writer.submit(self._snapshot_in_thread, query))
+
+    def run_sync(self, function: Callable[[Connection], T]) -> T:
+        """``function(conn)`` on a connection of its own, in the calling thread, outside any
+        transaction (it begins and commits its own): for start-up steps such as migrations."""
         try:
-            async with self._engine.connect() as conn:
-                yield conn
-        except SQLAlchemyError as exc:
-            raise _driver_error(exc) from exc
+            with self._engine.connect() as conn:
+                return function(conn)
+        except sa_exc.SQLAlchemyError as exc:
+            raise classify(exc) from exc
 
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction that commits on exit (rolls back on error), one at a time.
-
-        Callbacks registered with :func:`after_commit` run after the commit and before the
-        next writer starts, so whatever they publish is published in commit order.
-        """
-        async with self._write_lock:
-            callbacks: list[Callable[[], None]] = []
-            try:
-                async with self._engine.begin() as conn:
-                    # Held by reference: once a cancelled statement has invalidated the
-                    # transaction, even reading ``conn.info`` raises.
-                    info = conn.info
-                    info[AFTER_COMMIT] = callbacks
-                    try:
-                        yield conn
-                    finally:
-                        info.pop(AFTER_COMMIT, None)
-            except SQLAlchemyError as exc:
-                raise _driver_error(exc) from exc
-            for callback in callbacks:
-                callback()
-
-    @asynccontextmanager
-    async def snapshot(self) -> AsyncIterator[AsyncConnection]:
-        """A consistent read of several queries: no write commits while it runs."""
-        async with self._write_lock, self.read() as conn:
-            yield conn
-
-    async def migrate(self, migrations: Sequence[Migration]) -> None:
-        """Apply every migration not yet recorded, each in its own transaction."""
+    def _write_in_thread(
+        self, transaction: Callable[[Connection], T], loop: asyncio.AbstractEventLoop
+    ) -> T:
+        callbacks: list[Callable[[], None]] = []
         try:
-            async with self._write_lock, self._engine.connect() as conn:
-                await conn.run_sync(apply_migrations, migrations)
-        except SQLAlchemyError as exc:
-            raise _driver_error(exc) from exc
+            with self._engine.begin() as conn:
+                conn.info[AFTER_COMMIT] = callbacks
+                try:
+                    result = transaction(conn)
+                finally:
+                    conn.info.pop(AFTER_COMMIT, None)
+        except sa_exc.SQLAlchemyError as exc:
+            raise classify(exc) from exc
+        # Scheduled from the committing thread, before the caller resumes (on SQLite that is
+        # the one writer thread, so they run on the loop in commit order).
+        for callback in callbacks:
+            loop.call_soon_threadsafe(callback)
+        return result
+
+    def _read_in_thread(self, query: Callable[[Connection], T]) -> T:
+        try:
+            with self._engine.connect() as conn:
+                return query(conn)
+        except sa_exc.SQLAlchemyError as exc:
+            raise classify(exc) from exc
+
+    def _snapshot_in_thread(self, query: Callable[[Connection], T]) -> T:
+        if self.dialect == SQLITE:
+            return self._read_in_thread(query)
+        try:
+            with self._engine.connect() as conn:
+                snapshot = conn.execution_options(isolation_level="REPEATABLE READ")
+                with snapshot.begin():
+                    return query(snapshot)
+        except sa_exc.SQLAlchemyError as exc:
+            raise classify(exc) from exc
+
+    async def migrate(self, migrations: Sequence[Migration], *, lock_name: str) -> None:
+        """Apply every migration not yet recorded (see :mod:`mediatag_common.migrations`)."""
+        from mediatag_common.migrations import apply_migrations
+
+        def migrate(conn: Connection) -> None:
+            apply_migrations(conn, migrations, lock_name=lock_name)
+
+        await asyncio.wrap_future(self._writer.submit(self.run_sync, migrate))
 
     async def ping(self) -> bool:
         """True when a trivial query succeeds (for the health service)."""
         try:
-            async with self.read() as conn:
-                await conn.execute(sa.text("SELECT 1"))
+            await self.read(lambda conn: conn.execute(sa.text("SELECT 1")))
         except DatabaseError:
             return False
         return True
 
     async def close(self) -> None:
-        await self._engine.dispose()
+        """Wait for submitted work, then close every connection."""
+        await asyncio.to_thread(self._close_in_thread)
 
-
-def apply_migrations(conn: Connection, migrations: Sequence[Migration]) -> None:
-    """Apply every migration not yet recorded on ``conn``, each in its own transaction."""
-    with conn.begin():
-        _migrations_table.metadata.create_all(conn)
-        applied = set(conn.execute(sa.select(_migrations_table.c.version)).scalars())
-    for migration in sorted(migrations, key=lambda m: m.version):
-        if migration.version in applied:
-            continue
-        with conn.begin():
-            migration.apply(conn)
-            conn.execute(
-                _migrations_table.insert().values(
-                    version=migration.version,
-                    description=migration.description,
-                    applied_at=time.time(),
-                )
-            )
-        logger.info("applied schema migration %d: %s", migration.version, migration.description)
+    def _close_in_thread(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        self._engine.dispose()
 
 
 def sqlite_pragmas(synchronous: str) -> Callable[[Any, Any], None]:

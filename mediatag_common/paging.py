@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import json
 import math
-import secrets
 from collections.abc import Mapping, Sequence
 
 MAX_PAGE_SIZE = 1000
@@ -25,16 +24,6 @@ KeyPart = int | float | str
 _INT64 = 2**63
 _MAC_BYTES = 16
 _VERSION = b"1"
-
-
-def page_token_secret() -> bytes:
-    """A secret for page tokens, new for this process.
-
-    Until each service keeps a secret in its database (the storage seam), tokens are signed
-    with one drawn at start: a token outlives neither a restart of its service nor a hop to
-    another replica (the client is answered INVALID_PAGE_TOKEN and lists from the start).
-    """
-    return secrets.token_bytes(32)
 
 
 class InvalidPageToken(ValueError):

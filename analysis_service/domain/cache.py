@@ -17,13 +17,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from analysis_service.domain.models import JobResult
 from analysis_service.storage import jobs as job_store
 from analysis_service.storage.session import read, write
-from mediatag_common.threaded_database import ThreadedDatabase
+from mediatag_common.database import Database
 
 
 class ResultCache:
     """Cached results by key; ``get_or_compute`` runs at most one computation per key."""
 
-    def __init__(self, db: ThreadedDatabase, *, analyzer_name: str, analyzer_version: str) -> None:
+    def __init__(self, db: Database, *, analyzer_name: str, analyzer_version: str) -> None:
         self._db = db
         self._analyzer_name = analyzer_name
         self._analyzer_version = analyzer_version

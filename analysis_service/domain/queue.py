@@ -35,9 +35,8 @@ from analysis_service.storage import events as event_log
 from analysis_service.storage import jobs as job_store
 from analysis_service.storage import schema
 from analysis_service.storage.session import read, write
-from mediatag_common.database import after_commit
+from mediatag_common.database import Database, after_commit
 from mediatag_common.errors import FieldViolation, listed
-from mediatag_common.threaded_database import ThreadedDatabase
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ class JobQueue:
 
     def __init__(
         self,
-        db: ThreadedDatabase,
+        db: Database,
         hub: StatusHub,
         retry: RetryPolicy,
         lease_seconds: float,

@@ -22,8 +22,8 @@ from analysis_service.storage import events as event_log
 from analysis_service.storage import schema
 from analysis_service.storage.session import consistent_read, read
 from mediatag_common.callers import ANONYMOUS, Caller
+from mediatag_common.database import Database
 from mediatag_common.errors import FieldViolation
-from mediatag_common.threaded_database import ThreadedDatabase
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class WatchStream(contextlib.AbstractAsyncContextManager["WatchStream"]):
 class StatusWatcher:
     """Serves watch streams from the event log and the hub."""
 
-    def __init__(self, db: ThreadedDatabase, hub: StatusHub, *, bookmark_interval: float) -> None:
+    def __init__(self, db: Database, hub: StatusHub, *, bookmark_interval: float) -> None:
         self._db = db
         self._hub = hub
         self._bookmark_interval = bookmark_interval

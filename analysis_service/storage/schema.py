@@ -1,11 +1,10 @@
-"""Tables of the analysis service and its versioned migrations."""
+"""Tables of the analysis service, as its queries see them, and its versioned migrations."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
 
-from mediatag_common.database import Migration
+from mediatag_common.migrations import load_migrations
 
 metadata = sa.MetaData()
 
@@ -106,16 +105,7 @@ COMPACTED_THROUGH = "compacted_through"
 PAUSED = "paused"
 
 
-def _initial_schema(conn: Connection) -> None:
-    metadata.create_all(conn)
-    conn.execute(
-        counters.insert(),
-        [
-            {"name": REVISION, "value": 0},
-            {"name": COMPACTED_THROUGH, "value": 0},
-            {"name": PAUSED, "value": 0},
-        ],
-    )
-
-
-MIGRATIONS = [Migration(1, "jobs, attempts, results, events, counters", _initial_schema)]
+# Versioned SQL files per database (see mediatag_common.migrations), never derived from the
+# table definitions above: those are what the queries use, and a test checks they agree.
+MIGRATIONS = load_migrations("analysis_service.storage.migrations")
+MIGRATIONS_LOCK = "mediatag-analysis"

@@ -1,7 +1,7 @@
 """Database access for the domain, with driver errors wrapped in the service's own root.
 
 The domain writes each transaction as a plain function of a synchronous connection; it runs
-whole on a database thread (see :mod:`mediatag_common.threaded_database`).
+whole on a database thread (see :mod:`mediatag_common.database`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from typing import TypeVar
 from sqlalchemy.engine import Connection
 
 from analysis_service.errors import StorageUnavailable
-from mediatag_common.database import DatabaseError
-from mediatag_common.threaded_database import ThreadedDatabase
+from mediatag_common.database import Database, DatabaseError
 
 T = TypeVar("T")
 
@@ -26,16 +25,16 @@ async def _unavailable_as_storage_error(call: Awaitable[T]) -> T:
         raise StorageUnavailable("the analysis database is unavailable") from exc
 
 
-async def read(db: ThreadedDatabase, query: Callable[[Connection], T]) -> T:
+async def read(db: Database, query: Callable[[Connection], T]) -> T:
     """The result of ``query`` on a read connection."""
     return await _unavailable_as_storage_error(db.read(query))
 
 
-async def write(db: ThreadedDatabase, transaction: Callable[[Connection], T]) -> T:
+async def write(db: Database, transaction: Callable[[Connection], T]) -> T:
     """The result of ``transaction``, committed (one writer at a time, in order)."""
     return await _unavailable_as_storage_error(db.write(transaction))
 
 
-async def consistent_read(db: ThreadedDatabase, query: Callable[[Connection], T]) -> T:
+async def consistent_read(db: Database, query: Callable[[Connection], T]) -> T:
     """The result of several reads with no commit in between."""
     return await _unavailable_as_storage_error(db.snapshot(query))

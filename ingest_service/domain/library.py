@@ -26,7 +26,7 @@ from ingest_service.errors import (
 from ingest_service.storage import repository
 from ingest_service.storage.repository import reading
 from mediatag_common import paging
-from mediatag_common.database import Database
+from mediatag_common.async_database import Database
 from mediatag_common.errors import (
     PermissionDenied,
     ServiceError,

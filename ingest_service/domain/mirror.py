@@ -26,8 +26,8 @@ from ingest_service.domain.models import (
 )
 from ingest_service.storage import repository
 from ingest_service.storage.repository import reading, writing
+from mediatag_common.async_database import Database
 from mediatag_common.backoff import Backoff
-from mediatag_common.database import Database
 from mediatag_common.errors import RESYNC_REASONS, error_info
 from mediatag_common.tasks import cancel_and_wait
 

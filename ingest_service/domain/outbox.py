@@ -19,8 +19,8 @@ from ingest_service.domain.observer import IngestObserver
 from ingest_service.errors import StorageUnavailable
 from ingest_service.storage import repository
 from ingest_service.storage.repository import reading, writing
+from mediatag_common.async_database import Database
 from mediatag_common.backoff import Backoff
-from mediatag_common.database import Database
 from mediatag_common.tasks import cancel_and_wait
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ from ingest_service.domain.models import Media, ProcessingStatus, RequestRecord
 from ingest_service.errors import IngestError, RequestIdReused, invalid
 from ingest_service.storage import repository
 from ingest_service.storage.repository import reading, writing
-from mediatag_common.database import Database
+from mediatag_common.async_database import Database
 from mediatag_common.errors import FieldViolation
 from mediatag_common.tasks import cancel_and_wait
 

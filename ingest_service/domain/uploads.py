@@ -36,7 +36,8 @@ from ingest_service.domain.sniff import sniff
 from ingest_service.errors import invalid
 from ingest_service.storage import repository
 from ingest_service.storage.repository import writing
-from mediatag_common.database import Database, after_commit
+from mediatag_common.async_database import Database
+from mediatag_common.database import after_commit
 from mediatag_common.group_commit import GroupCommit
 from mediatag_common.untrusted_text import has_unsafe_characters
 

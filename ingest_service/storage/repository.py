@@ -26,7 +26,8 @@ from ingest_service.storage.schema import (
     outbox,
     upload_requests,
 )
-from mediatag_common.database import Database, DatabaseError, raising_as
+from mediatag_common.async_database import Database, raising_as
+from mediatag_common.database import DatabaseError
 from mediatag_common.embeddings import embedding_from_bytes, embedding_to_bytes
 
 # ListMedia order: newest first; the id breaks ties within one upload.

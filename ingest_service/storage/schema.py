@@ -1,11 +1,10 @@
-"""Tables of the ingest service and its versioned migrations."""
+"""Tables of the ingest service, as its queries see them, and its versioned migrations."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
 
-from mediatag_common.database import Migration
+from mediatag_common.migrations import load_migrations
 
 metadata = sa.MetaData()
 
@@ -83,24 +82,7 @@ upload_requests = sa.Table(
 )
 
 
-def _initial_schema(conn: Connection) -> None:
-    # Only the tables of version 1: later tables are their own migrations.
-    metadata.create_all(conn, tables=[media, outbox, counters])
-    conn.execute(counters.insert(), [{"name": MIRROR_REVISION, "value": 0}])
-
-
-def _upload_requests(conn: Connection) -> None:
-    upload_requests.create(conn)
-
-
-def _media_sha256_index(conn: Connection) -> None:
-    # The blob sweep asks which of the blobs it found some row names. Not declared on the
-    # table: the initial migration creates the table as version 1 had it.
-    conn.execute(sa.text("CREATE INDEX media_sha256 ON media (sha256)"))
-
-
-MIGRATIONS = [
-    Migration(1, "media, outbox, counters", _initial_schema),
-    Migration(2, "upload_requests: request ids of uploads (AIP-155)", _upload_requests),
-    Migration(3, "media_sha256: an index for the blob sweep", _media_sha256_index),
-]
+# Versioned SQL files per database (see mediatag_common.migrations), never derived from the
+# table definitions above: those are what the queries use, and a test checks they agree.
+MIGRATIONS = load_migrations("ingest_service.storage.migrations")
+MIGRATIONS_LOCK = "mediatag-ingest"

@@ -1,0 +1,153 @@
+"""Versioned migrations on SQLite and PostgreSQL: what they create is what the queries expect,
+they apply once when replicas start together, and data made by earlier releases is kept."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import multiprocessing.synchronize
+import sqlite3
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from analysis_service.storage import schema as analysis_schema
+from ingest_service.storage import schema as ingest_schema
+from mediatag_common.database import Database, database_url
+from mediatag_common.keys import load_or_create_key
+from mediatag_common.migrations import Migration, apply_migrations, load_migrations
+from tests.conftest import DatabaseUrls
+
+SERVICES = {
+    "analysis": (analysis_schema.metadata, analysis_schema.MIGRATIONS, "mediatag-analysis"),
+    "ingest": (ingest_schema.metadata, ingest_schema.MIGRATIONS, "mediatag-ingest"),
+}
+
+
+def _columns(engine: sa.Engine, table: str) -> dict[str, bool]:
+    """Column name -> nullable, as the database has it."""
+    return {c["name"]: bool(c["nullable"]) for c in sa.inspect(engine).get_columns(table)}
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+async def test_migrations_create_the_tables_the_queries_use(
+    databases: DatabaseUrls, service: str
+) -> None:
+    metadata, migrations, lock = SERVICES[service]
+    db = Database(databases.new(service))
+    try:
+        await db.migrate(migrations, lock_name=lock)
+        engine = db.engine
+        present = set(sa.inspect(engine).get_table_names())
+        for table in metadata.sorted_tables:
+            assert table.name in present, f"no migration creates {table.name}"
+            expected = {c.name: bool(c.nullable) for c in table.columns}
+            assert _columns(engine, table.name) == expected, table.name
+            primary = sa.inspect(engine).get_pk_constraint(table.name)["constrained_columns"]
+            assert primary == [c.name for c in table.primary_key.columns], table.name
+            indexes = {i["name"] for i in sa.inspect(engine).get_indexes(table.name)}
+            assert {i.name for i in table.indexes} <= indexes, table.name
+        assert present - {t.name for t in metadata.sorted_tables} == {
+            "schema_migrations",
+            "secrets",
+        }
+        versions = await db.read(
+            lambda conn: list(conn.execute(sa.text("SELECT version FROM schema_migrations")))
+        )
+        assert sorted(v for (v,) in versions) == [m.version for m in migrations]
+    finally:
+        await db.close()
+
+
+def test_every_migration_exists_for_both_databases() -> None:
+    for _, migrations, _ in SERVICES.values():
+        assert [m.version for m in migrations] == list(range(1, len(migrations) + 1))
+        for migration in migrations:
+            assert set(migration.statements) == {"sqlite", "postgresql"}
+            assert all(migration.statements.values()), migration
+
+
+async def test_a_database_of_an_earlier_release_keeps_its_data(tmp_path: Path) -> None:
+    """An SQLite file made by the first migration alone (what earlier releases created)
+    gets only the later ones, and keeps its rows."""
+    path = tmp_path / "analysis.db"
+    first: list[Migration] = [analysis_schema.MIGRATIONS[0]]
+    db = Database(f"sqlite:///{path}")
+    await db.migrate(first, lock_name="mediatag-analysis")
+    await db.write(
+        lambda conn: conn.execute(sa.text("UPDATE counters SET value = 41 WHERE name = 'revision'"))
+    )
+    await db.migrate(analysis_schema.MIGRATIONS, lock_name="mediatag-analysis")
+    await db.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT value FROM counters WHERE name = 'revision'").fetchone() == (
+            41,
+        )
+        applied = [v for (v,) in conn.execute("SELECT version FROM schema_migrations")]
+    assert applied == [m.version for m in analysis_schema.MIGRATIONS]
+
+
+def _migrate_in_process(
+    url: str,
+    start: multiprocessing.synchronize.Barrier,
+    results: multiprocessing.Queue[list[int] | str],
+) -> None:
+    engine = sa.create_engine(database_url(url))
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+            conn.rollback()
+            # Connected and ready: all three start migrating at the same moment.
+            start.wait(60)
+            migrations = load_migrations("analysis_service.storage.migrations")
+            results.put(apply_migrations(conn, migrations, lock_name="race"))
+    except Exception as exc:
+        results.put(repr(exc))
+    finally:
+        engine.dispose()
+
+
+def test_three_processes_migrating_at_once_apply_each_migration_once(postgres_url: str) -> None:
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(3)
+    results: multiprocessing.Queue[list[int] | str] = context.Queue()
+    processes = [
+        context.Process(target=_migrate_in_process, args=(postgres_url, start, results))
+        for _ in range(3)
+    ]
+    for process in processes:
+        process.start()
+    applied = [results.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(30)
+        assert process.exitcode == 0
+    everything = [m.version for m in analysis_schema.MIGRATIONS]
+    # One process applied them all; the others waited for the lock and found nothing to do.
+    assert sorted(applied, key=len) == [[], [], everything]
+    engine = sa.create_engine(database_url(postgres_url))
+    with engine.connect() as conn:
+        rows = list(conn.execute(sa.text("SELECT version FROM schema_migrations")))
+    engine.dispose()
+    assert sorted(v for (v,) in rows) == everything
+
+
+async def test_a_stored_key_is_made_once_and_shared(databases: DatabaseUrls) -> None:
+    url = databases.new("keys")
+    first = Database(url)
+    second = Database(url)
+    try:
+        await first.migrate(analysis_schema.MIGRATIONS, lock_name="mediatag-analysis")
+        keys = await asyncio.gather(
+            *(
+                db.write(lambda conn: load_or_create_key(conn, "page-token"))
+                for db in (first, second, first, second)
+            )
+        )
+        assert len(set(keys)) == 1
+        assert len(keys[0]) == 32
+        other = await first.write(lambda conn: load_or_create_key(conn, "other"))
+        assert other != keys[0]
+    finally:
+        await first.close()
+        await second.close()
