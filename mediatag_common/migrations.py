@@ -27,11 +27,10 @@ from importlib import resources
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from mediatag_common.database import POSTGRESQL, SQLITE
-
 logger = logging.getLogger(__name__)
 
-DIALECTS = (SQLITE, POSTGRESQL)
+# SQLAlchemy's dialect names; a migration has one file per dialect.
+DIALECTS = ("sqlite", "postgresql")
 _FILE_NAME = re.compile(r"(?P<version>\d{4})_(?P<slug>[a-z0-9_]+)\.sql")
 # The table of applied versions; the same DDL on both databases (and what earlier releases
 # created on SQLite).
@@ -92,7 +91,7 @@ def load_migrations(package: str) -> tuple[Migration, ...]:
         migrations.append(
             Migration(
                 version=version,
-                description=by_dialect[SQLITE][0],
+                description=by_dialect["sqlite"][0],
                 statements={d: split_statements(script) for d, (_, script) in by_dialect.items()},
             )
         )
@@ -113,7 +112,7 @@ def apply_migrations(
     named ``lock_name`` (the service's name: one database per service).
     """
     dialect = conn.dialect.name
-    locked = dialect == POSTGRESQL
+    locked = dialect == "postgresql"
     if locked:
         conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": lock_key(lock_name)})
         conn.commit()

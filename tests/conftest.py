@@ -76,6 +76,7 @@ def databases(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databa
         for url in urls.made:
             server.drop_database(url)
 
+
 # The blob store fixtures (emulators started once per session).
 pytest_plugins = ["tests.blob_stores"]
 

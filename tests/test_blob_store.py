@@ -27,8 +27,9 @@ from ingest_service.config import IngestConfig, UploadLimits
 from ingest_service.domain.observer import NoObserver
 from ingest_service.domain.requests import RequestIds
 from ingest_service.domain.uploads import Uploads
-from ingest_service.storage.schema import MIGRATIONS
-from mediatag_common.database import Database, sqlite_url
+from ingest_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
+from mediatag_common.async_database import Database
+from mediatag_common.database import sqlite_url
 from mediatag_common.service_config import MIB
 from tests import media_samples as samples
 from tests.blob_stores import BUCKET, StoreUnderTest, blob_key, s3_client, store_under_test
@@ -129,7 +130,7 @@ async def test_a_blob_swept_before_its_row_committed_is_stored_again(tmp_path: P
     sweep removed it before the row committed; once committed, the upload stores it again."""
     store = LocalBlobStore(tmp_path / "blobs", NoObserver())
     db = Database(sqlite_url(str(tmp_path / "ingest.db")))
-    await db.migrate(MIGRATIONS)
+    await db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
     uploads = Uploads(
         db=db,
         blobs=store,

@@ -25,7 +25,7 @@ from ingest_service.domain.blobs import BlobStore, StoredObject
 from ingest_service.errors import IngestError
 from ingest_service.storage import repository
 from ingest_service.storage.repository import writing
-from mediatag_common.database import Database
+from mediatag_common.async_database import Database
 from mediatag_common.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
