@@ -10,6 +10,7 @@ Each class says what went wrong (its ``reason``); the gRPC layer gives it a stat
     │   ├── StorageFull           no room for the upload
     │   ├── StorageQuotaExceeded  the blob store's request quota or rate limit is exceeded
     │   └── StoragePermissionDenied  the blob store refused the service's credentials
+    ├── StorageConflict           concurrent transactions kept refusing a change (retry it)
     ├── AnalysisUnavailable       the analysis service cannot be reached
     ├── AnalysisRefused           the analysis service refused a call made for the client
     ├── RequestIdReused           REQUEST_ID_REUSED
@@ -63,6 +64,13 @@ class StoragePermissionDenied(StorageUnavailable):
     """The blob store refused the service's credentials (or it found none)."""
 
     reason = "STORAGE_PERMISSION_DENIED"
+
+
+class StorageConflict(IngestError):
+    """Concurrent transactions (of this or another ingest process) kept refusing a change
+    after it was retried; the whole request may be retried."""
+
+    reason = "STORAGE_CONFLICT"
 
 
 # Out of room, as opposed to a disk that failed or is read-only.

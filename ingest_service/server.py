@@ -22,8 +22,9 @@ from ingest_service.domain.stream_upload import StreamUploads
 from ingest_service.domain.uploads import Uploads
 from ingest_service.metrics import IngestMetrics
 from ingest_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
-from mediatag_common.async_database import Database
+from ingest_service.storage.sql_store import SqlIngestStore
 from mediatag_common.auth import load_tokens
+from mediatag_common.database import Database
 from mediatag_common.grpc_server import (
     ServiceHost,
     channel_options,
@@ -47,8 +48,8 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(config.resolved_database_url, synchronous=config.sqlite_synchronous)
     await db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
-    async with db.write() as conn:
-        page_tokens = PageTokens(await conn.run_sync(load_or_create_key, PAGE_TOKEN_KEY))
+    page_tokens = PageTokens(await db.write(lambda conn: load_or_create_key(conn, PAGE_TOKEN_KEY)))
+    store = SqlIngestStore(db)
     metrics = IngestMetrics()
     blobs = await asyncio.to_thread(
         open_blob_store,
@@ -59,7 +60,7 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         observer=metrics,
     )
     sweep = BlobSweep(
-        db=db,
+        store=store,
         blobs=blobs,
         grace_period=config.blob_sweep_grace,
         interval=config.blob_sweep_interval,
@@ -74,7 +75,7 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
     )
     analysis = analysis_pb2_grpc.AnalysisServiceStub(analysis_channel)
     forwarder = OutboxForwarder(
-        db=db,
+        store=store,
         analysis=analysis,
         batch_size=config.outbox_batch_size,
         initial_backoff=config.outbox_initial_backoff,
@@ -82,18 +83,18 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         observer=metrics,
     )
     mirror = StatusMirror(
-        db=db,
+        store=store,
         analysis=analysis,
         initial_backoff=config.mirror_initial_backoff,
         max_backoff=config.mirror_max_backoff,
     )
     requests = RequestIds(
-        db=db,
+        store=store,
         retention=config.request_id_retention,
         purge_interval=config.request_id_purge_interval,
     )
     uploads = Uploads(
-        db=db,
+        store=store,
         blobs=blobs,
         limits=config.limits,
         requests=requests,
@@ -108,7 +109,7 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         stream_limits=config.stream_limits,
     )
     library = MediaLibrary(
-        db=db,
+        store=store,
         blobs=blobs,
         limits=config.limits,
         analysis=analysis,

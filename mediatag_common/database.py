@@ -34,8 +34,6 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, make_url
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncConnection
-
     from mediatag_common.migrations import Migration
 
 logger = logging.getLogger(__name__)
@@ -126,7 +124,7 @@ def classify(error: sa_exc.SQLAlchemyError) -> DatabaseError:
 AFTER_COMMIT = "mediatag.after_commit"
 
 
-def after_commit(conn: Connection | AsyncConnection, callback: Callable[[], None]) -> None:
+def after_commit(conn: Connection, callback: Callable[[], None]) -> None:
     """Run ``callback`` on the event loop once the write transaction of ``conn`` commits.
 
     On SQLite the callbacks of successive transactions run in commit order. On PostgreSQL

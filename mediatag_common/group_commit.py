@@ -1,11 +1,10 @@
 """Group commit: the writes of concurrent requests share one transaction.
 
-Every write transaction holds the single writer lock for several round trips to the
-database thread (begin, statements, commit), and under load each round trip waits behind
-other work on the event loop. Committing each request on its own therefore caps
-throughput at one critical section per request; committing whatever queued up while the
-previous transaction ran amortises it over all of them, and each request still returns
-only after its rows are durable.
+Every write transaction costs a hop to a database thread, a wait for the event loop to
+resume the caller, and a durable commit (on SQLite, one writer at a time). Committing each
+request on its own therefore caps throughput at one transaction per request; committing
+whatever queued up while the previous transaction ran amortises it over all of them, and
+each request still returns only after its rows are durable.
 """
 
 from __future__ import annotations
@@ -13,16 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
 from typing import Generic, TypeVar
-
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 Item = TypeVar("Item")
 
 
 class GroupCommit(Generic[Item]):
-    """Writes items with ``write(conn, items)`` in shared ``transaction()``s.
+    """Writes items in groups with ``write(items)``, one transaction per call.
 
     A failed transaction fails every request in its group with the same error: the groups
     are meant for writes that fail only when the database does.
@@ -30,12 +26,10 @@ class GroupCommit(Generic[Item]):
 
     def __init__(
         self,
-        transaction: Callable[[], AbstractAsyncContextManager[AsyncConnection]],
-        write: Callable[[AsyncConnection, Sequence[Item]], Awaitable[None]],
+        write: Callable[[Sequence[Item]], Awaitable[None]],
         *,
         max_group: int = 256,
     ) -> None:
-        self._transaction = transaction
         self._write = write
         self._max_group = max_group
         self._queued: list[tuple[Item, asyncio.Future[None]]] = []
@@ -61,8 +55,7 @@ class GroupCommit(Generic[Item]):
             group = self._queued[: self._max_group]
             del self._queued[: self._max_group]
             try:
-                async with self._transaction() as conn:
-                    await self._write(conn, [item for item, _ in group])
+                await self._write([item for item, _ in group])
             except Exception as exc:
                 for _, done in group:
                     if not done.done():

@@ -65,6 +65,12 @@ class DatabaseUrls:
         self.made.append(url)
         return url
 
+    def drop(self) -> None:
+        """Drop the PostgreSQL databases made (SQLite files go with the test's directory)."""
+        if self.server is not None:
+            for url in self.made:
+                self.server.drop_database(url)
+
 
 @pytest.fixture(params=DATABASES)
 def databases(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DatabaseUrls]:
@@ -72,9 +78,7 @@ def databases(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databa
     server = request.getfixturevalue("postgres") if request.param == "postgresql" else None
     urls = DatabaseUrls(request.param, tmp_path / "databases", server)
     yield urls
-    if server is not None:
-        for url in urls.made:
-            server.drop_database(url)
+    urls.drop()
 
 
 # The blob store fixtures (emulators started once per session).

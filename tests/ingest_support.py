@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -13,18 +12,34 @@ from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from grpc_health.v1 import health_pb2
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 from mediatag.ingest.v1 import ingest_pb2_grpc
 
 from ingest_service.config import IngestConfig
 from ingest_service.server import create_server
+from mediatag_common.database import database_url, sqlite_url
 from mediatag_common.errors import DOMAIN, error_info, field_violations
 from mediatag_common.grpc_server import ServiceHost, channel_options, health_check_stub
 from tests.blob_stores import StoreUnderTest, blob_key
-from tests.conftest import free_port
+from tests.conftest import DATABASES, DatabaseUrls, free_port
 
 OWNER = "listing-7"
+
+
+def on_each_database(fixture: str) -> pytest.MarkDecorator:
+    """Runs a test on SQLite and on PostgreSQL: ``fixture`` (an ingest server fixture that
+    takes its databases from :func:`database_urls`) gets each kind in turn."""
+    return pytest.mark.parametrize(fixture, DATABASES, indirect=True)
+
+
+def database_urls(request: pytest.FixtureRequest, root: Path) -> DatabaseUrls:
+    """Databases of the kind ``on_each_database`` gave the requesting fixture (else SQLite);
+    call ``drop()`` on them afterwards."""
+    kind = getattr(request, "param", "sqlite")
+    server = request.getfixturevalue("postgres") if kind == "postgresql" else None
+    return DatabaseUrls(kind, root, server)
 
 
 @dataclass
@@ -103,9 +118,15 @@ class IngestServer:
         return blob_key(sha256)
 
     def count_rows(self, table: str) -> int:
-        """Rows of ``table`` in the service's SQLite file (read-only peek)."""
-        with sqlite3.connect(f"file:{self.data_dir / 'ingest.db'}?mode=ro", uri=True) as conn:
-            (count,) = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+        """Rows of ``table`` in the service's database (its SQLite file, or the PostgreSQL
+        database its configuration names)."""
+        url = self.config.database_url or sqlite_url(str(self.data_dir / "ingest.db"))
+        engine = sa.create_engine(database_url(url))
+        try:
+            with engine.connect() as conn:
+                count = conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
+        finally:
+            engine.dispose()
         return int(count)
 
 

@@ -28,8 +28,8 @@ from ingest_service.domain.observer import NoObserver
 from ingest_service.domain.requests import RequestIds
 from ingest_service.domain.uploads import Uploads
 from ingest_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
-from mediatag_common.async_database import Database
-from mediatag_common.database import sqlite_url
+from ingest_service.storage.sql_store import SqlIngestStore
+from mediatag_common.database import Database, sqlite_url
 from mediatag_common.service_config import MIB
 from tests import media_samples as samples
 from tests.blob_stores import BUCKET, StoreUnderTest, blob_key, s3_client, store_under_test
@@ -131,11 +131,12 @@ async def test_a_blob_swept_before_its_row_committed_is_stored_again(tmp_path: P
     store = LocalBlobStore(tmp_path / "blobs", NoObserver())
     db = Database(sqlite_url(str(tmp_path / "ingest.db")))
     await db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
+    ingest_store = SqlIngestStore(db)
     uploads = Uploads(
-        db=db,
+        store=ingest_store,
         blobs=store,
         limits=UploadLimits(),
-        requests=RequestIds(db=db, retention=60, purge_interval=60),
+        requests=RequestIds(store=ingest_store, retention=60, purge_interval=60),
         on_committed=lambda: None,
         blob_grace_period=3600,
     )

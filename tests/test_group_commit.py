@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from mediatag_common.async_database import Database
-from mediatag_common.database import DatabaseError, sqlite_url
+from mediatag_common.database import Database, DatabaseError, sqlite_url
 from mediatag_common.group_commit import GroupCommit
 
 _rows = sa.Table("rows", sa.MetaData(), sa.Column("value", sa.Integer, primary_key=True))
@@ -20,27 +18,33 @@ _rows = sa.Table("rows", sa.MetaData(), sa.Column("value", sa.Integer, primary_k
 @pytest.fixture
 async def db(tmp_path: Path) -> AsyncIterator[Database]:
     database = Database(sqlite_url(str(tmp_path / "group.db")), synchronous="NORMAL")
-    async with database.write() as conn:
-        await conn.run_sync(_rows.metadata.create_all)
+    await database.write(_rows.metadata.create_all)
     yield database
     await database.close()
 
 
 async def stored(db: Database) -> list[int]:
-    async with db.read() as conn:
-        return sorted((await conn.execute(sa.select(_rows.c.value))).scalars())
+    return await db.read(lambda conn: sorted(conn.execute(sa.select(_rows.c.value)).scalars()))
+
+
+def inserting(db: Database, groups: list[int] | None = None) -> GroupCommit[int]:
+    """Group commits inserting their values; each group's size is appended to ``groups``."""
+
+    async def insert(values: Sequence[int]) -> None:
+        if groups is not None:
+            groups.append(len(values))
+        await db.write(
+            lambda conn: conn.execute(_rows.insert(), [{"value": value} for value in values])
+        )
+
+    return GroupCommit(insert)
 
 
 async def test_concurrent_commits_share_transactions_and_each_waits_for_its_own(
     db: Database,
 ) -> None:
     groups: list[int] = []
-
-    async def insert(conn: AsyncConnection, values: Sequence[int]) -> None:
-        groups.append(len(values))
-        await conn.execute(_rows.insert(), [{"value": value} for value in values])
-
-    commits = GroupCommit(db.write, insert)
+    commits = inserting(db, groups)
     await asyncio.gather(*(commits.commit(value) for value in range(100)))
 
     assert await stored(db) == list(range(100))
@@ -50,10 +54,7 @@ async def test_concurrent_commits_share_transactions_and_each_waits_for_its_own(
 
 
 async def test_a_failed_transaction_fails_its_group_and_later_commits_work(db: Database) -> None:
-    async def insert(conn: AsyncConnection, values: Sequence[int]) -> None:
-        await conn.execute(_rows.insert(), [{"value": value} for value in values])
-
-    commits = GroupCommit(db.write, insert)
+    commits = inserting(db)
     await commits.commit(1)
     # Queued together, 5 and a duplicate 1 share a transaction: both fail, neither lands.
     results = await asyncio.gather(commits.commit(5), commits.commit(1), return_exceptions=True)

@@ -1,7 +1,8 @@
 """The ingest service on its own: uploads, reads, refusals, the outbox and the status mirror.
 
-The real ingest server runs in-process on port 0 with a real SQLite file; where it talks to
-the analysis service, a test-local fake of that service's gRPC edge records what it receives.
+The real ingest server runs in-process on port 0 with a real SQLite file (and, where the
+database matters, on PostgreSQL too); where it talks to the analysis service, a test-local
+fake of that service's gRPC edge records what it receives.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from mediatag.ingest.v1 import ingest_pb2 as ipb
 from analysis_service.api.status_codes import STATUS_CODES
 from analysis_service.config import AnalysisConfig
 from analysis_service.errors import RevisionCompacted, ShuttingDown
+from ingest_service.config import IngestConfig
 from mediatag_common.errors import DOMAIN, ServiceError, error_info, field_violations
 from mediatag_common.grpc_server import new_server
 from tests import media_samples as samples
 from tests.blob_stores import StoreUnderTest
 from tests.conftest import free_port, wait_until
-from tests.ingest_support import IngestServer
+from tests.ingest_support import IngestServer, database_urls, on_each_database
 
 OWNER = "listing-42"
 SEED_MESSAGE = "Uploaded {n} media file(s). {k} image(s) are being analyzed in the background."
@@ -128,10 +130,16 @@ async def analysis_port() -> int:
 
 
 @pytest.fixture
-async def ingest(tmp_path: Path, analysis_port: int) -> AsyncIterator[IngestServer]:
-    runner = IngestServer(tmp_path / "ingest", analysis_port=analysis_port)
+async def ingest(
+    request: pytest.FixtureRequest, tmp_path: Path, analysis_port: int
+) -> AsyncIterator[IngestServer]:
+    """The ingest service on SQLite, or on each database with ``on_each_database``."""
+    urls = database_urls(request, tmp_path / "databases")
+    config = IngestConfig(database_url=urls.new("ingest"))
+    runner = IngestServer(tmp_path / "ingest", config=config, analysis_port=analysis_port)
     yield runner
     await runner.stop()
+    urls.drop()
 
 
 @pytest.fixture
@@ -363,7 +371,10 @@ async def test_a_bad_item_rejects_the_whole_batch_and_stores_nothing(
 # -- reads -----------------------------------------------------------------------------------
 
 
-async def test_list_media_pages_newest_first_and_filters_by_status(ingest: IngestServer) -> None:
+@on_each_database("ingest")
+async def test_list_media_pages_newest_first_and_filters_by_status(
+    ingest: IngestServer,
+) -> None:
     stub = await ingest.start()
     uploaded: list[str] = []
     for n in range(4):
@@ -483,6 +494,7 @@ async def test_read_media_content_streams_exactly_the_uploaded_bytes(
 # -- the outbox ------------------------------------------------------------------------------
 
 
+@on_each_database("ingest")
 async def test_outbox_keeps_jobs_while_analysis_is_down_and_delivers_each_once(
     ingest: IngestServer, start_fake: Callable[[], Awaitable[FakeAnalysis]]
 ) -> None:
@@ -570,6 +582,7 @@ def bookmark(revision: int, *, initial_state_end: bool = False) -> apb.WatchStat
     )
 
 
+@on_each_database("ingest")
 async def test_status_mirror_applies_changes_and_resumes_from_the_last_revision(
     ingest: IngestServer, start_fake: Callable[[], Awaitable[FakeAnalysis]]
 ) -> None:
@@ -701,6 +714,7 @@ async def test_status_mirror_applies_changes_and_resumes_from_the_last_revision(
 # -- reprocessing ----------------------------------------------------------------------------
 
 
+@on_each_database("ingest")
 async def test_reprocess_passes_on_to_analysis(
     ingest: IngestServer, start_fake: Callable[[], Awaitable[FakeAnalysis]]
 ) -> None:

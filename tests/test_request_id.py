@@ -17,10 +17,9 @@ from mediatag.ingest.v1 import ingest_pb2 as ipb
 from analysis_service.config import AnalysisConfig, RateLimitConfig
 from ingest_service.config import IngestConfig
 from ingest_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
-from mediatag_common.async_database import Database
-from mediatag_common.database import sqlite_url
+from mediatag_common.database import Database, sqlite_url
 from tests import media_samples as samples
-from tests.conftest import Cluster, wait_until
+from tests.conftest import Cluster, DatabaseUrls, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.ingest_support import (
     OWNER,
@@ -28,8 +27,10 @@ from tests.ingest_support import (
     assert_refused,
     chunk,
     chunks_of,
+    database_urls,
     header,
     listed,
+    on_each_database,
     refusal,
     sha256_of,
     stream,
@@ -42,10 +43,13 @@ VIDEO = samples.mp4_bytes(51)
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[IngestServer]:
-    runner = IngestServer(tmp_path / "ingest")
+async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[IngestServer]:
+    """The ingest service on SQLite, or on each database with ``on_each_database``."""
+    urls = database_urls(request, tmp_path / "databases")
+    runner = IngestServer(tmp_path / "ingest", config=IngestConfig(database_url=urls.new("ingest")))
     yield runner
     await runner.stop()
+    urls.drop()
 
 
 def upload_request(request_id: str, **changes: Any) -> ipb.UploadMediaRequest:
@@ -65,6 +69,7 @@ def upload_request(request_id: str, **changes: Any) -> ipb.UploadMediaRequest:
     return ipb.UploadMediaRequest(**fields)
 
 
+@on_each_database("server")
 async def test_a_retried_upload_gets_the_first_answer_and_stores_nothing_twice(
     server: IngestServer,
 ) -> None:
@@ -177,6 +182,7 @@ async def test_a_malformed_request_id_is_invalid_argument(
 # -- races -----------------------------------------------------------------------------------
 
 
+@on_each_database("server")
 async def test_concurrent_duplicates_store_once(server: IngestServer) -> None:
     stub = await server.start()
     request_id = str(uuid.uuid4())
@@ -190,6 +196,7 @@ async def test_concurrent_duplicates_store_once(server: IngestServer) -> None:
     assert server.count_rows("outbox") == 1
 
 
+@on_each_database("server")
 async def test_concurrent_uses_of_one_id_with_different_content_store_one_of_them(
     server: IngestServer,
 ) -> None:
@@ -213,12 +220,13 @@ async def test_concurrent_uses_of_one_id_with_different_content_store_one_of_the
 
 
 async def test_two_ingest_processes_on_one_database_store_a_duplicate_once(
-    tmp_path: Path,
+    tmp_path: Path, databases: DatabaseUrls
 ) -> None:
-    # Two services on one data directory race without sharing a process: only the database
-    # (its transaction order and the request id's primary key) can keep them apart.
-    first = IngestServer(tmp_path / "ingest")
-    second = IngestServer(tmp_path / "ingest")
+    # Two services on one database (and one blob directory) race without sharing a process:
+    # only the database (the request id's INSERT ... ON CONFLICT) can keep them apart.
+    config = IngestConfig(database_url=databases.new("ingest"))
+    first = IngestServer(tmp_path / "ingest", config=config)
+    second = IngestServer(tmp_path / "ingest", config=config)
     try:
         stubs = [await first.start(), await second.start()]
         for _ in range(5):

@@ -7,11 +7,12 @@ its blob to its row) they are removed. The sweep runs at start and then every in
 every ingest process; several sweeping one shared store at once only repeat each other's
 deletes.
 
-Blobs are judged in batches, each in one database write transaction: which of them some row
-names, then the deletes of the others, then the commit. Uploads commit their rows in write
-transactions too, so a row naming a blob either committed before the batch looked (and the
-blob is kept) or commits after its delete, and its uploader, whose blob was old enough to
-be judged, finds it gone and stores it again (see ``blobs.Placement``).
+Blobs are judged in batches, each in one database transaction that no media row can commit
+past (in any process: see ``IngestStore.remove_unreferenced``): which of them some row
+names, then the deletes of the others, then the commit. So a row naming a blob either
+committed before the batch looked (and the blob is kept) or commits after its delete, and
+its uploader, whose blob was old enough to be judged, finds it gone and stores it again
+(see ``blobs.Placement``).
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from ingest_service.domain.blobs import BlobStore, StoredObject
+from ingest_service.domain.store import IngestStore
 from ingest_service.errors import IngestError
-from ingest_service.storage import repository
-from ingest_service.storage.repository import writing
-from mediatag_common.async_database import Database
 from mediatag_common.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
@@ -51,9 +51,9 @@ class BlobSweep:
     """Removes blobs no row names, and temporary objects, older than ``grace_period``."""
 
     def __init__(
-        self, *, db: Database, blobs: BlobStore, grace_period: float, interval: float
+        self, *, store: IngestStore, blobs: BlobStore, grace_period: float, interval: float
     ) -> None:
-        self._db = db
+        self._store = store
         self._blobs = blobs
         self._grace_period = grace_period
         self._interval = interval
@@ -88,21 +88,20 @@ class BlobSweep:
 
     async def _sweep_batch(self, candidates: list[StoredObject]) -> int:
         limit = asyncio.Semaphore(DELETE_CONCURRENCY)
+        by_sha256 = {stored.sha256: stored for stored in candidates if stored.sha256}
 
         async def delete(orphan: StoredObject) -> None:
             async with limit:
                 await self._blobs.delete(orphan.key)
 
-        async with writing(self._db) as conn:
-            named = await repository.referenced_sha256(
-                conn, [stored.sha256 for stored in candidates if stored.sha256]
-            )
-            orphans = [stored for stored in candidates if stored.sha256 not in named]
-            # Deleted before the transaction ends: see the module's docstring.
-            await asyncio.gather(*(delete(orphan) for orphan in orphans))
-        for orphan in orphans:
-            logger.info("blob sweep: removed blob %s, which no media names", orphan.sha256)
-        return len(orphans)
+        async def delete_all(orphans: Collection[str]) -> None:
+            await asyncio.gather(*(delete(by_sha256[sha256]) for sha256 in orphans))
+
+        # Deleted before the transaction ends: see the module's docstring.
+        removed = await self._store.remove_unreferenced(by_sha256.keys(), delete_all)
+        for sha256 in sorted(removed):
+            logger.info("blob sweep: removed blob %s, which no media names", sha256)
+        return len(removed)
 
     async def _loop(self) -> None:
         while True:

@@ -13,6 +13,7 @@ from mediatag.analysis.v1 import analysis_pb2
 from ingest_service.config import UploadLimits
 from ingest_service.domain.blobs import BlobStore
 from ingest_service.domain.models import Media, ProcessingStatus
+from ingest_service.domain.store import IngestStore
 from ingest_service.domain.uploads import validate_owner_id
 from ingest_service.errors import (
     AnalysisRefused,
@@ -23,10 +24,7 @@ from ingest_service.errors import (
     invalid,
     media_not_found,
 )
-from ingest_service.storage import repository
-from ingest_service.storage.repository import reading
 from mediatag_common import paging
-from mediatag_common.async_database import Database
 from mediatag_common.errors import (
     PermissionDenied,
     ServiceError,
@@ -78,13 +76,13 @@ class MediaLibrary:
     def __init__(
         self,
         *,
-        db: Database,
+        store: IngestStore,
         blobs: BlobStore,
         limits: UploadLimits,
         analysis: AnalysisServiceAsyncStub,
         page_tokens: paging.PageTokens,
     ) -> None:
-        self._db = db
+        self._store = store
         self._blobs = blobs
         self._limits = limits
         self._analysis = analysis
@@ -93,16 +91,14 @@ class MediaLibrary:
     async def get(self, media_id: str, *, with_embedding: bool) -> Media:
         if not media_id:
             raise invalid("media_id", "MEDIA_ID_REQUIRED", "required")
-        async with reading(self._db) as conn:
-            found = await repository.get_media(conn, media_id, with_embedding=with_embedding)
+        found = await self._store.get_media(media_id, with_embedding=with_embedding)
         if found is None:
             raise media_not_found(media_id)
         return found
 
     async def owners_of(self, media_ids: Sequence[str]) -> dict[str, str]:
         """The owner of each known item of ``media_ids``; unknown ids are left out."""
-        async with reading(self._db) as conn:
-            return await repository.media_owners(conn, media_ids)
+        return await self._store.media_owners(media_ids)
 
     async def list_page(
         self,
@@ -125,15 +121,13 @@ class MediaLibrary:
         except paging.InvalidPageToken as exc:
             raise invalid("page_token", "INVALID_PAGE_TOKEN", str(exc)) from exc
         after = None if key is None else (float(key[0]), str(key[1]))
-        async with reading(self._db) as conn:
-            found = await repository.list_media(
-                conn,
-                owner_id=owner_id,
-                status=status,
-                after=after,
-                limit=limit + 1,
-                with_embedding=with_embedding,
-            )
+        found = await self._store.list_media(
+            owner_id=owner_id,
+            status=status,
+            after=after,
+            limit=limit + 1,
+            with_embedding=with_embedding,
+        )
         page = tuple(found[:limit])
         token = ""
         if len(found) > limit:
@@ -187,16 +181,15 @@ class MediaLibrary:
         for index, media_id in enumerate(media_ids):
             if not media_id:
                 raise invalid(f"media_ids[{index}]", "MEDIA_ID_REQUIRED", "required")
-        async with reading(self._db) as conn:
-            statuses = await repository.media_statuses(conn, media_ids)
-            waiting = await repository.undelivered(conn, media_ids)
+        states = await self._store.analysis_states(media_ids)
         for index, media_id in enumerate(media_ids):
-            if media_id not in statuses:
+            if media_id not in states:
                 raise media_not_found(media_id, field=f"media_ids[{index}]")
         return [
             media_id
             for media_id in dict.fromkeys(media_ids)
-            if statuses[media_id] is not ProcessingStatus.NOT_APPLICABLE and media_id not in waiting
+            if states[media_id].status is not ProcessingStatus.NOT_APPLICABLE
+            and not states[media_id].in_outbox
         ]
 
 

@@ -1,7 +1,10 @@
 """The status mirror: keeps each media row's analysis state current from ``WatchStatus``.
 
 It resumes from the last applied revision, persisted in the same transaction as each change,
-so a restart of either service misses nothing and applies nothing twice. Never synced (or
+so a restart of either service misses nothing and applies nothing twice. Every ingest
+replica runs one on the shared database: applying a change is idempotent by revision (an
+item never moves back to an older one) and the persisted revision only ever grows, so the
+replicas' mirrors may apply the same stream at their own pace. Never synced (or
 told that its revision was compacted out of the event log), it asks for the current state
 of every item first. GetMedia and ListMedia read the mirrored rows, so they answer while the
 analysis service is down.
@@ -24,9 +27,7 @@ from ingest_service.domain.models import (
     ProcessingStatus,
     StatusUpdate,
 )
-from ingest_service.storage import repository
-from ingest_service.storage.repository import reading, writing
-from mediatag_common.async_database import Database
+from ingest_service.domain.store import IngestStore
 from mediatag_common.backoff import Backoff
 from mediatag_common.errors import RESYNC_REASONS, error_info
 from mediatag_common.tasks import cancel_and_wait
@@ -79,12 +80,12 @@ class StatusMirror:
     def __init__(
         self,
         *,
-        db: Database,
+        store: IngestStore,
         analysis: AnalysisServiceAsyncStub,
         initial_backoff: float,
         max_backoff: float,
     ) -> None:
-        self._db = db
+        self._store = store
         self._analysis = analysis
         self._backoff = Backoff(initial_backoff, max_backoff)
         self._task: asyncio.Task[None] | None = None
@@ -133,8 +134,7 @@ class StatusMirror:
             await asyncio.sleep(delay)
 
     async def _follow(self) -> None:
-        async with reading(self._db) as conn:
-            self._revision = await repository.mirror_revision(conn)
+        self._revision = await self._store.mirror_revision()
         initial = self._resync or self._revision == 0
         request = analysis_pb2.WatchStatusRequest(
             start_revision=0 if initial else self._revision,
@@ -155,26 +155,23 @@ class StatusMirror:
         revision = response.revision
         if response.HasField("change"):
             update = status_update(revision, response.change)
-            async with writing(self._db) as conn:
-                applied = update is not None and await repository.apply_status(conn, update)
-                await repository.set_mirror_revision(conn, revision)
-            self._revision = revision
             if update is None:
+                await self._store.advance_mirror(revision)
                 logger.error(
                     "ignored status change %d of media %s: unknown status %d",
                     revision,
                     response.change.media_id,
                     response.change.status,
                 )
-            elif applied:
+            elif await self._store.apply_status_change(update):
                 _log_update(update)
+            self._revision = revision
             return
         if response.bookmark.initial_state_end:
             self._resync = False
             logger.info("status mirror in sync with analysis at revision %d", revision)
         if revision != self._revision:
-            async with writing(self._db) as conn:
-                await repository.set_mirror_revision(conn, revision)
+            await self._store.advance_mirror(revision)
             self._revision = revision
 
 

@@ -3,11 +3,19 @@
 Outbox rows commit with their media rows, so a job survives a crash, a restart or an
 analysis outage; a row is deleted only once the analysis service has accepted its job
 (``SubmitJobs`` is idempotent by media id, so a delivery repeated after a crash is harmless).
+
+Every ingest replica runs a forwarder on the shared outbox. A forwarder leases the batch it
+delivers (:data:`LEASE` seconds, on the database's clock), so two replicas never deliver
+one job at once; a failed delivery gives its lease back at once, and the batch of a
+replica that died mid-delivery is handed to another once its lease ends. Besides being
+woken by its own replica's uploads, a forwarder looks at the outbox every
+:data:`POLL_INTERVAL` seconds, for jobs other replicas left behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -16,10 +24,8 @@ from mediatag.analysis.v1 import analysis_pb2
 
 from ingest_service.domain.models import Media
 from ingest_service.domain.observer import IngestObserver
+from ingest_service.domain.store import IngestStore
 from ingest_service.errors import StorageUnavailable
-from ingest_service.storage import repository
-from ingest_service.storage.repository import reading, writing
-from mediatag_common.async_database import Database
 from mediatag_common.backoff import Backoff
 from mediatag_common.tasks import cancel_and_wait
 
@@ -29,6 +35,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SUBMIT_CALL_TIMEOUT = 10.0
+# How long a claimed batch is a forwarder's alone: well past the SubmitJobs deadline, so a
+# live forwarder finishes first; the delay before another replica delivers a dead one's.
+LEASE = 3 * SUBMIT_CALL_TIMEOUT
+# How often an idle forwarder looks for jobs no upload of its own replica woke it for.
+POLL_INTERVAL = 5.0
 
 
 def job_spec(media: Media) -> analysis_pb2.JobSpec:
@@ -52,14 +63,14 @@ class OutboxForwarder:
     def __init__(
         self,
         *,
-        db: Database,
+        store: IngestStore,
         analysis: AnalysisServiceAsyncStub,
         batch_size: int,
         initial_backoff: float,
         max_backoff: float,
         observer: IngestObserver,
     ) -> None:
-        self._db = db
+        self._store = store
         self._analysis = analysis
         self._batch_size = batch_size
         self._backoff = Backoff(initial_backoff, max_backoff)
@@ -98,28 +109,34 @@ class OutboxForwarder:
                     media.priority,
                 )
             if len(delivered) < self._batch_size:
-                # The outbox is empty: sleep until an upload commits.
-                await self._wakeup.wait()
+                # Nothing more to claim: sleep until an upload commits, or the next look.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(POLL_INTERVAL):
+                        await self._wakeup.wait()
 
     async def _deliver_batch(self) -> list[Media]:
-        """Deliver the oldest batch of the outbox; returns what was delivered."""
-        async with reading(self._db) as conn:
-            batch = await repository.outbox_batch(conn, self._batch_size)
-        if not batch:
+        """Deliver the oldest batch nobody else is delivering; returns what was delivered."""
+        claim = await self._store.claim_jobs(self._batch_size, lease=LEASE)
+        if not claim.jobs:
             return []
-        request = analysis_pb2.SubmitJobsRequest(jobs=[job_spec(media) for _, media in batch])
-        response = await self._analysis.SubmitJobs(request, timeout=SUBMIT_CALL_TIMEOUT)
-        async with writing(self._db) as conn:
-            await repository.delete_outbox(conn, [outbox_id for outbox_id, _ in batch])
-        self._observer.jobs_delivered(len(batch))
+        request = analysis_pb2.SubmitJobsRequest(jobs=[job_spec(job.media) for job in claim.jobs])
+        try:
+            response = await self._analysis.SubmitJobs(request, timeout=SUBMIT_CALL_TIMEOUT)
+        except BaseException:
+            # Given back for the next try (of any replica); if even that fails, the lease
+            # ends by itself.
+            with contextlib.suppress(StorageUnavailable):
+                await asyncio.shield(self._store.release_jobs(claim))
+            raise
+        await self._store.complete_jobs([job.outbox_id for job in claim.jobs])
+        self._observer.jobs_delivered(len(claim.jobs))
         if response.existing_count:
             logger.debug("%d job(s) were already known to analysis", response.existing_count)
-        return [media for _, media in batch]
+        return [job.media for job in claim.jobs]
 
     async def backlog(self) -> int:
         """The jobs waiting in the outbox now."""
-        async with reading(self._db) as conn:
-            return await repository.outbox_size(conn)
+        return await self._store.outbox_size()
 
     async def _back_off(self, error: Exception) -> None:
         delay = self._backoff.next_delay()

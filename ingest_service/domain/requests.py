@@ -8,9 +8,12 @@ content is refused (``ALREADY_EXISTS``, ``REQUEST_ID_REUSED``): it is a client b
 answering it with the first upload's media would hide that.
 
 Duplicates that race are serialised per id within the process (:meth:`RequestIds.claim`),
-so the loser finds the winner's record before storing anything; across processes the
-record's primary key is the backstop. Records are kept for the retention period (24 h by
-default) and purged by a background task; an expired record counts as absent.
+so the loser finds the winner's record before storing anything. Across processes (replicas
+on one database) the store records an id with one ``INSERT … ON CONFLICT``: of two uploads
+racing with one id, one stores, and the other, finding the id taken as it commits, stores
+nothing and answers with the winner's answer (or refusal). Records are kept for the
+retention period (24 h by default) and purged by a background task; an expired record
+counts as absent.
 """
 
 from __future__ import annotations
@@ -26,10 +29,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ingest_service.domain.models import Media, ProcessingStatus, RequestRecord
+from ingest_service.domain.store import IngestStore
 from ingest_service.errors import IngestError, RequestIdReused, invalid
-from ingest_service.storage import repository
-from ingest_service.storage.repository import reading, writing
-from mediatag_common.async_database import Database
 from mediatag_common.errors import FieldViolation
 from mediatag_common.tasks import cancel_and_wait
 
@@ -106,8 +107,8 @@ class _Claim:
 class RequestIds:
     """The recorded request ids: look-ups, replays, per-id serialisation and the purge."""
 
-    def __init__(self, *, db: Database, retention: float, purge_interval: float) -> None:
-        self._db = db
+    def __init__(self, *, store: IngestStore, retention: float, purge_interval: float) -> None:
+        self._store = store
         self.retention = retention
         self._purge_interval = purge_interval
         self._claims: dict[str, _Claim] = {}
@@ -136,9 +137,7 @@ class RequestIds:
 
     async def lookup(self, request_id: str) -> RequestRecord | None:
         """The unexpired record of ``request_id``, if the id was used before."""
-        async with reading(self._db) as conn:
-            found = await repository.find_requests(conn, [request_id], not_before=self.cutoff())
-        return found.get(request_id)
+        return await self._store.find_request(request_id, not_before=self.cutoff())
 
     async def replay(
         self, record: RequestRecord, digest: str, field_name: str
@@ -158,8 +157,7 @@ class RequestIds:
                     )
                 ],
             )
-        async with reading(self._db) as conn:
-            stored = await repository.get_media_many(conn, record.media_ids)
+        stored = await self._store.media_in_order(record.media_ids)
         if len(stored) != len(record.media_ids):
             raise IngestError(f"the media of request_id {record.request_id} are missing")
         logger.info(
@@ -178,8 +176,7 @@ class RequestIds:
 
     async def purge(self) -> int:
         """Forget the request ids older than the retention period; returns how many."""
-        async with writing(self._db) as conn:
-            return await repository.delete_expired_requests(conn, before=self.cutoff())
+        return await self._store.purge_requests(before=self.cutoff())
 
     async def _purge_loop(self) -> None:
         while True:

@@ -18,8 +18,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from ingest_service.config import UploadLimits
 from ingest_service.domain.blobs import BlobStore, Placement
 from ingest_service.domain.models import (
@@ -33,11 +31,8 @@ from ingest_service.domain.models import (
 )
 from ingest_service.domain.requests import RequestIds, parse_request_id, upload_digest
 from ingest_service.domain.sniff import sniff
+from ingest_service.domain.store import IngestStore, NewUpload
 from ingest_service.errors import invalid
-from ingest_service.storage import repository
-from ingest_service.storage.repository import writing
-from mediatag_common.async_database import Database
-from mediatag_common.database import after_commit
 from mediatag_common.group_commit import GroupCommit
 from mediatag_common.untrusted_text import has_unsafe_characters
 
@@ -146,8 +141,7 @@ def upload_message(count: int, analysed: int) -> str:
 class _PendingUpload:
     """The rows of one upload on their way into a group commit."""
 
-    items: tuple[Media, ...]
-    request: RequestRecord | None
+    rows: NewUpload
     # Set by the commit when another call recorded the same request id first.
     prior: RequestRecord | None = None
 
@@ -158,7 +152,7 @@ class Uploads:
     def __init__(
         self,
         *,
-        db: Database,
+        store: IngestStore,
         blobs: BlobStore,
         limits: UploadLimits,
         requests: RequestIds,
@@ -170,7 +164,8 @@ class Uploads:
         self._limits = limits
         self._requests = requests
         self._on_committed = on_committed
-        self._commits: GroupCommit[_PendingUpload] = GroupCommit(lambda: writing(db), self._insert)
+        self._store = store
+        self._commits: GroupCommit[_PendingUpload] = GroupCommit(self._insert)
 
     async def upload(self, request: UploadRequest) -> UploadResult:
         """Store every file of ``request`` or none; raises IngestError on a bad item.
@@ -180,7 +175,7 @@ class Uploads:
         validate_request(request, self._limits)
         request_id = parse_request_id(request.request_id, "request_id")
         if not request_id:
-            return await self._store(request, digests=None, record=None)
+            return await self._store_files(request, digests=None, record=None)
         digests = await asyncio.gather(
             *(asyncio.to_thread(_sha256, file.content) for file in request.files)
         )
@@ -200,7 +195,7 @@ class Uploads:
             if prior is not None:
                 return UploadResult(*await self._requests.replay(prior, digest, "request_id"))
             record = RequestRecord(request_id, digest, (), "", 0.0)
-            return await self._store(request, digests=digests, record=record)
+            return await self._store_files(request, digests=digests, record=record)
 
     async def commit(
         self, items: tuple[Media, ...], record: RequestRecord | None, *, request_id_field: str
@@ -219,7 +214,7 @@ class Uploads:
                 message=message,
                 created_at=time.time(),
             )
-        pending = _PendingUpload(items, record)
+        pending = _PendingUpload(NewUpload(items, record))
         await self._commits.commit(pending)
         if pending.prior is not None and record is not None:
             return UploadResult(
@@ -244,7 +239,7 @@ class Uploads:
         """Wait for uploads being committed."""
         await self._commits.close()
 
-    async def _store(
+    async def _store_files(
         self,
         request: UploadRequest,
         *,
@@ -304,36 +299,25 @@ class Uploads:
     def _storing(self, sha256: str, content: bytes) -> Callable[[], Awaitable[Placement]]:
         return lambda: self._blobs.put(sha256, content)
 
-    async def _insert(self, conn: AsyncConnection, uploads: Sequence[_PendingUpload]) -> None:
-        """The rows of ``uploads`` and the outbox rows of their images, in one go.
+    async def _insert(self, uploads: Sequence[_PendingUpload]) -> None:
+        """The rows of ``uploads`` and the outbox rows of their images, in one transaction.
 
         An upload whose request id is already recorded (by another process, or earlier in
         this group) stores nothing: it is answered from the record.
         """
-        requested = [upload.request.request_id for upload in uploads if upload.request]
-        known: dict[str, RequestRecord] = {}
-        if requested:
-            cutoff = self._requests.cutoff()
-            await repository.delete_expired_requests(conn, before=cutoff, request_ids=requested)
-            known = await repository.find_requests(conn, requested, not_before=cutoff)
-        records: list[RequestRecord] = []
-        items: list[Media] = []
-        for upload in uploads:
-            if upload.request is not None:
-                prior = known.get(upload.request.request_id)
-                if prior is not None:
-                    upload.prior = prior
-                    continue
-                known[upload.request.request_id] = upload.request
-                records.append(upload.request)
-            items.extend(upload.items)
-        if items:
-            await repository.insert_media(conn, items)
-        analysed = [item.id for item in items if item.status is ProcessingStatus.PENDING]
-        await repository.insert_outbox(conn, analysed, now=time.time())
-        await repository.insert_requests(conn, records)
+        priors = await self._store.commit_uploads(
+            [upload.rows for upload in uploads],
+            requests_expire_before=self._requests.cutoff(),
+        )
+        analysed = False
+        for upload, prior in zip(uploads, priors, strict=True):
+            upload.prior = prior
+            if prior is None:
+                analysed |= any(
+                    item.status is ProcessingStatus.PENDING for item in upload.rows.items
+                )
         if analysed:
-            after_commit(conn, self._on_committed)
+            self._on_committed()
 
     def _sniff_all(self, files: Sequence[UploadFile]) -> list[SniffedMedia]:
         return [

@@ -1,13 +1,20 @@
-"""Every query of the ingest service, and database access with errors wrapped."""
+"""Every query of the ingest service: plain functions of a synchronous SQLAlchemy connection,
+run inside the transactions of :mod:`ingest_service.storage.sql_store`.
+
+Where SQLite and PostgreSQL differ (claiming outbox rows, locking out media inserts, the
+larger of two values), the function looks at ``conn.dialect``; everything else is the same
+SQL on both.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Sequence
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 
 from ingest_service.domain.models import (
     AnalysisFailure,
@@ -18,7 +25,7 @@ from ingest_service.domain.models import (
     RequestRecord,
     StatusUpdate,
 )
-from ingest_service.errors import StorageUnavailable
+from ingest_service.domain.store import AnalysisState, OutboxJob
 from ingest_service.storage.schema import (
     MIRROR_REVISION,
     counters,
@@ -26,27 +33,34 @@ from ingest_service.storage.schema import (
     outbox,
     upload_requests,
 )
-from mediatag_common.async_database import Database, raising_as
-from mediatag_common.database import DatabaseError
+from mediatag_common.database import POSTGRESQL
 from mediatag_common.embeddings import embedding_from_bytes, embedding_to_bytes
 
 # ListMedia order: newest first; the id breaks ties within one upload.
 LIST_ORDER = (media.c.created_at.desc(), media.c.id.desc())
+# PostgreSQL's clock, in seconds since the epoch, fixed for the statement: outbox leases of
+# every process are judged by it, so the processes' own clocks do not matter.
+_PG_NOW = "CAST(EXTRACT(EPOCH FROM statement_timestamp()) AS DOUBLE PRECISION)"
+# Lease outbox rows on PostgreSQL: one statement, claimers skipping each other's locked rows.
+_PG_CLAIM = sa.text(
+    f"""
+    WITH claimable AS MATERIALIZED (
+        SELECT id FROM outbox
+        WHERE claimed_until <= {_PG_NOW}
+        ORDER BY id
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE outbox SET claimed_until = {_PG_NOW} + :lease, claim_token = :token
+    FROM claimable
+    WHERE outbox.id = claimable.id
+    RETURNING outbox.id
+    """
+)
 
 
-def _unavailable(exc: DatabaseError) -> StorageUnavailable:
-    # The driver's text (SQL, paths) goes to the log with the cause, not to clients.
-    return StorageUnavailable("the ingest database is unavailable")
-
-
-def reading(db: Database) -> AbstractAsyncContextManager[AsyncConnection]:
-    """A connection for reads; raises StorageUnavailable when the database fails."""
-    return raising_as(db.read(), _unavailable)
-
-
-def writing(db: Database) -> AbstractAsyncContextManager[AsyncConnection]:
-    """A serialised write transaction that commits on exit."""
-    return raising_as(db.write(), _unavailable)
+def _is_postgresql(conn: Connection) -> bool:
+    return conn.dialect.name == POSTGRESQL
 
 
 # -- media ---------------------------------------------------------------------------------
@@ -118,8 +132,10 @@ def _error_values(error: AnalysisFailure | None) -> dict[str, Any]:
     }
 
 
-async def insert_media(conn: AsyncConnection, items: Sequence[Media]) -> None:
-    await conn.execute(
+def insert_media(conn: Connection, items: Sequence[Media]) -> None:
+    if not items:
+        return
+    conn.execute(
         media.insert(),
         [
             {
@@ -149,40 +165,42 @@ async def insert_media(conn: AsyncConnection, items: Sequence[Media]) -> None:
     )
 
 
-async def get_media(conn: AsyncConnection, media_id: str, *, with_embedding: bool) -> Media | None:
+def get_media(conn: Connection, media_id: str, *, with_embedding: bool) -> Media | None:
     query = sa.select(*_columns(with_embedding)).where(media.c.id == media_id)
-    row = (await conn.execute(query)).first()
+    row = conn.execute(query).first()
     return media_from_row(row) if row is not None else None
 
 
-async def media_owners(conn: AsyncConnection, media_ids: Sequence[str]) -> dict[str, str]:
+def media_owners(conn: Connection, media_ids: Sequence[str]) -> dict[str, str]:
     """The owner of each known item of ``media_ids``, in one query."""
-    rows = await conn.execute(
+    rows = conn.execute(
         sa.select(media.c.id, media.c.owner_id).where(media.c.id.in_(list(media_ids)))
     )
     return {row.id: row.owner_id for row in rows}
 
 
-async def get_media_many(conn: AsyncConnection, media_ids: Sequence[str]) -> list[Media]:
+def get_media_many(conn: Connection, media_ids: Sequence[str]) -> list[Media]:
     """The items of ``media_ids`` (embeddings left out), in that order; unknown ids are skipped."""
-    rows = await conn.execute(
+    rows = conn.execute(
         sa.select(*_columns(with_embedding=False)).where(media.c.id.in_(list(media_ids)))
     )
     found = {row.id: media_from_row(row) for row in rows}
     return [found[media_id] for media_id in media_ids if media_id in found]
 
 
-async def list_media(
-    conn: AsyncConnection,
+def list_media(
+    conn: Connection,
     *,
-    owner_id: str,
+    owner_id: str | None,
     status: ProcessingStatus | None,
     after: tuple[float, str] | None,
     limit: int,
     with_embedding: bool,
 ) -> list[Media]:
-    """One owner's items newest first, starting after the key ``(created_at, id)``."""
-    query = sa.select(*_columns(with_embedding)).where(media.c.owner_id == owner_id)
+    """Items newest first, of one owner or every owner, starting after ``(created_at, id)``."""
+    query = sa.select(*_columns(with_embedding))
+    if owner_id is not None:
+        query = query.where(media.c.owner_id == owner_id)
     if status is not None:
         query = query.where(media.c.status == status.value)
     if after is not None:
@@ -193,39 +211,54 @@ async def list_media(
                 sa.and_(media.c.created_at == created_at, media.c.id < media_id),
             )
         )
-    rows = await conn.execute(query.order_by(*LIST_ORDER).limit(limit))
+    rows = conn.execute(query.order_by(*LIST_ORDER).limit(limit))
     return [media_from_row(row) for row in rows]
 
 
-async def referenced_sha256(conn: AsyncConnection, candidates: Collection[str]) -> set[str]:
-    """Which of the blobs ``candidates`` (hex SHA-256) some media row names.
+def lock_out_media_inserts(conn: Connection) -> None:
+    """Until this transaction ends, no other transaction (of any process) commits a new
+    media row: PostgreSQL's SHARE lock on the table waits for inserts in flight and holds
+    off new ones; on SQLite a write takes the database's one write lock now (a transaction
+    only reading would not hold it)."""
+    if _is_postgresql(conn):
+        conn.execute(sa.text("LOCK TABLE media IN SHARE MODE"))
+    else:
+        conn.execute(
+            sa.update(counters)
+            .where(counters.c.name == MIRROR_REVISION)
+            .values(value=counters.c.value)
+        )
 
-    The blob sweep calls it in a write transaction and deletes the others before that
-    commits, so no upload commits a row naming one of them meanwhile (SQLite: the one writer;
-    a database with concurrent writers must lock out inserts of media rows until the
-    transaction ends, e.g. PostgreSQL's ``LOCK TABLE media IN SHARE MODE``).
-    """
-    rows = await conn.execute(
+
+def referenced_sha256(conn: Connection, candidates: Collection[str]) -> set[str]:
+    """Which of the blobs ``candidates`` (hex SHA-256) some media row names."""
+    rows = conn.execute(
         sa.select(media.c.sha256).where(media.c.sha256.in_(list(candidates))).distinct()
     )
     return {row.sha256 for row in rows}
 
 
-async def media_statuses(
-    conn: AsyncConnection, media_ids: Collection[str]
-) -> dict[str, ProcessingStatus]:
-    rows = await conn.execute(
-        sa.select(media.c.id, media.c.status).where(media.c.id.in_(list(media_ids)))
+def analysis_states(conn: Connection, media_ids: Collection[str]) -> dict[str, AnalysisState]:
+    """Each known item's status and whether its job still waits in the outbox."""
+    waiting = sa.exists().where(outbox.c.media_id == media.c.id)
+    rows = conn.execute(
+        sa.select(media.c.id, media.c.status, waiting.label("in_outbox")).where(
+            media.c.id.in_(list(media_ids))
+        )
     )
-    return {row.id: ProcessingStatus(row.status) for row in rows}
+    return {
+        row.id: AnalysisState(ProcessingStatus(row.status), bool(row.in_outbox)) for row in rows
+    }
 
 
-async def apply_status(conn: AsyncConnection, update: StatusUpdate) -> bool:
+def apply_status(conn: Connection, update: StatusUpdate) -> bool:
     """Apply ``update`` unless the row already holds that revision or a later one.
 
-    False when nothing changed (an unknown media id, or a stale revision).
+    False when nothing changed (an unknown media id, or a stale revision). On PostgreSQL a
+    concurrent transaction applying the same revision waits for the row, then finds it
+    current and changes nothing.
     """
-    result = await conn.execute(
+    result = conn.execute(
         sa.update(media)
         .where(media.c.id == update.media_id, media.c.status_revision < update.revision)
         .values(
@@ -243,38 +276,59 @@ async def apply_status(conn: AsyncConnection, update: StatusUpdate) -> bool:
 # -- outbox --------------------------------------------------------------------------------
 
 
-async def insert_outbox(conn: AsyncConnection, media_ids: Sequence[str], *, now: float) -> None:
+def insert_outbox(conn: Connection, media_ids: Sequence[str], *, now: float) -> None:
     if media_ids:
-        await conn.execute(
+        conn.execute(
             outbox.insert(), [{"media_id": media_id, "created_at": now} for media_id in media_ids]
         )
 
 
-async def outbox_batch(conn: AsyncConnection, limit: int) -> list[tuple[int, Media]]:
-    """The oldest undelivered jobs: (outbox row id, its media), in id order."""
+def claim_outbox(conn: Connection, *, limit: int, lease: float, token: str) -> list[OutboxJob]:
+    """Lease the oldest unleased jobs (or those whose lease ended) to ``token``."""
+    if _is_postgresql(conn):
+        claimed = conn.execute(_PG_CLAIM, {"limit": limit, "lease": lease, "token": token})
+    else:
+        # One writer at a time: the statement reads and leases with nobody in between.
+        now = time.time()
+        claimable = (
+            sa.select(outbox.c.id)
+            .where(outbox.c.claimed_until <= now)
+            .order_by(outbox.c.id)
+            .limit(limit)
+        )
+        claimed = conn.execute(
+            sa.update(outbox)
+            .where(outbox.c.id.in_(claimable.scalar_subquery()))
+            .values(claimed_until=now + lease, claim_token=token)
+            .returning(outbox.c.id)
+        )
+    outbox_ids = list(claimed.scalars())
+    if not outbox_ids:
+        return []
     query = (
         sa.select(outbox.c.id.label("outbox_id"), *_columns(with_embedding=False))
         .join(media, media.c.id == outbox.c.media_id)
+        .where(outbox.c.id.in_(outbox_ids))
         .order_by(outbox.c.id)
-        .limit(limit)
     )
-    return [(row.outbox_id, media_from_row(row)) for row in await conn.execute(query)]
+    return [OutboxJob(row.outbox_id, media_from_row(row)) for row in conn.execute(query)]
 
 
-async def delete_outbox(conn: AsyncConnection, outbox_ids: Collection[int]) -> None:
-    await conn.execute(sa.delete(outbox).where(outbox.c.id.in_(list(outbox_ids))))
-
-
-async def outbox_size(conn: AsyncConnection) -> int:
-    return int((await conn.execute(sa.select(sa.func.count()).select_from(outbox))).scalar_one())
-
-
-async def undelivered(conn: AsyncConnection, media_ids: Collection[str]) -> set[str]:
-    """Which of ``media_ids`` still wait in the outbox."""
-    rows = await conn.execute(
-        sa.select(outbox.c.media_id).where(outbox.c.media_id.in_(list(media_ids)))
+def release_outbox(conn: Connection, outbox_ids: Collection[int], *, token: str) -> None:
+    """End the leases ``token`` still holds on ``outbox_ids``."""
+    conn.execute(
+        sa.update(outbox)
+        .where(outbox.c.id.in_(list(outbox_ids)), outbox.c.claim_token == token)
+        .values(claimed_until=0.0, claim_token=None)
     )
-    return set(rows.scalars())
+
+
+def delete_outbox(conn: Connection, outbox_ids: Collection[int]) -> None:
+    conn.execute(sa.delete(outbox).where(outbox.c.id.in_(list(outbox_ids))))
+
+
+def outbox_size(conn: Connection) -> int:
+    return int(conn.execute(sa.select(sa.func.count()).select_from(outbox)).scalar_one())
 
 
 # -- request ids ---------------------------------------------------------------------------
@@ -290,13 +344,13 @@ def _request_from_row(row: Any) -> RequestRecord:
     )
 
 
-async def find_requests(
-    conn: AsyncConnection, request_ids: Collection[str], *, not_before: float
+def find_requests(
+    conn: Connection, request_ids: Collection[str], *, not_before: float
 ) -> dict[str, RequestRecord]:
     """The records of ``request_ids`` made at ``not_before`` or later (older ones have expired)."""
     if not request_ids:
         return {}
-    rows = await conn.execute(
+    rows = conn.execute(
         sa.select(upload_requests).where(
             upload_requests.c.request_id.in_(list(request_ids)),
             upload_requests.c.created_at >= not_before,
@@ -305,45 +359,65 @@ async def find_requests(
     return {row.request_id: _request_from_row(row) for row in rows}
 
 
-async def insert_requests(conn: AsyncConnection, records: Sequence[RequestRecord]) -> None:
-    if records:
-        await conn.execute(
-            upload_requests.insert(),
-            [
-                {
-                    "request_id": record.request_id,
-                    "digest": record.digest,
-                    "media_ids": list(record.media_ids),
-                    "message": record.message,
-                    "created_at": record.created_at,
-                }
-                for record in records
-            ],
-        )
+def insert_requests(
+    conn: Connection, records: Sequence[RequestRecord], *, expire_before: float
+) -> set[str]:
+    """Record ``records`` (distinct ids) where no unexpired record has their id; an expired
+    one is replaced. The ids recorded.
+
+    One ``INSERT … ON CONFLICT``: of concurrent transactions recording one id, the second
+    waits for the first and then finds the id taken.
+    """
+    if not records:
+        return set()
+    dialect_insert = postgresql.insert if _is_postgresql(conn) else sqlite.insert
+    # Inserted in id order, so two transactions recording the same ids lock them in the
+    # same order (and never deadlock).
+    ordered = sorted(records, key=lambda record: record.request_id)
+    statement = dialect_insert(upload_requests).values(
+        [
+            {
+                "request_id": record.request_id,
+                "digest": record.digest,
+                "media_ids": list(record.media_ids),
+                "message": record.message,
+                "created_at": record.created_at,
+            }
+            for record in ordered
+        ]
+    )
+    replacing = {
+        column: statement.excluded[column]
+        for column in ("digest", "media_ids", "message", "created_at")
+    }
+    statement = statement.on_conflict_do_update(
+        index_elements=[upload_requests.c.request_id],
+        set_=replacing,
+        where=upload_requests.c.created_at < expire_before,
+    )
+    return set(conn.execute(statement.returning(upload_requests.c.request_id)).scalars())
 
 
-async def delete_expired_requests(
-    conn: AsyncConnection, *, before: float, request_ids: Collection[str] | None = None
-) -> int:
-    """Forget request ids recorded before ``before`` (only ``request_ids``, when given)."""
-    query = sa.delete(upload_requests).where(upload_requests.c.created_at < before)
-    if request_ids is not None:
-        if not request_ids:
-            return 0
-        query = query.where(upload_requests.c.request_id.in_(list(request_ids)))
-    result = await conn.execute(query)
+def delete_expired_requests(conn: Connection, *, before: float) -> int:
+    """Forget request ids recorded before ``before``."""
+    result = conn.execute(sa.delete(upload_requests).where(upload_requests.c.created_at < before))
     return int(result.rowcount or 0)
 
 
-# -- counters ------------------------------------------------------------------------------
+# -- the mirror's revision -----------------------------------------------------------------
 
 
-async def mirror_revision(conn: AsyncConnection) -> int:
+def mirror_revision(conn: Connection) -> int:
     query = sa.select(counters.c.value).where(counters.c.name == MIRROR_REVISION)
-    return int((await conn.execute(query)).scalar_one())
+    return int(conn.execute(query).scalar_one())
 
 
-async def set_mirror_revision(conn: AsyncConnection, revision: int) -> None:
-    await conn.execute(
-        sa.update(counters).where(counters.c.name == MIRROR_REVISION).values(value=revision)
+def advance_mirror_revision(conn: Connection, revision: int) -> None:
+    """Raise the mirror's revision to ``revision``; a lower one changes nothing (mirrors
+    of several processes write it, each at its own pace)."""
+    larger = sa.func.greatest if _is_postgresql(conn) else sa.func.max
+    conn.execute(
+        sa.update(counters)
+        .where(counters.c.name == MIRROR_REVISION)
+        .values(value=larger(counters.c.value, revision))
     )

@@ -41,9 +41,13 @@ media = sa.Table(
     sa.Column("status_revision", sa.BigInteger, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
-    # ListMedia: newest first per owner, optionally per status.
+    # ListMedia: newest first per owner or of every owner, optionally per status.
     sa.Index("media_owner_time", "owner_id", "created_at", "id"),
     sa.Index("media_owner_status_time", "owner_id", "status", "created_at", "id"),
+    sa.Index("media_time", "created_at", "id"),
+    sa.Index("media_status_time", "status", "created_at", "id"),
+    # The blob sweep: which blobs some row names.
+    sa.Index("media_sha256", "sha256"),
 )
 
 # Jobs committed with their media rows and not yet accepted by the analysis service.
@@ -53,6 +57,11 @@ outbox = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("media_id", sa.String(36), sa.ForeignKey("media.id"), nullable=False, unique=True),
     sa.Column("created_at", sa.Float, nullable=False),
+    # The lease of the forwarder delivering the row: until this time (seconds since the
+    # epoch, on the database's clock) no other forwarder is handed it.
+    sa.Column("claimed_until", sa.Float, nullable=False, server_default="0"),
+    # Who holds the lease (a token per claim); NULL when nobody does.
+    sa.Column("claim_token", sa.String(36)),
 )
 
 # Named integers; the status mirror's last applied revision.
