@@ -385,6 +385,11 @@ async def test_an_owner_restricted_token_touches_only_its_owners(
     assert (await two.ListJobs(apb.ListJobsRequest(owner_id="listing-8"))).jobs[0].owner_id == (
         "listing-8"
     )
+    error = await refusal(clients.ingest("viewer78").ListMedia(ipb.ListMediaRequest()))
+    assert_refused(error, PERMISSION_DENIED, "OWNER_NOT_ALLOWED", "owner_id")
+    # A token that may see every owner lists them all, newest first.
+    everyone = await clients.ingest("admin").ListMedia(ipb.ListMediaRequest())
+    assert [m.id for m in everyone.media] == [streamed.media.id, theirs.id, mine.id]
     error = await refusal(uploader.ReprocessMedia(ipb.ReprocessMediaRequest(owner_id="listing-8")))
     assert_refused(error, PERMISSION_DENIED, "OWNER_NOT_ALLOWED", "owner_id")
 

@@ -109,8 +109,11 @@ class MediaLibrary:
         page_token: str,
         with_embedding: bool,
     ) -> MediaPage:
-        """One page of an owner's items, newest first (AIP-158 paging)."""
-        validate_owner_id(owner_id, self._limits)
+        """One page of an owner's items, or of every owner's (``owner_id`` empty), newest
+        first (AIP-158 paging). Whether the caller may see every owner is the gRPC layer's
+        to decide (an owner-restricted caller's listing is always of one owner)."""
+        if owner_id:
+            validate_owner_id(owner_id, self._limits)
         try:
             limit = paging.page_size(page_size)
         except paging.InvalidPageSize as exc:
@@ -122,7 +125,7 @@ class MediaLibrary:
             raise invalid("page_token", "INVALID_PAGE_TOKEN", str(exc)) from exc
         after = None if key is None else (float(key[0]), str(key[1]))
         found = await self._store.list_media(
-            owner_id=owner_id,
+            owner_id=owner_id or None,
             status=status,
             after=after,
             limit=limit + 1,
