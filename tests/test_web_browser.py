@@ -99,6 +99,12 @@ async def test_two_uploads_reach_completed_in_the_list_without_a_reload(
             "completed"
         )
     assert await page.evaluate("window.notReloaded") is True
+    # Opened afresh with no owner chosen, the page lists every owner's most recent items.
+    await page.goto(web.url)
+    for name in ("first.jpg", "second.jpg"):
+        await expect(
+            page.locator("#items tbody tr", has_text=name).locator(".status")
+        ).to_have_text("completed")
 
 
 async def test_an_undecodable_image_shows_its_reason_and_retry_sends_it_back(

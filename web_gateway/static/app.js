@@ -377,18 +377,24 @@
     $("items").tBodies[0].replaceChildren();
     $("drop").hidden = !state.canAct || !state.listOwner;
     let after = 0;
-    if (state.listOwner) {
-      const params = new URLSearchParams({ owner_id: state.listOwner, page_size: String(LIST_SIZE) });
+    // Without an owner, the most recent items of every owner, for a principal that may see
+    // every owner; one restricted to several owners must choose one.
+    const everyOwner = !state.listOwner && !(state.principal && state.principal.owners);
+    if (state.listOwner || everyOwner) {
+      const params = new URLSearchParams({ page_size: String(LIST_SIZE) });
+      if (state.listOwner) params.set("owner_id", state.listOwner);
       if (state.listStatus) params.set("status", state.listStatus);
       const listed = await act("List", "GET", `/api/v1/media?${params}`);
       for (const media of (listed && listed.media) || []) {
         show(media, "end");
         after = Math.max(after, Number(media.statusRevision || 0));
       }
-      $("list-hint").textContent = "";
+      $("list-hint").textContent = everyOwner
+        ? "Every owner: the most recent items, and others as they change. Choose an owner to upload."
+        : "";
     } else {
       $("list-hint").textContent =
-        "Every owner: items appear here as they change. Choose an owner to list (and upload) its items.";
+        "Your owners: items appear here as they change. Choose an owner to list (and upload) its items.";
     }
     if (!after) {
       const queue = await act("Queue", "GET", "/api/v1/queue");
