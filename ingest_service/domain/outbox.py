@@ -25,7 +25,7 @@ from mediatag.analysis.v1 import analysis_pb2
 from ingest_service.domain.models import Media
 from ingest_service.domain.observer import IngestObserver
 from ingest_service.domain.store import IngestStore
-from ingest_service.errors import StorageUnavailable
+from ingest_service.errors import IngestError, StorageUnavailable
 from mediatag_common.backoff import Backoff
 from mediatag_common.tasks import cancel_and_wait
 
@@ -125,7 +125,7 @@ class OutboxForwarder:
         except BaseException:
             # Given back for the next try (of any replica); if even that fails, the lease
             # ends by itself.
-            with contextlib.suppress(StorageUnavailable):
+            with contextlib.suppress(IngestError):
                 await asyncio.shield(self._store.release_jobs(claim))
             raise
         await self._store.complete_jobs([job.outbox_id for job in claim.jobs])
