@@ -80,6 +80,74 @@ class UploadLimits:
         return max(self.max_image_bytes, self.max_video_bytes)
 
 
+@dataclass(frozen=True)
+class WebhookConfig:
+    """Webhooks: the endpoints file, and how deliveries are sent and retried."""
+
+    # None: no webhooks (nothing is enqueued).
+    file: Path | None = setting(
+        None,
+        flag="--webhooks-file",
+        help="TOML file of webhook endpoints (name, url, secret, optional owners and "
+        "statuses), re-read when it changes",
+        parse=Path,
+        metavar="FILE",
+        shown_default="none: no webhooks",
+    )
+    max_endpoints: int = setting(
+        32,
+        flag="--max-webhook-endpoints",
+        help="endpoints the webhooks file may name (a file with more is refused)",
+        parse=positive_int,
+        metavar="N",
+    )
+    # Attempts in flight per endpoint; every endpoint has its own, so a slow one holds only
+    # its own. All endpoints together: max_endpoints times this.
+    concurrency: int = setting(
+        4,
+        flag="--webhook-concurrency",
+        help="attempts in flight per endpoint",
+        parse=positive_int,
+        metavar="N",
+    )
+    timeout: float = setting(
+        10.0,
+        flag="--webhook-timeout",
+        help="seconds one attempt may take (connecting, sending, the answer's status)",
+        parse=positive_float,
+        metavar="SECONDS",
+    )
+    initial_backoff: float = setting(
+        5.0,
+        flag="--webhook-initial-backoff",
+        help="seconds before the first retry of a failed delivery; doubling, jittered",
+        parse=positive_float,
+        metavar="SECONDS",
+    )
+    max_backoff: float = setting(
+        3600.0,
+        flag="--webhook-max-backoff",
+        help="longest delay between two attempts of a delivery",
+        parse=positive_float,
+        metavar="SECONDS",
+    )
+    retry_period: float = setting(
+        24 * 3600.0,
+        flag="--webhook-retry-period",
+        help="seconds a delivery is retried for before it is dead (listed, retryable by hand)",
+        parse=positive_float,
+        metavar="SECONDS",
+    )
+    # How often the file is checked for a change, and an idle endpoint looks for deliveries
+    # enqueued by other replicas (its own are sent at once).
+    reload_interval: float = 5.0
+    poll_interval: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_backoff < self.initial_backoff:
+            raise ValueError("--webhook-max-backoff is shorter than --webhook-initial-backoff")
+
+
 BLOB_STORE_SCHEMES = ("file", "gs", "s3")
 
 
@@ -151,6 +219,7 @@ class IngestConfig(ServiceConfig):
         default_from=peer_address("analysis"),
     )
     limits: UploadLimits = field(default_factory=UploadLimits)
+    webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     # How long an upload's request_id is remembered (AIP-155 asks for at least a day), and
     # how often expired ones are purged.
     request_id_retention: float = setting(

@@ -20,9 +20,13 @@ from ingest_service.domain.requests import RequestIds
 from ingest_service.domain.sniff import refuse_decompression_bombs
 from ingest_service.domain.stream_upload import StreamUploads
 from ingest_service.domain.uploads import Uploads
+from ingest_service.domain.webhook_endpoints import WebhookEndpoints
+from ingest_service.domain.webhooks import DispatchLimits, RetryPolicy, WebhookDispatcher
 from ingest_service.metrics import IngestMetrics
 from ingest_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
+from ingest_service.storage.sql_deliveries import SqlDeliveryStore
 from ingest_service.storage.sql_store import SqlIngestStore
+from ingest_service.webhook_http import HttpWebhookSender
 from mediatag_common.auth import load_tokens
 from mediatag_common.database import Database
 from mediatag_common.grpc_server import (
@@ -82,11 +86,31 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         max_backoff=config.outbox_max_backoff,
         observer=metrics,
     )
+    hooks = config.webhooks
+    endpoints = WebhookEndpoints(
+        hooks.file, max_endpoints=hooks.max_endpoints, reload_interval=hooks.reload_interval
+    )
+    # Raises WebhooksFileError: a service given a file it cannot use does not start.
+    endpoints.load()
+    delivery_store = SqlDeliveryStore(db)
+    sender = HttpWebhookSender(
+        timeout=hooks.timeout, max_connections=hooks.max_endpoints * hooks.concurrency
+    )
+    webhooks = WebhookDispatcher(
+        store=delivery_store,
+        sender=sender,
+        endpoints=endpoints,
+        policy=RetryPolicy(hooks.initial_backoff, hooks.max_backoff, hooks.retry_period),
+        limits=DispatchLimits(hooks.concurrency, hooks.timeout, hooks.poll_interval),
+        observer=metrics,
+    )
+    endpoints.on_change = webhooks.endpoints_changed
     mirror = StatusMirror(
         store=store,
         analysis=analysis,
         initial_backoff=config.mirror_initial_backoff,
         max_backoff=config.mirror_max_backoff,
+        webhooks=webhooks,
     )
     requests = RequestIds(
         store=store,
@@ -118,6 +142,8 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
 
     async def refresh_backlog() -> None:
         metrics.outbox_backlog.set(await forwarder.backlog())
+        counts = await delivery_store.counts()
+        metrics.webhook_backlog_is({name: (c.pending, c.dead) for name, c in counts.items()})
 
     metrics_endpoint = metrics_server(config, metrics, refresh=refresh_backlog)
     server, port = listening_server(
@@ -135,6 +161,8 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         # First: if its port is taken, nothing else has started yet.
         metrics_endpoint.start()
         forwarder.start()
+        webhooks.start()
+        endpoints.start()
         mirror.start()
         requests.start()
         sweep.start()
@@ -159,6 +187,9 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         await requests.stop()
         await forwarder.stop()
         await mirror.stop()
+        await endpoints.stop()
+        await webhooks.stop()
+        await sender.close()
         await analysis_channel.close()
         await blobs.close()
         await db.close()

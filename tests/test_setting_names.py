@@ -56,6 +56,13 @@ INGEST_SERVE = {
     "--upload-min-rate": "MEDIATAG_UPLOAD_MIN_RATE",
     "--max-upload-streams": "MEDIATAG_MAX_UPLOAD_STREAMS",
     "--max-upload-streams-per-caller": "MEDIATAG_MAX_UPLOAD_STREAMS_PER_CALLER",
+    "--webhooks-file": "MEDIATAG_WEBHOOKS_FILE",
+    "--max-webhook-endpoints": "MEDIATAG_MAX_WEBHOOK_ENDPOINTS",
+    "--webhook-concurrency": "MEDIATAG_WEBHOOK_CONCURRENCY",
+    "--webhook-timeout": "MEDIATAG_WEBHOOK_TIMEOUT",
+    "--webhook-initial-backoff": "MEDIATAG_WEBHOOK_INITIAL_BACKOFF",
+    "--webhook-max-backoff": "MEDIATAG_WEBHOOK_MAX_BACKOFF",
+    "--webhook-retry-period": "MEDIATAG_WEBHOOK_RETRY_PERIOD",
 }
 ANALYSIS_SERVE = {
     "--ingest-address": "MEDIATAG_INGEST_ADDRESS",

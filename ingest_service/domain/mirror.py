@@ -28,6 +28,7 @@ from ingest_service.domain.models import (
     StatusUpdate,
 )
 from ingest_service.domain.store import IngestStore
+from ingest_service.domain.webhooks import WebhookDispatcher
 from mediatag_common.backoff import Backoff
 from mediatag_common.errors import RESYNC_REASONS, error_info
 from mediatag_common.tasks import cancel_and_wait
@@ -84,9 +85,11 @@ class StatusMirror:
         analysis: AnalysisServiceAsyncStub,
         initial_backoff: float,
         max_backoff: float,
+        webhooks: WebhookDispatcher,
     ) -> None:
         self._store = store
         self._analysis = analysis
+        self._webhooks = webhooks
         self._backoff = Backoff(initial_backoff, max_backoff)
         self._task: asyncio.Task[None] | None = None
         self._revision = 0
@@ -163,8 +166,12 @@ class StatusMirror:
                     response.change.media_id,
                     response.change.status,
                 )
-            elif await self._store.apply_status_change(update):
-                _log_update(update)
+            else:
+                # Those whose statuses include this one; the store checks their owners.
+                endpoints = self._webhooks.endpoints.for_status(update.status)
+                if await self._store.apply_status_change(update, webhooks=endpoints):
+                    _log_update(update)
+                    self._webhooks.wake([e.name for e in endpoints])
             self._revision = revision
             return
         if response.bookmark.initial_state_end:

@@ -1,7 +1,8 @@
 """What the ingest domain reports as it works, for whoever measures it.
 
 The outbox forwarder calls an :class:`IngestObserver` as deliveries succeed or fail, the blob
-store a :class:`BlobStoreObserver` after each call; the service's metrics implement both,
+store a :class:`BlobStoreObserver` after each call, the webhook dispatcher a
+:class:`WebhookObserver` after each attempt; the service's metrics implement all three,
 and :class:`NoObserver` ignores everything (tests, or the domain embedded without
 metrics). The backlog is not reported: whoever measures asks
 :meth:`OutboxForwarder.backlog <ingest_service.domain.outbox.OutboxForwarder.backlog>`.
@@ -30,8 +31,19 @@ class BlobStoreObserver(Protocol):
         the reason it failed with (``STORAGE_UNAVAILABLE``...), None when it succeeded."""
 
 
+class WebhookObserver(Protocol):
+    """Told how each webhook attempt ended; called on the event loop."""
+
+    def webhook_delivered(self, endpoint: str, seconds: float) -> None:
+        """``endpoint`` accepted a delivery; the attempt took ``seconds``."""
+
+    def webhook_failed(self, endpoint: str, *, dead: bool) -> None:
+        """An attempt failed; ``dead``: it was the last one (the retry period is over)."""
+
+
 class NoObserver:
-    """An :class:`IngestObserver` and :class:`BlobStoreObserver` that ignores everything."""
+    """An :class:`IngestObserver`, :class:`BlobStoreObserver` and :class:`WebhookObserver`
+    that ignores everything."""
 
     def jobs_delivered(self, count: int) -> None:
         pass
@@ -40,4 +52,10 @@ class NoObserver:
         pass
 
     def blob_store_call(self, operation: str, seconds: float, failure: str | None) -> None:
+        pass
+
+    def webhook_delivered(self, endpoint: str, seconds: float) -> None:
+        pass
+
+    def webhook_failed(self, endpoint: str, *, dead: bool) -> None:
         pass

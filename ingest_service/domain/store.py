@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ingest_service.domain.models import Media, ProcessingStatus, RequestRecord, StatusUpdate
+from ingest_service.domain.webhook_endpoints import WebhookEndpoint
 
 
 @dataclass(frozen=True)
@@ -128,11 +129,16 @@ class IngestStore(Protocol):
     async def mirror_revision(self) -> int:
         """The revision the status mirror resumes from."""
 
-    async def apply_status_change(self, update: StatusUpdate) -> bool:
+    async def apply_status_change(
+        self, update: StatusUpdate, *, webhooks: Sequence[WebhookEndpoint] = ()
+    ) -> bool:
         """Apply one analysis status change and advance the mirror's revision to it, in one
         transaction. Idempotent by revision: an item already at ``update.revision`` or later
         is left as it is (False), so mirrors of several processes may apply the same stream;
-        the mirror's revision never moves backwards. True when the item changed."""
+        the mirror's revision never moves backwards. True when the item changed; then, in
+        the same transaction, a webhook delivery is enqueued for each of ``webhooks`` that
+        wants the change (by the item's owner and the status), so exactly one process
+        enqueues each change."""
 
     async def advance_mirror(self, revision: int) -> None:
         """Advance the mirror's revision to ``revision`` (never backwards)."""

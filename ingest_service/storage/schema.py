@@ -91,6 +91,36 @@ upload_requests = sa.Table(
 )
 
 
+# Webhook deliveries: one row per terminal status change and matching endpoint, inserted in
+# the transaction that applies the change, deleted once the endpoint accepted it. A claim
+# moves ``next_attempt_at`` past the lease and names its claimer in ``claim``; only that
+# claimer records the outcome. A row past its retry period is kept with ``dead_at`` set.
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    # The endpoint's name in the webhooks file.
+    sa.Column("endpoint", sa.String, nullable=False),
+    # The ``webhook-id`` header: the same on every attempt.
+    sa.Column("message_id", sa.String, nullable=False),
+    sa.Column("media_id", sa.String(36), nullable=False),
+    sa.Column("owner_id", sa.String, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+    sa.Column("event_time", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    # Attempts that failed so far.
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_attempt_at", sa.Float, nullable=False),
+    sa.Column("claim", sa.String),
+    sa.Column("last_error", sa.String),
+    sa.Column("dead_at", sa.Float),
+    sa.UniqueConstraint("endpoint", "message_id"),
+    # Each endpoint's claims: its live rows, soonest due first.
+    sa.Index("webhook_deliveries_due", "endpoint", "dead_at", "next_attempt_at"),
+)
+
+
 # Versioned SQL files per database (see mediatag_common.migrations), never derived from the
 # table definitions above: those are what the queries use, and a test checks they agree.
 MIGRATIONS = load_migrations("ingest_service.storage.migrations")

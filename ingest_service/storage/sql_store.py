@@ -28,8 +28,9 @@ from ingest_service.domain.store import (
     OutboxClaim,
     RemoveBlobs,
 )
+from ingest_service.domain.webhook_endpoints import WebhookEndpoint
 from ingest_service.errors import IngestError, StorageConflict, StorageUnavailable
-from ingest_service.storage import repository
+from ingest_service.storage import repository, webhook_deliveries
 from mediatag_common.database import Database, DatabaseConflict, DatabaseError, DatabaseUnavailable
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,9 @@ def _service_error(exc: DatabaseError) -> IngestError:
     return IngestError("the ingest database failed")
 
 
-class SqlIngestStore:
-    """:class:`ingest_service.domain.store.IngestStore` on a :class:`Database`."""
+class SqlTransactions:
+    """Transactions on a :class:`Database` with the service's errors: the base of the SQL
+    stores."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -79,6 +81,10 @@ class SqlIngestStore:
             await asyncio.sleep(random.uniform(0, pause))
             pause *= 2
         raise AssertionError("unreachable")
+
+
+class SqlIngestStore(SqlTransactions):
+    """:class:`ingest_service.domain.store.IngestStore` on a :class:`Database`."""
 
     # -- uploads and request ids ---------------------------------------------------------
 
@@ -197,9 +203,21 @@ class SqlIngestStore:
     async def mirror_revision(self) -> int:
         return await self._read(repository.mirror_revision)
 
-    async def apply_status_change(self, update: StatusUpdate) -> bool:
+    async def apply_status_change(
+        self, update: StatusUpdate, *, webhooks: Sequence[WebhookEndpoint] = ()
+    ) -> bool:
         def transaction(conn: Connection) -> bool:
             applied = repository.apply_status(conn, update)
+            if applied and webhooks:
+                webhook_deliveries.enqueue(
+                    conn,
+                    media_id=update.media_id,
+                    status=update.status,
+                    revision=update.revision,
+                    event_time=update.event_time,
+                    endpoints=webhooks,
+                    now=time.time(),
+                )
             # Last: the media row is locked before the counter row, in every transaction.
             repository.advance_mirror_revision(conn, update.revision)
             return applied

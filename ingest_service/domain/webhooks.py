@@ -1,0 +1,309 @@
+"""Webhook deliveries: each terminal change sent to every endpoint that wants it, until accepted.
+
+The status mirror inserts one delivery per matching endpoint in the transaction that applies
+the change, so a delivery exists exactly when the change is applied, whatever the event log
+keeps. :class:`WebhookDispatcher` sends them: each endpoint has its own loop and its own
+``concurrency`` slots, so a slow or dead endpoint only ever holds its own. A loop claims due
+deliveries of its endpoint for a lease (claims are exclusive across replicas: the store
+skips rows another replica holds), sends each, and records the outcome under its claim. A
+replica that dies mid-send loses its lease and another sends again: delivery is at least
+once, and the ``webhook-id`` stays the same so receivers can drop the duplicate.
+
+A failed attempt is retried after an exponential, jittered delay; once the next attempt would
+fall past ``retry_period`` after the change, the delivery is dead: kept, counted, listed, and
+sent again only when an operator revives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ingest_service.domain.models import ProcessingStatus
+from ingest_service.domain.observer import WebhookObserver
+from ingest_service.domain.webhook_endpoints import WebhookEndpoint, WebhookEndpoints
+from ingest_service.errors import StorageUnavailable
+from mediatag_common.backoff import Backoff, jittered_delay
+from mediatag_common.tasks import cancel_and_wait
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WebhookChange:
+    """What a webhook tells: one item reached a terminal status at ``revision``."""
+
+    media_id: str
+    owner_id: str
+    status: ProcessingStatus
+    revision: int
+    event_time: float
+
+    @property
+    def message_id(self) -> str:
+        """The ``webhook-id``: one per change, the same on every attempt and endpoint."""
+        return f"msg_{self.media_id}_{self.revision}"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One change for one endpoint, not yet accepted by it."""
+
+    id: int
+    endpoint: str
+    change: WebhookChange
+    created_at: float
+    # Attempts that failed so far.
+    attempts: int
+    last_error: str | None = None
+    dead_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Deliveries claimed for one endpoint, and when its next unclaimed one falls due."""
+
+    deliveries: Sequence[Delivery]
+    next_due: float | None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Delays between attempts: ``initial`` doubling up to ``maximum``, jittered; a delivery
+    is dead once its next attempt would be later than ``period`` after the change."""
+
+    initial: float
+    maximum: float
+    period: float
+
+    def next_attempt(self, delivery: Delivery, now: float) -> float | None:
+        """When to try ``delivery`` again after one more failure; None: it is dead."""
+        at = now + jittered_delay(self.initial, self.maximum, delivery.attempts)
+        return at if at <= delivery.created_at + self.period else None
+
+
+class DeliveryStore(Protocol):
+    """Where deliveries are kept (the ingest database)."""
+
+    async def claim(
+        self, endpoint: str, limit: int, *, now: float, lease: float, claimer: str
+    ) -> Claim:
+        """Up to ``limit`` due deliveries of ``endpoint``, held by ``claimer`` until
+        ``now + lease``, none of them held by another claimer."""
+
+    async def delivered(self, delivery_id: int, claimer: str) -> None:
+        """Forget an accepted delivery (if ``claimer`` still holds it)."""
+
+    async def failed(
+        self, delivery_id: int, claimer: str, *, error: str, retry_at: float | None, now: float
+    ) -> None:
+        """Record a failed attempt: try again at ``retry_at``, or dead (None) as of ``now``."""
+
+    async def revive(self, delivery_ids: Collection[int] | None, *, now: float) -> int:
+        """Dead deliveries (those of ``delivery_ids``; None: all) due again now, with a new
+        retry period; how many."""
+
+
+class WebhookSender(Protocol):
+    """Sends one attempt of a delivery (HTTP, signed)."""
+
+    async def send(self, endpoint: WebhookEndpoint, delivery: Delivery) -> str | None:
+        """None when the endpoint accepted it; otherwise why not (``HTTP 500``,
+        ``timeout``...), short and free of the URL."""
+
+
+@dataclass(frozen=True)
+class DispatchLimits:
+    """``concurrency`` attempts in flight per endpoint, each given ``timeout`` seconds (the
+    claim's lease is longer); ``poll_interval``: how often an idle endpoint looks for
+    deliveries enqueued by other replicas."""
+
+    concurrency: int
+    timeout: float
+    poll_interval: float
+
+    @property
+    def lease(self) -> float:
+        return 3 * self.timeout + 10.0
+
+
+class WebhookDispatcher:
+    """Background loops sending the deliveries of every endpoint in use."""
+
+    def __init__(
+        self,
+        *,
+        store: DeliveryStore,
+        sender: WebhookSender,
+        endpoints: WebhookEndpoints,
+        policy: RetryPolicy,
+        limits: DispatchLimits,
+        observer: WebhookObserver,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._sender = sender
+        self.endpoints = endpoints
+        self._policy = policy
+        self._limits = limits
+        self._observer = observer
+        self._clock = clock
+        # Names this process's claims; a claim outlived by its lease is someone else's.
+        self._claimer = uuid.uuid4().hex
+        self._loops: dict[str, _EndpointLoop] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._running = False
+
+    def start(self) -> None:
+        self._running = True
+        self.endpoints_changed()
+
+    async def stop(self) -> None:
+        self._running = False
+        loops, self._loops = list(self._loops.values()), {}
+        for loop in loops:
+            await loop.stop()
+        for task in list(self._stopping):
+            await task
+
+    def endpoints_changed(self) -> None:
+        """Start a loop for each new endpoint, stop those of removed ones (their deliveries
+        stay stored, and resume if the endpoint comes back under the same name)."""
+        if not self._running:
+            return
+        current = self.endpoints.current
+        for name in [name for name in self._loops if name not in current]:
+            task = asyncio.create_task(self._loops.pop(name).stop(), name=f"webhooks-end-{name}")
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+        for name in current:
+            if name not in self._loops:
+                self._loops[name] = _EndpointLoop(name, self)
+
+    def wake(self, endpoint_names: Collection[str]) -> None:
+        """Deliveries for these endpoints were just committed: look for them now."""
+        for name in endpoint_names:
+            loop = self._loops.get(name)
+            if loop is not None:
+                loop.wake()
+
+    async def revive(self, delivery_ids: Collection[int] | None) -> int:
+        """Send dead deliveries again (``delivery_ids``; None: every dead one)."""
+        revived = await self._store.revive(delivery_ids, now=self._clock())
+        self.wake(list(self._loops))
+        return revived
+
+    @property
+    def limits(self) -> DispatchLimits:
+        return self._limits
+
+    async def claim(self, name: str, limit: int) -> tuple[Claim, float]:
+        """Due deliveries of endpoint ``name``, claimed; and the time of the claim."""
+        now = self._clock()
+        claim = await self._store.claim(
+            name, limit, now=now, lease=self._limits.lease, claimer=self._claimer
+        )
+        return claim, now
+
+    async def attempt(self, name: str, delivery: Delivery) -> None:
+        """Send ``delivery`` to endpoint ``name`` once and record how it went."""
+        endpoint = self.endpoints.current.get(name)
+        if endpoint is None:
+            # Removed meanwhile: the lease runs out and the delivery waits for its return.
+            return
+        started = time.monotonic()
+        try:
+            problem = await asyncio.wait_for(
+                self._sender.send(endpoint, delivery), self._limits.timeout
+            )
+        except TimeoutError:
+            problem = "timeout"
+        seconds = time.monotonic() - started
+        now = self._clock()
+        if problem is None:
+            await self._store.delivered(delivery.id, self._claimer)
+            self._observer.webhook_delivered(name, seconds)
+            return
+        retry_at = self._policy.next_attempt(delivery, now)
+        await self._store.failed(
+            delivery.id, self._claimer, error=problem, retry_at=retry_at, now=now
+        )
+        self._observer.webhook_failed(name, dead=retry_at is None)
+        if retry_at is None:
+            logger.warning(
+                "webhook %s to %s dead after %d attempts: %s",
+                delivery.change.message_id,
+                name,
+                delivery.attempts + 1,
+                problem,
+            )
+
+
+class _EndpointLoop:
+    """Claims and sends one endpoint's deliveries, at most ``concurrency`` at a time."""
+
+    def __init__(self, name: str, dispatcher: WebhookDispatcher) -> None:
+        self._name = name
+        self._dispatcher = dispatcher
+        self._woken = asyncio.Event()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._task = asyncio.create_task(self._run(), name=f"webhooks-{name}")
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+        for task in list(self._in_flight):
+            await cancel_and_wait(task)
+
+    async def _run(self) -> None:
+        limits = self._dispatcher.limits
+        backoff = Backoff(limits.poll_interval, 30.0)
+        while True:
+            self._woken.clear()
+            free = limits.concurrency - len(self._in_flight)
+            wait = limits.poll_interval
+            if free > 0:
+                try:
+                    claim, now = await self._dispatcher.claim(self._name, free)
+                except StorageUnavailable:
+                    logger.warning("webhooks of %s: the database is unavailable", self._name)
+                    await asyncio.sleep(backoff.next_delay())
+                    continue
+                backoff.reset()
+                for delivery in claim.deliveries:
+                    self._send(delivery)
+                if len(claim.deliveries) == free:
+                    continue
+                if claim.next_due is not None:
+                    wait = min(wait, max(0.0, claim.next_due - now))
+            # Woken by a new delivery, a free slot, or the next one falling due.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), wait)
+
+    def _send(self, delivery: Delivery) -> None:
+        task = asyncio.create_task(self._guarded(delivery), name=f"webhook-{delivery.id}")
+        self._in_flight.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._woken.set()
+
+    async def _guarded(self, delivery: Delivery) -> None:
+        try:
+            await self._dispatcher.attempt(self._name, delivery)
+        except StorageUnavailable:
+            # The outcome is lost; the lease runs out and the delivery is sent again.
+            logger.warning(
+                "webhook %s to %s: could not record the outcome (database unavailable)",
+                delivery.change.message_id,
+                self._name,
+            )

@@ -1,0 +1,54 @@
+"""The webhook dispatcher's store on SQL: each call one transaction of
+:mod:`ingest_service.storage.webhook_deliveries` functions."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from functools import partial
+
+from ingest_service.domain.webhooks import Claim
+from ingest_service.storage.sql_store import SqlTransactions
+from ingest_service.storage.webhook_deliveries import (
+    DeliveryCounts,
+    claim,
+    counts,
+    delivered,
+    failed,
+    revive,
+)
+
+
+class SqlDeliveryStore(SqlTransactions):
+    """The dispatcher's :class:`~ingest_service.domain.webhooks.DeliveryStore` on the ingest
+    database."""
+
+    async def claim(
+        self, endpoint: str, limit: int, *, now: float, lease: float, claimer: str
+    ) -> Claim:
+        return await self._write(
+            partial(claim, endpoint=endpoint, limit=limit, now=now, lease=lease, claimer=claimer)
+        )
+
+    async def delivered(self, delivery_id: int, claimer: str) -> None:
+        await self._write(partial(delivered, delivery_id=delivery_id, claimer=claimer))
+
+    async def failed(
+        self, delivery_id: int, claimer: str, *, error: str, retry_at: float | None, now: float
+    ) -> None:
+        await self._write(
+            partial(
+                failed,
+                delivery_id=delivery_id,
+                claimer=claimer,
+                error=error,
+                retry_at=retry_at,
+                now=now,
+            )
+        )
+
+    async def revive(self, delivery_ids: Collection[int] | None, *, now: float) -> int:
+        return await self._write(partial(revive, delivery_ids=delivery_ids, now=now))
+
+    async def counts(self) -> dict[str, DeliveryCounts]:
+        """Per endpoint, its deliveries waiting and dead (for the metrics)."""
+        return await self._read(counts)

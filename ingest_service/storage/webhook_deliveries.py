@@ -1,0 +1,196 @@
+"""The webhook deliveries table: enqueued with a status change, claimed, recorded, revived.
+
+Plain functions of a synchronous connection, so they run inside whichever transaction calls
+them (the status mirror's, for :func:`enqueue`); ``sql_deliveries`` runs the others as the
+dispatcher's store.
+
+Claims: on PostgreSQL ``FOR UPDATE SKIP LOCKED`` lets replicas claiming the same endpoint at
+once take different rows; on SQLite the one writer serialises them. A claim pushes
+``next_attempt_at`` to the end of its lease and writes the claimer's id into ``claim``; the
+outcome is recorded only while ``claim`` still names the claimer, so an attempt that
+outlived its lease (and was claimed again elsewhere) changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from ingest_service.domain.models import ProcessingStatus
+from ingest_service.domain.webhook_endpoints import WebhookEndpoint
+from ingest_service.domain.webhooks import Claim, Delivery, WebhookChange
+from ingest_service.storage.schema import media, webhook_deliveries
+
+_table = webhook_deliveries
+# The longest error text kept per delivery (a receiver's status line, a socket error).
+MAX_ERROR_LENGTH = 200
+
+
+def enqueue(
+    conn: Connection,
+    *,
+    media_id: str,
+    status: ProcessingStatus,
+    revision: int,
+    event_time: float,
+    endpoints: Sequence[WebhookEndpoint],
+    now: float,
+) -> list[str]:
+    """Insert a delivery of this change for each of ``endpoints`` that wants it; their names.
+
+    Called in the transaction that applies the change to the media row.
+    """
+    owner_id = conn.execute(sa.select(media.c.owner_id).where(media.c.id == media_id)).scalar()
+    if owner_id is None:
+        return []
+    change = WebhookChange(media_id, owner_id, status, revision, event_time)
+    wanted = [e.name for e in endpoints if e.wants(owner_id, status)]
+    if wanted:
+        conn.execute(
+            _table.insert(),
+            [
+                {
+                    "endpoint": name,
+                    "message_id": change.message_id,
+                    "media_id": media_id,
+                    "owner_id": owner_id,
+                    "status": status.value,
+                    "revision": revision,
+                    "event_time": event_time,
+                    "created_at": now,
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                }
+                for name in wanted
+            ],
+        )
+    return wanted
+
+
+def delivery_from_row(row: Any) -> Delivery:
+    return Delivery(
+        id=row.id,
+        endpoint=row.endpoint,
+        change=WebhookChange(
+            media_id=row.media_id,
+            owner_id=row.owner_id,
+            status=ProcessingStatus(row.status),
+            revision=row.revision,
+            event_time=row.event_time,
+        ),
+        created_at=row.created_at,
+        attempts=row.attempts,
+        last_error=row.last_error,
+        dead_at=row.dead_at,
+    )
+
+
+def _live(endpoint: str) -> sa.ColumnElement[bool]:
+    return sa.and_(_table.c.endpoint == endpoint, _table.c.dead_at.is_(None))
+
+
+def claim(
+    conn: Connection, endpoint: str, limit: int, *, now: float, lease: float, claimer: str
+) -> Claim:
+    """Up to ``limit`` due deliveries of ``endpoint``, oldest due first, now held by
+    ``claimer`` until ``now + lease``; and when the next one not claimed falls due."""
+    rows = conn.execute(
+        sa.select(_table)
+        .where(_live(endpoint), _table.c.next_attempt_at <= now)
+        .order_by(_table.c.next_attempt_at, _table.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if rows:
+        conn.execute(
+            sa.update(_table)
+            .where(_table.c.id.in_([row.id for row in rows]))
+            .values(claim=claimer, next_attempt_at=now + lease)
+        )
+    next_due = conn.execute(
+        sa.select(sa.func.min(_table.c.next_attempt_at)).where(_live(endpoint))
+    ).scalar()
+    return Claim([delivery_from_row(row) for row in rows], next_due)
+
+
+def _held(delivery_id: int, claimer: str) -> sa.ColumnElement[bool]:
+    return sa.and_(_table.c.id == delivery_id, _table.c.claim == claimer)
+
+
+def delivered(conn: Connection, delivery_id: int, claimer: str) -> None:
+    conn.execute(sa.delete(_table).where(_held(delivery_id, claimer)))
+
+
+def failed(
+    conn: Connection,
+    delivery_id: int,
+    claimer: str,
+    *,
+    error: str,
+    retry_at: float | None,
+    now: float,
+) -> None:
+    """One more failed attempt: due again at ``retry_at``, or dead as of ``now`` (None)."""
+    conn.execute(
+        sa.update(_table)
+        .where(_held(delivery_id, claimer))
+        .values(
+            attempts=_table.c.attempts + 1,
+            claim=None,
+            last_error=error[:MAX_ERROR_LENGTH],
+            next_attempt_at=now if retry_at is None else retry_at,
+            dead_at=now if retry_at is None else None,
+        )
+    )
+
+
+def revive(conn: Connection, delivery_ids: Collection[int] | None, *, now: float) -> int:
+    """Dead deliveries (of ``delivery_ids``; None: all) due now with a new retry period."""
+    condition: sa.ColumnElement[bool] = _table.c.dead_at.is_not(None)
+    if delivery_ids is not None:
+        condition = sa.and_(condition, _table.c.id.in_(list(delivery_ids)))
+    result = conn.execute(
+        sa.update(_table)
+        .where(condition)
+        .values(dead_at=None, attempts=0, created_at=now, next_attempt_at=now, claim=None)
+    )
+    return result.rowcount
+
+
+@dataclass(frozen=True)
+class DeliveryCounts:
+    """Deliveries waiting (or in flight) and dead, for one endpoint."""
+
+    pending: int = 0
+    dead: int = 0
+
+
+def counts(conn: Connection) -> dict[str, DeliveryCounts]:
+    """Per endpoint name, its deliveries waiting and dead."""
+    dead = _table.c.dead_at.is_not(None)
+    rows = conn.execute(
+        sa.select(
+            _table.c.endpoint,
+            sa.func.count().filter(sa.not_(dead)).label("pending"),
+            sa.func.count().filter(dead).label("dead"),
+        ).group_by(_table.c.endpoint)
+    )
+    return {row.endpoint: DeliveryCounts(row.pending, row.dead) for row in rows}
+
+
+def dead_deliveries(
+    conn: Connection, *, limit: int, before_id: int | None = None, owners: Collection[str] | None
+) -> list[Delivery]:
+    """Dead deliveries, newest first, at most ``limit``, below ``before_id`` (paging), of
+    ``owners`` (None: every owner)."""
+    query = sa.select(_table).where(_table.c.dead_at.is_not(None))
+    if before_id is not None:
+        query = query.where(_table.c.id < before_id)
+    if owners is not None:
+        query = query.where(_table.c.owner_id.in_(list(owners)))
+    rows = conn.execute(query.order_by(_table.c.id.desc()).limit(limit))
+    return [delivery_from_row(row) for row in rows]
