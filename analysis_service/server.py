@@ -21,9 +21,10 @@ from analysis_service.domain.watch import StatusWatcher
 from analysis_service.domain.workers import WorkerPool
 from analysis_service.ingest_content import IngestContent
 from analysis_service.metrics import AnalysisMetrics, Readings
+from analysis_service.storage.rate_limits import DatabaseSlots
 from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
 from mediatag_common.auth import load_tokens
-from mediatag_common.database import Database
+from mediatag_common.database import POSTGRESQL, Database
 from mediatag_common.grpc_server import ServiceHost
 from mediatag_common.keys import PAGE_TOKEN_KEY, load_or_create_key
 from mediatag_common.paging import PageTokens
@@ -46,10 +47,12 @@ async def create_server(
     analyzer = analyzer or build_analyzer(config)
     metrics = AnalysisMetrics()
     metrics.analyzer_info.labels(analyzer.name, analyzer.version).set(1)
-    limits = RateLimits(analyzer.api_limits, config.rate_limits)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(config.resolved_database_url, synchronous=config.sqlite_synchronous)
     await db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
+    # On PostgreSQL, replicas may share the database: they share one limit per API too.
+    shared_slots = DatabaseSlots(db) if db.dialect == POSTGRESQL else None
+    limits = RateLimits(analyzer.api_limits, config.rate_limits, shared_slots)
     page_tokens = PageTokens(await db.write(lambda conn: load_or_create_key(conn, PAGE_TOKEN_KEY)))
 
     hub = StatusHub(
@@ -141,7 +144,8 @@ async def create_server(
             analyzer.name,
             analyzer.version,
             ", ".join(
-                f"{s.api} {s.rate_per_second:g}/s burst {s.burst}" for s in limits.snapshot()
+                f"{api} {limit.rate_per_second:g}/s burst {limit.burst}"
+                for api, limit in limits.configured.items()
             ),
             " (queue paused)" if queue.paused else "",
         )

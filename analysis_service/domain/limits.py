@@ -1,8 +1,16 @@
-"""One aiolimiter per upstream API, slowed down by quota errors.
+"""The rate limits of the analyser's upstream APIs, slowed down by quota errors.
 
-A limit of R calls/s with bursts of B is ``AsyncLimiter(B, B / R)``: the bucket holds B and
-leaks R per second. ``AsyncLimiter(R, 1)`` would start full and let 2R calls through in the
-first second.
+Where the slots are kept is a :class:`RateGate`:
+
+- :class:`InProcessGate` (one process; SQLite): one aiolimiter per API. A limit of R calls/s
+  with bursts of B is ``AsyncLimiter(B, B / R)``: the bucket holds B and leaks R per second
+  (``AsyncLimiter(R, 1)`` would start full and let 2R calls through in the first second).
+- :class:`SharedGate` (replicas on one database): the :class:`Gcra` rule applied to one
+  row per API by :class:`SharedSlots` (storage), on the database's clock, so that every
+  replica together keeps to the limit and a quota pause holds for all of them.
+
+:class:`RateLimits` keeps the rules that do not depend on where the slots are: which APIs
+there are and their limits, and how long a quota error pauses an API.
 """
 
 from __future__ import annotations
@@ -10,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, Self, TypeVar
 
 from aiolimiter import AsyncLimiter
 
@@ -22,45 +33,243 @@ from analysis_service.domain.models import RateLimitState
 logger = logging.getLogger(__name__)
 
 # How long an API pauses after a quota error that names no retry delay; doubles on each
-# consecutive quota error, and resets after a call goes through.
+# consecutive quota error (of this replica), and resets after a call goes through.
 QUOTA_BACKOFF_INITIAL = 1.0
 QUOTA_BACKOFF_MAX = 60.0
+# A retry delay named by the API is honoured up to this long: a wait has a bound.
+QUOTA_PAUSE_MAX = 3600.0
+# "In use" is the share of the limit used over this many seconds.
 USE_WINDOW = 10.0
 
 
-class _ApiLimiter:
-    def __init__(self, api: str, config: RateLimitConfig) -> None:
-        self.api = api
-        self.config = config
+class Instant(Protocol):
+    """A point in time the GCRA rule can compute with: a float, or a SQL expression."""
+
+    def __add__(self, seconds: float, /) -> Self: ...
+
+    def __sub__(self, seconds: float, /) -> Self: ...
+
+
+When = TypeVar("When", bound=Instant)
+
+
+@dataclass(frozen=True)
+class Gcra:
+    """The generic cell rate algorithm: R calls/s with bursts of B, as one number per API.
+
+    The state is the theoretical arrival time (TAT) of the next call. Reserving a call at
+    ``now`` moves TAT to ``max(TAT, now) + interval`` (:meth:`advance`); the call may go at
+    ``max(TAT - tolerance, now)`` with the TAT before it, which is :meth:`slot` of the TAT
+    after it (so an ``UPDATE … RETURNING``, which sees only the new row, can tell it). Any
+    window of W seconds then holds at most ``R * W + B`` calls, whatever order the
+    reservations come in, and a stale ``now`` (a reservation that waited for the row's
+    lock) only makes its call later.
+
+    The methods take a ``latest`` function (``max`` for numbers, ``GREATEST`` for SQL), so
+    the storage applies this very rule on the database's clock.
+    """
+
+    rate_per_second: float
+    burst: int
+
+    @property
+    def interval(self) -> float:
+        """Seconds between calls at the steady rate."""
+        return 1.0 / self.rate_per_second
+
+    @property
+    def tolerance(self) -> float:
+        """How far ahead of the steady rate a call may go: B - 1 intervals."""
+        return (self.burst - 1) * self.interval
+
+    def advance(self, tat: When, now: When, latest: Callable[[When, When], When]) -> When:
+        """The TAT once a call asking at ``now`` is reserved."""
+        return latest(tat, now) + self.interval
+
+    def slot(self, advanced: When, now: When, latest: Callable[[When, When], When]) -> When:
+        """When the call whose reservation moved TAT to ``advanced`` may go."""
+        return latest(advanced - (self.interval + self.tolerance), now)
+
+    def pause(self, tat: When, until: When, latest: Callable[[When, When], When]) -> When:
+        """The TAT that lets no call go before ``until``, and no burst right after it."""
+        return latest(tat, until + self.tolerance)
+
+
+@dataclass(frozen=True)
+class SharedReading:
+    """One API's row as the database has it, read at ``now`` (the database's clock)."""
+
+    paused_until: float
+    quota_errors: int
+    window_start: float
+    window_calls: int
+    previous_window_calls: int
+
+
+def calls_in_window(reading: SharedReading, now: float, window: float = USE_WINDOW) -> float:
+    """Calls in the ``window`` seconds before ``now``, estimated from the calls counted in
+    the current fixed window and the one before it (the older one weighted by how much of
+    it the sliding window still covers)."""
+    current_start = math.floor(now / window) * window
+    if reading.window_start == current_start:
+        current, previous = reading.window_calls, reading.previous_window_calls
+    elif reading.window_start == current_start - window:
+        current, previous = 0, reading.window_calls
+    else:
+        current, previous = 0, 0
+    return current + previous * (1.0 - (now - current_start) / window)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A reserved call: it may go at ``at``; it was reserved at ``now`` (database clock)."""
+
+    at: float
+    now: float
+
+    @property
+    def wait(self) -> float:
+        return self.at - self.now
+
+
+class SharedSlots(Protocol):
+    """The GCRA rows of every replica's upstream APIs (the storage implements it).
+
+    Each method is one round trip to the database; times are on the database's clock.
+    """
+
+    async def reserve(self, api: str, rule: Gcra, window: float) -> Slot:
+        """Reserve the next slot of ``api`` under ``rule`` (counting the call in fixed
+        windows of ``window`` seconds)."""
+
+    async def pause(self, api: str, rule: Gcra, seconds: float) -> None:
+        """Let no call to ``api`` go for ``seconds``, whichever replica asks; count a quota
+        error."""
+
+    async def read(self) -> tuple[Mapping[str, SharedReading], float]:
+        """Every API's row, and the database's clock."""
+
+
+@dataclass
+class _Api:
+    """One upstream API's limit, and its quota errors as this process saw them."""
+
+    name: str
+    config: RateLimitConfig
+    quota_errors: int = 0
+    consecutive_quota_errors: int = 0
+
+    @property
+    def rule(self) -> Gcra:
+        return Gcra(self.config.rate_per_second, self.config.burst)
+
+
+class RateGate(Protocol):
+    """Where the slots of the upstream APIs' limits are kept."""
+
+    async def acquire(self, api: _Api) -> None:
+        """Return once a call to ``api`` may be made now (cancellable while it waits)."""
+
+    async def pause(self, api: _Api, seconds: float) -> None:
+        """Let no call to ``api`` go for ``seconds``."""
+
+    async def states(self, apis: Sequence[_Api]) -> tuple[RateLimitState, ...]:
+        """The limits at a glance."""
+
+
+class _LocalLimiter:
+    def __init__(self, config: RateLimitConfig) -> None:
         self.limiter = AsyncLimiter(config.burst, config.burst / config.rate_per_second)
         self.throttled_until = 0.0
-        self.quota_errors = 0
-        self.consecutive_quota_errors = 0
         self.recent_calls: collections.deque[float] = collections.deque()
 
-    async def acquire(self) -> None:
-        # A quota error may extend the pause while we sleep, hence the loop.
-        while (pause := self.throttled_until - time.time()) > 0:  # noqa: ASYNC110
-            await asyncio.sleep(pause)
-        await self.limiter.acquire()
-        now = time.monotonic()
-        self.recent_calls.append(now)
-        while self.recent_calls and self.recent_calls[0] < now - USE_WINDOW:
-            self.recent_calls.popleft()
 
-    def current_use(self) -> float:
+class InProcessGate:
+    """The slots in this process: one aiolimiter per API (SQLite, where one process runs)."""
+
+    def __init__(self, apis: Sequence[_Api]) -> None:
+        self._limiters = {api.name: _LocalLimiter(api.config) for api in apis}
+
+    async def acquire(self, api: _Api) -> None:
+        limiter = self._limiters[api.name]
+        # A quota error may extend the pause while we sleep, hence the loop.
+        while (pause := limiter.throttled_until - time.time()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(pause)
+        await limiter.limiter.acquire()
         now = time.monotonic()
-        calls = sum(1 for t in self.recent_calls if t >= now - USE_WINDOW)
-        return min(1.0, calls / (self.config.rate_per_second * USE_WINDOW))
+        limiter.recent_calls.append(now)
+        while limiter.recent_calls and limiter.recent_calls[0] < now - USE_WINDOW:
+            limiter.recent_calls.popleft()
+
+    async def pause(self, api: _Api, seconds: float) -> None:
+        limiter = self._limiters[api.name]
+        limiter.throttled_until = max(limiter.throttled_until, time.time() + seconds)
+
+    async def states(self, apis: Sequence[_Api]) -> tuple[RateLimitState, ...]:
+        now, clock = time.time(), time.monotonic()
+        states = []
+        for api in apis:
+            limiter = self._limiters[api.name]
+            calls = sum(1 for t in limiter.recent_calls if t >= clock - USE_WINDOW)
+            until = limiter.throttled_until
+            states.append(_state(api, calls, until if until > now else None, api.quota_errors))
+        return tuple(states)
+
+
+class SharedGate:
+    """The slots in the database every replica shares: reserve one slot in one round trip,
+    then sleep until it comes (no polling; a cancelled wait leaves its slot unused, which
+    errs on the safe side)."""
+
+    def __init__(self, slots: SharedSlots) -> None:
+        self._slots = slots
+
+    async def acquire(self, api: _Api) -> None:
+        slot = await self._slots.reserve(api.name, api.rule, USE_WINDOW)
+        if slot.wait > 0:
+            await asyncio.sleep(slot.wait)
+
+    async def pause(self, api: _Api, seconds: float) -> None:
+        await self._slots.pause(api.name, api.rule, seconds)
+
+    async def states(self, apis: Sequence[_Api]) -> tuple[RateLimitState, ...]:
+        readings, now = await self._slots.read()
+        states = []
+        for api in apis:
+            reading = readings.get(api.name)
+            if reading is None:
+                states.append(_state(api, 0, None, 0))
+                continue
+            until = reading.paused_until if reading.paused_until > now else None
+            calls = calls_in_window(reading, now)
+            states.append(_state(api, calls, until, reading.quota_errors))
+        return tuple(states)
+
+
+def _state(
+    api: _Api, calls: float, throttled_until: float | None, quota_errors: int
+) -> RateLimitState:
+    return RateLimitState(
+        api=api.name,
+        rate_per_second=api.config.rate_per_second,
+        burst=api.config.burst,
+        current_use=min(1.0, calls / (api.config.rate_per_second * USE_WINDOW)),
+        throttled_until=throttled_until,
+        quota_errors=quota_errors,
+    )
 
 
 class RateLimits:
-    """The limiters of the analyser's upstream APIs; ``acquire(api)`` waits for a slot."""
+    """The limits of the analyser's upstream APIs; ``acquire(api)`` waits for a slot.
+
+    The slots are this process's own unless ``shared`` keeps them for every replica.
+    """
 
     def __init__(
         self,
         defaults: Sequence[ApiLimit],
         overrides: Mapping[str, RateLimitConfig],
+        shared: SharedSlots | None = None,
     ) -> None:
         configs = {d.api: RateLimitConfig(d.rate_per_second, d.burst) for d in defaults}
         unknown = set(overrides) - set(configs)
@@ -73,53 +282,54 @@ class RateLimits:
         for api, config in configs.items():
             if config.rate_per_second <= 0 or config.burst < 1:
                 raise ValueError(f"rate limit of {api} must be > 0 with burst >= 1")
-        self._limiters = {api: _ApiLimiter(api, config) for api, config in configs.items()}
+        self._apis = {api: _Api(api, config) for api, config in configs.items()}
+        apis = list(self._apis.values())
+        self._gate: RateGate = InProcessGate(apis) if shared is None else SharedGate(shared)
 
-    def _limiter(self, api: str) -> _ApiLimiter:
+    def _api(self, api: str) -> _Api:
         try:
-            return self._limiters[api]
+            return self._apis[api]
         except KeyError:
             raise ValueError(f"no rate limit configured for API {api!r}") from None
 
+    @property
+    def configured(self) -> Mapping[str, RateLimitConfig]:
+        """Each API's limit."""
+        return {name: api.config for name, api in self._apis.items()}
+
     async def acquire(self, api: str) -> None:
-        await self._limiter(api).acquire()
+        """Wait for a slot of ``api``; raises StorageUnavailable when the slots are kept in a
+        database that cannot be reached (no call goes without a slot)."""
+        await self._gate.acquire(self._api(api))
 
     def succeeded(self, apis: Sequence[str]) -> None:
         """Calls went through: quota backoff starts again from its initial value."""
         for api in apis:
-            self._limiter(api).consecutive_quota_errors = 0
+            self._api(api).consecutive_quota_errors = 0
 
-    def quota_exceeded(self, api: str, retry_after: float | None) -> float:
+    async def quota_exceeded(self, api: str, retry_after: float | None) -> float:
         """Pause ``api`` after a quota error; returns how long it is paused."""
-        limiter = self._limiter(api)
-        limiter.quota_errors += 1
-        limiter.consecutive_quota_errors += 1
+        limit = self._api(api)
+        limit.quota_errors += 1
+        limit.consecutive_quota_errors += 1
         pause = retry_after
         if pause is None:
-            exponent = limiter.consecutive_quota_errors - 1
+            exponent = limit.consecutive_quota_errors - 1
             pause = min(QUOTA_BACKOFF_MAX, QUOTA_BACKOFF_INITIAL * 2.0**exponent)
-        limiter.throttled_until = max(limiter.throttled_until, time.time() + pause)
+        pause = min(pause, QUOTA_PAUSE_MAX)
         logger.warning("quota exceeded on %s: pausing it for %.1f s", api, pause)
+        await self._gate.pause(limit, pause)
         return pause
 
     def quota_error_counts(self) -> dict[str, int]:
-        """Quota errors so far by API; plain reads, safe from a metrics scrape's thread."""
-        return {api: limiter.quota_errors for api, limiter in self._limiters.items()}
+        """Quota errors this process met, by API; plain reads, safe from a metrics scrape's
+        thread (each replica exports its own; the status shows the cluster's)."""
+        return {name: api.quota_errors for name, api in self._apis.items()}
 
     def min_rate(self) -> float:
         """The lowest configured rate: an upper bound on jobs per second."""
-        return min(limiter.config.rate_per_second for limiter in self._limiters.values())
+        return min(api.config.rate_per_second for api in self._apis.values())
 
-    def snapshot(self) -> tuple[RateLimitState, ...]:
-        now = time.time()
-        return tuple(
-            RateLimitState(
-                api=limiter.api,
-                rate_per_second=limiter.config.rate_per_second,
-                burst=limiter.config.burst,
-                current_use=limiter.current_use(),
-                throttled_until=limiter.throttled_until if limiter.throttled_until > now else None,
-                quota_errors=limiter.quota_errors,
-            )
-            for limiter in self._limiters.values()
-        )
+    async def snapshot(self) -> tuple[RateLimitState, ...]:
+        """Each API's limit, use, pause and quota errors (of every replica when shared)."""
+        return await self._gate.states(list(self._apis.values()))

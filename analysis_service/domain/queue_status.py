@@ -49,7 +49,7 @@ async def queue_status(
         workers_busy=pool.busy,
         workers_total=pool.size,
         paused=queue.paused,
-        rate_limits=limits.snapshot(),
+        rate_limits=await limits.snapshot(),
         completed_last_minute=throughput.last_minute(),
         oldest_pending_age=time.time() - oldest_submission if oldest_submission else None,
         estimated_wait=estimate_wait(

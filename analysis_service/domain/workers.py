@@ -249,7 +249,7 @@ class WorkerPool:
                 await work
                 return AttemptOutcome.COMPLETED
             except QuotaExceeded as exc:
-                pause = self._limits.quota_exceeded(exc.api, exc.retry_after)
+                pause = await self._limits.quota_exceeded(exc.api, exc.retry_after)
                 return await self._defer(job, exc, pause, AttemptOutcome.QUOTA_DEFERRED)
             except ContentUnavailable as exc:
                 pause = self._queue.backoff(job.quota_deferrals + 1)

@@ -100,6 +100,35 @@ counters = sa.Table(
     sa.Column("value", sa.BigInteger, nullable=False),
 )
 
+# One row per upstream API, shared by every replica (used on PostgreSQL; see rate_limits.py):
+# the GCRA state (the theoretical arrival time of the next call, epoch seconds on the
+# database's clock), the quota pause, and calls counted in two consecutive windows for the
+# status's "in use".
+rate_limits = sa.Table(
+    "rate_limits",
+    metadata,
+    sa.Column("api", sa.String, primary_key=True),
+    sa.Column("theoretical_arrival", sa.Float, nullable=False),
+    sa.Column("paused_until", sa.Float, nullable=False),
+    sa.Column("quota_errors", sa.BigInteger, nullable=False),
+    sa.Column("window_start", sa.Float, nullable=False),
+    sa.Column("window_calls", sa.BigInteger, nullable=False),
+    sa.Column("previous_window_calls", sa.BigInteger, nullable=False),
+)
+
+# Each analysis replica's heartbeat (times on the database's clock).
+replicas = sa.Table(
+    "replicas",
+    metadata,
+    sa.Column("replica_id", sa.String, primary_key=True),
+    sa.Column("host", sa.String, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("workers_total", sa.Integer, nullable=False),
+    sa.Column("workers_busy", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("last_seen", sa.Float, nullable=False),
+)
+
 REVISION = "revision"
 COMPACTED_THROUGH = "compacted_through"
 PAUSED = "paused"
