@@ -35,6 +35,8 @@ def test_a_file_with_every_field_is_read() -> None:
     assert endpoint.wants("listing-7", ProcessingStatus.FAILED)
     assert not endpoint.wants("listing-7", ProcessingStatus.COMPLETED)
     assert not endpoint.wants("listing-8", ProcessingStatus.FAILED)
+    assert SECRET not in repr(endpoint)
+    assert "key=k1" not in repr(endpoint)
     [every] = parse_endpoints(entry(), max_endpoints=4)
     assert every.wants("anyone", ProcessingStatus.COMPLETED)
     assert parse_endpoints("", max_endpoints=4) == ()

@@ -25,7 +25,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -58,8 +58,9 @@ class WebhookEndpoint:
     """One receiver. ``owners`` None means every owner."""
 
     name: str
-    url: str
-    secret: str
+    # Kept out of the repr: the URL may hold the receiver's key, the secret is one.
+    url: str = field(repr=False)
+    secret: str = field(repr=False)
     owners: frozenset[str] | None
     statuses: frozenset[ProcessingStatus]
 
@@ -107,11 +108,11 @@ def _secret(value: object, where: str) -> str:
     return value
 
 
-def _strings(value: object, where: str, field: str) -> list[str]:
+def _strings(value: object, where: str, what: str) -> list[str]:
     if not isinstance(value, list) or not value:
-        raise WebhooksFileError(f"{where}: {field} must be a non-empty list of strings")
+        raise WebhooksFileError(f"{where}: {what} must be a non-empty list of strings")
     if not all(isinstance(item, str) and item for item in value):
-        raise WebhooksFileError(f"{where}: {field} must be a non-empty list of strings")
+        raise WebhooksFileError(f"{where}: {what} must be a non-empty list of strings")
     return value
 
 
