@@ -11,6 +11,7 @@ from typing import NoReturn
 
 from mediatag_cli.blob_copy import copy_blobs
 from mediatag_cli.client_commands import run_command
+from mediatag_cli.database_copy import copy_service_database
 from mediatag_cli.logging_setup import configure_logging
 from mediatag_cli.render import parse_status
 from mediatag_cli.serve import serve
@@ -25,6 +26,8 @@ from mediatag_cli.settings import (
     client_settings,
     serve_settings,
 )
+from mediatag_common.database import SQLITE, database_url
+from mediatag_common.service_config import ServiceConfig
 from mediatag_common.values import (
     int32,
     key_value,
@@ -101,6 +104,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     copy_blobs.add_argument("source", type=Path, metavar="DIR", help="the blob directory")
     add_serve_arguments(copy_blobs, [INGEST])
+
+    copy_database = _command_parser(
+        commands.add_parser(
+            "copy-database",
+            help="copy a service's database into a new one (to move from SQLite to PostgreSQL)",
+            usage="mediatag copy-database {ingest | analysis} --to URL [serve options]",
+            description="Copy every row of a service's database (the one `mediatag serve "
+            "SERVICE` with the same options uses) into a new, empty database, e.g. "
+            "postgresql://USER@HOST:PORT/DB. Stop every process of the service first. Both "
+            "databases are migrated to this release's schema; a destination that holds rows "
+            "is refused; the copy is one transaction.",
+        )
+    )
+    copied_services = copy_database.add_subparsers(
+        dest="service", metavar="SERVICE", required=True, prog="mediatag copy-database"
+    )
+    for name in (INGEST, ANALYSIS):
+        service = _command_parser(
+            copied_services.add_parser(
+                name,
+                help=f"copy the {name} service's database",
+                description=f"Copy the {name} database (the one `mediatag serve {name}` "
+                "with the same options uses) into the empty database at --to. Stop every "
+                f"process of the {name} service first.",
+            )
+        )
+        service.add_argument(
+            "--to",
+            required=True,
+            metavar="URL",
+            help="the new database, e.g. postgresql://USER@HOST:PORT/DB",
+        )
+        add_serve_arguments(service, [name])
 
     def client(name: str, summary: str) -> argparse.ArgumentParser:
         command = _command_parser(commands.add_parser(name, help=summary, description=summary))
@@ -220,6 +256,8 @@ def run(argv: list[str] | None = None) -> int:
         return _run_serve(args)
     if args.command == "copy-blobs":
         return _run_copy_blobs(args)
+    if args.command == "copy-database":
+        return _run_copy_database(args)
     configure_logging("WARNING")
     try:
         return asyncio.run(_run_client(args))
@@ -256,6 +294,25 @@ def _run_copy_blobs(args: argparse.Namespace) -> int:
         _usage_error(args, f"{source} is the blob store itself (give --blob-store)")
     configure_logging("WARNING")
     return asyncio.run(copy_blobs(source, ingest))
+
+
+def _run_copy_database(args: argparse.Namespace) -> int:
+    service: str = args.service
+    try:
+        config: ServiceConfig = getattr(serve_settings(args, [service]), service)
+        source = database_url(config.resolved_database_url)
+        database_url(args.to)
+    except (SettingsError, ValueError) as error:
+        _usage_error(args, str(error))
+    # Opening a missing SQLite file would make an empty database there.
+    if source.get_backend_name() == SQLITE and not Path(source.database or "").is_file():
+        _usage_error(
+            args,
+            f"no {service} database at {source.database} "
+            f"(give --data-dir or --{service}-database-url)",
+        )
+    configure_logging("WARNING")
+    return asyncio.run(copy_service_database(service, config.resolved_database_url, args.to))
 
 
 def main(argv: list[str] | None = None) -> None:

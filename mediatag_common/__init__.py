@@ -5,7 +5,8 @@
 - ``auth``: tokens, roles, the owner scope; ``tls``: certificates and credentials;
 - ``grpc_server``: server options, health, start/drain/stop, channels;
 - ``database``, ``migrations``, ``keys``, ``group_commit``: SQLite/PostgreSQL access, schema
-  versions, stored secrets, batched commits;
+  versions, stored secrets, batched commits; ``database_copy``: a service's database copied
+  into a new one (SQLite to PostgreSQL);
 - ``paging``: AIP-158 page tokens; ``backoff``, ``tasks``: retry delays and task shutdown;
 - ``metrics``: each service's Prometheus registry and endpoint; ``service_wiring``: the
   metrics endpoint and listening gRPC server both ``create_server`` build from their config;
@@ -19,6 +20,7 @@ __all__ = [
     "auth",
     "backoff",
     "database",
+    "database_copy",
     "embeddings",
     "errors",
     "group_commit",

@@ -46,9 +46,11 @@ POSTGRESQL = "postgresql"
 # Asyncio or other drivers a configured URL may name, and the driver used in their place.
 _DRIVERS = {
     "sqlite": "sqlite+pysqlite",
+    "sqlite+pysqlite": "sqlite+pysqlite",
     "sqlite+aiosqlite": "sqlite+pysqlite",
     "postgres": "postgresql+psycopg",
     "postgresql": "postgresql+psycopg",
+    "postgresql+psycopg": "postgresql+psycopg",
     "postgresql+asyncpg": "postgresql+psycopg",
     "postgresql+psycopg2": "postgresql+psycopg",
     "postgresql+psycopg_async": "postgresql+psycopg",
@@ -96,8 +98,8 @@ def dialect_of(url: str) -> str:
 
 
 def safe_url(url: str) -> str:
-    """``url`` with its password hidden, for logs and messages."""
-    return database_url(url).render_as_string(hide_password=True)
+    """``url`` as written (its scheme too), with its password hidden, for logs and messages."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def classify(error: sa_exc.SQLAlchemyError) -> DatabaseError:

@@ -15,6 +15,15 @@ KEY_BYTES = 32
 # The key both services sign their AIP-158 page tokens with.
 PAGE_TOKEN_KEY = "page-tokens"
 
+# The table (both services have one), for what handles every table of a database: the copy
+# to another database.
+SECRETS = sa.Table(
+    "secrets",
+    sa.MetaData(),
+    sa.Column("name", sa.String, primary_key=True),
+    sa.Column("value", sa.LargeBinary, nullable=False),
+)
+
 
 def load_or_create_key(conn: Connection, name: str) -> bytes:
     """The key called ``name``, made now if the database has none (call in a write
