@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import fanout, owner_probes, queue_overhead, seed, sse, upload, upload_stores
+from bench import fanout, owner_probes, queue_overhead, scale, seed, sse, upload, upload_stores
 from bench.benchmark import Benchmark, Figures
 
 BENCHMARKS: list[Benchmark] = [
@@ -27,6 +27,7 @@ BENCHMARKS: list[Benchmark] = [
     queue_overhead.BENCHMARK,
     sse.BENCHMARK,
     owner_probes.BENCHMARK,
+    scale.BENCHMARK,
 ]
 # Exit status when interrupted, as shells report SIGINT.
 _INTERRUPTED = 130

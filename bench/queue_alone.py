@@ -1,4 +1,4 @@
-"""The analysis service's ``JobQueue`` alone, over a real SQLite file, in this process.
+"""The analysis service's ``JobQueue`` alone, over a real database, in this process.
 
 It is built as ``analysis_service.server`` builds it (database, migrations, status hub,
 retry policy and lease from the default configuration). Jobs are submitted in batches,
@@ -15,7 +15,6 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -26,7 +25,7 @@ from analysis_service.domain.queue import JobQueue
 from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
 from bench.processes import cpu_seconds
 from bench.simulated import TAGS
-from mediatag_common.database import Database, sqlite_url
+from mediatag_common.database import Database
 
 
 @dataclass(frozen=True)
@@ -72,13 +71,13 @@ def job_specs(first: int, count: int) -> list[JobSpec]:
 
 
 class QueueAlone:
-    """A ``JobQueue`` on a new database in the existing directory ``work_dir``; ``run``
+    """A ``JobQueue`` on the new, empty database at ``url`` (SQLite or PostgreSQL); ``run``
     submits jobs in batches of ``batch``, then ``tasks`` tasks claim and complete them."""
 
     def __init__(
-        self, work_dir: Path, *, synchronous: str, batch: int, tasks: int, dimensions: int
+        self, url: str, *, synchronous: str, batch: int, tasks: int, dimensions: int
     ) -> None:
-        self._db = Database(sqlite_url(str(work_dir / "analysis.db")), synchronous=synchronous)
+        self._db = Database(url, synchronous=synchronous)
         config = AnalysisConfig()
         hub = StatusHub(
             buffer_size=config.watch.stream_buffer, max_watchers=config.watch.max_watchers

@@ -43,6 +43,7 @@ from bench.queue_report import (
 )
 from bench.sim_server import SimServer
 from ingest_service.config import IngestConfig
+from mediatag_common.database import sqlite_url
 
 # No limit that could bind: a billion calls/s in bursts of a million.
 _RATE = 1e9
@@ -145,8 +146,8 @@ async def _measure_setting(
     )  # fmt: skip
     (work_dir / "alone").mkdir(parents=True)
     alone = QueueAlone(
-        work_dir / "alone", synchronous=synchronous, batch=setup.submit_batch,
-        tasks=setup.workers, dimensions=_DIMENSIONS,
+        sqlite_url(str(work_dir / "alone" / "analysis.db")), synchronous=synchronous,
+        batch=setup.submit_batch, tasks=setup.workers, dimensions=_DIMENSIONS,
     )  # fmt: skip
     pipeline_rounds: list[PipelineMeasured] = []
     alone_rounds: list[QueueAloneRun] = []

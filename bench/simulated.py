@@ -8,6 +8,7 @@ so a run measures the queue, the workers and the limiter rather than any image w
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -34,6 +35,8 @@ class SimulatedAnalyzer:
         self.burst = burst
         embedding = np.ones(dimensions, dtype=np.float32)
         self._embedding = embedding / np.linalg.norm(embedding)
+        # When each call was let through (``time.time()``): counted where it arrives.
+        self.calls: list[float] = []
 
     @property
     def api_limits(self) -> Sequence[ApiLimit]:
@@ -44,6 +47,7 @@ class SimulatedAnalyzer:
 
     async def analyze(self, item: AnalysisInput, limiter: RateLimiter) -> AnalysisOutput:
         await limiter.acquire(API)
+        self.calls.append(time.time())
         if self.latency:
             await asyncio.sleep(self.latency)
         return AnalysisOutput(tags=TAGS, embedding=self._embedding)

@@ -49,9 +49,10 @@ class PostgresServer:
 
 
 @contextlib.contextmanager
-def postgres_server() -> Iterator[PostgresServer]:
-    """The configured server, or a throwaway one for the duration of the block."""
-    configured = os.environ.get(TEST_DATABASE_URL)
+def postgres_server(configured: str | None = None) -> Iterator[PostgresServer]:
+    """The server at ``configured`` (default: ``MEDIATAG_TEST_DATABASE_URL``), or a
+    throwaway one for the duration of the block."""
+    configured = configured or os.environ.get(TEST_DATABASE_URL)
     if configured:
         server = PostgresServer(configured, "")
         server.version = _version(server)
