@@ -16,12 +16,14 @@ from analysis_service.domain.hub import StatusHub
 from analysis_service.domain.limits import RateLimits
 from analysis_service.domain.maintenance import Maintenance
 from analysis_service.domain.queue import JobQueue
+from analysis_service.domain.replicas import Replicas
 from analysis_service.domain.stats import Throughput
 from analysis_service.domain.watch import StatusWatcher
 from analysis_service.domain.workers import WorkerPool
 from analysis_service.ingest_content import IngestContent
 from analysis_service.metrics import AnalysisMetrics, Readings
 from analysis_service.storage.rate_limits import DatabaseSlots
+from analysis_service.storage.replicas import DatabaseReplicas
 from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
 from mediatag_common.auth import load_tokens
 from mediatag_common.database import POSTGRESQL, Database
@@ -89,6 +91,9 @@ async def create_server(
         throughput=throughput,
         observer=metrics,
     )
+    replicas = Replicas(
+        DatabaseReplicas(db), workers_total=pool.size, workers_busy=lambda: pool.busy
+    )
     watcher = StatusWatcher(db, hub, bookmark_interval=config.watch.bookmark_interval)
     maintenance = Maintenance(queue, config.watch)
     metrics.expose(
@@ -120,7 +125,7 @@ async def create_server(
         AnalysisServicer(
             queue=queue,
             watcher=watcher,
-            pool=pool,
+            replicas=replicas,
             limits=limits,
             throughput=throughput,
             analyzer=analyzer,
@@ -136,6 +141,7 @@ async def create_server(
         metrics_endpoint.start()
         pool.start()
         maintenance.start()
+        replicas.start()
         logger.info(
             "analysis service on %s:%d: %d workers, analyser %s %s, limits %s%s",
             config.host,
@@ -157,6 +163,7 @@ async def create_server(
     async def on_stop() -> None:
         await metrics_endpoint.stop()
         await maintenance.stop()
+        await replicas.stop()
         await content.close()
         await close_analyzer(analyzer)
         await db.close()

@@ -230,6 +230,26 @@ def queue_summary(status: analysis_pb2.GetQueueStatusResponse) -> str:
     ]
     width = max(len(name) for name, _ in rows) + 1
     lines = [f"{name + ':':<{width}} {value}" for name, value in rows]
+    if status.replicas:
+        lines.append("replicas:")
+        lines.extend(
+            "  " + line
+            for line in table(
+                ("REPLICA", "HOST", "PID", "WORKERS", "STARTED", "LAST SEEN", "STATE"),
+                [
+                    (
+                        replica.replica_id,
+                        shown(replica.host),
+                        str(replica.pid),
+                        f"{replica.workers_busy} busy of {replica.workers_total}",
+                        format_time(replica.start_time),
+                        format_time(replica.last_seen_time, clock_only=True),
+                        _replica_state(replica, status.replica_id),
+                    )
+                    for replica in status.replicas
+                ],
+            ).splitlines()
+        )
     if status.rate_limits:
         lines.append("rate limits:")
         lines.extend(
@@ -250,6 +270,12 @@ def queue_summary(status: analysis_pb2.GetQueueStatusResponse) -> str:
             ).splitlines()
         )
     return "\n".join(lines)
+
+
+def _replica_state(replica: analysis_pb2.Replica, answering: str) -> str:
+    if replica.state == analysis_pb2.REPLICA_STATE_GONE:
+        return "gone"
+    return "live (answered)" if replica.replica_id == answering else "live"
 
 
 def _optional_duration(status: analysis_pb2.GetQueueStatusResponse, name: str) -> str:

@@ -157,6 +157,7 @@ async def test_pause_shows_paused_and_nothing_is_claimed_until_resume(
     await wait_until(queued)
     await expect(page.locator("#count-pending")).to_have_text("1")
     await expect(page.locator("#workers")).to_have_text("0 / 4")
+    await expect(page.locator("#replicas tbody tr td").nth(2)).to_have_text("0 / 4")
     job = await cluster.analysis.GetJob(apb.GetJobRequest(media_id=media_id))
     assert job.job.status == apb.PROCESSING_STATUS_PENDING
     assert list(job.job.attempts) == []

@@ -157,6 +157,20 @@ def queue_status_to_pb(status: QueueStatus) -> pb.GetQueueStatusResponse:
         current_revision=status.current_revision,
         analyzer_name=status.analyzer_name,
         analyzer_version=status.analyzer_version,
+        replicas=[
+            pb.Replica(
+                replica_id=replica.replica_id,
+                host=replica.host,
+                pid=replica.pid,
+                workers_total=replica.workers_total,
+                workers_busy=replica.workers_busy,
+                start_time=timestamp(replica.started_at),
+                last_seen_time=timestamp(replica.last_seen),
+                state=pb.REPLICA_STATE_LIVE if replica.live else pb.REPLICA_STATE_GONE,
+            )
+            for replica in status.replicas
+        ],
+        replica_id=status.replica_id,
     )
 
 

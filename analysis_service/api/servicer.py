@@ -22,9 +22,9 @@ from analysis_service.domain.limits import RateLimits
 from analysis_service.domain.models import Bookmark, JobStatus
 from analysis_service.domain.queue import JobQueue
 from analysis_service.domain.queue_status import queue_status
+from analysis_service.domain.replicas import Replicas
 from analysis_service.domain.stats import Throughput
 from analysis_service.domain.watch import StatusWatcher, WatchRequest
-from analysis_service.domain.workers import WorkerPool
 from analysis_service.errors import JobNotFound, invalid
 from analysis_service.metrics import AnalysisMetrics
 from mediatag_common import auth, paging
@@ -88,7 +88,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         *,
         queue: JobQueue,
         watcher: StatusWatcher,
-        pool: WorkerPool,
+        replicas: Replicas,
         limits: RateLimits,
         throughput: Throughput,
         analyzer: Analyzer,
@@ -101,7 +101,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         self._max_watch_media_ids = max_watch_media_ids
         self._watcher = watcher
         self._watch_messages = convert.WatchMessages()
-        self._pool = pool
+        self._replicas = replicas
         self._limits = limits
         self._throughput = throughput
         self._analyzer = analyzer
@@ -197,7 +197,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     ) -> pb.GetQueueStatusResponse:
         status = await queue_status(
             queue=self._queue,
-            pool=self._pool,
+            replicas=self._replicas,
             limits=self._limits,
             throughput=self._throughput,
             analyzer=self._analyzer,

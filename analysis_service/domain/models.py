@@ -165,6 +165,21 @@ class RateLimitState:
 
 
 @dataclass(frozen=True)
+class ReplicaState:
+    """One analysis replica, as its heartbeat row says (times on the database's clock)."""
+
+    replica_id: str
+    host: str
+    pid: int
+    workers_total: int
+    workers_busy: int
+    started_at: float
+    last_seen: float
+    # False once it has missed several heartbeats: its workers are not counted.
+    live: bool
+
+
+@dataclass(frozen=True)
 class QueueStatus:
     """The queue at a glance."""
 
@@ -179,3 +194,6 @@ class QueueStatus:
     current_revision: int
     analyzer_name: str
     analyzer_version: str
+    # Every replica on the queue's database, and the one answering.
+    replicas: tuple[ReplicaState, ...]
+    replica_id: str

@@ -11,8 +11,8 @@ if TYPE_CHECKING:
     from analysis_service.analyzers.base import Analyzer
     from analysis_service.domain.limits import RateLimits
     from analysis_service.domain.queue import JobQueue
+    from analysis_service.domain.replicas import Replicas
     from analysis_service.domain.stats import Throughput
-    from analysis_service.domain.workers import WorkerPool
 
 
 def estimate_wait(
@@ -34,28 +34,34 @@ def estimate_wait(
 async def queue_status(
     *,
     queue: JobQueue,
-    pool: WorkerPool,
+    replicas: Replicas,
     limits: RateLimits,
     throughput: Throughput,
     analyzer: Analyzer,
     current_revision: int,
 ) -> QueueStatus:
-    """The queue at a glance: depth, workers, limits, throughput, oldest job, estimated wait."""
+    """The queue at a glance: depth, the workers of every live replica, limits, throughput,
+    oldest job, estimated wait (at this replica's mean job duration)."""
     counts, oldest_submission = await queue.depth()
+    cluster = await replicas.cluster()
+    live = [replica for replica in cluster if replica.live]
+    workers = sum(replica.workers_total for replica in live)
     mean = throughput.mean_duration()
     waiting = counts[JobStatus.PENDING] + counts[JobStatus.PROCESSING]
     return QueueStatus(
         counts=counts,
-        workers_busy=pool.busy,
-        workers_total=pool.size,
+        workers_busy=sum(replica.workers_busy for replica in live),
+        workers_total=workers,
         paused=queue.paused,
         rate_limits=await limits.snapshot(),
         completed_last_minute=throughput.last_minute(),
         oldest_pending_age=time.time() - oldest_submission if oldest_submission else None,
         estimated_wait=estimate_wait(
-            waiting=waiting, workers=pool.size, rate_limit=limits.min_rate(), mean_duration=mean
+            waiting=waiting, workers=workers, rate_limit=limits.min_rate(), mean_duration=mean
         ),
         current_revision=current_revision,
         analyzer_name=analyzer.name,
         analyzer_version=analyzer.version,
+        replicas=cluster,
+        replica_id=replicas.replica_id,
     )

@@ -19,6 +19,7 @@ from sqlalchemy.sql.expression import Subquery
 
 from analysis_service.domain.limits import Gcra, SharedReading, Slot
 from analysis_service.storage import session
+from analysis_service.storage.clock import database_now
 from analysis_service.storage.schema import rate_limits
 from mediatag_common.database import POSTGRESQL, Database
 
@@ -33,14 +34,12 @@ def _latest(first: _Sql, second: _Sql) -> _Sql:
 _ARRIVAL: _Sql = rate_limits.c.theoretical_arrival
 
 
-def _database_now() -> ColumnElement[float]:
-    return sa.cast(sa.extract("epoch", sa.func.clock_timestamp()), sa.Float)
-
-
 def _clock(api: str) -> Subquery:
     """The row (api, now) an update of ``api``'s row joins: ``now`` read once per statement
     (``clock_timestamp()`` changes as a statement runs)."""
-    return sa.select(sa.literal(api).label("api"), _database_now().label("now")).subquery("clock")
+    return sa.select(sa.literal(api).label("api"), database_now(POSTGRESQL).label("now")).subquery(
+        "clock"
+    )
 
 
 class DatabaseSlots:
@@ -100,7 +99,7 @@ class DatabaseSlots:
 
     async def read(self) -> tuple[Mapping[str, SharedReading], float]:
         def read(conn: Connection) -> tuple[Mapping[str, SharedReading], float]:
-            now = conn.execute(sa.select(_database_now())).scalar_one()
+            now = conn.execute(sa.select(database_now(POSTGRESQL))).scalar_one()
             rows = conn.execute(sa.select(rate_limits))
             readings = {
                 row.api: SharedReading(

@@ -198,6 +198,18 @@
       );
     });
     $("limits").tBodies[0].replaceChildren(...rows);
+    const replicas = (status.replicas || []).map((replica) =>
+      el(
+        "tr",
+        {},
+        el("td", {}, replica.replicaId),
+        el("td", {}, `${replica.host} (${replica.pid})`),
+        el("td", {}, `${replica.workersBusy || 0} / ${replica.workersTotal || 0}`),
+        el("td", {}, when(replica.lastSeenTime)),
+        el("td", {}, replica.state === "REPLICA_STATE_GONE" ? "gone" : "live"),
+      ),
+    );
+    $("replicas").tBodies[0].replaceChildren(...replicas);
   }
 
   $("pause").addEventListener("click", async () => {

@@ -25,6 +25,12 @@ class JobView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_VIEW_UNSPECIFIED: _ClassVar[JobView]
     JOB_VIEW_BASIC: _ClassVar[JobView]
     JOB_VIEW_FULL: _ClassVar[JobView]
+
+class ReplicaState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REPLICA_STATE_UNSPECIFIED: _ClassVar[ReplicaState]
+    REPLICA_STATE_LIVE: _ClassVar[ReplicaState]
+    REPLICA_STATE_GONE: _ClassVar[ReplicaState]
 PROCESSING_STATUS_UNSPECIFIED: ProcessingStatus
 PROCESSING_STATUS_PENDING: ProcessingStatus
 PROCESSING_STATUS_PROCESSING: ProcessingStatus
@@ -34,6 +40,9 @@ PROCESSING_STATUS_NOT_APPLICABLE: ProcessingStatus
 JOB_VIEW_UNSPECIFIED: JobView
 JOB_VIEW_BASIC: JobView
 JOB_VIEW_FULL: JobView
+REPLICA_STATE_UNSPECIFIED: ReplicaState
+REPLICA_STATE_LIVE: ReplicaState
+REPLICA_STATE_GONE: ReplicaState
 
 class JobSpec(_message.Message):
     __slots__ = ("media_id", "owner_id", "category", "context", "sha256", "size_bytes", "content_type", "content_ref", "priority")
@@ -287,8 +296,28 @@ class RateLimit(_message.Message):
     quota_errors: int
     def __init__(self, api: _Optional[str] = ..., rate_per_second: _Optional[float] = ..., burst: _Optional[int] = ..., current_use: _Optional[float] = ..., throttled_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., quota_errors: _Optional[int] = ...) -> None: ...
 
+class Replica(_message.Message):
+    __slots__ = ("replica_id", "host", "pid", "workers_total", "workers_busy", "start_time", "last_seen_time", "state")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_BUSY_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_TIME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    host: str
+    pid: int
+    workers_total: int
+    workers_busy: int
+    start_time: _timestamp_pb2.Timestamp
+    last_seen_time: _timestamp_pb2.Timestamp
+    state: ReplicaState
+    def __init__(self, replica_id: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., workers_total: _Optional[int] = ..., workers_busy: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[ReplicaState, str]] = ...) -> None: ...
+
 class GetQueueStatusResponse(_message.Message):
-    __slots__ = ("counts", "workers_busy", "workers_total", "paused", "rate_limits", "completed_last_minute", "oldest_pending_age", "estimated_wait", "current_revision", "analyzer_name", "analyzer_version")
+    __slots__ = ("counts", "workers_busy", "workers_total", "paused", "rate_limits", "completed_last_minute", "oldest_pending_age", "estimated_wait", "current_revision", "analyzer_name", "analyzer_version", "replicas", "replica_id")
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_BUSY_FIELD_NUMBER: _ClassVar[int]
     WORKERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -300,6 +329,8 @@ class GetQueueStatusResponse(_message.Message):
     CURRENT_REVISION_FIELD_NUMBER: _ClassVar[int]
     ANALYZER_NAME_FIELD_NUMBER: _ClassVar[int]
     ANALYZER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     counts: _containers.RepeatedCompositeFieldContainer[StatusCount]
     workers_busy: int
     workers_total: int
@@ -311,7 +342,9 @@ class GetQueueStatusResponse(_message.Message):
     current_revision: int
     analyzer_name: str
     analyzer_version: str
-    def __init__(self, counts: _Optional[_Iterable[_Union[StatusCount, _Mapping]]] = ..., workers_busy: _Optional[int] = ..., workers_total: _Optional[int] = ..., paused: _Optional[bool] = ..., rate_limits: _Optional[_Iterable[_Union[RateLimit, _Mapping]]] = ..., completed_last_minute: _Optional[int] = ..., oldest_pending_age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., estimated_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., current_revision: _Optional[int] = ..., analyzer_name: _Optional[str] = ..., analyzer_version: _Optional[str] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[Replica]
+    replica_id: str
+    def __init__(self, counts: _Optional[_Iterable[_Union[StatusCount, _Mapping]]] = ..., workers_busy: _Optional[int] = ..., workers_total: _Optional[int] = ..., paused: _Optional[bool] = ..., rate_limits: _Optional[_Iterable[_Union[RateLimit, _Mapping]]] = ..., completed_last_minute: _Optional[int] = ..., oldest_pending_age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., estimated_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., current_revision: _Optional[int] = ..., analyzer_name: _Optional[str] = ..., analyzer_version: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., replica_id: _Optional[str] = ...) -> None: ...
 
 class RetryJobsRequest(_message.Message):
     __slots__ = ("media_ids", "owner_id", "status")

@@ -1,0 +1,20 @@
+"""The database's clock as SQL: what times shared by replicas are measured with, so that the
+replicas' own clocks never enter into them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.sql.elements import ColumnElement
+
+from mediatag_common.database import POSTGRESQL
+
+
+def database_now(dialect: str) -> ColumnElement[Any]:
+    """Now, in epoch seconds, as the database tells it (``clock_timestamp()`` on PostgreSQL:
+    the moment it is evaluated, not the transaction's start)."""
+    if dialect == POSTGRESQL:
+        return sa.cast(sa.extract("epoch", sa.func.clock_timestamp()), sa.Float)
+    # SQLite (one process): julianday's days since -4713, to the millisecond.
+    return (sa.func.julianday("now") - 2440587.5) * 86400.0
