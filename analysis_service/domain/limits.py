@@ -151,8 +151,8 @@ class SharedSlots(Protocol):
 
 
 @dataclass
-class _Api:
-    """One upstream API's limit, and its quota errors as this process saw them."""
+class UpstreamApi:
+    """One upstream API: its limit, and the quota errors this process met."""
 
     name: str
     config: RateLimitConfig
@@ -167,13 +167,13 @@ class _Api:
 class RateGate(Protocol):
     """Where the slots of the upstream APIs' limits are kept."""
 
-    async def acquire(self, api: _Api) -> None:
+    async def acquire(self, api: UpstreamApi) -> None:
         """Return once a call to ``api`` may be made now (cancellable while it waits)."""
 
-    async def pause(self, api: _Api, seconds: float) -> None:
+    async def pause(self, api: UpstreamApi, seconds: float) -> None:
         """Let no call to ``api`` go for ``seconds``."""
 
-    async def states(self, apis: Sequence[_Api]) -> tuple[RateLimitState, ...]:
+    async def states(self, apis: Sequence[UpstreamApi]) -> tuple[RateLimitState, ...]:
         """The limits at a glance."""
 
 
@@ -187,10 +187,10 @@ class _LocalLimiter:
 class InProcessGate:
     """The slots in this process: one aiolimiter per API (SQLite, where one process runs)."""
 
-    def __init__(self, apis: Sequence[_Api]) -> None:
+    def __init__(self, apis: Sequence[UpstreamApi]) -> None:
         self._limiters = {api.name: _LocalLimiter(api.config) for api in apis}
 
-    async def acquire(self, api: _Api) -> None:
+    async def acquire(self, api: UpstreamApi) -> None:
         limiter = self._limiters[api.name]
         # A quota error may extend the pause while we sleep, hence the loop.
         while (pause := limiter.throttled_until - time.time()) > 0:  # noqa: ASYNC110
@@ -201,11 +201,11 @@ class InProcessGate:
         while limiter.recent_calls and limiter.recent_calls[0] < now - USE_WINDOW:
             limiter.recent_calls.popleft()
 
-    async def pause(self, api: _Api, seconds: float) -> None:
+    async def pause(self, api: UpstreamApi, seconds: float) -> None:
         limiter = self._limiters[api.name]
         limiter.throttled_until = max(limiter.throttled_until, time.time() + seconds)
 
-    async def states(self, apis: Sequence[_Api]) -> tuple[RateLimitState, ...]:
+    async def states(self, apis: Sequence[UpstreamApi]) -> tuple[RateLimitState, ...]:
         now, clock = time.time(), time.monotonic()
         states = []
         for api in apis:
@@ -224,15 +224,15 @@ class SharedGate:
     def __init__(self, slots: SharedSlots) -> None:
         self._slots = slots
 
-    async def acquire(self, api: _Api) -> None:
+    async def acquire(self, api: UpstreamApi) -> None:
         slot = await self._slots.reserve(api.name, api.rule, USE_WINDOW)
         if slot.wait > 0:
             await asyncio.sleep(slot.wait)
 
-    async def pause(self, api: _Api, seconds: float) -> None:
+    async def pause(self, api: UpstreamApi, seconds: float) -> None:
         await self._slots.pause(api.name, api.rule, seconds)
 
-    async def states(self, apis: Sequence[_Api]) -> tuple[RateLimitState, ...]:
+    async def states(self, apis: Sequence[UpstreamApi]) -> tuple[RateLimitState, ...]:
         readings, now = await self._slots.read()
         states = []
         for api in apis:
@@ -247,7 +247,7 @@ class SharedGate:
 
 
 def _state(
-    api: _Api, calls: float, throttled_until: float | None, quota_errors: int
+    api: UpstreamApi, calls: float, throttled_until: float | None, quota_errors: int
 ) -> RateLimitState:
     return RateLimitState(
         api=api.name,
@@ -282,11 +282,11 @@ class RateLimits:
         for api, config in configs.items():
             if config.rate_per_second <= 0 or config.burst < 1:
                 raise ValueError(f"rate limit of {api} must be > 0 with burst >= 1")
-        self._apis = {api: _Api(api, config) for api, config in configs.items()}
+        self._apis = {api: UpstreamApi(api, config) for api, config in configs.items()}
         apis = list(self._apis.values())
         self._gate: RateGate = InProcessGate(apis) if shared is None else SharedGate(shared)
 
-    def _api(self, api: str) -> _Api:
+    def _api(self, api: str) -> UpstreamApi:
         try:
             return self._apis[api]
         except KeyError:
