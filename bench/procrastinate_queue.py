@@ -7,23 +7,19 @@ Its schema goes into a new database; one batch of jobs is deferred, then one wor
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 
 import procrastinate
 
-from bench.processes import cpu_seconds
-
 
 @dataclass(frozen=True)
 class ProcrastinateRun:
-    """Seconds to defer the batch and to work it off; CPU seconds of this process."""
+    """Seconds to defer the batch and to work it off."""
 
     jobs: int
     defer_seconds: float
     work_seconds: float
-    cpu_seconds: float
 
     @property
     def jobs_per_second(self) -> float:
@@ -43,7 +39,6 @@ async def run_procrastinate(url: str, *, jobs: int, concurrency: int) -> Procras
     logging.getLogger("procrastinate").setLevel(logging.WARNING)
     async with app.open_async():
         await app.schema_manager.apply_schema_async()
-        cpu_before = cpu_seconds(os.getpid())
         started = time.perf_counter()
         await noop.batch_defer_async(*({} for _ in range(jobs)))
         deferred = time.perf_counter()
@@ -51,10 +46,9 @@ async def run_procrastinate(url: str, *, jobs: int, concurrency: int) -> Procras
             concurrency=concurrency, wait=False, install_signal_handlers=False, delete_jobs="never"
         )
         worked = time.perf_counter()
-        cpu = cpu_seconds(os.getpid()) - cpu_before
         done = await connector.execute_query_one_async(
             "SELECT count(*) AS n FROM procrastinate_jobs WHERE status = 'succeeded'"
         )
     if done["n"] != jobs:
         raise RuntimeError(f"procrastinate: {done['n']} jobs succeeded, expected {jobs}")
-    return ProcrastinateRun(jobs, deferred - started, worked - deferred, cpu)
+    return ProcrastinateRun(jobs, deferred - started, worked - deferred)

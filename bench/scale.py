@@ -42,22 +42,17 @@ from bench.procrastinate_queue import run_procrastinate
 from bench.queue_alone import QueueAlone, job_specs
 from bench.scale_cluster import CpuMeter, Postgres, postgres, running_replicas
 from bench.scale_report import (
-    LIMIT_SHARE,
-    ONE_REPLICA_JOBS_PER_SECOND,
-    PROCRASTINATE_FACTOR,
-    SQLITE_QUEUE_JOBS_PER_SECOND,
-    WATCH_DELAY_FACTOR,
     ApartFigures,
     DelayFigures,
     Row,
     ScaleFigures,
     SeedFigures,
-    Target,
     print_apart,
     print_delays,
     print_rows,
     print_seed,
     print_targets,
+    targets,
 )
 from bench.sim_server import SimServer
 from bench.watchers import Receipts, watching
@@ -71,7 +66,7 @@ _DIMENSIONS = 16
 _NO_LIMIT = 1e9
 _NO_LIMIT_BURST = 1_000_000
 # A run slower than this many jobs/s is declared stuck.
-_STUCK_BELOW = 5.0
+_STUCK_BELOW = 20.0
 # The watch delay is measured under a steady flow of changes, not a saturated one.
 _DELAY_RATE = 100.0
 _SEED_LATENCY = 1.0
@@ -145,7 +140,7 @@ async def run(args: argparse.Namespace) -> Figures:
             print_apart(figures.apart)
         figures.seed = await _part(_seed(root, pg, args.scale_seed_images))
         print_seed(figures.seed)
-    figures.targets = _targets(figures)
+    figures.targets = targets(figures)
     print_targets(figures.targets)
     return dataclasses.asdict(figures)
 
@@ -203,7 +198,8 @@ async def _queue_rows(root: Path, pg: Postgres, jobs: int) -> list[Row]:
         ("mediatag queue, PostgreSQL", pg.new_database()),
     ):
         print(f"measuring the {name} ...", flush=True)
-        rows.append(await _part_row(name, _queue_alone(url, jobs)))
+        postmaster = None if url.startswith("sqlite") else pg.postmaster_pid()
+        rows.append(await _part_row(name, _queue_alone(name, url, jobs, postmaster)))
     print("measuring Procrastinate ...", flush=True)
     rows.append(await _part_row("Procrastinate, PostgreSQL", _procrastinate(pg, jobs)))
     return rows
@@ -214,20 +210,27 @@ async def _part_row(name: str, measurement: Awaitable[Row]) -> Row:
     return Row(name, error=measured) if isinstance(measured, str) else measured
 
 
-async def _queue_alone(url: str, jobs: int) -> Row:
+async def _queue_alone(name: str, url: str, jobs: int, postmaster: int | None) -> Row:
     alone = QueueAlone(
         url, synchronous=_SYNCHRONOUS, batch=_BATCH, tasks=_WORKERS, dimensions=_DIMENSIONS
     )
+    meter = CpuMeter({"this process": os.getpid()}, postmaster)
     async with alone:
+        meter.start()
         measured = await alone.run(job_specs(0, jobs))
-    name = "mediatag queue, " + ("SQLite" if url.startswith("sqlite") else "PostgreSQL")
-    return Row(name, jobs, measured.seconds, {"this process": measured.cpu_seconds})
+        meter.stop()
+    return Row(name, jobs, measured.seconds, meter.used)
 
 
 async def _procrastinate(pg: Postgres, jobs: int) -> Row:
-    measured = await run_procrastinate(pg.new_database(), jobs=jobs, concurrency=_WORKERS)
+    url = pg.new_database()
+    # Its schema goes in inside the measurement: a few milliseconds of CPU.
+    meter = CpuMeter({"this process": os.getpid()}, pg.postmaster_pid())
+    meter.start()
+    measured = await run_procrastinate(url, jobs=jobs, concurrency=_WORKERS)
+    meter.stop()
     seconds = measured.defer_seconds + measured.work_seconds
-    return Row("Procrastinate, PostgreSQL", jobs, seconds, {"this process": measured.cpu_seconds})
+    return Row("Procrastinate, PostgreSQL", jobs, seconds, meter.used)
 
 
 class _Bench:
@@ -400,58 +403,6 @@ async def _seed(root: Path, pg: Postgres, images: int) -> SeedFigures:
     )
     sustained = (images - 1) / (times[-1] - times[0])
     return SeedFigures(3, _SEED_RATE, _SEED_BURST, images, sustained, most, len(calls))
-
-
-def _targets(figures: ScaleFigures) -> list[Target]:
-    queue = {row.name: row for row in figures.queue}
-    procrastinate = queue["Procrastinate, PostgreSQL"]
-    targets = [
-        Target(
-            f"queue on PostgreSQL >= {PROCRASTINATE_FACTOR:g}x Procrastinate's jobs/s",
-            procrastinate.jobs > 0
-            and queue["mediatag queue, PostgreSQL"].jobs_per_second
-            >= PROCRASTINATE_FACTOR * procrastinate.jobs_per_second,
-        ),
-        Target(
-            f"queue on SQLite >= {SQLITE_QUEUE_JOBS_PER_SECOND:g} jobs/s",
-            queue["mediatag queue, SQLite"].jobs_per_second >= SQLITE_QUEUE_JOBS_PER_SECOND,
-        ),
-    ]
-    for row in figures.pipeline[:2]:
-        targets.append(
-            Target(
-                f"pipeline, {row.name} >= {ONE_REPLICA_JOBS_PER_SECOND:g} jobs/s",
-                row.jobs_per_second >= ONE_REPLICA_JOBS_PER_SECOND,
-            )
-        )
-    seed = figures.seed
-    targets += [
-        Target(
-            f"seed, 3 replicas: >= {LIMIT_SHARE:.0%} of the one limit",
-            isinstance(seed, SeedFigures) and seed.share_of_limit >= LIMIT_SHARE,
-        ),
-        Target(
-            "seed, 3 replicas: no 1 s with more calls than limit + burst",
-            isinstance(seed, SeedFigures)
-            and seed.max_calls_in_one_second <= seed.limit_per_second + seed.burst,
-        ),
-    ]
-    delays = figures.delays
-    targets.append(
-        Target(
-            f"watch delay p99 on another replica within {WATCH_DELAY_FACTOR:g}x of the "
-            "committing replica's",
-            isinstance(delays, list) and delays[0].p99_ms <= WATCH_DELAY_FACTOR * delays[1].p99_ms,
-        )
-    )
-    apart = figures.apart
-    targets.append(
-        Target(
-            "watchers apart: the workers lose no more than the cores the watchers take",
-            isinstance(apart, ApartFigures) and apart.loss <= apart.watchers_share,
-        )
-    )
-    return targets
 
 
 BENCHMARK = Benchmark(

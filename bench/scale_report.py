@@ -171,6 +171,59 @@ def print_apart(apart: ApartFigures | str) -> None:
     )
 
 
+def targets(figures: ScaleFigures) -> list[Target]:
+    """Issue 11's targets, each PASS or MISS (a part that could not run misses)."""
+    queue = {row.name: row for row in figures.queue}
+    procrastinate = queue["Procrastinate, PostgreSQL"]
+    checks = [
+        Target(
+            f"queue on PostgreSQL >= {PROCRASTINATE_FACTOR:g}x Procrastinate's jobs/s",
+            procrastinate.jobs > 0
+            and queue["mediatag queue, PostgreSQL"].jobs_per_second
+            >= PROCRASTINATE_FACTOR * procrastinate.jobs_per_second,
+        ),
+        Target(
+            f"queue on SQLite >= {SQLITE_QUEUE_JOBS_PER_SECOND:g} jobs/s",
+            queue["mediatag queue, SQLite"].jobs_per_second >= SQLITE_QUEUE_JOBS_PER_SECOND,
+        ),
+    ]
+    for row in figures.pipeline[:2]:
+        checks.append(
+            Target(
+                f"pipeline, {row.name} >= {ONE_REPLICA_JOBS_PER_SECOND:g} jobs/s",
+                row.jobs_per_second >= ONE_REPLICA_JOBS_PER_SECOND,
+            )
+        )
+    seed = figures.seed
+    checks += [
+        Target(
+            f"seed, 3 replicas: >= {LIMIT_SHARE:.0%} of the one limit",
+            isinstance(seed, SeedFigures) and seed.share_of_limit >= LIMIT_SHARE,
+        ),
+        Target(
+            "seed, 3 replicas: no 1 s with more calls than limit + burst",
+            isinstance(seed, SeedFigures)
+            and seed.max_calls_in_one_second <= seed.limit_per_second + seed.burst,
+        ),
+    ]
+    delays = figures.delays
+    checks.append(
+        Target(
+            f"watch delay p99 on another replica within {WATCH_DELAY_FACTOR:g}x of the "
+            "committing replica's",
+            isinstance(delays, list) and delays[0].p99_ms <= WATCH_DELAY_FACTOR * delays[1].p99_ms,
+        )
+    )
+    apart = figures.apart
+    checks.append(
+        Target(
+            "watchers apart: the workers lose no more than the cores the watchers take",
+            isinstance(apart, ApartFigures) and apart.loss <= apart.watchers_share,
+        )
+    )
+    return checks
+
+
 def print_targets(targets: Sequence[Target]) -> None:
     print("\ntargets", flush=True)
     for target in targets:
