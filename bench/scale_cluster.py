@@ -60,20 +60,25 @@ def postgres(url: str | None) -> Iterator[Postgres]:
                 server.drop_database(database)
 
 
+def _stat_fields(pid: int | str) -> list[str]:
+    # The command name may hold spaces and parentheses; the fields follow the last ")".
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def server_cpu_seconds(postmaster: int) -> float:
-    """CPU seconds of a local PostgreSQL: its main process and the children alive now (the
-    backends of open connections, its background workers)."""
-    total = cpu_seconds(postmaster)
+    """CPU seconds of a local PostgreSQL: its main process, the children it has reaped (the
+    backends of closed connections) and those alive now."""
+    ticks = sum(int(field) for field in _stat_fields(postmaster)[11:15])
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = _stat_fields(entry.name)
         except (FileNotFoundError, ProcessLookupError):
             continue
         if int(fields[1]) == postmaster:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
