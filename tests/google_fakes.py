@@ -69,6 +69,7 @@ class _FakeServer:
     # Faults for the next calls of a method, in order; then ``always`` (if set), then success.
     next_faults: dict[str, list[Fault | _Hang]] = field(default_factory=dict)
     always: dict[str, Fault | _Hang] = field(default_factory=dict)
+    # The port to listen on; 0: a free one, chosen at start.
     port: int = 0
     _server: grpc.aio.Server | None = None
 
@@ -90,7 +91,7 @@ class _FakeServer:
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         )
         self._server.add_generic_rpc_handlers(self._handlers())
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.port = self._server.add_insecure_port(f"127.0.0.1:{self.port}")
         await self._server.start()
 
     async def stop(self) -> None:
