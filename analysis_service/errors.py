@@ -57,6 +57,13 @@ class StorageUnavailable(AnalysisError):
     reason = "STORAGE_UNAVAILABLE"
 
 
+class StorageConflict(AnalysisError):
+    """Concurrent transactions kept getting in each other's way (the change was not made;
+    calling again may succeed)."""
+
+    reason = "STORAGE_CONFLICT"
+
+
 class AnalyzerFailure(AnalysisError):
     """An analyser call failed. Subclasses say whether a retry can help."""
 

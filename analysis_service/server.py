@@ -24,9 +24,11 @@ from analysis_service.ingest_content import IngestContent
 from analysis_service.metrics import AnalysisMetrics, Readings
 from analysis_service.storage.rate_limits import DatabaseSlots
 from analysis_service.storage.replicas import DatabaseReplicas
+from analysis_service.storage.queue_store import SqlQueueStore
 from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
+from analysis_service.storage.tailer import EventTailer
 from mediatag_common.auth import load_tokens
-from mediatag_common.database import POSTGRESQL, Database
+from mediatag_common.database import POSTGRESQL, SQLITE, Database
 from mediatag_common.grpc_server import ServiceHost
 from mediatag_common.keys import PAGE_TOKEN_KEY, load_or_create_key
 from mediatag_common.paging import PageTokens
@@ -63,14 +65,23 @@ async def create_server(
         max_watchers_per_caller=config.watch.max_watchers_per_caller,
         max_service_watchers=config.watch.max_service_watchers,
     )
+    store = SqlQueueStore(db, publish=hub.publish)
     queue = JobQueue(
-        db,
+        store,
         hub,
         config.retry,
         config.lease_seconds,
         delivery_pacing=config.watch.delivery_pacing,
     )
     await queue.load()
+    # Several replicas may share PostgreSQL: each follows the log (see storage.tailer).
+    tailer = (
+        None
+        if db.dialect == SQLITE
+        else EventTailer(
+            db, cursor=hub.current_revision, publish=hub.publish, wake=queue.wake_workers
+        )
+    )
     throughput = Throughput()
     content = IngestContent(
         config.ingest_address,
@@ -79,7 +90,12 @@ async def create_server(
         tls=config.peer_tls,
         token=config.service_token,
     )
-    cache = ResultCache(db, analyzer_name=analyzer.name, analyzer_version=analyzer.version)
+    cache = ResultCache(
+        store,
+        analyzer_name=analyzer.name,
+        analyzer_version=analyzer.version,
+        claim_seconds=config.analyzer_timeout + config.lease_seconds,
+    )
     pool = WorkerPool(
         queue=queue,
         analyzer=analyzer,
@@ -94,7 +110,7 @@ async def create_server(
     replicas = Replicas(
         DatabaseReplicas(db), workers_total=pool.size, workers_busy=lambda: pool.busy
     )
-    watcher = StatusWatcher(db, hub, bookmark_interval=config.watch.bookmark_interval)
+    watcher = StatusWatcher(store, hub, bookmark_interval=config.watch.bookmark_interval)
     maintenance = Maintenance(queue, config.watch)
     metrics.expose(
         Readings(
@@ -111,7 +127,8 @@ async def create_server(
     )
 
     async def refresh_queue_depth() -> None:
-        metrics.record_queue_depth(*await queue.depth())
+        depth = await queue.depth()
+        metrics.record_queue_depth(depth.counts, depth.oldest_pending_submission)
 
     metrics_endpoint = metrics_server(config, metrics, refresh=refresh_queue_depth)
     server, port = listening_server(
@@ -139,6 +156,8 @@ async def create_server(
     async def on_start() -> None:
         # First: if its port is taken, nothing else has started yet.
         metrics_endpoint.start()
+        if tailer is not None:
+            tailer.start()
         pool.start()
         maintenance.start()
         replicas.start()
@@ -159,11 +178,14 @@ async def create_server(
     async def on_drain(grace: float) -> None:
         hub.close()
         await pool.drain(grace)
+        await queue.close()
 
     async def on_stop() -> None:
         await metrics_endpoint.stop()
         await maintenance.stop()
         await replicas.stop()
+        if tailer is not None:
+            await tailer.stop()
         await content.close()
         await close_analyzer(analyzer)
         await db.close()

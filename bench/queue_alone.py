@@ -22,6 +22,7 @@ from analysis_service.config import AnalysisConfig
 from analysis_service.domain.hub import StatusHub
 from analysis_service.domain.models import ClaimedJob, JobResult, JobSpec, JobStatus
 from analysis_service.domain.queue import JobQueue
+from analysis_service.storage.queue_store import SqlQueueStore
 from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
 from bench.processes import cpu_seconds
 from bench.simulated import TAGS
@@ -82,7 +83,8 @@ class QueueAlone:
         hub = StatusHub(
             buffer_size=config.watch.stream_buffer, max_watchers=config.watch.max_watchers
         )
-        self._queue = JobQueue(self._db, hub, config.retry, config.lease_seconds)
+        store = SqlQueueStore(self._db, publish=hub.publish)
+        self._queue = JobQueue(store, hub, config.retry, config.lease_seconds)
         self._batch = batch
         self._tasks = tasks
         embedding = np.full(dimensions, 1 / np.sqrt(dimensions), dtype=np.float32)
@@ -95,6 +97,7 @@ class QueueAlone:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        await self._queue.close()
         await self._db.close()
 
     async def run(self, specs: Sequence[JobSpec]) -> QueueAloneRun:
@@ -104,18 +107,18 @@ class QueueAlone:
             await self._queue.submit(specs[first : first + self._batch])
         submitted = time.perf_counter()
         async with asyncio.TaskGroup() as group:
-            for number in range(self._tasks):
-                group.create_task(self._claim_and_complete(f"bench-{number}"))
+            for _ in range(self._tasks):
+                group.create_task(self._claim_and_complete())
         drained = time.perf_counter()
         cpu = cpu_seconds(os.getpid()) - cpu_before
         self._completed += len(specs)
-        counts, _ = await self._queue.depth()
+        counts = (await self._queue.depth()).counts
         if counts.get(JobStatus.COMPLETED, 0) != self._completed:
             raise RuntimeError(f"queue alone: {counts}, expected {self._completed} COMPLETED")
         return QueueAloneRun(len(specs), submitted - started, drained - submitted, cpu)
 
-    async def _claim_and_complete(self, worker_id: str) -> None:
-        while (job := await self._queue.claim(worker_id)) is not None:
+    async def _claim_and_complete(self) -> None:
+        while (job := await self._queue.claim()) is not None:
             await self._complete(job)
 
     async def _complete(self, job: ClaimedJob) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -71,7 +72,15 @@ class DatabaseUnavailable(DatabaseError):
 
 
 class DatabaseConflict(DatabaseError):
-    """A uniqueness or other constraint, or a concurrent transaction, refused the change."""
+    """A uniqueness or other constraint, or a concurrent transaction, refused the change.
+
+    ``retryable``: a concurrent transaction won (deadlock, serialization failure); the same
+    transaction run again may succeed. A constraint refuses it again.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def database_url(url: str) -> sa.URL:
@@ -108,7 +117,9 @@ def classify(error: sa_exc.SQLAlchemyError) -> DatabaseError:
     reason = str(original if original is not None else error).strip().splitlines()
     message = reason[0] if reason else type(error).__name__
     sqlstate = getattr(original, "sqlstate", None)
-    if isinstance(error, sa_exc.IntegrityError) or sqlstate in _CONCURRENCY_SQLSTATES:
+    if sqlstate in _CONCURRENCY_SQLSTATES:
+        return DatabaseConflict(message, retryable=True)
+    if isinstance(error, sa_exc.IntegrityError):
         return DatabaseConflict(message)
     if isinstance(
         error,
@@ -133,6 +144,31 @@ def after_commit(conn: Connection, callback: Callable[[], None]) -> None:
     transactions commit concurrently and no order between them is promised.
     """
     conn.info[AFTER_COMMIT].append(callback)
+
+
+def insert(conn: Connection, table: sa.Table) -> Any:
+    """An INSERT of ``table`` in ``conn``'s dialect, so ``on_conflict_do_nothing`` /
+    ``on_conflict_do_update`` (the same on SQLite and PostgreSQL) are at hand."""
+    if conn.dialect.name == POSTGRESQL:
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
+
+
+def database_now(conn: Connection) -> float:
+    """Seconds since the epoch on the database's clock (PostgreSQL), so that processes on
+    several machines agree on lease expiry and due times; SQLite is one process's file and
+    uses that process's clock."""
+    if conn.dialect.name == POSTGRESQL:
+        return float(
+            conn.execute(
+                sa.text("SELECT extract(epoch FROM clock_timestamp())::float8")
+            ).scalar_one()
+        )
+    return time.time()
 
 
 class Database:

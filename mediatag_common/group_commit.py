@@ -1,10 +1,10 @@
 """Group commit: the writes of concurrent requests share one transaction.
 
-Every write transaction costs a hop to a database thread, a wait for the event loop to
-resume the caller, and a durable commit (on SQLite, one writer at a time). Committing each
-request on its own therefore caps throughput at one transaction per request; committing
-whatever queued up while the previous transaction ran amortises it over all of them, and
-each request still returns only after its rows are durable.
+Every transaction costs round trips (a thread hop, begin, statements, commit; on
+PostgreSQL a network round trip each) and, for the analysis queue, a turn at the revision
+counter's lock. Committing each request on its own caps throughput at one transaction per
+request; committing whatever queued up while the previous transaction ran amortises it over
+all of them, and each request still returns only after its rows are durable.
 """
 
 from __future__ import annotations
@@ -15,34 +15,41 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
-class GroupCommit(Generic[Item]):
-    """Writes items in groups with ``write(items)``, one transaction per call.
+class GroupCommit(Generic[Item, Result]):
+    """Writes queued items with ``write_group(items)``, one call at a time; it returns one
+    result per item, in order.
 
-    A failed transaction fails every request in its group with the same error: the groups
-    are meant for writes that fail only when the database does.
+    A failed call fails every request of its group with the same error: per-item outcomes
+    (a fenced-out completion, say) belong in the results.
     """
 
     def __init__(
         self,
-        write: Callable[[Sequence[Item]], Awaitable[None]],
+        write_group: Callable[[Sequence[Item]], Awaitable[Sequence[Result]]],
         *,
         max_group: int = 256,
     ) -> None:
-        self._write = write
+        self._write_group = write_group
         self._max_group = max_group
-        self._queued: list[tuple[Item, asyncio.Future[None]]] = []
+        self._queued: list[tuple[Item, asyncio.Future[Result]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def commit(self, item: Item) -> None:
-        """Return once ``item`` is committed; raise what its transaction raised."""
-        done = asyncio.get_running_loop().create_future()
+    def enqueue(self, item: Item) -> asyncio.Future[Result]:
+        """Queue ``item``; the future holds its result once its group is committed. The
+        write goes on if the caller stops waiting for it."""
+        done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._queued.append((item, done))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="group-commit")
+        return done
+
+    async def commit(self, item: Item) -> Result:
+        """Return once ``item`` is committed; raise what its transaction raised."""
         # Shielded: a caller that gives up does not cancel the others' transaction.
-        await asyncio.shield(done)
+        return await asyncio.shield(self.enqueue(item))
 
     async def close(self) -> None:
         """Wait for queued items to be written."""
@@ -55,7 +62,7 @@ class GroupCommit(Generic[Item]):
             group = self._queued[: self._max_group]
             del self._queued[: self._max_group]
             try:
-                await self._write([item for item, _ in group])
+                results = await self._write_group([item for item, _ in group])
             except Exception as exc:
                 for _, done in group:
                     if not done.done():
@@ -67,6 +74,6 @@ class GroupCommit(Generic[Item]):
                 self._queued.clear()
                 raise
             else:
-                for _, done in group:
+                for (_, done), result in zip(group, results, strict=True):
                     if not done.done():
-                        done.set_result(None)
+                        done.set_result(result)

@@ -122,6 +122,8 @@ class Cluster:
     analysis_config: AnalysisConfig | None = None
     ingest_config: IngestConfig | None = None
     analyzer: Analyzer | None = None
+    # The analysis service's database (None: an SQLite file under ``root``).
+    analysis_database_url: str | None = None
     ingest_host: ServiceHost | None = None
     analysis_host: ServiceHost | None = None
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
@@ -133,6 +135,7 @@ class Cluster:
             data_dir=self.root / "analysis",
             ingest_address=f"127.0.0.1:{self.ingest_port}",
             sqlite_synchronous="NORMAL",
+            database_url=self.analysis_database_url,
         )
         self.ingest_config = replace(
             self.ingest_config or IngestConfig(),
@@ -187,11 +190,26 @@ class Cluster:
 
 
 @pytest.fixture
-async def make_cluster(tmp_path: Path) -> AsyncIterator[Callable[..., Cluster]]:
-    """A factory of clusters (not started); every cluster is closed after the test."""
+async def make_cluster(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Callable[..., Cluster]]:
+    """A factory of clusters (not started); every cluster is closed after the test.
+
+    Parametrised indirectly with ``"postgresql"`` (see ``ON_BOTH_DATABASES``), each cluster's
+    analysis service runs on a fresh PostgreSQL database; otherwise on SQLite.
+    """
     clusters: list[Cluster] = []
+    urls = DatabaseUrls(
+        getattr(request, "param", "sqlite"),
+        tmp_path / "databases",
+        request.getfixturevalue("postgres")
+        if getattr(request, "param", "") == "postgresql"
+        else None,
+    )
 
     def make(**kwargs: Any) -> Cluster:
+        if urls.server is not None:
+            kwargs.setdefault("analysis_database_url", urls.new("analysis"))
         cluster = Cluster(root=tmp_path / f"cluster{len(clusters)}", **kwargs)
         clusters.append(cluster)
         return cluster
@@ -199,6 +217,13 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[Callable[..., Cluster]]:
     yield make
     for cluster in clusters:
         await cluster.close()
+    if urls.server is not None:
+        for url in urls.made:
+            urls.server.drop_database(url)
+
+
+# A module's tests on both databases: ``pytestmark = ON_BOTH_DATABASES``.
+ON_BOTH_DATABASES = pytest.mark.parametrize("make_cluster", DATABASES, indirect=True)
 
 
 @pytest.fixture

@@ -27,15 +27,14 @@ async def stored(db: Database) -> list[int]:
     return await db.read(lambda conn: sorted(conn.execute(sa.select(_rows.c.value)).scalars()))
 
 
-def inserting(db: Database, groups: list[int] | None = None) -> GroupCommit[int]:
-    """Group commits inserting their values; each group's size is appended to ``groups``."""
+def inserting(db: Database, groups: list[int] | None = None) -> GroupCommit[int, int]:
+    """Commits that insert their values and answer each with its value doubled."""
 
-    async def insert(values: Sequence[int]) -> None:
+    async def insert(values: Sequence[int]) -> list[int]:
         if groups is not None:
             groups.append(len(values))
-        await db.write(
-            lambda conn: conn.execute(_rows.insert(), [{"value": value} for value in values])
-        )
+        await db.write(lambda conn: conn.execute(_rows.insert(), [{"value": v} for v in values]))
+        return [2 * value for value in values]
 
     return GroupCommit(insert)
 
@@ -45,8 +44,9 @@ async def test_concurrent_commits_share_transactions_and_each_waits_for_its_own(
 ) -> None:
     groups: list[int] = []
     commits = inserting(db, groups)
-    await asyncio.gather(*(commits.commit(value) for value in range(100)))
+    answers = await asyncio.gather(*(commits.commit(value) for value in range(100)))
 
+    assert answers == [2 * value for value in range(100)]
     assert await stored(db) == list(range(100))
     assert sum(groups) == 100
     # The first commit starts alone; the rest queue behind it and share later transactions.

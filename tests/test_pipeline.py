@@ -14,11 +14,14 @@ from mediatag.ingest.v1 import ingest_pb2 as ipb
 from analysis_service.config import AnalysisConfig, RateLimitConfig, RetryPolicy
 from analysis_service.errors import PermanentAnalyzerError, TransientAnalyzerError
 from mediatag_common.errors import error_info, field_violations
-from tests.conftest import Cluster, wait_until
+from tests.conftest import ON_BOTH_DATABASES, Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.media_samples import jpeg_bytes, mp4_bytes
 
 TERMINAL = {ipb.PROCESSING_STATUS_COMPLETED, ipb.PROCESSING_STATUS_FAILED}
+
+# The analysis service on SQLite and on PostgreSQL.
+pytestmark = ON_BOTH_DATABASES
 
 
 def image_files(count: int, first_seed: int = 0) -> list[ipb.MediaFile]:

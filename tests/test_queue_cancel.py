@@ -18,6 +18,7 @@ from analysis_service.config import RetryPolicy
 from analysis_service.domain.hub import StatusHub
 from analysis_service.domain.models import JobSpec, JobStatus
 from analysis_service.domain.queue import JobQueue
+from analysis_service.storage.queue_store import SqlQueueStore
 from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
 from mediatag_common.database import Database, sqlite_url
 from tests.conftest import PATIENCE
@@ -27,7 +28,8 @@ from tests.conftest import PATIENCE
 async def queue(tmp_path: Path) -> AsyncIterator[JobQueue]:
     db = Database(sqlite_url(str(tmp_path / "analysis.db")), synchronous="NORMAL")
     await db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
-    job_queue = JobQueue(db, StatusHub(buffer_size=64, max_watchers=8), RetryPolicy(), 30.0)
+    hub = StatusHub(buffer_size=64, max_watchers=8)
+    job_queue = JobQueue(SqlQueueStore(db, publish=hub.publish), hub, RetryPolicy(), 30.0)
     await job_queue.load()
     yield job_queue
     await db.close()
@@ -63,7 +65,7 @@ async def test_a_claim_cancelled_while_its_transaction_runs_gives_the_job_back(
     blocker.execute("BEGIN IMMEDIATE")
     sa.event.listen(Engine, "before_cursor_execute", on_statement)
     try:
-        claim = asyncio.create_task(queue.claim("worker-1"))
+        claim = asyncio.create_task(queue.claim())
         try:
             # Cancelled before the thread takes the transaction up, the claim would never run
             # and this test would exercise nothing: wait until it is running, then cancel.
@@ -84,6 +86,6 @@ async def test_a_claim_cancelled_while_its_transaction_runs_gives_the_job_back(
     assert job.status is JobStatus.PENDING
     assert job.attempt == 0
     assert [attempt.outcome for attempt in job.attempts] == ["RELEASED"]
-    claimed = await queue.claim("worker-2")
+    claimed = await queue.claim()
     assert claimed is not None
     assert claimed.spec.media_id == "media-1"

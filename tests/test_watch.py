@@ -14,11 +14,14 @@ from mediatag.ingest.v1 import ingest_pb2 as ipb
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig, WatchConfig
 from mediatag_common.errors import error_info, field_violations
-from tests.conftest import Cluster, wait_until
+from tests.conftest import ON_BOTH_DATABASES, Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.test_pipeline import image_files, upload, wait_terminal
 
 TERMINAL = {apb.PROCESSING_STATUS_COMPLETED, apb.PROCESSING_STATUS_FAILED}
+
+# The analysis service on SQLite and on PostgreSQL.
+pytestmark = ON_BOTH_DATABASES
 
 
 async def started_cluster(

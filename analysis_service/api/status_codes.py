@@ -15,6 +15,7 @@ STATUS_CODES: StatusCodes = {
     errors.JobNotFound: grpc.StatusCode.NOT_FOUND,
     errors.LeaseLost: grpc.StatusCode.ABORTED,
     errors.StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.StorageConflict: grpc.StatusCode.ABORTED,
     errors.RevisionCompacted: grpc.StatusCode.OUT_OF_RANGE,
     errors.RevisionAhead: grpc.StatusCode.OUT_OF_RANGE,
     errors.WatcherTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -3,30 +3,44 @@
 The key is (sha256, analyser name + version, every input that changes the result), so a
 new analyser version or a different category (for analysers that use it) is a miss.
 While a key is being analysed, other jobs with that key wait for that call instead of
-making a second one.
+making a second one: in this process through a future, across processes sharing the
+database through a claim on the key in the store (held for a lease, so a crashed holder's
+key is taken over once the lease runs out).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
-import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 
 from analysis_service.domain.models import JobResult
-from analysis_service.storage import jobs as job_store
-from analysis_service.storage.session import read, write
-from mediatag_common.database import Database
+from analysis_service.domain.store import QueueStore
+
+# How often a process waiting for another process's analysis of a key looks for its result.
+OTHER_HOLDER_POLL = 0.25
 
 
 class ResultCache:
     """Cached results by key; ``get_or_compute`` runs at most one computation per key."""
 
-    def __init__(self, db: Database, *, analyzer_name: str, analyzer_version: str) -> None:
-        self._db = db
+    def __init__(
+        self,
+        store: QueueStore,
+        *,
+        analyzer_name: str,
+        analyzer_version: str,
+        claim_seconds: float = 60.0,
+    ) -> None:
+        self._store = store
         self._analyzer_name = analyzer_name
         self._analyzer_version = analyzer_version
+        # The claim on a key outlives the longest analysis (the analyser timeout).
+        self._claim_seconds = claim_seconds
+        self._holder = uuid.uuid4().hex
         self._in_flight: dict[str, asyncio.Future[None]] = {}
         self.hits = 0
         self.misses = 0
@@ -45,7 +59,7 @@ class ResultCache:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     async def get(self, key: str) -> JobResult | None:
-        return await read(self._db, lambda conn: job_store.get_result(conn, key))
+        return await self._store.cached_result(key)
 
     async def get_or_compute(
         self, key: str, sha256: str, compute: Callable[[], Awaitable[JobResult]]
@@ -60,20 +74,29 @@ class ResultCache:
                 self.hits += 1
                 return cached
             in_flight = self._in_flight.get(key)
-            if in_flight is None:
+            if in_flight is not None:
+                await asyncio.shield(in_flight)
+                continue
+            if not self._store.shared or await self._store.take_analysis(
+                key, self._holder, self._claim_seconds
+            ):
                 break
-            await asyncio.shield(in_flight)
+            # Another process analyses this content: its result will be in the store (or
+            # its claim released or expired, and this one takes over).
+            await asyncio.sleep(OTHER_HOLDER_POLL)
         self.misses += 1
         done = asyncio.get_running_loop().create_future()
         self._in_flight[key] = done
+        holder = self._holder if self._store.shared else None
         try:
             result = await compute()
-            stored_at = time.time()
-            await write(
-                self._db,
-                lambda conn: job_store.store_result(conn, key, sha256, result, stored_at),
-            )
+            await self._store.store_result(key, sha256, result, holder=holder)
             return result
+        except BaseException:
+            if holder is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._store.drop_analysis(key, holder))
+            raise
         finally:
             del self._in_flight[key]
             done.set_result(None)

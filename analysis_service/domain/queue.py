@@ -1,8 +1,10 @@
-"""The durable job queue: every transition is one transaction that also appends its event.
+"""The durable job queue's rules: what each outcome of an attempt makes of the job.
 
-Claims take a lease (worker id, expiry, fencing token); heartbeats renew it; a reaper
-returns jobs whose lease expired to PENDING. A worker that lost its lease cannot overwrite
-a newer outcome: completion and failure are fenced by the token.
+The store applies each transition in one transaction with its event (see
+:mod:`analysis_service.domain.store`). Claims take a lease (holder, expiry, fencing
+token); heartbeats renew it; a reaper returns jobs whose lease expired to PENDING. A worker
+that lost its lease cannot overwrite a newer outcome: every end of an attempt is fenced by
+the token. Concurrent claims and concurrent ends are each grouped into one transaction.
 """
 
 from __future__ import annotations
@@ -11,12 +13,9 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
+import uuid
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 from typing import Any
-
-from sqlalchemy.engine import Connection
 
 from analysis_service.config import RetryPolicy
 from analysis_service.domain.hub import StatusHub
@@ -30,32 +29,15 @@ from analysis_service.domain.models import (
     JobStatus,
     StatusEvent,
 )
+from analysis_service.domain.store import AttemptEnd, ExpiredLease, QueueDepth, QueueStore
 from analysis_service.errors import JobNotFound, LeaseLost
-from analysis_service.storage import events as event_log
-from analysis_service.storage import jobs as job_store
-from analysis_service.storage import schema
-from analysis_service.storage.session import read, write
-from mediatag_common.database import Database, after_commit
 from mediatag_common.errors import FieldViolation, listed
+from mediatag_common.group_commit import GroupCommit
 
 logger = logging.getLogger(__name__)
 
 LEASE_EXPIRED = JobError("LEASE_EXPIRED", "the worker's lease expired (crashed or stalled)", True)
-
-
-@dataclass(frozen=True)
-class _Draft:
-    """An event before it has its revision."""
-
-    media_id: str
-    owner_id: str
-    status: JobStatus
-    previous_status: JobStatus | None
-    attempt: int
-    result: JobResult | None = None
-    result_key: str | None = None
-    error: JobError | None = None
-    next_attempt_at: float | None = None
+RELEASED = JobError("RELEASED", "the worker stopped before finishing (shutdown)", True)
 
 
 class JobQueue:
@@ -63,152 +45,74 @@ class JobQueue:
 
     def __init__(
         self,
-        db: Database,
+        store: QueueStore,
         hub: StatusHub,
         retry: RetryPolicy,
         lease_seconds: float,
         *,
         delivery_pacing: float = 0.0,
     ) -> None:
-        self._db = db
+        self._store = store
         self._hub = hub
         self._retry = retry
         self.lease_seconds = lease_seconds
         self._delivery_pacing = delivery_pacing
         self._work_available = asyncio.Event()
+        # Who holds this process's leases (in the job rows, for operators).
+        self.holder = uuid.uuid4().hex[:12]
+        self._claims: GroupCommit[None, ClaimedJob | None] = GroupCommit(self._claim_group)
+        self._ends: GroupCommit[AttemptEnd, StatusEvent | None] = GroupCommit(self._end_group)
+        # The last known state of the (cluster-wide) pause; the store is what claims obey.
         self.paused = False
 
     async def load(self) -> None:
         """Read the persisted state (current revision, paused flag) on start."""
+        revision, _ = await self._store.log_bounds()
+        self._hub.current_revision = max(self._hub.current_revision, revision)
+        self.paused = await self._store.is_paused()
 
-        def counters(conn: Connection) -> tuple[int, int]:
-            return (
-                event_log.read_counter(conn, schema.REVISION),
-                event_log.read_counter(conn, schema.PAUSED),
-            )
-
-        self._hub.current_revision, paused = await read(self._db, counters)
-        self.paused = bool(paused)
-
-    # -- transactions --------------------------------------------------------------------
-    #
-    # Each transaction is a function of a synchronous connection, run whole on the database
-    # thread. Its clock is read inside it, under the single writer: event times follow
-    # revisions.
-
-    def _record(self, conn: Connection, drafts: Sequence[_Draft], now: float) -> list[StatusEvent]:
-        """Append the events of this transaction and publish them once it commits."""
-        if not drafts:
-            return []
-        first = event_log.allocate_revisions(conn, len(drafts))
-        events = [
-            StatusEvent(
-                revision=first + i,
-                media_id=d.media_id,
-                owner_id=d.owner_id,
-                status=d.status,
-                previous_status=d.previous_status,
-                attempt=d.attempt,
-                event_time=now,
-                result=d.result,
-                error=d.error,
-                next_attempt_at=d.next_attempt_at,
-            )
-            for i, d in enumerate(drafts)
-        ]
-        event_log.insert_events(
-            conn, [(e, d.result_key) for e, d in zip(events, drafts, strict=True)]
-        )
-        after_commit(conn, lambda: self._hub.publish(events))
-        return events
-
-    # -- submission ----------------------------------------------------------------------
+    # -- submission ------------------------------------------------------------------------
 
     async def submit(self, specs: Sequence[JobSpec]) -> tuple[list[str], list[str]]:
         """Enqueue new jobs; ids already known are left as they are. Returns (new, known)."""
         unique = list({spec.media_id: spec for spec in specs}.values())
-
-        def transaction(conn: Connection) -> tuple[list[str], list[str]]:
-            now = time.time()
-            known = job_store.known_ids(conn, [s.media_id for s in unique])
-            new = [s for s in unique if s.media_id not in known]
-            if new:
-                events = self._record(
-                    conn,
-                    [_Draft(s.media_id, s.owner_id, JobStatus.PENDING, None, 0) for s in new],
-                    now,
-                )
-                job_store.insert_jobs(
-                    conn,
-                    new,
-                    now=now,
-                    max_attempts=self._retry.max_attempts,
-                    revisions=[e.revision for e in events],
-                )
-            return [s.media_id for s in new], sorted(known)
-
-        new_ids, known_ids = await write(self._db, transaction)
+        new_ids, known_ids = await self._store.submit(unique, max_attempts=self._retry.max_attempts)
         if new_ids:
             self._work_available.set()
         return new_ids, known_ids
 
-    # -- claiming ------------------------------------------------------------------------
+    # -- claiming --------------------------------------------------------------------------
 
-    async def claim(self, worker_id: str) -> ClaimedJob | None:
+    async def claim(self) -> ClaimedJob | None:
         """Lease the next due job in queue order, or None (also while paused)."""
-        if self.paused:
-            return None
+        claiming = self._claims.enqueue(None)
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            # The claim goes on without its caller and may commit: a job leased to a worker
+            # that is gone would wait out its lease and lose an attempt. Give it back (if
+            # that fails too, the lease expiry is what is left).
+            with contextlib.suppress(Exception):
+                if (claimed := await claiming) is not None:
+                    await self.release(claimed)
+            raise
 
-        def transaction(conn: Connection) -> ClaimedJob | None:
-            now = time.time()
-            row = job_store.next_claimable(conn, now)
-            if row is None:
-                return None
-            (event,) = self._record(
-                conn,
-                [
-                    _Draft(
-                        row.media_id,
-                        row.owner_id,
-                        JobStatus.PROCESSING,
-                        JobStatus.PENDING,
-                        row.attempt + 1,
-                    )
-                ],
-                now,
-            )
-            return job_store.claim(
-                conn,
-                row,
-                worker_id=worker_id,
-                lease_until=now + self.lease_seconds,
-                now=now,
-                revision=event.revision,
-            )
-
-        # Claims and completions are the workers' frequent changes: they take turns with
-        # the fan-out (StatusHub.paced).
+    async def _claim_group(self, requests: Sequence[None]) -> list[ClaimedJob | None]:
+        # Claims and ends are the workers' frequent changes: they take turns with the
+        # fan-out (StatusHub.paced).
         async with self._hub.paced(self._delivery_pacing):
-            claiming = asyncio.ensure_future(write(self._db, transaction))
-            try:
-                return await asyncio.shield(claiming)
-            except asyncio.CancelledError:
-                # The transaction runs on in its thread and may commit: a job leased to a
-                # worker that is gone would wait out its lease and lose an attempt. Give it
-                # back (if that fails too, the lease expiry is what is left).
-                with contextlib.suppress(Exception):
-                    if (claimed := await claiming) is not None:
-                        await self.release(claimed)
-                raise
+            claimed = await self._store.claim(self.holder, len(requests), self.lease_seconds)
+        return [*claimed, *[None] * (len(requests) - len(claimed))]
 
     async def wait_for_work(self, max_wait: float) -> None:
         """Sleep until a job may be due (submit, retry, resume, next backoff) or max_wait."""
         self._work_available.clear()
         timeout = max_wait
+        self.paused = await self._store.is_paused()
         if not self.paused:
-            due = await read(self._db, job_store.next_due_time)
+            due = await self._store.next_due_time()
             if due is not None:
-                timeout = min(max_wait, max(0.0, due - time.time()))
+                timeout = min(max_wait, max(0.0, due - self._store.now()))
         if timeout <= 0:
             return
         with contextlib.suppress(TimeoutError):
@@ -219,82 +123,41 @@ class JobQueue:
 
     async def renew_lease(self, job: ClaimedJob) -> bool:
         """Extend the lease; False when it was lost (expired and reclaimed)."""
+        return await self._store.renew(job, self.lease_seconds)
 
-        def transaction(conn: Connection) -> bool:
-            return job_store.fenced_update(
-                conn,
-                job.spec.media_id,
-                job.lease_token,
-                {"lease_expires_at": time.time() + self.lease_seconds},
-            )
-
-        return await write(self._db, transaction)
-
-    # -- outcomes ------------------------------------------------------------------------
+    # -- outcomes --------------------------------------------------------------------------
 
     async def complete(self, job: ClaimedJob, result: JobResult, result_key: str) -> None:
         """Complete the job with the cached result ``result_key``.
 
         Raises LeaseLost when a newer claim holds the job (this worker was fenced out).
         """
-
-        def transaction(conn: Connection) -> None:
-            now = time.time()
-            (event,) = self._record(
-                conn,
-                [
-                    _Draft(
-                        job.spec.media_id,
-                        job.spec.owner_id,
-                        JobStatus.COMPLETED,
-                        JobStatus.PROCESSING,
-                        job.attempt,
-                        result=result,
-                        result_key=result_key,
-                    )
-                ],
-                now,
-            )
-            held = job_store.fenced_update(
-                conn,
-                job.spec.media_id,
-                job.lease_token,
-                {
-                    "status": JobStatus.COMPLETED.value,
-                    "result_key": result_key,
-                    "reused": result.reused,
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                    "updated_at": now,
-                    "revision": event.revision,
-                    **job_store.error_values(None),
-                },
-            )
-            if not held:
-                # Raising rolls the event back too: a fenced-out worker changes nothing.
-                raise LeaseLost(f"lease on media {job.spec.media_id} was lost")
-            job_store.finish_attempt(
-                conn,
-                job.spec.media_id,
+        await self._end(
+            AttemptEnd(
+                job,
+                JobStatus.COMPLETED,
+                AttemptOutcome.COMPLETED,
                 job.attempt,
-                ended_at=now,
-                outcome=AttemptOutcome.COMPLETED.value,
-                error=None,
+                result=result,
+                result_key=result_key,
             )
-
-        async with self._hub.paced(self._delivery_pacing):
-            await write(self._db, transaction)
+        )
 
     async def fail_attempt(self, job: ClaimedJob, error: JobError) -> StatusEvent:
         """A failed attempt: retried with backoff if transient and attempts remain, else FAILED."""
-        retry = error.transient and job.attempt < self._retry.max_attempts
-        return await self._end_attempt(
-            job,
-            status=JobStatus.PENDING if retry else JobStatus.FAILED,
-            error=error,
-            outcome=AttemptOutcome.RETRY_SCHEDULED if retry else AttemptOutcome.FAILED,
-            delay=self.backoff(job.attempt) if retry else None,
-            attempt=job.attempt,
+        if error.transient and job.attempt < self._retry.max_attempts:
+            return await self._end(
+                AttemptEnd(
+                    job,
+                    JobStatus.PENDING,
+                    AttemptOutcome.RETRY_SCHEDULED,
+                    job.attempt,
+                    error=error,
+                    delay=self.backoff(job.attempt),
+                )
+            )
+        return await self._end(
+            AttemptEnd(job, JobStatus.FAILED, AttemptOutcome.FAILED, job.attempt, error=error)
         )
 
     async def defer(
@@ -306,97 +169,45 @@ class JobQueue:
         ``max_quota_deferrals`` such refusals the job FAILS.
         """
         if job.quota_deferrals >= self._retry.max_quota_deferrals:
-            return await self._end_attempt(
-                job,
-                status=JobStatus.FAILED,
-                error=error,
-                outcome=AttemptOutcome.FAILED,
-                delay=None,
-                attempt=job.attempt,
+            return await self._end(
+                AttemptEnd(job, JobStatus.FAILED, AttemptOutcome.FAILED, job.attempt, error=error)
             )
-        return await self._end_attempt(
-            job,
-            status=JobStatus.PENDING,
-            error=error,
-            outcome=outcome,
-            delay=delay,
-            attempt=job.attempt - 1,
-            extra={"quota_deferrals": job.quota_deferrals + 1},
+        return await self._end(
+            AttemptEnd(
+                job,
+                JobStatus.PENDING,
+                outcome,
+                job.attempt - 1,
+                error=error,
+                delay=delay,
+                quota_deferrals=job.quota_deferrals + 1,
+            )
         )
 
     async def release(self, job: ClaimedJob) -> StatusEvent:
         """Give a job back on shutdown: PENDING at once; the attempt does not count."""
-        error = JobError("RELEASED", "the worker stopped before finishing (shutdown)", True)
-        return await self._end_attempt(
-            job,
-            status=JobStatus.PENDING,
-            error=None,
-            outcome=AttemptOutcome.RELEASED,
-            delay=0.0,
-            attempt=job.attempt - 1,
-            attempt_error=error,
+        return await self._end(
+            AttemptEnd(
+                job,
+                JobStatus.PENDING,
+                AttemptOutcome.RELEASED,
+                job.attempt - 1,
+                attempt_error=RELEASED,
+                delay=0.0,
+            )
         )
 
-    async def _end_attempt(
-        self,
-        job: ClaimedJob,
-        *,
-        status: JobStatus,
-        error: JobError | None,
-        outcome: AttemptOutcome,
-        delay: float | None,
-        attempt: int,
-        extra: dict[str, Any] | None = None,
-        attempt_error: JobError | None = None,
-    ) -> StatusEvent:
-        """End the attempt with ``status``; a PENDING job is due again after ``delay``."""
-
-        def transaction(conn: Connection) -> StatusEvent:
-            now = time.time()
-            next_attempt_at = None if delay is None else now + delay
-            (event,) = self._record(
-                conn,
-                [
-                    _Draft(
-                        job.spec.media_id,
-                        job.spec.owner_id,
-                        status,
-                        JobStatus.PROCESSING,
-                        attempt,
-                        error=error,
-                        next_attempt_at=next_attempt_at,
-                    )
-                ],
-                now,
-            )
-            values: dict[str, Any] = {
-                "status": status.value,
-                "attempt": attempt,
-                "lease_owner": None,
-                "lease_expires_at": None,
-                "updated_at": now,
-                "revision": event.revision,
-                **job_store.error_values(error),
-                **(extra or {}),
-            }
-            if next_attempt_at is not None:
-                values["next_attempt_at"] = next_attempt_at
-            if not job_store.fenced_update(conn, job.spec.media_id, job.lease_token, values):
-                raise LeaseLost(f"lease on media {job.spec.media_id} was lost")
-            job_store.finish_attempt(
-                conn,
-                job.spec.media_id,
-                job.attempt,
-                ended_at=now,
-                outcome=outcome.value,
-                error=attempt_error or error,
-            )
-            return event
-
-        event = await write(self._db, transaction)
-        if status is JobStatus.PENDING:
+    async def _end(self, end: AttemptEnd) -> StatusEvent:
+        event = await self._ends.commit(end)
+        if event is None:
+            raise LeaseLost(f"lease on media {end.job.spec.media_id} was lost")
+        if event.status is JobStatus.PENDING:
             self._work_available.set()
         return event
+
+    async def _end_group(self, ends: Sequence[AttemptEnd]) -> list[StatusEvent | None]:
+        async with self._hub.paced(self._delivery_pacing):
+            return await self._store.end_attempts(ends)
 
     def backoff(self, attempt: int) -> float:
         """Delay before the attempt after ``attempt``: base * 2^(attempt-1), with jitter."""
@@ -404,52 +215,27 @@ class JobQueue:
         delay: float = min(policy.backoff_max, policy.backoff_base * 2.0 ** (attempt - 1))
         return delay * random.uniform(1 - policy.jitter, 1 + policy.jitter)
 
-    # -- recovery ------------------------------------------------------------------------
+    # -- recovery --------------------------------------------------------------------------
+
+    def _expiry(self, lease: ExpiredLease) -> AttemptEnd:
+        """An expired lease ends its attempt: retried after a backoff while attempts remain."""
+        job = lease.job
+        if job.attempt < lease.max_attempts:
+            return AttemptEnd(
+                job,
+                JobStatus.PENDING,
+                AttemptOutcome.LEASE_EXPIRED,
+                job.attempt,
+                error=LEASE_EXPIRED,
+                delay=self.backoff(job.attempt),
+            )
+        return AttemptEnd(
+            job, JobStatus.FAILED, AttemptOutcome.LEASE_EXPIRED, job.attempt, error=LEASE_EXPIRED
+        )
 
     async def reap_expired_leases(self) -> list[StatusEvent]:
         """Return jobs whose lease expired to PENDING (or FAILED when out of attempts)."""
-
-        def transaction(conn: Connection) -> list[StatusEvent]:
-            now = time.time()
-            rows = job_store.expired_leases(conn, now)
-            drafts = []
-            for row in rows:
-                retry = row.attempt < row.max_attempts
-                drafts.append(
-                    _Draft(
-                        row.media_id,
-                        row.owner_id,
-                        JobStatus.PENDING if retry else JobStatus.FAILED,
-                        JobStatus.PROCESSING,
-                        row.attempt,
-                        error=LEASE_EXPIRED,
-                        next_attempt_at=now + self.backoff(row.attempt) if retry else None,
-                    )
-                )
-            events = self._record(conn, drafts, now)
-            for row, draft, event in zip(rows, drafts, events, strict=True):
-                values: dict[str, Any] = {
-                    "status": draft.status.value,
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                    "updated_at": now,
-                    "revision": event.revision,
-                    **job_store.error_values(LEASE_EXPIRED),
-                }
-                if draft.next_attempt_at is not None:
-                    values["next_attempt_at"] = draft.next_attempt_at
-                job_store.fenced_update(conn, row.media_id, row.lease_token, values)
-                job_store.finish_attempt(
-                    conn,
-                    row.media_id,
-                    row.attempt,
-                    ended_at=now,
-                    outcome=AttemptOutcome.LEASE_EXPIRED.value,
-                    error=LEASE_EXPIRED,
-                )
-            return events
-
-        events = await write(self._db, transaction)
+        events = await self._store.expire_leases(self._expiry)
         for event in events:
             logger.warning(
                 "lease of media %s expired (attempt %d); now %s",
@@ -472,60 +258,36 @@ class JobQueue:
 
         With ids, every listed job in a terminal status is retried; unknown ids raise.
         """
-
-        def transaction(conn: Connection) -> list[str]:
-            now = time.time()
-            if media_ids:
-                known = job_store.known_ids(conn, media_ids)
-                missing = sorted(set(media_ids) - known)
-                if missing:
-                    raise JobNotFound(
-                        f"no job for media {listed(missing)}",
-                        field_violations=[
-                            FieldViolation("media_ids", f"unknown: {listed(missing)}")
-                        ],
-                        metadata={"unknownCount": str(len(missing))},
-                    )
-                rows = [
-                    row
-                    for terminal in (JobStatus.FAILED, JobStatus.COMPLETED)
-                    for row in job_store.job_rows(conn, media_ids, status=terminal)
-                ]
-            else:
-                rows = job_store.job_rows(conn, owner_id=owner_id, status=status)
-            drafts = [
-                _Draft(row.media_id, row.owner_id, JobStatus.PENDING, JobStatus(row.status), 0)
-                for row in rows
-            ]
-            events = self._record(conn, drafts, now)
-            for row, event in zip(rows, events, strict=True):
-                job_store.reset_for_retry(conn, row.media_id, now=now, revision=event.revision)
-            return [row.media_id for row in rows]
-
-        retried = await write(self._db, transaction)
+        retried, missing = await self._store.retry(media_ids, owner_id=owner_id, status=status)
+        if missing:
+            raise JobNotFound(
+                f"no job for media {listed(missing)}",
+                field_violations=[FieldViolation("media_ids", f"unknown: {listed(missing)}")],
+                metadata={"unknownCount": str(len(missing))},
+            )
         if retried:
             self._work_available.set()
         return retried
 
     async def set_paused(self, paused: bool) -> None:
-        await write(
-            self._db, lambda conn: event_log.write_counter(conn, schema.PAUSED, int(paused))
-        )
+        """Pause or resume claiming on every replica sharing the database."""
+        await self._store.set_paused(paused)
         self.paused = paused
         if not paused:
             self._work_available.set()
 
-    # -- reads ---------------------------------------------------------------------------
+    async def is_paused(self) -> bool:
+        self.paused = await self._store.is_paused()
+        return self.paused
+
+    # -- reads -----------------------------------------------------------------------------
 
     async def get(self, media_id: str, *, with_embedding: bool) -> Job | None:
-        return await read(
-            self._db,
-            lambda conn: job_store.get_job(conn, media_id, with_embedding=with_embedding),
-        )
+        return await self._store.get_job(media_id, with_embedding=with_embedding)
 
     async def owners_of(self, media_ids: Sequence[str]) -> dict[str, str]:
         """The owner of each known job of ``media_ids``; unknown ids are left out."""
-        return await read(self._db, lambda conn: job_store.owners_of(conn, media_ids))
+        return await self._store.owners_of(media_ids)
 
     async def list(
         self,
@@ -537,30 +299,23 @@ class JobQueue:
         limit: int,
         with_embedding: bool,
     ) -> list[Job]:
-        return await read(
-            self._db,
-            lambda conn: job_store.list_jobs(
-                conn,
-                status=status,
-                owner_id=owner_id,
-                error_reason=error_reason,
-                after=after,
-                limit=limit,
-                with_embedding=with_embedding,
-            ),
+        return await self._store.list_jobs(
+            status=status,
+            owner_id=owner_id,
+            error_reason=error_reason,
+            after=after,
+            limit=limit,
+            with_embedding=with_embedding,
         )
 
-    async def depth(self) -> tuple[dict[JobStatus, int], float | None]:
+    async def depth(self) -> QueueDepth:
         """Counts by status and the submission time of the oldest PENDING job."""
-
-        def query(conn: Connection) -> tuple[dict[JobStatus, int], float | None]:
-            return job_store.counts_by_status(conn), job_store.oldest_pending_submission(conn)
-
-        return await read(self._db, query)
+        return await self._store.depth()
 
     async def compact_events(self, *, max_age: float, max_events: int) -> int:
-        before_time = time.time() - max_age
-        return await write(
-            self._db,
-            lambda conn: event_log.compact(conn, before_time=before_time, keep_last=max_events),
-        )
+        return await self._store.compact(max_age=max_age, max_events=max_events)
+
+    async def close(self) -> None:
+        """Wait for grouped claims and ends under way to be written."""
+        await self._claims.close()
+        await self._ends.close()

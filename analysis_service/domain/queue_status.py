@@ -42,7 +42,8 @@ async def queue_status(
 ) -> QueueStatus:
     """The queue at a glance: depth, the workers of every live replica, limits, throughput,
     oldest job, estimated wait (at this replica's mean job duration)."""
-    counts, oldest_submission = await queue.depth()
+    depth = await queue.depth()
+    counts, oldest_submission = depth.counts, depth.oldest_pending_submission
     cluster = await replicas.cluster()
     live = [replica for replica in cluster if replica.live]
     workers = sum(replica.workers_total for replica in live)
@@ -52,7 +53,7 @@ async def queue_status(
         counts=counts,
         workers_busy=sum(replica.workers_busy for replica in live),
         workers_total=workers,
-        paused=queue.paused,
+        paused=await queue.is_paused(),
         rate_limits=await limits.snapshot(),
         completed_last_minute=throughput.last_minute(),
         oldest_pending_age=time.time() - oldest_submission if oldest_submission else None,

@@ -13,16 +13,11 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
-from sqlalchemy.engine import Connection
-
 from analysis_service.domain.hub import StatusHub, Subscription, WatchFilter
 from analysis_service.domain.models import Bookmark, JobStatus, StatusEvent
+from analysis_service.domain.store import EventFilter, LogCompacted, QueueStore
 from analysis_service.errors import InvalidArgument, RevisionAhead, RevisionCompacted
-from analysis_service.storage import events as event_log
-from analysis_service.storage import schema
-from analysis_service.storage.session import consistent_read, read
 from mediatag_common.callers import ANONYMOUS, Caller
-from mediatag_common.database import Database
 from mediatag_common.errors import FieldViolation
 
 logger = logging.getLogger(__name__)
@@ -80,8 +75,8 @@ class WatchStream(contextlib.AbstractAsyncContextManager["WatchStream"]):
 class StatusWatcher:
     """Serves watch streams from the event log and the hub."""
 
-    def __init__(self, db: Database, hub: StatusHub, *, bookmark_interval: float) -> None:
-        self._db = db
+    def __init__(self, store: QueueStore, hub: StatusHub, *, bookmark_interval: float) -> None:
+        self._store = store
         self._hub = hub
         self._bookmark_interval = bookmark_interval
 
@@ -121,24 +116,16 @@ class StatusWatcher:
     ) -> AsyncGenerator[StatusEvent | Bookmark, None]:
         needs_state = request.send_initial_state or request.until_terminal
 
-        def snapshot(conn: Connection) -> tuple[int, int, list[StatusEvent]]:
-            states = (
-                event_log.current_state(
-                    conn,
-                    media_ids=request.media_ids,
-                    owner_id=request.owner_id,
-                    with_embedding=request.include_embedding,
-                )
-                if needs_state
-                else []
-            )
-            return (
-                event_log.read_counter(conn, schema.REVISION),
-                event_log.read_counter(conn, schema.COMPACTED_THROUGH),
-                states,
-            )
-
-        snapshot_revision, compacted_through, states = await consistent_read(self._db, snapshot)
+        log = await self._store.log_state(
+            EventFilter(request.media_ids, request.owner_id),
+            with_states=needs_state,
+            with_embedding=request.include_embedding,
+        )
+        snapshot_revision, compacted_through, states = (
+            log.revision,
+            log.compacted_through,
+            log.states,
+        )
         visible = subscription.filter.matches if request.allowed_owners is not None else None
         if visible is not None:
             states = [state for state in states if visible(state)]
@@ -186,27 +173,14 @@ class StatusWatcher:
             last = live.revision
 
     async def _catch_up(self, request: WatchRequest, after: int) -> AsyncIterator[StatusEvent]:
-
-        def read_page(conn: Connection) -> list[StatusEvent]:
-            page = event_log.read_events(
-                conn,
-                after_revision=after,
-                limit=CATCH_UP_PAGE,
-                media_ids=request.media_ids,
-                owner_id=request.owner_id,
-                with_embedding=request.include_embedding,
-            )
-            # Compaction may have overtaken this reader since its last page (a slow
-            # client). The watermark is read after the page: if it is still at or below
-            # ``after``, nothing the page should hold had been deleted when it was read.
-            compacted_through = event_log.read_counter(conn, schema.COMPACTED_THROUGH)
-            if after < compacted_through:
-                current = event_log.read_counter(conn, schema.REVISION)
-                raise _compacted(after, compacted_through, current)
-            return page
-
+        events = EventFilter(request.media_ids, request.owner_id)
         while True:
-            page = await read(self._db, read_page)
+            try:
+                page = await self._store.events_after(
+                    after, events, limit=CATCH_UP_PAGE, with_embedding=request.include_embedding
+                )
+            except LogCompacted as exc:
+                raise _compacted(exc.after, exc.compacted_through, exc.revision) from None
             for event in page:
                 yield event
                 after = event.revision

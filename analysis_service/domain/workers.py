@@ -132,7 +132,7 @@ class WorkerPool:
     async def _run(self, worker_id: str) -> None:
         while not self._stopping:
             try:
-                job = await self._queue.claim(worker_id)
+                job = await self._queue.claim()
                 if job is None:
                     await self._queue.wait_for_work(IDLE_POLL)
                     continue

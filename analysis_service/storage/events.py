@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -10,26 +11,79 @@ from sqlalchemy.engine import Connection
 
 from analysis_service.domain.models import JobError, JobResult, JobStatus, StatusEvent
 from analysis_service.storage import schema
-from analysis_service.storage.schema import counters, events, jobs, results
+from analysis_service.storage.schema import counters, jobs, results
+from analysis_service.storage.schema import events as events_table
+from mediatag_common.database import POSTGRESQL, database_now
 from mediatag_common.embeddings import embedding_from_bytes
 
+# The channel every replica's tailer listens on; the payload is the newest revision.
+NOTIFY_CHANNEL = "mediatag_analysis_events"
 
-def allocate_revisions(conn: Connection, count: int) -> int:
-    """Reserve ``count`` consecutive revisions in this transaction; returns the first.
 
-    The counter row is updated inside the writer's transaction, so revisions commit in
-    order and a rolled-back transaction leaves no gap.
+@dataclass(frozen=True)
+class EventDraft:
+    """A status change before it has its revision and time."""
+
+    media_id: str
+    owner_id: str
+    status: JobStatus
+    previous_status: JobStatus | None
+    attempt: int
+    result: JobResult | None = None
+    result_key: str | None = None
+    error: JobError | None = None
+    next_attempt_at: float | None = None
+
+
+def record(conn: Connection, drafts: Sequence[EventDraft]) -> list[StatusEvent]:
+    """Append the events of this transaction, as its last statements.
+
+    The counter row takes the revisions: updating it locks it until commit, so transactions
+    that write events commit in revision order and a rolled-back one leaves no gap (a
+    sequence would do neither). It is updated as late as possible to hold that lock briefly;
+    the event time is read under it, so event times follow revisions too. On PostgreSQL one
+    NOTIFY carries the newest revision to every replica's tailer.
     """
-    row = (
-        conn.execute(
-            sa.update(counters)
-            .where(counters.c.name == schema.REVISION)
-            .values(value=counters.c.value + count)
-            .returning(counters.c.value)
+    if not drafts:
+        return []
+    count = len(drafts)
+    bump = (
+        sa.update(counters)
+        .where(counters.c.name == schema.REVISION)
+        .values(value=counters.c.value + count)
+        .returning(counters.c.value)
+    )
+    last = int(conn.execute(bump).scalar_one())
+    now = database_now(conn)
+    first = last - count + 1
+    events = [
+        StatusEvent(
+            revision=first + i,
+            media_id=d.media_id,
+            owner_id=d.owner_id,
+            status=d.status,
+            previous_status=d.previous_status,
+            attempt=d.attempt,
+            event_time=now,
+            result=d.result,
+            error=d.error,
+            next_attempt_at=d.next_attempt_at,
         )
-    ).one()
-    last: int = row.value
-    return last - count + 1
+        for i, d in enumerate(drafts)
+    ]
+    conn.execute(
+        events_table.insert(),
+        [_event_row(event, draft.result_key) for event, draft in zip(events, drafts, strict=True)],
+    )
+    conn.execute(
+        sa.update(jobs)
+        .where(jobs.c.media_id == sa.bindparam("event_media_id"))
+        .values(revision=sa.bindparam("event_revision")),
+        [{"event_media_id": e.media_id, "event_revision": e.revision} for e in events],
+    )
+    if conn.dialect.name == POSTGRESQL:
+        conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, str(last))))
+    return events
 
 
 def read_counter(conn: Connection, name: str) -> int:
@@ -41,29 +95,22 @@ def write_counter(conn: Connection, name: str, value: int) -> None:
     conn.execute(sa.update(counters).where(counters.c.name == name).values(value=value))
 
 
-def insert_events(conn: Connection, rows: Sequence[tuple[StatusEvent, str | None]]) -> None:
-    """Append events, each with the cache key of its result (if any)."""
-    conn.execute(
-        events.insert(),
-        [
-            {
-                "revision": event.revision,
-                "media_id": event.media_id,
-                "owner_id": event.owner_id,
-                "status": event.status.value,
-                "previous_status": event.previous_status.value if event.previous_status else None,
-                "attempt": event.attempt,
-                "event_time": event.event_time,
-                "result_key": result_key,
-                "reused": bool(event.result and event.result.reused),
-                "error_reason": event.error.reason if event.error else None,
-                "error_message": event.error.message if event.error else None,
-                "error_transient": event.error.transient if event.error else None,
-                "next_attempt_at": event.next_attempt_at,
-            }
-            for event, result_key in rows
-        ],
-    )
+def _event_row(event: StatusEvent, result_key: str | None) -> dict[str, Any]:
+    return {
+        "revision": event.revision,
+        "media_id": event.media_id,
+        "owner_id": event.owner_id,
+        "status": event.status.value,
+        "previous_status": event.previous_status.value if event.previous_status else None,
+        "attempt": event.attempt,
+        "event_time": event.event_time,
+        "result_key": result_key,
+        "reused": bool(event.result and event.result.reused),
+        "error_reason": event.error.reason if event.error else None,
+        "error_message": event.error.message if event.error else None,
+        "error_transient": event.error.transient if event.error else None,
+        "next_attempt_at": event.next_attempt_at,
+    }
 
 
 def _result_columns(with_embedding: bool) -> list[Any]:
@@ -110,16 +157,16 @@ def read_events(
 ) -> list[StatusEvent]:
     """Events with revision > ``after_revision`` matching the filter, oldest first."""
     query = (
-        sa.select(events, *_result_columns(with_embedding))
-        .select_from(events.outerjoin(results, events.c.result_key == results.c.key))
-        .where(events.c.revision > after_revision)
-        .order_by(events.c.revision)
+        sa.select(events_table, *_result_columns(with_embedding))
+        .select_from(events_table.outerjoin(results, events_table.c.result_key == results.c.key))
+        .where(events_table.c.revision > after_revision)
+        .order_by(events_table.c.revision)
         .limit(limit)
     )
     if media_ids:
-        query = query.where(events.c.media_id.in_(list(media_ids)))
+        query = query.where(events_table.c.media_id.in_(list(media_ids)))
     if owner_id:
-        query = query.where(events.c.owner_id == owner_id)
+        query = query.where(events_table.c.owner_id == owner_id)
     rows = conn.execute(query).all()
     return [
         StatusEvent(
@@ -201,12 +248,14 @@ def compact(conn: Connection, *, before_time: float, keep_last: int) -> int:
     cutoff_by_count = newest - keep_last
     cutoff_by_time = (
         conn.execute(
-            sa.select(sa.func.max(events.c.revision)).where(events.c.event_time < before_time)
+            sa.select(sa.func.max(events_table.c.revision)).where(
+                events_table.c.event_time < before_time
+            )
         )
     ).scalar_one_or_none() or 0
     watermark = max(
         cutoff_by_count, int(cutoff_by_time), read_counter(conn, schema.COMPACTED_THROUGH)
     )
-    conn.execute(sa.delete(events).where(events.c.revision <= watermark))
+    conn.execute(sa.delete(events_table).where(events_table.c.revision <= watermark))
     write_counter(conn, schema.COMPACTED_THROUGH, watermark)
     return watermark

@@ -1,4 +1,5 @@
-"""Queries on jobs, their attempts and the result cache."""
+"""Statements on jobs, their attempts, their counts and the result cache (SQLite and
+PostgreSQL; where they differ, the dialect is checked here)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from analysis_service.domain.models import (
     JobSpec,
     JobStatus,
 )
+from analysis_service.storage import schema
 from analysis_service.storage.events import error_from_row, result_from_row
-from analysis_service.storage.schema import attempts, jobs, results
+from analysis_service.storage.schema import attempts, counters, jobs, result_claims, results
+from mediatag_common.database import POSTGRESQL, insert
 from mediatag_common.embeddings import embedding_to_bytes
 
 # Queue order: priority first, then submission time (media id breaks ties).
@@ -48,11 +51,6 @@ def error_values(error: JobError | None) -> dict[str, Any]:
     }
 
 
-def known_ids(conn: Connection, media_ids: Collection[str]) -> set[str]:
-    rows = conn.execute(sa.select(jobs.c.media_id).where(jobs.c.media_id.in_(list(media_ids))))
-    return set(rows.scalars())
-
-
 def owners_of(conn: Connection, media_ids: Collection[str]) -> dict[str, str]:
     """The owner of each known job of ``media_ids``, in one query."""
     rows = conn.execute(
@@ -61,52 +59,101 @@ def owners_of(conn: Connection, media_ids: Collection[str]) -> dict[str, str]:
     return {row.media_id: row.owner_id for row in rows}
 
 
-def insert_jobs(
-    conn: Connection,
-    specs: Sequence[JobSpec],
-    *,
-    now: float,
-    max_attempts: int,
-    revisions: Sequence[int],
-) -> None:
-    conn.execute(
-        jobs.insert(),
-        [
-            {
-                "media_id": spec.media_id,
-                "owner_id": spec.owner_id,
-                "category": spec.category,
-                "context": dict(spec.context),
-                "sha256": spec.sha256,
-                "size_bytes": spec.size_bytes,
-                "content_type": spec.content_type,
-                "content_ref": spec.content_ref,
-                "priority": spec.priority,
-                "status": JobStatus.PENDING.value,
-                "attempt": 0,
-                "max_attempts": max_attempts,
-                "quota_deferrals": 0,
-                "next_attempt_at": now,
-                "submitted_at": now,
-                "updated_at": now,
-                "lease_token": 0,
-                "reused": False,
-                "revision": revision,
-            }
-            for spec, revision in zip(specs, revisions, strict=True)
-        ],
+def insert_new_jobs(
+    conn: Connection, specs: Sequence[JobSpec], *, now: float, max_attempts: int
+) -> set[str]:
+    """Insert the jobs whose media id is not yet known; the ids inserted.
+
+    ``ON CONFLICT DO NOTHING``: two submitters of one id (two ingest replicas forwarding the
+    same outbox row after a crash) insert it once, neither fails.
+    """
+    rows = [
+        {
+            "media_id": spec.media_id,
+            "owner_id": spec.owner_id,
+            "category": spec.category,
+            "context": dict(spec.context),
+            "sha256": spec.sha256,
+            "size_bytes": spec.size_bytes,
+            "content_type": spec.content_type,
+            "content_ref": spec.content_ref,
+            "priority": spec.priority,
+            "status": JobStatus.PENDING.value,
+            "attempt": 0,
+            "max_attempts": max_attempts,
+            "quota_deferrals": 0,
+            "next_attempt_at": now,
+            "submitted_at": now,
+            "updated_at": now,
+            "lease_token": 0,
+            "reused": False,
+            # Set with the event, at the end of the transaction.
+            "revision": 0,
+        }
+        for spec in specs
+    ]
+    statement = (
+        insert(conn, jobs)
+        .on_conflict_do_nothing(index_elements=[jobs.c.media_id])
+        .returning(jobs.c.media_id)
     )
+    return set(conn.execute(statement, rows).scalars())
 
 
-def next_claimable(conn: Connection, now: float) -> Any | None:
-    """The first PENDING job in queue order that is due."""
-    query = (
-        sa.select(jobs)
-        .where(jobs.c.status == JobStatus.PENDING.value, jobs.c.next_attempt_at <= now)
+def claim_due(
+    conn: Connection, *, holder: str, count: int, now: float, lease_seconds: float
+) -> list[Any]:
+    """Lease up to ``count`` due PENDING jobs in queue order (none while paused): attempt and
+    lease token incremented in the statement itself. The claimed rows, in queue order.
+
+    PostgreSQL: the candidates are locked in a materialised CTE with ``FOR UPDATE SKIP
+    LOCKED``, so concurrent claimers (other replicas) take other jobs instead of waiting, and
+    the planner cannot run the LIMIT twice. SQLite has one writer: a plain subquery.
+    """
+    not_paused = ~sa.exists().where(counters.c.name == schema.PAUSED, counters.c.value != 0)
+    due = (
+        sa.select(jobs.c.media_id)
+        .where(
+            jobs.c.status == JobStatus.PENDING.value,
+            jobs.c.next_attempt_at <= now,
+            not_paused,
+        )
         .order_by(*QUEUE_ORDER)
-        .limit(1)
+        .limit(count)
     )
-    return conn.execute(query).first()
+    claim = sa.update(jobs).values(
+        status=JobStatus.PROCESSING.value,
+        attempt=jobs.c.attempt + 1,
+        lease_token=jobs.c.lease_token + 1,
+        lease_owner=holder,
+        lease_expires_at=now + lease_seconds,
+        updated_at=now,
+    )
+    if conn.dialect.name == POSTGRESQL:
+        picked = due.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
+        claim = claim.where(jobs.c.media_id == picked.c.media_id)
+    else:
+        claim = claim.where(jobs.c.media_id.in_(due.scalar_subquery()))
+    rows = list(conn.execute(claim.returning(*jobs.c)).all())
+    rows.sort(key=lambda row: (-row.priority, row.submitted_at, row.media_id))
+    if rows:
+        conn.execute(
+            attempts.insert(),
+            [
+                {
+                    "media_id": row.media_id,
+                    "number": row.attempt,
+                    "started_at": now,
+                    "outcome": "RUNNING",
+                }
+                for row in rows
+            ],
+        )
+    return rows
+
+
+def claimed_job(row: Any) -> ClaimedJob:
+    return ClaimedJob(spec_from_row(row), row.attempt, row.lease_token, row.quota_deferrals)
 
 
 def next_due_time(conn: Connection) -> float | None:
@@ -116,38 +163,6 @@ def next_due_time(conn: Connection) -> float | None:
     )
     value = conn.execute(query).scalar_one_or_none()
     return float(value) if value is not None else None
-
-
-def claim(
-    conn: Connection,
-    row: Any,
-    *,
-    worker_id: str,
-    lease_until: float,
-    now: float,
-    revision: int,
-) -> ClaimedJob:
-    token = row.lease_token + 1
-    attempt = row.attempt + 1
-    conn.execute(
-        sa.update(jobs)
-        .where(jobs.c.media_id == row.media_id)
-        .values(
-            status=JobStatus.PROCESSING.value,
-            attempt=attempt,
-            lease_owner=worker_id,
-            lease_expires_at=lease_until,
-            lease_token=token,
-            updated_at=now,
-            revision=revision,
-        )
-    )
-    conn.execute(
-        attempts.insert().values(
-            media_id=row.media_id, number=attempt, started_at=now, outcome="RUNNING"
-        )
-    )
-    return ClaimedJob(spec_from_row(row), attempt, token, row.quota_deferrals)
 
 
 def fenced_update(
@@ -186,18 +201,17 @@ def finish_attempt(
     )
 
 
-def reset_for_retry(conn: Connection, media_id: str, *, now: float, revision: int) -> None:
-    """A terminal job back to PENDING with a fresh set of attempts."""
+def reset_for_retry(conn: Connection, media_ids: Sequence[str], *, now: float) -> None:
+    """Terminal jobs back to PENDING with a fresh set of attempts."""
     conn.execute(
         sa.update(jobs)
-        .where(jobs.c.media_id == media_id)
+        .where(jobs.c.media_id.in_(list(media_ids)))
         .values(
             status=JobStatus.PENDING.value,
             attempt=0,
             quota_deferrals=0,
             next_attempt_at=now,
             updated_at=now,
-            revision=revision,
             result_key=None,
             reused=False,
             lease_owner=None,
@@ -208,9 +222,13 @@ def reset_for_retry(conn: Connection, media_id: str, *, now: float, revision: in
 
 
 def expired_leases(conn: Connection, now: float) -> list[Any]:
+    """PROCESSING jobs whose lease ran out. On PostgreSQL they are locked (skipping those
+    another reaper holds): each expiry is handled by one reaper, once."""
     query = sa.select(jobs).where(
         jobs.c.status == JobStatus.PROCESSING.value, jobs.c.lease_expires_at < now
     )
+    if conn.dialect.name == POSTGRESQL:
+        query = query.with_for_update(skip_locked=True)
     return list(conn.execute(query).all())
 
 
@@ -222,7 +240,14 @@ def job_rows(
         query = query.where(jobs.c.media_id.in_(list(media_ids)))
     if owner_id:
         query = query.where(jobs.c.owner_id == owner_id)
+    if conn.dialect.name == POSTGRESQL:
+        query = query.with_for_update()
     return list(conn.execute(query.order_by(*QUEUE_ORDER)).all())
+
+
+def known_ids(conn: Connection, media_ids: Collection[str]) -> set[str]:
+    rows = conn.execute(sa.select(jobs.c.media_id).where(jobs.c.media_id.in_(list(media_ids))))
+    return set(rows.scalars())
 
 
 def get_result(conn: Connection, key: str) -> JobResult | None:
@@ -234,11 +259,9 @@ def store_result(conn: Connection, key: str, sha256: str, result: JobResult, now
     """Insert a result unless the key is already cached (results are deterministic by key)."""
     if result.embedding is None:
         raise ValueError("a stored result needs its embedding")
-    exists = conn.execute(sa.select(results.c.key).where(results.c.key == key)).first()
-    if exists:
-        return
     conn.execute(
-        results.insert().values(
+        insert(conn, results)
+        .values(
             key=key,
             sha256=sha256,
             analyzer_name=result.analyzer_name,
@@ -248,6 +271,28 @@ def store_result(conn: Connection, key: str, sha256: str, result: JobResult, now
             embedding_dimensions=result.embedding_dimensions,
             created_at=now,
         )
+        .on_conflict_do_nothing(index_elements=[results.c.key])
+    )
+
+
+def take_result_claim(
+    conn: Connection, key: str, holder: str, *, now: float, lease_seconds: float
+) -> bool:
+    """Claim the analysis of ``key`` unless another holder's claim is still live."""
+    statement = insert(conn, result_claims).values(
+        key=key, holder=holder, expires_at=now + lease_seconds
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=[result_claims.c.key],
+        set_={"holder": holder, "expires_at": now + lease_seconds},
+        where=sa.or_(result_claims.c.expires_at < now, result_claims.c.holder == holder),
+    ).returning(result_claims.c.holder)
+    return conn.execute(statement).first() is not None
+
+
+def drop_result_claim(conn: Connection, key: str, holder: str) -> None:
+    conn.execute(
+        sa.delete(result_claims).where(result_claims.c.key == key, result_claims.c.holder == holder)
     )
 
 
@@ -344,11 +389,31 @@ def list_jobs(
 
 
 def counts_by_status(conn: Connection) -> dict[JobStatus, int]:
-    rows = conn.execute(sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status))
-    counts = dict.fromkeys(JobStatus, 0)
-    for status, count in rows:
-        counts[JobStatus(status)] = int(count)
-    return counts
+    """Jobs by status, from the counts kept with each transition (constant time)."""
+    rows = conn.execute(
+        sa.select(counters.c.name, counters.c.value).where(
+            counters.c.name.in_([schema.job_count(status) for status in JobStatus])
+        )
+    )
+    by_name = {name: int(value) for name, value in rows}
+    return {status: by_name.get(schema.job_count(status), 0) for status in JobStatus}
+
+
+def adjust_counts(conn: Connection, deltas: Mapping[JobStatus, int]) -> None:
+    """Apply the transaction's changes to the job counts, in a fixed row order (concurrent
+    transactions lock the rows in the same order: no deadlock)."""
+    changes = [
+        {"row": schema.job_count(status), "delta": delta}
+        for status, delta in sorted(deltas.items())
+        if delta
+    ]
+    if changes:
+        conn.execute(
+            sa.update(counters)
+            .where(counters.c.name == sa.bindparam("row"))
+            .values(value=counters.c.value + sa.bindparam("delta")),
+            changes,
+        )
 
 
 def oldest_pending_submission(conn: Connection) -> float | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from analysis_service.domain.models import JobStatus
 from mediatag_common.migrations import load_migrations
 
 metadata = sa.MetaData()
@@ -40,6 +41,7 @@ jobs = sa.Table(
     sa.Index("jobs_claim_order", "status", sa.text("priority DESC"), "submitted_at", "media_id"),
     sa.Index("jobs_owner", "owner_id", "status"),
     sa.Index("jobs_lease_expiry", "status", "lease_expires_at"),
+    sa.Index("jobs_pending_age", "status", "submitted_at"),
 )
 
 attempts = sa.Table(
@@ -71,6 +73,16 @@ results = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
 )
 
+# Which process is analysing a cache key right now: identical content on several replicas
+# is analysed once (the others wait for the result while the claim is live).
+result_claims = sa.Table(
+    "result_claims",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.String, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
+
 # The event log: one row per status transition; revision is the watch cursor.
 events = sa.Table(
     "events",
@@ -92,7 +104,8 @@ events = sa.Table(
     sa.Index("events_time", "event_time"),
 )
 
-# Named integers: the revision counter, the compaction watermark, the paused flag.
+# Named integers: the revision counter, the compaction watermark, the paused flag, and the
+# number of jobs in each status (kept with every transition: GetQueueStatus counts nothing).
 counters = sa.Table(
     "counters",
     metadata,
@@ -132,6 +145,11 @@ replicas = sa.Table(
 REVISION = "revision"
 COMPACTED_THROUGH = "compacted_through"
 PAUSED = "paused"
+
+
+def job_count(status: JobStatus) -> str:
+    """The counter holding the number of jobs in ``status``."""
+    return f"jobs:{status.value}"
 
 
 # Versioned SQL files per database (see mediatag_common.migrations), never derived from the

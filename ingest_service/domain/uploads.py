@@ -165,7 +165,7 @@ class Uploads:
         self._requests = requests
         self._on_committed = on_committed
         self._store = store
-        self._commits: GroupCommit[_PendingUpload] = GroupCommit(self._insert)
+        self._commits: GroupCommit[_PendingUpload, None] = GroupCommit(self._insert_group)
 
     async def upload(self, request: UploadRequest) -> UploadResult:
         """Store every file of ``request`` or none; raises IngestError on a bad item.
@@ -298,6 +298,10 @@ class Uploads:
 
     def _storing(self, sha256: str, content: bytes) -> Callable[[], Awaitable[Placement]]:
         return lambda: self._blobs.put(sha256, content)
+
+    async def _insert_group(self, uploads: Sequence[_PendingUpload]) -> list[None]:
+        await self._insert(uploads)
+        return [None] * len(uploads)
 
     async def _insert(self, uploads: Sequence[_PendingUpload]) -> None:
         """The rows of ``uploads`` and the outbox rows of their images, in one transaction.

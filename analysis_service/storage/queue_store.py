@@ -1,0 +1,353 @@
+"""The queue store on SQLite or PostgreSQL (see :class:`analysis_service.domain.store.QueueStore`).
+
+Events reach the hub once committed. On SQLite there is one process and one writer thread:
+each transaction hands its events on after it commits, in commit order. On PostgreSQL
+several replicas write: no process sees every commit, so none publishes its own; each
+replica's :class:`~analysis_service.storage.tailer.EventTailer` reads the log in revision
+order and publishes everything, its own changes included.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+from analysis_service.domain.models import ClaimedJob, Job, JobResult, JobSpec, JobStatus
+from analysis_service.domain.models import StatusEvent as Event
+from analysis_service.domain.store import (
+    AttemptEnd,
+    EventFilter,
+    ExpiredLease,
+    LogCompacted,
+    LogState,
+    QueueDepth,
+)
+from analysis_service.storage import events as event_log
+from analysis_service.storage import jobs as job_rows
+from analysis_service.storage import schema
+from analysis_service.storage.events import EventDraft
+from analysis_service.storage.session import consistent_read, read, write
+from mediatag_common.database import SQLITE, Database, after_commit, database_now
+
+
+class SqlQueueStore:
+    """The queue, its event log and the result cache in one SQL database."""
+
+    def __init__(self, db: Database, *, publish: Callable[[list[Event]], None]) -> None:
+        self._db = db
+        self._publish = publish
+        # Only SQLite's single writer sees every commit in order (see the module docstring).
+        self._publish_own_commits = db.dialect == SQLITE
+        self.shared = db.dialect != SQLITE
+
+    def now(self) -> float:
+        # Due times come from the database's clock; a replica's clock is assumed close to it
+        # (NTP): a skew only makes an idle worker look for due work a little early or late.
+        return time.time()
+
+    def _record(self, conn: Connection, drafts: Sequence[EventDraft]) -> list[Event]:
+        """Keep the counts, append the events; hand them on after commit (SQLite)."""
+        deltas: Counter[JobStatus] = Counter()
+        for draft in drafts:
+            deltas[draft.status] += 1
+            if draft.previous_status is not None:
+                deltas[draft.previous_status] -= 1
+        job_rows.adjust_counts(conn, deltas)
+        events = event_log.record(conn, drafts)
+        if events and self._publish_own_commits:
+            after_commit(conn, lambda: self._publish(events))
+        return events
+
+    async def log_bounds(self) -> tuple[int, int]:
+        def bounds(conn: Connection) -> tuple[int, int]:
+            return (
+                event_log.read_counter(conn, schema.REVISION),
+                event_log.read_counter(conn, schema.COMPACTED_THROUGH),
+            )
+
+        return await consistent_read(self._db, bounds)
+
+    # -- transitions -------------------------------------------------------------------------
+
+    async def submit(
+        self, specs: Sequence[JobSpec], *, max_attempts: int
+    ) -> tuple[list[str], list[str]]:
+        def transaction(conn: Connection) -> tuple[list[str], list[str]]:
+            now = database_now(conn)
+            inserted = job_rows.insert_new_jobs(conn, specs, now=now, max_attempts=max_attempts)
+            new = [s for s in specs if s.media_id in inserted]
+            self._record(
+                conn,
+                [EventDraft(s.media_id, s.owner_id, JobStatus.PENDING, None, 0) for s in new],
+            )
+            known = sorted({s.media_id for s in specs} - inserted)
+            return [s.media_id for s in new], known
+
+        return await write(self._db, transaction)
+
+    async def claim(self, holder: str, count: int, lease_seconds: float) -> list[ClaimedJob]:
+        def transaction(conn: Connection) -> list[ClaimedJob]:
+            now = database_now(conn)
+            rows = job_rows.claim_due(
+                conn, holder=holder, count=count, now=now, lease_seconds=lease_seconds
+            )
+            self._record(
+                conn,
+                [
+                    EventDraft(
+                        row.media_id,
+                        row.owner_id,
+                        JobStatus.PROCESSING,
+                        JobStatus.PENDING,
+                        row.attempt,
+                    )
+                    for row in rows
+                ],
+            )
+            return [job_rows.claimed_job(row) for row in rows]
+
+        return await write(self._db, transaction)
+
+    async def renew(self, job: ClaimedJob, lease_seconds: float) -> bool:
+        def transaction(conn: Connection) -> bool:
+            until = database_now(conn) + lease_seconds
+            return job_rows.fenced_update(
+                conn, job.spec.media_id, job.lease_token, {"lease_expires_at": until}
+            )
+
+        return await write(self._db, transaction)
+
+    async def end_attempts(self, ends: Sequence[AttemptEnd]) -> list[Event | None]:
+        def transaction(conn: Connection) -> list[Event | None]:
+            now = database_now(conn)
+            held = [self._apply_end(conn, end, now) for end in ends]
+            applied = [end for end, kept in zip(ends, held, strict=True) if kept]
+            events = iter(self._record(conn, [_draft(end, now) for end in applied]))
+            return [next(events) if kept else None for kept in held]
+
+        return await write(self._db, transaction)
+
+    def _apply_end(self, conn: Connection, end: AttemptEnd, now: float) -> bool:
+        """Write ``end`` if its token still holds the job (nothing otherwise)."""
+        values: dict[str, Any] = {
+            "status": end.status.value,
+            "attempt": end.attempt,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "updated_at": now,
+            **job_rows.error_values(end.error),
+        }
+        if end.delay is not None:
+            values["next_attempt_at"] = now + end.delay
+        if end.quota_deferrals is not None:
+            values["quota_deferrals"] = end.quota_deferrals
+        if end.status is JobStatus.COMPLETED:
+            values["result_key"] = end.result_key
+            values["reused"] = bool(end.result and end.result.reused)
+        media_id = end.job.spec.media_id
+        if not job_rows.fenced_update(conn, media_id, end.job.lease_token, values):
+            return False
+        job_rows.finish_attempt(
+            conn,
+            media_id,
+            end.job.attempt,
+            ended_at=now,
+            outcome=end.outcome.value,
+            error=end.attempt_error or end.error,
+        )
+        return True
+
+    async def expire_leases(self, decide: Callable[[ExpiredLease], AttemptEnd]) -> list[Event]:
+        def transaction(conn: Connection) -> list[Event]:
+            now = database_now(conn)
+            rows = job_rows.expired_leases(conn, now)
+            ends = [
+                decide(ExpiredLease(job_rows.claimed_job(row), row.max_attempts)) for row in rows
+            ]
+            applied = [end for end in ends if self._apply_end(conn, end, now)]
+            return self._record(conn, [_draft(end, now) for end in applied])
+
+        return await write(self._db, transaction)
+
+    async def retry(
+        self, media_ids: Collection[str], *, owner_id: str, status: JobStatus
+    ) -> tuple[list[str], list[str]]:
+        def transaction(conn: Connection) -> tuple[list[str], list[str]]:
+            now = database_now(conn)
+            if media_ids:
+                missing = sorted(set(media_ids) - job_rows.known_ids(conn, media_ids))
+                if missing:
+                    return [], missing
+                rows = [
+                    row
+                    for terminal in (JobStatus.FAILED, JobStatus.COMPLETED)
+                    for row in job_rows.job_rows(conn, media_ids, status=terminal)
+                ]
+            else:
+                rows = job_rows.job_rows(conn, owner_id=owner_id, status=status)
+            retried = [row.media_id for row in rows]
+            if retried:
+                job_rows.reset_for_retry(conn, retried, now=now)
+            self._record(
+                conn,
+                [
+                    EventDraft(
+                        row.media_id, row.owner_id, JobStatus.PENDING, JobStatus(row.status), 0
+                    )
+                    for row in rows
+                ],
+            )
+            return retried, []
+
+        return await write(self._db, transaction)
+
+    async def set_paused(self, paused: bool) -> None:
+        await write(
+            self._db, lambda conn: event_log.write_counter(conn, schema.PAUSED, int(paused))
+        )
+
+    async def is_paused(self) -> bool:
+        return bool(await read(self._db, lambda conn: event_log.read_counter(conn, schema.PAUSED)))
+
+    async def next_due_time(self) -> float | None:
+        return await read(self._db, job_rows.next_due_time)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def get_job(self, media_id: str, *, with_embedding: bool) -> Job | None:
+        return await read(
+            self._db,
+            lambda conn: job_rows.get_job(conn, media_id, with_embedding=with_embedding),
+        )
+
+    async def owners_of(self, media_ids: Sequence[str]) -> dict[str, str]:
+        return await read(self._db, lambda conn: job_rows.owners_of(conn, media_ids))
+
+    async def list_jobs(
+        self,
+        *,
+        status: JobStatus | None,
+        owner_id: str,
+        error_reason: str,
+        after: Sequence[Any] | None,
+        limit: int,
+        with_embedding: bool,
+    ) -> list[Job]:
+        return await read(
+            self._db,
+            lambda conn: job_rows.list_jobs(
+                conn,
+                status=status,
+                owner_id=owner_id,
+                error_reason=error_reason,
+                after=after,
+                limit=limit,
+                with_embedding=with_embedding,
+            ),
+        )
+
+    async def depth(self) -> QueueDepth:
+        def query(conn: Connection) -> QueueDepth:
+            return QueueDepth(
+                job_rows.counts_by_status(conn), job_rows.oldest_pending_submission(conn)
+            )
+
+        return await consistent_read(self._db, query)
+
+    # -- the event log -----------------------------------------------------------------------
+
+    async def log_state(
+        self, events: EventFilter, *, with_states: bool, with_embedding: bool
+    ) -> LogState:
+        def snapshot(conn: Connection) -> LogState:
+            states = (
+                event_log.current_state(
+                    conn,
+                    media_ids=events.media_ids,
+                    owner_id=events.owner_id,
+                    with_embedding=with_embedding,
+                )
+                if with_states
+                else []
+            )
+            return LogState(
+                event_log.read_counter(conn, schema.REVISION),
+                event_log.read_counter(conn, schema.COMPACTED_THROUGH),
+                states,
+            )
+
+        return await consistent_read(self._db, snapshot)
+
+    async def events_after(
+        self, after: int, events: EventFilter, *, limit: int, with_embedding: bool
+    ) -> list[Event]:
+        def read_page(conn: Connection) -> list[Event]:
+            page = event_log.read_events(
+                conn,
+                after_revision=after,
+                limit=limit,
+                media_ids=events.media_ids,
+                owner_id=events.owner_id,
+                with_embedding=with_embedding,
+            )
+            # Compaction may have overtaken this reader since its last page (a slow client).
+            # The watermark is read after the page: if it is still at or below ``after``,
+            # nothing the page should hold had been deleted when it was read.
+            compacted_through = event_log.read_counter(conn, schema.COMPACTED_THROUGH)
+            if after < compacted_through:
+                current = event_log.read_counter(conn, schema.REVISION)
+                raise LogCompacted(after, compacted_through, current)
+            return page
+
+        return await read(self._db, read_page)
+
+    async def compact(self, *, max_age: float, max_events: int) -> int:
+        def transaction(conn: Connection) -> int:
+            before_time = database_now(conn) - max_age
+            return event_log.compact(conn, before_time=before_time, keep_last=max_events)
+
+        return await write(self._db, transaction)
+
+    # -- the result cache --------------------------------------------------------------------
+
+    async def cached_result(self, key: str) -> JobResult | None:
+        return await read(self._db, lambda conn: job_rows.get_result(conn, key))
+
+    async def store_result(
+        self, key: str, sha256: str, result: JobResult, *, holder: str | None
+    ) -> None:
+        def transaction(conn: Connection) -> None:
+            job_rows.store_result(conn, key, sha256, result, database_now(conn))
+            if holder is not None:
+                job_rows.drop_result_claim(conn, key, holder)
+
+        await write(self._db, transaction)
+
+    async def take_analysis(self, key: str, holder: str, lease_seconds: float) -> bool:
+        return await write(
+            self._db,
+            lambda conn: job_rows.take_result_claim(
+                conn, key, holder, now=database_now(conn), lease_seconds=lease_seconds
+            ),
+        )
+
+    async def drop_analysis(self, key: str, holder: str) -> None:
+        await write(self._db, lambda conn: job_rows.drop_result_claim(conn, key, holder))
+
+
+def _draft(end: AttemptEnd, now: float) -> EventDraft:
+    return EventDraft(
+        end.job.spec.media_id,
+        end.job.spec.owner_id,
+        end.status,
+        JobStatus.PROCESSING,
+        end.attempt,
+        result=end.result,
+        result_key=end.result_key,
+        error=end.error,
+        next_attempt_at=None if end.delay is None else now + end.delay,
+    )

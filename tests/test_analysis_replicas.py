@@ -1,0 +1,88 @@
+"""Two analysis replicas on one PostgreSQL, in this process (issue 11): a watcher on either
+sees every change of the cluster in the same order, and a pause holds for both. The
+multi-process test with SIGKILLs is tests/test_replicas.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from mediatag.analysis.v1 import analysis_pb2 as apb
+from mediatag.analysis.v1 import analysis_pb2_grpc
+
+from analysis_service.config import AnalysisConfig, RateLimitConfig
+from analysis_service.server import create_server
+from tests.conftest import Cluster, free_port, wait_until
+from tests.fakes import ScriptedAnalyzer
+from tests.test_pipeline import image_files, upload
+from tests.test_watch import changes
+
+
+async def test_a_watcher_on_either_replica_sees_the_same_changes_and_a_pause_holds_for_both(
+    postgres_url: str, make_cluster: Callable[..., Cluster]
+) -> None:
+    # postgres_url first: the database outlives the servers the cluster stops.
+    analyzer = ScriptedAnalyzer(dimensions=64)
+    cluster = make_cluster(
+        analyzer=analyzer,
+        analysis_database_url=postgres_url,
+        analysis_config=AnalysisConfig(
+            embedding_dimensions=64, rate_limits={"local": RateLimitConfig(50, 5)}
+        ),
+    )
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    assert cluster.analysis_config is not None
+    second_port = free_port()
+    second, _ = await create_server(
+        replace(cluster.analysis_config, port=second_port), analyzer=analyzer
+    )
+    await second.start()
+    try:
+        other = analysis_pb2_grpc.AnalysisServiceStub(cluster.channel(second_port))
+        response = await upload(cluster, image_files(6, first_seed=40))
+        ids = [m.id for m in response.media]
+
+        async def all_submitted() -> bool:
+            jobs = await other.ListJobs(apb.ListJobsRequest())
+            return set(ids) <= {job.media_id for job in jobs.jobs}
+
+        await wait_until(all_submitted)
+        request = apb.WatchStatusRequest(start_revision=1, media_ids=ids, until_terminal=True)
+        # Started once the uploads are in: each catches up from the log, then goes live.
+        on_first = [r async for r in cluster.analysis.WatchStatus(request)]
+        on_second = [r async for r in other.WatchStatus(request)]
+
+        seen = changes(on_first)
+        assert seen == changes(on_second)
+        assert sorted({media_id for _, media_id, _ in seen}) == sorted(ids)
+        revisions = [revision for revision, _, _ in seen]
+        assert revisions == sorted(set(revisions))
+        terminal = [m for _, m, s in seen if s == apb.PROCESSING_STATUS_COMPLETED]
+        assert sorted(terminal) == sorted(ids)
+
+        # Paused through one replica, the other reports it and claims nothing new.
+        await other.PauseQueue(apb.PauseQueueRequest())
+        assert (await cluster.analysis.GetQueueStatus(apb.GetQueueStatusRequest())).paused
+        paused_upload = await upload(cluster, image_files(1, first_seed=90))
+        held_id = paused_upload.media[0].id
+
+        async def submitted() -> bool:
+            jobs = await other.ListJobs(apb.ListJobsRequest())
+            return held_id in {job.media_id for job in jobs.jobs}
+
+        await wait_until(submitted)
+        held = (await other.GetJob(apb.GetJobRequest(media_id=held_id))).job
+        assert held.status == apb.PROCESSING_STATUS_PENDING
+        await cluster.analysis.ResumeQueue(apb.ResumeQueueRequest())
+        done = [
+            r
+            async for r in other.WatchStatus(
+                apb.WatchStatusRequest(
+                    media_ids=[held_id], send_initial_state=True, until_terminal=True
+                )
+            )
+        ]
+        assert done[-1].change.status == apb.PROCESSING_STATUS_COMPLETED
+    finally:
+        await second.stop(1.0)

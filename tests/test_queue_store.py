@@ -1,0 +1,229 @@
+"""The queue store with several processes' worth of stores on one database (issue 11): claims,
+fencing, lease expiry, revisions, counts and the result cache's single flight, on SQLite and on
+PostgreSQL. Each store has its own ``Database`` (its own connections), as replicas would."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from analysis_service.domain.cache import ResultCache
+from analysis_service.domain.models import (
+    AttemptOutcome,
+    ClaimedJob,
+    JobResult,
+    JobSpec,
+    JobStatus,
+    StatusEvent,
+)
+from analysis_service.domain.store import AttemptEnd, EventFilter, ExpiredLease
+from analysis_service.storage.queue_store import SqlQueueStore
+from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
+from mediatag_common.database import Database
+from tests.conftest import DatabaseUrls
+
+SEED = random.randrange(2**32)
+
+
+@dataclass
+class Replica:
+    db: Database
+    store: SqlQueueStore
+    published: list[StatusEvent]
+
+
+@pytest.fixture
+async def replicas(databases: DatabaseUrls) -> AsyncIterator[Callable[[], Replica]]:
+    """A factory of stores on one fresh database, each with its own connections."""
+    async for make in replicas_on(databases.new("queue")):
+        yield make
+
+
+@pytest.fixture
+async def postgres_replicas(postgres_url: str) -> AsyncIterator[Callable[[], Replica]]:
+    """The same on PostgreSQL alone: what only several processes can do."""
+    async for make in replicas_on(postgres_url):
+        yield make
+
+
+async def replicas_on(url: str) -> AsyncIterator[Callable[[], Replica]]:
+    made: list[Replica] = []
+
+    def make() -> Replica:
+        db = Database(url, synchronous="NORMAL")
+        published: list[StatusEvent] = []
+        replica = Replica(db, SqlQueueStore(db, publish=published.extend), published)
+        made.append(replica)
+        return replica
+
+    first = make()
+    await first.db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
+    yield make
+    for replica in made:
+        await replica.db.close()
+
+
+def spec(number: int) -> JobSpec:
+    media_id = f"media-{number:04d}"
+    return JobSpec(
+        media_id=media_id,
+        owner_id="owner",
+        sha256=hashlib.sha256(media_id.encode()).hexdigest(),
+        size_bytes=1000,
+        content_type="image/jpeg",
+        content_ref=media_id,
+    )
+
+
+def completion(job: ClaimedJob) -> AttemptEnd:
+    result = JobResult(("tag",), None, 4, "test", "1", reused=False)
+    return AttemptEnd(
+        job, JobStatus.COMPLETED, AttemptOutcome.COMPLETED, job.attempt, result=result
+    )
+
+
+def retry_now(lease: ExpiredLease) -> AttemptEnd:
+    return AttemptEnd(
+        lease.job, JobStatus.PENDING, AttemptOutcome.LEASE_EXPIRED, lease.job.attempt, delay=0.0
+    )
+
+
+async def all_events(replica: Replica) -> list[StatusEvent]:
+    return await replica.store.events_after(0, EventFilter(), limit=100_000, with_embedding=False)
+
+
+async def test_concurrent_claimers_never_get_the_same_job_and_revisions_have_no_gap(
+    replicas: Callable[[], Replica],
+) -> None:
+    print(f"seed {SEED}")
+    rng = random.Random(SEED)
+    stores = [replicas() for _ in range(3)]
+    await stores[0].store.submit([spec(n) for n in range(300)], max_attempts=3)
+    claimed: list[ClaimedJob] = []
+
+    async def claimer(replica: Replica) -> None:
+        while jobs := await replica.store.claim("h", rng.randint(1, 20), 30.0):
+            claimed.extend(jobs)
+            ends = await replica.store.end_attempts([completion(job) for job in jobs])
+            assert all(event is not None for event in ends)
+
+    await asyncio.gather(*(claimer(stores[n % 3]) for n in range(9)))
+
+    assert sorted(job.spec.media_id for job in claimed) == [spec(n).media_id for n in range(300)]
+    assert {(job.attempt, job.lease_token) for job in claimed} == {(1, 1)}
+    events = await all_events(stores[0])
+    # 300 submissions, 300 claims, 300 completions: revisions 1..900, in commit order.
+    assert [e.revision for e in events] == list(range(1, 901))
+    assert [e.event_time for e in events] == sorted(e.event_time for e in events)
+    depth = await stores[1].store.depth()
+    assert depth.counts == {
+        JobStatus.PENDING: 0,
+        JobStatus.PROCESSING: 0,
+        JobStatus.COMPLETED: 300,
+        JobStatus.FAILED: 0,
+    }
+
+
+async def test_a_late_completion_with_an_old_token_changes_nothing(
+    replicas: Callable[[], Replica],
+) -> None:
+    first, second = replicas(), replicas()
+    await first.store.submit([spec(1)], max_attempts=3)
+    (stale,) = await first.store.claim("first", 1, 0.0)
+    # The first worker stalls; its lease expires and the second takes the job over.
+    assert [e.status for e in await second.store.expire_leases(retry_now)] == [JobStatus.PENDING]
+    (current,) = await second.store.claim("second", 1, 30.0)
+    assert (current.attempt, current.lease_token) == (2, 2)
+
+    assert await first.store.end_attempts([completion(stale)]) == [None]
+    assert not await first.store.renew(stale, 30.0)
+
+    job = await second.store.get_job(spec(1).media_id, with_embedding=False)
+    assert job is not None
+    assert (job.status, job.lease_token) == (JobStatus.PROCESSING, 2)
+    assert [e.status for e in await all_events(first)] == [
+        JobStatus.PENDING,
+        JobStatus.PROCESSING,
+        JobStatus.PENDING,
+        JobStatus.PROCESSING,
+    ]
+    (event,) = await second.store.end_attempts([completion(current)])
+    assert event is not None
+    assert event.status is JobStatus.COMPLETED
+
+
+async def test_every_replica_reaping_at_once_expires_each_lease_once(
+    replicas: Callable[[], Replica],
+) -> None:
+    stores = [replicas() for _ in range(3)]
+    await stores[0].store.submit([spec(n) for n in range(40)], max_attempts=3)
+    assert len(await stores[0].store.claim("gone", 40, 0.0)) == 40
+
+    reaped = await asyncio.gather(*(r.store.expire_leases(retry_now) for r in stores * 2))
+
+    expiries = sorted(event.media_id for events in reaped for event in events)
+    assert expiries == [spec(n).media_id for n in range(40)]
+    depth = await stores[0].store.depth()
+    assert (depth.counts[JobStatus.PENDING], depth.counts[JobStatus.PROCESSING]) == (40, 0)
+
+
+async def test_the_counts_agree_with_the_rows(replicas: Callable[[], Replica]) -> None:
+    """The counts kept with each transition, after a mix of every kind of change."""
+    replica = replicas()
+    store = replica.store
+    await store.submit([spec(n) for n in range(30)], max_attempts=1)
+    await store.submit([spec(n) for n in range(25, 35)], max_attempts=1)
+    jobs = await store.claim("h", 20, 30.0)
+    failure = [
+        AttemptEnd(job, JobStatus.FAILED, AttemptOutcome.FAILED, job.attempt) for job in jobs[:5]
+    ]
+    await store.end_attempts([completion(job) for job in jobs[5:15]] + failure)
+    await store.retry([job.spec.media_id for job in jobs[:2]], owner_id="", status=JobStatus.FAILED)
+
+    def actual(conn: sa.Connection) -> dict[str, int]:
+        rows = conn.execute(sa.text("SELECT status, count(*) FROM jobs GROUP BY status"))
+        return {status: int(count) for status, count in rows}
+
+    counted = await replica.db.read(actual)
+    depth = await store.depth()
+    assert {status.value: n for status, n in depth.counts.items() if n} == counted
+    assert counted == {"PENDING": 17, "PROCESSING": 5, "COMPLETED": 10, "FAILED": 3}
+
+
+async def test_identical_content_is_analysed_once_across_replicas(
+    postgres_replicas: Callable[[], Replica],
+) -> None:
+    caches = [
+        ResultCache(postgres_replicas().store, analyzer_name="test", analyzer_version="1")
+        for _ in range(3)
+    ]
+    calls = 0
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def analyse() -> JobResult:
+        nonlocal calls
+        calls += 1
+        started.set()
+        await release.wait()
+        embedding = np.ones(4, dtype=np.float32)
+        return JobResult(("tag",), embedding, 4, "test", "1", reused=False)
+
+    key = caches[0].key("f" * 64, {})
+    first = asyncio.create_task(caches[0].get_or_compute(key, "f" * 64, analyse))
+    await started.wait()
+    others = [asyncio.create_task(c.get_or_compute(key, "f" * 64, analyse)) for c in caches[1:]]
+    # The others are waiting on the first one's claim (not on a quiet machine): let it finish.
+    await asyncio.sleep(0)
+    release.set()
+    results = await asyncio.gather(first, *others)
+
+    assert calls == 1
+    assert [r.reused for r in results] == [False, True, True]
