@@ -330,8 +330,13 @@ class AnalysisConfig(ServiceConfig):
         metavar="N",
     )
     google: GoogleConfig = field(default_factory=GoogleConfig)
+    # 0: a replica that claims nothing (it serves the API and watchers; others do the work).
     workers: int = setting(
-        4, flag="--workers", help="concurrent analysis workers", parse=positive_int, metavar="N"
+        4,
+        flag="--workers",
+        help="concurrent analysis workers (0: this replica serves the API and watches only)",
+        parse=non_negative_int,
+        metavar="N",
     )
     # Child processes of the local analyser; 0 = threads of this process (see LocalAnalyzer).
     analyzer_processes: int = setting(

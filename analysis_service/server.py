@@ -22,9 +22,9 @@ from analysis_service.domain.watch import StatusWatcher
 from analysis_service.domain.workers import WorkerPool
 from analysis_service.ingest_content import IngestContent
 from analysis_service.metrics import AnalysisMetrics, Readings
+from analysis_service.storage.queue_store import SqlQueueStore
 from analysis_service.storage.rate_limits import DatabaseSlots
 from analysis_service.storage.replicas import DatabaseReplicas
-from analysis_service.storage.queue_store import SqlQueueStore
 from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
 from analysis_service.storage.tailer import EventTailer
 from mediatag_common.auth import load_tokens

@@ -220,12 +220,6 @@ class Topology:
         )  # fmt: skip
 
 
-# Remove when the analysis queue runs on PostgreSQL with several replicas (claims with SKIP
-# LOCKED, the revision row, the tailer): until then watchers on one replica miss the others'
-# changes and claims race. Strict: once it passes, the marker fails the run.
-@pytest.mark.xfail(
-    strict=True, reason="the analysis queue is not yet safe with several replicas (issue 11)"
-)
 async def test_replicas_killed_mid_run_lose_nothing_and_keep_one_order_and_one_limit(
     tmp_path: Path,
     postgres: PostgresServer,

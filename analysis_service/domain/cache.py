@@ -77,16 +77,23 @@ class ResultCache:
             if in_flight is not None:
                 await asyncio.shield(in_flight)
                 continue
-            if not self._store.shared or await self._store.take_analysis(
-                key, self._holder, self._claim_seconds
-            ):
+            # Registered before the claim is asked for: the jobs of this process wait here.
+            done = asyncio.get_running_loop().create_future()
+            self._in_flight[key] = done
+            try:
+                taken = not self._store.shared or await self._store.take_analysis(
+                    key, self._holder, self._claim_seconds
+                )
+            except BaseException:
+                self._finish(key, done)
+                raise
+            if taken:
                 break
             # Another process analyses this content: its result will be in the store (or
             # its claim released or expired, and this one takes over).
+            self._finish(key, done)
             await asyncio.sleep(OTHER_HOLDER_POLL)
         self.misses += 1
-        done = asyncio.get_running_loop().create_future()
-        self._in_flight[key] = done
         holder = self._holder if self._store.shared else None
         try:
             result = await compute()
@@ -98,5 +105,8 @@ class ResultCache:
                     await asyncio.shield(self._store.drop_analysis(key, holder))
             raise
         finally:
-            del self._in_flight[key]
-            done.set_result(None)
+            self._finish(key, done)
+
+    def _finish(self, key: str, done: asyncio.Future[None]) -> None:
+        del self._in_flight[key]
+        done.set_result(None)

@@ -25,10 +25,16 @@ def estimate_wait(
     ``waiting`` jobs ahead of it, then takes one job duration itself.
     """
     capacity = rate_limit
-    if mean_duration and mean_duration > 0:
+    # With no live worker anywhere nothing drains until one starts: the estimate is then
+    # what the rate limit allows once workers are back.
+    if mean_duration and mean_duration > 0 and workers > 0:
         capacity = min(capacity, workers / mean_duration)
-    own = mean_duration if mean_duration is not None else 1.0 / rate_limit
-    return waiting / capacity + own
+    return waiting / capacity + own_duration(mean_duration, rate_limit)
+
+
+def own_duration(mean_duration: float | None, rate_limit: float) -> float:
+    """How long a job takes once it is claimed."""
+    return mean_duration if mean_duration is not None else 1.0 / rate_limit
 
 
 async def queue_status(

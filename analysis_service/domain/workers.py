@@ -94,8 +94,8 @@ class WorkerPool:
         throughput: Throughput,
         observer: AnalysisObserver,
     ) -> None:
-        if size < 1:
-            raise ValueError("the worker pool needs at least one worker")
+        if size < 0:
+            raise ValueError("the worker pool cannot have fewer than no workers")
         self._queue = queue
         self._analyzer = analyzer
         self._limits = limits
