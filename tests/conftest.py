@@ -135,8 +135,11 @@ class Cluster:
             data_dir=self.root / "analysis",
             ingest_address=f"127.0.0.1:{self.ingest_port}",
             sqlite_synchronous="NORMAL",
-            database_url=self.analysis_database_url,
         )
+        if self.analysis_database_url is not None:
+            self.analysis_config = replace(
+                self.analysis_config, database_url=self.analysis_database_url
+            )
         self.ingest_config = replace(
             self.ingest_config or IngestConfig(),
             port=self.ingest_port,

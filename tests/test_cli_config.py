@@ -137,7 +137,7 @@ def test_a_variable_for_the_other_service_does_not_stop_this_one(
 @pytest.mark.parametrize(
     "argv",
     [
-        ["serve", "--workers", "0"],
+        ["serve", "--workers", "-1"],
         ["serve", "--ingest-port", "70000"],
         ["serve", "--backoff-base", "-1"],
         ["serve", "--lease-seconds", "nan"],
