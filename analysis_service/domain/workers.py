@@ -34,6 +34,7 @@ from analysis_service.errors import (
     ContentUnavailable,
     LeaseLost,
     QuotaExceeded,
+    StorageConflict,
     StorageUnavailable,
 )
 
@@ -136,8 +137,8 @@ class WorkerPool:
                 if job is None:
                     await self._queue.wait_for_work(IDLE_POLL)
                     continue
-            except StorageUnavailable as exc:
-                logger.error("worker %s cannot reach the database: %s", worker_id, exc)
+            except (StorageUnavailable, StorageConflict) as exc:
+                logger.error("worker %s cannot claim: %s", worker_id, exc)
                 await asyncio.sleep(STORAGE_RETRY)
                 continue
             self.busy += 1

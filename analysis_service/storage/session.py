@@ -3,8 +3,8 @@
 Each transaction is a plain function of a synchronous connection, run whole on a database
 thread (see :mod:`mediatag_common.database`). An outage is ``StorageUnavailable``; a
 transaction that lost to a concurrent one (a deadlock or serialization failure on
-PostgreSQL) is run again a few times, then ``StorageConflict``; anything else is a bug and
-propagates as it is.
+PostgreSQL) is run again a few times, then ``StorageConflict``, as is a constraint's refusal;
+anything else is a bug and propagates as it is.
 """
 
 from __future__ import annotations
@@ -33,9 +33,7 @@ async def _run(call: Callable[[], Awaitable[T]]) -> T:
             # The driver's text (SQL, paths) goes to the log with the cause, not to clients.
             raise StorageUnavailable("the analysis database is unavailable") from exc
         except DatabaseConflict as exc:
-            if not exc.retryable:
-                raise
-            if attempt == CONFLICT_RETRIES:
+            if not exc.retryable or attempt == CONFLICT_RETRIES:
                 raise StorageConflict("concurrent changes got in the way; try again") from exc
             logger.info("transaction lost to a concurrent one (%s); running it again", exc)
     raise AssertionError("unreachable")
