@@ -39,9 +39,10 @@ def altered(token: str) -> str:
     return token[:middle] + ("A" if token[middle] != "A" else "B") + token[middle + 1 :]
 
 
-async def test_forged_and_altered_page_tokens_are_refused_in_both_services(
-    make_cluster: Callable[..., Cluster],
-) -> None:
+async def cluster_with_jobs(
+    make_cluster: Callable[..., Cluster], *, count: int, first_seed: int
+) -> Cluster:
+    """Both services started, with ``count`` images of OWNER uploaded and submitted."""
     cluster = make_cluster(analyzer=ScriptedAnalyzer())
     await cluster.start_analysis()
     await cluster.start_ingest()
@@ -49,17 +50,24 @@ async def test_forged_and_altered_page_tokens_are_refused_in_both_services(
         ipb.UploadMediaRequest(
             owner_id=OWNER,
             files=[
-                ipb.MediaFile(filename=f"{n}.jpg", content=samples.jpeg_bytes(100 + n))
-                for n in range(3)
+                ipb.MediaFile(filename=f"{n}.jpg", content=samples.jpeg_bytes(first_seed + n))
+                for n in range(count)
             ],
         )
     )
 
     async def all_submitted() -> bool:
         jobs = await cluster.analysis.ListJobs(apb.ListJobsRequest(owner_id=OWNER))
-        return len(jobs.jobs) == 3
+        return len(jobs.jobs) == count
 
     await wait_until(all_submitted, within=30)
+    return cluster
+
+
+async def test_forged_and_altered_page_tokens_are_refused_in_both_services(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = await cluster_with_jobs(make_cluster, count=3, first_seed=100)
     jobs_filters = {"status": 0, "owner_id": OWNER, "error_reason": ""}
     media_filters = {"owner_id": OWNER, "status": ""}
     first_jobs = await cluster.analysis.ListJobs(apb.ListJobsRequest(owner_id=OWNER, page_size=1))
@@ -140,24 +148,7 @@ async def test_a_token_stays_good_across_a_restart_of_its_service(
 ) -> None:
     """The key is kept in each service's database: replicas sharing it, and the service after
     a restart, accept the tokens it issued."""
-    cluster = make_cluster(analyzer=ScriptedAnalyzer())
-    await cluster.start_analysis()
-    await cluster.start_ingest()
-    await cluster.ingest.UploadMedia(
-        ipb.UploadMediaRequest(
-            owner_id=OWNER,
-            files=[
-                ipb.MediaFile(filename=f"{n}.jpg", content=samples.jpeg_bytes(200 + n))
-                for n in range(2)
-            ],
-        )
-    )
-
-    async def both_submitted() -> bool:
-        jobs = await cluster.analysis.ListJobs(apb.ListJobsRequest(owner_id=OWNER))
-        return len(jobs.jobs) == 2
-
-    await wait_until(both_submitted, within=30)
+    cluster = await cluster_with_jobs(make_cluster, count=2, first_seed=200)
     first_jobs = await cluster.analysis.ListJobs(apb.ListJobsRequest(owner_id=OWNER, page_size=1))
     first_media = await cluster.ingest.ListMedia(ipb.ListMediaRequest(owner_id=OWNER, page_size=1))
     await cluster.stop_ingest()
