@@ -220,10 +220,30 @@ async def test_identical_content_is_analysed_once_across_replicas(
     first = asyncio.create_task(caches[0].get_or_compute(key, "f" * 64, analyse))
     await started.wait()
     others = [asyncio.create_task(c.get_or_compute(key, "f" * 64, analyse)) for c in caches[1:]]
-    # The others are waiting on the first one's claim (not on a quiet machine): let it finish.
+    # Wherever the others are (looking, waiting on the claim, not started), the first's result
+    # must serve them: let it finish.
     await asyncio.sleep(0)
     release.set()
     results = await asyncio.gather(first, *others)
 
     assert calls == 1
     assert [r.reused for r in results] == [False, True, True]
+
+
+async def test_a_claim_asked_for_after_the_result_is_stored_is_refused(
+    replicas: Callable[[], Replica],
+) -> None:
+    """The interleaving behind a second analysis: B looks for the result before A stores it
+    and asks for the claim after A has stored the result and dropped its claim."""
+    first, second = replicas().store, replicas().store
+    key = "k" * 64
+    result = JobResult(("tag",), np.ones(4, dtype=np.float32), 4, "test", "1", reused=False)
+
+    assert await first.take_analysis(key, "first", 60.0)
+    assert await second.cached_result(key) is None
+    await first.store_result(key, "f" * 64, result, holder="first")
+
+    assert not await second.take_analysis(key, "second", 60.0)
+    stored = await second.cached_result(key)
+    assert stored is not None
+    assert stored.tags == ("tag",)

@@ -208,7 +208,7 @@ class QueueStore(Protocol):
 
     async def take_analysis(self, key: str, holder: str, lease_seconds: float) -> bool:
         """Become the one process analysing ``key`` for ``lease_seconds`` (True), unless
-        another holder's claim on it is still live (False)."""
+        another holder's claim on it is still live or its result is stored (False)."""
         ...
 
     async def drop_analysis(self, key: str, holder: str) -> None:

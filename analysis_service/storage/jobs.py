@@ -278,7 +278,8 @@ def store_result(conn: Connection, key: str, sha256: str, result: JobResult, now
 def take_result_claim(
     conn: Connection, key: str, holder: str, *, now: float, lease_seconds: float
 ) -> bool:
-    """Claim the analysis of ``key`` unless another holder's claim is still live."""
+    """Claim the analysis of ``key`` unless another holder's claim is still live or the
+    result is already stored."""
     statement = insert(conn, result_claims).values(
         key=key, holder=holder, expires_at=now + lease_seconds
     )
@@ -287,7 +288,15 @@ def take_result_claim(
         set_={"holder": holder, "expires_at": now + lease_seconds},
         where=sa.or_(result_claims.c.expires_at < now, result_claims.c.holder == holder),
     ).returning(result_claims.c.holder)
-    return conn.execute(statement).first() is not None
+    if conn.execute(statement).first() is None:
+        return False
+    # Checked after the claim, not before: a holder storing its result drops its claim in
+    # the same transaction, and the insert above waits for that transaction, so from here
+    # (a new statement, read committed) its result is visible.
+    if conn.execute(sa.select(results.c.key).where(results.c.key == key)).first() is None:
+        return True
+    drop_result_claim(conn, key, holder)
+    return False
 
 
 def drop_result_claim(conn: Connection, key: str, holder: str) -> None:
