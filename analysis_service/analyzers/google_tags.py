@@ -7,7 +7,7 @@ Tags are normalised (lower-case ASCII, words joined by hyphens, apostrophes drop
 "Men's fade haircut" -> ``mens-fade-haircut``) and de-duplicated, first occurrence wins. Order:
 Gemini's refined tags (when enabled and valid), then Vision's labels and objects at or above
 the minimum score (highest first), then ``dominant-<colour>`` (the colour covering most of the
-image, named with the local analyser's palette) and ``unsafe-<adult|violence|racy>`` when safe
+image, named with the palette both analysers share) and ``unsafe-<adult|violence|racy>`` when safe
 search finds that likely.
 """
 
@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# The local analyser's palette, so both analysers name colours alike.
-from analysis_service.analyzers.local import _COLOUR_NAMES, _colour_names
+from analysis_service.analyzers.colours import COLOUR_NAMES, colour_names
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ def dominant_colour(colours: Sequence[Colour]) -> str | None:
         return None
     top = max(colours, key=lambda c: c.pixel_fraction)
     planes = np.clip(np.array([[top.red], [top.green], [top.blue]], dtype=np.float64), 0, 255)
-    return _COLOUR_NAMES[int(_colour_names(planes / 255.0)[0])]
+    return COLOUR_NAMES[int(colour_names(planes / 255.0)[0])]
 
 
 def merge(refined: Sequence[str] | None, vision: Sequence[str], limit: int) -> tuple[str, ...]:
