@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,6 +90,33 @@ pytest_plugins = ["tests.blob_stores"]
 # CI machines are shared and loaded, and a wait on a condition ends as soon as it holds
 # (pytest-timeout, 300 s a test, is the last resort).
 PATIENCE = 120.0
+
+# Randomised tests take their seed from the ``seed`` fixture: a new one each run, or this
+# variable's value to replay a failure.
+SEED_VARIABLE = "MEDIATAG_TEST_SEED"
+_SEED = pytest.StashKey[int]()
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """This test's random seed: ``MEDIATAG_TEST_SEED`` if set, else a new one. It is printed,
+    and a failure's report says how to replay it."""
+    chosen = int(os.environ.get(SEED_VARIABLE) or random.randrange(1 << 30))
+    request.node.stash[_SEED] = chosen
+    print(f"seed {chosen}")
+    return chosen
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    chosen = item.stash.get(_SEED, None)
+    if chosen is not None and report.failed:
+        replay = f"{SEED_VARIABLE}={chosen} pytest '{item.nodeid}'"
+        report.sections.append(("replay", f"seed {chosen}: replay with {replay}"))
+    return report
 
 
 if TYPE_CHECKING:

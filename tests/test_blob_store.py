@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -92,11 +91,11 @@ async def test_the_sweep_removes_what_no_row_names_and_keeps_what_rows_name(
     assert await read_back(stub, answer.media[0].id) == named
 
 
-async def test_a_reupload_racing_the_sweep_keeps_its_blob(quick_sweeper: IngestServer) -> None:
+async def test_a_reupload_racing_the_sweep_keeps_its_blob(
+    quick_sweeper: IngestServer, seed: int
+) -> None:
     """An orphan blob, judged by a sweep every 50 ms, uploaded again meanwhile: whichever
     comes first, the blob a row names is there when the upload answers, and stays."""
-    seed = int(os.environ.get("MEDIATAG_TEST_SEED", random.randrange(2**32)))
-    print(f"seed {seed} (replay with MEDIATAG_TEST_SEED={seed})")
     chance = random.Random(seed)
     server = quick_sweeper
     stub = await server.start()
@@ -367,10 +366,8 @@ async def test_copy_blobs_moves_a_local_blob_directory_into_a_bucket(
 @pytest.mark.e2e
 @pytest.mark.parametrize("scheme", ["gs", "s3"])
 async def test_sigkill_amid_large_streams_keeps_every_answered_upload_and_sweeps_the_rest(
-    request: pytest.FixtureRequest, tmp_path: Path, scheme: str
+    request: pytest.FixtureRequest, tmp_path: Path, scheme: str, seed: int
 ) -> None:
-    seed = int(os.environ.get("MEDIATAG_TEST_SEED", random.randrange(2**32)))
-    print(f"seed {seed} (replay with MEDIATAG_TEST_SEED={seed})")
     chance = random.Random(seed)
     store = store_under_test(request, scheme, tmp_path / "unused")
     port = free_port()

@@ -4,14 +4,13 @@ Every upload answered with success must survive with its bytes intact and reach 
 terminal status; an upload that was not answered may or may not have been stored, but never
 half: whatever item exists is whole.
 
-The moments are random: the test prints its seed, and ``MEDIATAG_CHAOS_SEED=<seed>`` replays it.
+The moments are random: the test prints its seed, and ``MEDIATAG_TEST_SEED=<seed>`` replays it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,6 @@ from tests.processes import Serve
 
 pytestmark = pytest.mark.e2e
 
-SEED_VARIABLE = "MEDIATAG_CHAOS_SEED"
 CLIENTS = 3
 KILL_ROUNDS = 3
 OWNER = "chaos"
@@ -147,21 +145,8 @@ async def _terminal_events(
 
 
 async def test_sigkill_of_either_service_under_load_loses_no_answered_upload(
-    tmp_path: Path,
+    tmp_path: Path, seed: int
 ) -> None:
-    seed = int(os.environ.get(SEED_VARIABLE) or random.randrange(1 << 30))
-    test_id = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
-    replay = f"replay with {SEED_VARIABLE}={seed} pytest {test_id}"
-    print(f"chaos seed {seed}: {replay}")
-    try:
-        await _kill_under_load(tmp_path, seed)
-    except BaseException as error:
-        # Whatever the failure (an assertion, a timeout, a refused call), say how to replay it.
-        error.add_note(f"chaos seed {seed}: {replay}")
-        raise
-
-
-async def _kill_under_load(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
     ingest_port, analysis_port = free_port(), free_port()
     common = (

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,7 +97,7 @@ async def _watch_all(
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-            await asyncio.sleep(0.1 + random.random() * 0.1)
+            await asyncio.sleep(0.1)
 
 
 async def test_analysis_killed_mid_processing_loses_nothing_and_completes_once(

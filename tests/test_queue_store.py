@@ -29,8 +29,6 @@ from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
 from mediatag_common.database import Database
 from tests.conftest import DatabaseUrls
 
-SEED = random.randrange(2**32)
-
 
 @dataclass
 class Replica:
@@ -100,10 +98,9 @@ async def all_events(replica: Replica) -> list[StatusEvent]:
 
 
 async def test_concurrent_claimers_never_get_the_same_job_and_revisions_have_no_gap(
-    replicas: Callable[[], Replica],
+    replicas: Callable[[], Replica], seed: int
 ) -> None:
-    print(f"seed {SEED}")
-    rng = random.Random(SEED)
+    rng = random.Random(seed)
     stores = [replicas() for _ in range(3)]
     await stores[0].store.submit([spec(n) for n in range(300)], max_attempts=3)
     claimed: list[ClaimedJob] = []

@@ -10,7 +10,7 @@ replica are SIGKILLed and restarted; the watcher of the killed one resumes from 
 revision it read.
 
 The moments of the kills are random: the test prints its seed, and
-``MEDIATAG_REPLICAS_SEED=<seed>`` replays it.
+``MEDIATAG_TEST_SEED=<seed>`` replays it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import subprocess
 import sys
@@ -45,7 +44,6 @@ from tests.processes import Serve, wait_serving
 
 pytestmark = pytest.mark.e2e
 
-SEED_VARIABLE = "MEDIATAG_REPLICAS_SEED"
 ANALYSIS_REPLICAS = 3
 INGEST_REPLICAS = 2
 UPLOADS = 30
@@ -129,14 +127,6 @@ class Uploads:
     media: dict[str, str] = field(default_factory=dict)  # media id -> sha256
     answered: int = 0
     sent_again: int = 0
-
-
-@pytest.fixture
-def seed(request: pytest.FixtureRequest) -> int:
-    chosen = int(os.environ.get(SEED_VARIABLE) or random.randrange(1 << 30))
-    replay = f"replay with {SEED_VARIABLE}={chosen} pytest {request.node.nodeid}"
-    print(f"replicas seed {chosen}: {replay}")
-    return chosen
 
 
 @contextlib.contextmanager
