@@ -141,6 +141,15 @@ async def wait_until(
         await asyncio.sleep(interval)
 
 
+def skip_without_google_extra() -> None:
+    """Skip the calling test module when the optional `google` extra (Google's client
+    libraries) is missing. `make test` installs it and sets MEDIATAG_TESTS_NEED_GOOGLE: there
+    a missing library fails the run instead of skipping tests. Call it before importing them."""
+    if not os.environ.get("MEDIATAG_TESTS_NEED_GOOGLE"):
+        pytest.importorskip("google.cloud.vision_v1", reason="needs the `google` extra")
+        pytest.importorskip("google.cloud.aiplatform_v1", reason="needs the `google` extra")
+
+
 @dataclass
 class Cluster:
     """Both services on fixed free ports, startable and stoppable one at a time."""

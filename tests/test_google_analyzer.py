@@ -11,19 +11,15 @@ import base64
 import io
 import itertools
 import math
-import os
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 import pytest
 
-# The Google client libraries are the optional `google` extra: without it these tests are
-# skipped, not broken. `make test` installs the extra and sets MEDIATAG_TESTS_NEED_GOOGLE, so
-# there a missing library fails the run instead of skipping it.
-if not os.environ.get("MEDIATAG_TESTS_NEED_GOOGLE"):
-    pytest.importorskip("google.cloud.vision_v1", reason="needs the `google` extra")
-    pytest.importorskip("google.cloud.aiplatform_v1", reason="needs the `google` extra")
+from tests.conftest import Cluster, skip_without_google_extra
+
+skip_without_google_extra()
 
 import google.cloud
 import numpy as np
@@ -52,7 +48,6 @@ from analysis_service.config import AnalysisConfig, GoogleConfig, RateLimitConfi
 from analysis_service.errors import PermanentAnalyzerError, QuotaExceeded, TransientAnalyzerError
 from mediatag_cli.main import build_parser
 from mediatag_cli.settings import SettingsError, serve_settings
-from tests.conftest import Cluster
 from tests.google_fakes import (
     ANNOTATE,
     BAD_IMAGE_DATA,

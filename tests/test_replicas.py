@@ -35,7 +35,10 @@ from mediatag.analysis.v1 import analysis_pb2_grpc
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 from mediatag.ingest.v1 import ingest_pb2_grpc
 
-from tests.conftest import PATIENCE, free_port, wait_until
+from tests.conftest import PATIENCE, free_port, skip_without_google_extra, wait_until
+
+skip_without_google_extra()  # the fake Google APIs speak Google's own messages
+
 from tests.google_api_process import DIMENSIONS
 from tests.google_fakes import ANNOTATE, PREDICT
 from tests.media_samples import jpeg_bytes
