@@ -3,6 +3,9 @@
 - ``errors``: the root of the exception trees and reading refusals back; ``status``: their
   gRPC status codes and the error-mapping interceptor; ``interceptors``: the base of both;
 - ``auth``: tokens, roles, the owner scope; ``tls``: certificates and credentials;
+- ``callers``, ``caller_slots``: who is calling, and the bounded shares of slots (watch and
+  upload streams) callers hold; ``request_bodies``: request messages read once a call is
+  admitted, within a memory budget; ``untrusted_text``: client text shown to others;
 - ``grpc_server``: server options, health, start/drain/stop, channels;
 - ``database``, ``migrations``, ``keys``, ``group_commit``: SQLite/PostgreSQL access, schema
   versions, stored secrets, batched commits; ``database_copy``: a service's database copied
@@ -19,6 +22,8 @@
 __all__ = [
     "auth",
     "backoff",
+    "caller_slots",
+    "callers",
     "database",
     "database_copy",
     "embeddings",
@@ -31,11 +36,13 @@ __all__ = [
     "migrations",
     "paging",
     "proto_time",
+    "request_bodies",
     "service_config",
     "service_wiring",
     "settings",
     "status",
     "tasks",
     "tls",
+    "untrusted_text",
     "values",
 ]

@@ -11,7 +11,9 @@ __all__ = [
     "pacing",
     "queue",
     "queue_status",
+    "replicas",
     "stats",
+    "store",
     "watch",
     "workers",
 ]

@@ -1,3 +1,14 @@
-"""The analysis service's database: schema, migrations, queries."""
+"""The analysis service's database: schema, migrations, queries, and ``queue_store``, the SQL
+implementation of :class:`~analysis_service.domain.store.QueueStore` (SQLite and PostgreSQL)."""
 
-__all__ = ["events", "jobs", "schema", "session"]
+__all__ = [
+    "clock",
+    "events",
+    "jobs",
+    "queue_store",
+    "rate_limits",
+    "replicas",
+    "schema",
+    "session",
+    "tailer",
+]

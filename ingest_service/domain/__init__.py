@@ -10,6 +10,10 @@ __all__ = [
     "outbox",
     "requests",
     "sniff",
+    "store",
+    "stream_pace",
     "stream_upload",
     "uploads",
+    "webhook_endpoints",
+    "webhooks",
 ]
