@@ -256,10 +256,10 @@ async def test_transient_errors_are_retried_permanent_fail_at_once_and_retry_bri
     assert analyzer.calls_for(sha["flaky"]) == 3
     flaky_calls = [c.at for c in analyzer.calls if c.sha256 == sha["flaky"]]
     gaps = [b - a for a, b in itertools.pairwise(flaky_calls)]
-    # Backoff 0.2 s then 0.4 s, each +/- 20 % jitter.
+    # Backoff 0.2 s then 0.4 s, each +/- 20 % jitter. Lower bounds only: on a loaded machine
+    # any gap can be longer, so comparing two gaps says nothing about the backoff.
     assert gaps[0] >= 0.2 * 0.8, gaps
     assert gaps[1] >= 0.4 * 0.8, gaps
-    assert gaps[1] > gaps[0] * 1.2, gaps
 
     assert done[ids["broken"]].status == ipb.PROCESSING_STATUS_FAILED
     assert done[ids["broken"]].error.reason == "IMAGE_UNDECODABLE"

@@ -8,7 +8,6 @@ import ctypes.util
 import gc
 import itertools
 import logging
-import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from pathlib import Path
@@ -142,7 +141,6 @@ class Watcher:
     ) -> None:
         self.request = request
         self.received: list[apb.WatchStatusResponse] = []
-        self.arrivals: list[float] = []
         self.terminal_seen: set[str] = set()
         self.error: grpc.aio.AioRpcError | None = None
         self.ended_ok = False
@@ -165,21 +163,12 @@ class Watcher:
     def saw_terminal(self, media_ids: Collection[str]) -> bool:
         return self.terminal_seen.issuperset(media_ids)
 
-    def delays(self, media_ids: Collection[str]) -> list[float]:
-        """Seconds from each event's time to its arrival here, for events of ``media_ids``."""
-        return [
-            arrival - r.change.event_time.ToNanoseconds() / 1e9
-            for r, arrival in zip(self.received, self.arrivals, strict=True)
-            if is_change(r) and r.change.media_id in media_ids
-        ]
-
     async def _run(self) -> None:
         backoff = Backoff(0.05, 0.5)
         while True:
             try:
                 async for response in self._call:
                     self.received.append(response)
-                    self.arrivals.append(time.time())
                     if response.change.status in TERMINAL:
                         self.terminal_seen.add(response.change.media_id)
                     backoff.reset()
@@ -452,9 +441,8 @@ async def test_a_watcher_that_stops_reading_is_cut_off_while_a_reading_one_keeps
         apb.WatchStatusRequest(start_revision=start, include_embedding=True),
     )
 
-    async def run(first_seed: int) -> tuple[set[str], float]:
-        """Upload 40 images; their ids, and the seconds until the reader saw all of them end."""
-        began = time.monotonic()
+    async def run(first_seed: int) -> set[str]:
+        """Upload 40 images; their ids, once the reader saw all of them end."""
         ids: set[str] = set()
         for b in range(8):
             response = await upload(cluster, small_images(5, first_seed + 5 * b))
@@ -464,9 +452,9 @@ async def test_a_watcher_that_stops_reading_is_cut_off_while_a_reading_one_keeps
             return reader.saw_terminal(ids)
 
         await wait_until(reader_saw_them_end)
-        return ids, time.monotonic() - began
+        return ids
 
-    baseline_ids, baseline_seconds = await run(20_000)
+    baseline_ids = await run(20_000)
 
     # One commit with more events than the buffer holds (a retry of 40 items) is a burst,
     # not slowness: the reader, which keeps up, is not cut off.
@@ -487,7 +475,7 @@ async def test_a_watcher_that_stops_reading_is_cut_off_while_a_reading_one_keeps
         channels(port, ("grpc.http2.bdp_probe", 0))
     ).WatchStatus(apb.WatchStatusRequest(include_embedding=True))
     await stalled.wait_for_connection()
-    stalled_ids, stalled_seconds = await run(30_000)
+    await run(30_000)
 
     # Reading again, the stalled watcher gets what the transport held, then the refusal.
     late: list[apb.WatchStatusResponse] = []
@@ -514,18 +502,9 @@ async def test_a_watcher_that_stops_reading_is_cut_off_while_a_reading_one_keeps
     assert reader.error is None
     from_log = await reference(cluster.analysis, start, final, include_embedding=True)
     assert_exactly(reader, from_log, "reader")
-
-    # Side by side, without and with the stalled watcher: the reader's delay from event to
-    # arrival, and the time the workers took for the same amount of work.
-    baseline_delay = statistics.median(reader.delays(baseline_ids))
-    stalled_delay = statistics.median(reader.delays(stalled_ids))
-    print(
-        f"reader delay median {baseline_delay * 1000:.1f} ms alone, "
-        f"{stalled_delay * 1000:.1f} ms beside a stalled watcher; "
-        f"40 jobs in {baseline_seconds:.2f} s alone, {stalled_seconds:.2f} s beside it"
-    )
-    assert stalled_delay < 4 * baseline_delay
-    assert stalled_seconds < 3 * baseline_seconds
+    # That the stalled watcher does not hold the workers' commits is a rule of the hub's
+    # pacing (test_delivery_pacing); how it moves delays is for benchmarks, not for a timed
+    # comparison on a shared machine.
 
 
 async def test_the_watcher_cap_refuses_more_and_a_cut_off_watcher_frees_its_slot_at_once(
