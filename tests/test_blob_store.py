@@ -32,7 +32,7 @@ from mediatag_common.database import Database, sqlite_url
 from mediatag_common.service_config import MIB
 from tests import media_samples as samples
 from tests.blob_stores import BUCKET, StoreUnderTest, blob_key, s3_client, store_under_test
-from tests.conftest import free_port, wait_until
+from tests.conftest import PATIENCE, free_port, wait_until
 from tests.ingest_support import (
     IngestServer,
     assert_refused,
@@ -87,7 +87,7 @@ async def test_the_sweep_removes_what_no_row_names_and_keeps_what_rows_name(
     async def swept() -> bool:
         return server.blob_files() == {server.blob(sha256_of(named)), "notes/readme.txt"}
 
-    await wait_until(swept, within=30)
+    await wait_until(swept)
     assert await read_back(stub, answer.media[0].id) == named
 
 
@@ -119,7 +119,7 @@ async def test_a_reupload_racing_the_sweep_keeps_its_blob(
     async def marker_swept() -> bool:
         return server.blob(sha256_of(marker)) not in server.blob_files()
 
-    await wait_until(marker_swept, within=30)
+    await wait_until(marker_swept)
     for media in answered:
         assert hashlib.sha256(await read_back(stub, media.id)).hexdigest() == media.sha256
 
@@ -221,12 +221,12 @@ async def test_a_cancelled_multipart_upload_is_aborted_and_leaves_no_object(
 
     try:
         stub = await server.start()
-        call = stub.UploadMediaStream(two_parts_then_wait(), timeout=60)
+        call = stub.UploadMediaStream(two_parts_then_wait(), timeout=PATIENCE)
 
         async def parts_sent() -> bool:
             return bool(multipart_uploads())
 
-        await wait_until(parts_sent, within=30)
+        await wait_until(parts_sent)
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
@@ -234,7 +234,7 @@ async def test_a_cancelled_multipart_upload_is_aborted_and_leaves_no_object(
         async def aborted() -> bool:
             return not multipart_uploads() and server.incoming_files() == []
 
-        await wait_until(aborted, within=30)
+        await wait_until(aborted)
         assert server.blob_files() == set()
         assert await listed(stub) == []
     finally:
@@ -389,7 +389,7 @@ async def test_sigkill_amid_large_streams_keeps_every_answered_upload_and_sweeps
         await asyncio.sleep(number * chance.uniform(0.1, 0.4))
         content = samples.mp4_bytes(number, payload_bytes=chance.randrange(6, 14) * MIB)
         with contextlib.suppress(grpc.aio.AioRpcError):
-            response = await stub.UploadMediaStream(paced(content), timeout=60)
+            response = await stub.UploadMediaStream(paced(content), timeout=PATIENCE)
             answered.append(response.media)
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -399,7 +399,7 @@ async def test_sigkill_amid_large_streams_keeps_every_answered_upload_and_sweeps
         async def some_answered() -> bool:
             return len(answered) >= 2
 
-        await wait_until(some_answered, within=60)
+        await wait_until(some_answered)
         ingest.kill()
         await asyncio.gather(*streams)
     assert len(answered) < 8, "every stream had ended before the kill: not a crash mid-upload"
@@ -419,7 +419,7 @@ async def test_sigkill_amid_large_streams_keeps_every_answered_upload_and_sweeps
             async def swept() -> bool:
                 return store.keys() == named
 
-            await wait_until(swept, within=30)
+            await wait_until(swept)
     finally:
         assert ingest.stop() == 0
 

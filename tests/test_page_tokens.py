@@ -60,7 +60,7 @@ async def cluster_with_jobs(
         jobs = await cluster.analysis.ListJobs(apb.ListJobsRequest(owner_id=OWNER))
         return len(jobs.jobs) == count
 
-    await wait_until(all_submitted, within=30)
+    await wait_until(all_submitted)
     return cluster
 
 
