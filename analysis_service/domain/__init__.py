@@ -2,6 +2,7 @@
 
 __all__ = [
     "cache",
+    "clock",
     "content",
     "hub",
     "limits",

@@ -19,7 +19,6 @@ import asyncio
 import collections
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, Self, TypeVar
@@ -28,6 +27,7 @@ from aiolimiter import AsyncLimiter
 
 from analysis_service.analyzers.base import ApiLimit
 from analysis_service.config import RateLimitConfig
+from analysis_service.domain.clock import SYSTEM_CLOCK, Clock
 from analysis_service.domain.models import RateLimitState
 
 logger = logging.getLogger(__name__)
@@ -187,26 +187,27 @@ class _LocalLimiter:
 class InProcessGate:
     """The slots in this process: one aiolimiter per API (SQLite, where one process runs)."""
 
-    def __init__(self, apis: Sequence[UpstreamApi]) -> None:
+    def __init__(self, apis: Sequence[UpstreamApi], clock: Clock) -> None:
         self._limiters = {api.name: _LocalLimiter(api.config) for api in apis}
+        self._clock = clock
 
     async def acquire(self, api: UpstreamApi) -> None:
         limiter = self._limiters[api.name]
         # A quota error may extend the pause while we sleep, hence the loop.
-        while (pause := limiter.throttled_until - time.time()) > 0:  # noqa: ASYNC110
+        while (pause := limiter.throttled_until - self._clock.time()) > 0:  # noqa: ASYNC110
             await asyncio.sleep(pause)
         await limiter.limiter.acquire()
-        now = time.monotonic()
+        now = self._clock.monotonic()
         limiter.recent_calls.append(now)
         while limiter.recent_calls and limiter.recent_calls[0] < now - USE_WINDOW:
             limiter.recent_calls.popleft()
 
     async def pause(self, api: UpstreamApi, seconds: float) -> None:
         limiter = self._limiters[api.name]
-        limiter.throttled_until = max(limiter.throttled_until, time.time() + seconds)
+        limiter.throttled_until = max(limiter.throttled_until, self._clock.time() + seconds)
 
     async def states(self, apis: Sequence[UpstreamApi]) -> tuple[RateLimitState, ...]:
-        now, clock = time.time(), time.monotonic()
+        now, clock = self._clock.time(), self._clock.monotonic()
         states = []
         for api in apis:
             limiter = self._limiters[api.name]
@@ -262,7 +263,8 @@ def _state(
 class RateLimits:
     """The limits of the analyser's upstream APIs; ``acquire(api)`` waits for a slot.
 
-    The slots are this process's own unless ``shared`` keeps them for every replica.
+    The slots are this process's own (on ``clock``) unless ``shared`` keeps them for every
+    replica (on the database's clock).
     """
 
     def __init__(
@@ -270,6 +272,8 @@ class RateLimits:
         defaults: Sequence[ApiLimit],
         overrides: Mapping[str, RateLimitConfig],
         shared: SharedSlots | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         configs = {d.api: RateLimitConfig(d.rate_per_second, d.burst) for d in defaults}
         unknown = set(overrides) - set(configs)
@@ -284,7 +288,7 @@ class RateLimits:
                 raise ValueError(f"rate limit of {api} must be > 0 with burst >= 1")
         self._apis = {api: UpstreamApi(api, config) for api, config in configs.items()}
         apis = list(self._apis.values())
-        self._gate: RateGate = InProcessGate(apis) if shared is None else SharedGate(shared)
+        self._gate: RateGate = InProcessGate(apis, clock) if shared is None else SharedGate(shared)
 
     def _api(self, api: str) -> UpstreamApi:
         try:

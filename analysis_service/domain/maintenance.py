@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from analysis_service.config import WatchConfig
+from analysis_service.domain.clock import SYSTEM_CLOCK, Clock
 from analysis_service.domain.queue import JobQueue
 from analysis_service.errors import AnalysisError
 from mediatag_common.tasks import cancel_and_wait
@@ -24,9 +24,10 @@ class Maintenance:
     """Reaps expired leases every few seconds and compacts the event log every
     ``compaction_interval`` (a minute by default)."""
 
-    def __init__(self, queue: JobQueue, watch: WatchConfig) -> None:
+    def __init__(self, queue: JobQueue, watch: WatchConfig, clock: Clock = SYSTEM_CLOCK) -> None:
         self._queue = queue
         self._watch = watch
+        self._clock = clock
         self._reap_interval = max(0.2, min(queue.lease_seconds / 4, 5.0))
         self._task: asyncio.Task[None] | None = None
 
@@ -42,7 +43,7 @@ class Maintenance:
         # is honoured rather than rounded up to it. A chore that fails waits its interval too.
         next_reap = next_compaction = 0.0
         while True:
-            now = time.monotonic()
+            now = self._clock.monotonic()
             try:
                 if now >= next_reap:
                     next_reap = now + self._reap_interval
@@ -55,5 +56,5 @@ class Maintenance:
                     )
             except AnalysisError as exc:
                 logger.error("maintenance failed, will try again: %s", exc)
-            pause = min(next_reap, next_compaction) - time.monotonic()
+            pause = min(next_reap, next_compaction) - self._clock.monotonic()
             await asyncio.sleep(max(MIN_PAUSE, pause))

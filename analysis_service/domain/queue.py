@@ -51,12 +51,15 @@ class JobQueue:
         lease_seconds: float,
         *,
         delivery_pacing: float = 0.0,
+        rng: random.Random | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
         self._retry = retry
         self.lease_seconds = lease_seconds
         self._delivery_pacing = delivery_pacing
+        # The backoff's jitter (a test seeds it to replay a schedule).
+        self._rng = rng or random.Random()
         self._work_available = asyncio.Event()
         # Who holds this process's leases (in the job rows, for operators).
         self.holder = uuid.uuid4().hex[:12]
@@ -213,7 +216,7 @@ class JobQueue:
         """Delay before the attempt after ``attempt``: base * 2^(attempt-1), with jitter."""
         policy = self._retry
         delay: float = min(policy.backoff_max, policy.backoff_base * 2.0 ** (attempt - 1))
-        return delay * random.uniform(1 - policy.jitter, 1 + policy.jitter)
+        return delay * self._rng.uniform(1 - policy.jitter, 1 + policy.jitter)
 
     # -- recovery --------------------------------------------------------------------------
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Awaitable
 
 from analysis_service.analyzers.base import AnalysisInput, Analyzer
 from analysis_service.domain.cache import ResultCache
+from analysis_service.domain.clock import SYSTEM_CLOCK, Clock
 from analysis_service.domain.content import ContentSource, fetch_content
 from analysis_service.domain.limits import RateLimits
 from analysis_service.domain.models import (
@@ -55,11 +55,16 @@ class _MeteredCall:
     """
 
     def __init__(
-        self, limits: RateLimits, deadline: asyncio.Timeout, observer: AnalysisObserver
+        self,
+        limits: RateLimits,
+        deadline: asyncio.Timeout,
+        observer: AnalysisObserver,
+        clock: Clock,
     ) -> None:
         self._limits = limits
         self._deadline = deadline
         self._observer = observer
+        self._clock = clock
         self.waited = 0.0
         self.last_api = "none"
 
@@ -67,11 +72,11 @@ class _MeteredCall:
         # The deadline is suspended while waiting, then moved on by the time waited.
         when = self._deadline.when()
         self._deadline.reschedule(None)
-        started = time.monotonic()
+        started = self._clock.monotonic()
         try:
             await self._limits.acquire(api)
         finally:
-            waited = time.monotonic() - started
+            waited = self._clock.monotonic() - started
             self.waited += waited
             if when is not None:
                 self._deadline.reschedule(when + waited)
@@ -94,6 +99,7 @@ class WorkerPool:
         analyzer_timeout: float,
         throughput: Throughput,
         observer: AnalysisObserver,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if size < 0:
             raise ValueError("the worker pool cannot have fewer than no workers")
@@ -106,6 +112,7 @@ class WorkerPool:
         self._analyzer_timeout = analyzer_timeout
         self._throughput = throughput
         self._observer = observer
+        self._clock = clock
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self.busy = 0
@@ -156,7 +163,7 @@ class WorkerPool:
             spec.owner_id,
             extra={"media_id": spec.media_id, "attempt": job.attempt},
         )
-        started = time.monotonic()
+        started = self._clock.monotonic()
         heartbeat = asyncio.create_task(self._heartbeat(job))
         outcome = AttemptOutcome.RELEASED
         try:
@@ -167,7 +174,7 @@ class WorkerPool:
             raise
         finally:
             heartbeat.cancel()
-            self._observer.attempt_ended(outcome, time.monotonic() - started, job.attempt)
+            self._observer.attempt_ended(outcome, self._clock.monotonic() - started, job.attempt)
 
     async def _analyze_and_complete(self, job: ClaimedJob, started: float) -> None:
         spec = job.spec
@@ -177,7 +184,7 @@ class WorkerPool:
                 key, spec.sha256, lambda: self._analyze(job, deadline)
             )
         await self._queue.complete(job, result, key)
-        duration = time.monotonic() - started
+        duration = self._clock.monotonic() - started
         self._throughput.record(duration)
         logger.info(
             "done media %s%s: tags %s (%d-dim embedding) in %.0f ms",
@@ -203,8 +210,8 @@ class WorkerPool:
             spec.category or "no category",
             extra={"media_id": spec.media_id},
         )
-        call = _MeteredCall(self._limits, deadline, self._observer)
-        started = time.monotonic()
+        call = _MeteredCall(self._limits, deadline, self._observer, self._clock)
+        started = self._clock.monotonic()
         try:
             output = await self._analyzer.analyze(
                 AnalysisInput(
@@ -226,11 +233,11 @@ class WorkerPool:
             else:
                 outcome = CallOutcome.INTERNAL
             self._observer.analyzer_call_ended(
-                outcome, time.monotonic() - started - call.waited, api
+                outcome, self._clock.monotonic() - started - call.waited, api
             )
             raise
         self._observer.analyzer_call_ended(
-            CallOutcome.OK, time.monotonic() - started - call.waited, call.last_api
+            CallOutcome.OK, self._clock.monotonic() - started - call.waited, call.last_api
         )
         self._limits.succeeded([limit.api for limit in self._analyzer.api_limits])
         return JobResult(

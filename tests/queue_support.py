@@ -1,0 +1,45 @@
+"""What the queue's tests share: jobs to submit, and a clock that follows the event loop.
+
+With ``pytest.mark.looptime`` (the looptime plugin) the event loop's time is fake: sleeps and
+timeouts return at once while the loop's clock moves on by exactly their length. A
+:class:`LoopClock` gives the domain and the in-memory store that same time, so one fake clock
+drives the queue's rules, the workers' waits and the store's lease expiry and due times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+from analysis_service.domain.models import JobSpec
+
+# Where the loop clock's epoch readings start: any fixed instant (deterministic event times).
+EPOCH = 1_750_000_000.0
+
+
+class LoopClock:
+    """The running event loop's clock, as the domain's Clock."""
+
+    def time(self) -> float:
+        return EPOCH + self.monotonic()
+
+    def monotonic(self) -> float:
+        return asyncio.get_running_loop().time()
+
+
+def content(number: int) -> bytes:
+    """The bytes of media ``number`` (what a ContentSource would read)."""
+    return f"media-{number:04d}".encode()
+
+
+def spec(number: int, *, priority: int = 0) -> JobSpec:
+    data = content(number)
+    return JobSpec(
+        media_id=data.decode(),
+        owner_id="owner",
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        content_type="image/jpeg",
+        content_ref=data.decode(),
+        priority=priority,
+    )
