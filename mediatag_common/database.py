@@ -196,6 +196,7 @@ class Database:
                 pool_size=readers + 1,
             )
             sa.event.listen(self._engine, "connect", sqlite_pragmas(synchronous))
+            sa.event.listen(self._engine, "begin", _sqlite_begin)
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="db-writer")
             self._readers = ThreadPoolExecutor(readers, thread_name_prefix="db-reader")
         else:
@@ -251,12 +252,14 @@ class Database:
     ) -> T:
         callbacks: list[Callable[[], None]] = []
         try:
-            with self._engine.begin() as conn:
-                conn.info[AFTER_COMMIT] = callbacks
-                try:
-                    result = transaction(conn)
-                finally:
-                    conn.info.pop(AFTER_COMMIT, None)
+            with self._engine.connect() as conn:
+                conn.execution_options(**{_WRITING: True})
+                with conn.begin():
+                    conn.info[AFTER_COMMIT] = callbacks
+                    try:
+                        result = transaction(conn)
+                    finally:
+                        conn.info.pop(AFTER_COMMIT, None)
         except sa_exc.SQLAlchemyError as exc:
             raise classify(exc) from exc
         # Scheduled from the committing thread, before the caller resumes (on SQLite that is
@@ -315,6 +318,10 @@ def sqlite_pragmas(synchronous: str) -> Callable[[Any, Any], None]:
         raise ValueError(f"unknown SQLite synchronous mode {synchronous!r}")
 
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # The sqlite3 module's own transaction handling begins a transaction only before a
+        # write, so a transaction's first reads would not be part of it; SQLAlchemy's
+        # recipe: the module leaves transactions alone and ``_sqlite_begin`` begins them.
+        dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
@@ -323,3 +330,15 @@ def sqlite_pragmas(synchronous: str) -> Callable[[Any, Any], None]:
         cursor.close()
 
     return on_connect
+
+
+# An execution option of the connections that ``Database.write`` runs transactions on.
+_WRITING = "mediatag_writing"
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    """Begin SQLite transactions explicitly: a write takes the write lock at once
+    (``IMMEDIATE``), so what it reads cannot change before it writes, even with other
+    processes on the file; a read sees one snapshot throughout."""
+    immediate = conn.get_execution_options().get(_WRITING, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -140,13 +140,9 @@ class _Copier:
 
     def _snapshot(self, source: Connection) -> sa.RootTransaction:
         """A transaction in which every read of ``source`` sees one committed state."""
-        if source.dialect.name == SQLITE:
-            transaction = source.begin()
-            # The sqlite3 module starts a transaction only before a write; without one,
-            # each SELECT would see the state of its own moment.
-            source.exec_driver_sql("BEGIN")
-            return transaction
-        source.execution_options(isolation_level="REPEATABLE READ")
+        # SQLite: a transaction of ``Database`` is one snapshot (see ``_sqlite_begin``).
+        if source.dialect.name != SQLITE:
+            source.execution_options(isolation_level="REPEATABLE READ")
         return source.begin()
 
     def _refuse_unknown_tables(self, source: Connection) -> None:

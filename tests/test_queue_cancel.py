@@ -55,12 +55,13 @@ async def test_a_claim_cancelled_while_its_transaction_runs_gives_the_job_back(
     claim_writes = asyncio.Event()
 
     def on_statement(conn: Connection, cursor: Any, statement: str, *args: Any) -> None:
-        # On the database thread: the claim's transaction has begun and now writes.
-        if statement.lstrip().upper().startswith(("INSERT", "UPDATE")):
+        # On the database thread: the claim's transaction now begins (a write transaction
+        # asks for the write lock as it begins).
+        if statement.lstrip().upper().startswith("BEGIN IMMEDIATE"):
             loop.call_soon_threadsafe(claim_writes.set)
 
-    # Another writer holds SQLite's write lock, so the claim's transaction, once begun on the
-    # database thread, blocks at its first write (busy timeout) until the lock is released.
+    # Another writer holds SQLite's write lock, so the claim's transaction, once taken up by
+    # the database thread, blocks as it begins (busy timeout) until the lock is released.
     blocker = sqlite3.connect(tmp_path / "analysis.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     sa.event.listen(Engine, "before_cursor_execute", on_statement)
