@@ -47,14 +47,11 @@ def record(conn: Connection, drafts: Sequence[EventDraft]) -> list[StatusEvent]:
     if not drafts:
         return []
     count = len(drafts)
-    bump = (
-        sa.update(counters)
-        .where(counters.c.name == schema.REVISION)
-        .values(value=counters.c.value + count)
-        .returning(counters.c.value)
-    )
-    last = int(conn.execute(bump).scalar_one())
-    now = database_now(conn)
+    if conn.dialect.name == POSTGRESQL:
+        row = conn.execute(_PG_BUMP, {"count": count}).one()
+        last, now = int(row.value), float(row.now)
+    else:
+        last, now = int(conn.execute(_BUMP, {"count": count}).scalar_one()), database_now(conn)
     first = last - count + 1
     events = [
         StatusEvent(
@@ -72,18 +69,35 @@ def record(conn: Connection, drafts: Sequence[EventDraft]) -> list[StatusEvent]:
         for i, d in enumerate(drafts)
     ]
     conn.execute(
-        events_table.insert(),
+        _INSERT_EVENT,
         [_event_row(event, draft.result_key) for event, draft in zip(events, drafts, strict=True)],
     )
     conn.execute(
-        sa.update(jobs)
-        .where(jobs.c.media_id == sa.bindparam("event_media_id"))
-        .values(revision=sa.bindparam("event_revision")),
+        _SET_JOB_REVISION,
         [{"event_media_id": e.media_id, "event_revision": e.revision} for e in events],
     )
-    if conn.dialect.name == POSTGRESQL:
-        conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, str(last))))
     return events
+
+
+# Built once: the statements every status change runs.
+_BUMP = (
+    sa.update(counters)
+    .where(counters.c.name == schema.REVISION)
+    .values(value=counters.c.value + sa.bindparam("count"))
+    .returning(counters.c.value)
+)
+# PostgreSQL, in the same round trip: the event time, read under the counter's lock, and
+# the one NOTIFY of the transaction (sent at commit).
+_PG_BUMP = _BUMP.returning(
+    sa.cast(sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Float).label("now"),
+    sa.func.pg_notify(NOTIFY_CHANNEL, sa.cast(counters.c.value, sa.Text)).label("notified"),
+)
+_INSERT_EVENT = events_table.insert()
+_SET_JOB_REVISION = (
+    sa.update(jobs)
+    .where(jobs.c.media_id == sa.bindparam("event_media_id"))
+    .values(revision=sa.bindparam("event_revision"))
+)
 
 
 def read_counter(conn: Connection, name: str) -> int:

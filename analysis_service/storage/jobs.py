@@ -18,10 +18,11 @@ from analysis_service.domain.models import (
     JobSpec,
     JobStatus,
 )
+from analysis_service.domain.store import AttemptEnd
 from analysis_service.storage import schema
 from analysis_service.storage.events import error_from_row, result_from_row
 from analysis_service.storage.schema import attempts, counters, jobs, result_claims, results
-from mediatag_common.database import POSTGRESQL, insert
+from mediatag_common.database import POSTGRESQL, SQLITE, insert
 from mediatag_common.embeddings import embedding_to_bytes
 
 # Queue order: priority first, then submission time (media id breaks ties).
@@ -100,6 +101,45 @@ def insert_new_jobs(
     return set(conn.execute(statement, rows).scalars())
 
 
+def _claim_statement(dialect: str) -> sa.Update:
+    due = (
+        sa.select(jobs.c.media_id)
+        .where(
+            jobs.c.status == JobStatus.PENDING.value,
+            jobs.c.next_attempt_at <= sa.bindparam("claim_now"),
+            ~sa.exists().where(counters.c.name == schema.PAUSED, counters.c.value != 0),
+        )
+        .order_by(*QUEUE_ORDER)
+        .limit(sa.bindparam("claim_count"))
+    )
+    claim = sa.update(jobs).values(
+        status=JobStatus.PROCESSING.value,
+        attempt=jobs.c.attempt + 1,
+        lease_token=jobs.c.lease_token + 1,
+        lease_owner=sa.bindparam("claim_holder"),
+        lease_expires_at=sa.bindparam("claim_until"),
+        updated_at=sa.bindparam("claim_now"),
+    )
+    if dialect == POSTGRESQL:
+        picked = due.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
+        claim = claim.where(jobs.c.media_id == picked.c.media_id)
+    else:
+        claim = claim.where(jobs.c.media_id.in_(due.scalar_subquery()))
+    return claim.returning(*jobs.c)
+
+
+# Built once per dialect: the queue's frequent statements are only looked up in SQLAlchemy's
+# compiled cache, not rebuilt for every transaction.
+_CLAIM = {dialect: _claim_statement(dialect) for dialect in (POSTGRESQL, SQLITE)}
+
+_START_ATTEMPT = attempts.insert().values(
+    media_id=sa.bindparam("start_media_id"),
+    number=sa.bindparam("start_number"),
+    started_at=sa.bindparam("start_at"),
+    outcome="RUNNING",
+)
+
+
 def claim_due(
     conn: Connection, *, holder: str, count: int, now: float, lease_seconds: float
 ) -> list[Any]:
@@ -110,42 +150,19 @@ def claim_due(
     LOCKED``, so concurrent claimers (other replicas) take other jobs instead of waiting, and
     the planner cannot run the LIMIT twice. SQLite has one writer: a plain subquery.
     """
-    not_paused = ~sa.exists().where(counters.c.name == schema.PAUSED, counters.c.value != 0)
-    due = (
-        sa.select(jobs.c.media_id)
-        .where(
-            jobs.c.status == JobStatus.PENDING.value,
-            jobs.c.next_attempt_at <= now,
-            not_paused,
-        )
-        .order_by(*QUEUE_ORDER)
-        .limit(count)
-    )
-    claim = sa.update(jobs).values(
-        status=JobStatus.PROCESSING.value,
-        attempt=jobs.c.attempt + 1,
-        lease_token=jobs.c.lease_token + 1,
-        lease_owner=holder,
-        lease_expires_at=now + lease_seconds,
-        updated_at=now,
-    )
-    if conn.dialect.name == POSTGRESQL:
-        picked = due.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
-        claim = claim.where(jobs.c.media_id == picked.c.media_id)
-    else:
-        claim = claim.where(jobs.c.media_id.in_(due.scalar_subquery()))
-    rows = list(conn.execute(claim.returning(*jobs.c)).all())
+    parameters = {
+        "claim_now": now,
+        "claim_count": count,
+        "claim_holder": holder,
+        "claim_until": now + lease_seconds,
+    }
+    rows = list(conn.execute(_CLAIM[conn.dialect.name], parameters).all())
     rows.sort(key=lambda row: (-row.priority, row.submitted_at, row.media_id))
     if rows:
         conn.execute(
-            attempts.insert(),
+            _START_ATTEMPT,
             [
-                {
-                    "media_id": row.media_id,
-                    "number": row.attempt,
-                    "started_at": now,
-                    "outcome": "RUNNING",
-                }
+                {"start_media_id": row.media_id, "start_number": row.attempt, "start_at": now}
                 for row in rows
             ],
         )
@@ -181,24 +198,129 @@ def fenced_update(
     return bool(result.rowcount == 1)
 
 
-def finish_attempt(
-    conn: Connection,
-    media_id: str,
-    number: int,
-    *,
-    ended_at: float,
-    outcome: str,
-    error: JobError | None,
-) -> None:
-    conn.execute(
-        sa.update(attempts)
-        .where(
-            attempts.c.media_id == media_id,
-            attempts.c.number == number,
-            attempts.c.outcome == "RUNNING",
+def _processing_statement(dialect: str) -> sa.Select[Any]:
+    query = (
+        sa.select(
+            jobs.c.media_id,
+            jobs.c.lease_token,
+            jobs.c.next_attempt_at,
+            jobs.c.quota_deferrals,
+            jobs.c.result_key,
+            jobs.c.reused,
         )
-        .values(ended_at=ended_at, outcome=outcome, **error_values(error))
+        .where(
+            jobs.c.media_id.in_(sa.bindparam("media_ids", expanding=True)),
+            jobs.c.status == JobStatus.PROCESSING.value,
+        )
+        .order_by(jobs.c.media_id)
     )
+    return query.with_for_update() if dialect == POSTGRESQL else query
+
+
+_PROCESSING = {dialect: _processing_statement(dialect) for dialect in (POSTGRESQL, SQLITE)}
+
+
+def _processing_rows(conn: Connection, media_ids: Collection[str]) -> dict[str, Any]:
+    """The PROCESSING rows among ``media_ids``, by media id, with what an end may keep.
+
+    PostgreSQL: the rows stay locked until commit, taken in media id order so that two
+    transactions ending overlapping groups cannot deadlock. SQLite has one writer.
+    """
+    rows = conn.execute(_PROCESSING[conn.dialect.name], {"media_ids": list(media_ids)})
+    return {row.media_id: row for row in rows}
+
+
+_END_JOB = (
+    sa.update(jobs)
+    .where(jobs.c.media_id == sa.bindparam("end_media_id"))
+    .values(
+        lease_owner=None,
+        lease_expires_at=None,
+        **{
+            name: sa.bindparam(f"end_{name}")
+            for name in (
+                "status",
+                "attempt",
+                "updated_at",
+                "next_attempt_at",
+                "quota_deferrals",
+                "result_key",
+                "reused",
+                "error_reason",
+                "error_message",
+                "error_transient",
+            )
+        },
+    )
+)
+
+_FINISH_ATTEMPT = (
+    sa.update(attempts)
+    .where(
+        attempts.c.media_id == sa.bindparam("finish_media_id"),
+        attempts.c.number == sa.bindparam("finish_number"),
+        attempts.c.outcome == "RUNNING",
+    )
+    .values(
+        **{
+            name: sa.bindparam(f"finish_{name}")
+            for name in ("ended_at", "outcome", "error_reason", "error_message", "error_transient")
+        }
+    )
+)
+
+
+def end_attempts(conn: Connection, ends: Sequence[AttemptEnd], now: float) -> list[bool]:
+    """Write each end whose token still holds its job's lease (fenced: a stale one changes
+    nothing); whether each was written. A few statements for the whole group."""
+    held = _processing_rows(conn, {end.job.spec.media_id for end in ends})
+    written: list[bool] = []
+    job_values: list[dict[str, Any]] = []
+    attempt_values: list[dict[str, Any]] = []
+    for end in ends:
+        media_id = end.job.spec.media_id
+        row = held.get(media_id)
+        if row is None or row.lease_token != end.job.lease_token:
+            written.append(False)
+            continue
+        # A second end of this job in the group finds it no longer PROCESSING.
+        del held[media_id]
+        written.append(True)
+        completed = end.status is JobStatus.COMPLETED
+        job_values.append(
+            {
+                "end_media_id": media_id,
+                "end_status": end.status.value,
+                "end_attempt": end.attempt,
+                "end_updated_at": now,
+                "end_next_attempt_at": (
+                    row.next_attempt_at if end.delay is None else now + end.delay
+                ),
+                "end_quota_deferrals": (
+                    row.quota_deferrals if end.quota_deferrals is None else end.quota_deferrals
+                ),
+                "end_result_key": end.result_key if completed else row.result_key,
+                "end_reused": bool(end.result and end.result.reused) if completed else row.reused,
+                **_prefixed("end_", error_values(end.error)),
+            }
+        )
+        attempt_values.append(
+            {
+                "finish_media_id": media_id,
+                "finish_number": end.job.attempt,
+                "finish_ended_at": now,
+                "finish_outcome": end.outcome.value,
+                **_prefixed("finish_", error_values(end.attempt_error or end.error)),
+            }
+        )
+    if job_values:
+        conn.execute(_END_JOB, job_values)
+        conn.execute(_FINISH_ATTEMPT, attempt_values)
+    return written
+
+
+def _prefixed(prefix: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    return {prefix + name: value for name, value in values.items()}
 
 
 def reset_for_retry(conn: Connection, media_ids: Sequence[str], *, now: float) -> None:

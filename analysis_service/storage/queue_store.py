@@ -124,42 +124,12 @@ class SqlQueueStore:
     async def end_attempts(self, ends: Sequence[AttemptEnd]) -> list[Event | None]:
         def transaction(conn: Connection) -> list[Event | None]:
             now = database_now(conn)
-            held = [self._apply_end(conn, end, now) for end in ends]
-            applied = [end for end, kept in zip(ends, held, strict=True) if kept]
+            written = job_rows.end_attempts(conn, ends, now)
+            applied = [end for end, kept in zip(ends, written, strict=True) if kept]
             events = iter(self._record(conn, [_draft(end, now) for end in applied]))
-            return [next(events) if kept else None for kept in held]
+            return [next(events) if kept else None for kept in written]
 
         return await write(self._db, transaction)
-
-    def _apply_end(self, conn: Connection, end: AttemptEnd, now: float) -> bool:
-        """Write ``end`` if its token still holds the job (nothing otherwise)."""
-        values: dict[str, Any] = {
-            "status": end.status.value,
-            "attempt": end.attempt,
-            "lease_owner": None,
-            "lease_expires_at": None,
-            "updated_at": now,
-            **job_rows.error_values(end.error),
-        }
-        if end.delay is not None:
-            values["next_attempt_at"] = now + end.delay
-        if end.quota_deferrals is not None:
-            values["quota_deferrals"] = end.quota_deferrals
-        if end.status is JobStatus.COMPLETED:
-            values["result_key"] = end.result_key
-            values["reused"] = bool(end.result and end.result.reused)
-        media_id = end.job.spec.media_id
-        if not job_rows.fenced_update(conn, media_id, end.job.lease_token, values):
-            return False
-        job_rows.finish_attempt(
-            conn,
-            media_id,
-            end.job.attempt,
-            ended_at=now,
-            outcome=end.outcome.value,
-            error=end.attempt_error or end.error,
-        )
-        return True
 
     async def expire_leases(self, decide: Callable[[ExpiredLease], AttemptEnd]) -> list[Event]:
         def transaction(conn: Connection) -> list[Event]:
@@ -168,7 +138,8 @@ class SqlQueueStore:
             ends = [
                 decide(ExpiredLease(job_rows.claimed_job(row), row.max_attempts)) for row in rows
             ]
-            applied = [end for end in ends if self._apply_end(conn, end, now)]
+            written = job_rows.end_attempts(conn, ends, now)
+            applied = [end for end, kept in zip(ends, written, strict=True) if kept]
             return self._record(conn, [_draft(end, now) for end in applied])
 
         return await write(self._db, transaction)
