@@ -6,6 +6,8 @@ Each class says what went wrong (its ``reason``); the gRPC layer gives it a stat
     IngestError                   root (mediatag_common.errors.ServiceError)
     ├── InvalidArgument           a request the client must change
     ├── MediaNotFound             MEDIA_NOT_FOUND
+    ├── WebhookDeliveryNotFound   WEBHOOK_DELIVERY_NOT_FOUND
+    ├── WebhookEndpointNotFound   WEBHOOK_ENDPOINT_NOT_FOUND
     ├── StorageUnavailable        the database or the blob store failed
     │   ├── StorageFull           no room for the upload
     │   ├── StorageQuotaExceeded  the blob store's request quota or rate limit is exceeded
@@ -40,6 +42,18 @@ class MediaNotFound(IngestError):
     """No media with the id asked for."""
 
     reason = "MEDIA_NOT_FOUND"
+
+
+class WebhookDeliveryNotFound(IngestError):
+    """No undelivered webhook delivery with the id asked for (unknown, or delivered)."""
+
+    reason = "WEBHOOK_DELIVERY_NOT_FOUND"
+
+
+class WebhookEndpointNotFound(IngestError):
+    """The webhooks file names no endpoint of the name asked for."""
+
+    reason = "WEBHOOK_ENDPOINT_NOT_FOUND"
 
 
 class StorageUnavailable(IngestError):

@@ -20,6 +20,7 @@ from ingest_service.domain.requests import RequestIds
 from ingest_service.domain.sniff import refuse_decompression_bombs
 from ingest_service.domain.stream_upload import StreamUploads
 from ingest_service.domain.uploads import Uploads
+from ingest_service.domain.webhook_backlog import WebhookBacklog
 from ingest_service.domain.webhook_endpoints import WebhookEndpoints
 from ingest_service.domain.webhooks import DispatchLimits, RetryPolicy, WebhookDispatcher
 from ingest_service.metrics import IngestMetrics
@@ -105,6 +106,9 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         observer=metrics,
     )
     endpoints.on_change = webhooks.endpoints_changed
+    backlog = WebhookBacklog(
+        log=delivery_store, dispatcher=webhooks, limits=config.limits, page_tokens=page_tokens
+    )
     mirror = StatusMirror(
         store=store,
         analysis=analysis,
@@ -154,7 +158,8 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         status_codes=STATUS_CODES,
     )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(
-        IngestServicer(uploads=uploads, streams=streams, library=library), server
+        IngestServicer(uploads=uploads, streams=streams, library=library, webhooks=backlog),
+        server,
     )
 
     async def on_start() -> None:

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ingest_service.domain.models import ProcessingStatus, StatusUpdate
+from ingest_service.domain.webhook_backlog import DeliveryListing
 from ingest_service.domain.webhook_endpoints import TERMINAL_STATUSES, WebhookEndpoint
 from ingest_service.storage import webhook_deliveries as store
 from ingest_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK, media
@@ -160,12 +161,18 @@ async def test_a_failed_delivery_waits_then_dies_and_can_be_revived(db: Database
         )
     )
     assert (await db.write(partial(claim, now=10_000.0))).deliveries == []
-    [dead] = await db.read(partial(store.dead_deliveries, limit=10, owners=None))
+    [dead] = await db.read(partial(store.listed, listing=DeliveryListing(dead=True), limit=10))
     assert (dead.attempts, dead.last_error, dead.dead_at) == (2, "timeout", 170.0)
-    assert await db.read(partial(store.dead_deliveries, limit=10, owners={"listing-8"})) == []
+    assert await db.read(partial(store.listed, listing=DeliveryListing(dead=False), limit=10)) == []
+    eights = DeliveryListing(owners={"listing-8"})
+    assert await db.read(partial(store.listed, listing=eights, limit=10)) == []
     assert await db.read(store.counts) == {"e": store.DeliveryCounts(pending=0, dead=1)}
 
-    assert await db.write(partial(store.revive, delivery_ids=None, now=200.0)) == 1
+    revive = partial(store.revive, delivery_ids=None, now=200.0)
+    # Only to the endpoints named, and of the owners named.
+    assert await db.write(partial(revive, endpoints=["other"])) == 0
+    assert await db.write(partial(revive, endpoints=["e"], owners=["listing-8"])) == 0
+    assert await db.write(partial(revive, endpoints=["e"], owners=["listing-7"])) == 1
     [revived] = (await db.write(partial(claim, now=200.0))).deliveries
     assert (revived.attempts, revived.created_at, revived.dead_at) == (0, 200.0, None)
     await db.write(partial(store.delivered, delivery_id=revived.id, claimer="a"))

@@ -12,6 +12,7 @@ from ingest_service.domain.models import (
     UploadFile,
     UploadRequest,
 )
+from ingest_service.domain.webhooks import Delivery
 from mediatag_common.proto_time import timestamp
 
 STATUS_TO_PB: dict[ProcessingStatus, pb.ProcessingStatus] = {
@@ -91,3 +92,24 @@ def media_to_pb(media: Media) -> pb.Media:
         message.error.message = media.error.message
         message.error.attempt = media.error.attempt
     return message
+
+
+def delivery_to_pb(delivery: Delivery) -> pb.WebhookDelivery:
+    change = delivery.change
+    dead = delivery.dead_at is not None
+    return pb.WebhookDelivery(
+        id=delivery.id,
+        endpoint=delivery.endpoint,
+        message_id=change.message_id,
+        media_id=change.media_id,
+        owner_id=change.owner_id,
+        status=STATUS_TO_PB[change.status],
+        revision=change.revision,
+        state=pb.WEBHOOK_DELIVERY_STATE_DEAD if dead else pb.WEBHOOK_DELIVERY_STATE_RETRYING,
+        attempts=delivery.attempts,
+        last_error=delivery.last_error or "",
+        event_time=timestamp(change.event_time),
+        create_time=timestamp(delivery.created_at),
+        next_attempt_time=None if dead else timestamp(delivery.next_attempt_at),
+        dead_time=timestamp(delivery.dead_at),
+    )

@@ -8,7 +8,7 @@ the methods check its owners (``auth.owner_scope()``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -20,15 +20,24 @@ from ingest_service.domain.library import MediaLibrary
 from ingest_service.domain.models import Media, ProcessingStatus
 from ingest_service.domain.stream_upload import StreamPart, StreamUploads
 from ingest_service.domain.uploads import Uploads
+from ingest_service.domain.webhook_backlog import WebhookBacklog
 from ingest_service.errors import invalid
 from mediatag_common import auth
 from mediatag_common.auth import SERVICE, UPLOADER, VIEWER
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+# The state filter of ListWebhookDeliveries: whether dead ones (None: both).
+_DEAD_FILTER = {
+    pb.WEBHOOK_DELIVERY_STATE_UNSPECIFIED: None,
+    pb.WEBHOOK_DELIVERY_STATE_RETRYING: False,
+    pb.WEBHOOK_DELIVERY_STATE_DEAD: True,
+}
+
 _SERVICE = pb.DESCRIPTOR.services_by_name["IngestService"].full_name
-# Who may call what (admin may call everything). Uploaders read and reprocess their owners'
-# items; the analysis service (role ``service``) fetches content.
+# Who may call what (admin may call everything, and alone what is not listed:
+# RetryWebhookDeliveries). Uploaders read and reprocess their owners' items; the analysis
+# service (role ``service``) fetches content; viewers see the webhook deliveries not yet made.
 METHOD_ROLES: auth.MethodRoles = {
     f"/{_SERVICE}/{method}": frozenset(roles)
     for method, roles in {
@@ -38,6 +47,7 @@ METHOD_ROLES: auth.MethodRoles = {
         "ListMedia": {UPLOADER, VIEWER},
         "ReprocessMedia": {UPLOADER},
         "ReadMediaContent": {UPLOADER, VIEWER, SERVICE},
+        "ListWebhookDeliveries": {VIEWER},
     }.items()
 }
 
@@ -68,10 +78,18 @@ async def _stream_parts(
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     """Implements mediatag.ingest.v1.IngestService."""
 
-    def __init__(self, *, uploads: Uploads, streams: StreamUploads, library: MediaLibrary) -> None:
+    def __init__(
+        self,
+        *,
+        uploads: Uploads,
+        streams: StreamUploads,
+        library: MediaLibrary,
+        webhooks: WebhookBacklog,
+    ) -> None:
         self._uploads = uploads
         self._streams = streams
         self._library = library
+        self._webhooks = webhooks
 
     async def UploadMedia(
         self, request: pb.UploadMediaRequest, context: Context
@@ -158,3 +176,42 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 )
             else:
                 yield pb.ReadMediaContentResponse(data=chunk)
+
+    async def ListWebhookDeliveries(
+        self, request: pb.ListWebhookDeliveriesRequest, context: Context
+    ) -> pb.ListWebhookDeliveriesResponse:
+        if request.state not in _DEAD_FILTER:
+            raise invalid("state", "INVALID_STATE", f"unknown state {request.state}")
+        scope = auth.owner_scope()
+        scope.check_owner(request.owner_id)
+        page = await self._webhooks.list_page(
+            dead=_DEAD_FILTER[request.state],
+            endpoint=request.endpoint,
+            owner_id=request.owner_id,
+            owners=scope.owners,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListWebhookDeliveriesResponse(
+            deliveries=[convert.delivery_to_pb(d) for d in page.deliveries],
+            next_page_token=page.next_page_token,
+        )
+
+    async def RetryWebhookDeliveries(
+        self, request: pb.RetryWebhookDeliveriesRequest, context: Context
+    ) -> pb.RetryWebhookDeliveriesResponse:
+        delivery_ids = list(request.delivery_ids)
+        scope = auth.owner_scope()
+        if scope.restricted and delivery_ids:
+            await scope.check_selection(
+                [str(i) for i in delivery_ids], "", self._delivery_owners, "delivery_ids"
+            )
+        count = await self._webhooks.retry(
+            delivery_ids, endpoint=request.endpoint, owners=scope.owners
+        )
+        return pb.RetryWebhookDeliveriesResponse(count=count)
+
+    async def _delivery_owners(self, delivery_ids: Sequence[str]) -> dict[str, str]:
+        """``owners_of`` for the owner checks, which name items by strings."""
+        owners = await self._webhooks.owners_of([int(i) for i in delivery_ids])
+        return {str(i): owner for i, owner in owners.items()}

@@ -13,6 +13,8 @@ from mediatag_common.status import StatusCodes
 STATUS_CODES: StatusCodes = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.MediaNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.WebhookDeliveryNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.WebhookEndpointNotFound: grpc.StatusCode.NOT_FOUND,
     errors.StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.StorageQuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,

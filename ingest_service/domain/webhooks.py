@@ -63,6 +63,8 @@ class Delivery:
     attempts: int
     last_error: str | None = None
     dead_at: float | None = None
+    # When it is due (dead: when it died).
+    next_attempt_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,16 @@ class DeliveryStore(Protocol):
     ) -> None:
         """Record a failed attempt: try again at ``retry_at``, or dead (None) as of ``now``."""
 
-    async def revive(self, delivery_ids: Collection[int] | None, *, now: float) -> int:
-        """Dead deliveries (those of ``delivery_ids``; None: all) due again now, with a new
-        retry period; how many."""
+    async def revive(
+        self,
+        delivery_ids: Collection[int] | None,
+        *,
+        endpoints: Collection[str],
+        owners: Collection[str] | None,
+        now: float,
+    ) -> int:
+        """Dead deliveries to ``endpoints`` (those of ``delivery_ids``; None: all), of
+        ``owners`` (None: every owner), due again now with a new retry period; how many."""
 
 
 class WebhookSender(Protocol):
@@ -193,10 +202,23 @@ class WebhookDispatcher:
             if loop is not None:
                 loop.wake()
 
-    async def revive(self, delivery_ids: Collection[int] | None) -> int:
-        """Send dead deliveries again (``delivery_ids``; None: every dead one)."""
-        revived = await self._store.revive(delivery_ids, now=self._clock())
-        self.wake(list(self._loops))
+    async def revive(
+        self,
+        delivery_ids: Collection[int] | None,
+        *,
+        endpoint: str = "",
+        owners: Collection[str] | None = None,
+    ) -> int:
+        """Send dead deliveries again: those of ``delivery_ids`` (None: every dead one) to
+        ``endpoint`` (empty: any) of the current file, of ``owners`` (None: every owner);
+        how many."""
+        names = [name for name in self.endpoints.current if not endpoint or name == endpoint]
+        if not names:
+            return 0
+        revived = await self._store.revive(
+            delivery_ids, endpoints=names, owners=owners, now=self._clock()
+        )
+        self.wake(names)
         return revived
 
     @property

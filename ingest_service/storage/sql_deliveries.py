@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from functools import partial
 
-from ingest_service.domain.webhooks import Claim
+from ingest_service.domain.webhook_backlog import DeliveryListing
+from ingest_service.domain.webhooks import Claim, Delivery
 from ingest_service.storage.sql_store import SqlTransactions
 from ingest_service.storage.webhook_deliveries import (
     DeliveryCounts,
@@ -14,12 +15,15 @@ from ingest_service.storage.webhook_deliveries import (
     counts,
     delivered,
     failed,
+    listed,
+    owners_of,
     revive,
 )
 
 
 class SqlDeliveryStore(SqlTransactions):
-    """The dispatcher's :class:`~ingest_service.domain.webhooks.DeliveryStore` on the ingest
+    """The dispatcher's :class:`~ingest_service.domain.webhooks.DeliveryStore` and the
+    backlog's :class:`~ingest_service.domain.webhook_backlog.DeliveryLog` on the ingest
     database."""
 
     async def claim(
@@ -46,8 +50,23 @@ class SqlDeliveryStore(SqlTransactions):
             )
         )
 
-    async def revive(self, delivery_ids: Collection[int] | None, *, now: float) -> int:
-        return await self._write(partial(revive, delivery_ids=delivery_ids, now=now))
+    async def revive(
+        self,
+        delivery_ids: Collection[int] | None,
+        *,
+        endpoints: Collection[str],
+        owners: Collection[str] | None,
+        now: float,
+    ) -> int:
+        return await self._write(
+            partial(revive, delivery_ids=delivery_ids, endpoints=endpoints, owners=owners, now=now)
+        )
+
+    async def listed(self, listing: DeliveryListing, *, limit: int) -> list[Delivery]:
+        return await self._read(partial(listed, listing=listing, limit=limit))
+
+    async def owners_of(self, delivery_ids: Collection[int]) -> dict[int, str]:
+        return await self._read(partial(owners_of, delivery_ids=delivery_ids))
 
     async def counts(self) -> dict[str, DeliveryCounts]:
         """Per endpoint, its deliveries waiting and dead (for the metrics)."""

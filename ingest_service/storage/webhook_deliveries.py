@@ -1,4 +1,5 @@
-"""The webhook deliveries table: enqueued with a status change, claimed, recorded, revived.
+"""The webhook deliveries table: enqueued with a status change, claimed, recorded, listed,
+revived.
 
 Plain functions of a synchronous connection, so they run inside whichever transaction calls
 them (the status mirror's, for :func:`enqueue`); ``sql_deliveries`` runs the others as the
@@ -21,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ingest_service.domain.models import ProcessingStatus
+from ingest_service.domain.webhook_backlog import DeliveryListing
 from ingest_service.domain.webhook_endpoints import WebhookEndpoint
 from ingest_service.domain.webhooks import Claim, Delivery, WebhookChange
 from ingest_service.storage.schema import media, webhook_deliveries
@@ -86,6 +88,7 @@ def delivery_from_row(row: Any) -> Delivery:
         attempts=row.attempts,
         last_error=row.last_error,
         dead_at=row.dead_at,
+        next_attempt_at=row.next_attempt_at,
     )
 
 
@@ -148,11 +151,21 @@ def failed(
     )
 
 
-def revive(conn: Connection, delivery_ids: Collection[int] | None, *, now: float) -> int:
-    """Dead deliveries (of ``delivery_ids``; None: all) due now with a new retry period."""
-    condition: sa.ColumnElement[bool] = _table.c.dead_at.is_not(None)
+def revive(
+    conn: Connection,
+    delivery_ids: Collection[int] | None,
+    *,
+    endpoints: Collection[str],
+    owners: Collection[str] | None = None,
+    now: float,
+) -> int:
+    """Dead deliveries to ``endpoints`` (those of ``delivery_ids``; None: all), of ``owners``
+    (None: every owner), due now with a new retry period; how many."""
+    condition = sa.and_(_table.c.dead_at.is_not(None), _table.c.endpoint.in_(list(endpoints)))
     if delivery_ids is not None:
         condition = sa.and_(condition, _table.c.id.in_(list(delivery_ids)))
+    if owners is not None:
+        condition = sa.and_(condition, _table.c.owner_id.in_(list(owners)))
     result = conn.execute(
         sa.update(_table)
         .where(condition)
@@ -182,15 +195,25 @@ def counts(conn: Connection) -> dict[str, DeliveryCounts]:
     return {row.endpoint: DeliveryCounts(row.pending, row.dead) for row in rows}
 
 
-def dead_deliveries(
-    conn: Connection, *, limit: int, before_id: int | None = None, owners: Collection[str] | None
-) -> list[Delivery]:
-    """Dead deliveries, newest first, at most ``limit``, below ``before_id`` (paging), of
-    ``owners`` (None: every owner)."""
-    query = sa.select(_table).where(_table.c.dead_at.is_not(None))
-    if before_id is not None:
-        query = query.where(_table.c.id < before_id)
-    if owners is not None:
-        query = query.where(_table.c.owner_id.in_(list(owners)))
+def listed(conn: Connection, listing: DeliveryListing, *, limit: int) -> list[Delivery]:
+    """Undelivered deliveries ``listing`` selects, newest first, at most ``limit``."""
+    query = sa.select(_table)
+    if listing.dead is not None:
+        dead = _table.c.dead_at.is_not(None)
+        query = query.where(dead if listing.dead else sa.not_(dead))
+    if listing.endpoint:
+        query = query.where(_table.c.endpoint == listing.endpoint)
+    if listing.owners is not None:
+        query = query.where(_table.c.owner_id.in_(list(listing.owners)))
+    if listing.before_id is not None:
+        query = query.where(_table.c.id < listing.before_id)
     rows = conn.execute(query.order_by(_table.c.id.desc()).limit(limit))
     return [delivery_from_row(row) for row in rows]
+
+
+def owners_of(conn: Connection, delivery_ids: Collection[int]) -> dict[int, str]:
+    """The owner of each undelivered delivery of ``delivery_ids``; others are left out."""
+    rows = conn.execute(
+        sa.select(_table.c.id, _table.c.owner_id).where(_table.c.id.in_(list(delivery_ids)))
+    )
+    return {row.id: row.owner_id for row in rows}

@@ -30,6 +30,12 @@ class MediaView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MEDIA_VIEW_UNSPECIFIED: _ClassVar[MediaView]
     MEDIA_VIEW_BASIC: _ClassVar[MediaView]
     MEDIA_VIEW_FULL: _ClassVar[MediaView]
+
+class WebhookDeliveryState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WEBHOOK_DELIVERY_STATE_UNSPECIFIED: _ClassVar[WebhookDeliveryState]
+    WEBHOOK_DELIVERY_STATE_RETRYING: _ClassVar[WebhookDeliveryState]
+    WEBHOOK_DELIVERY_STATE_DEAD: _ClassVar[WebhookDeliveryState]
 PROCESSING_STATUS_UNSPECIFIED: ProcessingStatus
 PROCESSING_STATUS_PENDING: ProcessingStatus
 PROCESSING_STATUS_PROCESSING: ProcessingStatus
@@ -42,6 +48,9 @@ MEDIA_KIND_VIDEO: MediaKind
 MEDIA_VIEW_UNSPECIFIED: MediaView
 MEDIA_VIEW_BASIC: MediaView
 MEDIA_VIEW_FULL: MediaView
+WEBHOOK_DELIVERY_STATE_UNSPECIFIED: WebhookDeliveryState
+WEBHOOK_DELIVERY_STATE_RETRYING: WebhookDeliveryState
+WEBHOOK_DELIVERY_STATE_DEAD: WebhookDeliveryState
 
 class MediaFile(_message.Message):
     __slots__ = ("filename", "content_type", "content")
@@ -273,3 +282,71 @@ class ReadMediaContentResponse(_message.Message):
     size_bytes: int
     sha256: str
     def __init__(self, data: _Optional[bytes] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class WebhookDelivery(_message.Message):
+    __slots__ = ("id", "endpoint", "message_id", "media_id", "owner_id", "status", "revision", "state", "attempts", "last_error", "event_time", "create_time", "next_attempt_time", "dead_time")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TIME_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _ClassVar[int]
+    DEAD_TIME_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    endpoint: str
+    message_id: str
+    media_id: str
+    owner_id: str
+    status: ProcessingStatus
+    revision: int
+    state: WebhookDeliveryState
+    attempts: int
+    last_error: str
+    event_time: _timestamp_pb2.Timestamp
+    create_time: _timestamp_pb2.Timestamp
+    next_attempt_time: _timestamp_pb2.Timestamp
+    dead_time: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[int] = ..., endpoint: _Optional[str] = ..., message_id: _Optional[str] = ..., media_id: _Optional[str] = ..., owner_id: _Optional[str] = ..., status: _Optional[_Union[ProcessingStatus, str]] = ..., revision: _Optional[int] = ..., state: _Optional[_Union[WebhookDeliveryState, str]] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_attempt_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., dead_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListWebhookDeliveriesRequest(_message.Message):
+    __slots__ = ("state", "endpoint", "owner_id", "page_size", "page_token")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    state: WebhookDeliveryState
+    endpoint: str
+    owner_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, state: _Optional[_Union[WebhookDeliveryState, str]] = ..., endpoint: _Optional[str] = ..., owner_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListWebhookDeliveriesResponse(_message.Message):
+    __slots__ = ("deliveries", "next_page_token")
+    DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    deliveries: _containers.RepeatedCompositeFieldContainer[WebhookDelivery]
+    next_page_token: str
+    def __init__(self, deliveries: _Optional[_Iterable[_Union[WebhookDelivery, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class RetryWebhookDeliveriesRequest(_message.Message):
+    __slots__ = ("delivery_ids", "endpoint")
+    DELIVERY_IDS_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    delivery_ids: _containers.RepeatedScalarFieldContainer[int]
+    endpoint: str
+    def __init__(self, delivery_ids: _Optional[_Iterable[int]] = ..., endpoint: _Optional[str] = ...) -> None: ...
+
+class RetryWebhookDeliveriesResponse(_message.Message):
+    __slots__ = ("count",)
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    def __init__(self, count: _Optional[int] = ...) -> None: ...

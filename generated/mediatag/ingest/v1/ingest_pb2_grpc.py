@@ -66,6 +66,16 @@ class IngestServiceStub:
                 request_serializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ReadMediaContentRequest.SerializeToString,
                 response_deserializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ReadMediaContentResponse.FromString,
                 _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/mediatag.ingest.v1.IngestService/ListWebhookDeliveries',
+                request_serializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.RetryWebhookDeliveries = channel.unary_unary(
+                '/mediatag.ingest.v1.IngestService/RetryWebhookDeliveries',
+                request_serializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.RetryWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.RetryWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -117,6 +127,22 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWebhookDeliveries(self, request, context):
+        """Lists webhook deliveries not yet accepted by their endpoint (still retried, or dead),
+        newest first, with AIP-158 paging.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryWebhookDeliveries(self, request, context):
+        """Sends dead webhook deliveries again, by ids or every dead one of an endpoint, each with a
+        new retry period. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +175,16 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.ReadMediaContent,
                     request_deserializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ReadMediaContentRequest.FromString,
                     response_serializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ReadMediaContentResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'RetryWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryWebhookDeliveries,
+                    request_deserializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.RetryWebhookDeliveriesRequest.FromString,
+                    response_serializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.RetryWebhookDeliveriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +351,60 @@ class IngestService:
             '/mediatag.ingest.v1.IngestService/ReadMediaContent',
             mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ReadMediaContentRequest.SerializeToString,
             mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ReadMediaContentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mediatag.ingest.v1.IngestService/ListWebhookDeliveries',
+            mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mediatag.ingest.v1.IngestService/RetryWebhookDeliveries',
+            mediatag_dot_ingest_dot_v1_dot_ingest__pb2.RetryWebhookDeliveriesRequest.SerializeToString,
+            mediatag_dot_ingest_dot_v1_dot_ingest__pb2.RetryWebhookDeliveriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,14 @@ class IngestServiceStub:
     """Sends items back to analysis, by ids or by filter."""
     ReadMediaContent: _grpc.UnaryStreamMultiCallable[_ingest_pb2.ReadMediaContentRequest, _ingest_pb2.ReadMediaContentResponse]
     """Streams the stored bytes of one item in chunks (the analysis service's claim check)."""
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListWebhookDeliveriesRequest, _ingest_pb2.ListWebhookDeliveriesResponse]
+    """Lists webhook deliveries not yet accepted by their endpoint (still retried, or dead),
+    newest first, with AIP-158 paging.
+    """
+    RetryWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.RetryWebhookDeliveriesRequest, _ingest_pb2.RetryWebhookDeliveriesResponse]
+    """Sends dead webhook deliveries again, by ids or every dead one of an endpoint, each with a
+    new retry period. Admin only.
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -73,6 +81,14 @@ class IngestServiceAsyncStub(IngestServiceStub):
     """Sends items back to analysis, by ids or by filter."""
     ReadMediaContent: _aio.UnaryStreamMultiCallable[_ingest_pb2.ReadMediaContentRequest, _ingest_pb2.ReadMediaContentResponse]  # type: ignore[assignment]
     """Streams the stored bytes of one item in chunks (the analysis service's claim check)."""
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListWebhookDeliveriesRequest, _ingest_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """Lists webhook deliveries not yet accepted by their endpoint (still retried, or dead),
+    newest first, with AIP-158 paging.
+    """
+    RetryWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_ingest_pb2.RetryWebhookDeliveriesRequest, _ingest_pb2.RetryWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """Sends dead webhook deliveries again, by ids or every dead one of an endpoint, each with a
+    new retry period. Admin only.
+    """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     """IngestService accepts media, stores it, and answers at once; analysis happens
@@ -129,5 +145,25 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_ingest_pb2.ReadMediaContentResponse], _abc.AsyncIterator[_ingest_pb2.ReadMediaContentResponse]]:
         """Streams the stored bytes of one item in chunks (the analysis service's claim check)."""
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _ingest_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_ingest_pb2.ListWebhookDeliveriesResponse]]:
+        """Lists webhook deliveries not yet accepted by their endpoint (still retried, or dead),
+        newest first, with AIP-158 paging.
+        """
+
+    @_abc_1.abstractmethod
+    def RetryWebhookDeliveries(
+        self,
+        request: _ingest_pb2.RetryWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.RetryWebhookDeliveriesResponse, _abc.Awaitable[_ingest_pb2.RetryWebhookDeliveriesResponse]]:
+        """Sends dead webhook deliveries again, by ids or every dead one of an endpoint, each with a
+        new retry period. Admin only.
+        """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,248 @@
+"""Dead webhook deliveries through the ingest API: listed (owner-scoped, paged), retried by
+an admin, and then delivered: nothing a refusing receiver missed is lost."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from mediatag.ingest.v1 import ingest_pb2 as ipb
+from mediatag.ingest.v1 import ingest_pb2_grpc
+
+from analysis_service.config import AnalysisConfig, RateLimitConfig
+from ingest_service.config import IngestConfig, WebhookConfig
+from mediatag_common.grpc_server import open_channel
+from tests.conftest import Cluster, wait_until
+from tests.fakes import ScriptedAnalyzer
+from tests.test_auth import TOKENS, TOKENS_TOML, Clients, image_upload
+from tests.test_ingest_service import assert_refused, refusal
+from tests.test_webhooks import Receiver, endpoints_file, stored_deliveries, verified
+
+DEAD = ipb.WEBHOOK_DELIVERY_STATE_DEAD
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+# An admin restricted to one owner, beside the tokens of the auth tests.
+ADMIN7_TOKEN = "admin7-token-0123456789"
+ADMIN7_TOML = f"""
+[[tokens]]
+name = "listing-7-ops"
+token = "{ADMIN7_TOKEN}"
+roles = ["admin"]
+owners = ["listing-7"]
+"""
+
+
+def dying_webhooks(file: Path) -> WebhookConfig:
+    """Deliveries retried for a fraction of a second, then dead."""
+    return WebhookConfig(
+        file=file, initial_backoff=0.05, max_backoff=0.1, retry_period=0.3, poll_interval=0.1
+    )
+
+
+@dataclass
+class Refused:
+    cluster: Cluster
+    clients: Clients
+    # Stub of the admin restricted to listing-7.
+    admin7: ingest_pb2_grpc.IngestServiceAsyncStub
+    receiver: Receiver
+    media_ids: list[str]
+
+
+@pytest.fixture
+async def refused(make_cluster: Callable[..., Cluster], tmp_path: Path) -> AsyncIterator[Refused]:
+    """Both services with tokens; a receiver refusing every webhook (HTTP 500) until the
+    test says otherwise, so the deliveries of three items (two of listing-7, one of
+    listing-8) are dead."""
+    receiver = Receiver(script={"hooks": [500]})
+    await receiver.start()
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(TOKENS_TOML + ADMIN7_TOML)
+    hooks = endpoints_file(tmp_path / "hooks.toml", {"hooks": receiver.url("hooks")})
+    cluster = make_cluster(
+        analyzer=ScriptedAnalyzer(),
+        analysis_config=AnalysisConfig(
+            rate_limits={"local": RateLimitConfig(100, 10)},
+            tokens_file=tokens,
+            service_token=TOKENS["service"],
+        ),
+        ingest_config=IngestConfig(
+            tokens_file=tokens, service_token=TOKENS["service"], webhooks=dying_webhooks(hooks)
+        ),
+    )
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    clients = Clients(cluster)
+    admin = clients.ingest("admin")
+    uploaded = await admin.UploadMedia(image_upload("listing-7", 0, n=2), timeout=10)
+    other = await admin.UploadMedia(image_upload("listing-8", 10), timeout=10)
+    media_ids = [m.id for m in [*uploaded.media, *other.media]]
+
+    async def all_dead() -> bool:
+        listed = await admin.ListWebhookDeliveries(
+            ipb.ListWebhookDeliveriesRequest(state=DEAD), timeout=5
+        )
+        return len(listed.deliveries) == 3
+
+    await wait_until(all_dead)
+    async with open_channel(f"127.0.0.1:{cluster.ingest_port}", token=ADMIN7_TOKEN) as channel:
+        admin7 = ingest_pb2_grpc.IngestServiceStub(channel)
+        yield Refused(cluster, clients, admin7, receiver, media_ids)
+    await clients.close()
+    await receiver.stop()
+
+
+async def test_dead_deliveries_are_listed_to_whom_may_see_their_owners(
+    refused: Refused,
+) -> None:
+    clients = refused.clients
+    viewer = clients.ingest("viewer")
+    listed = await viewer.ListWebhookDeliveries(ipb.ListWebhookDeliveriesRequest(), timeout=5)
+    assert {d.media_id for d in listed.deliveries} == set(refused.media_ids)
+    for delivery in listed.deliveries:
+        assert delivery.state == DEAD
+        assert (delivery.endpoint, delivery.status) == ("hooks", ipb.PROCESSING_STATUS_COMPLETED)
+        assert delivery.last_error == "HTTP 500"
+        assert delivery.attempts >= 1
+        assert delivery.message_id == f"msg_{delivery.media_id}_{delivery.revision}"
+        assert delivery.HasField("dead_time")
+        assert not delivery.HasField("next_attempt_time")
+    ids = [d.id for d in listed.deliveries]
+    assert ids == sorted(ids, reverse=True)
+    retrying = await viewer.ListWebhookDeliveries(
+        ipb.ListWebhookDeliveriesRequest(state=ipb.WEBHOOK_DELIVERY_STATE_RETRYING), timeout=5
+    )
+    assert list(retrying.deliveries) == []
+
+    # Owner-restricted callers see their owners' only.
+    viewer7 = clients.ingest("viewer7")
+    sevens = await viewer7.ListWebhookDeliveries(ipb.ListWebhookDeliveriesRequest(), timeout=5)
+    assert {d.owner_id for d in sevens.deliveries} == {"listing-7"}
+    assert len(sevens.deliveries) == 2
+    eights = await clients.ingest("viewer78").ListWebhookDeliveries(
+        ipb.ListWebhookDeliveriesRequest(owner_id="listing-8"), timeout=5
+    )
+    assert {d.owner_id for d in eights.deliveries} == {"listing-8"}
+
+    # Paged one by one with signed tokens.
+    seen: list[int] = []
+    token = ""
+    while True:
+        page = await viewer.ListWebhookDeliveries(
+            ipb.ListWebhookDeliveriesRequest(state=DEAD, page_size=1, page_token=token), timeout=5
+        )
+        seen.extend(d.id for d in page.deliveries)
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == ids
+
+    first = await viewer.ListWebhookDeliveries(
+        ipb.ListWebhookDeliveriesRequest(page_size=1), timeout=5
+    )
+    refusals = [
+        (viewer7, ipb.ListWebhookDeliveriesRequest(owner_id="listing-8"), DENIED),
+        (viewer, ipb.ListWebhookDeliveriesRequest(page_size=-1), INVALID),
+        (viewer, ipb.ListWebhookDeliveriesRequest(page_token="forged"), INVALID),
+        # A token is good for the filters it was issued for only.
+        (
+            viewer,
+            ipb.ListWebhookDeliveriesRequest(page_token=first.next_page_token, endpoint="hooks"),
+            INVALID,
+        ),
+        (viewer, ipb.ListWebhookDeliveriesRequest(state=7), INVALID),  # type: ignore[arg-type]
+        (viewer, ipb.ListWebhookDeliveriesRequest(owner_id="bad owner"), INVALID),
+    ]
+    expected = [
+        ("OWNER_NOT_ALLOWED", "owner_id"),
+        ("INVALID_PAGE_SIZE", "page_size"),
+        ("INVALID_PAGE_TOKEN", "page_token"),
+        ("INVALID_PAGE_TOKEN", "page_token"),
+        ("INVALID_STATE", "state"),
+        ("INVALID_OWNER_ID", "owner_id"),
+    ]
+    for (stub, request, code), (reason, field) in zip(refusals, expected, strict=True):
+        assert_refused(
+            await refusal(stub.ListWebhookDeliveries(request, timeout=5)), code, reason, field
+        )
+    uploader = clients.ingest("uploader7")
+    assert_refused(
+        await refusal(
+            uploader.ListWebhookDeliveries(ipb.ListWebhookDeliveriesRequest(), timeout=5)
+        ),
+        DENIED,
+        "ROLE_NOT_ALLOWED",
+        None,
+    )
+
+
+async def test_an_admin_retries_dead_deliveries_and_nothing_is_lost(refused: Refused) -> None:
+    cluster, clients, receiver = refused.cluster, refused.clients, refused.receiver
+    admin, admin7 = clients.ingest("admin"), refused.admin7
+    listed = await admin.ListWebhookDeliveries(ipb.ListWebhookDeliveriesRequest(), timeout=5)
+    by_owner = {d.owner_id: d.id for d in listed.deliveries}
+    retry = ipb.RetryWebhookDeliveriesRequest
+    refusals = [
+        (clients.ingest("viewer"), retry(endpoint="hooks"), DENIED, "ROLE_NOT_ALLOWED", None),
+        (admin, retry(), INVALID, "FILTER_REQUIRED", "delivery_ids"),
+        (
+            admin,
+            retry(delivery_ids=range(1, 1002)),
+            INVALID,
+            "TOO_MANY_DELIVERY_IDS",
+            "delivery_ids",
+        ),
+        (admin, retry(endpoint="nope"), NOT_FOUND, "WEBHOOK_ENDPOINT_NOT_FOUND", "endpoint"),
+        (
+            admin,
+            retry(delivery_ids=[by_owner["listing-8"], 10**12]),
+            NOT_FOUND,
+            "WEBHOOK_DELIVERY_NOT_FOUND",
+            "delivery_ids[1]",
+        ),
+        # An admin restricted to listing-7 may not touch listing-8's delivery.
+        (
+            admin7,
+            retry(delivery_ids=[by_owner["listing-8"]]),
+            DENIED,
+            "OWNER_NOT_ALLOWED",
+            "delivery_ids[0]",
+        ),
+    ]
+    for stub, request, code, reason, field in refusals:
+        error = await refusal(stub.RetryWebhookDeliveries(request, timeout=5))
+        assert_refused(error, code, reason, field)
+    # Refused retries revived nothing: all three are still dead.
+    still = await admin.ListWebhookDeliveries(
+        ipb.ListWebhookDeliveriesRequest(state=DEAD), timeout=5
+    )
+    assert len(still.deliveries) == 3
+
+    receiver.script["hooks"] = [200]
+    refused_so_far = len(receiver.received["hooks"])
+    # The restricted admin's "every dead one of the endpoint" is its owners' two.
+    sevens = await admin7.RetryWebhookDeliveries(retry(endpoint="hooks"), timeout=5)
+    assert sevens.count == 2
+
+    async def sevens_delivered() -> bool:
+        return stored_deliveries(cluster) == 1
+
+    await wait_until(sevens_delivered)
+    answer = await admin.RetryWebhookDeliveries(
+        retry(delivery_ids=[by_owner["listing-8"]]), timeout=5
+    )
+    assert answer.count == 1
+
+    async def all_delivered() -> bool:
+        return stored_deliveries(cluster) == 0
+
+    await wait_until(all_delivered)
+    # Every change reached the receiver, signed, once it accepted them.
+    accepted = receiver.received["hooks"][refused_so_far:]
+    assert {verified("hooks", r)["data"]["mediaId"] for r in accepted} == set(refused.media_ids)
+    empty = await admin.ListWebhookDeliveries(ipb.ListWebhookDeliveriesRequest(), timeout=5)
+    assert list(empty.deliveries) == []
