@@ -13,6 +13,7 @@ from mediatag.analysis.v1 import analysis_pb2
 from ingest_service.config import UploadLimits
 from ingest_service.domain.blobs import BlobStore
 from ingest_service.domain.models import Media, ProcessingStatus
+from ingest_service.domain.pages import Key, one_page
 from ingest_service.domain.store import IngestStore
 from ingest_service.domain.uploads import validate_owner_id
 from ingest_service.errors import (
@@ -114,27 +115,25 @@ class MediaLibrary:
         to decide (an owner-restricted caller's listing is always of one owner)."""
         if owner_id:
             validate_owner_id(owner_id, self._limits)
-        try:
-            limit = paging.page_size(page_size)
-        except paging.InvalidPageSize as exc:
-            raise invalid("page_size", "INVALID_PAGE_SIZE", str(exc)) from exc
-        filters = {"owner_id": owner_id, "status": status.value if status else ""}
-        try:
-            key = self._page_tokens.resume_after(page_token, filters, (float, str))
-        except paging.InvalidPageToken as exc:
-            raise invalid("page_token", "INVALID_PAGE_TOKEN", str(exc)) from exc
-        after = None if key is None else (float(key[0]), str(key[1]))
-        found = await self._store.list_media(
-            owner_id=owner_id or None,
-            status=status,
-            after=after,
-            limit=limit + 1,
-            with_embedding=with_embedding,
+
+        async def fetch(after: Key | None, limit: int) -> Sequence[Media]:
+            return await self._store.list_media(
+                owner_id=owner_id or None,
+                status=status,
+                after=None if after is None else (float(after[0]), str(after[1])),
+                limit=limit,
+                with_embedding=with_embedding,
+            )
+
+        page, token = await one_page(
+            self._page_tokens,
+            page_size=page_size,
+            page_token=page_token,
+            filters={"owner_id": owner_id, "status": status.value if status else ""},
+            shape=(float, str),
+            fetch=fetch,
+            key_of=lambda media: (media.created_at, media.id),
         )
-        page = tuple(found[:limit])
-        token = ""
-        if len(found) > limit:
-            token = self._page_tokens.issue([page[-1].created_at, page[-1].id], filters)
         return MediaPage(page, token)
 
     async def content(self, media: Media) -> AsyncIterator[bytes]:

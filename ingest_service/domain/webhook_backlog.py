@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ingest_service.config import UploadLimits
+from ingest_service.domain.pages import Key, one_page
 from ingest_service.domain.uploads import validate_owner_id
 from ingest_service.domain.webhooks import Delivery, WebhookDispatcher
 from ingest_service.errors import WebhookDeliveryNotFound, WebhookEndpointNotFound, invalid
@@ -82,27 +83,26 @@ class WebhookBacklog:
         if owner_id:
             validate_owner_id(owner_id, self._limits)
             owners = [owner_id]
-        try:
-            limit = paging.page_size(page_size)
-        except paging.InvalidPageSize as exc:
-            raise invalid("page_size", "INVALID_PAGE_SIZE", str(exc)) from exc
+
+        async def fetch(after: Key | None, limit: int) -> list[Delivery]:
+            listing = DeliveryListing(
+                dead=dead,
+                endpoint=endpoint,
+                owners=owners,
+                before_id=None if after is None else int(after[0]),
+            )
+            return await self._log.listed(listing, limit=limit)
+
         state = "" if dead is None else "dead" if dead else "retrying"
-        filters = {"state": state, "endpoint": endpoint, "owner_id": owner_id}
-        try:
-            key = self._page_tokens.resume_after(page_token, filters, (int,))
-        except paging.InvalidPageToken as exc:
-            raise invalid("page_token", "INVALID_PAGE_TOKEN", str(exc)) from exc
-        listing = DeliveryListing(
-            dead=dead,
-            endpoint=endpoint,
-            owners=owners,
-            before_id=None if key is None else int(key[0]),
+        page, token = await one_page(
+            self._page_tokens,
+            page_size=page_size,
+            page_token=page_token,
+            filters={"state": state, "endpoint": endpoint, "owner_id": owner_id},
+            shape=(int,),
+            fetch=fetch,
+            key_of=lambda delivery: (delivery.id,),
         )
-        found = await self._log.listed(listing, limit=limit + 1)
-        page = tuple(found[:limit])
-        token = ""
-        if len(found) > limit:
-            token = self._page_tokens.issue([page[-1].id], filters)
         return DeliveryPage(page, token)
 
     async def owners_of(self, delivery_ids: Sequence[int]) -> dict[int, str]:
