@@ -4,10 +4,12 @@ implementation of :class:`~analysis_service.domain.store.QueueStore` (SQLite and
 __all__ = [
     "clock",
     "events",
+    "job_reads",
     "jobs",
     "queue_store",
     "rate_limits",
     "replicas",
+    "results",
     "schema",
     "session",
     "tailer",

@@ -1,5 +1,6 @@
-"""Statements on jobs, their attempts, their counts and the result cache (SQLite and
-PostgreSQL; where they differ, the dialect is checked here)."""
+"""Statements that change jobs, their attempts and their counts (SQLite and PostgreSQL;
+where they differ, the dialect is checked here). Reads are in :mod:`.job_reads`, the result
+cache in :mod:`.results`."""
 
 from __future__ import annotations
 
@@ -10,20 +11,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from analysis_service.domain.models import (
-    Attempt,
     ClaimedJob,
-    Job,
     JobError,
-    JobResult,
     JobSpec,
     JobStatus,
 )
 from analysis_service.domain.store import AttemptEnd
 from analysis_service.storage import schema
-from analysis_service.storage.events import error_from_row, result_from_row
-from analysis_service.storage.schema import attempts, counters, jobs, result_claims, results
+from analysis_service.storage.schema import attempts, counters, jobs
 from mediatag_common.database import POSTGRESQL, SQLITE, insert
-from mediatag_common.embeddings import embedding_to_bytes
 
 # Queue order: priority first, then submission time (media id breaks ties).
 QUEUE_ORDER = (jobs.c.priority.desc(), jobs.c.submitted_at, jobs.c.media_id)
@@ -50,14 +46,6 @@ def error_values(error: JobError | None) -> dict[str, Any]:
         "error_message": error.message if error else None,
         "error_transient": error.transient if error else None,
     }
-
-
-def owners_of(conn: Connection, media_ids: Collection[str]) -> dict[str, str]:
-    """The owner of each known job of ``media_ids``, in one query."""
-    rows = conn.execute(
-        sa.select(jobs.c.media_id, jobs.c.owner_id).where(jobs.c.media_id.in_(list(media_ids)))
-    )
-    return {row.media_id: row.owner_id for row in rows}
 
 
 def insert_new_jobs(
@@ -171,15 +159,6 @@ def claim_due(
 
 def claimed_job(row: Any) -> ClaimedJob:
     return ClaimedJob(spec_from_row(row), row.attempt, row.lease_token, row.quota_deferrals)
-
-
-def next_due_time(conn: Connection) -> float | None:
-    """When the earliest PENDING job becomes claimable."""
-    query = sa.select(sa.func.min(jobs.c.next_attempt_at)).where(
-        jobs.c.status == JobStatus.PENDING.value
-    )
-    value = conn.execute(query).scalar_one_or_none()
-    return float(value) if value is not None else None
 
 
 def fenced_update(
@@ -367,169 +346,6 @@ def job_rows(
     return list(conn.execute(query.order_by(*QUEUE_ORDER)).all())
 
 
-def known_ids(conn: Connection, media_ids: Collection[str]) -> set[str]:
-    rows = conn.execute(sa.select(jobs.c.media_id).where(jobs.c.media_id.in_(list(media_ids))))
-    return set(rows.scalars())
-
-
-def get_result(conn: Connection, key: str) -> JobResult | None:
-    row = conn.execute(sa.select(results).where(results.c.key == key)).first()
-    return result_from_row(row, reused=True, with_embedding=True) if row else None
-
-
-def store_result(conn: Connection, key: str, sha256: str, result: JobResult, now: float) -> None:
-    """Insert a result unless the key is already cached (results are deterministic by key)."""
-    if result.embedding is None:
-        raise ValueError("a stored result needs its embedding")
-    conn.execute(
-        insert(conn, results)
-        .values(
-            key=key,
-            sha256=sha256,
-            analyzer_name=result.analyzer_name,
-            analyzer_version=result.analyzer_version,
-            tags=list(result.tags),
-            embedding=embedding_to_bytes(result.embedding),
-            embedding_dimensions=result.embedding_dimensions,
-            created_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=[results.c.key])
-    )
-
-
-def take_result_claim(
-    conn: Connection, key: str, holder: str, *, now: float, lease_seconds: float
-) -> bool:
-    """Claim the analysis of ``key`` unless another holder's claim is still live or the
-    result is already stored."""
-    statement = insert(conn, result_claims).values(
-        key=key, holder=holder, expires_at=now + lease_seconds
-    )
-    statement = statement.on_conflict_do_update(
-        index_elements=[result_claims.c.key],
-        set_={"holder": holder, "expires_at": now + lease_seconds},
-        where=sa.or_(result_claims.c.expires_at < now, result_claims.c.holder == holder),
-    ).returning(result_claims.c.holder)
-    if conn.execute(statement).first() is None:
-        return False
-    # Checked after the claim, not before: a holder storing its result drops its claim in
-    # the same transaction, and the insert above waits for that transaction, so from here
-    # (a new statement, read committed) its result is visible.
-    if conn.execute(sa.select(results.c.key).where(results.c.key == key)).first() is None:
-        return True
-    drop_result_claim(conn, key, holder)
-    return False
-
-
-def drop_result_claim(conn: Connection, key: str, holder: str) -> None:
-    conn.execute(
-        sa.delete(result_claims).where(result_claims.c.key == key, result_claims.c.holder == holder)
-    )
-
-
-def _job_select(with_embedding: bool) -> sa.Select[Any]:
-    columns: list[Any] = [
-        jobs,
-        results.c.tags,
-        results.c.embedding_dimensions,
-        results.c.analyzer_name,
-        results.c.analyzer_version,
-    ]
-    if with_embedding:
-        columns.append(results.c.embedding)
-    return sa.select(*columns).select_from(
-        jobs.outerjoin(results, jobs.c.result_key == results.c.key)
-    )
-
-
-def _job_from_row(row: Any, with_embedding: bool, attempt_rows: Sequence[Any] = ()) -> Job:
-    status = JobStatus(row.status)
-    return Job(
-        spec=spec_from_row(row),
-        status=status,
-        attempt=row.attempt,
-        max_attempts=row.max_attempts,
-        next_attempt_at=row.next_attempt_at,
-        submitted_at=row.submitted_at,
-        updated_at=row.updated_at,
-        revision=row.revision,
-        lease_token=row.lease_token,
-        result=result_from_row(row, row.reused, with_embedding)
-        if status is JobStatus.COMPLETED
-        else None,
-        error=error_from_row(row),
-        attempts=tuple(
-            Attempt(a.number, a.started_at, a.ended_at, a.outcome, error_from_row(a))
-            for a in attempt_rows
-        ),
-    )
-
-
-def get_job(conn: Connection, media_id: str, *, with_embedding: bool) -> Job | None:
-    row = conn.execute(_job_select(with_embedding).where(jobs.c.media_id == media_id)).first()
-    if row is None:
-        return None
-    attempt_rows = (
-        conn.execute(
-            sa.select(attempts).where(attempts.c.media_id == media_id).order_by(attempts.c.id)
-        )
-    ).all()
-    return _job_from_row(row, with_embedding, attempt_rows)
-
-
-def list_jobs(
-    conn: Connection,
-    *,
-    status: JobStatus | None,
-    owner_id: str,
-    error_reason: str,
-    after: Sequence[Any] | None,
-    limit: int,
-    with_embedding: bool,
-) -> list[Job]:
-    """A page of jobs in queue order, after the key ``(priority, submitted_at, media_id)``."""
-    query = _job_select(with_embedding).order_by(*QUEUE_ORDER).limit(limit)
-    if status is not None:
-        query = query.where(jobs.c.status == status.value)
-    if owner_id:
-        query = query.where(jobs.c.owner_id == owner_id)
-    if error_reason:
-        query = query.where(jobs.c.error_reason == error_reason)
-    if after is not None:
-        priority, submitted_at, media_id = after
-        query = query.where(
-            sa.or_(
-                jobs.c.priority < priority,
-                sa.and_(jobs.c.priority == priority, jobs.c.submitted_at > submitted_at),
-                sa.and_(
-                    jobs.c.priority == priority,
-                    jobs.c.submitted_at == submitted_at,
-                    jobs.c.media_id > media_id,
-                ),
-            )
-        )
-    rows = conn.execute(query).all()
-    by_id: dict[str, list[Any]] = {row.media_id: [] for row in rows}
-    if by_id:
-        attempt_rows = conn.execute(
-            sa.select(attempts).where(attempts.c.media_id.in_(list(by_id))).order_by(attempts.c.id)
-        )
-        for attempt_row in attempt_rows:
-            by_id[attempt_row.media_id].append(attempt_row)
-    return [_job_from_row(row, with_embedding, by_id[row.media_id]) for row in rows]
-
-
-def counts_by_status(conn: Connection) -> dict[JobStatus, int]:
-    """Jobs by status, from the counts kept with each transition (constant time)."""
-    rows = conn.execute(
-        sa.select(counters.c.name, counters.c.value).where(
-            counters.c.name.in_([schema.job_count(status) for status in JobStatus])
-        )
-    )
-    by_name = {name: int(value) for name, value in rows}
-    return {status: by_name.get(schema.job_count(status), 0) for status in JobStatus}
-
-
 def adjust_counts(conn: Connection, deltas: Mapping[JobStatus, int]) -> None:
     """Apply the transaction's changes to the job counts, in a fixed row order (concurrent
     transactions lock the rows in the same order: no deadlock)."""
@@ -545,14 +361,3 @@ def adjust_counts(conn: Connection, deltas: Mapping[JobStatus, int]) -> None:
             .values(value=counters.c.value + sa.bindparam("delta")),
             changes,
         )
-
-
-def oldest_pending_submission(conn: Connection) -> float | None:
-    value = (
-        conn.execute(
-            sa.select(sa.func.min(jobs.c.submitted_at)).where(
-                jobs.c.status == JobStatus.PENDING.value
-            )
-        )
-    ).scalar_one_or_none()
-    return float(value) if value is not None else None

@@ -27,8 +27,9 @@ from analysis_service.domain.store import (
     QueueDepth,
 )
 from analysis_service.storage import events as event_log
+from analysis_service.storage import job_reads, schema
 from analysis_service.storage import jobs as job_rows
-from analysis_service.storage import schema
+from analysis_service.storage import results as result_rows
 from analysis_service.storage.events import EventDraft
 from analysis_service.storage.session import consistent_read, read, write
 from mediatag_common.database import SQLITE, Database, after_commit, database_now
@@ -150,7 +151,7 @@ class SqlQueueStore:
         def transaction(conn: Connection) -> tuple[list[str], list[str]]:
             now = database_now(conn)
             if media_ids:
-                missing = sorted(set(media_ids) - job_rows.known_ids(conn, media_ids))
+                missing = sorted(set(media_ids) - job_reads.known_ids(conn, media_ids))
                 if missing:
                     return [], missing
                 rows = [
@@ -185,18 +186,18 @@ class SqlQueueStore:
         return bool(await read(self._db, lambda conn: event_log.read_counter(conn, schema.PAUSED)))
 
     async def next_due_time(self) -> float | None:
-        return await read(self._db, job_rows.next_due_time)
+        return await read(self._db, job_reads.next_due_time)
 
     # -- reads -------------------------------------------------------------------------------
 
     async def get_job(self, media_id: str, *, with_embedding: bool) -> Job | None:
         return await read(
             self._db,
-            lambda conn: job_rows.get_job(conn, media_id, with_embedding=with_embedding),
+            lambda conn: job_reads.get_job(conn, media_id, with_embedding=with_embedding),
         )
 
     async def owners_of(self, media_ids: Sequence[str]) -> dict[str, str]:
-        return await read(self._db, lambda conn: job_rows.owners_of(conn, media_ids))
+        return await read(self._db, lambda conn: job_reads.owners_of(conn, media_ids))
 
     async def list_jobs(
         self,
@@ -210,7 +211,7 @@ class SqlQueueStore:
     ) -> list[Job]:
         return await read(
             self._db,
-            lambda conn: job_rows.list_jobs(
+            lambda conn: job_reads.list_jobs(
                 conn,
                 status=status,
                 owner_id=owner_id,
@@ -224,7 +225,7 @@ class SqlQueueStore:
     async def depth(self) -> QueueDepth:
         def query(conn: Connection) -> QueueDepth:
             return QueueDepth(
-                job_rows.counts_by_status(conn), job_rows.oldest_pending_submission(conn)
+                job_reads.counts_by_status(conn), job_reads.oldest_pending_submission(conn)
             )
 
         return await consistent_read(self._db, query)
@@ -286,28 +287,28 @@ class SqlQueueStore:
     # -- the result cache --------------------------------------------------------------------
 
     async def cached_result(self, key: str) -> JobResult | None:
-        return await read(self._db, lambda conn: job_rows.get_result(conn, key))
+        return await read(self._db, lambda conn: result_rows.get_result(conn, key))
 
     async def store_result(
         self, key: str, sha256: str, result: JobResult, *, holder: str | None
     ) -> None:
         def transaction(conn: Connection) -> None:
-            job_rows.store_result(conn, key, sha256, result, database_now(conn))
+            result_rows.store_result(conn, key, sha256, result, database_now(conn))
             if holder is not None:
-                job_rows.drop_result_claim(conn, key, holder)
+                result_rows.drop_result_claim(conn, key, holder)
 
         await write(self._db, transaction)
 
     async def take_analysis(self, key: str, holder: str, lease_seconds: float) -> bool:
         return await write(
             self._db,
-            lambda conn: job_rows.take_result_claim(
+            lambda conn: result_rows.take_result_claim(
                 conn, key, holder, now=database_now(conn), lease_seconds=lease_seconds
             ),
         )
 
     async def drop_analysis(self, key: str, holder: str) -> None:
-        await write(self._db, lambda conn: job_rows.drop_result_claim(conn, key, holder))
+        await write(self._db, lambda conn: result_rows.drop_result_claim(conn, key, holder))
 
 
 def _draft(end: AttemptEnd, now: float) -> EventDraft:
