@@ -1,8 +1,10 @@
 """The dashboard in a real browser (Debian's Chromium, driven by Playwright): uploads going
-through live, a failure and its retry, pause, a viewer's page, untrusted names as text."""
+through live, a failure and its retry, pause, a viewer's page, untrusted names as text, a dead
+webhook delivery and its retry."""
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from mediatag.analysis.v1 import analysis_pb2 as apb
+from mediatag.ingest.v1 import ingest_pb2 as ipb
 from playwright.async_api import FilePayload, Page, expect
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig, WatchConfig
@@ -19,6 +22,8 @@ from tests.conftest import Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.media_samples import jpeg_bytes, png_bytes
 from tests.test_auth import TOKENS, tokens_file
+from tests.test_webhook_retry import dying_webhooks
+from tests.test_webhooks import Receiver, endpoints_file, stored_deliveries, upload, verified
 from tests.web_support import Gateways, Web, web_config
 
 OWNER = "listing-3"
@@ -215,3 +220,54 @@ async def test_a_filename_with_markup_shows_as_text(web: Web, page: Page) -> Non
     assert await page.evaluate("window.injected") is None
     assert await page.locator("#items script, #uploads script").count() == 0
     assert await page.locator("#items img[src=x]").count() == 0
+
+
+async def test_a_dead_webhook_delivery_shows_and_its_retry_delivers_it(
+    make_cluster: Callable[..., Cluster], gateways: Gateways, page: Page, tmp_path: Path
+) -> None:
+    receiver = Receiver(script={"hooks": [500]})
+    await receiver.start()
+    try:
+        hooks = endpoints_file(tmp_path / "hooks.toml", {"hooks": receiver.url("hooks")})
+        cluster = make_cluster(
+            analyzer=ScriptedAnalyzer(dimensions=64),
+            analysis_config=AnalysisConfig(
+                embedding_dimensions=64, rate_limits={"local": RateLimitConfig(100, 10)}
+            ),
+            ingest_config=IngestConfig(webhooks=dying_webhooks(hooks)),
+        )
+        await cluster.start_analysis()
+        await cluster.start_ingest()
+        [media_id] = await upload(cluster, range(1))
+
+        async def dead() -> bool:
+            listed = await cluster.ingest.ListWebhookDeliveries(
+                ipb.ListWebhookDeliveriesRequest(state=ipb.WEBHOOK_DELIVERY_STATE_DEAD)
+            )
+            return len(listed.deliveries) == 1
+
+        await wait_until(dead)
+        web = await gateways.start(web_config(cluster))
+        await page.goto(web.url)
+        line = page.locator("#deliveries tbody tr", has_text=media_id)
+        cells = line.locator("td")
+        await expect(cells.nth(0)).to_have_text("hooks")
+        await expect(cells.nth(3)).to_have_text("completed")
+        await expect(cells.nth(4)).to_have_text(re.compile(r"^[1-9][0-9]*$"))
+        await expect(cells.nth(5)).to_have_text("HTTP 500")
+        await expect(cells.nth(6)).not_to_be_empty()
+
+        receiver.script["hooks"] = [200]
+        refused_so_far = len(receiver.received["hooks"])
+        await line.locator("button", has_text="Retry").click()
+        await expect(page.locator("#notice")).to_have_text("1 webhook delivery(ies) sent again")
+        await expect(page.locator("#dead-deliveries")).to_be_hidden()
+
+        async def delivered() -> bool:
+            return stored_deliveries(cluster) == 0
+
+        await wait_until(delivered)
+        [accepted] = receiver.received["hooks"][refused_so_far:]
+        assert verified("hooks", accepted)["data"]["mediaId"] == media_id
+    finally:
+        await receiver.stop()

@@ -1,5 +1,6 @@
-"""Dead webhook deliveries through the ingest API: listed (owner-scoped, paged), retried by
-an admin, and then delivered: nothing a refusing receiver missed is lost."""
+"""Dead webhook deliveries through the ingest API and the gateway's JSON: listed
+(owner-scoped, paged), retried by an admin, and then delivered: nothing a refusing receiver
+missed is lost."""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from tests.conftest import Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.test_auth import TOKENS, TOKENS_TOML, Clients, image_upload
 from tests.test_ingest_service import assert_refused, refusal
+from tests.test_web_api import error_info, violated_fields
+from tests.test_web_security import bearer
 from tests.test_webhooks import Receiver, endpoints_file, stored_deliveries, verified
+from tests.web_support import Gateways, web_config
 
 DEAD = ipb.WEBHOOK_DELIVERY_STATE_DEAD
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -51,6 +55,7 @@ class Refused:
     admin7: ingest_pb2_grpc.IngestServiceAsyncStub
     receiver: Receiver
     media_ids: list[str]
+    tokens_file: Path
 
 
 @pytest.fixture
@@ -91,7 +96,7 @@ async def refused(make_cluster: Callable[..., Cluster], tmp_path: Path) -> Async
     await wait_until(all_dead)
     async with open_channel(f"127.0.0.1:{cluster.ingest_port}", token=ADMIN7_TOKEN) as channel:
         admin7 = ingest_pb2_grpc.IngestServiceStub(channel)
-        yield Refused(cluster, clients, admin7, receiver, media_ids)
+        yield Refused(cluster, clients, admin7, receiver, media_ids, tokens)
     await clients.close()
     await receiver.stop()
 
@@ -246,3 +251,50 @@ async def test_an_admin_retries_dead_deliveries_and_nothing_is_lost(refused: Ref
     assert {verified("hooks", r)["data"]["mediaId"] for r in accepted} == set(refused.media_ids)
     empty = await admin.ListWebhookDeliveries(ipb.ListWebhookDeliveriesRequest(), timeout=5)
     assert list(empty.deliveries) == []
+
+
+async def test_the_gateway_lists_and_retries_them_as_json(
+    refused: Refused, gateways: Gateways
+) -> None:
+    cluster, receiver = refused.cluster, refused.receiver
+    web = await gateways.start(
+        web_config(cluster, tokens_file=refused.tokens_file, service_token=TOKENS["service"])
+    )
+    listed = await web.ok(
+        "GET",
+        "/api/v1/webhookDeliveries?state=WEBHOOK_DELIVERY_STATE_DEAD&page_size=2",
+        headers=bearer("viewer"),
+    )
+    first = listed["deliveries"][0]
+    assert (first["endpoint"], first["state"], first["lastError"]) == (
+        "hooks",
+        "WEBHOOK_DELIVERY_STATE_DEAD",
+        "HTTP 500",
+    )
+    assert first["status"] == "PROCESSING_STATUS_COMPLETED"
+    assert first["id"].isdigit()  # int64 as a string, as proto3 JSON has it
+    assert first["deadTime"].endswith("Z")
+    assert listed["nextPageToken"]
+
+    path = "/api/v1/webhookDeliveries:retry"
+    status, answer = await web.json("POST", path, json={}, headers=bearer("admin"))
+    assert (status, error_info(answer)["reason"]) == (400, "FILTER_REQUIRED")
+    assert violated_fields(answer) == ["delivery_ids"]
+    status, answer = await web.json(
+        "POST", path, json={"endpoint": "hooks"}, headers=bearer("viewer")
+    )
+    assert (status, error_info(answer)["reason"]) == (403, "ROLE_NOT_ALLOWED")
+    status, answer = await web.json(
+        "POST", path, json={"deliveryIds": ["999999999"]}, headers=bearer("admin")
+    )
+    assert (status, error_info(answer)["reason"]) == (404, "WEBHOOK_DELIVERY_NOT_FOUND")
+    assert violated_fields(answer) == ["delivery_ids[0]"]
+
+    receiver.script["hooks"] = [200]
+    retried = await web.ok("POST", path, json={"endpoint": "hooks"}, headers=bearer("admin"))
+    assert retried == {"count": 3}
+
+    async def all_delivered() -> bool:
+        return stored_deliveries(cluster) == 0
+
+    await wait_until(all_delivered)

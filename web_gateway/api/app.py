@@ -10,6 +10,8 @@
 | ``GET /api/v1/queue`` | ``GetQueueStatus`` |
 | ``POST /api/v1/queue:pause``, ``:resume`` | ``PauseQueue``, ``ResumeQueue`` |
 | ``GET /api/v1/jobs``, ``/api/v1/jobs/{id}`` | ``ListJobs``, ``GetJob`` |
+| ``GET /api/v1/webhookDeliveries`` | ``ListWebhookDeliveries`` (query: its fields) |
+| ``POST /api/v1/webhookDeliveries:retry`` | ``RetryWebhookDeliveries`` (JSON body) |
 | ``GET /api/v1/events`` | ``WatchStatus`` as Server-Sent Events |
 | ``GET /api/v1/throughput`` | the gateway's own count of terminal changes per minute |
 | ``GET, POST, DELETE /api/v1/session`` | signing a browser in and out |
@@ -25,7 +27,7 @@ from aiohttp.typedefs import Handler
 from google.rpc import code_pb2
 
 from mediatag_common.grpc_server import is_loopback
-from web_gateway.api import events, media, queue, session
+from web_gateway.api import events, media, queue, session, webhooks
 from web_gateway.api.callers import check_host
 from web_gateway.api.context import CALLER, GATEWAY, JSON, Gateway
 from web_gateway.api.errors import body, http_status
@@ -104,6 +106,8 @@ def create_app(gateway: Gateway) -> web.Application:
     app.router.add_get(f"{v1}/jobs", queue.list_jobs)
     app.router.add_get(f"{v1}/jobs/{{media_id}}", queue.get_job)
     app.router.add_get(f"{v1}/throughput", queue.throughput)
+    app.router.add_get(f"{v1}/webhookDeliveries", webhooks.list_deliveries)
+    app.router.add_post(f"{v1}/webhookDeliveries:retry", webhooks.retry)
     app.router.add_get(f"{v1}/events", events.events, allow_head=False)
     app.router.add_get(session.PATH, session.describe)
     app.router.add_post(session.PATH, session.sign_in)

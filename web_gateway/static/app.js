@@ -8,11 +8,13 @@
   const PREFIX = "PROCESSING_STATUS_";
   const UPLOADS_AT_ONCE = 3;
   const LIST_SIZE = 100;
+  const DEAD = "WEBHOOK_DELIVERY_STATE_DEAD";
+  const DELIVERIES_SHOWN = 50;
   const state = {
     csrf: "",
     principal: null,
     canAct: true,
-    canPause: true,
+    isAdmin: true,
     listOwner: "",
     listStatus: "",
     items: new Map(), // media id -> {media, revision, row}
@@ -121,9 +123,9 @@
     state.principal = session.principal || null;
     const roles = state.principal ? state.principal.roles : ["admin"];
     state.canAct = roles.includes("admin") || roles.includes("uploader");
-    state.canPause = roles.includes("admin");
+    state.isAdmin = roles.includes("admin");
     for (const node of document.querySelectorAll(".act")) node.hidden = !state.canAct;
-    for (const node of document.querySelectorAll(".admin")) node.hidden = !state.canPause;
+    for (const node of document.querySelectorAll(".admin")) node.hidden = !state.isAdmin;
     if (state.principal) {
       const owners = state.principal.owners ? ` · owners ${state.principal.owners.join(", ")}` : "";
       $("who").textContent = `${state.principal.name} (${roles.join(", ")})${owners}`;
@@ -145,7 +147,12 @@
     for (const timer of state.timers) clearInterval(timer);
     refreshQueue();
     refreshThroughput();
-    state.timers = [setInterval(refreshQueue, 2000), setInterval(refreshThroughput, 5000)];
+    refreshDeliveries();
+    state.timers = [
+      setInterval(refreshQueue, 2000),
+      setInterval(refreshThroughput, 5000),
+      setInterval(refreshDeliveries, 5000),
+    ];
     await loadItems();
     route();
   }
@@ -181,7 +188,7 @@
     $("wait").textContent = seconds(status.estimatedWait);
     $("paused").textContent = status.paused ? "paused" : "running";
     $("paused").className = status.paused ? "value paused" : "value";
-    if (state.canPause) {
+    if (state.isAdmin) {
       $("pause").hidden = status.paused;
       $("resume").hidden = !status.paused;
     }
@@ -249,6 +256,63 @@
       data,
       $("chart-plot"),
     );
+  }
+
+  // ---- webhook deliveries out of retries ----
+
+  function adminButton(label, onClick) {
+    const button = el("button", { type: "button", className: "admin" }, label);
+    button.hidden = !state.isAdmin;
+    button.addEventListener("click", onClick);
+    return button;
+  }
+
+  async function refreshDeliveries() {
+    const params = new URLSearchParams({ state: DEAD, page_size: String(DELIVERIES_SHOWN) });
+    let listed;
+    try {
+      listed = await api("GET", `/api/v1/webhookDeliveries?${params}`);
+    } catch (error) {
+      // A role that may not list them (uploader) gets no panel.
+      $("dead-deliveries").hidden = true;
+      return;
+    }
+    const deliveries = listed.deliveries;
+    $("dead-deliveries").hidden = deliveries.length === 0;
+    const rows = deliveries.map((delivery) =>
+      el(
+        "tr",
+        { dataset: { deliveryId: delivery.id } },
+        el("td", {}, delivery.endpoint),
+        el("td", {}, el("a", { href: `#/media/${encodeURIComponent(delivery.mediaId)}` }, delivery.mediaId)),
+        el("td", {}, delivery.ownerId),
+        el("td", {}, badge(delivery.status)),
+        el("td", { className: "attempts" }, delivery.attempts),
+        el("td", { className: "error" }, delivery.lastError),
+        el("td", {}, delivery.deadTime ? new Date(delivery.deadTime).toLocaleString() : ""),
+        el(
+          "td",
+          {},
+          adminButton("Retry", () => retryDeliveries("Retry", { deliveryIds: [delivery.id] })),
+        ),
+      ),
+    );
+    $("deliveries").tBodies[0].replaceChildren(...rows);
+    const endpoints = [...new Set(deliveries.map((delivery) => delivery.endpoint))];
+    $("deliveries-actions").replaceChildren(
+      ...endpoints.map((endpoint) =>
+        adminButton(`Retry every dead to ${endpoint}`, () =>
+          retryDeliveries(`Retry every dead to ${endpoint}`, { endpoint }),
+        ),
+      ),
+    );
+    $("deliveries-hint").textContent = listed.nextPageToken ? `(the ${DELIVERIES_SHOWN} newest)` : "";
+  }
+
+  async function retryDeliveries(what, body) {
+    const answer = await act(what, "POST", "/api/v1/webhookDeliveries:retry", body);
+    if (answer) notice(`${answer.count} webhook delivery(ies) sent again`);
+    refreshDeliveries();
   }
 
   // ---- the list of items, live ----
