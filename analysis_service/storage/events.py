@@ -127,7 +127,8 @@ def _event_row(event: StatusEvent, result_key: str | None) -> dict[str, Any]:
     }
 
 
-def _result_columns(with_embedding: bool) -> list[Any]:
+def result_columns(with_embedding: bool) -> list[Any]:
+    """The columns of ``results`` that :func:`result_from_row` reads."""
     columns: list[Any] = [
         results.c.tags,
         results.c.embedding_dimensions,
@@ -171,7 +172,7 @@ def read_events(
 ) -> list[StatusEvent]:
     """Events with revision > ``after_revision`` matching the filter, oldest first."""
     query = (
-        sa.select(events_table, *_result_columns(with_embedding))
+        sa.select(events_table, *result_columns(with_embedding))
         .select_from(events_table.outerjoin(results, events_table.c.result_key == results.c.key))
         .where(events_table.c.revision > after_revision)
         .order_by(events_table.c.revision)
@@ -220,7 +221,7 @@ def current_state(
             jobs.c.error_message,
             jobs.c.error_transient,
             jobs.c.next_attempt_at,
-            *_result_columns(with_embedding),
+            *result_columns(with_embedding),
         )
         .select_from(jobs.outerjoin(results, jobs.c.result_key == results.c.key))
         .order_by(jobs.c.revision)

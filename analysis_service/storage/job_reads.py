@@ -11,7 +11,7 @@ from sqlalchemy.engine import Connection
 
 from analysis_service.domain.models import Attempt, Job, JobStatus
 from analysis_service.storage import schema
-from analysis_service.storage.events import error_from_row, result_from_row
+from analysis_service.storage.events import error_from_row, result_columns, result_from_row
 from analysis_service.storage.jobs import QUEUE_ORDER, spec_from_row
 from analysis_service.storage.schema import attempts, counters, jobs, results
 
@@ -39,16 +39,7 @@ def next_due_time(conn: Connection) -> float | None:
 
 
 def _job_select(with_embedding: bool) -> sa.Select[Any]:
-    columns: list[Any] = [
-        jobs,
-        results.c.tags,
-        results.c.embedding_dimensions,
-        results.c.analyzer_name,
-        results.c.analyzer_version,
-    ]
-    if with_embedding:
-        columns.append(results.c.embedding)
-    return sa.select(*columns).select_from(
+    return sa.select(jobs, *result_columns(with_embedding)).select_from(
         jobs.outerjoin(results, jobs.c.result_key == results.c.key)
     )
 
