@@ -10,10 +10,10 @@ import argparse
 import asyncio
 import mimetypes
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from mediatag.analysis.v1 import analysis_pb2, analysis_pb2_grpc
@@ -21,7 +21,9 @@ from mediatag.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 from mediatag_cli.progress import Display, StatusBoard, redraw
 from mediatag_cli.render import (
+    DELIVERY_STATES,
     change_line,
+    delivery_table,
     json_text,
     media_details,
     media_line,
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from mediatag.analysis.v1.analysis_pb2_grpc import AnalysisServiceAsyncStub
     from mediatag.ingest.v1.ingest_pb2_grpc import IngestServiceAsyncStub
 
+T = TypeVar("T")
 MIB = 1024 * 1024
 # ListMedia's largest page.
 _MAX_PAGE_SIZE = 1000
@@ -235,28 +238,36 @@ async def get(args: argparse.Namespace, client: ClientSettings) -> int:
     return 0
 
 
+async def _listed(
+    page: Callable[[int, str], Awaitable[tuple[Sequence[T], str]]], limit: int | None
+) -> list[T]:
+    """Every item of a paged listing, or the first ``limit``; ``page(size, token)`` calls
+    the listing once and gives its items and the next page's token."""
+    found: list[T] = []
+    page_token = ""
+    while limit is None or len(found) < limit:
+        wanted = _MAX_PAGE_SIZE if limit is None else min(limit - len(found), _MAX_PAGE_SIZE)
+        items, page_token = await page(wanted, page_token)
+        found.extend(items)
+        if not page_token:
+            break
+    return found[:limit]
+
+
 async def list_media(args: argparse.Namespace, client: ClientSettings) -> int:
     """``ls --owner ID [--status S] [--limit N]``: every page, or the first N items."""
-    limit: int | None = args.limit
-    found: list[ingest_pb2.Media] = []
-    page_token = ""
     async with _ingest(client) as ingest:
-        while limit is None or len(found) < limit:
-            wanted = _MAX_PAGE_SIZE if limit is None else min(limit - len(found), _MAX_PAGE_SIZE)
-            page = await ingest.ListMedia(
+
+        async def page(size: int, token: str) -> tuple[Sequence[ingest_pb2.Media], str]:
+            listed = await ingest.ListMedia(
                 ingest_pb2.ListMediaRequest(
-                    owner_id=args.owner,
-                    status=args.status,
-                    page_size=wanted,
-                    page_token=page_token,
+                    owner_id=args.owner, status=args.status, page_size=size, page_token=token
                 ),
                 timeout=client.timeout,
             )
-            found.extend(page.media)
-            page_token = page.next_page_token
-            if not page_token:
-                break
-    found = found[:limit]
+            return listed.media, listed.next_page_token
+
+        found = await _listed(page, args.limit)
     if client.json:
         _say(json_text({"media": [to_dict(media) for media in found]}))
     elif found:
@@ -330,6 +341,48 @@ def _queue_state(paused: bool) -> str:
     return "queue paused" if paused else "queue running"
 
 
+# ---- webhook deliveries ----
+
+
+async def webhooks(args: argparse.Namespace, client: ClientSettings) -> int:
+    """``webhooks [--state S] [--endpoint NAME] [--owner ID] [--limit N]``."""
+    state = (
+        DELIVERY_STATES[args.state] if args.state else ingest_pb2.WEBHOOK_DELIVERY_STATE_UNSPECIFIED
+    )
+    async with _ingest(client) as ingest:
+
+        async def page(size: int, token: str) -> tuple[Sequence[ingest_pb2.WebhookDelivery], str]:
+            listed = await ingest.ListWebhookDeliveries(
+                ingest_pb2.ListWebhookDeliveriesRequest(
+                    state=state,
+                    endpoint=args.endpoint,
+                    owner_id=args.owner,
+                    page_size=size,
+                    page_token=token,
+                ),
+                timeout=client.timeout,
+            )
+            return listed.deliveries, listed.next_page_token
+
+        found = await _listed(page, args.limit)
+    if client.json:
+        _say(json_text({"deliveries": [to_dict(delivery) for delivery in found]}))
+    else:
+        _say(delivery_table(found) if found else "no webhook deliveries waiting")
+    return 0
+
+
+async def retry_webhooks(args: argparse.Namespace, client: ClientSettings) -> int:
+    """``retry-webhooks (DELIVERY_ID... | --endpoint NAME)``: dead deliveries sent again."""
+    request = ingest_pb2.RetryWebhookDeliveriesRequest(
+        delivery_ids=args.delivery_ids, endpoint=args.endpoint
+    )
+    async with _ingest(client) as ingest:
+        response = await ingest.RetryWebhookDeliveries(request, timeout=client.timeout)
+    _say(to_json(response) if client.json else f"Sent {response.count} dead delivery(ies) again.")
+    return 0
+
+
 Command = Callable[[argparse.Namespace, ClientSettings], Awaitable[int]]
 
 COMMANDS: dict[str, Command] = {
@@ -341,6 +394,8 @@ COMMANDS: dict[str, Command] = {
     "retry": retry,
     "pause": pause,
     "resume": resume,
+    "webhooks": webhooks,
+    "retry-webhooks": retry_webhooks,
 }
 
 

@@ -13,7 +13,7 @@ from mediatag_cli.blob_copy import copy_blobs
 from mediatag_cli.client_commands import run_command
 from mediatag_cli.database_copy import copy_service_database
 from mediatag_cli.logging_setup import configure_logging
-from mediatag_cli.render import parse_status
+from mediatag_cli.render import DELIVERY_STATES, parse_status
 from mediatag_cli.serve import serve
 from mediatag_cli.settings import (
     ANALYSIS,
@@ -215,6 +215,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     client("pause", "stop workers from claiming new jobs")
     client("resume", "let workers claim jobs again")
+
+    webhooks = client("webhooks", "list webhook deliveries not yet accepted, newest first")
+    webhooks.add_argument(
+        "--state",
+        choices=sorted(DELIVERY_STATES),
+        help="dead: out of retries; retrying: still retried (default: both)",
+    )
+    webhooks.add_argument("--endpoint", default="", metavar="NAME", help="only this endpoint's")
+    webhooks.add_argument("--owner", default="", metavar="ID", help="only this owner's")
+    webhooks.add_argument("--limit", type=positive_int, metavar="N", help="at most N deliveries")
+
+    retry_webhooks = client("retry-webhooks", "send dead webhook deliveries again (admin)")
+    retry_webhooks.add_argument("delivery_ids", nargs="*", type=positive_int, metavar="DELIVERY_ID")
+    retry_webhooks.add_argument(
+        "--endpoint",
+        default="",
+        metavar="NAME",
+        help="every dead delivery to this endpoint (with ids: those of them to it)",
+    )
     return parser
 
 
@@ -233,6 +252,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             _usage_error(args, "give either MEDIA_ID... or --failed")
         if args.owner and not args.failed:
             _usage_error(args, "--owner goes with --failed")
+    if args.command == "retry-webhooks" and not (args.delivery_ids or args.endpoint):
+        _usage_error(args, "give DELIVERY_ID... or --endpoint")
     return args
 
 

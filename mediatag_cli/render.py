@@ -211,6 +211,39 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+# ---- webhook deliveries ----
+
+# The states ``mediatag webhooks --state`` takes.
+DELIVERY_STATES: dict[str, ingest_pb2.WebhookDeliveryState] = {
+    "retrying": ingest_pb2.WEBHOOK_DELIVERY_STATE_RETRYING,
+    "dead": ingest_pb2.WEBHOOK_DELIVERY_STATE_DEAD,
+}
+
+
+def delivery_table(deliveries: Iterable[ingest_pb2.WebhookDelivery]) -> str:
+    """A table of webhook deliveries; WHEN is when a dead one died, or when a retried one is
+    due."""
+    header = ("ID", "ENDPOINT", "MEDIA", "OWNER", "CHANGE", "STATE", "ATTEMPTS", "WHEN", "ERROR")
+    dead = ingest_pb2.WEBHOOK_DELIVERY_STATE_DEAD
+    rows = [
+        (
+            str(delivery.id),
+            delivery.endpoint,
+            delivery.media_id,
+            delivery.owner_id,
+            status_name(delivery.status),
+            "dead" if delivery.state == dead else "retrying",
+            str(delivery.attempts),
+            format_time(
+                delivery.dead_time if delivery.state == dead else delivery.next_attempt_time
+            ),
+            delivery.last_error or "-",
+        )
+        for delivery in deliveries
+    ]
+    return table(header, [[shown(cell) for cell in row] for row in rows])
+
+
 # ---- queue ----
 
 

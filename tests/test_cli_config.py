@@ -155,6 +155,9 @@ def test_a_variable_for_the_other_service_does_not_stop_this_one(
         ["retry"],
         ["retry", "m1", "--failed"],
         ["retry", "m1", "--owner", "o"],
+        ["retry-webhooks"],
+        ["retry-webhooks", "x"],
+        ["webhooks", "--state", "gone"],
     ],
 )
 def test_bad_arguments_are_usage_errors_not_tracebacks(
@@ -170,7 +173,8 @@ def test_bad_arguments_are_usage_errors_not_tracebacks(
     "command",
     [
         [], ["serve"], ["serve", "ingest"], ["serve", "analysis"], ["upload"], ["watch"],
-        ["get"], ["ls"], ["queue"], ["retry"], ["pause"], ["resume"],
+        ["get"], ["ls"], ["queue"], ["retry"], ["pause"], ["resume"], ["webhooks"],
+        ["retry-webhooks"],
     ],
 )  # fmt: skip
 def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -134,6 +134,8 @@ EXPECTED: dict[str, dict[str, str | None]] = {
     "retry": {**CLIENT, **dict.fromkeys(["--failed", "--owner"])},
     "pause": CLIENT,
     "resume": CLIENT,
+    "webhooks": {**CLIENT, **dict.fromkeys(["--state", "--endpoint", "--owner", "--limit"])},
+    "retry-webhooks": {**CLIENT, "--endpoint": None},
 }
 _ENV_IN_HELP = re.compile(r"\(env (MEDIATAG_\w+);")
 

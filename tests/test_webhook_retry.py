@@ -1,9 +1,10 @@
-"""Dead webhook deliveries through the ingest API and the gateway's JSON: listed
+"""Dead webhook deliveries through the ingest API, the gateway's JSON and the CLI: listed
 (owner-scoped, paged), retried by an admin, and then delivered: nothing a refusing receiver
 missed is lost."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig
 from ingest_service.config import IngestConfig, WebhookConfig
+from mediatag_cli.main import run_client
 from mediatag_common.grpc_server import open_channel
 from tests.conftest import Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
@@ -298,3 +300,33 @@ async def test_the_gateway_lists_and_retries_them_as_json(
         return stored_deliveries(cluster) == 0
 
     await wait_until(all_delivered)
+
+
+async def test_the_cli_lists_and_retries_them(
+    refused: Refused, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster, receiver = refused.cluster, refused.receiver
+    address = ["--ingest", f"127.0.0.1:{cluster.ingest_port}"]
+    monkeypatch.setenv("MEDIATAG_TOKEN", TOKENS["viewer7"])
+    assert await run_client(["webhooks", "--state", "dead", *address]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "ID", "ENDPOINT", "MEDIA", "OWNER", "CHANGE", "STATE", "ATTEMPTS", "WHEN", "ERROR"
+    ]  # fmt: skip
+    # The restricted viewer's two, one line each, newest first, with the receiver's answer.
+    assert [line.split()[3] for line in lines[1:]] == ["listing-7", "listing-7"]
+    assert all(line.endswith("HTTP 500") for line in lines[1:])
+    assert await run_client(["retry-webhooks", "--endpoint", "hooks", *address]) == 1
+    assert "PERMISSION_DENIED ROLE_NOT_ALLOWED" in capsys.readouterr().err
+
+    receiver.script["hooks"] = [200]
+    monkeypatch.setenv("MEDIATAG_TOKEN", TOKENS["admin"])
+    assert await run_client(["retry-webhooks", "--endpoint", "hooks", "--json", *address]) == 0
+    assert json.loads(capsys.readouterr().out) == {"count": 3}
+
+    async def all_delivered() -> bool:
+        return stored_deliveries(cluster) == 0
+
+    await wait_until(all_delivered)
+    assert await run_client(["webhooks", *address]) == 0
+    assert capsys.readouterr().out == "no webhook deliveries waiting\n"
