@@ -118,6 +118,13 @@ webhook_deliveries = sa.Table(
     sa.UniqueConstraint("endpoint", "message_id"),
     # Each endpoint's claims: its live rows, soonest due first.
     sa.Index("webhook_deliveries_due", "endpoint", "dead_at", "next_attempt_at"),
+    # The dead ones, newest first (the dashboard's panel), however many are still retried.
+    sa.Index(
+        "webhook_deliveries_dead",
+        "id",
+        sqlite_where=sa.text("dead_at IS NOT NULL"),
+        postgresql_where=sa.text("dead_at IS NOT NULL"),
+    ),
 )
 
 
