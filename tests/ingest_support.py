@@ -23,7 +23,7 @@ from mediatag_common.database import database_url, sqlite_url
 from mediatag_common.errors import DOMAIN, error_info, field_violations
 from mediatag_common.grpc_server import ServiceHost, channel_options, health_check_stub
 from tests.blob_stores import StoreUnderTest, blob_key
-from tests.conftest import DATABASES, DatabaseUrls, free_port
+from tests.conftest import DATABASES, PATIENCE, DatabaseUrls, free_port
 
 OWNER = "listing-7"
 
@@ -90,7 +90,7 @@ class IngestServer:
     async def health(self) -> int:
         assert self.channel is not None
         response = await health_check_stub(self.channel)(
-            health_pb2.HealthCheckRequest(service=""), timeout=5
+            health_pb2.HealthCheckRequest(service=""), timeout=PATIENCE
         )
         return response.status
 
@@ -178,7 +178,7 @@ async def upload_stream(
     content: bytes,
     *,
     chunk_size: int = 64 * 1024,
-    deadline: float = 30,
+    deadline: float = PATIENCE,
     **header_fields: Any,
 ) -> ipb.UploadMediaStreamResponse:
     """Stream ``content`` after a header made of ``header_fields``."""
@@ -190,7 +190,9 @@ async def upload_stream(
 
 
 async def stream_with_sync_client(
-    server: IngestServer, messages: Iterable[ipb.UploadMediaStreamRequest], deadline: float = 30
+    server: IngestServer,
+    messages: Iterable[ipb.UploadMediaStreamRequest],
+    deadline: float = PATIENCE,
 ) -> ipb.UploadMediaStreamResponse:
     """UploadMediaStream through gRPC's synchronous client, in a thread.
 
@@ -213,5 +215,7 @@ async def stream_with_sync_client(
 
 async def listed(stub: ingest_pb2_grpc.IngestServiceAsyncStub, owner: str = OWNER) -> list[str]:
     """The ids of every item of ``owner``, newest first."""
-    response = await stub.ListMedia(ipb.ListMediaRequest(owner_id=owner, page_size=1000), timeout=5)
+    response = await stub.ListMedia(
+        ipb.ListMediaRequest(owner_id=owner, page_size=1000), timeout=PATIENCE
+    )
     return [m.id for m in response.media]

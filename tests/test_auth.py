@@ -176,7 +176,7 @@ async def test_health_and_reflection_need_no_token(secured: tuple[Cluster, Clien
     cluster, clients = secured
     for port in (cluster.ingest_port, cluster.analysis_port):
         channel = clients.raw(port)
-        health = await health_check_stub(channel)(health_pb2.HealthCheckRequest(), timeout=5)
+        health = await health_check_stub(channel)(health_pb2.HealthCheckRequest(), timeout=PATIENCE)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         stub: Any = reflection_pb2_grpc.ServerReflectionStub(channel)  # type: ignore[arg-type]
         call = stub.ServerReflectionInfo(

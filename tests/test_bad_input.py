@@ -20,6 +20,7 @@ from ingest_service.config import IngestConfig, UploadLimits
 from mediatag_cli.main import parse
 from mediatag_cli.settings import serve_settings
 from tests import media_samples as samples
+from tests.conftest import PATIENCE
 from tests.ingest_support import OWNER, IngestServer, assert_refused, listed, refusal
 
 GOOD = [samples.jpeg_bytes(60 + n) for n in range(3)]
@@ -124,12 +125,13 @@ async def _refused_and_nothing_stored(
     nor a blob of it stays behind."""
     small = samples.gif_bytes(72, (8, 8))
     await stub.UploadMedia(
-        ipb.UploadMediaRequest(owner_id=OWNER, files=[ipb.MediaFile(content=small)]), timeout=5
+        ipb.UploadMediaRequest(owner_id=OWNER, files=[ipb.MediaFile(content=small)]),
+        timeout=PATIENCE,
     )
     listed_before = await listed(stub)
     blobs_before = server.blob_files()
 
-    error = await refusal(stub.UploadMedia(request, timeout=10))
+    error = await refusal(stub.UploadMedia(request, timeout=PATIENCE))
 
     assert_refused(error, grpc.StatusCode.INVALID_ARGUMENT, reason, field_name)
     assert await listed(stub) == listed_before
@@ -254,7 +256,7 @@ async def test_the_configured_limits_are_the_ones_enforced(tmp_path: Path, case:
                     for n in range(3)
                 ],
             ),
-            timeout=5,
+            timeout=PATIENCE,
         )
         assert inside.count == 3
         await _refused_and_nothing_stored(

@@ -75,7 +75,7 @@ async def test_the_sweep_removes_what_no_row_names_and_keeps_what_rows_name(
     server = quick_sweeper
     stub = await server.start()
     named = samples.jpeg_bytes(1)
-    answer = await stub.UploadMedia(upload(named), timeout=10)
+    answer = await stub.UploadMedia(upload(named), timeout=PATIENCE)
     # What a crash between a blob and its row leaves, and a stream's temporary object.
     orphan = samples.jpeg_bytes(2)
     server.blobs.write(blob_key(sha256_of(orphan)), orphan)
@@ -107,7 +107,7 @@ async def test_a_reupload_racing_the_sweep_keeps_its_blob(
         # Around the moment the orphan becomes old enough to be judged (a second and the
         # grace period: stores tell the time to the second), a different one for each.
         await asyncio.sleep(chance.uniform(0.9, 1.6))
-        media: ipb.Media = (await stub.UploadMedia(upload(content), timeout=10)).media[0]
+        media: ipb.Media = (await stub.UploadMedia(upload(content), timeout=PATIENCE)).media[0]
         assert server.blob(media.sha256) in server.blob_files()
         return media
 
@@ -172,8 +172,8 @@ async def test_a_store_that_stops_answering_fails_uploads_cleanly_until_it_retur
         image, video = samples.jpeg_bytes(3), samples.mp4_bytes(payload_bytes=MIB)
         with store.emulator.stopped():
             for call in (
-                stub.UploadMedia(upload(image), timeout=60),
-                upload_stream(stub, video, deadline=60, filename="clip.mp4"),
+                stub.UploadMedia(upload(image), timeout=PATIENCE),
+                upload_stream(stub, video, deadline=PATIENCE, filename="clip.mp4"),
             ):
                 error = await refusal(call)
                 assert_refused(error, grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE", None)
@@ -186,7 +186,7 @@ async def test_a_store_that_stops_answering_fails_uploads_cleanly_until_it_retur
         # Back: nothing half-stored, and uploads go through again.
         assert server.blob_files() == set()
         assert server.incoming_files() == []
-        answer = await stub.UploadMedia(upload(image), timeout=30)
+        answer = await stub.UploadMedia(upload(image), timeout=PATIENCE)
         assert await read_back(stub, answer.media[0].id) == image
         streamed = await upload_stream(stub, video, filename="clip.mp4")
         assert await read_back(stub, streamed.media.id) == video
@@ -258,7 +258,7 @@ async def test_what_one_replica_stores_the_other_reads(
     image, video = samples.jpeg_bytes(8), samples.mp4_bytes(payload_bytes=6 * MIB)
     try:
         stub = await first.start()
-        uploaded = (await stub.UploadMedia(upload(image), timeout=30)).media[0]
+        uploaded = (await stub.UploadMedia(upload(image), timeout=PATIENCE)).media[0]
         streamed = (await upload_stream(stub, video, filename="clip.mp4")).media
         await first.stop()
 
@@ -266,7 +266,7 @@ async def test_what_one_replica_stores_the_other_reads(
         assert await read_back(stub, uploaded.id) == image
         assert await read_back(stub, streamed.id) == video
         # And the other way round: the second stores, the first reads.
-        again = (await stub.UploadMedia(upload(samples.jpeg_bytes(9)), timeout=30)).media[0]
+        again = (await stub.UploadMedia(upload(samples.jpeg_bytes(9)), timeout=PATIENCE)).media[0]
         await second.stop()
         stub = await first.start()
         assert await read_back(stub, again.id) == samples.jpeg_bytes(9)
@@ -337,7 +337,7 @@ async def test_copy_blobs_moves_a_local_blob_directory_into_a_bucket(
     image, video = samples.jpeg_bytes(21), samples.mp4_bytes(payload_bytes=7 * MIB)
     try:
         stub = await local.start()
-        uploaded = (await stub.UploadMedia(upload(image), timeout=30)).media[0]
+        uploaded = (await stub.UploadMedia(upload(image), timeout=PATIENCE)).media[0]
         streamed = (await upload_stream(stub, video, filename="clip.mp4")).media
     finally:
         await local.stop()

@@ -154,7 +154,7 @@ async def test_cli_watch_starts_over_from_the_current_state_when_its_revision_is
         try:
             async for _ in cluster.analysis.WatchStatus(
                 apb.WatchStatusRequest(start_revision=1, media_ids=ids, until_terminal=True),
-                timeout=5,
+                timeout=PATIENCE,
             ):
                 pass
         except grpc.aio.AioRpcError as error:

@@ -22,7 +22,7 @@ from analysis_service.storage import schema as analysis_schema
 from mediatag_cli.database_copy import SCHEMAS
 from mediatag_common.database import Database, database_url, sqlite_url
 from mediatag_common.database_copy import CopyRefused, copy_database
-from tests.conftest import Cluster, DatabaseUrls
+from tests.conftest import PATIENCE, Cluster, DatabaseUrls
 from tests.fakes import ScriptedAnalyzer
 from tests.ingest_support import sha256_of
 from tests.postgres import PostgresServer
@@ -46,13 +46,13 @@ async def _list_media(cluster: Cluster, page_token: str = "", page_size: int = 1
         ipb.ListMediaRequest(
             owner_id=OWNER, view=ipb.MEDIA_VIEW_FULL, page_size=page_size, page_token=page_token
         ),
-        timeout=10,
+        timeout=PATIENCE,
     )
 
 
 async def _list_jobs(cluster: Cluster) -> list[apb.Job]:
     response = await cluster.analysis.ListJobs(
-        apb.ListJobsRequest(view=apb.JOB_VIEW_FULL, page_size=1000), timeout=10
+        apb.ListJobsRequest(view=apb.JOB_VIEW_FULL, page_size=1000), timeout=PATIENCE
     )
     return list(response.jobs)
 
@@ -74,7 +74,7 @@ async def _changes(cluster: Cluster, after: int, through: int) -> list[apb.Watch
 
 
 async def _current_revision(cluster: Cluster) -> int:
-    status = await cluster.analysis.GetQueueStatus(apb.GetQueueStatusRequest(), timeout=10)
+    status = await cluster.analysis.GetQueueStatus(apb.GetQueueStatusRequest(), timeout=PATIENCE)
     return int(status.current_revision)
 
 

@@ -12,7 +12,7 @@ from mediatag.ingest.v1 import ingest_pb2 as ipb
 from mediatag.ingest.v1 import ingest_pb2_grpc
 
 from mediatag_common.errors import error_info
-from tests.conftest import free_port
+from tests.conftest import PATIENCE, free_port
 from tests.media_samples import jpeg_bytes, png_bytes
 from tests.processes import Serve
 
@@ -56,13 +56,13 @@ async def test_no_room_for_an_upload_is_resource_exhausted_and_stores_nothing(
                             ipb.MediaFile(filename="large.png", content=large),
                         ],
                     ),
-                    timeout=30,
+                    timeout=PATIENCE,
                 )
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             info = error_info(refused.value)
             assert info is not None
             assert (info.reason, info.domain) == ("STORAGE_FULL", "mediatag")
-            listed = await stub.ListMedia(ipb.ListMediaRequest(owner_id=OWNER), timeout=10)
+            listed = await stub.ListMedia(ipb.ListMediaRequest(owner_id=OWNER), timeout=PATIENCE)
             assert not listed.media
             blobs = data / "ingest" / "blobs"
             large_sha256 = hashlib.sha256(large).hexdigest()
@@ -74,12 +74,12 @@ async def test_no_room_for_an_upload_is_resource_exhausted_and_stores_nothing(
                 ipb.UploadMediaRequest(
                     owner_id=OWNER, files=[ipb.MediaFile(filename="small.jpg", content=small)]
                 ),
-                timeout=30,
+                timeout=PATIENCE,
             )
             (media,) = response.media
             digest = hashlib.sha256()
             async for chunk in stub.ReadMediaContent(
-                ipb.ReadMediaContentRequest(media_id=media.id), timeout=10
+                ipb.ReadMediaContentRequest(media_id=media.id), timeout=PATIENCE
             ):
                 digest.update(chunk.data)
             assert digest.hexdigest() == hashlib.sha256(small).hexdigest()

@@ -55,7 +55,7 @@ def health_watch(
         request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
         response_deserializer=health_pb2.HealthCheckResponse.FromString,
     )
-    return watch(health_pb2.HealthCheckRequest(), timeout=30)
+    return watch(health_pb2.HealthCheckRequest(), timeout=PATIENCE)
 
 
 async def next_status(
@@ -148,7 +148,7 @@ async def test_an_upload_in_flight_completes_and_new_ones_are_refused(
 
     async def send() -> ipb.UploadMediaStreamResponse:
         response: ipb.UploadMediaStreamResponse = await cluster.ingest.UploadMediaStream(
-            slow_stream(), timeout=30
+            slow_stream(), timeout=PATIENCE
         )
         return response
 
@@ -177,7 +177,7 @@ async def test_an_upload_in_flight_completes_and_new_ones_are_refused(
     await cluster.start_ingest()
     # This process's connections to the stopped ingest back off before reconnecting.
     await cluster.ingest.GetMedia(
-        ipb.GetMediaRequest(media_id=response.media.id), timeout=10, wait_for_ready=True
+        ipb.GetMediaRequest(media_id=response.media.id), timeout=PATIENCE, wait_for_ready=True
     )
     (media,) = await wait_terminal(cluster, [response.media.id])
     assert media.status == ipb.PROCESSING_STATUS_COMPLETED
@@ -202,10 +202,10 @@ async def test_sigterm_drains_mediatag_serve(tmp_path: Path) -> None:
             "/grpc.health.v1.Health/Watch",
             request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
             response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )(health_pb2.HealthCheckRequest(), timeout=30)
+        )(health_pb2.HealthCheckRequest(), timeout=PATIENCE)
         assert await next_status(health_call) == health_pb2.HealthCheckResponse.SERVING
         watch = analysis_pb2_grpc.AnalysisServiceStub(channel).WatchStatus(
-            apb.WatchStatusRequest(), timeout=30
+            apb.WatchStatusRequest(), timeout=PATIENCE
         )
         await watch.wait_for_connection()
 

@@ -137,7 +137,7 @@ async def test_analysis_killed_mid_processing_loses_nothing_and_completes_once(
             ipb.MediaFile(filename=f"{n}.jpg", content=jpeg_bytes(seed=200 + n)) for n in range(12)
         ]
         response = await ingest_stub.UploadMedia(
-            ipb.UploadMediaRequest(owner_id="o-1", files=files), timeout=10
+            ipb.UploadMediaRequest(owner_id="o-1", files=files), timeout=PATIENCE
         )
         ids = [m.id for m in response.media]
         watcher = asyncio.create_task(_watch_all(analysis_stub, ids, start))

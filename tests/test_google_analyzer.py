@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster, skip_without_google_extra
+from tests.conftest import PATIENCE, Cluster, skip_without_google_extra
 
 skip_without_google_extra()
 
@@ -154,13 +154,13 @@ async def upload(
                 for n, content in enumerate(contents)
             ],
         ),
-        timeout=10,
+        timeout=PATIENCE,
     )
     return [m.id for m in response.media]
 
 
 async def job(cluster: Cluster, media_id: str) -> apb.Job:
-    response = await cluster.analysis.GetJob(apb.GetJobRequest(media_id=media_id), timeout=5)
+    response = await cluster.analysis.GetJob(apb.GetJobRequest(media_id=media_id), timeout=PATIENCE)
     return response.job
 
 
@@ -288,7 +288,7 @@ async def test_quota_errors_are_absorbed_without_using_up_attempts(
     attempts = (await job(cluster, media_id)).attempts
     assert [a.outcome for a in attempts] == ["QUOTA_EXCEEDED"] * 3 + ["COMPLETED"]
     assert all(a.error.reason == "QUOTA_EXCEEDED" for a in attempts[:3])
-    status = await cluster.analysis.GetQueueStatus(apb.GetQueueStatusRequest(), timeout=5)
+    status = await cluster.analysis.GetQueueStatus(apb.GetQueueStatusRequest(), timeout=PATIENCE)
     quota_errors = {limit.api: limit.quota_errors for limit in status.rate_limits}
     assert quota_errors == {"vision": 2, "embeddings": 1}
 

@@ -30,7 +30,7 @@ from mediatag_common.errors import DOMAIN, ServiceError, error_info, field_viola
 from mediatag_common.grpc_server import new_server
 from tests import media_samples as samples
 from tests.blob_stores import StoreUnderTest
-from tests.conftest import free_port, wait_until
+from tests.conftest import PATIENCE, free_port, wait_until
 from tests.ingest_support import IngestServer, database_urls, on_each_database
 
 OWNER = "listing-42"
@@ -198,7 +198,7 @@ async def test_upload_answers_at_once_with_types_sniffed_from_the_bytes(
     )
 
     # Nothing listens at the analysis address: the answer does not wait for it.
-    response = await stub.UploadMedia(request, timeout=5)
+    response = await stub.UploadMedia(request, timeout=PATIENCE)
 
     assert response.message == SEED_MESSAGE.format(n=6, k=5)
     assert response.count == 6
@@ -222,7 +222,7 @@ async def test_upload_answers_at_once_with_types_sniffed_from_the_bytes(
             {"style": "fade"},
             3,
         )
-        stored = await stub.GetMedia(ipb.GetMediaRequest(media_id=media.id), timeout=5)
+        stored = await stub.GetMedia(ipb.GetMediaRequest(media_id=media.id), timeout=PATIENCE)
         assert stored.media == media
     assert len({m.id for m in response.media}) == 6
 
@@ -245,7 +245,9 @@ async def test_animated_images_and_videos_are_stored_but_not_analysed(
 ) -> None:
     stub = await ingest.start()
 
-    response = await stub.UploadMedia(upload_request(media_file(content, "x.jpg")), timeout=5)
+    response = await stub.UploadMedia(
+        upload_request(media_file(content, "x.jpg")), timeout=PATIENCE
+    )
 
     (media,) = response.media
     assert (media.content_type, media.kind, media.not_applicable_reason) == (
@@ -266,9 +268,9 @@ async def test_identical_content_is_stored_once(ingest_on_each_store: IngestServ
     content = samples.jpeg_bytes(7)
 
     first = await stub.UploadMedia(
-        upload_request(media_file(content, "a.jpg"), media_file(content, "b.jpg")), timeout=5
+        upload_request(media_file(content, "a.jpg"), media_file(content, "b.jpg")), timeout=PATIENCE
     )
-    second = await stub.UploadMedia(upload_request(media_file(content, "c.jpg")), timeout=5)
+    second = await stub.UploadMedia(upload_request(media_file(content, "c.jpg")), timeout=PATIENCE)
 
     digest = hashlib.sha256(content).hexdigest()
     media = [*first.media, *second.media]
@@ -356,14 +358,14 @@ async def test_a_bad_item_rejects_the_whole_batch_and_stores_nothing(
 ) -> None:
     make_request, reason, field_name = REFUSED_BATCHES[case]
     stub = await ingest.start()
-    await stub.UploadMedia(upload_request(media_file(samples.jpeg_bytes(1))), timeout=5)
-    listed_before = await stub.ListMedia(ipb.ListMediaRequest(owner_id=OWNER), timeout=5)
+    await stub.UploadMedia(upload_request(media_file(samples.jpeg_bytes(1))), timeout=PATIENCE)
+    listed_before = await stub.ListMedia(ipb.ListMediaRequest(owner_id=OWNER), timeout=PATIENCE)
     blobs_before = ingest.blob_files()
 
-    error = await refusal(stub.UploadMedia(make_request(), timeout=10))
+    error = await refusal(stub.UploadMedia(make_request(), timeout=PATIENCE))
 
     assert_refused(error, grpc.StatusCode.INVALID_ARGUMENT, reason, field_name)
-    listed_after = await stub.ListMedia(ipb.ListMediaRequest(owner_id=OWNER), timeout=5)
+    listed_after = await stub.ListMedia(ipb.ListMediaRequest(owner_id=OWNER), timeout=PATIENCE)
     assert listed_after == listed_before
     assert ingest.blob_files() == blobs_before
 
@@ -379,20 +381,22 @@ async def test_list_media_pages_newest_first_and_filters_by_status(
     uploaded: list[str] = []
     for n in range(4):
         response = await stub.UploadMedia(
-            upload_request(media_file(samples.jpeg_bytes(n))), timeout=5
+            upload_request(media_file(samples.jpeg_bytes(n))), timeout=PATIENCE
         )
         uploaded.append(response.media[0].id)
-    video = await stub.UploadMedia(upload_request(media_file(samples.mp4_bytes())), timeout=5)
+    video = await stub.UploadMedia(
+        upload_request(media_file(samples.mp4_bytes())), timeout=PATIENCE
+    )
     uploaded.append(video.media[0].id)
     elsewhere = await stub.UploadMedia(
-        upload_request(media_file(samples.jpeg_bytes(9)), owner_id="someone-else"), timeout=5
+        upload_request(media_file(samples.jpeg_bytes(9)), owner_id="someone-else"), timeout=PATIENCE
     )
 
     pages: list[list[str]] = []
     token = ""
     while True:
         page = await stub.ListMedia(
-            ipb.ListMediaRequest(owner_id=OWNER, page_size=2, page_token=token), timeout=5
+            ipb.ListMediaRequest(owner_id=OWNER, page_size=2, page_token=token), timeout=PATIENCE
         )
         pages.append([m.id for m in page.media])
         token = page.next_page_token
@@ -401,12 +405,12 @@ async def test_list_media_pages_newest_first_and_filters_by_status(
 
     assert pages == [uploaded[::-1][i : i + 2] for i in (0, 2, 4)]
     pending = await stub.ListMedia(
-        ipb.ListMediaRequest(owner_id=OWNER, status=ipb.PROCESSING_STATUS_PENDING), timeout=5
+        ipb.ListMediaRequest(owner_id=OWNER, status=ipb.PROCESSING_STATUS_PENDING), timeout=PATIENCE
     )
     assert [m.id for m in pending.media] == uploaded[3::-1]
     not_applicable = await stub.ListMedia(
         ipb.ListMediaRequest(owner_id=OWNER, status=ipb.PROCESSING_STATUS_NOT_APPLICABLE),
-        timeout=5,
+        timeout=PATIENCE,
     )
     assert [m.id for m in not_applicable.media] == [uploaded[4]]
     # No owner: every owner's items (the caller may see every owner: no tokens here).
@@ -417,7 +421,7 @@ async def test_list_media_pages_newest_first_and_filters_by_status(
             ipb.ListMediaRequest(
                 status=ipb.PROCESSING_STATUS_PENDING, page_size=3, page_token=token
             ),
-            timeout=5,
+            timeout=PATIENCE,
         )
         everyone.extend(m.id for m in page.media)
         if not (token := page.next_page_token):
@@ -428,8 +432,10 @@ async def test_list_media_pages_newest_first_and_filters_by_status(
 async def test_list_media_refuses_bad_paging(ingest: IngestServer) -> None:
     stub = await ingest.start()
     for n in range(3):
-        await stub.UploadMedia(upload_request(media_file(samples.jpeg_bytes(n))), timeout=5)
-    first = await stub.ListMedia(ipb.ListMediaRequest(owner_id=OWNER, page_size=1), timeout=5)
+        await stub.UploadMedia(upload_request(media_file(samples.jpeg_bytes(n))), timeout=PATIENCE)
+    first = await stub.ListMedia(
+        ipb.ListMediaRequest(owner_id=OWNER, page_size=1), timeout=PATIENCE
+    )
     assert first.next_page_token
 
     other_filter = ipb.ListMediaRequest(
@@ -460,15 +466,17 @@ async def test_list_media_refuses_bad_paging(ingest: IngestServer) -> None:
         ),
     ]
     for request, code, reason, field_name in cases:
-        error = await refusal(stub.ListMedia(request, timeout=5))
+        error = await refusal(stub.ListMedia(request, timeout=PATIENCE))
         assert_refused(error, code, reason, field_name)
 
 
 async def test_get_media_of_an_unknown_id_is_not_found(ingest: IngestServer) -> None:
     stub = await ingest.start()
 
-    unknown = await refusal(stub.GetMedia(ipb.GetMediaRequest(media_id="no-such-id"), timeout=5))
-    missing = await refusal(stub.GetMedia(ipb.GetMediaRequest(), timeout=5))
+    unknown = await refusal(
+        stub.GetMedia(ipb.GetMediaRequest(media_id="no-such-id"), timeout=PATIENCE)
+    )
+    missing = await refusal(stub.GetMedia(ipb.GetMediaRequest(), timeout=PATIENCE))
 
     assert_refused(unknown, grpc.StatusCode.NOT_FOUND, "MEDIA_NOT_FOUND", "media_id")
     assert_refused(missing, grpc.StatusCode.INVALID_ARGUMENT, "MEDIA_ID_REQUIRED", "media_id")
@@ -481,13 +489,13 @@ async def test_read_media_content_streams_exactly_the_uploaded_bytes(
     stub = await ingest.start()
     content = samples.jpeg_bytes(11, (1600, 1200), quality=95)
     assert len(content) > 2 * 256 * 1024
-    uploaded = await stub.UploadMedia(upload_request(media_file(content)), timeout=5)
+    uploaded = await stub.UploadMedia(upload_request(media_file(content)), timeout=PATIENCE)
     media_id = uploaded.media[0].id
 
     chunks = [
         chunk
         async for chunk in stub.ReadMediaContent(
-            ipb.ReadMediaContentRequest(media_id=media_id), timeout=5
+            ipb.ReadMediaContentRequest(media_id=media_id), timeout=PATIENCE
         )
     ]
 
@@ -521,7 +529,7 @@ async def test_outbox_keeps_jobs_while_analysis_is_down_and_delivers_each_once(
         priority=7,
         files=[*(media_file(c) for c in images), media_file(samples.mp4_bytes(), "clip.mp4")],
     )
-    uploaded = await stub.UploadMedia(request, timeout=5)
+    uploaded = await stub.UploadMedia(request, timeout=PATIENCE)
     await ingest.stop()
 
     fake = await start_fake()
@@ -535,7 +543,9 @@ async def test_outbox_keeps_jobs_while_analysis_is_down_and_delivers_each_once(
     await wait_until(delivered)
     # A later upload is delivered after the earlier rows (id order), so any repeat of them
     # would have been recorded by now.
-    later = await stub.UploadMedia(upload_request(media_file(samples.png_bytes(30))), timeout=5)
+    later = await stub.UploadMedia(
+        upload_request(media_file(samples.png_bytes(30))), timeout=PATIENCE
+    )
     later_id = later.media[0].id
 
     async def later_delivered() -> bool:
@@ -604,7 +614,7 @@ async def test_status_mirror_applies_changes_and_resumes_from_the_last_revision(
     stub = await ingest.start()
     uploaded = await stub.UploadMedia(
         upload_request(media_file(samples.jpeg_bytes(1)), media_file(samples.jpeg_bytes(2))),
-        timeout=5,
+        timeout=PATIENCE,
     )
     done_id, failed_id = (m.id for m in uploaded.media)
     embedding = np.linspace(-1, 1, 16, dtype=np.float32)
@@ -655,7 +665,7 @@ async def test_status_mirror_applies_changes_and_resumes_from_the_last_revision(
     )
     done = (
         await stub.GetMedia(
-            ipb.GetMediaRequest(media_id=done_id, view=ipb.MEDIA_VIEW_FULL), timeout=5
+            ipb.GetMediaRequest(media_id=done_id, view=ipb.MEDIA_VIEW_FULL), timeout=PATIENCE
         )
     ).media
     assert done.status == ipb.PROCESSING_STATUS_COMPLETED
@@ -667,10 +677,10 @@ async def test_status_mirror_applies_changes_and_resumes_from_the_last_revision(
         "1.0",
     )
     assert (done.reused, done.attempt, done.status_revision) == (True, 1, 4)
-    basic = (await stub.GetMedia(ipb.GetMediaRequest(media_id=done_id), timeout=5)).media
+    basic = (await stub.GetMedia(ipb.GetMediaRequest(media_id=done_id), timeout=PATIENCE)).media
     assert not basic.embedding
     assert (list(basic.tags), basic.embedding_dimensions) == (list(done.tags), 16)
-    failed = (await stub.GetMedia(ipb.GetMediaRequest(media_id=failed_id), timeout=5)).media
+    failed = (await stub.GetMedia(ipb.GetMediaRequest(media_id=failed_id), timeout=PATIENCE)).media
     assert failed.status == ipb.PROCESSING_STATUS_FAILED
     assert (failed.error.reason, failed.error.message, failed.error.attempt) == (
         "MAX_ATTEMPTS_EXCEEDED",
@@ -681,7 +691,7 @@ async def test_status_mirror_applies_changes_and_resumes_from_the_last_revision(
     for view, has_embedding in [(ipb.MEDIA_VIEW_BASIC, False), (ipb.MEDIA_VIEW_FULL, True)]:
         listed = await stub.ListMedia(
             ipb.ListMediaRequest(owner_id=OWNER, status=ipb.PROCESSING_STATUS_COMPLETED, view=view),
-            timeout=5,
+            timeout=PATIENCE,
         )
         assert [m.id for m in listed.media] == [done_id]
         assert bool(listed.media[0].embedding) is has_embedding
@@ -712,13 +722,15 @@ async def test_status_mirror_applies_changes_and_resumes_from_the_last_revision(
     )
 
     async def reprocessed() -> bool:
-        media = (await stub.GetMedia(ipb.GetMediaRequest(media_id=done_id), timeout=5)).media
+        media = (await stub.GetMedia(ipb.GetMediaRequest(media_id=done_id), timeout=PATIENCE)).media
         return media.status == ipb.PROCESSING_STATUS_PENDING
 
     await wait_until(reprocessed)
-    reset = (await stub.GetMedia(ipb.GetMediaRequest(media_id=done_id), timeout=5)).media
+    reset = (await stub.GetMedia(ipb.GetMediaRequest(media_id=done_id), timeout=PATIENCE)).media
     assert (list(reset.tags), reset.status_revision) == ([], 40)
-    still_failed = (await stub.GetMedia(ipb.GetMediaRequest(media_id=failed_id), timeout=5)).media
+    still_failed = (
+        await stub.GetMedia(ipb.GetMediaRequest(media_id=failed_id), timeout=PATIENCE)
+    ).media
     assert (still_failed.status, still_failed.status_revision) == (
         ipb.PROCESSING_STATUS_FAILED,
         6,
@@ -736,7 +748,7 @@ async def test_reprocess_passes_on_to_analysis(
     stub = await ingest.start()
     uploaded = await stub.UploadMedia(
         upload_request(media_file(samples.jpeg_bytes(1)), media_file(samples.mp4_bytes())),
-        timeout=5,
+        timeout=PATIENCE,
     )
     image_id, video_id = (m.id for m in uploaded.media)
 
@@ -746,14 +758,16 @@ async def test_reprocess_passes_on_to_analysis(
     await wait_until(delivered)
 
     by_ids = await stub.ReprocessMedia(
-        ipb.ReprocessMediaRequest(media_ids=[image_id, video_id]), timeout=5
+        ipb.ReprocessMediaRequest(media_ids=[image_id, video_id]), timeout=PATIENCE
     )
     by_owner = await stub.ReprocessMedia(
         ipb.ReprocessMediaRequest(owner_id=OWNER, status=ipb.PROCESSING_STATUS_COMPLETED),
-        timeout=5,
+        timeout=PATIENCE,
     )
     unknown = await refusal(
-        stub.ReprocessMedia(ipb.ReprocessMediaRequest(media_ids=[image_id, "nope"]), timeout=5)
+        stub.ReprocessMedia(
+            ipb.ReprocessMediaRequest(media_ids=[image_id, "nope"]), timeout=PATIENCE
+        )
     )
 
     # The video was never analysed: there is nothing to redo.
@@ -768,10 +782,10 @@ async def test_reprocess_passes_on_to_analysis(
 
 async def test_reprocess_while_analysis_is_down_is_unavailable(ingest: IngestServer) -> None:
     stub = await ingest.start()
-    await stub.UploadMedia(upload_request(media_file(samples.jpeg_bytes(1))), timeout=5)
+    await stub.UploadMedia(upload_request(media_file(samples.jpeg_bytes(1))), timeout=PATIENCE)
 
     error = await refusal(
-        stub.ReprocessMedia(ipb.ReprocessMediaRequest(owner_id=OWNER), timeout=15)
+        stub.ReprocessMedia(ipb.ReprocessMediaRequest(owner_id=OWNER), timeout=PATIENCE)
     )
 
     assert_refused(error, grpc.StatusCode.UNAVAILABLE, "ANALYSIS_UNAVAILABLE", None)

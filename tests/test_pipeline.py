@@ -14,7 +14,7 @@ from mediatag.ingest.v1 import ingest_pb2 as ipb
 from analysis_service.config import AnalysisConfig, RateLimitConfig, RetryPolicy
 from analysis_service.errors import PermanentAnalyzerError, TransientAnalyzerError
 from mediatag_common.errors import error_info, field_violations
-from tests.conftest import ON_BOTH_DATABASES, Cluster, wait_until
+from tests.conftest import ON_BOTH_DATABASES, PATIENCE, Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.media_samples import jpeg_bytes, mp4_bytes
 
@@ -37,7 +37,7 @@ async def upload(
     cluster: Cluster, files: list[ipb.MediaFile], owner: str = "listing-1"
 ) -> ipb.UploadMediaResponse:
     response: ipb.UploadMediaResponse = await cluster.ingest.UploadMedia(
-        ipb.UploadMediaRequest(owner_id=owner, category="Hair", files=files), timeout=10
+        ipb.UploadMediaRequest(owner_id=owner, category="Hair", files=files), timeout=PATIENCE
     )
     return response
 
@@ -51,7 +51,7 @@ async def wait_terminal(cluster: Cluster, media_ids: list[str]) -> list[ipb.Medi
         found.clear()
         for media_id in media_ids:
             response = await stub.GetMedia(
-                ipb.GetMediaRequest(media_id=media_id, view=ipb.MEDIA_VIEW_FULL), timeout=5
+                ipb.GetMediaRequest(media_id=media_id, view=ipb.MEDIA_VIEW_FULL), timeout=PATIENCE
             )
             found.append(response.media)
         return all(m.status in TERMINAL for m in found)
@@ -115,7 +115,7 @@ async def test_identical_bytes_reuse_the_result_without_an_analyser_call(
     # Same bytes, another owner and category: the local analyser's result does not depend on them.
     again = await cluster.ingest.UploadMedia(
         ipb.UploadMediaRequest(owner_id="listing-2", category="Nails", files=image_files(1)),
-        timeout=10,
+        timeout=PATIENCE,
     )
     (reused,) = await wait_terminal(cluster, [again.media[0].id])
 
@@ -200,7 +200,7 @@ async def test_jobs_wait_for_an_unreachable_ingest_without_using_attempts(
     await cluster.start_ingest()
     # This process's failed connections to the stopped ingest back off before reconnecting.
     await cluster.ingest.GetMedia(
-        ipb.GetMediaRequest(media_id=ids[0]), timeout=10, wait_for_ready=True
+        ipb.GetMediaRequest(media_id=ids[0]), timeout=PATIENCE, wait_for_ready=True
     )
     done = await wait_terminal(cluster, ids)
     assert [m.status for m in done] == [ipb.PROCESSING_STATUS_COMPLETED] * len(ids)

@@ -16,7 +16,7 @@ from mediatag.ingest.v1 import ingest_pb2 as ipb
 
 from mediatag_common.errors import error_info
 from tests import media_samples as samples
-from tests.conftest import Cluster
+from tests.conftest import PATIENCE, Cluster
 from tests.ingest_support import IngestServer, assert_refused, refusal, upload_stream
 
 # What a driver's or the OS's error text carries, and must not reach a client.
@@ -46,12 +46,14 @@ async def test_a_failing_ingest_database_is_unavailable_without_its_sql(
                     owner_id="listing-7",
                     files=[ipb.MediaFile(filename="a.jpg", content=samples.jpeg_bytes(90))],
                 ),
-                timeout=10,
+                timeout=PATIENCE,
             )
         ).media[0]
         _rename_table(server.data_dir / "ingest.db", "media", "media_away")
         try:
-            error = await refusal(stub.GetMedia(ipb.GetMediaRequest(media_id=media.id), timeout=10))
+            error = await refusal(
+                stub.GetMedia(ipb.GetMediaRequest(media_id=media.id), timeout=PATIENCE)
+            )
         finally:
             _rename_table(server.data_dir / "ingest.db", "media_away", "media")
         assert_refused(error, grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE", None)
@@ -72,7 +74,9 @@ async def test_a_failing_analysis_database_is_unavailable_without_its_sql(
     database = cluster.analysis_config.data_dir / "analysis.db"
     _rename_table(database, "jobs", "jobs_away")
     try:
-        error = await refusal(cluster.analysis.GetJob(apb.GetJobRequest(media_id="m"), timeout=10))
+        error = await refusal(
+            cluster.analysis.GetJob(apb.GetJobRequest(media_id="m"), timeout=PATIENCE)
+        )
     finally:
         _rename_table(database, "jobs_away", "jobs")
     assert_refused(error, grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE", None)
@@ -110,7 +114,7 @@ async def test_an_unreachable_analysis_service_is_named_without_its_address(
                 ipb.ReprocessMediaRequest(
                     owner_id="listing-7", status=ipb.PROCESSING_STATUS_FAILED
                 ),
-                timeout=20,
+                timeout=PATIENCE,
             )
         )
         assert_refused(error, grpc.StatusCode.UNAVAILABLE, "ANALYSIS_UNAVAILABLE", None)
@@ -130,7 +134,9 @@ async def test_a_refusal_naming_many_ids_names_a_few_and_counts_them(
     # (RESOURCE_EXHAUSTED), and the refusal lost.
     async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.analysis_port}") as channel:
         stub = analysis_pb2_grpc.AnalysisServiceStub(channel)
-        error = await refusal(stub.RetryJobs(apb.RetryJobsRequest(media_ids=unknown), timeout=10))
+        error = await refusal(
+            stub.RetryJobs(apb.RetryJobsRequest(media_ids=unknown), timeout=PATIENCE)
+        )
     assert_refused(error, grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND", "media_ids")
     info = error_info(error)
     assert info is not None

@@ -17,7 +17,7 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 from ingest_service.config import IngestConfig
 from mediatag_common.grpc_server import channel_options, open_channel
 from mediatag_common.request_bodies import ByteBudget
-from tests.conftest import Cluster, free_port
+from tests.conftest import PATIENCE, Cluster, free_port
 from tests.ingest_support import OWNER, IngestServer, assert_refused, listed, refusal
 from tests.processes import Serve, peak_rss_mib, reset_peak_rss, rss_mib
 from tests.test_auth import TOKENS, tokens_file
@@ -53,7 +53,7 @@ async def _attack(
         try:
             response: ipb.UploadMediaResponse = await ingest_pb2_grpc.IngestServiceStub(
                 channel
-            ).UploadMedia(request, timeout=60)
+            ).UploadMedia(request, timeout=PATIENCE)
             return response
         except grpc.aio.AioRpcError as error:
             return error
@@ -140,7 +140,7 @@ async def test_a_message_that_does_not_decode_is_invalid_argument_and_logged_onc
         UPLOAD_MEDIA
     )
     for _ in range(20):
-        error = await refusal(upload(GARBAGE, timeout=5))
+        error = await refusal(upload(GARBAGE, timeout=PATIENCE))
         assert_refused(error, grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST", None)
 
     async def garbage_stream() -> AsyncIterator[bytes]:
@@ -154,7 +154,7 @@ async def test_a_message_that_does_not_decode_is_invalid_argument_and_logged_onc
         with grpc.insecure_channel(f"127.0.0.1:{ingest.port}") as channel:
             call: grpc.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(UPLOAD_STREAM)
             with pytest.raises(grpc.RpcError) as caught:
-                call(iter([GARBAGE]), timeout=5)
+                call(iter([GARBAGE]), timeout=PATIENCE)
             return caught.value
 
     assert_refused(
@@ -166,7 +166,7 @@ async def test_a_message_that_does_not_decode_is_invalid_argument_and_logged_onc
     stream: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = ingest.channel.stream_unary(
         UPLOAD_STREAM
     )
-    error = await refusal(stream(garbage_stream(), timeout=5))
+    error = await refusal(stream(garbage_stream(), timeout=PATIENCE))
     assert_refused(error, grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST", None)
 
     # One line for the lot, no traceback; and nothing of the stream was kept.
@@ -187,7 +187,7 @@ async def test_without_a_token_nothing_is_decoded(tmp_path: Path) -> None:
         upload: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = server.channel.unary_unary(
             UPLOAD_MEDIA
         )
-        error = await refusal(upload(GARBAGE, timeout=5))
+        error = await refusal(upload(GARBAGE, timeout=PATIENCE))
         assert_refused(error, grpc.StatusCode.UNAUTHENTICATED, "TOKEN_MISSING", None)
     finally:
         await server.stop()
@@ -201,7 +201,7 @@ async def test_a_watch_request_that_does_not_decode_is_invalid_argument(
     watch: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = cluster.channel(
         cluster.analysis_port
     ).unary_stream(WATCH_STATUS)
-    call = watch(GARBAGE, timeout=5)
+    call = watch(GARBAGE, timeout=PATIENCE)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in call:
             pass
@@ -221,7 +221,7 @@ async def test_a_stream_its_client_cancels_after_the_header_is_counted_cancelled
             yield ipb.UploadMediaStreamRequest(header=ipb.UploadHeader(owner_id=OWNER))
             await held.wait()
 
-        call = stub.UploadMediaStream(header_then_nothing(), timeout=30)
+        call = stub.UploadMediaStream(header_then_nothing(), timeout=PATIENCE)
         started = {
             "grpc_service": INGEST,
             "grpc_method": "UploadMediaStream",
@@ -258,10 +258,10 @@ async def test_the_byte_budget_admits_in_order_and_forgets_a_cancelled_waiter() 
     await asyncio.sleep(0)
     gone.cancel()
     budget.release(100)
-    await asyncio.wait_for(asyncio.gather(first, last), timeout=5)
+    await asyncio.wait_for(asyncio.gather(first, last), timeout=PATIENCE)
     assert admitted == ["first", "last"]
     assert budget.used == 100
     # One message larger than the whole budget is still admitted when nothing else is held.
     budget.release(100)
-    await asyncio.wait_for(budget.acquire(500), timeout=5)
+    await asyncio.wait_for(budget.acquire(500), timeout=PATIENCE)
     assert budget.used == 500

@@ -19,7 +19,7 @@ from ingest_service.config import IngestConfig
 from ingest_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
 from mediatag_common.database import Database, sqlite_url
 from tests import media_samples as samples
-from tests.conftest import Cluster, DatabaseUrls, wait_until
+from tests.conftest import PATIENCE, Cluster, DatabaseUrls, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.ingest_support import (
     OWNER,
@@ -76,11 +76,11 @@ async def test_a_retried_upload_gets_the_first_answer_and_stores_nothing_twice(
     stub = await server.start()
     request_id = str(uuid.uuid4())
 
-    first = await stub.UploadMedia(upload_request(request_id), timeout=5)
+    first = await stub.UploadMedia(upload_request(request_id), timeout=PATIENCE)
     blobs = server.blob_files()
-    again = await stub.UploadMedia(upload_request(request_id), timeout=5)
+    again = await stub.UploadMedia(upload_request(request_id), timeout=PATIENCE)
     # The id is a UUID: its upper-case spelling is the same id.
-    upper = await stub.UploadMedia(upload_request(request_id.upper()), timeout=5)
+    upper = await stub.UploadMedia(upload_request(request_id.upper()), timeout=PATIENCE)
 
     assert again == first == upper
     assert sorted(await listed(stub)) == sorted(m.id for m in first.media)
@@ -89,7 +89,7 @@ async def test_a_retried_upload_gets_the_first_answer_and_stores_nothing_twice(
     assert server.count_rows("outbox") == 1
     assert server.count_rows("upload_requests") == 1
     # Without an id, the same request is a new upload.
-    other = await stub.UploadMedia(upload_request(""), timeout=5)
+    other = await stub.UploadMedia(upload_request(""), timeout=PATIENCE)
     assert {m.id for m in other.media}.isdisjoint(m.id for m in first.media)
 
 
@@ -104,15 +104,15 @@ async def test_the_retry_answers_as_the_first_time_even_after_analysis(
     await cluster.start_ingest()
     stub = cluster.ingest
     request_id = str(uuid.uuid4())
-    first = await stub.UploadMedia(upload_request(request_id), timeout=10)
+    first = await stub.UploadMedia(upload_request(request_id), timeout=PATIENCE)
     image_id = first.media[0].id
 
     async def completed() -> bool:
-        response = await stub.GetMedia(ipb.GetMediaRequest(media_id=image_id), timeout=5)
+        response = await stub.GetMedia(ipb.GetMediaRequest(media_id=image_id), timeout=PATIENCE)
         return response.media.status == ipb.PROCESSING_STATUS_COMPLETED
 
     await wait_until(completed)
-    again = await stub.UploadMedia(upload_request(request_id), timeout=10)
+    again = await stub.UploadMedia(upload_request(request_id), timeout=PATIENCE)
 
     assert again == first
     assert again.media[0].status == ipb.PROCESSING_STATUS_PENDING
@@ -142,12 +142,12 @@ async def test_the_same_request_id_with_other_content_is_refused(
 ) -> None:
     stub = await server.start()
     request_id = str(uuid.uuid4())
-    await stub.UploadMedia(upload_request(request_id), timeout=5)
+    await stub.UploadMedia(upload_request(request_id), timeout=PATIENCE)
     listed_before = await listed(stub)
     blobs_before = server.blob_files()
 
     error = await refusal(
-        stub.UploadMedia(upload_request(request_id, **OTHER_CONTENT[case]), timeout=5)
+        stub.UploadMedia(upload_request(request_id, **OTHER_CONTENT[case]), timeout=PATIENCE)
     )
 
     assert_refused(error, grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED", "request_id")
@@ -173,7 +173,7 @@ async def test_a_malformed_request_id_is_invalid_argument(
 ) -> None:
     stub = await server.start()
 
-    error = await refusal(stub.UploadMedia(upload_request(request_id), timeout=5))
+    error = await refusal(stub.UploadMedia(upload_request(request_id), timeout=PATIENCE))
 
     assert_refused(error, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST_ID", "request_id")
     assert server.blob_files() == set()
@@ -188,7 +188,7 @@ async def test_concurrent_duplicates_store_once(server: IngestServer) -> None:
     request_id = str(uuid.uuid4())
 
     answers = await asyncio.gather(
-        *(stub.UploadMedia(upload_request(request_id), timeout=10) for _ in range(12))
+        *(stub.UploadMedia(upload_request(request_id), timeout=PATIENCE) for _ in range(12))
     )
 
     assert all(answer == answers[0] for answer in answers)
@@ -208,7 +208,8 @@ async def test_concurrent_uses_of_one_id_with_different_content_store_one_of_the
     ]
 
     results = await asyncio.gather(
-        *(stub.UploadMedia(request, timeout=10) for request in requests), return_exceptions=True
+        *(stub.UploadMedia(request, timeout=PATIENCE) for request in requests),
+        return_exceptions=True,
     )
 
     answers = [r for r in results if isinstance(r, ipb.UploadMediaResponse)]
@@ -233,7 +234,7 @@ async def test_two_ingest_processes_on_one_database_store_a_duplicate_once(
             request_id = str(uuid.uuid4())
             answers = await asyncio.gather(
                 *(
-                    stubs[n % 2].UploadMedia(upload_request(request_id), timeout=20)
+                    stubs[n % 2].UploadMedia(upload_request(request_id), timeout=PATIENCE)
                     for n in range(6)
                 )
             )
@@ -251,12 +252,12 @@ async def test_two_ingest_processes_on_one_database_store_a_duplicate_once(
 async def test_request_ids_survive_a_restart(server: IngestServer) -> None:
     stub = await server.start()
     request_id = str(uuid.uuid4())
-    first = await stub.UploadMedia(upload_request(request_id), timeout=5)
+    first = await stub.UploadMedia(upload_request(request_id), timeout=PATIENCE)
 
     await server.stop()
     stub = await server.start()
 
-    assert await stub.UploadMedia(upload_request(request_id), timeout=5) == first
+    assert await stub.UploadMedia(upload_request(request_id), timeout=PATIENCE) == first
     assert server.count_rows("media") == 2
 
 
@@ -268,7 +269,7 @@ async def test_request_ids_are_purged_after_the_retention(tmp_path: Path) -> Non
     try:
         stub = await server.start()
         request_id = str(uuid.uuid4())
-        first = await stub.UploadMedia(upload_request(request_id), timeout=5)
+        first = await stub.UploadMedia(upload_request(request_id), timeout=PATIENCE)
         assert server.count_rows("upload_requests") == 1
 
         async def purged() -> bool:
@@ -277,9 +278,9 @@ async def test_request_ids_are_purged_after_the_retention(tmp_path: Path) -> Non
         await wait_until(purged)
         # Forgotten: the id now names a new upload, whatever its content.
         other = upload_request(request_id, category="Nails")
-        second = await stub.UploadMedia(other, timeout=5)
+        second = await stub.UploadMedia(other, timeout=PATIENCE)
         assert {m.id for m in second.media}.isdisjoint(m.id for m in first.media)
-        assert await stub.UploadMedia(other, timeout=5) == second
+        assert await stub.UploadMedia(other, timeout=PATIENCE) == second
     finally:
         await server.stop()
 
@@ -292,7 +293,7 @@ async def test_an_expired_request_id_not_yet_purged_counts_as_unused(tmp_path: P
     try:
         stub = await server.start()
         request_id = str(uuid.uuid4())
-        first = await stub.UploadMedia(upload_request(request_id), timeout=5)
+        first = await stub.UploadMedia(upload_request(request_id), timeout=PATIENCE)
         expires = time.time() + 0.3
 
         async def expired() -> bool:
@@ -300,7 +301,7 @@ async def test_an_expired_request_id_not_yet_purged_counts_as_unused(tmp_path: P
 
         await wait_until(expired)
         other = upload_request(request_id, category="Nails")
-        second = await stub.UploadMedia(other, timeout=5)
+        second = await stub.UploadMedia(other, timeout=PATIENCE)
 
         assert {m.id for m in second.media}.isdisjoint(m.id for m in first.media)
         assert server.count_rows("upload_requests") == 1
@@ -331,7 +332,7 @@ async def test_a_retried_stream_gets_the_first_answer_and_stores_nothing_twice(
                 request_id=request_id,
                 files=[ipb.MediaFile(filename="clip.mp4", content=VIDEO)],
             ),
-            timeout=5,
+            timeout=PATIENCE,
         )
     )
 
@@ -351,7 +352,7 @@ async def test_a_retried_stream_that_declares_its_sha256_is_answered_before_its_
     content = samples.mp4_bytes(payload_bytes=256 * 1024)
     fields: dict[str, Any] = {"request_id": request_id, "sha256": sha256_of(content)}
     first = await stub.UploadMediaStream(
-        stream([header(**fields), *chunks_of(content)]), timeout=10
+        stream([header(**fields), *chunks_of(content)]), timeout=PATIENCE
     )
     sent = 0
 
@@ -365,7 +366,7 @@ async def test_a_retried_stream_that_declares_its_sha256_is_answered_before_its_
             yield chunk(block)
 
     # Answered before the client is done sending: see stream_with_sync_client.
-    again = await stream_with_sync_client(server, retry(), deadline=30)
+    again = await stream_with_sync_client(server, retry(), deadline=PATIENCE)
 
     assert again == first
     assert sent < 16 * 1024 * 1024
@@ -379,7 +380,7 @@ async def test_a_stream_racing_its_own_retry_stores_once(server: IngestServer) -
     messages = [header(request_id=request_id), *chunks_of(IMAGE, 1000)]
 
     answers = await asyncio.gather(
-        *(stub.UploadMediaStream(stream(messages), timeout=10) for _ in range(6))
+        *(stub.UploadMediaStream(stream(messages), timeout=PATIENCE) for _ in range(6))
     )
 
     assert all(answer == answers[0] for answer in answers)
@@ -397,8 +398,8 @@ async def test_a_database_from_before_request_ids_is_migrated_on_start(tmp_path:
     try:
         stub = await server.start()
         request_id = str(uuid.uuid4())
-        first = await stub.UploadMedia(upload_request(request_id), timeout=5)
-        assert await stub.UploadMedia(upload_request(request_id), timeout=5) == first
+        first = await stub.UploadMedia(upload_request(request_id), timeout=PATIENCE)
+        assert await stub.UploadMedia(upload_request(request_id), timeout=PATIENCE) == first
         assert server.count_rows("upload_requests") == 1
         assert server.count_rows("schema_migrations") == len(MIGRATIONS)
     finally:

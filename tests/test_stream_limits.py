@@ -160,9 +160,9 @@ async def test_streams_are_capped_overall_and_per_caller_and_unary_uploads_go_on
         await expect(metrics_port, "mediatag_grpc_server_started_total", count, **started)
 
     try:
-        first = uploader.UploadMediaStream(held_stream(81), timeout=30)
+        first = uploader.UploadMediaStream(held_stream(81), timeout=PATIENCE)
         await receiving(1)
-        error = await refusal(uploader.UploadMediaStream(held_stream(82), timeout=10))
+        error = await refusal(uploader.UploadMediaStream(held_stream(82), timeout=PATIENCE))
         await receiving(2)
         assert_refused(
             error,
@@ -170,9 +170,9 @@ async def test_streams_are_capped_overall_and_per_caller_and_unary_uploads_go_on
             "TOO_MANY_UPLOAD_STREAMS_FOR_CALLER",
             None,
         )
-        second = admin.UploadMediaStream(held_stream(83), timeout=30)
+        second = admin.UploadMediaStream(held_stream(83), timeout=PATIENCE)
         await receiving(3)
-        error = await refusal(admin.UploadMediaStream(held_stream(84), timeout=10))
+        error = await refusal(admin.UploadMediaStream(held_stream(84), timeout=PATIENCE))
         assert_refused(error, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_UPLOAD_STREAMS", None)
 
         # Unary uploads are not streams: they go on while every stream slot is taken.
@@ -181,12 +181,12 @@ async def test_streams_are_capped_overall_and_per_caller_and_unary_uploads_go_on
                 owner_id="listing-7",
                 files=[ipb.MediaFile(filename="u.jpg", content=samples.jpeg_bytes(85))],
             ),
-            timeout=10,
+            timeout=PATIENCE,
         )
         # The held streams finish and are stored; their slots are free again.
         finish.set()
         stored = [(await first).media.id, (await second).media.id]
-        third = await uploader.UploadMediaStream(held_stream(86), timeout=30)
+        third = await uploader.UploadMediaStream(held_stream(86), timeout=PATIENCE)
         assert set(await listed(uploader, "listing-7")) == {
             unary.media[0].id,
             *stored,

@@ -70,7 +70,7 @@ async def channels() -> AsyncIterator[Callable[..., grpc.aio.Channel]]:
 
 async def list_call(channel: grpc.aio.Channel) -> ipb.ListMediaResponse:
     stub = ingest_pb2_grpc.IngestServiceStub(channel)
-    return await stub.ListMedia(ipb.ListMediaRequest(owner_id="listing-1"), timeout=10)
+    return await stub.ListMedia(ipb.ListMediaRequest(owner_id="listing-1"), timeout=PATIENCE)
 
 
 async def test_the_services_reach_each_other_over_mutual_tls(
@@ -112,7 +112,7 @@ async def test_mutual_tls_refuses_clients_without_a_trusted_certificate(
     # Health is open to every authenticated *connection*, but the connection is still mTLS.
     good = channels(port, ClientTls(pki.ca, pki.client.cert, pki.client.key))
     assert list((await list_call(good)).media) == []
-    health = await health_check_stub(good)(health_pb2.HealthCheckRequest(), timeout=5)
+    health = await health_check_stub(good)(health_pb2.HealthCheckRequest(), timeout=PATIENCE)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -207,7 +207,7 @@ async def test_the_readme_secured_setup_runs(pki: Pki, tmp_path: Path) -> None:
         "--analyzer-processes", "0", "--rate-limit", "local=50:5",
     ).start()  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + PATIENCE
         while serve.output().count("listening on") < 2:
             assert serve.process is not None
             assert serve.process.poll() is None, serve.output()

@@ -33,6 +33,7 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 from ingest_service.config import IngestConfig
 from mediatag_common.errors import DOMAIN, error_info, field_violations
 from tests import media_samples as samples
+from tests.conftest import PATIENCE
 from tests.ingest_support import IngestServer, stream_with_sync_client
 
 EXAMPLES = int(os.environ.get("MEDIATAG_FUZZ_EXAMPLES", "150"))
@@ -278,7 +279,7 @@ class Harness:
         assert self.stub is not None
         blobs = self.server.blob_files()
         try:
-            response = await self.stub.UploadMedia(request, timeout=30)
+            response = await self.stub.UploadMedia(request, timeout=PATIENCE)
         except grpc.aio.AioRpcError as error:
             self.check_refusal(error, UNARY_FIELDS, len(request.files))
             assert self.server.blob_files() == blobs
@@ -322,13 +323,13 @@ class Harness:
         normal = samples.jpeg_bytes(99)
         response = await self.stub.UploadMedia(
             ipb.UploadMediaRequest(owner_id=FUZZ_OWNER, files=[ipb.MediaFile(content=normal)]),
-            timeout=10,
+            timeout=PATIENCE,
         )
         self.record(response.media[0], normal, FUZZ_OWNER)
         for media_id, sha256 in self.accepted.items():
             digest = hashlib.sha256()
             async for chunk in self.stub.ReadMediaContent(
-                ipb.ReadMediaContentRequest(media_id=media_id), timeout=10
+                ipb.ReadMediaContentRequest(media_id=media_id), timeout=PATIENCE
             ):
                 digest.update(chunk.data)
             assert digest.hexdigest() == sha256, media_id

@@ -24,7 +24,7 @@ from ingest_service.config import IngestConfig, UploadLimits
 from mediatag_common.service_config import MIB
 from tests import media_samples as samples
 from tests.blob_stores import StoreUnderTest
-from tests.conftest import Cluster, wait_until
+from tests.conftest import PATIENCE, Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.ingest_support import (
     OWNER,
@@ -95,9 +95,9 @@ async def test_a_streamed_image_is_stored_and_answered_like_upload_media(
         {"style": "fade"},
     )
     assert media.priority == 4
-    stored = await stub.GetMedia(ipb.GetMediaRequest(media_id=media.id), timeout=5)
+    stored = await stub.GetMedia(ipb.GetMediaRequest(media_id=media.id), timeout=PATIENCE)
     assert stored.media == media
-    read = stub.ReadMediaContent(ipb.ReadMediaContentRequest(media_id=media.id), timeout=5)
+    read = stub.ReadMediaContent(ipb.ReadMediaContentRequest(media_id=media.id), timeout=PATIENCE)
     assert b"".join([c.data async for c in read]) == content
     assert server.blob_files() == {server.blob(media.sha256)}
     assert server.incoming_files() == []
@@ -134,7 +134,8 @@ async def test_identical_streamed_content_is_stored_once(server: IngestServer) -
 
     first = await upload_stream(stub, content, filename="a.png")
     by_unary = await stub.UploadMedia(
-        ipb.UploadMediaRequest(owner_id=OWNER, files=[ipb.MediaFile(content=content)]), timeout=5
+        ipb.UploadMediaRequest(owner_id=OWNER, files=[ipb.MediaFile(content=content)]),
+        timeout=PATIENCE,
     )
     second = await upload_stream(stub, content, filename="b.png", chunk_size=1000)
 
@@ -214,7 +215,7 @@ async def test_a_large_stream_goes_to_disk_with_flat_memory(
         stub = await server.start()
         # Warm up: threads, gRPC's buffers and the allocator's arenas exist before measuring.
         warm = GeneratedVideo(4 * MIB)
-        await stub.UploadMediaStream(warm.messages(filename="warm.mp4"), timeout=60)
+        await stub.UploadMediaStream(warm.messages(filename="warm.mp4"), timeout=PATIENCE)
         baseline = resident_bytes()
         peak = baseline
         done = asyncio.Event()
@@ -363,7 +364,7 @@ async def test_a_bad_stream_is_refused_and_leaves_nothing(server: IngestServer, 
     blobs_before = server.blob_files()
 
     # The refusal may come before every message was sent: see stream_with_sync_client.
-    error = await refusal(stream_with_sync_client(server, make_messages(), deadline=10))
+    error = await refusal(stream_with_sync_client(server, make_messages(), deadline=PATIENCE))
 
     assert_refused(error, grpc.StatusCode.INVALID_ARGUMENT, reason, field_name)
     assert await listed(stub) == listed_before
@@ -419,7 +420,7 @@ async def test_a_cancelled_stream_leaves_no_blob_no_temp_file_and_no_item(
             yield message
         await hold.wait()
 
-    call = stub.UploadMediaStream(half_then_wait(), timeout=30)
+    call = stub.UploadMediaStream(half_then_wait(), timeout=PATIENCE)
 
     async def receiving() -> bool:
         # The first megabyte has been written to the temp file.
@@ -455,7 +456,7 @@ async def test_a_stalled_stream_is_ended_and_its_partial_file_removed(
 
     try:
         stub = await server.start()
-        error = await refusal(stub.UploadMediaStream(stall(), timeout=10))
+        error = await refusal(stub.UploadMediaStream(stall(), timeout=PATIENCE))
         assert_refused(error, grpc.StatusCode.DEADLINE_EXCEEDED, "UPLOAD_STALLED", None)
         assert server.incoming_files() == []
         assert server.blob_files() == set()
@@ -500,12 +501,14 @@ async def test_a_streamed_image_is_analysed_to_completion(
     done: list[ipb.Media] = []
 
     async def completed() -> bool:
-        response = await stub.GetMedia(ipb.GetMediaRequest(media_id=uploaded.media.id), timeout=5)
+        response = await stub.GetMedia(
+            ipb.GetMediaRequest(media_id=uploaded.media.id), timeout=PATIENCE
+        )
         done[:] = [response.media]
         return response.media.status == ipb.PROCESSING_STATUS_COMPLETED
 
     await wait_until(completed)
     assert done[0].tags
     assert [call.sha256 for call in analyzer.calls] == [sha256_of(image)]
-    still = await stub.GetMedia(ipb.GetMediaRequest(media_id=video.media.id), timeout=5)
+    still = await stub.GetMedia(ipb.GetMediaRequest(media_id=video.media.id), timeout=PATIENCE)
     assert still.media.status == ipb.PROCESSING_STATUS_NOT_APPLICABLE

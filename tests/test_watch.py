@@ -14,7 +14,7 @@ from mediatag.ingest.v1 import ingest_pb2 as ipb
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig, WatchConfig
 from mediatag_common.errors import error_info, field_violations
-from tests.conftest import ON_BOTH_DATABASES, Cluster, wait_until
+from tests.conftest import ON_BOTH_DATABASES, PATIENCE, Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.test_pipeline import image_files, upload, wait_terminal
 
@@ -205,7 +205,7 @@ async def test_until_terminal_ends_at_once_for_items_already_terminal(
     plain = [
         r
         async for r in cluster.analysis.WatchStatus(
-            apb.WatchStatusRequest(media_ids=ids, until_terminal=True), timeout=5
+            apb.WatchStatusRequest(media_ids=ids, until_terminal=True), timeout=PATIENCE
         )
     ]
     assert plain == []
@@ -213,7 +213,7 @@ async def test_until_terminal_ends_at_once_for_items_already_terminal(
         r
         async for r in cluster.analysis.WatchStatus(
             apb.WatchStatusRequest(media_ids=ids, until_terminal=True, send_initial_state=True),
-            timeout=5,
+            timeout=PATIENCE,
         )
     ]
     assert [r.change.status for r in with_state[:-1]] == [apb.PROCESSING_STATUS_COMPLETED] * 2
@@ -281,7 +281,7 @@ async def test_a_revision_ahead_of_the_log_is_out_of_range_and_the_mirror_starts
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in cluster.analysis.WatchStatus(
-            apb.WatchStatusRequest(start_revision=current + 50), timeout=10
+            apb.WatchStatusRequest(start_revision=current + 50), timeout=PATIENCE
         ):
             pass
     assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE

@@ -21,7 +21,7 @@ from ingest_service.config import IngestConfig
 from mediatag_common.callers import Caller
 from mediatag_common.errors import error_info
 from mediatag_common.grpc_server import channel_options, open_channel
-from tests.conftest import Cluster, free_port
+from tests.conftest import PATIENCE, Cluster, free_port
 from tests.fakes import ScriptedAnalyzer
 from tests.ingest_support import assert_refused
 from tests.processes import Serve, peak_rss_mib, reset_peak_rss, rss_mib
@@ -43,7 +43,7 @@ MAX_WATCH_MEDIA_IDS = 1000
 async def _refusal_of_watch(
     watch: grpc.aio.UnaryStreamMultiCallable[bytes, bytes], request: bytes
 ) -> grpc.aio.AioRpcError:
-    call = watch(request, timeout=60)
+    call = watch(request, timeout=PATIENCE)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in call:
             pass
@@ -101,7 +101,7 @@ async def test_huge_watch_filters_are_refused_at_a_bounded_cost(tmp_path: Path) 
             media_ids=[str(uuid.uuid4()) for _ in range(MAX_WATCH_MEDIA_IDS)],
             send_initial_state=True,
         ).SerializeToString()
-        call = watch(at_limit, timeout=30)
+        call = watch(at_limit, timeout=PATIENCE)
         first = apb.WatchStatusResponse.FromString(await anext(aiter(call)))
         assert first.bookmark.initial_state_end
         call.cancel()

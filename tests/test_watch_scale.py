@@ -200,7 +200,7 @@ async def reference(
     assert through > start
     found: list[apb.WatchStatusResponse] = []
     request = apb.WatchStatusRequest(start_revision=start, include_embedding=include_embedding)
-    call = stub.WatchStatus(request, timeout=30)
+    call = stub.WatchStatus(request, timeout=PATIENCE)
     try:
         async for response in call:
             if is_change(response):
@@ -240,7 +240,7 @@ def assert_exactly(
 async def watch_error(stub: Stub, request: apb.WatchStatusRequest) -> grpc.aio.AioRpcError | None:
     """The error a watch from a revision with events after it fails with; None when it
     streams them (the call is then cancelled)."""
-    call = stub.WatchStatus(request, timeout=10)
+    call = stub.WatchStatus(request, timeout=PATIENCE)
     try:
         await call.read()
     except grpc.aio.AioRpcError as error:
@@ -639,7 +639,7 @@ async def test_a_resume_from_a_compacted_revision_is_out_of_range_with_the_log_b
     assert [r.revision for r in kept] == list(range(oldest, current + 1))
 
     # As the refusal says: watch again with the initial state.
-    call = stub.WatchStatus(apb.WatchStatusRequest(send_initial_state=True), timeout=10)
+    call = stub.WatchStatus(apb.WatchStatusRequest(send_initial_state=True), timeout=PATIENCE)
     initial: list[apb.WatchStatusResponse] = []
     async for r in call:
         initial.append(r)

@@ -11,7 +11,7 @@ import pytest
 from mediatag.analysis.v1 import analysis_pb2 as apb
 
 from analysis_service.config import WatchConfig
-from tests.conftest import Cluster, wait_until
+from tests.conftest import PATIENCE, Cluster, wait_until
 from tests.test_metrics import scrape
 from tests.test_pipeline import upload, wait_terminal
 from tests.test_watch_scale import fast_cluster, small_images
@@ -38,7 +38,7 @@ async def reference(cluster: Cluster, after: int, media_ids: set[str]) -> list[S
     found: list[Seen] = []
     done: set[str] = set()
     call = cluster.analysis.WatchStatus(
-        apb.WatchStatusRequest(owner_id=OWNER, start_revision=after), timeout=30
+        apb.WatchStatusRequest(owner_id=OWNER, start_revision=after), timeout=PATIENCE
     )
     async for response in call:
         if not response.HasField("change"):

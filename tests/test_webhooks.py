@@ -22,7 +22,7 @@ from standardwebhooks.webhooks import Webhook
 from analysis_service.config import AnalysisConfig, RateLimitConfig
 from analysis_service.errors import PermanentAnalyzerError
 from ingest_service.config import IngestConfig, WebhookConfig
-from tests.conftest import Cluster, free_port, wait_until
+from tests.conftest import PATIENCE, Cluster, free_port, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.media_samples import jpeg_bytes
 
@@ -119,7 +119,7 @@ def webhook_cluster(
 async def upload(cluster: Cluster, seeds: range) -> list[str]:
     files = [ipb.MediaFile(filename=f"p{n}.jpg", content=jpeg_bytes(seed=n)) for n in seeds]
     response = await cluster.ingest.UploadMedia(
-        ipb.UploadMediaRequest(owner_id=OWNER, category="Hair", files=files), timeout=10
+        ipb.UploadMediaRequest(owner_id=OWNER, category="Hair", files=files), timeout=PATIENCE
     )
     return [m.id for m in response.media]
 
@@ -160,7 +160,7 @@ async def test_a_failing_receiver_gets_the_same_signed_change_until_it_accepts(
     data = payloads[0]["data"]
     assert payloads[0]["type"] == "media.completed"
     assert (data["mediaId"], data["ownerId"], data["status"]) == (media_id, OWNER, "COMPLETED")
-    got = await cluster.ingest.GetMedia(ipb.GetMediaRequest(media_id=media_id), timeout=5)
+    got = await cluster.ingest.GetMedia(ipb.GetMediaRequest(media_id=media_id), timeout=PATIENCE)
     assert data["revision"] == got.media.status_revision
     assert attempts[0].headers["webhook-id"] == f"msg_{media_id}_{data['revision']}"
     with pytest.raises(Exception, match="signature"):
@@ -188,7 +188,9 @@ async def test_a_receiver_down_across_an_ingest_restart_gets_every_change(
     media_ids = await upload(cluster, range(3))
 
     async def all_terminal() -> bool:
-        response = await cluster.ingest.ListMedia(ipb.ListMediaRequest(owner_id=OWNER), timeout=5)
+        response = await cluster.ingest.ListMedia(
+            ipb.ListMediaRequest(owner_id=OWNER), timeout=PATIENCE
+        )
         terminal = {ipb.PROCESSING_STATUS_COMPLETED, ipb.PROCESSING_STATUS_FAILED}
         return len(response.media) == 3 and all(m.status in terminal for m in response.media)
 
