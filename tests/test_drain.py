@@ -216,4 +216,4 @@ async def test_sigterm_drains_mediatag_serve(tmp_path: Path) -> None:
             async for _ in watch:
                 pass
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert await asyncio.to_thread(serve.process.wait, 20) == 0, serve.output()
+    assert await asyncio.to_thread(serve.process.wait, PATIENCE) == 0, serve.output()
