@@ -164,9 +164,7 @@ class ObjectReceivedBlob:
         sha256 = await self._calls.run("write", lambda: self._spool.finish(durable=False))
         if self._upload is None or self._sent < self._spool.size:
             await self._send(self._spool.size - self._sent)
-        assert self._upload is not None
-        await self._calls.run("complete", self._upload.complete)
-        self._completed = True
+        await self._calls.run("complete", self._complete)
         return sha256
 
     def mapped(self) -> mmap.mmap:
@@ -197,8 +195,19 @@ class ObjectReceivedBlob:
     async def _send(self, length: int) -> None:
         part = await self._calls.run("write", self._spool.read_at, self._sent, length)
         if self._upload is None:
-            self._upload = await self._calls.run(
-                "start_upload", self._bucket.start_upload, self._temporary
-            )
+            await self._calls.run("start_upload", self._start_upload)
+        assert self._upload is not None
         await self._calls.run("upload_part", self._upload.send, part)
         self._sent += len(part)
+
+    def _start_upload(self) -> None:
+        """Run in the store's thread, so that the upload is recorded even when the caller is
+        cancelled meanwhile (``StoreCalls.run`` then waits for the thread and raises, the
+        result dropped): ``discard`` must still find it to abort."""
+        self._upload = self._bucket.start_upload(self._temporary)
+
+    def _complete(self) -> None:
+        """In the store's thread too: a completed upload is an object ``discard`` deletes."""
+        assert self._upload is not None
+        self._upload.complete()
+        self._completed = True
