@@ -3,6 +3,7 @@ stores (``sql_store``: :class:`~ingest_service.domain.store.IngestStore`; ``sql_
 the webhook deliveries' store)."""
 
 __all__ = [
+    "outbox",
     "repository",
     "schema",
     "sql_deliveries",

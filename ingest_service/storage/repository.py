@@ -1,14 +1,14 @@
-"""Every query of the ingest service: plain functions of a synchronous SQLAlchemy connection,
-run inside the transactions of :mod:`ingest_service.storage.sql_store`.
+"""The ingest service's queries of media, request ids and the mirror's revision: plain
+functions of a synchronous SQLAlchemy connection, run inside the transactions of
+:mod:`ingest_service.storage.sql_store`.
 
-Where SQLite and PostgreSQL differ (claiming outbox rows, locking out media inserts, the
-larger of two values), the function looks at ``conn.dialect``; everything else is the same
-SQL on both.
+Where SQLite and PostgreSQL differ (locking out media inserts, the larger of two values),
+the function looks at ``conn.dialect``; everything else is the same SQL on both. The outbox's
+queries are in :mod:`ingest_service.storage.outbox`.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -25,7 +25,7 @@ from ingest_service.domain.models import (
     RequestRecord,
     StatusUpdate,
 )
-from ingest_service.domain.store import AnalysisState, OutboxJob
+from ingest_service.domain.store import AnalysisState
 from ingest_service.storage.schema import (
     MIRROR_REVISION,
     counters,
@@ -38,35 +38,16 @@ from mediatag_common.embeddings import embedding_from_bytes, embedding_to_bytes
 
 # ListMedia order: newest first; the id breaks ties within one upload.
 LIST_ORDER = (media.c.created_at.desc(), media.c.id.desc())
-# PostgreSQL's clock, in seconds since the epoch, fixed for the statement: outbox leases of
-# every process are judged by it, so the processes' own clocks do not matter.
-_PG_NOW = "CAST(EXTRACT(EPOCH FROM statement_timestamp()) AS DOUBLE PRECISION)"
-# Lease outbox rows on PostgreSQL: one statement, claimers skipping each other's locked rows.
-_PG_CLAIM = sa.text(
-    f"""
-    WITH claimable AS MATERIALIZED (
-        SELECT id FROM outbox
-        WHERE claimed_until <= {_PG_NOW}
-        ORDER BY id
-        LIMIT :limit
-        FOR UPDATE SKIP LOCKED
-    )
-    UPDATE outbox SET claimed_until = {_PG_NOW} + :lease, claim_token = :token
-    FROM claimable
-    WHERE outbox.id = claimable.id
-    RETURNING outbox.id
-    """
-)
 
 
-def _is_postgresql(conn: Connection) -> bool:
+def is_postgresql(conn: Connection) -> bool:
     return conn.dialect.name == POSTGRESQL
 
 
 # -- media ---------------------------------------------------------------------------------
 
 
-def _columns(with_embedding: bool) -> list[Any]:
+def media_columns(with_embedding: bool) -> list[Any]:
     return [c for c in media.c if with_embedding or c.name != "embedding"]
 
 
@@ -166,7 +147,7 @@ def insert_media(conn: Connection, items: Sequence[Media]) -> None:
 
 
 def get_media(conn: Connection, media_id: str, *, with_embedding: bool) -> Media | None:
-    query = sa.select(*_columns(with_embedding)).where(media.c.id == media_id)
+    query = sa.select(*media_columns(with_embedding)).where(media.c.id == media_id)
     row = conn.execute(query).first()
     return media_from_row(row) if row is not None else None
 
@@ -182,7 +163,7 @@ def media_owners(conn: Connection, media_ids: Sequence[str]) -> dict[str, str]:
 def get_media_many(conn: Connection, media_ids: Sequence[str]) -> list[Media]:
     """The items of ``media_ids`` (embeddings left out), in that order; unknown ids are skipped."""
     rows = conn.execute(
-        sa.select(*_columns(with_embedding=False)).where(media.c.id.in_(list(media_ids)))
+        sa.select(*media_columns(with_embedding=False)).where(media.c.id.in_(list(media_ids)))
     )
     found = {row.id: media_from_row(row) for row in rows}
     return [found[media_id] for media_id in media_ids if media_id in found]
@@ -198,7 +179,7 @@ def list_media(
     with_embedding: bool,
 ) -> list[Media]:
     """Items newest first, of one owner or every owner, starting after ``(created_at, id)``."""
-    query = sa.select(*_columns(with_embedding))
+    query = sa.select(*media_columns(with_embedding))
     if owner_id is not None:
         query = query.where(media.c.owner_id == owner_id)
     if status is not None:
@@ -220,7 +201,7 @@ def lock_out_media_inserts(conn: Connection) -> None:
     media row: PostgreSQL's SHARE lock on the table waits for inserts in flight and holds
     off new ones; on SQLite a write takes the database's one write lock now (a transaction
     only reading would not hold it)."""
-    if _is_postgresql(conn):
+    if is_postgresql(conn):
         conn.execute(sa.text("LOCK TABLE media IN SHARE MODE"))
     else:
         conn.execute(
@@ -273,64 +254,6 @@ def apply_status(conn: Connection, update: StatusUpdate) -> bool:
     return bool(result.rowcount)
 
 
-# -- outbox --------------------------------------------------------------------------------
-
-
-def insert_outbox(conn: Connection, media_ids: Sequence[str], *, now: float) -> None:
-    if media_ids:
-        conn.execute(
-            outbox.insert(), [{"media_id": media_id, "created_at": now} for media_id in media_ids]
-        )
-
-
-def claim_outbox(conn: Connection, *, limit: int, lease: float, token: str) -> list[OutboxJob]:
-    """Lease the oldest unleased jobs (or those whose lease ended) to ``token``."""
-    if _is_postgresql(conn):
-        claimed = conn.execute(_PG_CLAIM, {"limit": limit, "lease": lease, "token": token})
-    else:
-        # One writer at a time: the statement reads and leases with nobody in between.
-        now = time.time()
-        claimable = (
-            sa.select(outbox.c.id)
-            .where(outbox.c.claimed_until <= now)
-            .order_by(outbox.c.id)
-            .limit(limit)
-        )
-        claimed = conn.execute(
-            sa.update(outbox)
-            .where(outbox.c.id.in_(claimable.scalar_subquery()))
-            .values(claimed_until=now + lease, claim_token=token)
-            .returning(outbox.c.id)
-        )
-    outbox_ids = list(claimed.scalars())
-    if not outbox_ids:
-        return []
-    query = (
-        sa.select(outbox.c.id.label("outbox_id"), *_columns(with_embedding=False))
-        .join(media, media.c.id == outbox.c.media_id)
-        .where(outbox.c.id.in_(outbox_ids))
-        .order_by(outbox.c.id)
-    )
-    return [OutboxJob(row.outbox_id, media_from_row(row)) for row in conn.execute(query)]
-
-
-def release_outbox(conn: Connection, outbox_ids: Collection[int], *, token: str) -> None:
-    """End the leases ``token`` still holds on ``outbox_ids``."""
-    conn.execute(
-        sa.update(outbox)
-        .where(outbox.c.id.in_(list(outbox_ids)), outbox.c.claim_token == token)
-        .values(claimed_until=0.0, claim_token=None)
-    )
-
-
-def delete_outbox(conn: Connection, outbox_ids: Collection[int]) -> None:
-    conn.execute(sa.delete(outbox).where(outbox.c.id.in_(list(outbox_ids))))
-
-
-def outbox_size(conn: Connection) -> int:
-    return int(conn.execute(sa.select(sa.func.count()).select_from(outbox)).scalar_one())
-
-
 # -- request ids ---------------------------------------------------------------------------
 
 
@@ -370,7 +293,7 @@ def insert_requests(
     """
     if not records:
         return set()
-    dialect_insert = postgresql.insert if _is_postgresql(conn) else sqlite.insert
+    dialect_insert = postgresql.insert if is_postgresql(conn) else sqlite.insert
     # Inserted in id order, so two transactions recording the same ids lock them in the
     # same order (and never deadlock).
     ordered = sorted(records, key=lambda record: record.request_id)
@@ -415,7 +338,7 @@ def mirror_revision(conn: Connection) -> int:
 def advance_mirror_revision(conn: Connection, revision: int) -> None:
     """Raise the mirror's revision to ``revision``; a lower one changes nothing (mirrors
     of several processes write it, each at its own pace)."""
-    larger = sa.func.greatest if _is_postgresql(conn) else sa.func.max
+    larger = sa.func.greatest if is_postgresql(conn) else sa.func.max
     conn.execute(
         sa.update(counters)
         .where(counters.c.name == MIRROR_REVISION)

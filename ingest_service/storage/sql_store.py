@@ -30,7 +30,7 @@ from ingest_service.domain.store import (
 )
 from ingest_service.domain.webhook_endpoints import WebhookEndpoint
 from ingest_service.errors import IngestError, StorageConflict, StorageUnavailable
-from ingest_service.storage import repository, webhook_deliveries
+from ingest_service.storage import outbox, repository, webhook_deliveries
 from mediatag_common.database import Database, DatabaseConflict, DatabaseError, DatabaseUnavailable
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class SqlIngestStore(SqlTransactions):
                     stored.extend(upload.items)
             repository.insert_media(conn, stored)
             jobs = [item.id for item in stored if item.status is ProcessingStatus.PENDING]
-            repository.insert_outbox(conn, jobs, now=time.time())
+            outbox.insert_outbox(conn, jobs, now=time.time())
             return answers
 
         return await self._write(transaction)
@@ -182,21 +182,19 @@ class SqlIngestStore(SqlTransactions):
     async def claim_jobs(self, limit: int, *, lease: float) -> OutboxClaim:
         token = str(uuid.uuid4())
         jobs = await self._write(
-            lambda conn: repository.claim_outbox(conn, limit=limit, lease=lease, token=token)
+            lambda conn: outbox.claim_outbox(conn, limit=limit, lease=lease, token=token)
         )
         return OutboxClaim(token, tuple(jobs))
 
     async def complete_jobs(self, outbox_ids: Collection[int]) -> None:
-        await self._write(lambda conn: repository.delete_outbox(conn, outbox_ids))
+        await self._write(lambda conn: outbox.delete_outbox(conn, outbox_ids))
 
     async def release_jobs(self, claim: OutboxClaim) -> None:
         outbox_ids = [job.outbox_id for job in claim.jobs]
-        await self._write(
-            lambda conn: repository.release_outbox(conn, outbox_ids, token=claim.token)
-        )
+        await self._write(lambda conn: outbox.release_outbox(conn, outbox_ids, token=claim.token))
 
     async def outbox_size(self) -> int:
-        return await self._read(repository.outbox_size)
+        return await self._read(outbox.outbox_size)
 
     # -- the status mirror -------------------------------------------------------------------
 
