@@ -124,4 +124,5 @@ class QueueAlone:
     async def _complete(self, job: ClaimedJob) -> None:
         # The key the result cache would use: 64 hex digits, distinct per content.
         key = hashlib.sha256(job.spec.sha256.encode()).hexdigest()
-        await self._queue.complete(job, self._result, key)
+        # As the workers do: the next claim goes with the completion.
+        await self._queue.complete(job, self._result, key, then_claim=True)

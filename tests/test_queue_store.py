@@ -16,8 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
+from analysis_service.config import RetryPolicy
 from analysis_service.domain.cache import ResultCache
+from analysis_service.domain.hub import StatusHub
 from analysis_service.domain.models import (
     AttemptOutcome,
     ClaimedJob,
@@ -25,6 +28,7 @@ from analysis_service.domain.models import (
     JobStatus,
     StatusEvent,
 )
+from analysis_service.domain.queue import JobQueue
 from analysis_service.domain.store import AttemptEnd, EventFilter, ExpiredLease, QueueStore
 from analysis_service.storage.memory_store import MemoryQueueStore
 from analysis_service.storage.queue_store import SqlQueueStore
@@ -253,3 +257,41 @@ async def test_a_claim_asked_for_after_the_result_is_stored_is_refused(
     stored = await second.cached_result(key)
     assert stored is not None
     assert stored.tags == ("tag",)
+
+
+async def test_a_completion_and_the_next_claim_share_one_transaction(
+    databases: DatabaseUrls,
+) -> None:
+    """A worker's completion and its next claim share one commit; the job claimed ahead is
+    what this process's next claim gets; one that no worker took goes back when the queue
+    closes (the worker pool stops claiming ahead when it drains)."""
+    db = Database(databases.new("ahead"), synchronous="NORMAL")
+    await db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
+    commits = Counter[str]()
+    sa.event.listen(db.engine, "commit", lambda _conn: commits.update(["commit"]))
+    hub = StatusHub(buffer_size=64, max_watchers=8)
+    store = SqlQueueStore(db, publish=hub.publish)
+    queue = JobQueue(store, hub, RetryPolicy(), 30.0)
+    result = JobResult(("tag",), None, 4, "test", "1", reused=False)
+    try:
+        await queue.submit([spec(n) for n in range(3)])
+        first = await queue.claim()
+        assert first is not None
+        before = commits["commit"]
+
+        await queue.complete(first, result, "k" * 64, then_claim=True)
+        assert commits["commit"] == before + 1
+        second = await queue.claim()
+        assert commits["commit"] == before + 1
+        assert second is not None
+        assert second.spec.media_id == spec(1).media_id
+
+        await queue.complete(second, result, "k" * 64, then_claim=True)
+        await queue.close()
+        third = await store.get_job(spec(2).media_id, with_embedding=False)
+        assert third is not None
+        assert (third.status, third.attempt) == (JobStatus.PENDING, 0)
+        depth = await store.depth()
+        assert (depth.counts[JobStatus.COMPLETED], depth.counts[JobStatus.PROCESSING]) == (2, 0)
+    finally:
+        await db.close()

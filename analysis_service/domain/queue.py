@@ -30,7 +30,7 @@ from analysis_service.domain.models import (
     StatusEvent,
 )
 from analysis_service.domain.store import AttemptEnd, ExpiredLease, QueueDepth, QueueStore
-from analysis_service.errors import JobNotFound, LeaseLost
+from analysis_service.errors import AnalysisError, JobNotFound, LeaseLost
 from mediatag_common.errors import FieldViolation, listed
 from mediatag_common.group_commit import GroupCommit
 
@@ -65,6 +65,9 @@ class JobQueue:
         self.holder = uuid.uuid4().hex[:12]
         self._claims: GroupCommit[None, ClaimedJob | None] = GroupCommit(self._claim_group)
         self._ends: GroupCommit[AttemptEnd, StatusEvent | None] = GroupCommit(self._end_group)
+        # Jobs claimed together with a completion (``then_claim``), for this process's next
+        # ``claim``: a worker's end and its next claim then share a transaction.
+        self._ready: list[ClaimedJob] = []
         # The last known state of the (cluster-wide) pause; the store is what claims obey.
         self.paused = False
 
@@ -88,6 +91,8 @@ class JobQueue:
 
     async def claim(self) -> ClaimedJob | None:
         """Lease the next due job in queue order, or None (also while paused)."""
+        if self._ready:
+            return self._ready.pop(0)
         claiming = self._claims.enqueue(None)
         try:
             return await asyncio.shield(claiming)
@@ -130,21 +135,37 @@ class JobQueue:
 
     # -- outcomes --------------------------------------------------------------------------
 
-    async def complete(self, job: ClaimedJob, result: JobResult, result_key: str) -> None:
-        """Complete the job with the cached result ``result_key``.
+    async def complete(
+        self, job: ClaimedJob, result: JobResult, result_key: str, *, then_claim: bool = False
+    ) -> None:
+        """Complete the job with the cached result ``result_key``; with ``then_claim``, also
+        claim the next job at once, for this process's next :meth:`claim` (the store may
+        write both in one transaction: one commit where there would be two).
 
         Raises LeaseLost when a newer claim holds the job (this worker was fenced out).
         """
-        await self._end(
-            AttemptEnd(
-                job,
-                JobStatus.COMPLETED,
-                AttemptOutcome.COMPLETED,
-                job.attempt,
-                result=result,
-                result_key=result_key,
+        claiming = self._claims.enqueue(None) if then_claim else None
+        try:
+            await self._end(
+                AttemptEnd(
+                    job,
+                    JobStatus.COMPLETED,
+                    AttemptOutcome.COMPLETED,
+                    job.attempt,
+                    result=result,
+                    result_key=result_key,
+                )
             )
-        )
+        finally:
+            if claiming is not None:
+                # Kept even if this end failed or its caller was cancelled: a job claimed
+                # and then forgotten would wait out its lease.
+                await asyncio.wait([claiming])
+                claimed = None
+                if not claiming.cancelled() and claiming.exception() is None:
+                    claimed = claiming.result()
+                if claimed is not None:
+                    self._ready.append(claimed)
 
     async def fail_attempt(self, job: ClaimedJob, error: JobError) -> StatusEvent:
         """A failed attempt: retried with backoff if transient and attempts remain, else FAILED."""
@@ -319,6 +340,10 @@ class JobQueue:
         return await self._store.compact(max_age=max_age, max_events=max_events)
 
     async def close(self) -> None:
-        """Wait for grouped claims and ends under way to be written."""
+        """Wait for grouped claims and ends under way to be written; give back the jobs
+        claimed ahead that no worker took."""
         await self._claims.close()
         await self._ends.close()
+        while self._ready:
+            with contextlib.suppress(AnalysisError):
+                await self.release(self._ready.pop())

@@ -183,7 +183,7 @@ class WorkerPool:
             result = await self._cache.get_or_compute(
                 key, spec.sha256, lambda: self._analyze(job, deadline)
             )
-        await self._queue.complete(job, result, key)
+        await self._queue.complete(job, result, key, then_claim=not self._stopping)
         duration = self._clock.monotonic() - started
         self._throughput.record(duration)
         logger.info(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -33,6 +34,7 @@ from analysis_service.storage import results as result_rows
 from analysis_service.storage.events import EventDraft
 from analysis_service.storage.session import consistent_read, read, write
 from mediatag_common.database import SQLITE, Database, after_commit, database_now
+from mediatag_common.group_commit import GroupCommit
 
 
 class SqlQueueStore:
@@ -44,6 +46,10 @@ class SqlQueueStore:
         # Only SQLite's single writer sees every commit in order (see the module docstring).
         self._publish_own_commits = db.dialect == SQLITE
         self.shared = db.dialect != SQLITE
+        # The queue groups its claims and, apart, its ends of attempts; a group of each that
+        # queue up while a transaction runs share the next one (one commit, one turn at the
+        # counter rows' locks, which every event-writing transaction takes).
+        self._turns: GroupCommit[_Claim | _Ends, _Turn] = GroupCommit(self._take_turns)
 
     def now(self) -> float:
         # Due times come from the database's clock; a replica's clock is assumed close to it
@@ -91,27 +97,8 @@ class SqlQueueStore:
         return await write(self._db, transaction)
 
     async def claim(self, holder: str, count: int, lease_seconds: float) -> list[ClaimedJob]:
-        def transaction(conn: Connection) -> list[ClaimedJob]:
-            now = database_now(conn)
-            rows = job_rows.claim_due(
-                conn, holder=holder, count=count, now=now, lease_seconds=lease_seconds
-            )
-            self._record(
-                conn,
-                [
-                    EventDraft(
-                        row.media_id,
-                        row.owner_id,
-                        JobStatus.PROCESSING,
-                        JobStatus.PENDING,
-                        row.attempt,
-                    )
-                    for row in rows
-                ],
-            )
-            return [job_rows.claimed_job(row) for row in rows]
-
-        return await write(self._db, transaction)
+        turn = await self._turns.commit(_Claim(holder, count, lease_seconds))
+        return turn.claimed
 
     async def renew(self, job: ClaimedJob, lease_seconds: float) -> bool:
         def transaction(conn: Connection) -> bool:
@@ -123,12 +110,40 @@ class SqlQueueStore:
         return await write(self._db, transaction)
 
     async def end_attempts(self, ends: Sequence[AttemptEnd]) -> list[Event | None]:
-        def transaction(conn: Connection) -> list[Event | None]:
+        turn = await self._turns.commit(_Ends(ends))
+        return turn.ended
+
+    async def _take_turns(self, requests: Sequence[_Claim | _Ends]) -> list[_Turn]:
+        """Claims and ends in one transaction, in the order they were asked for."""
+
+        def transaction(conn: Connection) -> list[_Turn]:
             now = database_now(conn)
-            written = job_rows.end_attempts(conn, ends, now)
-            applied = [end for end, kept in zip(ends, written, strict=True) if kept]
-            events = iter(self._record(conn, [_draft(end, now) for end in applied]))
-            return [next(events) if kept else None for kept in written]
+            turns: list[_Turn] = []
+            drafts: list[EventDraft] = []
+            for request in requests:
+                turn = _Turn(first_draft=len(drafts))
+                if isinstance(request, _Claim):
+                    rows = job_rows.claim_due(
+                        conn,
+                        holder=request.holder,
+                        count=request.count,
+                        now=now,
+                        lease_seconds=request.lease_seconds,
+                    )
+                    turn.claimed = [job_rows.claimed_job(row) for row in rows]
+                    drafts.extend(_claim_draft(row) for row in rows)
+                else:
+                    turn.written = job_rows.end_attempts(conn, request.ends, now)
+                    drafts.extend(
+                        _draft(end, now)
+                        for end, kept in zip(request.ends, turn.written, strict=True)
+                        if kept
+                    )
+                turns.append(turn)
+            events = self._record(conn, drafts)
+            for turn in turns:
+                turn.take_events(events)
+            return turns
 
         return await write(self._db, transaction)
 
@@ -322,4 +337,37 @@ def _draft(end: AttemptEnd, now: float) -> EventDraft:
         result_key=end.result_key,
         error=end.error,
         next_attempt_at=None if end.delay is None else now + end.delay,
+    )
+
+
+@dataclass(frozen=True)
+class _Claim:
+    holder: str
+    count: int
+    lease_seconds: float
+
+
+@dataclass(frozen=True)
+class _Ends:
+    ends: Sequence[AttemptEnd]
+
+
+@dataclass
+class _Turn:
+    """What one claim or one group of ends got from a shared transaction."""
+
+    first_draft: int
+    claimed: list[ClaimedJob] = field(default_factory=list)
+    written: list[bool] = field(default_factory=list)
+    ended: list[Event | None] = field(default_factory=list)
+
+    def take_events(self, events: Sequence[Event]) -> None:
+        """Each written end's event, from the transaction's events (in draft order)."""
+        mine = iter(events[self.first_draft :])
+        self.ended = [next(mine) if kept else None for kept in self.written]
+
+
+def _claim_draft(row: Any) -> EventDraft:
+    return EventDraft(
+        row.media_id, row.owner_id, JobStatus.PROCESSING, JobStatus.PENDING, row.attempt
     )
