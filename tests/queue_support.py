@@ -18,7 +18,12 @@ EPOCH = 1_750_000_000.0
 
 
 class LoopClock:
-    """The running event loop's clock, as the domain's Clock."""
+    """The running event loop's clock, as the domain's Clock; made in a test whose loop time
+    looptime fakes (elsewhere its waits would take real time, so it refuses)."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert getattr(loop, "looptime_on", False), "mark the test with pytest.mark.looptime"
 
     def time(self) -> float:
         return EPOCH + self.monotonic()
