@@ -13,8 +13,11 @@ import hashlib
 
 from analysis_service.domain.models import JobSpec
 
-# Where the loop clock's epoch readings start: any fixed instant (deterministic event times).
-EPOCH = 1_750_000_000.0
+# Where the loop clock's epoch readings start: a fixed instant, not zero (zero reads as "unset"
+# in places), and small enough that a float near it resolves far below looptime's microsecond
+# ticks (near today's 1.7e9 a float's step is 0.24 µs): instants computed from it, such as a
+# pause's end or a due time, fall on the loop's ticks exactly and compare equal.
+EPOCH = 1_000_000.0
 
 
 class LoopClock:
