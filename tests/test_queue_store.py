@@ -29,7 +29,13 @@ from analysis_service.domain.models import (
     StatusEvent,
 )
 from analysis_service.domain.queue import JobQueue
-from analysis_service.domain.store import AttemptEnd, EventFilter, ExpiredLease, QueueStore
+from analysis_service.domain.store import (
+    AttemptEnd,
+    EventFilter,
+    ExpiredLease,
+    LogCompacted,
+    QueueStore,
+)
 from analysis_service.storage.memory_store import MemoryQueueStore
 from analysis_service.storage.queue_store import SqlQueueStore
 from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
@@ -295,3 +301,18 @@ async def test_a_completion_and_the_next_claim_share_one_transaction(
         assert (depth.counts[JobStatus.COMPLETED], depth.counts[JobStatus.PROCESSING]) == (2, 0)
     finally:
         await db.close()
+
+
+async def test_a_reader_behind_the_compacted_events_is_told_instead_of_missing_them(
+    replicas: Callable[[], Replica],
+) -> None:
+    store = replicas().store
+    await store.submit([spec(n) for n in range(5)], max_attempts=3)
+    assert await store.compact(max_age=3600.0, max_events=2) == 3
+
+    kept = await store.events_after(3, EventFilter(), limit=10, with_embedding=False)
+    assert [event.revision for event in kept] == [4, 5]
+    with pytest.raises(LogCompacted) as behind:
+        await store.events_after(2, EventFilter(), limit=10, with_embedding=False)
+    assert (behind.value.compacted_through, behind.value.revision) == (3, 5)
+    assert await store.log_bounds() == (5, 3)

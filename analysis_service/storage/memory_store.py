@@ -3,9 +3,10 @@
 It keeps what :class:`~analysis_service.storage.queue_store.SqlQueueStore` keeps, by the same
 rules: claims in queue order unless paused, ends fenced by the lease token (a stale one writes
 nothing), lease expiry and due times on the store's clock, one event per change with gap-free
-revisions in commit order, and the result cache's claims. No method awaits anything, so each
-runs whole, as one transaction does; events go to ``publish`` once it has run. Time comes from
-an injected :class:`~analysis_service.domain.clock.Clock`.
+revisions in commit order (the log: :mod:`.memory_log`), and the result cache's claims
+(:mod:`.memory_results`). No method awaits anything, so each runs whole, as one transaction
+does; events go to ``publish`` once it has run. Time comes from an injected
+:class:`~analysis_service.domain.clock.Clock`.
 
 It is the queue's fake for fast tests of the domain's rules (tests/test_queue_store.py checks it
 against the SQL stores); nothing survives the process.
@@ -33,10 +34,11 @@ from analysis_service.domain.store import (
     AttemptEnd,
     EventFilter,
     ExpiredLease,
-    LogCompacted,
     LogState,
     QueueDepth,
 )
+from analysis_service.storage.memory_log import MemoryEventLog, matches
+from analysis_service.storage.memory_results import MemoryResults
 
 RUNNING = "RUNNING"
 
@@ -64,6 +66,9 @@ class _JobRow:
         """Queue order: priority first, then submission time (media id breaks ties)."""
         return (-self.spec.priority, self.submitted_at, self.spec.media_id)
 
+    def claimed(self) -> ClaimedJob:
+        return ClaimedJob(self.spec, self.attempt, self.lease_token, self.quota_deferrals)
+
 
 @dataclass(frozen=True)
 class _Change:
@@ -77,21 +82,6 @@ class _Change:
     result_key: str | None = None
     error: JobError | None = None
     next_attempt_at: float | None = None
-
-
-@dataclass(frozen=True)
-class _LoggedEvent:
-    """An event as the log keeps it: the result by its key, joined when read."""
-
-    event: StatusEvent
-    result_key: str | None
-    reused: bool
-
-
-@dataclass(frozen=True)
-class _ResultClaim:
-    holder: str
-    expires_at: float
 
 
 class MemoryQueueStore:
@@ -112,12 +102,9 @@ class MemoryQueueStore:
         self._clock = clock
         self.shared = shared
         self._jobs: dict[str, _JobRow] = {}
-        self._log: list[_LoggedEvent] = []
-        self._revision = 0
-        self._compacted_through = 0
         self._paused = False
-        self._results: dict[str, tuple[JobResult, float]] = {}
-        self._result_claims: dict[str, _ResultClaim] = {}
+        self._results = MemoryResults()
+        self._log = MemoryEventLog(self._results)
 
     def now(self) -> float:
         return self._clock.time()
@@ -127,9 +114,8 @@ class MemoryQueueStore:
         now = self.now()
         events = []
         for change in changes:
-            self._revision += 1
             event = StatusEvent(
-                revision=self._revision,
+                revision=self._log.next_revision(),
                 media_id=change.row.spec.media_id,
                 owner_id=change.row.spec.owner_id,
                 status=change.status,
@@ -140,8 +126,7 @@ class MemoryQueueStore:
                 error=change.error,
                 next_attempt_at=change.next_attempt_at,
             )
-            reused = bool(change.result and change.result.reused)
-            self._log.append(_LoggedEvent(replace(event, result=None), change.result_key, reused))
+            self._log.append(event, change.result_key)
             change.row.revision = event.revision
             events.append(event)
         if events:
@@ -149,7 +134,7 @@ class MemoryQueueStore:
         return events
 
     async def log_bounds(self) -> tuple[int, int]:
-        return self._revision, self._compacted_through
+        return self._log.revision, self._log.compacted_through
 
     # -- transitions -------------------------------------------------------------------------
 
@@ -164,22 +149,15 @@ class MemoryQueueStore:
                 self._jobs[spec.media_id] = row
                 new.append(row)
         self._record([_Change(row, JobStatus.PENDING, None, 0) for row in new])
-        new_ids = {row.spec.media_id for row in new}
-        known = sorted({spec.media_id for spec in specs} - new_ids)
-        return [row.spec.media_id for row in new], known
+        new_ids = [row.spec.media_id for row in new]
+        return new_ids, sorted({spec.media_id for spec in specs} - set(new_ids))
 
     async def claim(self, holder: str, count: int, lease_seconds: float) -> list[ClaimedJob]:
         if self._paused:
             return []
         now = self.now()
-        due = sorted(
-            (
-                row
-                for row in self._jobs.values()
-                if row.status is JobStatus.PENDING and row.next_attempt_at <= now
-            ),
-            key=_JobRow.queue_key,
-        )[:count]
+        pending = self._select(status=JobStatus.PENDING)
+        due = [row for row in pending if row.next_attempt_at <= now][:count]
         for row in due:
             row.status = JobStatus.PROCESSING
             row.attempt += 1
@@ -191,9 +169,7 @@ class MemoryQueueStore:
         self._record(
             [_Change(row, JobStatus.PROCESSING, JobStatus.PENDING, row.attempt) for row in due]
         )
-        return [
-            ClaimedJob(row.spec, row.attempt, row.lease_token, row.quota_deferrals) for row in due
-        ]
+        return [row.claimed() for row in due]
 
     def _held(self, job: ClaimedJob) -> _JobRow | None:
         """The job's row if ``job``'s lease token still holds it (the fence)."""
@@ -261,15 +237,7 @@ class MemoryQueueStore:
             and row.lease_expires_at is not None
             and row.lease_expires_at < now
         ]
-        ends = [
-            decide(
-                ExpiredLease(
-                    ClaimedJob(row.spec, row.attempt, row.lease_token, row.quota_deferrals),
-                    row.max_attempts,
-                )
-            )
-            for row in expired
-        ]
+        ends = [decide(ExpiredLease(row.claimed(), row.max_attempts)) for row in expired]
         changes = [self._apply_end(end, now) for end in ends]
         return self._record([change for change in changes if change is not None])
 
@@ -325,15 +293,6 @@ class MemoryQueueStore:
         ]
         return sorted(rows, key=_JobRow.queue_key)
 
-    def _result(self, key: str | None, reused: bool, with_embedding: bool) -> JobResult | None:
-        """The stored result of ``key`` as a job or an event shows it."""
-        stored = self._results.get(key) if key is not None else None
-        if stored is None:
-            return None
-        result = stored[0]
-        embedding = result.embedding if with_embedding else None
-        return replace(result, reused=reused, embedding=embedding)
-
     def _job(self, row: _JobRow, with_embedding: bool) -> Job:
         completed = row.status is JobStatus.COMPLETED
         return Job(
@@ -346,7 +305,11 @@ class MemoryQueueStore:
             updated_at=row.updated_at,
             revision=row.revision,
             lease_token=row.lease_token,
-            result=self._result(row.result_key, row.reused, with_embedding) if completed else None,
+            result=self._results.get(
+                row.result_key, reused=row.reused, with_embedding=with_embedding
+            )
+            if completed
+            else None,
             error=row.error,
             attempts=tuple(row.attempts),
         )
@@ -390,16 +353,15 @@ class MemoryQueueStore:
             [
                 self._state(row, with_embedding)
                 for row in sorted(self._jobs.values(), key=lambda row: row.revision)
-                if _matches(events, row.spec.media_id, row.spec.owner_id)
+                if matches(events, row.spec.media_id, row.spec.owner_id)
             ]
             if with_states
             else []
         )
-        return LogState(self._revision, self._compacted_through, states)
+        return LogState(self._log.revision, self._log.compacted_through, states)
 
     def _state(self, row: _JobRow, with_embedding: bool) -> StatusEvent:
         """The job's current state as an initial-state event."""
-        job = self._job(row, with_embedding)
         return StatusEvent(
             revision=row.revision,
             media_id=row.spec.media_id,
@@ -408,7 +370,7 @@ class MemoryQueueStore:
             previous_status=None,
             attempt=row.attempt,
             event_time=row.updated_at,
-            result=job.result,
+            result=self._job(row, with_embedding).result,
             error=row.error,
             next_attempt_at=row.next_attempt_at if row.status is JobStatus.PENDING else None,
             initial_state=True,
@@ -417,64 +379,25 @@ class MemoryQueueStore:
     async def events_after(
         self, after: int, events: EventFilter, *, limit: int, with_embedding: bool
     ) -> list[StatusEvent]:
-        if after < self._compacted_through:
-            raise LogCompacted(after, self._compacted_through, self._revision)
-        page = [
-            logged
-            for logged in self._log
-            if logged.event.revision > after
-            and _matches(events, logged.event.media_id, logged.event.owner_id)
-        ][:limit]
-        return [
-            replace(
-                logged.event,
-                result=self._result(logged.result_key, logged.reused, with_embedding),
-            )
-            for logged in page
-        ]
+        return self._log.after(after, events, limit=limit, with_embedding=with_embedding)
 
     async def compact(self, *, max_age: float, max_events: int) -> int:
-        before_time = self.now() - max_age
-        by_time = [e.event.revision for e in self._log if e.event.event_time < before_time]
-        watermark = max(
-            self._revision - max_events, max(by_time, default=0), self._compacted_through
-        )
-        self._log = [e for e in self._log if e.event.revision > watermark]
-        self._compacted_through = watermark
-        return watermark
+        return self._log.compact(before_time=self.now() - max_age, keep_last=max_events)
 
     # -- the result cache --------------------------------------------------------------------
 
     async def cached_result(self, key: str) -> JobResult | None:
-        return self._result(key, reused=True, with_embedding=True)
+        return self._results.get(key, reused=True, with_embedding=True)
 
     async def store_result(
         self, key: str, sha256: str, result: JobResult, *, holder: str | None
     ) -> None:
-        if result.embedding is None:
-            raise ValueError("a stored result needs its embedding")
-        self._results.setdefault(key, (result, self.now()))
+        self._results.store(key, result)
         if holder is not None:
-            await self.drop_analysis(key, holder)
+            self._results.drop(key, holder)
 
     async def take_analysis(self, key: str, holder: str, lease_seconds: float) -> bool:
-        now = self.now()
-        claim = self._result_claims.get(key)
-        if claim is not None and claim.holder != holder and claim.expires_at >= now:
-            return False
-        if key in self._results:
-            self._result_claims.pop(key, None)
-            return False
-        self._result_claims[key] = _ResultClaim(holder, now + lease_seconds)
-        return True
+        return self._results.take(key, holder, now=self.now(), lease_seconds=lease_seconds)
 
     async def drop_analysis(self, key: str, holder: str) -> None:
-        claim = self._result_claims.get(key)
-        if claim is not None and claim.holder == holder:
-            del self._result_claims[key]
-
-
-def _matches(events: EventFilter, media_id: str, owner_id: str) -> bool:
-    if events.media_ids and media_id not in events.media_ids:
-        return False
-    return not events.owner_id or owner_id == events.owner_id
+        self._results.drop(key, holder)

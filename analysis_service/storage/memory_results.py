@@ -1,0 +1,54 @@
+"""The result cache of :class:`~analysis_service.storage.memory_store.MemoryQueueStore`:
+results by key, and which holder is analysing a key (as ``results`` and ``result_claims``
+do in SQL)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from analysis_service.domain.models import JobResult
+
+
+@dataclass(frozen=True)
+class _Claim:
+    holder: str
+    expires_at: float
+
+
+class MemoryResults:
+    """Cached results, each kept once, and the live claims on keys."""
+
+    def __init__(self) -> None:
+        self._results: dict[str, JobResult] = {}
+        self._claims: dict[str, _Claim] = {}
+
+    def get(self, key: str | None, *, reused: bool, with_embedding: bool) -> JobResult | None:
+        """The result stored under ``key`` as a job or an event shows it (None if absent)."""
+        result = self._results.get(key) if key is not None else None
+        if result is None:
+            return None
+        embedding = result.embedding if with_embedding else None
+        return replace(result, reused=reused, embedding=embedding)
+
+    def store(self, key: str, result: JobResult) -> None:
+        """Keep ``result`` unless the key is already cached (results are deterministic by key)."""
+        if result.embedding is None:
+            raise ValueError("a stored result needs its embedding")
+        self._results.setdefault(key, result)
+
+    def take(self, key: str, holder: str, *, now: float, lease_seconds: float) -> bool:
+        """Claim the analysis of ``key`` unless another holder's claim is still live or the
+        result is already stored."""
+        claim = self._claims.get(key)
+        if claim is not None and claim.holder != holder and claim.expires_at >= now:
+            return False
+        if key in self._results:
+            self._claims.pop(key, None)
+            return False
+        self._claims[key] = _Claim(holder, now + lease_seconds)
+        return True
+
+    def drop(self, key: str, holder: str) -> None:
+        claim = self._claims.get(key)
+        if claim is not None and claim.holder == holder:
+            del self._claims[key]
