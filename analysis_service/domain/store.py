@@ -118,7 +118,9 @@ class QueueStore(Protocol):
         ...
 
     async def renew(self, job: ClaimedJob, lease_seconds: float) -> bool:
-        """Extend the lease; False when ``job``'s token no longer holds it."""
+        """Extend the lease; False when ``job``'s token no longer holds it. A lease past its
+        expiry that no reaper has ended yet still holds: it is lost to the reaper or to a
+        newer claim, not to the clock alone."""
         ...
 
     async def end_attempts(self, ends: Sequence[AttemptEnd]) -> list[StatusEvent | None]:
@@ -137,8 +139,9 @@ class QueueStore(Protocol):
         self, media_ids: Collection[str], *, owner_id: str, status: JobStatus
     ) -> tuple[list[str], list[str]]:
         """Terminal jobs back to PENDING with fresh attempts: the listed ones (any terminal
-        status) or else every one of ``status`` (and ``owner_id``). Returns (retried ids,
-        unknown listed ids); when some listed id is unknown nothing changes."""
+        status) or else every one of ``status`` (and ``owner_id``). A listed job that is not
+        terminal (pending or processing) is left as it is and not among the retried. Returns
+        (retried ids, unknown listed ids); when some listed id is unknown nothing changes."""
         ...
 
     async def set_paused(self, paused: bool) -> None: ...
