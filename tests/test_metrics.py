@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from analysis_service.config import AnalysisConfig, RateLimitConfig, RetryPolicy
 from analysis_service.errors import PermanentAnalyzerError, QuotaExceeded, TransientAnalyzerError
 from ingest_service.config import IngestConfig
-from tests.conftest import Cluster, free_port, wait_until
+from tests.conftest import PATIENCE, Cluster, free_port, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.media_samples import jpeg_bytes
 from tests.processes import Serve
@@ -45,7 +45,7 @@ class Samples:
 
 
 def _fetch(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=PATIENCE) as response:
         body: bytes = response.read()
         return body.decode()
 

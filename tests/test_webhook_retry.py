@@ -18,7 +18,7 @@ from analysis_service.config import AnalysisConfig, RateLimitConfig
 from ingest_service.config import IngestConfig, WebhookConfig
 from mediatag_cli.main import run_client
 from mediatag_common.grpc_server import open_channel
-from tests.conftest import Cluster, wait_until
+from tests.conftest import PATIENCE, Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.test_auth import TOKENS, TOKENS_TOML, Clients, image_upload
 from tests.test_ingest_service import assert_refused, refusal
@@ -85,13 +85,13 @@ async def refused(make_cluster: Callable[..., Cluster], tmp_path: Path) -> Async
     await cluster.start_ingest()
     clients = Clients(cluster)
     admin = clients.ingest("admin")
-    uploaded = await admin.UploadMedia(image_upload("listing-7", 0, n=2), timeout=10)
-    other = await admin.UploadMedia(image_upload("listing-8", 10), timeout=10)
+    uploaded = await admin.UploadMedia(image_upload("listing-7", 0, n=2), timeout=PATIENCE)
+    other = await admin.UploadMedia(image_upload("listing-8", 10), timeout=PATIENCE)
     media_ids = [m.id for m in [*uploaded.media, *other.media]]
 
     async def all_dead() -> bool:
         listed = await admin.ListWebhookDeliveries(
-            ipb.ListWebhookDeliveriesRequest(state=DEAD), timeout=5
+            ipb.ListWebhookDeliveriesRequest(state=DEAD), timeout=PATIENCE
         )
         return len(listed.deliveries) == 3
 
@@ -108,7 +108,9 @@ async def test_dead_deliveries_are_listed_to_whom_may_see_their_owners(
 ) -> None:
     clients = refused.clients
     viewer = clients.ingest("viewer")
-    listed = await viewer.ListWebhookDeliveries(ipb.ListWebhookDeliveriesRequest(), timeout=5)
+    listed = await viewer.ListWebhookDeliveries(
+        ipb.ListWebhookDeliveriesRequest(), timeout=PATIENCE
+    )
     assert {d.media_id for d in listed.deliveries} == set(refused.media_ids)
     for delivery in listed.deliveries:
         assert delivery.state == DEAD
@@ -121,17 +123,20 @@ async def test_dead_deliveries_are_listed_to_whom_may_see_their_owners(
     ids = [d.id for d in listed.deliveries]
     assert ids == sorted(ids, reverse=True)
     retrying = await viewer.ListWebhookDeliveries(
-        ipb.ListWebhookDeliveriesRequest(state=ipb.WEBHOOK_DELIVERY_STATE_RETRYING), timeout=5
+        ipb.ListWebhookDeliveriesRequest(state=ipb.WEBHOOK_DELIVERY_STATE_RETRYING),
+        timeout=PATIENCE,
     )
     assert list(retrying.deliveries) == []
 
     # Owner-restricted callers see their owners' only.
     viewer7 = clients.ingest("viewer7")
-    sevens = await viewer7.ListWebhookDeliveries(ipb.ListWebhookDeliveriesRequest(), timeout=5)
+    sevens = await viewer7.ListWebhookDeliveries(
+        ipb.ListWebhookDeliveriesRequest(), timeout=PATIENCE
+    )
     assert {d.owner_id for d in sevens.deliveries} == {"listing-7"}
     assert len(sevens.deliveries) == 2
     eights = await clients.ingest("viewer78").ListWebhookDeliveries(
-        ipb.ListWebhookDeliveriesRequest(owner_id="listing-8"), timeout=5
+        ipb.ListWebhookDeliveriesRequest(owner_id="listing-8"), timeout=PATIENCE
     )
     assert {d.owner_id for d in eights.deliveries} == {"listing-8"}
 
@@ -140,7 +145,8 @@ async def test_dead_deliveries_are_listed_to_whom_may_see_their_owners(
     token = ""
     while True:
         page = await viewer.ListWebhookDeliveries(
-            ipb.ListWebhookDeliveriesRequest(state=DEAD, page_size=1, page_token=token), timeout=5
+            ipb.ListWebhookDeliveriesRequest(state=DEAD, page_size=1, page_token=token),
+            timeout=PATIENCE,
         )
         seen.extend(d.id for d in page.deliveries)
         token = page.next_page_token
@@ -149,7 +155,7 @@ async def test_dead_deliveries_are_listed_to_whom_may_see_their_owners(
     assert seen == ids
 
     first = await viewer.ListWebhookDeliveries(
-        ipb.ListWebhookDeliveriesRequest(page_size=1), timeout=5
+        ipb.ListWebhookDeliveriesRequest(page_size=1), timeout=PATIENCE
     )
     refusals = [
         (viewer7, ipb.ListWebhookDeliveriesRequest(owner_id="listing-8"), DENIED),
@@ -174,12 +180,15 @@ async def test_dead_deliveries_are_listed_to_whom_may_see_their_owners(
     ]
     for (stub, request, code), (reason, field) in zip(refusals, expected, strict=True):
         assert_refused(
-            await refusal(stub.ListWebhookDeliveries(request, timeout=5)), code, reason, field
+            await refusal(stub.ListWebhookDeliveries(request, timeout=PATIENCE)),
+            code,
+            reason,
+            field,
         )
     uploader = clients.ingest("uploader7")
     assert_refused(
         await refusal(
-            uploader.ListWebhookDeliveries(ipb.ListWebhookDeliveriesRequest(), timeout=5)
+            uploader.ListWebhookDeliveries(ipb.ListWebhookDeliveriesRequest(), timeout=PATIENCE)
         ),
         DENIED,
         "ROLE_NOT_ALLOWED",
@@ -190,7 +199,7 @@ async def test_dead_deliveries_are_listed_to_whom_may_see_their_owners(
 async def test_an_admin_retries_dead_deliveries_and_nothing_is_lost(refused: Refused) -> None:
     cluster, clients, receiver = refused.cluster, refused.clients, refused.receiver
     admin, admin7 = clients.ingest("admin"), refused.admin7
-    listed = await admin.ListWebhookDeliveries(ipb.ListWebhookDeliveriesRequest(), timeout=5)
+    listed = await admin.ListWebhookDeliveries(ipb.ListWebhookDeliveriesRequest(), timeout=PATIENCE)
     by_owner = {d.owner_id: d.id for d in listed.deliveries}
     retry = ipb.RetryWebhookDeliveriesRequest
     refusals = [
@@ -221,18 +230,18 @@ async def test_an_admin_retries_dead_deliveries_and_nothing_is_lost(refused: Ref
         ),
     ]
     for stub, request, code, reason, field in refusals:
-        error = await refusal(stub.RetryWebhookDeliveries(request, timeout=5))
+        error = await refusal(stub.RetryWebhookDeliveries(request, timeout=PATIENCE))
         assert_refused(error, code, reason, field)
     # Refused retries revived nothing: all three are still dead.
     still = await admin.ListWebhookDeliveries(
-        ipb.ListWebhookDeliveriesRequest(state=DEAD), timeout=5
+        ipb.ListWebhookDeliveriesRequest(state=DEAD), timeout=PATIENCE
     )
     assert len(still.deliveries) == 3
 
     receiver.script["hooks"] = [200]
     refused_so_far = len(receiver.received["hooks"])
     # The restricted admin's "every dead one of the endpoint" is its owners' two.
-    sevens = await admin7.RetryWebhookDeliveries(retry(endpoint="hooks"), timeout=5)
+    sevens = await admin7.RetryWebhookDeliveries(retry(endpoint="hooks"), timeout=PATIENCE)
     assert sevens.count == 2
 
     async def sevens_delivered() -> bool:
@@ -240,7 +249,7 @@ async def test_an_admin_retries_dead_deliveries_and_nothing_is_lost(refused: Ref
 
     await wait_until(sevens_delivered)
     answer = await admin.RetryWebhookDeliveries(
-        retry(delivery_ids=[by_owner["listing-8"]]), timeout=5
+        retry(delivery_ids=[by_owner["listing-8"]]), timeout=PATIENCE
     )
     assert answer.count == 1
 
@@ -251,7 +260,7 @@ async def test_an_admin_retries_dead_deliveries_and_nothing_is_lost(refused: Ref
     # Every change reached the receiver, signed, once it accepted them.
     accepted = receiver.received["hooks"][refused_so_far:]
     assert {verified("hooks", r)["data"]["mediaId"] for r in accepted} == set(refused.media_ids)
-    empty = await admin.ListWebhookDeliveries(ipb.ListWebhookDeliveriesRequest(), timeout=5)
+    empty = await admin.ListWebhookDeliveries(ipb.ListWebhookDeliveriesRequest(), timeout=PATIENCE)
     assert list(empty.deliveries) == []
 
 
