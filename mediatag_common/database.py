@@ -204,7 +204,6 @@ class Database:
                 engine_url,
                 pool_size=pool_size,
                 max_overflow=0,
-                pool_pre_ping=True,
                 connect_args={
                     "application_name": "mediatag",
                     "options": _PG_SESSION_OPTIONS,
@@ -216,6 +215,7 @@ class Database:
                     "connect_timeout": 10,
                 },
             )
+            _ping_when_idle(self._engine)
             self._writer = ThreadPoolExecutor(pool_size, thread_name_prefix="db")
             self._readers = self._writer
 
@@ -255,11 +255,14 @@ class Database:
             with self._engine.connect() as conn:
                 conn.execution_options(**{_WRITING: True})
                 with conn.begin():
-                    conn.info[AFTER_COMMIT] = callbacks
+                    # Held, not looked up again: once the server drops the connection,
+                    # ``conn.info`` raises, and would hide why the transaction failed.
+                    info = conn.info
+                    info[AFTER_COMMIT] = callbacks
                     try:
                         result = transaction(conn)
                     finally:
-                        conn.info.pop(AFTER_COMMIT, None)
+                        info.pop(AFTER_COMMIT, None)
         except sa_exc.SQLAlchemyError as exc:
             raise classify(exc) from exc
         # Scheduled from the committing thread, before the caller resumes (on SQLite that is
@@ -342,3 +345,30 @@ def _sqlite_begin(conn: Connection) -> None:
     processes on the file; a read sees one snapshot throughout."""
     immediate = conn.get_execution_options().get(_WRITING, False)
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+# A pooled PostgreSQL connection idle for longer than this is pinged before use: a server
+# restart or a dropped connection shows there, not as a failed transaction. One in steady use
+# is not (SQLAlchemy's pre-ping would add a round trip to every transaction).
+PING_AFTER_IDLE = 1.0
+_IDLE_SINCE = "mediatag_idle_since"
+
+
+def _ping_when_idle(engine: sa.Engine) -> None:
+    """SQLAlchemy's pessimistic disconnect handling, for idle connections only: a failed
+    ping raises ``DisconnectionError``, and the pool replaces the connection."""
+
+    def on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    def on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.pop(_IDLE_SINCE, None)
+        if idle_since is not None and time.monotonic() - idle_since < PING_AFTER_IDLE:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise sa_exc.DisconnectionError(str(exc)) from exc
+
+    sa.event.listen(engine, "checkin", on_checkin)
+    sa.event.listen(engine, "checkout", on_checkout)
