@@ -176,10 +176,10 @@ class Database:
 
     ``write(fn)`` runs ``fn(connection)`` in a transaction and commits; callbacks registered
     with :func:`after_commit` are then scheduled on the caller's loop. ``read(fn)`` runs
-    ``fn`` in a transaction that is rolled back; ``snapshot(fn)`` runs it so that all its
-    queries see one state (SQLite: on the writer thread; PostgreSQL: a REPEATABLE READ
-    transaction). A caller cancelled while its function runs does not stop it: a write may
-    still commit (as with any database whose answer is lost on the way back).
+    ``fn`` for reading only (each statement sees what is committed); ``snapshot(fn)`` runs
+    it so that all its queries see one state (SQLite: on the writer thread; PostgreSQL: a
+    REPEATABLE READ transaction). A caller cancelled while its function runs does not stop
+    it: a write may still commit (as with any database whose answer is lost on the way back).
     """
 
     def __init__(
@@ -231,7 +231,8 @@ class Database:
         )
 
     async def read(self, query: Callable[[Connection], T]) -> T:
-        """``query(conn)`` in a transaction that is rolled back."""
+        """``query(conn)`` writing nothing: on SQLite in a transaction (one snapshot), on
+        PostgreSQL statement by statement (for one snapshot, :meth:`snapshot`)."""
         return await asyncio.wrap_future(self._readers.submit(self._read_in_thread, query))
 
     async def snapshot(self, query: Callable[[Connection], T]) -> T:
@@ -274,6 +275,10 @@ class Database:
     def _read_in_thread(self, query: Callable[[Connection], T]) -> T:
         try:
             with self._engine.connect() as conn:
+                if self.dialect == POSTGRESQL:
+                    # Under READ COMMITTED each statement reads its own snapshot, in a
+                    # transaction or not: without one, no BEGIN and ROLLBACK round trips.
+                    conn.execution_options(isolation_level="AUTOCOMMIT")
                 return query(conn)
         except sa_exc.SQLAlchemyError as exc:
             raise classify(exc) from exc
