@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,6 +20,9 @@ from tests.conftest import PATIENCE, Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.processes import MEDIATAG
 from tests.test_pipeline import image_files, upload, wait_terminal
+
+# A CLI that hangs can be made to show where (see ``interrupt``).
+CLI_ENV = {**os.environ, "PYTHONFAULTHANDLER": "1"}
 
 
 def analysis_config(**watch: Any) -> AnalysisConfig:
@@ -40,27 +45,51 @@ async def cli_watch(cluster: Cluster, *args: str) -> AsyncIterator[asyncio.subpr
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=CLI_ENV,
     )
     try:
         yield process
     finally:
         if process.returncode is None:
-            try:
-                await interrupt(process)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+            await interrupt(process)
 
 
 async def interrupt(process: asyncio.subprocess.Process) -> int:
     """Ctrl-C, then the exit status. What the CLI still prints is read meanwhile (its stderr
-    is left to the test): blocked on a full pipe, it could not flush and exit."""
+    is left to the test): blocked on a full pipe, it could not flush and exit.
+
+    A CLI still running after PATIENCE is sent SIGABRT: started with ``PYTHONFAULTHANDLER``
+    (see :data:`CLI_ENV`), it writes every thread's stack to its stderr first."""
     assert process.stdout is not None
     process.send_signal(signal.SIGINT)
-    _, status = await asyncio.wait_for(
-        asyncio.gather(process.stdout.read(), process.wait()), PATIENCE
-    )
+    try:
+        _, status = await asyncio.wait_for(
+            asyncio.gather(process.stdout.read(), process.wait()), PATIENCE
+        )
+    except TimeoutError:
+        state = _process_state(process.pid)
+        stderr = b"(in the test's captured stderr)"
+        if state not in ("gone", "Z"):
+            process.send_signal(signal.SIGABRT)
+            # Only for the stacks to reach stderr before the test's output is collected.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 30)
+                if process.stderr is not None:
+                    stderr = await asyncio.wait_for(process.stderr.read(), 30)
+        raise AssertionError(
+            f"mediatag not ended {PATIENCE} s after SIGINT (process state {state}); "
+            f"its stderr: {stderr.decode(errors='replace')}"
+        ) from None
     return status
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of ``pid`` in /proc (R, S, Z...), or "gone"."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return "gone"
+    return stat.rsplit(")", 1)[1].split()[0]
 
 
 async def read_events(
@@ -193,6 +222,7 @@ async def test_cli_queue_watch_prints_a_fresh_status_every_interval(
         "--analysis",
         f"127.0.0.1:{cluster.analysis_port}",
         stdout=asyncio.subprocess.PIPE,
+        env=CLI_ENV,
     )
     try:
         first = await read_events(process, lambda seen: len(seen) == 1)
