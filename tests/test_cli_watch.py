@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,18 @@ from tests.test_pipeline import image_files, upload, wait_terminal
 
 # A CLI that hangs can be made to show where (see ``interrupt``).
 CLI_ENV = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+# Runs argv[1:] with SIGINT at its default. A test run with SIGINT ignored (a background job of
+# a non-interactive shell, as CI may start it) passes that on to its children, and a Python
+# started so never turns SIGINT into KeyboardInterrupt: the Ctrl-C sent here would be lost.
+_AS_FROM_A_TERMINAL = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def mediatag_command(*args: str) -> tuple[str, ...]:
+    """The command line of ``mediatag ARGS`` that Ctrl-C (SIGINT) stops, as in a terminal."""
+    return (sys.executable, "-c", _AS_FROM_A_TERMINAL, MEDIATAG, *args)
 
 
 def analysis_config(**watch: Any) -> AnalysisConfig:
@@ -37,12 +50,9 @@ def analysis_config(**watch: Any) -> AnalysisConfig:
 async def cli_watch(cluster: Cluster, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
     """``mediatag watch --json ARGS`` against the cluster; interrupted on exit like Ctrl-C."""
     process = await asyncio.create_subprocess_exec(
-        MEDIATAG,
-        "watch",
-        "--json",
-        "--analysis",
-        f"127.0.0.1:{cluster.analysis_port}",
-        *args,
+        *mediatag_command(
+            "watch", "--json", "--analysis", f"127.0.0.1:{cluster.analysis_port}", *args
+        ),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=CLI_ENV,
@@ -214,13 +224,9 @@ async def test_cli_queue_watch_prints_a_fresh_status_every_interval(
     await cluster.start_analysis()
     await cluster.start_ingest()
     process = await asyncio.create_subprocess_exec(
-        MEDIATAG,
-        "queue",
-        "--watch",
-        "0.2",
-        "--json",
-        "--analysis",
-        f"127.0.0.1:{cluster.analysis_port}",
+        *mediatag_command(
+            "queue", "--watch", "0.2", "--json", "--analysis", f"127.0.0.1:{cluster.analysis_port}"
+        ),
         stdout=asyncio.subprocess.PIPE,
         env=CLI_ENV,
     )
