@@ -72,10 +72,12 @@ class Subscription:
         """Take the matching events of one commit.
 
         Slow means ``buffer_size`` events behind when the next commit comes. A burst is
-        forgiven once until it has been read: a commit that takes the buffer beyond its
-        size (a retry of many jobs) is taken whole, and the count starts again at its end,
-        so a watcher that keeps up is not cut off by the commits right after it. Memory
-        stays bounded by about twice the buffer plus one commit.
+        forgiven once until it has been read: a commit that takes a watcher that was keeping
+        up (at most half its buffer behind) beyond its buffer (a retry of many jobs) is taken
+        whole, and the count starts again at its end, so the watcher is not cut off by the
+        commits right after it. A watcher that falls behind commit by commit is not keeping
+        up, and its last small commit is no burst. Memory stays bounded by about one and a
+        half buffers plus one commit.
         """
         if self._ended is not None:
             return
@@ -89,9 +91,14 @@ class Subscription:
                 )
             )
             return
+        was_keeping_up = len(self._events) <= self._buffer_size // 2
         self._events.extend(matching)
         self._taken += len(matching)
-        if len(self._events) > self._buffer_size and self._handed_on >= self._burst_end:
+        if (
+            len(self._events) > self._buffer_size
+            and was_keeping_up
+            and self._handed_on >= self._burst_end
+        ):
             self._burst_end = self._taken
         self._track_delivery()
         self._wake()
