@@ -4,8 +4,10 @@ API for replicas sharing a PostgreSQL (real databases, one ``Database`` per repl
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
+from collections.abc import Mapping
 
 import pytest
 
@@ -16,6 +18,7 @@ from analysis_service.domain.limits import (
     Gcra,
     RateLimits,
     SharedReading,
+    Slot,
     calls_in_window,
 )
 from analysis_service.errors import StorageUnavailable
@@ -130,6 +133,48 @@ async def test_quota_errors_pause_an_api_longer_each_time_until_a_call_goes_thro
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
+
+
+# ---- the shared gate, on a fake clock ----
+
+
+class LateSlots:
+    """GCRA slots as the database grants them (on the loop's clock), each answer arriving
+    ``delays[n]`` seconds after it was granted (a slow round trip)."""
+
+    def __init__(self, delays: list[float]) -> None:
+        self._delays = iter(delays)
+        self._tat = 0.0
+
+    async def reserve(self, api: str, rule: Gcra, window: float) -> Slot:
+        now = asyncio.get_running_loop().time()
+        at, self._tat = reserve(rule, self._tat, now)
+        await asyncio.sleep(next(self._delays))
+        return Slot(at=at, now=now)
+
+    async def pause(self, api: str, rule: Gcra, seconds: float) -> None:
+        raise NotImplementedError
+
+    async def read(self) -> tuple[Mapping[str, SharedReading], float]:
+        raise NotImplementedError
+
+
+@pytest.mark.looptime
+async def test_calls_keep_to_the_limit_as_made_when_slots_are_answered_late() -> None:
+    # Four workers at 4/s, burst 1: slots 0, 0.25, 0.5, 0.75. The first answers come late
+    # (0.9, 0.6, 0.2 s): without more, three calls would go together at 0.9.
+    limits = RateLimits([ApiLimit("vision", 4.0, 1)], {}, LateSlots([0.9, 0.6, 0.2, 0.0]))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    made: list[float] = []
+
+    async def call() -> None:
+        await limits.acquire("vision")
+        made.append(loop.time() - start)
+
+    await asyncio.gather(*(call() for _ in range(4)))
+    gaps = [later - earlier for earlier, later in itertools.pairwise(sorted(made))]
+    assert min(gaps) >= 0.25 - 1e-9, made
 
 
 # ---- replicas sharing PostgreSQL ----

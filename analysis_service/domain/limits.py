@@ -177,9 +177,14 @@ class RateGate(Protocol):
         """The limits at a glance."""
 
 
+def _bucket(config: RateLimitConfig) -> AsyncLimiter:
+    """A leaky bucket of the limit: it holds B and leaks R per second (see the module)."""
+    return AsyncLimiter(config.burst, config.burst / config.rate_per_second)
+
+
 class _LocalLimiter:
     def __init__(self, config: RateLimitConfig) -> None:
-        self.limiter = AsyncLimiter(config.burst, config.burst / config.rate_per_second)
+        self.limiter = _bucket(config)
         self.throttled_until = 0.0
         self.recent_calls: collections.deque[float] = collections.deque()
 
@@ -220,15 +225,22 @@ class InProcessGate:
 class SharedGate:
     """The slots in the database every replica shares: reserve one slot in one round trip,
     then sleep until it comes (no polling; a cancelled wait leaves its slot unused, which
-    errs on the safe side)."""
+    errs on the safe side).
 
-    def __init__(self, slots: SharedSlots) -> None:
+    The slots keep to the limit as granted; this replica's calls also keep to it as made:
+    workers whose answers or wake-ups come late (a slow round trip, a busy event loop) would
+    otherwise call together, so each call also passes a bucket of the limit in this process.
+    """
+
+    def __init__(self, slots: SharedSlots, apis: Sequence[UpstreamApi]) -> None:
         self._slots = slots
+        self._buckets = {api.name: _bucket(api.config) for api in apis}
 
     async def acquire(self, api: UpstreamApi) -> None:
         slot = await self._slots.reserve(api.name, api.rule, USE_WINDOW)
         if slot.wait > 0:
             await asyncio.sleep(slot.wait)
+        await self._buckets[api.name].acquire()
 
     async def pause(self, api: UpstreamApi, seconds: float) -> None:
         await self._slots.pause(api.name, api.rule, seconds)
@@ -288,7 +300,9 @@ class RateLimits:
                 raise ValueError(f"rate limit of {api} must be > 0 with burst >= 1")
         self._apis = {api: UpstreamApi(api, config) for api, config in configs.items()}
         apis = list(self._apis.values())
-        self._gate: RateGate = InProcessGate(apis, clock) if shared is None else SharedGate(shared)
+        self._gate: RateGate = (
+            InProcessGate(apis, clock) if shared is None else SharedGate(shared, apis)
+        )
 
     def _api(self, api: str) -> UpstreamApi:
         try:
