@@ -3,7 +3,21 @@
 The gateway speaks the services' error model (AIP-193: one ``ErrorInfo``, plus ``BadRequest``
 for bad input) whether a refusal is its own or came from upstream, so an HTTP client reads
 both the same way. Codes are ``google.rpc.Code`` numbers; the HTTP layer maps them to HTTP
-statuses in one table.
+statuses in one table (``web_gateway.api.errors``).
+
+One class, :class:`Refusal`, carries every refusal: a service's, passed on as it came, or the
+gateway's own, each made by one of these (their code is chosen here and nowhere else)::
+
+    invalid           INVALID_ARGUMENT     bad input, naming the field
+    unauthenticated   UNAUTHENTICATED      no caller, or a token not valid
+    denied            PERMISSION_DENIED    a caller not allowed this (owner, origin, host, CSRF)
+    precondition      FAILED_PRECONDITION  asked of a gateway not set up for it
+    exhausted         RESOURCE_EXHAUSTED   a bound reached
+    unavailable       UNAVAILABLE          not now (closing, upstream answered nothing)
+    internal          INTERNAL             something unexpected, told without its details
+
+aiohttp's own answers on the API (no route, wrong method, body too large) become refusals in
+``web_gateway.api.errors``, beside the table of HTTP statuses.
 """
 
 from __future__ import annotations
@@ -97,6 +111,21 @@ class Refusal(Exception):
 def invalid(field: str, reason: str, message: str) -> Refusal:
     """Bad input: INVALID_ARGUMENT naming the field."""
     return Refusal.of(code_pb2.INVALID_ARGUMENT, reason, message, field=field)
+
+
+def unauthenticated(reason: str, message: str) -> Refusal:
+    """No caller, or a token not valid: UNAUTHENTICATED."""
+    return Refusal.of(code_pb2.UNAUTHENTICATED, reason, message)
+
+
+def denied(reason: str, message: str, *, field: str | None = None) -> Refusal:
+    """A caller not allowed what it asked: PERMISSION_DENIED (naming the field, if one)."""
+    return Refusal.of(code_pb2.PERMISSION_DENIED, reason, message, field=field)
+
+
+def precondition(reason: str, message: str) -> Refusal:
+    """Asked of a gateway not set up for it: FAILED_PRECONDITION."""
+    return Refusal.of(code_pb2.FAILED_PRECONDITION, reason, message)
 
 
 def exhausted(reason: str, message: str, **metadata: str) -> Refusal:

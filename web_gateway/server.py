@@ -28,7 +28,7 @@ from web_gateway.upstream import Upstream
 
 logger = logging.getLogger(__name__)
 
-MAX_REQUEST_LINE = 64 * 1024
+_MAX_REQUEST_LINE = 64 * 1024
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -136,7 +136,7 @@ async def create_server(config: WebConfig) -> tuple[WebHost, int]:
         access_log=None,
         shutdown_timeout=config.grace_period,
         # A request line long enough for an event filter of 1000 media ids.
-        max_line_size=MAX_REQUEST_LINE,
+        max_line_size=_MAX_REQUEST_LINE,
         # A client that goes away cancels its handler: an event stream frees its place at
         # once, an upload cancels its call (ingest then keeps nothing of it).
         handler_cancellation=True,

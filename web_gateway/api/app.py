@@ -24,22 +24,19 @@ from pathlib import Path
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from google.rpc import code_pb2
 
 from mediatag_common.grpc_server import is_loopback
 from web_gateway.api import events, media, queue, session, webhooks
 from web_gateway.api.callers import check_host
 from web_gateway.api.context import CALLER, GATEWAY, JSON, Gateway
-from web_gateway.api.errors import body, http_status
+from web_gateway.api.errors import body, from_http, http_status
 from web_gateway.api.headers import add_security_headers
 from web_gateway.errors import Refusal, internal
 
 logger = logging.getLogger(__name__)
 
-STATIC = Path(__file__).resolve().parent.parent / "static"
+_STATIC = Path(__file__).resolve().parent.parent / "static"
 API = "/api/"
-# aiohttp's own answers (no route, wrong method) in the API's error form.
-_HTTP_CODES = {404: code_pb2.NOT_FOUND, 405: code_pb2.UNIMPLEMENTED, 413: code_pb2.INVALID_ARGUMENT}
 
 
 def _error_response(refusal: Refusal) -> web.Response:
@@ -66,11 +63,10 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Refusal as refusal:
         return _error_response(refusal)
     except web.HTTPException as error:
-        if not api or error.status not in _HTTP_CODES:
+        answer = from_http(error) if api else None
+        if answer is None:
             raise
-        return _error_response(
-            Refusal.of(_HTTP_CODES[error.status], "HTTP_" + str(error.status), error.reason)
-        )
+        return _error_response(answer)
     except Exception:
         logger.exception("unexpected error in %s %s", request.method, request.path)
         return _error_response(internal())
@@ -86,7 +82,7 @@ async def _secure(request: web.Request, response: web.StreamResponse) -> None:
 
 
 async def _index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC / "index.html")
+    return web.FileResponse(_STATIC / "index.html")
 
 
 def create_app(gateway: Gateway) -> web.Application:
@@ -113,5 +109,5 @@ def create_app(gateway: Gateway) -> web.Application:
     app.router.add_post(session.PATH, session.sign_in)
     app.router.add_delete(session.PATH, session.sign_out)
     app.router.add_get("/", _index)
-    app.router.add_static("/static/", STATIC)
+    app.router.add_static("/static/", _STATIC)
     return app

@@ -17,16 +17,15 @@ import hmac
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from google.rpc import code_pb2
 
 from mediatag_common.auth import Principal, TokenTable
 from mediatag_common.grpc_server import is_loopback
 from web_gateway.domain.sessions import Session, SessionStore
-from web_gateway.errors import Refusal
+from web_gateway.errors import denied, unauthenticated
 from web_gateway.upstream import Metadata, credentials
 
 SESSION_COOKIE = "mediatag_session"
-CSRF_HEADER = "X-CSRF-Token"
+_CSRF_HEADER = "X-CSRF-Token"
 _BEARER = "bearer "
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -43,14 +42,6 @@ class Caller:
     @property
     def metadata(self) -> Metadata:
         return credentials(self.token)
-
-
-def _unauthenticated(reason: str, message: str) -> Refusal:
-    return Refusal.of(code_pb2.UNAUTHENTICATED, reason, message)
-
-
-def _denied(reason: str, message: str) -> Refusal:
-    return Refusal.of(code_pb2.PERMISSION_DENIED, reason, message)
 
 
 class Callers:
@@ -70,20 +61,20 @@ class Callers:
         header = request.headers.get("Authorization")
         if header is not None:
             if header[: len(_BEARER)].lower() != _BEARER:
-                raise _unauthenticated("TOKEN_INVALID", "only Bearer tokens are taken")
+                raise unauthenticated("TOKEN_INVALID", "only Bearer tokens are taken")
             token = header[len(_BEARER) :].strip()
             if self.tokens is None:
                 return Caller(None, token)
             principal = self.tokens.authenticate(token)
             if principal is None:
-                raise _unauthenticated("TOKEN_INVALID", "the bearer token is not valid")
+                raise unauthenticated("TOKEN_INVALID", "the bearer token is not valid")
             return Caller(principal, token)
         if self.tokens is None:
             return Caller(None)
         session_id = request.cookies.get(SESSION_COOKIE)
         session = self.sessions.get(session_id) if session_id else None
         if session is None:
-            raise _unauthenticated(
+            raise unauthenticated(
                 "TOKEN_MISSING" if session_id is None else "SESSION_EXPIRED",
                 "sign in with a token (POST /api/v1/session) or send "
                 "'Authorization: Bearer <token>'",
@@ -98,11 +89,11 @@ class Callers:
         if caller.session is None and not _from_browser(request):
             return
         expected = caller.session.csrf_token if caller.session else self.open_csrf_token
-        given = request.headers.get(CSRF_HEADER, "")
+        given = request.headers.get(_CSRF_HEADER, "")
         if not hmac.compare_digest(given.encode(), expected.encode()):
-            raise _denied(
+            raise denied(
                 "CSRF_TOKEN_INVALID",
-                f"a state-changing request needs the {CSRF_HEADER} header of its session",
+                f"a state-changing request needs the {_CSRF_HEADER} header of its session",
             )
 
 
@@ -117,7 +108,7 @@ def check_origin(request: web.Request) -> None:
         return
     own = f"{request.scheme}://{request.host}"
     if origin != own:
-        raise _denied("CROSS_ORIGIN", f"requests from {origin} are not accepted")
+        raise denied("CROSS_ORIGIN", f"requests from {origin} are not accepted")
 
 
 def check_host(request: web.Request, bound_host: str) -> None:
@@ -127,4 +118,4 @@ def check_host(request: web.Request, bound_host: str) -> None:
     host = request.url.host or ""
     if is_loopback(host) or host == bound_host:
         return
-    raise _denied("HOST_NOT_ALLOWED", f"this gateway answers to loopback names, not {host!r}")
+    raise denied("HOST_NOT_ALLOWED", f"this gateway answers to loopback names, not {host!r}")

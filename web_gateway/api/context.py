@@ -18,8 +18,8 @@ from web_gateway.errors import invalid
 from web_gateway.protojson import from_json, from_query, to_json
 from web_gateway.upstream import Upstream, refusal_of
 
-Req = TypeVar("Req", bound=message.Message)
-Resp = TypeVar("Resp", bound=message.Message)
+_Req = TypeVar("_Req", bound=message.Message)
+_Resp = TypeVar("_Resp", bound=message.Message)
 
 JSON = "application/json"
 
@@ -50,8 +50,8 @@ def caller_of(request: web.Request) -> Caller:
 
 
 async def call(
-    method: Callable[..., Awaitable[Resp]], request_message: Any, request: web.Request
-) -> Resp:
+    method: Callable[..., Awaitable[_Resp]], request_message: Any, request: web.Request
+) -> _Resp:
     """A unary call to a service as the caller; its refusal passed on as it is."""
     try:
         return await method(
@@ -63,12 +63,12 @@ async def call(
         raise refusal_of(error) from None
 
 
-def query(request: web.Request, msg: Req) -> Req:
+def query(request: web.Request, msg: _Req) -> _Req:
     """``msg`` filled from the request's query parameters."""
     return from_query({key: request.query.getall(key) for key in request.query}, msg)
 
 
-async def body(request: web.Request, msg: Req) -> Req:
+async def body(request: web.Request, msg: _Req) -> _Req:
     """``msg`` filled from the request's JSON body (``Content-Type: application/json``,
     which a form of another site cannot send without the browser asking the gateway first)."""
     if request.content_type != JSON:

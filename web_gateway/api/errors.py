@@ -1,18 +1,20 @@
 """Refusals as HTTP responses: ``google.rpc.Status`` JSON under the usual gRPC -> HTTP mapping.
 
 The one table from ``google.rpc.Code`` to HTTP status is here (the mapping grpc-gateway and
-Google's HTTP APIs use); the body is the status in the proto3 JSON mapping, details included
+Google's HTTP APIs use), and beside it the few HTTP errors aiohttp raises itself, turned into
+refusals of the same form; the body is the status in the proto3 JSON mapping, details included
 (``@type`` names the detail, ``ErrorInfo`` and ``BadRequest`` as AIP-193 has them).
 """
 
 from __future__ import annotations
 
+from aiohttp import web
 from google.rpc import code_pb2
 
 from web_gateway.errors import Refusal
 from web_gateway.protojson import to_json
 
-HTTP_STATUS = {
+_HTTP_STATUS = {
     code_pb2.OK: 200,
     code_pb2.CANCELLED: 499,
     code_pb2.UNKNOWN: 500,
@@ -34,8 +36,24 @@ HTTP_STATUS = {
 
 
 def http_status(refusal: Refusal) -> int:
-    return HTTP_STATUS.get(refusal.code, 500)
+    return _HTTP_STATUS.get(refusal.code, 500)
 
 
 def body(refusal: Refusal) -> bytes:
     return to_json(refusal.status)
+
+
+# aiohttp's own answers (no route, wrong method, body too large) in the API's error form.
+_CODES_OF_HTTP_ERRORS = {
+    404: code_pb2.NOT_FOUND,
+    405: code_pb2.UNIMPLEMENTED,
+    413: code_pb2.INVALID_ARGUMENT,
+}
+
+
+def from_http(error: web.HTTPException) -> Refusal | None:
+    """``error`` as a refusal, if it is one aiohttp raises itself; None: any other."""
+    code = _CODES_OF_HTTP_ERRORS.get(error.status)
+    if code is None:
+        return None
+    return Refusal.of(code, "HTTP_" + str(error.status), error.reason)

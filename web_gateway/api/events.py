@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
-from google.rpc import code_pb2
 from mediatag.analysis.v1 import analysis_pb2 as apb
 
 from mediatag_common.auth import OwnerScope
@@ -24,11 +23,11 @@ from web_gateway.api.callers import Caller
 from web_gateway.api.context import caller_of, gateway_of
 from web_gateway.domain.events import Change, WatchFilter
 from web_gateway.domain.watches import Visibility
-from web_gateway.errors import Refusal, invalid
+from web_gateway.errors import Refusal, denied, invalid
 from web_gateway.protojson import to_json
 
 # Browsers reconnect this many milliseconds after a stream ends.
-RECONNECT_MS = 2000
+_RECONNECT_MS = 2000
 _FILTER_PARAMETERS = {"owner_id", "ownerId", "media_ids", "mediaIds", "start_revision"}
 
 
@@ -50,8 +49,7 @@ def _scope(caller: Caller, owner_id: str) -> tuple[str, Visibility]:
         return owner_id, None
     scope = OwnerScope(principal.owners)
     if owner_id and not scope.may_see(owner_id):
-        raise Refusal.of(
-            code_pb2.PERMISSION_DENIED,
+        raise denied(
             "OWNER_NOT_ALLOWED",
             f"this token may not watch owner {owner_id!r}",
             field="owner_id",
@@ -102,7 +100,7 @@ async def events(request: web.Request) -> web.StreamResponse:
             headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
         )
         await response.prepare(request)
-        await response.write(f"retry: {RECONNECT_MS}\n\n".encode())
+        await response.write(f"retry: {_RECONNECT_MS}\n\n".encode())
         while True:
             try:
                 item = await subscription.next(config.keepalive_interval)

@@ -7,18 +7,17 @@ from typing import Any
 
 import grpc
 from aiohttp import BodyPartReader, web
-from google.rpc import code_pb2
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 
 from web_gateway.api.context import body, call, caller_of, gateway_of, query, reply
-from web_gateway.errors import Refusal, exhausted, invalid
+from web_gateway.errors import exhausted, invalid, unavailable
 from web_gateway.protojson import from_query
 from web_gateway.upstream import refusal_of
 
 # Bytes read from (and sent on) per step of an upload or a download.
-CHUNK_BYTES = 256 * 1024
+_CHUNK_BYTES = 256 * 1024
 # A text field of an upload form (owner, category, one context entry...).
-MAX_FIELD_BYTES = 64 * 1024
+_MAX_FIELD_BYTES = 64 * 1024
 # Content never changes under its id; a browser may keep it for a day.
 _CONTENT_CACHE = "private, max-age=86400"
 
@@ -59,9 +58,7 @@ async def content(request: web.Request) -> web.StreamResponse:
     try:
         first = await stream.read()
         if not isinstance(first, ipb.ReadMediaContentResponse):
-            raise Refusal.of(
-                code_pb2.UNAVAILABLE, "CONTENT_UNAVAILABLE", "the ingest service sent no content"
-            )
+            raise unavailable("CONTENT_UNAVAILABLE", "the ingest service sent no content")
         etag = f'"{first.sha256}"'
         headers = {
             "ETag": etag,
@@ -160,10 +157,10 @@ class _Upload:
         if self._files or self._streaming:
             raise invalid(name, "FIELD_AFTER_FILES", "the form's fields go before its files")
         value = bytearray()
-        while chunk := await part.read_chunk(CHUNK_BYTES):
+        while chunk := await part.read_chunk(_CHUNK_BYTES):
             value += chunk
-            if len(value) > MAX_FIELD_BYTES:
-                raise invalid(name, "FIELD_TOO_LARGE", f"at most {MAX_FIELD_BYTES} bytes")
+            if len(value) > _MAX_FIELD_BYTES:
+                raise invalid(name, "FIELD_TOO_LARGE", f"at most {_MAX_FIELD_BYTES} bytes")
         self._fields.setdefault(name, []).append(value.decode("utf-8", errors="replace"))
 
     async def _file(self, part: BodyPartReader) -> None:
@@ -173,7 +170,7 @@ class _Upload:
                 "files", "LARGE_FILE_NOT_ALONE", f"a file over {limit} bytes is uploaded alone"
             )
         content = bytearray()
-        while chunk := await part.read_chunk(CHUNK_BYTES):
+        while chunk := await part.read_chunk(_CHUNK_BYTES):
             if self._streaming:
                 await self._write(ipb.UploadMediaStreamRequest(chunk=chunk))
                 continue

@@ -13,11 +13,10 @@ import json
 from typing import Any
 
 from aiohttp import web
-from google.rpc import code_pb2
 
 from web_gateway.api.callers import SESSION_COOKIE, Caller, check_origin
 from web_gateway.api.context import JSON, caller_of, gateway_of
-from web_gateway.errors import Refusal, invalid
+from web_gateway.errors import invalid, precondition, unauthenticated
 
 PATH = "/api/v1/session"
 
@@ -54,8 +53,7 @@ async def sign_in(request: web.Request) -> web.Response:
     if request.content_type != JSON:
         raise invalid("body", "JSON_REQUIRED", f"the body must be {JSON}")
     if callers.tokens is None:
-        raise Refusal.of(
-            code_pb2.FAILED_PRECONDITION,
+        raise precondition(
             "AUTHENTICATION_OFF",
             "this gateway has no tokens file: nobody needs to sign in",
         )
@@ -67,7 +65,7 @@ async def sign_in(request: web.Request) -> web.Response:
         raise invalid("token", "TOKEN_REQUIRED", 'the body is {"token": "..."}')
     principal = callers.tokens.authenticate(token)
     if principal is None:
-        raise Refusal.of(code_pb2.UNAUTHENTICATED, "TOKEN_INVALID", "the token is not valid")
+        raise unauthenticated("TOKEN_INVALID", "the token is not valid")
     session_id, session = callers.sessions.create(principal, token)
     response = _describe(Caller(principal, token, session), session.csrf_token, authentication=True)
     response.set_cookie(
