@@ -13,40 +13,18 @@ analyser); ingest is ``mediatag serve ingest`` holding the images. A part that c
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import dataclasses
-import json
-import logging
 import os
 import platform
 import tempfile
-import time
-from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import TypeVar
-
-from mediatag.analysis.v1 import analysis_pb2, analysis_pb2_grpc
 
 from bench.benchmark import Benchmark, Figures, positive
-from bench.pipeline import (
-    CALL_TIMEOUT,
-    Completions,
-    distinct_images,
-    job_spec,
-    running_ingest,
-    upload_all,
-)
+from bench.pipeline import distinct_images, job_spec, running_ingest, upload_all
 from bench.processes import free_ports
-from bench.procrastinate_queue import run_procrastinate
-from bench.queue_alone import QueueAlone, job_specs
-from bench.scale_cluster import CpuMeter, Postgres, postgres, running_replicas
+from bench.scale_cluster import postgres
 from bench.scale_report import (
-    ApartFigures,
-    DelayFigures,
-    Row,
     ScaleFigures,
-    SeedFigures,
     print_apart,
     print_delays,
     print_rows,
@@ -54,31 +32,20 @@ from bench.scale_report import (
     print_targets,
     targets,
 )
-from bench.sim_server import SimServer
-from bench.watchers import Receipts, watching
-from mediatag_common.database import sqlite_url
-
-_SYNCHRONOUS = "FULL"
-_WORKERS = 4
-_BATCH = 100
-_DIMENSIONS = 16
-# No limit that could bind.
-_NO_LIMIT = 1e9
-_NO_LIMIT_BURST = 1_000_000
-# A run slower than this many jobs/s is declared stuck.
-_STUCK_BELOW = 20.0
-# The watch delay is measured under a steady flow of changes, not a saturated one.
-_DELAY_RATE = 100.0
-_SEED_LATENCY = 1.0
-_SEED_RATE = 10.0
-_SEED_BURST = 1
-_SEED_WORKERS = 16
-_WATCHER_CHANNELS = 10
-_OPEN_TIMEOUT = 120.0
-_ERROR_CHARS = 300
-
-T = TypeVar("T")
-logger = logging.getLogger(__name__)
+from bench.scale_runs import (
+    BATCH,
+    DELAY_RATE,
+    SEED_BURST,
+    SEED_LATENCY,
+    SEED_RATE,
+    SEED_WORKERS,
+    SYNCHRONOUS,
+    WORKERS,
+    ReplicaRuns,
+    part,
+    queue_rows,
+    seed,
+)
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -116,13 +83,13 @@ async def run(args: argparse.Namespace) -> Figures:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "postgresql": pg.server.version,
-            "sqlite_synchronous": _SYNCHRONOUS,
-            "workers_per_replica": _WORKERS,
+            "sqlite_synchronous": SYNCHRONOUS,
+            "workers_per_replica": WORKERS,
         }
         figures = ScaleFigures(setup)
         _print_setup(args, setup)
         root = Path(work)
-        figures.queue = await _queue_rows(root, pg, args.scale_queue_jobs)
+        figures.queue = await queue_rows(root, pg, args.scale_queue_jobs)
         print_rows("queue alone", figures.queue, figures.queue[-1])
         images = distinct_images(args.scale_pipeline_jobs, label="scale")
         ingest_port, nowhere = free_ports(2)
@@ -131,37 +98,18 @@ async def run(args: argparse.Namespace) -> Figures:
         ) as (ingest, ingest_process):
             print(f"\nuploading {len(images)} images to ingest (not timed) ...", flush=True)
             specs = [job_spec(media) for media in await upload_all(ingest, images, concurrency=4)]
-            bench = _Bench(root, pg, f"127.0.0.1:{ingest_port}", ingest_process.pid)
+            bench = ReplicaRuns(root, pg, f"127.0.0.1:{ingest_port}", ingest_process.pid)
             figures.pipeline = await bench.pipeline_rows(specs)
             print_rows("pipeline", figures.pipeline, figures.pipeline[1])
-            figures.delays = await _part(bench.watch_delays(specs))
+            figures.delays = await part(bench.watch_delays(specs))
             print_delays(figures.delays)
-            figures.apart = await _part(bench.watchers_apart(specs, args.scale_watchers, cores))
+            figures.apart = await part(bench.watchers_apart(specs, args.scale_watchers, cores))
             print_apart(figures.apart)
-        figures.seed = await _part(_seed(root, pg, args.scale_seed_images))
+        figures.seed = await part(seed(root, pg, args.scale_seed_images))
         print_seed(figures.seed)
     figures.targets = targets(figures)
     print_targets(figures.targets)
     return dataclasses.asdict(figures)
-
-
-async def _part(measurement: Awaitable[T]) -> T | str:
-    """The part's figures, or why it could not run (the other parts go on)."""
-    try:
-        return await measurement
-    except Exception as error:
-        logger.debug("part failed", exc_info=True)
-        return _why(error)
-
-
-def _why(error: BaseException) -> str:
-    """One line: the first error inside any group, and the last line of its message (a
-    server's log ends with the exception it exited with)."""
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    last = lines[-1].strip() if lines else ""
-    return f"{type(error).__name__}: {last[:_ERROR_CHARS]}"
 
 
 def _print_setup(args: argparse.Namespace, setup: dict[str, object]) -> None:
@@ -170,239 +118,24 @@ def _print_setup(args: argparse.Namespace, setup: dict[str, object]) -> None:
         f"  machine   {setup['cores']} cores, {setup['platform']}, python {setup['python']}; "
         f"PostgreSQL {setup['postgresql']} (fsync on)",
         f"  queue     {args.scale_queue_jobs} jobs: the JobQueue alone in this process (submit "
-        f"in batches of {_BATCH}, {_WORKERS} tasks claim -> complete),",
-        f"            on SQLite synchronous={_SYNCHRONOUS} and on PostgreSQL; Procrastinate: one "
-        f"batch deferred, a worker of concurrency {_WORKERS}",
+        f"in batches of {BATCH}, {WORKERS} tasks claim -> complete),",
+        f"            on SQLite synchronous={SYNCHRONOUS} and on PostgreSQL; Procrastinate: one "
+        f"batch deferred, a worker of concurrency {WORKERS}",
         f"  pipeline  {args.scale_pipeline_jobs} jobs per configuration: 2 KB JPEGs in "
         "`mediatag serve ingest` beforehand, SubmitJobs to replica 1,",
-        f"            analysis replicas (bench.sim_server, {_WORKERS} workers, zero-latency "
+        f"            analysis replicas (bench.sim_server, {WORKERS} workers, zero-latency "
         "analyser, no limit) on a new database each;",
         "            timed to the last COMPLETED read by a watcher on replica 1",
-        f"  seed      3 replicas x {_SEED_WORKERS} workers, {_SEED_LATENCY:g} s per call, one "
-        f"limit of {_SEED_RATE:g}/s burst {_SEED_BURST}, {args.scale_seed_images} images "
+        f"  seed      3 replicas x {SEED_WORKERS} workers, {SEED_LATENCY:g} s per call, one "
+        f"limit of {SEED_RATE:g}/s burst {SEED_BURST}, {args.scale_seed_images} images "
         "through UploadMedia",
-        f"  delay     changes at about {_DELAY_RATE:g}/s committed by the replica with workers; "
+        f"  delay     changes at about {DELAY_RATE:g}/s committed by the replica with workers; "
         "a watcher on a replica without workers beside one on it",
         f"  apart     {args.scale_watchers} watchers on a replica with --workers 0; the other "
         "replica's workers with and without them",
         "  the machine is shared: other work on it shows in every figure",
     ]
     print("\n".join(lines), flush=True)
-
-
-async def _queue_rows(root: Path, pg: Postgres, jobs: int) -> list[Row]:
-    """The JobQueue alone on SQLite and PostgreSQL, then Procrastinate (the ratios' base)."""
-    rows = []
-    for name, url in (
-        ("mediatag queue, SQLite", sqlite_url(str(root / "alone.db"))),
-        ("mediatag queue, PostgreSQL", pg.new_database()),
-    ):
-        print(f"measuring the {name} ...", flush=True)
-        postmaster = None if url.startswith("sqlite") else pg.postmaster_pid()
-        rows.append(await _part_row(name, _queue_alone(name, url, jobs, postmaster)))
-    print("measuring Procrastinate ...", flush=True)
-    rows.append(await _part_row("Procrastinate, PostgreSQL", _procrastinate(pg, jobs)))
-    return rows
-
-
-async def _part_row(name: str, measurement: Awaitable[Row]) -> Row:
-    measured = await _part(measurement)
-    return Row(name, error=measured) if isinstance(measured, str) else measured
-
-
-async def _queue_alone(name: str, url: str, jobs: int, postmaster: int | None) -> Row:
-    alone = QueueAlone(
-        url, synchronous=_SYNCHRONOUS, batch=_BATCH, tasks=_WORKERS, dimensions=_DIMENSIONS
-    )
-    meter = CpuMeter({"this process": os.getpid()}, postmaster)
-    async with alone:
-        meter.start()
-        measured = await alone.run(job_specs(0, jobs))
-        meter.stop()
-    return Row(name, jobs, measured.seconds, meter.used)
-
-
-async def _procrastinate(pg: Postgres, jobs: int) -> Row:
-    url = pg.new_database()
-    # Its schema goes in inside the measurement: a few milliseconds of CPU.
-    meter = CpuMeter({"this process": os.getpid()}, pg.postmaster_pid())
-    meter.start()
-    measured = await run_procrastinate(url, jobs=jobs, concurrency=_WORKERS)
-    meter.stop()
-    seconds = measured.defer_seconds + measured.work_seconds
-    return Row("Procrastinate, PostgreSQL", jobs, seconds, meter.used)
-
-
-class _Bench:
-    """Analysis replicas against the one ingest that holds the images."""
-
-    def __init__(self, root: Path, pg: Postgres, ingest_address: str, ingest_pid: int) -> None:
-        self._root = root
-        self._pg = pg
-        self._ingest_address = ingest_address
-        self._ingest_pid = ingest_pid
-        self._runs = 0
-
-    def _template(self, *, database_url: str | None, rate: float, burst: int) -> SimServer:
-        return SimServer(
-            port=0, data_dir=self._root, ingest_address=self._ingest_address, workers=_WORKERS,
-            latency=0.0, rate_per_second=rate, burst=burst, synchronous=_SYNCHRONOUS,
-            dimensions=_DIMENSIONS, database_url=database_url,
-        )  # fmt: skip
-
-    def _work_dir(self, name: str) -> Path:
-        self._runs += 1
-        work_dir = self._root / f"{self._runs}-{name}"
-        work_dir.mkdir()
-        return work_dir
-
-    async def pipeline_rows(self, specs: Sequence[analysis_pb2.JobSpec]) -> list[Row]:
-        rows = []
-        for name, replicas, url in (
-            ("1 replica, SQLite", 1, None),
-            *((f"{n} replica{'s' * (n > 1)}, PostgreSQL", n, "pg") for n in (1, 2, 3)),
-        ):
-            print(f"measuring the pipeline, {name} ...", flush=True)
-            database = self._pg.new_database() if url else None
-            rows.append(await _part_row(name, self._pipeline(name, replicas, database, specs)))
-        return rows
-
-    async def _pipeline(
-        self, name: str, replicas: int, url: str | None, specs: Sequence[analysis_pb2.JobSpec]
-    ) -> Row:
-        template = self._template(database_url=url, rate=_NO_LIMIT, burst=_NO_LIMIT_BURST)
-        async with running_replicas(
-            self._work_dir("pipeline"), template, [_WORKERS] * replicas
-        ) as cluster:
-            roles = {f"analysis {n + 1}": pid for n, pid in enumerate(cluster.pids)}
-            meter = CpuMeter(
-                {**roles, "ingest": self._ingest_pid, "client": os.getpid()},
-                self._pg.postmaster_pid() if url else None,
-            )
-            seconds = await _submit_and_wait(cluster.stubs[0], specs, meter)
-        return Row(name, len(specs), seconds, meter.used)
-
-    async def watch_delays(self, specs: Sequence[analysis_pb2.JobSpec]) -> list[DelayFigures]:
-        """A replica without workers and one with, each watched; changes flow at a steady
-        rate (a limit) so that the delay is the watch's, not a backlog's."""
-        print("measuring the watch delay across replicas ...", flush=True)
-        template = self._template(database_url=self._pg.new_database(), rate=_DELAY_RATE, burst=1)
-        async with running_replicas(self._work_dir("delay"), template, [0, _WORKERS]) as cluster:
-            addresses = [f"127.0.0.1:{port}" for port in cluster.ports]
-            async with (
-                watching(addresses[0], count=1, channels=1, open_timeout=_OPEN_TIMEOUT) as other,
-                watching(addresses[1], count=1, channels=1, open_timeout=_OPEN_TIMEOUT) as same,
-            ):
-                await _submit_and_wait(cluster.stubs[1], specs, None)
-                status = await cluster.stubs[1].GetQueueStatus(
-                    analysis_pb2.GetQueueStatusRequest(), timeout=CALL_TIMEOUT
-                )
-                for pool in (other, same):
-                    await asyncio.wait_for(
-                        pool.wait_for_revision(status.current_revision), CALL_TIMEOUT
-                    )
-        return [
-            DelayFigures.of("on the other replica (no workers)", _delays_ms(other.receipts)),
-            DelayFigures.of("on the replica that committed", _delays_ms(same.receipts)),
-        ]
-
-    async def watchers_apart(
-        self, specs: Sequence[analysis_pb2.JobSpec], watchers: int, cores: int
-    ) -> ApartFigures:
-        """The working replica's jobs/s without, then with, the watchers on the other."""
-        print(f"measuring {watchers} watchers apart from the workers ...", flush=True)
-        half = len(specs) // 2
-        template = dataclasses.replace(
-            self._template(
-                database_url=self._pg.new_database(), rate=_NO_LIMIT, burst=_NO_LIMIT_BURST
-            ),
-            max_watchers=watchers + 10,
-        )
-        async with running_replicas(self._work_dir("apart"), template, [0, _WORKERS]) as cluster:
-            roles = {"watchers' replica": cluster.pids[0], "workers' replica": cluster.pids[1]}
-            pids = {**roles, "ingest": self._ingest_pid, "client": os.getpid()}
-            postmaster = self._pg.postmaster_pid()
-            address = f"127.0.0.1:{cluster.ports[0]}"
-            rows = []
-            for name, first in (("no watchers", 0), (f"{watchers} watchers apart", half)):
-                async with contextlib.AsyncExitStack() as stack:
-                    if first:
-                        await stack.enter_async_context(
-                            watching(address, count=watchers, channels=_WATCHER_CHANNELS,
-                                     open_timeout=_OPEN_TIMEOUT)
-                        )  # fmt: skip
-                    meter = CpuMeter(pids, postmaster)
-                    seconds = await _submit_and_wait(
-                        cluster.stubs[1], specs[first : first + half], meter
-                    )
-                    rows.append(Row(name, half, seconds, meter.used))
-        return ApartFigures(watchers, cores, rows[0], rows[1])
-
-
-async def _submit_and_wait(
-    analysis: analysis_pb2_grpc.AnalysisServiceAsyncStub,
-    specs: Sequence[analysis_pb2.JobSpec],
-    meter: CpuMeter | None,
-) -> float:
-    """SubmitJobs in batches, then wait until a watcher there read every COMPLETED; the
-    seconds from the first SubmitJobs to the last COMPLETED."""
-    async with Completions(analysis, len(specs)) as completions:
-        if meter is not None:
-            meter.start()
-        started = time.perf_counter()
-        for first in range(0, len(specs), _BATCH):
-            request = analysis_pb2.SubmitJobsRequest(jobs=specs[first : first + _BATCH])
-            await analysis.SubmitJobs(request, timeout=CALL_TIMEOUT)
-        times = await completions.wait(len(specs) / _STUCK_BELOW + CALL_TIMEOUT)
-        if meter is not None:
-            meter.stop()
-    return times[-1] - started
-
-
-def _delays_ms(receipts: Receipts) -> list[float]:
-    return [
-        (received - committed) / 1e6
-        for committed, received in zip(receipts.committed_ns, receipts.received_ns, strict=True)
-    ]
-
-
-async def _seed(root: Path, pg: Postgres, images: int) -> SeedFigures:
-    """Three replicas under one limit, the images through UploadMedia; the calls as each
-    replica's simulated API let them through."""
-    print(f"\nmeasuring the seed run: 3 replicas, one limit of {_SEED_RATE:g}/s ...", flush=True)
-    work_dir = root / "seed"
-    work_dir.mkdir()
-    (ingest_port,) = free_ports(1)
-    template = SimServer(
-        port=0, data_dir=work_dir, ingest_address=f"127.0.0.1:{ingest_port}",
-        workers=_SEED_WORKERS, latency=_SEED_LATENCY, rate_per_second=_SEED_RATE,
-        burst=_SEED_BURST, synchronous=_SYNCHRONOUS, database_url=pg.new_database(),
-    )  # fmt: skip
-    ideal = (images - 1) / _SEED_RATE + _SEED_LATENCY
-    async with contextlib.AsyncExitStack() as stack:
-        cluster = await stack.enter_async_context(
-            running_replicas(work_dir, template, [_SEED_WORKERS] * 3)
-        )
-        ingest, _ = await stack.enter_async_context(
-            running_ingest(
-                work_dir, port=ingest_port, analysis_address=f"127.0.0.1:{cluster.ports[0]}"
-            )
-        )
-        completions = await stack.enter_async_context(Completions(cluster.stubs[0], images))
-        await upload_all(ingest, distinct_images(images, label="scale seed"))
-        times = await completions.wait(ideal * 3 + CALL_TIMEOUT)
-    # The replicas write their calls when they stop.
-    calls = sorted(
-        moment
-        for number in range(3)
-        for moment in json.loads((work_dir / f"calls{number}.json").read_text())
-    )
-    most = max(
-        sum(1 for later in calls[first:] if later < calls[first] + 1.0)
-        for first in range(len(calls))
-    )
-    sustained = (images - 1) / (times[-1] - times[0])
-    return SeedFigures(3, _SEED_RATE, _SEED_BURST, images, sustained, most, len(calls))
 
 
 BENCHMARK = Benchmark(
