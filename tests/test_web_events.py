@@ -37,8 +37,12 @@ async def reference(cluster: Cluster, after: int, media_ids: set[str]) -> list[S
     terminal = {"PROCESSING_STATUS_COMPLETED", "PROCESSING_STATUS_FAILED"}
     found: list[Seen] = []
     done: set[str] = set()
+    # wait_for_ready: after a restart the channel may still be backing off from its refused
+    # reconnects; the call waits for it rather than failing at once.
     call = cluster.analysis.WatchStatus(
-        apb.WatchStatusRequest(owner_id=OWNER, start_revision=after), timeout=PATIENCE
+        apb.WatchStatusRequest(owner_id=OWNER, start_revision=after),
+        timeout=PATIENCE,
+        wait_for_ready=True,
     )
     async for response in call:
         if not response.HasField("change"):
