@@ -9,7 +9,9 @@ is what it created then, so a later change to a table is a new file (never a
 makes).
 
 On start each service applies the versions its database has not recorded, each in its own
-transaction, and records them in ``schema_migrations``. On PostgreSQL the whole run holds an
+transaction, and records them in ``schema_migrations``. A database with versions it does not
+know was migrated by a newer release, whose new tables the old code would not keep in step
+(a job count, say): the service refuses to start on it. On PostgreSQL the whole run holds an
 advisory lock, so replicas starting together apply each migration once; the others wait and
 then find nothing left to do.
 """
@@ -26,6 +28,8 @@ from importlib import resources
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+
+from mediatag_common.database import DatabaseError
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +102,10 @@ def load_migrations(package: str) -> tuple[Migration, ...]:
     return tuple(migrations)
 
 
+class SchemaTooNew(DatabaseError):
+    """The database holds migrations of a newer release than this one."""
+
+
 def lock_key(name: str) -> int:
     """A stable 32-bit key for ``pg_advisory_lock`` from a name."""
     return zlib.crc32(name.encode())
@@ -120,6 +128,13 @@ def apply_migrations(
         with conn.begin():
             conn.execute(sa.text(_MIGRATIONS_TABLE))
             applied = set(conn.execute(sa.text("SELECT version FROM schema_migrations")).scalars())
+        unknown = sorted(applied - {m.version for m in migrations})
+        if unknown:
+            raise SchemaTooNew(
+                f"the database was migrated by a newer release (schema versions "
+                f"{', '.join(map(str, unknown))} are unknown to this one): start that "
+                "release, or restore the backup taken before the upgrade"
+            )
         done = []
         for migration in sorted(migrations, key=lambda m: m.version):
             if migration.version in applied:

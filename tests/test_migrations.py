@@ -16,8 +16,14 @@ from analysis_service.storage import schema as analysis_schema
 from ingest_service.storage import schema as ingest_schema
 from mediatag_common.database import Database, database_url
 from mediatag_common.keys import load_or_create_key
-from mediatag_common.migrations import Migration, apply_migrations, load_migrations
-from tests.conftest import DatabaseUrls
+from mediatag_common.migrations import (
+    Migration,
+    SchemaTooNew,
+    apply_migrations,
+    load_migrations,
+)
+from tests.conftest import DatabaseUrls, free_port
+from tests.processes import run_cli
 
 SERVICES = {
     "analysis": (analysis_schema.metadata, analysis_schema.MIGRATIONS, "mediatag-analysis"),
@@ -58,6 +64,47 @@ async def test_migrations_create_the_tables_the_queries_use(
         assert sorted(v for (v,) in versions) == [m.version for m in migrations]
     finally:
         await db.close()
+
+
+async def test_an_older_release_refuses_a_database_a_newer_one_migrated(
+    databases: DatabaseUrls,
+) -> None:
+    """The previous release, started on a database the current one migrated, would write
+    jobs without keeping the newer tables in step: it refuses, and changes nothing."""
+    db = Database(databases.new("analysis"))
+    try:
+        await db.migrate(analysis_schema.MIGRATIONS, lock_name="mediatag-analysis")
+        previous_release = analysis_schema.MIGRATIONS[:-1]
+        newest = analysis_schema.MIGRATIONS[-1].version
+        with pytest.raises(SchemaTooNew, match=rf"schema versions {newest} are unknown"):
+            await db.migrate(previous_release, lock_name="mediatag-analysis")
+        versions = await db.read(
+            lambda conn: list(conn.execute(sa.text("SELECT version FROM schema_migrations")))
+        )
+        assert sorted(v for (v,) in versions) == [m.version for m in analysis_schema.MIGRATIONS]
+    finally:
+        await db.close()
+
+
+@pytest.mark.e2e
+async def test_mediatag_serve_says_why_it_will_not_start_on_a_newer_database(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "analysis" / "analysis.db"
+    database.parent.mkdir()
+    db = Database(f"sqlite:///{database}")
+    await db.migrate(analysis_schema.MIGRATIONS, lock_name="mediatag-analysis")
+    await db.close()
+    with sqlite3.connect(database) as conn:
+        conn.execute(
+            "INSERT INTO schema_migrations (version, description, applied_at) "
+            "VALUES (999, 'a later release', 0)"
+        )
+    port = str(free_port())
+    done = run_cli("serve", "analysis", "--data-dir", str(tmp_path), "--analysis-port", port)
+    assert done.returncode == 1, done.stderr
+    assert "cannot start: the database was migrated by a newer release" in done.stderr
+    assert "versions 999 are unknown" in done.stderr
 
 
 def test_every_migration_exists_for_both_databases() -> None:
