@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from mediatag.analysis.v1 import analysis_pb2_grpc
 from mediatag.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
+from ingest_service.api.analysis_client import AnalysisClient
 from ingest_service.api.servicer import METHOD_ROLES, IngestServicer
 from ingest_service.api.status_codes import STATUS_CODES
 from ingest_service.blobstores import open_blob_store
@@ -78,7 +78,7 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         tls=config.peer_tls,
         token=config.service_token,
     )
-    analysis = analysis_pb2_grpc.AnalysisServiceStub(analysis_channel)
+    analysis = AnalysisClient(analysis_channel)
     forwarder = OutboxForwarder(
         store=store,
         analysis=analysis,

@@ -1,6 +1,7 @@
-"""What the ingest service does, free of protobuf and SQL (except at the analysis client edge)."""
+"""What the ingest service does, free of gRPC, protobuf and SQL."""
 
 __all__ = [
+    "analysis",
     "blob_sweep",
     "blobs",
     "library",

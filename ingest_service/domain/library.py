@@ -5,58 +5,20 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import grpc
-from mediatag.analysis.v1 import analysis_pb2
 
 from ingest_service.config import UploadLimits
+from ingest_service.domain.analysis import AnalysisService
 from ingest_service.domain.blobs import BlobStore
 from ingest_service.domain.models import Media, ProcessingStatus
 from ingest_service.domain.pages import Key, one_page
 from ingest_service.domain.store import IngestStore
 from ingest_service.domain.uploads import validate_owner_id
-from ingest_service.errors import (
-    AnalysisRefused,
-    AnalysisUnavailable,
-    InvalidArgument,
-    MediaNotFound,
-    StorageUnavailable,
-    invalid,
-    media_not_found,
-)
+from ingest_service.errors import StorageUnavailable, invalid, media_not_found
 from mediatag_common import paging
-from mediatag_common.errors import (
-    PermissionDenied,
-    ServiceError,
-    Unauthenticated,
-    error_info,
-    field_violations,
-)
-
-if TYPE_CHECKING:
-    from mediatag.analysis.v1.analysis_pb2_grpc import AnalysisServiceAsyncStub
 
 logger = logging.getLogger(__name__)
 
 MAX_REPROCESS_IDS = 1000
-RETRY_CALL_TIMEOUT = 10.0
-# Codes of an analysis service that is down, restarting or overloaded.
-_UNREACHABLE_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.CANCELLED,
-    }
-)
-# Refusals of the analysis service passed on to the client as the same kind of refusal.
-_PASSED_ON: dict[grpc.StatusCode, type[ServiceError]] = {
-    grpc.StatusCode.NOT_FOUND: MediaNotFound,
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-}
 _REPROCESSABLE = (ProcessingStatus.FAILED, ProcessingStatus.COMPLETED)
 
 
@@ -80,7 +42,7 @@ class MediaLibrary:
         store: IngestStore,
         blobs: BlobStore,
         limits: UploadLimits,
-        analysis: AnalysisServiceAsyncStub,
+        analysis: AnalysisService,
         page_tokens: paging.PageTokens,
     ) -> None:
         self._store = store
@@ -162,22 +124,16 @@ class MediaLibrary:
             raise invalid("media_ids", "FILTER_REQUIRED", "name media_ids, or an owner_id/status")
         if len(media_ids) > MAX_REPROCESS_IDS:
             raise invalid("media_ids", "TOO_MANY_MEDIA_IDS", f"at most {MAX_REPROCESS_IDS}")
-        request = analysis_pb2.RetryJobsRequest(owner_id=owner_id, status=_analysis_status(status))
+        eligible: list[str] = []
         if media_ids:
             eligible = await self._eligible(media_ids)
             if not eligible:
                 return Reprocessed(())
-            request.media_ids.extend(eligible)
-        try:
-            response = await self._analysis.RetryJobs(request, timeout=RETRY_CALL_TIMEOUT)
-        except grpc.aio.AioRpcError as exc:
-            raise _refusal_of(exc) from exc
+        retried = await self._analysis.retry_jobs(eligible, owner_id=owner_id, status=status)
         logger.info(
-            "sent %d media back to analysis: %s",
-            response.count,
-            ", ".join(response.media_ids) or "none",
+            "sent %d media back to analysis: %s", len(retried), ", ".join(retried) or "none"
         )
-        return Reprocessed(tuple(response.media_ids))
+        return Reprocessed(retried)
 
     async def _eligible(self, media_ids: Sequence[str]) -> list[str]:
         for index, media_id in enumerate(media_ids):
@@ -193,29 +149,3 @@ class MediaLibrary:
             if states[media_id].status is not ProcessingStatus.NOT_APPLICABLE
             and not states[media_id].in_outbox
         ]
-
-
-def _analysis_status(status: ProcessingStatus | None) -> analysis_pb2.ProcessingStatus:
-    """The analysis enum shares ingest's names and numbers."""
-    if status is None:
-        return analysis_pb2.PROCESSING_STATUS_UNSPECIFIED
-    value: analysis_pb2.ProcessingStatus = getattr(
-        analysis_pb2, f"PROCESSING_STATUS_{status.value}"
-    )
-    return value
-
-
-def _refusal_of(error: grpc.aio.AioRpcError) -> ServiceError:
-    """What ingest answers when the analysis service refused or could not be reached."""
-    code = error.code()
-    if code in _UNREACHABLE_CODES:
-        # gRPC's details name the analysis service's address: the log has them, not clients.
-        logger.warning("analysis service unavailable: %s %s", code.name, error.details())
-        return AnalysisUnavailable(f"the analysis service is unavailable ({code.name})")
-    info = error_info(error)
-    refusal = _PASSED_ON.get(code, AnalysisRefused)
-    # A job the analysis service does not know (yet) is, to the client, media it cannot find.
-    reason = None if refusal is MediaNotFound else info.reason if info else "ANALYSIS_REFUSED"
-    return refusal(
-        error.details() or code.name, reason=reason, field_violations=field_violations(error)
-    )

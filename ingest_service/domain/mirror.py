@@ -13,66 +13,23 @@ analysis service is down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import time
-from typing import TYPE_CHECKING
 
-import grpc
-import numpy as np
-from mediatag.analysis.v1 import analysis_pb2
-
-from ingest_service.domain.models import (
-    AnalysisFailure,
-    AnalysisOutcome,
-    ProcessingStatus,
-    StatusUpdate,
+from ingest_service.domain.analysis import (
+    AnalysisService,
+    ResyncNeeded,
+    StatusEvent,
+    UnknownStatusChange,
 )
+from ingest_service.domain.models import StatusUpdate
 from ingest_service.domain.store import IngestStore
 from ingest_service.domain.webhooks import WebhookDispatcher
 from mediatag_common.backoff import Backoff
-from mediatag_common.errors import RESYNC_REASONS, error_info
+from mediatag_common.errors import ServiceError
 from mediatag_common.tasks import cancel_and_wait
 
-if TYPE_CHECKING:
-    from mediatag.analysis.v1.analysis_pb2_grpc import AnalysisServiceAsyncStub
-
 logger = logging.getLogger(__name__)
-
-
-def status_update(revision: int, change: analysis_pb2.StatusChange) -> StatusUpdate | None:
-    """The domain form of one analysis status change (the enums share names and numbers);
-    None for a status this version does not know."""
-    name = analysis_pb2.ProcessingStatus.Name(change.status) if change.status else ""
-    try:
-        status = ProcessingStatus(name.removeprefix("PROCESSING_STATUS_"))
-    except ValueError:
-        return None
-    outcome = None
-    if status is ProcessingStatus.COMPLETED and change.HasField("result"):
-        result = change.result
-        outcome = AnalysisOutcome(
-            tags=tuple(result.tags),
-            embedding=np.array(result.embedding, dtype=np.float32) if result.embedding else None,
-            embedding_dimensions=result.embedding_dimensions,
-            analyzer_name=result.analyzer_name,
-            analyzer_version=result.analyzer_version,
-            reused=result.reused,
-        )
-    error = None
-    if status is ProcessingStatus.FAILED and change.HasField("error"):
-        error = AnalysisFailure(change.error.reason, change.error.message, change.attempt)
-    event_time = (
-        change.event_time.ToNanoseconds() / 1e9 if change.HasField("event_time") else time.time()
-    )
-    return StatusUpdate(
-        revision=revision,
-        media_id=change.media_id,
-        status=status,
-        attempt=change.attempt,
-        event_time=event_time,
-        outcome=outcome,
-        error=error,
-    )
 
 
 class StatusMirror:
@@ -82,7 +39,7 @@ class StatusMirror:
         self,
         *,
         store: IngestStore,
-        analysis: AnalysisServiceAsyncStub,
+        analysis: AnalysisService,
         initial_backoff: float,
         max_backoff: float,
         webhooks: WebhookDispatcher,
@@ -108,21 +65,16 @@ class StatusMirror:
             try:
                 await self._follow()
                 problem = "the status stream ended"
-            except grpc.aio.AioRpcError as error:
-                info = error_info(error)
-                if (
-                    error.code() is grpc.StatusCode.OUT_OF_RANGE
-                    and info is not None
-                    and info.reason in RESYNC_REASONS
-                ):
-                    logger.warning(
-                        "revision %d cannot be resumed (%s): re-syncing the status of every item",
-                        self._revision,
-                        info.reason,
-                    )
-                    self._resync = True
-                    continue
-                problem = f"{error.code().name}: {error.details()}"
+            except ResyncNeeded as resync:
+                logger.warning(
+                    "revision %d cannot be resumed (%s): re-syncing the status of every item",
+                    self._revision,
+                    resync.reason,
+                )
+                self._resync = True
+                continue
+            except ServiceError as error:
+                problem = str(error)
             except Exception as exc:
                 problem, failure = f"{type(exc).__name__}: {exc}", exc
             delay = self._backoff.next_delay()
@@ -139,47 +91,39 @@ class StatusMirror:
     async def _follow(self) -> None:
         self._revision = await self._store.mirror_revision()
         initial = self._resync or self._revision == 0
-        request = analysis_pb2.WatchStatusRequest(
-            start_revision=0 if initial else self._revision,
-            send_initial_state=initial,
-            include_embedding=True,
+        events = self._analysis.watch_status(
+            start_revision=0 if initial else self._revision, initial_state=initial
         )
-        call = self._analysis.WatchStatus(request)
-        try:
-            async for response in call:
+        # Closed as soon as this stops reading (a failure to apply a change included).
+        async with contextlib.aclosing(events):
+            async for event in events:
                 if self._backoff.failures:
                     logger.info("following analysis status again from revision %d", self._revision)
                     self._backoff.reset()
-                await self._apply(response)
-        finally:
-            call.cancel()
+                await self._apply(event)
 
-    async def _apply(self, response: analysis_pb2.WatchStatusResponse) -> None:
-        revision = response.revision
-        if response.HasField("change"):
-            update = status_update(revision, response.change)
-            if update is None:
-                await self._store.advance_mirror(revision)
-                logger.error(
-                    "ignored status change %d of media %s: unknown status %d",
-                    revision,
-                    response.change.media_id,
-                    response.change.status,
-                )
-            else:
-                # Those whose statuses include this one; the store checks their owners.
-                endpoints = self._webhooks.endpoints.for_status(update.status)
-                if await self._store.apply_status_change(update, webhooks=endpoints):
-                    _log_update(update)
-                    self._webhooks.wake([e.name for e in endpoints])
-            self._revision = revision
-            return
-        if response.bookmark.initial_state_end:
-            self._resync = False
-            logger.info("status mirror in sync with analysis at revision %d", revision)
-        if revision != self._revision:
-            await self._store.advance_mirror(revision)
-            self._revision = revision
+    async def _apply(self, event: StatusEvent) -> None:
+        if isinstance(event, StatusUpdate):
+            # Those whose statuses include this one; the store checks their owners.
+            endpoints = self._webhooks.endpoints.for_status(event.status)
+            if await self._store.apply_status_change(event, webhooks=endpoints):
+                _log_update(event)
+                self._webhooks.wake([e.name for e in endpoints])
+        elif isinstance(event, UnknownStatusChange):
+            await self._store.advance_mirror(event.revision)
+            logger.error(
+                "ignored status change %d of media %s: unknown status %d",
+                event.revision,
+                event.media_id,
+                event.status,
+            )
+        else:
+            if event.initial_state_end:
+                self._resync = False
+                logger.info("status mirror in sync with analysis at revision %d", event.revision)
+            if event.revision != self._revision:
+                await self._store.advance_mirror(event.revision)
+        self._revision = event.revision
 
 
 def _log_update(update: StatusUpdate) -> None:

@@ -17,44 +17,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
 
-import grpc
-from mediatag.analysis.v1 import analysis_pb2
-
+from ingest_service.domain.analysis import CALL_TIMEOUT, AnalysisService
 from ingest_service.domain.models import Media
 from ingest_service.domain.observer import IngestObserver
 from ingest_service.domain.store import IngestStore
 from ingest_service.errors import IngestError, StorageUnavailable
 from mediatag_common.backoff import Backoff
+from mediatag_common.errors import ServiceError
 from mediatag_common.tasks import cancel_and_wait
-
-if TYPE_CHECKING:
-    from mediatag.analysis.v1.analysis_pb2_grpc import AnalysisServiceAsyncStub
 
 logger = logging.getLogger(__name__)
 
-SUBMIT_CALL_TIMEOUT = 10.0
 # How long a claimed batch is a forwarder's alone: well past the SubmitJobs deadline, so a
 # live forwarder finishes first; the delay before another replica delivers a dead one's.
-LEASE = 3 * SUBMIT_CALL_TIMEOUT
+LEASE = 3 * CALL_TIMEOUT
 # How often an idle forwarder looks for jobs no upload of its own replica woke it for.
 POLL_INTERVAL = 5.0
-
-
-def job_spec(media: Media) -> analysis_pb2.JobSpec:
-    """The claim check for ``media``: its metadata and where to fetch the bytes."""
-    return analysis_pb2.JobSpec(
-        media_id=media.id,
-        owner_id=media.owner_id,
-        category=media.category,
-        context=dict(media.context),
-        sha256=media.sha256,
-        size_bytes=media.size_bytes,
-        content_type=media.content_type,
-        content_ref=media.id,
-        priority=media.priority,
-    )
 
 
 class OutboxForwarder:
@@ -64,7 +43,7 @@ class OutboxForwarder:
         self,
         *,
         store: IngestStore,
-        analysis: AnalysisServiceAsyncStub,
+        analysis: AnalysisService,
         batch_size: int,
         initial_backoff: float,
         max_backoff: float,
@@ -119,9 +98,9 @@ class OutboxForwarder:
         claim = await self._store.claim_jobs(self._batch_size, lease=LEASE)
         if not claim.jobs:
             return []
-        request = analysis_pb2.SubmitJobsRequest(jobs=[job_spec(job.media) for job in claim.jobs])
+        media = [job.media for job in claim.jobs]
         try:
-            response = await self._analysis.SubmitJobs(request, timeout=SUBMIT_CALL_TIMEOUT)
+            existing = await self._analysis.submit_jobs(media)
         except BaseException:
             # Given back for the next try (of any replica); if even that fails, the lease
             # ends by itself.
@@ -130,9 +109,9 @@ class OutboxForwarder:
             raise
         await self._store.complete_jobs([job.outbox_id for job in claim.jobs])
         self._observer.jobs_delivered(len(claim.jobs))
-        if response.existing_count:
-            logger.debug("%d job(s) were already known to analysis", response.existing_count)
-        return [job.media for job in claim.jobs]
+        if existing:
+            logger.debug("%d job(s) were already known to analysis", existing)
+        return media
 
     async def backlog(self) -> int:
         """The jobs waiting in the outbox now."""
@@ -142,16 +121,14 @@ class OutboxForwarder:
         delay = self._backoff.next_delay()
         if self._backoff.failures == 1:
             waiting = await self._waiting_jobs()
-            if isinstance(error, grpc.aio.AioRpcError):
-                problem = f"{error.code().name}: {error.details()}"
-            else:
-                problem = f"{type(error).__name__}: {error}"
+            expected = isinstance(error, ServiceError)
+            problem = str(error) if expected else f"{type(error).__name__}: {error}"
             logger.warning(
                 "cannot deliver analysis jobs (%s); %s job(s) wait in the outbox, "
                 "retrying with backoff until delivered",
                 problem,
                 waiting,
-                exc_info=not isinstance(error, grpc.aio.AioRpcError),
+                exc_info=not expected,
             )
         # Uploads during an outage do not cut the backoff short; their rows wait with the rest.
         await asyncio.sleep(delay)
