@@ -29,8 +29,6 @@ from importlib import resources
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from mediatag_common.database import DatabaseError
-
 logger = logging.getLogger(__name__)
 
 # SQLAlchemy's dialect names; a migration has one file per dialect.
@@ -102,8 +100,9 @@ def load_migrations(package: str) -> tuple[Migration, ...]:
     return tuple(migrations)
 
 
-class SchemaTooNew(DatabaseError):
-    """The database holds migrations of a newer release than this one."""
+class SchemaTooNew(RuntimeError):
+    """The database holds migrations of a newer release than this one (the service cannot
+    start on it)."""
 
 
 def lock_key(name: str) -> int:
