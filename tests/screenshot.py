@@ -1,8 +1,9 @@
 """``make screenshot``: the dashboard with work going through it, as a PNG for the README.
 
 Both services and the gateway run in this process (temporary data, free ports), a batch of
-photos and two undecodable images are uploaded through the page, and Chromium takes the
-picture once some have completed, some failed and the rest still wait.
+photos and an undecodable image are uploaded through the page, and Chromium takes the
+picture once some have completed, one failed (its webhook to an alerting receiver that
+answers 503 is dead, so the panel of dead deliveries shows) and the rest still wait.
 
     python -m tests.screenshot docs/dashboard.png
 """
@@ -17,10 +18,13 @@ from pathlib import Path
 from playwright.async_api import expect
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig, RetryPolicy
+from ingest_service.config import IngestConfig
 from tests.browser_support import Chromium
 from tests.conftest import Cluster
 from tests.media_samples import jpeg_bytes
 from tests.test_web_browser import file, undecodable_png
+from tests.test_webhook_retry import dying_webhooks
+from tests.test_webhooks import Receiver, endpoints_file
 from tests.web_support import Gateways, web_config
 
 OWNER = "listing-42"
@@ -29,6 +33,14 @@ PHOTOS = 30
 
 async def shoot(out: Path, chromium: Chromium) -> None:
     with tempfile.TemporaryDirectory(prefix="mediatag-screenshot-") as root:
+        receiver = Receiver(script={"alerts": [503]})
+        await receiver.start()
+        hooks = endpoints_file(Path(root) / "webhooks.toml", {"crm": receiver.url("crm")})
+        # The alerting endpoint takes failures only: one dead delivery, not one per photo.
+        endpoints_file(
+            Path(root) / "alerts.toml", {"alerts": receiver.url("alerts")}, 'statuses = ["FAILED"]'
+        )
+        hooks.write_text(hooks.read_text() + (Path(root) / "alerts.toml").read_text())
         cluster = Cluster(
             Path(root),
             analysis_config=AnalysisConfig(
@@ -37,6 +49,7 @@ async def shoot(out: Path, chromium: Chromium) -> None:
                 retry=RetryPolicy(backoff_base=0.5),
                 analyzer_processes=1,
             ),
+            ingest_config=IngestConfig(webhooks=dying_webhooks(hooks)),
         )
         gateways = Gateways()
         try:
@@ -59,12 +72,14 @@ async def shoot(out: Path, chromium: Chromium) -> None:
                 completed = page.locator("#items .status", has_text="completed")
                 await expect(completed.nth(PHOTOS // 4)).to_be_visible()
                 await expect(page.locator("#items .status", has_text="failed")).to_have_count(1)
+                await expect(page.locator("#deliveries tbody tr")).to_have_count(1)
                 # One more refresh of the counts and the chart.
                 await page.wait_for_timeout(5500)
                 await page.screenshot(path=str(out))
         finally:
             await gateways.close()
             await cluster.close()
+            await receiver.stop()
 
 
 def main() -> None:
