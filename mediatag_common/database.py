@@ -158,6 +158,22 @@ def insert(conn: Connection, table: sa.Table) -> Any:
     return sqlite_insert(table)
 
 
+def unnest_parameters(columns: Sequence[tuple[str, str]], alias: str) -> str:
+    """PostgreSQL SQL text: a table ``alias`` whose rows are the elements of array
+    parameters, one parameter per ``(name, type)`` column, numbered from 1 in ``position``.
+    One statement then writes a whole group of rows, each with its own values."""
+    arrays = ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in columns)
+    names = ", ".join(name for name, _ in columns)
+    return f"unnest({arrays}) WITH ORDINALITY AS {alias}({names}, position)"
+
+
+def array_parameters(
+    columns: Sequence[tuple[str, str]], rows: Sequence[dict[str, Any]]
+) -> dict[str, list[Any]]:
+    """The parameters of :func:`unnest_parameters`: one list per column, from ``rows``."""
+    return {name: [row[name] for row in rows] for name, _ in columns}
+
+
 def database_now(conn: Connection) -> float:
     """Seconds since the epoch on the database's clock (PostgreSQL), so that processes on
     several machines agree on lease expiry and due times; SQLite is one process's file and

@@ -10,11 +10,14 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from mediatag_common.database import POSTGRESQL
 
+# Now, in epoch seconds, on PostgreSQL's clock, as SQL text (for statements written as text).
+# ``clock_timestamp()``: the moment it is evaluated, not the transaction's start.
+POSTGRESQL_NOW = "CAST(extract(epoch FROM clock_timestamp()) AS float8)"
+
 
 def database_now(dialect: str) -> ColumnElement[Any]:
-    """Now, in epoch seconds, as the database tells it (``clock_timestamp()`` on PostgreSQL:
-    the moment it is evaluated, not the transaction's start)."""
+    """Now, in epoch seconds, as the database tells it (on PostgreSQL: :data:`POSTGRESQL_NOW`)."""
     if dialect == POSTGRESQL:
-        return sa.cast(sa.extract("epoch", sa.func.clock_timestamp()), sa.Float)
+        return sa.literal_column(POSTGRESQL_NOW, sa.Float)
     # SQLite (one process): julianday's days since -4713, to the millisecond.
     return (sa.func.julianday("now") - 2440587.5) * 86400.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,9 +12,15 @@ from sqlalchemy.engine import Connection
 
 from analysis_service.domain.models import JobError, JobResult, JobStatus, StatusEvent
 from analysis_service.storage import schema
+from analysis_service.storage.clock import POSTGRESQL_NOW as PG_NOW
 from analysis_service.storage.schema import counters, jobs, results
 from analysis_service.storage.schema import events as events_table
-from mediatag_common.database import POSTGRESQL, database_now
+from mediatag_common.database import (
+    POSTGRESQL,
+    array_parameters,
+    database_now,
+    unnest_parameters,
+)
 from mediatag_common.embeddings import embedding_from_bytes
 
 # The channel every replica's tailer listens on; the payload is the newest revision.
@@ -36,21 +43,32 @@ class EventDraft:
 
 
 def record(conn: Connection, drafts: Sequence[EventDraft]) -> list[StatusEvent]:
-    """Append the events of this transaction, as its last statements.
+    """Keep the job counts and append the events of this transaction, as its last statements.
 
     The counter row takes the revisions: updating it locks it until commit, so transactions
     that write events commit in revision order and a rolled-back one leaves no gap (a
-    sequence would do neither). It is updated as late as possible to hold that lock briefly;
-    the event time is read under it, so event times follow revisions too. On PostgreSQL one
+    sequence would do neither). It is updated in the transaction's last statements, to hold
+    that lock briefly; the event time is read under it, so event times follow revisions too.
+    On PostgreSQL they are one statement (one round trip, see ``_PG_RECORD``), whose one
     NOTIFY carries the newest revision to every replica's tailer.
     """
     if not drafts:
         return []
+    deltas: Counter[JobStatus] = Counter()
+    for draft in drafts:
+        deltas[draft.status] += 1
+        if draft.previous_status is not None:
+            deltas[draft.previous_status] -= 1
+    # In a fixed row order: concurrent transactions lock the rows in the same order.
+    changes = [
+        (schema.job_count(status), delta) for status, delta in sorted(deltas.items()) if delta
+    ]
     count = len(drafts)
     if conn.dialect.name == POSTGRESQL:
-        row = conn.execute(_PG_BUMP, {"count": count}).one()
-        last, now = int(row.value), float(row.now)
+        row = conn.execute(_PG_RECORD, _pg_record_parameters(drafts, changes)).one()
+        last, now = int(row.last), float(row.now)
     else:
+        _adjust_counts(conn, changes)
         last, now = int(conn.execute(_BUMP, {"count": count}).scalar_one()), database_now(conn)
     first = last - count + 1
     events = [
@@ -68,29 +86,37 @@ def record(conn: Connection, drafts: Sequence[EventDraft]) -> list[StatusEvent]:
         )
         for i, d in enumerate(drafts)
     ]
-    conn.execute(
-        _INSERT_EVENT,
-        [_event_row(event, draft.result_key) for event, draft in zip(events, drafts, strict=True)],
-    )
-    conn.execute(
-        _SET_JOB_REVISION,
-        [{"event_media_id": e.media_id, "event_revision": e.revision} for e in events],
-    )
+    if conn.dialect.name != POSTGRESQL:
+        conn.execute(
+            _INSERT_EVENT,
+            [
+                {**_draft_row(draft), "revision": event.revision, "event_time": now}
+                for event, draft in zip(events, drafts, strict=True)
+            ],
+        )
+        conn.execute(
+            _SET_JOB_REVISION,
+            [{"event_media_id": e.media_id, "event_revision": e.revision} for e in events],
+        )
     return events
 
 
+def _adjust_counts(conn: Connection, changes: Sequence[tuple[str, int]]) -> None:
+    if changes:
+        conn.execute(_ADJUST_COUNT, [{"row": name, "delta": delta} for name, delta in changes])
+
+
 # Built once: the statements every status change runs.
+_ADJUST_COUNT = (
+    sa.update(counters)
+    .where(counters.c.name == sa.bindparam("row"))
+    .values(value=counters.c.value + sa.bindparam("delta"))
+)
 _BUMP = (
     sa.update(counters)
     .where(counters.c.name == schema.REVISION)
     .values(value=counters.c.value + sa.bindparam("count"))
     .returning(counters.c.value)
-)
-# PostgreSQL, in the same round trip: the event time, read under the counter's lock, and
-# the one NOTIFY of the transaction (sent at commit).
-_PG_BUMP = _BUMP.returning(
-    sa.cast(sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Float).label("now"),
-    sa.func.pg_notify(NOTIFY_CHANNEL, sa.cast(counters.c.value, sa.Text)).label("notified"),
 )
 _INSERT_EVENT = events_table.insert()
 _SET_JOB_REVISION = (
@@ -98,6 +124,72 @@ _SET_JOB_REVISION = (
     .where(jobs.c.media_id == sa.bindparam("event_media_id"))
     .values(revision=sa.bindparam("event_revision"))
 )
+
+# PostgreSQL: the counter, the counts, the events and each job's newest revision in one
+# statement. The counter row is locked first (``bump`` is what the final SELECT reads; the
+# parts nothing reads run after it), so every transaction that adjusts the counts holds it
+# already: none can deadlock over the count rows. The event time is read under that lock,
+# and the transaction's one NOTIFY goes with it (sent at commit).
+_DRAFT_COLUMNS = (
+    ("media_id", "text"),
+    ("owner_id", "text"),
+    ("status", "text"),
+    ("previous_status", "text"),
+    ("attempt", "integer"),
+    ("result_key", "text"),
+    ("reused", "boolean"),
+    ("error_reason", "text"),
+    ("error_message", "text"),
+    ("error_transient", "boolean"),
+    ("next_attempt_at", "float8"),
+)
+_PG_RECORD = sa.text(
+    f"""
+    WITH drafts AS MATERIALIZED (
+        SELECT * FROM {unnest_parameters(_DRAFT_COLUMNS, "draft")}
+    ),
+    bump AS (
+        UPDATE counters SET value = value + :count WHERE name = '{schema.REVISION}'
+        RETURNING value AS last, {PG_NOW} AS now,
+            pg_notify('{NOTIFY_CHANNEL}', CAST(value AS text)) AS notified
+    ),
+    counted AS (
+        UPDATE counters SET value = counters.value + change.delta
+        FROM bump, unnest(CAST(:count_rows AS text[]), CAST(:count_deltas AS bigint[]))
+            AS change(name, delta)
+        WHERE counters.name = change.name
+    ),
+    appended AS (
+        INSERT INTO events (revision, event_time, {", ".join(name for name, _ in _DRAFT_COLUMNS)})
+        SELECT bump.last - :count + draft.position, bump.now,
+            {", ".join(f"draft.{name}" for name, _ in _DRAFT_COLUMNS)}
+        FROM bump, drafts AS draft
+    ),
+    revised AS (
+        UPDATE jobs SET revision = newest.revision
+        FROM (
+            SELECT DISTINCT ON (draft.media_id)
+                draft.media_id, bump.last - :count + draft.position AS revision
+            FROM bump, drafts AS draft
+            ORDER BY draft.media_id, draft.position DESC
+        ) AS newest
+        WHERE jobs.media_id = newest.media_id
+    )
+    SELECT last, now FROM bump
+    """
+)
+
+
+def _pg_record_parameters(
+    drafts: Sequence[EventDraft], changes: Sequence[tuple[str, int]]
+) -> dict[str, Any]:
+    parameters: dict[str, Any] = array_parameters(
+        _DRAFT_COLUMNS, [_draft_row(draft) for draft in drafts]
+    )
+    parameters["count"] = len(drafts)
+    parameters["count_rows"] = [name for name, _ in changes]
+    parameters["count_deltas"] = [delta for _, delta in changes]
+    return parameters
 
 
 def read_counter(conn: Connection, name: str) -> int:
@@ -109,21 +201,20 @@ def write_counter(conn: Connection, name: str, value: int) -> None:
     conn.execute(sa.update(counters).where(counters.c.name == name).values(value=value))
 
 
-def _event_row(event: StatusEvent, result_key: str | None) -> dict[str, Any]:
+def _draft_row(draft: EventDraft) -> dict[str, Any]:
+    """The columns of the draft's event row, but its revision and time."""
     return {
-        "revision": event.revision,
-        "media_id": event.media_id,
-        "owner_id": event.owner_id,
-        "status": event.status.value,
-        "previous_status": event.previous_status.value if event.previous_status else None,
-        "attempt": event.attempt,
-        "event_time": event.event_time,
-        "result_key": result_key,
-        "reused": bool(event.result and event.result.reused),
-        "error_reason": event.error.reason if event.error else None,
-        "error_message": event.error.message if event.error else None,
-        "error_transient": event.error.transient if event.error else None,
-        "next_attempt_at": event.next_attempt_at,
+        "media_id": draft.media_id,
+        "owner_id": draft.owner_id,
+        "status": draft.status.value,
+        "previous_status": draft.previous_status.value if draft.previous_status else None,
+        "attempt": draft.attempt,
+        "result_key": draft.result_key,
+        "reused": bool(draft.result and draft.result.reused),
+        "error_reason": draft.error.reason if draft.error else None,
+        "error_message": draft.error.message if draft.error else None,
+        "error_transient": draft.error.transient if draft.error else None,
+        "next_attempt_at": draft.next_attempt_at,
     }
 
 

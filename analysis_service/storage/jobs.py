@@ -16,10 +16,11 @@ from analysis_service.domain.models import (
     JobSpec,
     JobStatus,
 )
-from analysis_service.domain.store import AttemptEnd
 from analysis_service.storage import schema
+from analysis_service.storage.clock import database_now
 from analysis_service.storage.schema import attempts, counters, jobs
 from mediatag_common.database import POSTGRESQL, SQLITE, insert
+from mediatag_common.database import database_now as read_database_now
 
 # Queue order: priority first, then submission time (media id breaks ties).
 QUEUE_ORDER = (jobs.c.priority.desc(), jobs.c.submitted_at, jobs.c.media_id)
@@ -89,12 +90,17 @@ def insert_new_jobs(
     return set(conn.execute(statement, rows).scalars())
 
 
-def _claim_statement(dialect: str) -> sa.Update:
+def _claim_statement(dialect: str) -> sa.Executable:
+    now: Any = sa.bindparam("claim_now")
+    if dialect == POSTGRESQL:
+        # The database's clock, read once for the statement (a volatile CTE is materialised).
+        now = sa.select(database_now(POSTGRESQL).label("now")).cte("clock").c.now
+        now = sa.select(now).scalar_subquery()
     due = (
         sa.select(jobs.c.media_id)
         .where(
             jobs.c.status == JobStatus.PENDING.value,
-            jobs.c.next_attempt_at <= sa.bindparam("claim_now"),
+            jobs.c.next_attempt_at <= now,
             ~sa.exists().where(counters.c.name == schema.PAUSED, counters.c.value != 0),
         )
         .order_by(*QUEUE_ORDER)
@@ -105,15 +111,21 @@ def _claim_statement(dialect: str) -> sa.Update:
         attempt=jobs.c.attempt + 1,
         lease_token=jobs.c.lease_token + 1,
         lease_owner=sa.bindparam("claim_holder"),
-        lease_expires_at=sa.bindparam("claim_until"),
-        updated_at=sa.bindparam("claim_now"),
+        lease_expires_at=now + sa.bindparam("claim_lease_seconds"),
+        updated_at=now,
     )
-    if dialect == POSTGRESQL:
-        picked = due.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
-        claim = claim.where(jobs.c.media_id == picked.c.media_id)
-    else:
-        claim = claim.where(jobs.c.media_id.in_(due.scalar_subquery()))
-    return claim.returning(*jobs.c)
+    if dialect == SQLITE:
+        return claim.where(jobs.c.media_id.in_(due.scalar_subquery())).returning(*jobs.c)
+    # PostgreSQL: the attempts are started in the same statement (one round trip).
+    picked = due.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
+    claimed = claim.where(jobs.c.media_id == picked.c.media_id).returning(*jobs.c).cte("claimed")
+    started = sa.insert(attempts).from_select(
+        ["media_id", "number", "started_at", "outcome"],
+        sa.select(
+            claimed.c.media_id, claimed.c.attempt, claimed.c.updated_at, sa.literal("RUNNING")
+        ),
+    )
+    return sa.select(claimed).add_cte(started.cte("started"))
 
 
 # Built once per dialect: the queue's frequent statements are only looked up in SQLAlchemy's
@@ -128,29 +140,34 @@ _START_ATTEMPT = attempts.insert().values(
 )
 
 
-def claim_due(
-    conn: Connection, *, holder: str, count: int, now: float, lease_seconds: float
-) -> list[Any]:
+def claim_due(conn: Connection, *, holder: str, count: int, lease_seconds: float) -> list[Any]:
     """Lease up to ``count`` due PENDING jobs in queue order (none while paused): attempt and
-    lease token incremented in the statement itself. The claimed rows, in queue order.
+    lease token incremented in the statement itself, each claim's attempt started. The
+    claimed rows, in queue order.
 
     PostgreSQL: the candidates are locked in a materialised CTE with ``FOR UPDATE SKIP
     LOCKED``, so concurrent claimers (other replicas) take other jobs instead of waiting, and
     the planner cannot run the LIMIT twice. SQLite has one writer: a plain subquery.
     """
-    parameters = {
-        "claim_now": now,
+    parameters: dict[str, Any] = {
         "claim_count": count,
         "claim_holder": holder,
-        "claim_until": now + lease_seconds,
+        "claim_lease_seconds": lease_seconds,
     }
-    rows = list(conn.execute(_CLAIM[conn.dialect.name], parameters).all())
+    dialect = conn.dialect.name
+    if dialect == SQLITE:
+        parameters["claim_now"] = read_database_now(conn)
+    rows = list(conn.execute(_CLAIM[dialect], parameters).all())
     rows.sort(key=lambda row: (-row.priority, row.submitted_at, row.media_id))
-    if rows:
+    if rows and dialect == SQLITE:
         conn.execute(
             _START_ATTEMPT,
             [
-                {"start_media_id": row.media_id, "start_number": row.attempt, "start_at": now}
+                {
+                    "start_media_id": row.media_id,
+                    "start_number": row.attempt,
+                    "start_at": row.updated_at,
+                }
                 for row in rows
             ],
         )
@@ -175,131 +192,6 @@ def fenced_update(
         .values(**values)
     )
     return bool(result.rowcount == 1)
-
-
-def _processing_statement(dialect: str) -> sa.Select[Any]:
-    query = (
-        sa.select(
-            jobs.c.media_id,
-            jobs.c.lease_token,
-            jobs.c.next_attempt_at,
-            jobs.c.quota_deferrals,
-            jobs.c.result_key,
-            jobs.c.reused,
-        )
-        .where(
-            jobs.c.media_id.in_(sa.bindparam("media_ids", expanding=True)),
-            jobs.c.status == JobStatus.PROCESSING.value,
-        )
-        .order_by(jobs.c.media_id)
-    )
-    return query.with_for_update() if dialect == POSTGRESQL else query
-
-
-_PROCESSING = {dialect: _processing_statement(dialect) for dialect in (POSTGRESQL, SQLITE)}
-
-
-def _processing_rows(conn: Connection, media_ids: Collection[str]) -> dict[str, Any]:
-    """The PROCESSING rows among ``media_ids``, by media id, with what an end may keep.
-
-    PostgreSQL: the rows stay locked until commit, taken in media id order so that two
-    transactions ending overlapping groups cannot deadlock. SQLite has one writer.
-    """
-    rows = conn.execute(_PROCESSING[conn.dialect.name], {"media_ids": list(media_ids)})
-    return {row.media_id: row for row in rows}
-
-
-_END_JOB = (
-    sa.update(jobs)
-    .where(jobs.c.media_id == sa.bindparam("end_media_id"))
-    .values(
-        lease_owner=None,
-        lease_expires_at=None,
-        **{
-            name: sa.bindparam(f"end_{name}")
-            for name in (
-                "status",
-                "attempt",
-                "updated_at",
-                "next_attempt_at",
-                "quota_deferrals",
-                "result_key",
-                "reused",
-                "error_reason",
-                "error_message",
-                "error_transient",
-            )
-        },
-    )
-)
-
-_FINISH_ATTEMPT = (
-    sa.update(attempts)
-    .where(
-        attempts.c.media_id == sa.bindparam("finish_media_id"),
-        attempts.c.number == sa.bindparam("finish_number"),
-        attempts.c.outcome == "RUNNING",
-    )
-    .values(
-        **{
-            name: sa.bindparam(f"finish_{name}")
-            for name in ("ended_at", "outcome", "error_reason", "error_message", "error_transient")
-        }
-    )
-)
-
-
-def end_attempts(conn: Connection, ends: Sequence[AttemptEnd], now: float) -> list[bool]:
-    """Write each end whose token still holds its job's lease (fenced: a stale one changes
-    nothing); whether each was written. A few statements for the whole group."""
-    held = _processing_rows(conn, {end.job.spec.media_id for end in ends})
-    written: list[bool] = []
-    job_values: list[dict[str, Any]] = []
-    attempt_values: list[dict[str, Any]] = []
-    for end in ends:
-        media_id = end.job.spec.media_id
-        row = held.get(media_id)
-        if row is None or row.lease_token != end.job.lease_token:
-            written.append(False)
-            continue
-        # A second end of this job in the group finds it no longer PROCESSING.
-        del held[media_id]
-        written.append(True)
-        completed = end.status is JobStatus.COMPLETED
-        job_values.append(
-            {
-                "end_media_id": media_id,
-                "end_status": end.status.value,
-                "end_attempt": end.attempt,
-                "end_updated_at": now,
-                "end_next_attempt_at": (
-                    row.next_attempt_at if end.delay is None else now + end.delay
-                ),
-                "end_quota_deferrals": (
-                    row.quota_deferrals if end.quota_deferrals is None else end.quota_deferrals
-                ),
-                "end_result_key": end.result_key if completed else row.result_key,
-                "end_reused": bool(end.result and end.result.reused) if completed else row.reused,
-                **_prefixed("end_", error_values(end.error)),
-            }
-        )
-        attempt_values.append(
-            {
-                "finish_media_id": media_id,
-                "finish_number": end.job.attempt,
-                "finish_ended_at": now,
-                "finish_outcome": end.outcome.value,
-                **_prefixed("finish_", error_values(end.attempt_error or end.error)),
-            }
-        )
-    if job_values:
-        conn.execute(_END_JOB, job_values)
-        conn.execute(_FINISH_ATTEMPT, attempt_values)
-    return written
-
-
-def _prefixed(prefix: str, values: Mapping[str, Any]) -> dict[str, Any]:
-    return {prefix + name: value for name, value in values.items()}
 
 
 def reset_for_retry(conn: Connection, media_ids: Sequence[str], *, now: float) -> None:
@@ -344,20 +236,3 @@ def job_rows(
     if conn.dialect.name == POSTGRESQL:
         query = query.with_for_update()
     return list(conn.execute(query.order_by(*QUEUE_ORDER)).all())
-
-
-def adjust_counts(conn: Connection, deltas: Mapping[JobStatus, int]) -> None:
-    """Apply the transaction's changes to the job counts, in a fixed row order (concurrent
-    transactions lock the rows in the same order: no deadlock)."""
-    changes = [
-        {"row": schema.job_count(status), "delta": delta}
-        for status, delta in sorted(deltas.items())
-        if delta
-    ]
-    if changes:
-        conn.execute(
-            sa.update(counters)
-            .where(counters.c.name == sa.bindparam("row"))
-            .values(value=counters.c.value + sa.bindparam("delta")),
-            changes,
-        )

@@ -10,8 +10,7 @@ order and publishes everything, its own changes included.
 from __future__ import annotations
 
 import time
-from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +26,8 @@ from analysis_service.domain.store import (
     LogState,
     QueueDepth,
 )
+from analysis_service.storage import attempt_ends, job_reads, schema
 from analysis_service.storage import events as event_log
-from analysis_service.storage import job_reads, schema
 from analysis_service.storage import jobs as job_rows
 from analysis_service.storage import results as result_rows
 from analysis_service.storage.events import EventDraft
@@ -57,13 +56,7 @@ class SqlQueueStore:
         return time.time()
 
     def _record(self, conn: Connection, drafts: Sequence[EventDraft]) -> list[Event]:
-        """Keep the counts, append the events; hand them on after commit (SQLite)."""
-        deltas: Counter[JobStatus] = Counter()
-        for draft in drafts:
-            deltas[draft.status] += 1
-            if draft.previous_status is not None:
-                deltas[draft.previous_status] -= 1
-        job_rows.adjust_counts(conn, deltas)
+        """Append the events (and keep the counts); hand them on after commit (SQLite)."""
         events = event_log.record(conn, drafts)
         if events and self._publish_own_commits:
             after_commit(conn, lambda: self._publish(events))
@@ -117,7 +110,6 @@ class SqlQueueStore:
         """Claims and ends in one transaction, in the order they were asked for."""
 
         def transaction(conn: Connection) -> list[_Turn]:
-            now = database_now(conn)
             turns: list[_Turn] = []
             drafts: list[EventDraft] = []
             for request in requests:
@@ -127,18 +119,13 @@ class SqlQueueStore:
                         conn,
                         holder=request.holder,
                         count=request.count,
-                        now=now,
                         lease_seconds=request.lease_seconds,
                     )
                     turn.claimed = [job_rows.claimed_job(row) for row in rows]
                     drafts.extend(_claim_draft(row) for row in rows)
                 else:
-                    turn.written = job_rows.end_attempts(conn, request.ends, now)
-                    drafts.extend(
-                        _draft(end, now)
-                        for end, kept in zip(request.ends, turn.written, strict=True)
-                        if kept
-                    )
+                    turn.written = attempt_ends.end_attempts(conn, request.ends)
+                    drafts.extend(_written_drafts(request.ends, turn.written))
                 turns.append(turn)
             events = self._record(conn, drafts)
             for turn in turns:
@@ -149,14 +136,12 @@ class SqlQueueStore:
 
     async def expire_leases(self, decide: Callable[[ExpiredLease], AttemptEnd]) -> list[Event]:
         def transaction(conn: Connection) -> list[Event]:
-            now = database_now(conn)
-            rows = job_rows.expired_leases(conn, now)
+            rows = job_rows.expired_leases(conn, database_now(conn))
             ends = [
                 decide(ExpiredLease(job_rows.claimed_job(row), row.max_attempts)) for row in rows
             ]
-            written = job_rows.end_attempts(conn, ends, now)
-            applied = [end for end, kept in zip(ends, written, strict=True) if kept]
-            return self._record(conn, [_draft(end, now) for end in applied])
+            written = attempt_ends.end_attempts(conn, ends)
+            return self._record(conn, list(_written_drafts(ends, written)))
 
         return await write(self._db, transaction)
 
@@ -326,18 +311,23 @@ class SqlQueueStore:
         await write(self._db, lambda conn: result_rows.drop_result_claim(conn, key, holder))
 
 
-def _draft(end: AttemptEnd, now: float) -> EventDraft:
-    return EventDraft(
-        end.job.spec.media_id,
-        end.job.spec.owner_id,
-        end.status,
-        JobStatus.PROCESSING,
-        end.attempt,
-        result=end.result,
-        result_key=end.result_key,
-        error=end.error,
-        next_attempt_at=None if end.delay is None else now + end.delay,
-    )
+def _written_drafts(
+    ends: Sequence[AttemptEnd], written: Sequence[float | None]
+) -> Iterator[EventDraft]:
+    """The event of each end that was written (at the time it was written)."""
+    for end, at in zip(ends, written, strict=True):
+        if at is not None:
+            yield EventDraft(
+                end.job.spec.media_id,
+                end.job.spec.owner_id,
+                end.status,
+                JobStatus.PROCESSING,
+                end.attempt,
+                result=end.result,
+                result_key=end.result_key,
+                error=end.error,
+                next_attempt_at=None if end.delay is None else at + end.delay,
+            )
 
 
 @dataclass(frozen=True)
@@ -358,13 +348,14 @@ class _Turn:
 
     first_draft: int
     claimed: list[ClaimedJob] = field(default_factory=list)
-    written: list[bool] = field(default_factory=list)
+    # For each end: when it was written, or None if it was fenced out.
+    written: list[float | None] = field(default_factory=list)
     ended: list[Event | None] = field(default_factory=list)
 
     def take_events(self, events: Sequence[Event]) -> None:
         """Each written end's event, from the transaction's events (in draft order)."""
         mine = iter(events[self.first_draft :])
-        self.ended = [next(mine) if kept else None for kept in self.written]
+        self.ended = [None if at is None else next(mine) for at in self.written]
 
 
 def _claim_draft(row: Any) -> EventDraft:
