@@ -34,6 +34,7 @@ from analysis_service.domain.store import (
     EventFilter,
     ExpiredLease,
     LogCompacted,
+    NewResult,
     QueueStore,
 )
 from analysis_service.storage.memory_store import MemoryQueueStore
@@ -216,10 +217,12 @@ async def test_the_counts_agree_with_the_rows(replicas: Callable[[], Replica]) -
 async def test_identical_content_is_analysed_once_across_replicas(
     shared_replicas: Callable[[], Replica],
 ) -> None:
-    caches = [
-        ResultCache(shared_replicas().store, analyzer_name="test", analyzer_version="1")
-        for _ in range(3)
-    ]
+    """Three replicas each with a job of one cache key: one analysis; the result it
+    stored with its job's completion serves the other two."""
+    stores = [shared_replicas().store for _ in range(3)]
+    await stores[0].submit([spec(n) for n in range(3)], max_attempts=3)
+    jobs = [(await store.claim("h", 1, 60.0))[0] for store in stores]
+    caches = [ResultCache(store, analyzer_name="test", analyzer_version="1") for store in stores]
     calls = 0
     started = asyncio.Event()
     release = asyncio.Event()
@@ -233,9 +236,20 @@ async def test_identical_content_is_analysed_once_across_replicas(
         return JobResult(("tag",), embedding, 4, "test", "1", reused=False)
 
     key = caches[0].key("f" * 64, {})
-    first = asyncio.create_task(caches[0].get_or_compute(key, "f" * 64, analyse))
+
+    async def work(n: int) -> JobResult:
+        async def complete(result: JobResult, new_result: NewResult | None) -> None:
+            end = AttemptEnd(
+                jobs[n], JobStatus.COMPLETED, AttemptOutcome.COMPLETED, jobs[n].attempt,
+                result=result, result_key=key, new_result=new_result,
+            )  # fmt: skip
+            assert await stores[n].end_attempts([end]) != [None]
+
+        return await caches[n].get_or_compute(key, "f" * 64, analyse, complete)
+
+    first = asyncio.create_task(work(0))
     await started.wait()
-    others = [asyncio.create_task(c.get_or_compute(key, "f" * 64, analyse)) for c in caches[1:]]
+    others = [asyncio.create_task(work(n)) for n in (1, 2)]
     # Wherever the others are (looking, waiting on the claim, not started), the first's result
     # must serve them: let it finish.
     await asyncio.sleep(0)
@@ -244,6 +258,9 @@ async def test_identical_content_is_analysed_once_across_replicas(
 
     assert calls == 1
     assert [r.reused for r in results] == [False, True, True]
+    completed = [await stores[0].get_job(job.spec.media_id, with_embedding=True) for job in jobs]
+    assert [job.status if job else None for job in completed] == [JobStatus.COMPLETED] * 3
+    assert all(job and job.result and job.result.tags == ("tag",) for job in completed)
 
 
 async def test_a_claim_asked_for_after_the_result_is_stored_is_refused(

@@ -2,7 +2,8 @@
 
 The key is (sha256, analyser name + version, every input that changes the result), so a
 new analyser version or a different category (for analysers that use it) is a miss.
-While a key is being analysed, other jobs with that key wait for that call instead of
+A new result is stored by the transaction that completes its job. While a key is being
+analysed, other jobs with that key wait for that call (and that completion) instead of
 making a second one: in this process through a future, across processes sharing the
 database through a claim on the key in the store (held for a lease, so a crashed holder's
 key is taken over once the lease runs out).
@@ -18,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 
 from analysis_service.domain.models import JobResult
-from analysis_service.domain.store import QueueStore
+from analysis_service.domain.store import NewResult, QueueStore
 
 # How often a process waiting for another process's analysis of a key looks for its result.
 OTHER_HOLDER_POLL = 0.25
@@ -62,16 +63,26 @@ class ResultCache:
         return await self._store.cached_result(key)
 
     async def get_or_compute(
-        self, key: str, sha256: str, compute: Callable[[], Awaitable[JobResult]]
+        self,
+        key: str,
+        sha256: str,
+        compute: Callable[[], Awaitable[JobResult]],
+        record: Callable[[JobResult, NewResult | None], Awaitable[None]],
     ) -> JobResult:
-        """The cached result (``reused``), or the result of ``compute`` stored under ``key``.
+        """The cached result (``reused``), or the result of ``compute``: handed to ``record``
+        (the job's completion), then returned.
 
-        If the job computing ``key`` fails, one of the jobs waiting for it takes over.
+        A computed result comes to ``record`` with its :class:`NewResult`, for the
+        completion's transaction to keep in the store (one transaction per job, not two); if
+        ``record`` fails, the result is stored on its own. The jobs of this process waiting
+        for ``key`` go on once ``record`` is done; if the job computing it fails, one of
+        them takes over.
         """
         while True:
             cached = await self.get(key)
             if cached is not None:
                 self.hits += 1
+                await record(cached, None)
                 return cached
             in_flight = self._in_flight.get(key)
             if in_flight is not None:
@@ -96,14 +107,24 @@ class ResultCache:
         self.misses += 1
         holder = self._holder if self._store.shared else None
         try:
-            result = await compute()
-            await self._store.store_result(key, sha256, result, holder=holder)
-            return result
-        except BaseException:
-            if holder is not None:
+            try:
+                result = await compute()
+            except BaseException:
+                if holder is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self._store.drop_analysis(key, holder))
+                raise
+            try:
+                await record(result, NewResult(sha256, holder))
+            except BaseException:
+                # Its transaction failed or never ran: keep the result all the same (a
+                # second store of a key changes nothing).
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self._store.drop_analysis(key, holder))
-            raise
+                    await asyncio.shield(
+                        self._store.store_result(key, sha256, result, holder=holder)
+                    )
+                raise
+            return result
         finally:
             self._finish(key, done)
 

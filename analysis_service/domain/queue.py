@@ -29,7 +29,13 @@ from analysis_service.domain.models import (
     JobStatus,
     StatusEvent,
 )
-from analysis_service.domain.store import AttemptEnd, ExpiredLease, QueueDepth, QueueStore
+from analysis_service.domain.store import (
+    AttemptEnd,
+    ExpiredLease,
+    NewResult,
+    QueueDepth,
+    QueueStore,
+)
 from analysis_service.errors import AnalysisError, JobNotFound, LeaseLost
 from mediatag_common.errors import FieldViolation, listed
 from mediatag_common.group_commit import GroupCommit
@@ -136,11 +142,18 @@ class JobQueue:
     # -- outcomes --------------------------------------------------------------------------
 
     async def complete(
-        self, job: ClaimedJob, result: JobResult, result_key: str, *, then_claim: bool = False
+        self,
+        job: ClaimedJob,
+        result: JobResult,
+        result_key: str,
+        *,
+        new_result: NewResult | None = None,
+        then_claim: bool = False,
     ) -> None:
-        """Complete the job with the cached result ``result_key``; with ``then_claim``, also
-        claim the next job at once, for this process's next :meth:`claim` (the store may
-        write both in one transaction: one commit where there would be two).
+        """Complete the job with the cached result ``result_key`` (stored by this transaction
+        when it is a ``new_result``); with ``then_claim``, also claim the next job at once,
+        for this process's next :meth:`claim` (the store may write both in one transaction:
+        one commit where there would be two).
 
         Raises LeaseLost when a newer claim holds the job (this worker was fenced out).
         """
@@ -154,6 +167,7 @@ class JobQueue:
                     job.attempt,
                     result=result,
                     result_key=result_key,
+                    new_result=new_result,
                 )
             )
         finally:

@@ -29,6 +29,16 @@ from analysis_service.domain.models import (
 
 
 @dataclass(frozen=True)
+class NewResult:
+    """A result the attempt computed (not reused): the end's transaction keeps it in the
+    cache under the end's ``result_key``, whether or not the end itself is written, and ends
+    ``holder``'s claim on the key (None: no claim was taken)."""
+
+    sha256: str
+    holder: str | None
+
+
+@dataclass(frozen=True)
 class AttemptEnd:
     """How a claimed attempt ends: the job's next state, fenced by the claim's lease token.
 
@@ -46,6 +56,7 @@ class AttemptEnd:
     delay: float | None = None
     result: JobResult | None = None
     result_key: str | None = None
+    new_result: NewResult | None = None
     quota_deferrals: int | None = None
 
 
@@ -125,7 +136,8 @@ class QueueStore(Protocol):
 
     async def end_attempts(self, ends: Sequence[AttemptEnd]) -> list[StatusEvent | None]:
         """Apply each end whose lease token still holds its job; None for the others
-        (fenced out: a newer claim holds the job, and nothing of that end is written)."""
+        (fenced out: a newer claim holds the job, and nothing of that end is written but its
+        ``new_result``: every end's new result is kept in the cache, in the same transaction)."""
         ...
 
     async def expire_leases(

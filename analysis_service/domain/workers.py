@@ -28,6 +28,7 @@ from analysis_service.domain.models import (
 from analysis_service.domain.observer import AnalysisObserver, CallOutcome
 from analysis_service.domain.queue import JobQueue
 from analysis_service.domain.stats import Throughput
+from analysis_service.domain.store import NewResult
 from analysis_service.errors import (
     AnalysisError,
     AnalyzerFailure,
@@ -179,11 +180,18 @@ class WorkerPool:
     async def _analyze_and_complete(self, job: ClaimedJob, started: float) -> None:
         spec = job.spec
         key = self._cache.key(spec.sha256, self._analyzer.cache_inputs(spec.category, spec.context))
+
+        async def complete(result: JobResult, new_result: NewResult | None) -> None:
+            # The analysis is over: its timeout does not bound the completion.
+            deadline.reschedule(None)
+            await self._queue.complete(
+                job, result, key, new_result=new_result, then_claim=not self._stopping
+            )
+
         async with asyncio.timeout(self._analyzer_timeout) as deadline:
             result = await self._cache.get_or_compute(
-                key, spec.sha256, lambda: self._analyze(job, deadline)
+                key, spec.sha256, lambda: self._analyze(job, deadline), complete
             )
-        await self._queue.complete(job, result, key, then_claim=not self._stopping)
         duration = self._clock.monotonic() - started
         self._throughput.record(duration)
         logger.info(

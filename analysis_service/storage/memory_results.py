@@ -30,11 +30,14 @@ class MemoryResults:
         embedding = result.embedding if with_embedding else None
         return replace(result, reused=reused, embedding=embedding)
 
-    def store(self, key: str, result: JobResult) -> None:
-        """Keep ``result`` unless the key is already cached (results are deterministic by key)."""
+    def store(self, key: str, result: JobResult, holder: str | None) -> None:
+        """Keep ``result`` unless the key is already cached (results are deterministic by
+        key), and end ``holder``'s claim on it."""
         if result.embedding is None:
             raise ValueError("a stored result needs its embedding")
         self._results.setdefault(key, result)
+        if holder is not None:
+            self.drop(key, holder)
 
     def take(self, key: str, holder: str, *, now: float, lease_seconds: float) -> bool:
         """Claim the analysis of ``key`` unless another holder's claim is still live or the

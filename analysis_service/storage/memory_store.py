@@ -192,7 +192,10 @@ class MemoryQueueStore:
         return [None if change is None else next(events) for change in changes]
 
     def _apply_end(self, end: AttemptEnd, now: float) -> _Change | None:
-        """Write ``end`` if its token still holds the job (nothing otherwise)."""
+        """Write ``end`` if its token still holds the job (nothing otherwise but its new
+        result, kept either way)."""
+        if end.new_result is not None and end.result is not None and end.result_key:
+            self._results.store(end.result_key, end.result, end.new_result.holder)
         row = self._held(end.job)
         if row is None:
             return None
@@ -392,9 +395,7 @@ class MemoryQueueStore:
     async def store_result(
         self, key: str, sha256: str, result: JobResult, *, holder: str | None
     ) -> None:
-        self._results.store(key, result)
-        if holder is not None:
-            self._results.drop(key, holder)
+        self._results.store(key, result, holder)
 
     async def take_analysis(self, key: str, holder: str, lease_seconds: float) -> bool:
         return self._results.take(key, holder, now=self.now(), lease_seconds=lease_seconds)

@@ -124,6 +124,7 @@ class SqlQueueStore:
                     turn.claimed = [job_rows.claimed_job(row) for row in rows]
                     drafts.extend(_claim_draft(row) for row in rows)
                 else:
+                    result_rows.store_new_results(conn, request.ends)
                     turn.written = attempt_ends.end_attempts(conn, request.ends)
                     drafts.extend(_written_drafts(request.ends, turn.written))
                 turns.append(turn)

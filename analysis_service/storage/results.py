@@ -3,39 +3,121 @@ content analysed once across replicas."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from analysis_service.domain.models import JobResult
+from analysis_service.domain.store import AttemptEnd
+from analysis_service.storage.clock import POSTGRESQL_NOW
 from analysis_service.storage.events import result_from_row
 from analysis_service.storage.schema import result_claims, results
-from mediatag_common.database import insert
+from mediatag_common.database import (
+    POSTGRESQL,
+    array_parameters,
+    database_now,
+    insert,
+    unnest_parameters,
+)
 from mediatag_common.embeddings import embedding_to_bytes
+
+_GET_RESULT = sa.select(results).where(results.c.key == sa.bindparam("result_key"))
 
 
 def get_result(conn: Connection, key: str) -> JobResult | None:
-    row = conn.execute(sa.select(results).where(results.c.key == key)).first()
+    row = conn.execute(_GET_RESULT, {"result_key": key}).first()
     return result_from_row(row, reused=True, with_embedding=True) if row else None
+
+
+def _result_row(key: str, sha256: str, result: JobResult) -> dict[str, Any]:
+    """The columns of a stored result but its time."""
+    if result.embedding is None:
+        raise ValueError("a stored result needs its embedding")
+    return {
+        "key": key,
+        "sha256": sha256,
+        "analyzer_name": result.analyzer_name,
+        "analyzer_version": result.analyzer_version,
+        "tags": list(result.tags),
+        "embedding": embedding_to_bytes(result.embedding),
+        "embedding_dimensions": result.embedding_dimensions,
+    }
 
 
 def store_result(conn: Connection, key: str, sha256: str, result: JobResult, now: float) -> None:
     """Insert a result unless the key is already cached (results are deterministic by key)."""
-    if result.embedding is None:
-        raise ValueError("a stored result needs its embedding")
+    _store_rows(conn, [_result_row(key, sha256, result)], now)
+
+
+def _store_rows(conn: Connection, rows: Sequence[dict[str, Any]], now: float) -> None:
     conn.execute(
-        insert(conn, results)
-        .values(
-            key=key,
-            sha256=sha256,
-            analyzer_name=result.analyzer_name,
-            analyzer_version=result.analyzer_version,
-            tags=list(result.tags),
-            embedding=embedding_to_bytes(result.embedding),
-            embedding_dimensions=result.embedding_dimensions,
-            created_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=[results.c.key])
+        insert(conn, results).on_conflict_do_nothing(index_elements=[results.c.key]),
+        [{**row, "created_at": now} for row in rows],
     )
+
+
+# PostgreSQL: a group's new results, and the end of their claims, in one statement (one
+# round trip) of the transaction that ends the group's attempts.
+_STORED_COLUMNS = (
+    ("key", "text"),
+    ("sha256", "text"),
+    ("analyzer_name", "text"),
+    ("analyzer_version", "text"),
+    ("tags", "text"),
+    ("embedding", "bytea"),
+    ("embedding_dimensions", "integer"),
+    ("holder", "text"),
+)
+_PG_STORE_NEW = sa.text(
+    f"""
+    WITH stored AS MATERIALIZED (
+        SELECT * FROM {unnest_parameters(_STORED_COLUMNS, "stored")}
+    ),
+    dropped AS (
+        DELETE FROM result_claims USING stored
+        WHERE result_claims.key = stored.key AND result_claims.holder = stored.holder
+    )
+    INSERT INTO results (key, sha256, analyzer_name, analyzer_version, tags, embedding,
+        embedding_dimensions, created_at)
+    SELECT key, sha256, analyzer_name, analyzer_version, CAST(tags AS json), embedding,
+        embedding_dimensions, {POSTGRESQL_NOW}
+    FROM stored
+    ON CONFLICT (key) DO NOTHING
+    """
+)
+
+
+def store_new_results(conn: Connection, ends: Sequence[AttemptEnd]) -> None:
+    """Keep the new results of ``ends`` (written or fenced out) and end their claims."""
+    rows: list[dict[str, Any]] = []
+    holders: list[str | None] = []
+    for end in ends:
+        if end.new_result is None:
+            continue
+        if end.result is None or end.result_key is None:
+            raise ValueError("a new result needs its result and key")
+        rows.append(_result_row(end.result_key, end.new_result.sha256, end.result))
+        holders.append(end.new_result.holder)
+    if not rows:
+        return
+    if conn.dialect.name == POSTGRESQL:
+        values = [
+            {**row, "tags": json.dumps(row["tags"]), "holder": holder}
+            for row, holder in zip(rows, holders, strict=True)
+        ]
+        conn.execute(_PG_STORE_NEW, array_parameters(_STORED_COLUMNS, values))
+        return
+    _store_rows(conn, rows, database_now(conn))
+    claims = [
+        {"claim_key": row["key"], "claim_holder": holder}
+        for row, holder in zip(rows, holders, strict=True)
+        if holder is not None
+    ]
+    if claims:
+        conn.execute(_DROP_CLAIM, claims)
 
 
 def take_result_claim(
@@ -62,7 +144,11 @@ def take_result_claim(
     return False
 
 
+_DROP_CLAIM = sa.delete(result_claims).where(
+    result_claims.c.key == sa.bindparam("claim_key"),
+    result_claims.c.holder == sa.bindparam("claim_holder"),
+)
+
+
 def drop_result_claim(conn: Connection, key: str, holder: str) -> None:
-    conn.execute(
-        sa.delete(result_claims).where(result_claims.c.key == key, result_claims.c.holder == holder)
-    )
+    conn.execute(_DROP_CLAIM, {"claim_key": key, "claim_holder": holder})
