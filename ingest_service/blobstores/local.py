@@ -51,12 +51,15 @@ class LocalBlobStore:
         return LocalReceivedBlob(self, Spool(self.root / INCOMING), self._calls)
 
     async def read(self, sha256: str) -> AsyncIterator[bytes]:
-        blob: BinaryIO = await self._calls.run("read", self.path_for(sha256).open, "rb")
+        # Most blobs fit in one chunk: opened, read and closed in one call to a thread.
+        blob, chunk = await self._calls.run("read", self._start_reading, sha256)
         try:
-            while chunk := await self._calls.run("read", blob.read, READ_CHUNK_BYTES):
+            while chunk:
                 yield chunk
+                chunk = await self._calls.run("read", blob.read, READ_CHUNK_BYTES) if blob else b""
         finally:
-            blob.close()
+            if blob is not None:
+                blob.close()
 
     async def listing(self) -> AsyncIterator[StoredObject]:
         for prefix in range(256):
@@ -80,6 +83,20 @@ class LocalBlobStore:
             return Placement.now(reused=True)
         _fsync_directory(path.parent)
         return Placement.now(reused=False)
+
+    def _start_reading(self, sha256: str) -> tuple[BinaryIO | None, bytes]:
+        """The blob's first chunk, and the file open after it (None: the chunk is all of it;
+        a buffered read of a file comes back short only at its end)."""
+        blob = self.path_for(sha256).open("rb")
+        try:
+            chunk = blob.read(READ_CHUNK_BYTES)
+        except BaseException:
+            blob.close()
+            raise
+        if len(chunk) < READ_CHUNK_BYTES:
+            blob.close()
+            return None, chunk
+        return blob, chunk
 
     def _exists(self, sha256: str) -> bool:
         try:

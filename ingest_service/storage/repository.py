@@ -146,9 +146,17 @@ def insert_media(conn: Connection, items: Sequence[Media]) -> None:
     )
 
 
+# Built once: ReadMediaContent looks an item up for every job analysed.
+_GET_MEDIA = {
+    with_embedding: sa.select(*media_columns(with_embedding)).where(
+        media.c.id == sa.bindparam("media_id")
+    )
+    for with_embedding in (False, True)
+}
+
+
 def get_media(conn: Connection, media_id: str, *, with_embedding: bool) -> Media | None:
-    query = sa.select(*media_columns(with_embedding)).where(media.c.id == media_id)
-    row = conn.execute(query).first()
+    row = conn.execute(_GET_MEDIA[with_embedding], {"media_id": media_id}).first()
     return media_from_row(row) if row is not None else None
 
 
