@@ -272,14 +272,14 @@ async def test_a_claim_asked_for_after_the_result_is_stored_is_refused(
     key = "k" * 64
     result = JobResult(("tag",), np.ones(4, dtype=np.float32), 4, "test", "1", reused=False)
 
-    assert await first.take_analysis(key, "first", 60.0)
+    assert await first.take_analysis(key, "first", 60.0) is True
     assert await second.cached_result(key) is None
     await first.store_result(key, "f" * 64, result, holder="first")
 
-    assert not await second.take_analysis(key, "second", 60.0)
-    stored = await second.cached_result(key)
-    assert stored is not None
+    stored = await second.take_analysis(key, "second", 60.0)
+    assert isinstance(stored, JobResult)
     assert stored.tags == ("tag",)
+    assert stored.reused
 
 
 async def test_a_completion_and_the_next_claim_share_one_transaction(

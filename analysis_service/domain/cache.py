@@ -59,9 +59,6 @@ class ResultCache:
         )
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    async def get(self, key: str) -> JobResult | None:
-        return await self._store.cached_result(key)
-
     async def get_or_compute(
         self,
         key: str,
@@ -79,30 +76,27 @@ class ResultCache:
         them takes over.
         """
         while True:
-            cached = await self.get(key)
-            if cached is not None:
-                self.hits += 1
-                await record(cached, None)
-                return cached
             in_flight = self._in_flight.get(key)
             if in_flight is not None:
                 await asyncio.shield(in_flight)
                 continue
-            # Registered before the claim is asked for: the jobs of this process wait here.
+            # Registered before the store is asked: the jobs of this process wait here.
             done = asyncio.get_running_loop().create_future()
             self._in_flight[key] = done
             try:
-                taken = not self._store.shared or await self._store.take_analysis(
-                    key, self._holder, self._claim_seconds
-                )
+                found = await self._look_up(key)
             except BaseException:
                 self._finish(key, done)
                 raise
-            if taken:
+            if found is True:
                 break
+            self._finish(key, done)
+            if isinstance(found, JobResult):
+                self.hits += 1
+                await record(found, None)
+                return found
             # Another process analyses this content: its result will be in the store (or
             # its claim released or expired, and this one takes over).
-            self._finish(key, done)
             await asyncio.sleep(OTHER_HOLDER_POLL)
         self.misses += 1
         holder = self._holder if self._store.shared else None
@@ -127,6 +121,13 @@ class ResultCache:
             return result
         finally:
             self._finish(key, done)
+
+    async def _look_up(self, key: str) -> JobResult | bool:
+        """The stored result, else whether this process is now the one analysing ``key``
+        (always, when no other process shares the store): one transaction either way."""
+        if self._store.shared:
+            return await self._store.take_analysis(key, self._holder, self._claim_seconds)
+        return await self._store.cached_result(key) or True
 
     def _finish(self, key: str, done: asyncio.Future[None]) -> None:
         del self._in_flight[key]

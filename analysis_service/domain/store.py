@@ -221,9 +221,10 @@ class QueueStore(Protocol):
         ``holder``'s claim on it."""
         ...
 
-    async def take_analysis(self, key: str, holder: str, lease_seconds: float) -> bool:
-        """Become the one process analysing ``key`` for ``lease_seconds`` (True), unless
-        another holder's claim on it is still live or its result is stored (False)."""
+    async def take_analysis(self, key: str, holder: str, lease_seconds: float) -> JobResult | bool:
+        """The result stored under ``key`` if there is one; else whether ``holder`` became
+        the one process analysing ``key`` for ``lease_seconds`` (False while another
+        holder's claim on it is live). One transaction."""
         ...
 
     async def drop_analysis(self, key: str, holder: str) -> None:

@@ -39,14 +39,14 @@ class MemoryResults:
         if holder is not None:
             self.drop(key, holder)
 
-    def take(self, key: str, holder: str, *, now: float, lease_seconds: float) -> bool:
-        """Claim the analysis of ``key`` unless another holder's claim is still live or the
-        result is already stored."""
+    def take(self, key: str, holder: str, *, now: float, lease_seconds: float) -> JobResult | bool:
+        """The result stored under ``key``; else claim its analysis (True) unless another
+        holder's claim is still live (False)."""
+        stored = self.get(key, reused=True, with_embedding=True)
+        if stored is not None:
+            return stored
         claim = self._claims.get(key)
         if claim is not None and claim.holder != holder and claim.expires_at >= now:
-            return False
-        if key in self._results:
-            self._claims.pop(key, None)
             return False
         self._claims[key] = _Claim(holder, now + lease_seconds)
         return True

@@ -397,7 +397,7 @@ class MemoryQueueStore:
     ) -> None:
         self._results.store(key, result, holder)
 
-    async def take_analysis(self, key: str, holder: str, lease_seconds: float) -> bool:
+    async def take_analysis(self, key: str, holder: str, lease_seconds: float) -> JobResult | bool:
         return self._results.take(key, holder, now=self.now(), lease_seconds=lease_seconds)
 
     async def drop_analysis(self, key: str, holder: str) -> None:

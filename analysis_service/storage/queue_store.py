@@ -300,7 +300,7 @@ class SqlQueueStore:
 
         await write(self._db, transaction)
 
-    async def take_analysis(self, key: str, holder: str, lease_seconds: float) -> bool:
+    async def take_analysis(self, key: str, holder: str, lease_seconds: float) -> JobResult | bool:
         return await write(
             self._db,
             lambda conn: result_rows.take_result_claim(

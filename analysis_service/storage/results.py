@@ -122,9 +122,12 @@ def store_new_results(conn: Connection, ends: Sequence[AttemptEnd]) -> None:
 
 def take_result_claim(
     conn: Connection, key: str, holder: str, *, now: float, lease_seconds: float
-) -> bool:
-    """Claim the analysis of ``key`` unless another holder's claim is still live or the
-    result is already stored."""
+) -> JobResult | bool:
+    """The result stored under ``key``; else claim its analysis for ``holder`` (True) unless
+    another holder's claim is still live (False)."""
+    stored = get_result(conn, key)
+    if stored is not None:
+        return stored
     statement = insert(conn, result_claims).values(
         key=key, holder=holder, expires_at=now + lease_seconds
     )
@@ -135,13 +138,14 @@ def take_result_claim(
     ).returning(result_claims.c.holder)
     if conn.execute(statement).first() is None:
         return False
-    # Checked after the claim, not before: a holder storing its result drops its claim in
-    # the same transaction, and the insert above waits for that transaction, so from here
-    # (a new statement, read committed) its result is visible.
-    if conn.execute(sa.select(results.c.key).where(results.c.key == key)).first() is None:
+    # Checked again after the claim: a holder storing its result drops its claim in the
+    # same transaction, and the insert above waits for that transaction, so from here (a
+    # new statement, read committed) its result is visible.
+    stored = get_result(conn, key)
+    if stored is None:
         return True
     drop_result_claim(conn, key, holder)
-    return False
+    return stored
 
 
 _DROP_CLAIM = sa.delete(result_claims).where(
