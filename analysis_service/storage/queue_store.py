@@ -304,7 +304,7 @@ class SqlQueueStore:
         return await write(
             self._db,
             lambda conn: result_rows.take_result_claim(
-                conn, key, holder, now=database_now(conn), lease_seconds=lease_seconds
+                conn, key, holder, lease_seconds=lease_seconds
             ),
         )
 

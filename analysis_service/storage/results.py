@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection
 
 from analysis_service.domain.models import JobResult
 from analysis_service.domain.store import AttemptEnd
+from analysis_service.storage import clock
 from analysis_service.storage.clock import POSTGRESQL_NOW
 from analysis_service.storage.events import result_from_row
 from analysis_service.storage.schema import result_claims, results
@@ -121,13 +122,14 @@ def store_new_results(conn: Connection, ends: Sequence[AttemptEnd]) -> None:
 
 
 def take_result_claim(
-    conn: Connection, key: str, holder: str, *, now: float, lease_seconds: float
+    conn: Connection, key: str, holder: str, *, lease_seconds: float
 ) -> JobResult | bool:
     """The result stored under ``key``; else claim its analysis for ``holder`` (True) unless
-    another holder's claim is still live (False)."""
+    another holder's claim is still live (False). Times on the database's clock."""
     stored = get_result(conn, key)
     if stored is not None:
         return stored
+    now = clock.database_now(conn.dialect.name)
     statement = insert(conn, result_claims).values(
         key=key, holder=holder, expires_at=now + lease_seconds
     )
