@@ -4,6 +4,7 @@ cache in :mod:`.results`."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -17,9 +18,15 @@ from analysis_service.domain.models import (
     JobStatus,
 )
 from analysis_service.storage import schema
-from analysis_service.storage.clock import database_now
+from analysis_service.storage.clock import POSTGRESQL_NOW, database_now
 from analysis_service.storage.schema import attempts, counters, jobs
-from mediatag_common.database import POSTGRESQL, SQLITE, insert
+from mediatag_common.database import (
+    POSTGRESQL,
+    SQLITE,
+    array_parameters,
+    insert,
+    unnest_parameters,
+)
 from mediatag_common.database import database_now as read_database_now
 
 # Queue order: priority first, then submission time (media id breaks ties).
@@ -49,36 +56,26 @@ def error_values(error: JobError | None) -> dict[str, Any]:
     }
 
 
-def insert_new_jobs(
-    conn: Connection, specs: Sequence[JobSpec], *, now: float, max_attempts: int
-) -> set[str]:
-    """Insert the jobs whose media id is not yet known; the ids inserted.
+def insert_new_jobs(conn: Connection, specs: Sequence[JobSpec], *, max_attempts: int) -> set[str]:
+    """Insert the jobs whose media id is not yet known, due now; the ids inserted.
 
     ``ON CONFLICT DO NOTHING``: two submitters of one id (two ingest replicas forwarding the
     same outbox row after a crash) insert it once, neither fails.
     """
+    if conn.dialect.name == POSTGRESQL:
+        parameters: dict[str, Any] = array_parameters(
+            _SPEC_COLUMNS,
+            [{**_spec_values(spec), "context": json.dumps(dict(spec.context))} for spec in specs],
+        )
+        parameters.update(_NEW_JOB_STATE, max_attempts=max_attempts)
+        return set(conn.execute(_PG_INSERT_NEW_JOBS, parameters).scalars())
+    now = read_database_now(conn)
     rows = [
         {
-            "media_id": spec.media_id,
-            "owner_id": spec.owner_id,
-            "category": spec.category,
-            "context": dict(spec.context),
-            "sha256": spec.sha256,
-            "size_bytes": spec.size_bytes,
-            "content_type": spec.content_type,
-            "content_ref": spec.content_ref,
-            "priority": spec.priority,
-            "status": JobStatus.PENDING.value,
-            "attempt": 0,
+            **_spec_values(spec),
+            **_NEW_JOB_STATE,
             "max_attempts": max_attempts,
-            "quota_deferrals": 0,
-            "next_attempt_at": now,
-            "submitted_at": now,
-            "updated_at": now,
-            "lease_token": 0,
-            "reused": False,
-            # Set with the event, at the end of the transaction.
-            "revision": 0,
+            **dict.fromkeys(_SUBMISSION_TIMES, now),
         }
         for spec in specs
     ]
@@ -88,6 +85,59 @@ def insert_new_jobs(
         .returning(jobs.c.media_id)
     )
     return set(conn.execute(statement, rows).scalars())
+
+
+def _spec_values(spec: JobSpec) -> dict[str, Any]:
+    return {
+        "media_id": spec.media_id,
+        "owner_id": spec.owner_id,
+        "category": spec.category,
+        "context": dict(spec.context),
+        "sha256": spec.sha256,
+        "size_bytes": spec.size_bytes,
+        "content_type": spec.content_type,
+        "content_ref": spec.content_ref,
+        "priority": spec.priority,
+    }
+
+
+# A new job's state; its revision is set with its event, at the end of the transaction.
+_NEW_JOB_STATE = {
+    "status": JobStatus.PENDING.value,
+    "attempt": 0,
+    "quota_deferrals": 0,
+    "lease_token": 0,
+    "reused": False,
+    "revision": 0,
+}
+_SUBMISSION_TIMES = ("next_attempt_at", "submitted_at", "updated_at")
+_SPEC_COLUMNS = (
+    ("media_id", "text"),
+    ("owner_id", "text"),
+    ("category", "text"),
+    ("context", "json"),
+    ("sha256", "text"),
+    ("size_bytes", "bigint"),
+    ("content_type", "text"),
+    ("content_ref", "text"),
+    ("priority", "integer"),
+)
+# PostgreSQL: one statement of fixed text over arrays (prepared once, where a multi-row
+# VALUES list would be new text for every batch size), on the database's clock.
+_PG_INSERT_NEW_JOBS = sa.text(
+    f"""
+    WITH clock AS MATERIALIZED (SELECT {POSTGRESQL_NOW} AS now)
+    INSERT INTO jobs ({", ".join(name for name, _ in _SPEC_COLUMNS)}, max_attempts,
+        {", ".join(_NEW_JOB_STATE)}, {", ".join(_SUBMISSION_TIMES)})
+    SELECT {", ".join(f"job.{name}" for name, _ in _SPEC_COLUMNS)},
+        :max_attempts, {", ".join(f":{name}" for name in _NEW_JOB_STATE)},
+        {", ".join("clock.now" for _ in _SUBMISSION_TIMES)}
+    FROM clock, {unnest_parameters(_SPEC_COLUMNS, "job")}
+    ORDER BY job.position
+    ON CONFLICT (media_id) DO NOTHING
+    RETURNING media_id
+    """
+)
 
 
 def _claim_statement(dialect: str) -> sa.Executable:

@@ -77,8 +77,7 @@ class SqlQueueStore:
         self, specs: Sequence[JobSpec], *, max_attempts: int
     ) -> tuple[list[str], list[str]]:
         def transaction(conn: Connection) -> tuple[list[str], list[str]]:
-            now = database_now(conn)
-            inserted = job_rows.insert_new_jobs(conn, specs, now=now, max_attempts=max_attempts)
+            inserted = job_rows.insert_new_jobs(conn, specs, max_attempts=max_attempts)
             new = [s for s in specs if s.media_id in inserted]
             self._record(
                 conn,
