@@ -66,7 +66,9 @@ class DeliveryPacer:
                 self.pass_turn()
             raise
         finally:
-            with contextlib.suppress(ValueError):
+            # Usually popped by pass_turn already (a failed deque.remove formats the future's
+            # repr for its message: a cost on every paced commit).
+            if turn in self._waiting:
                 self._waiting.remove(turn)
         # A turn given as the time ran out is this caller's all the same.
         return turn.done() and not turn.cancelled()
