@@ -65,7 +65,9 @@ async def create_server(
         max_watchers_per_caller=config.watch.max_watchers_per_caller,
         max_service_watchers=config.watch.max_service_watchers,
     )
-    store = SqlQueueStore(db, publish=hub.publish)
+    # Several replicas may share PostgreSQL: each follows the log (see storage.tailer).
+    tailer = None if db.dialect == SQLITE else EventTailer(db, publish=hub.publish)
+    store = SqlQueueStore(db, committed=hub.publish if tailer is None else tailer.committed)
     queue = JobQueue(
         store,
         hub,
@@ -74,14 +76,6 @@ async def create_server(
         delivery_pacing=config.watch.delivery_pacing,
     )
     await queue.load()
-    # Several replicas may share PostgreSQL: each follows the log (see storage.tailer).
-    tailer = (
-        None
-        if db.dialect == SQLITE
-        else EventTailer(
-            db, cursor=hub.current_revision, publish=hub.publish, wake=queue.wake_workers
-        )
-    )
     throughput = Throughput()
     content = IngestContent(
         config.ingest_address,
@@ -157,7 +151,7 @@ async def create_server(
         # First: if its port is taken, nothing else has started yet.
         metrics_endpoint.start()
         if tailer is not None:
-            tailer.start()
+            tailer.start(hub.current_revision, queue.wake_workers)
         pool.start()
         maintenance.start()
         replicas.start()

@@ -83,7 +83,7 @@ class QueueAlone:
         hub = StatusHub(
             buffer_size=config.watch.stream_buffer, max_watchers=config.watch.max_watchers
         )
-        store = SqlQueueStore(self._db, publish=hub.publish)
+        store = SqlQueueStore(self._db, committed=hub.publish)
         self._queue = JobQueue(store, hub, config.retry, config.lease_seconds)
         self._batch = batch
         self._tasks = tasks

@@ -29,7 +29,7 @@ async def queue(tmp_path: Path) -> AsyncIterator[JobQueue]:
     db = Database(sqlite_url(str(tmp_path / "analysis.db")), synchronous="NORMAL")
     await db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
     hub = StatusHub(buffer_size=64, max_watchers=8)
-    job_queue = JobQueue(SqlQueueStore(db, publish=hub.publish), hub, RetryPolicy(), 30.0)
+    job_queue = JobQueue(SqlQueueStore(db, committed=hub.publish), hub, RetryPolicy(), 30.0)
     await job_queue.load()
     yield job_queue
     await db.close()

@@ -92,7 +92,7 @@ async def replicas_on(url: str) -> AsyncIterator[Callable[[], Replica]]:
         db = Database(url, synchronous="NORMAL")
         databases.append(db)
         published: list[StatusEvent] = []
-        return Replica(SqlQueueStore(db, publish=published.extend), published)
+        return Replica(SqlQueueStore(db, committed=published.extend), published)
 
     make()
     await databases[0].migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
@@ -293,7 +293,7 @@ async def test_a_completion_and_the_next_claim_share_one_transaction(
     commits = Counter[str]()
     sa.event.listen(db.engine, "commit", lambda _conn: commits.update(["commit"]))
     hub = StatusHub(buffer_size=64, max_watchers=8)
-    store = SqlQueueStore(db, publish=hub.publish)
+    store = SqlQueueStore(db, committed=hub.publish)
     queue = JobQueue(store, hub, RetryPolicy(), 30.0)
     result = JobResult(("tag",), None, 4, "test", "1", reused=False)
     try:

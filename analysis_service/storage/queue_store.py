@@ -2,9 +2,9 @@
 
 Events reach the hub once committed. On SQLite there is one process and one writer thread:
 each transaction hands its events on after it commits, in commit order. On PostgreSQL
-several replicas write: no process sees every commit, so none publishes its own; each
-replica's :class:`~analysis_service.storage.tailer.EventTailer` reads the log in revision
-order and publishes everything, its own changes included.
+several replicas write: no process sees every commit, so none publishes its own at commit;
+each replica's :class:`~analysis_service.storage.tailer.EventTailer` publishes the log in
+revision order, reading the other replicas' changes and taking its own as they commit.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ from mediatag_common.group_commit import GroupCommit
 class SqlQueueStore:
     """The queue, its event log and the result cache in one SQL database."""
 
-    def __init__(self, db: Database, *, publish: Callable[[list[Event]], None]) -> None:
+    def __init__(self, db: Database, *, committed: Callable[[list[Event]], None]) -> None:
+        """``committed`` gets the events of each transaction once it commits: on SQLite, in
+        commit order, to publish; on PostgreSQL, for the tailer (see the module docstring)."""
         self._db = db
-        self._publish = publish
-        # Only SQLite's single writer sees every commit in order (see the module docstring).
-        self._publish_own_commits = db.dialect == SQLITE
+        self._committed = committed
         self.shared = db.dialect != SQLITE
         # The queue groups its claims and, apart, its ends of attempts; a group of each that
         # queue up while a transaction runs share the next one (one commit, one turn at the
@@ -56,10 +56,10 @@ class SqlQueueStore:
         return time.time()
 
     def _record(self, conn: Connection, drafts: Sequence[EventDraft]) -> list[Event]:
-        """Append the events (and keep the counts); hand them on after commit (SQLite)."""
+        """Append the events (and keep the counts); hand them on after commit."""
         events = event_log.record(conn, drafts)
-        if events and self._publish_own_commits:
-            after_commit(conn, lambda: self._publish(events))
+        if events:
+            after_commit(conn, lambda: self._committed(events))
         return events
 
     async def log_bounds(self) -> tuple[int, int]:

@@ -7,6 +7,11 @@ hub: a lost notification (or a dropped connection) costs latency, never an event
 commit in order (the counter row's lock), so a reader that sees revision n has seen every
 revision before it.
 
+This replica's own events are not read back: the store hands them over once committed
+(:meth:`EventTailer.committed`), and those next in order (revision cursor + 1 and on) are
+published at once; a notification they cover needs no read. A revision is one transaction's
+alone, so the event of revision cursor + 1 this replica committed is the next in the log.
+
 Why psycopg's own asyncio connection here, when the rest goes through threads: LISTEN
 needs a connection that waits for the server, and an asyncio one waits without a thread.
 """
@@ -32,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0
 PAGE = 1000
+# Own events kept for publishing, at most (beyond, they are read back from the log).
+MAX_OWN_EVENTS = 10_000
 RECONNECT_SECONDS = 1.0
 
 
@@ -39,24 +46,42 @@ class EventTailer:
     """Reads the event log after ``cursor`` in order and publishes it; wakes the workers on
     every notification (a submission or a resume on another replica)."""
 
-    def __init__(
-        self,
-        db: Database,
-        *,
-        cursor: int,
-        publish: Callable[[list[StatusEvent]], None],
-        wake: Callable[[], None],
-    ) -> None:
+    def __init__(self, db: Database, *, publish: Callable[[list[StatusEvent]], None]) -> None:
         self._db = db
-        self._cursor = cursor
+        self._cursor = 0
         self._publish = publish
-        self._wake = wake
+        self._wake: Callable[[], None] = lambda: None
         self._task: asyncio.Task[None] | None = None
+        # This replica's committed events not yet published, by revision.
+        self._own: dict[int, StatusEvent] = {}
         url = database_url(db.url).set(drivername="postgresql")
         self._conninfo = url.render_as_string(hide_password=False)
 
-    def start(self) -> None:
+    def start(self, cursor: int, wake: Callable[[], None]) -> None:
+        """Publish every event after revision ``cursor``, in order, until stopped; ``wake``
+        the workers on every notification."""
+        # Own events committed before may have been published already.
+        self._cursor = max(self._cursor, cursor)
+        self._wake = wake
         self._task = asyncio.create_task(self._run(), name="event-tailer")
+
+    def committed(self, events: list[StatusEvent]) -> None:
+        """Events this replica committed (on the event loop, after the commit)."""
+        if len(self._own) + len(events) > MAX_OWN_EVENTS:
+            return
+        for event in events:
+            if event.revision > self._cursor:
+                self._own[event.revision] = event
+        self._publish_own()
+
+    def _publish_own(self) -> None:
+        """Publish the own events next in order."""
+        ready = []
+        while (event := self._own.pop(self._cursor + 1, None)) is not None:
+            ready.append(event)
+            self._cursor = event.revision
+        if ready:
+            self._publish(ready)
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
@@ -77,35 +102,52 @@ class EventTailer:
         )
         async with connection:
             await connection.execute(f"LISTEN {event_log.NOTIFY_CHANNEL}")
+            # Listening first, then reading: a commit between the two is read now, and one
+            # after it is notified.
+            await self._catch_up()
             while True:
-                # Listening first, then reading: a commit between the two is read now, and
-                # one after it is notified.
-                await self._catch_up()
-                notified = False
-                async for _ in connection.notifies(timeout=POLL_SECONDS, stop_after=1):
-                    notified = True
+                notified, newest = False, None
+                async for notify in connection.notifies(timeout=POLL_SECONDS, stop_after=1):
+                    notified, newest = True, _revision(notify.payload)
                 if notified:
                     self._wake()
+                # Read unless this replica's own events cover what was notified (a poll
+                # always reads).
+                self._publish_own()
+                if newest is None or self._cursor < newest:
+                    await self._catch_up()
 
     async def _catch_up(self) -> None:
         while True:
-            after = self._cursor
-            events = await read(self._db, functools.partial(_page_after, after=after))
-            if not events:
-                return
-            if events[0].revision != after + 1:
-                # Compaction overtook this replica (it was away longer than the log keeps):
-                # its watchers resume from the log and get REVISION_COMPACTED as usual.
-                logger.warning(
-                    "event log compacted past this replica's cursor %d (next is %d)",
-                    after,
-                    events[0].revision,
-                )
-            self._cursor = events[-1].revision
-            self._publish(events)
-            if len(events) < PAGE:
-                return
+            page = await read(self._db, functools.partial(_page_after, after=self._cursor))
+            # Own events published while the page was read are not published again.
+            events = [event for event in page if event.revision > self._cursor]
+            if events:
+                if events[0].revision != self._cursor + 1:
+                    # Compaction overtook this replica (it was away longer than the log
+                    # keeps): its watchers resume from the log and get REVISION_COMPACTED.
+                    logger.warning(
+                        "event log compacted past this replica's cursor %d (next is %d)",
+                        self._cursor,
+                        events[0].revision,
+                    )
+                self._cursor = events[-1].revision
+                self._publish(events)
+            if len(page) < PAGE:
+                break
+        # Own events read back from the log are published; those after them are next.
+        for revision in [revision for revision in self._own if revision <= self._cursor]:
+            del self._own[revision]
+        self._publish_own()
 
 
 def _page_after(conn: Connection, *, after: int) -> list[StatusEvent]:
     return event_log.read_events(conn, after_revision=after, limit=PAGE, with_embedding=True)
+
+
+def _revision(payload: str) -> int | None:
+    """The newest revision a notification carries (None: it carries none)."""
+    try:
+        return int(payload)
+    except ValueError:
+        return None
