@@ -37,8 +37,9 @@ logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0
 PAGE = 1000
-# Own events kept for publishing, at most (beyond, they are read back from the log).
-MAX_OWN_EVENTS = 10_000
+# Own events kept for publishing, at most (beyond, they are read back from the log): a few
+# groups' worth while the tailer keeps up; each may hold an embedding.
+MAX_OWN_EVENTS = 1000
 RECONNECT_SECONDS = 1.0
 
 
