@@ -11,7 +11,7 @@ import asyncio
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +175,32 @@ async def test_a_late_completion_with_an_old_token_changes_nothing(
     (event,) = await second.store.end_attempts([completion(current)])
     assert event is not None
     assert event.status is JobStatus.COMPLETED
+
+
+async def test_two_ends_of_one_job_in_one_group_write_only_the_holders_first(
+    replicas: Callable[[], Replica],
+) -> None:
+    replica = replicas()
+    await replica.store.submit([spec(1), spec(2)], max_attempts=3)
+    first, second = await replica.store.claim("h", 2, 30.0)
+    stale = replace(first, lease_token=first.lease_token - 1)
+    release = AttemptEnd(
+        second, JobStatus.PENDING, AttemptOutcome.RELEASED, second.attempt - 1, delay=0.0
+    )
+
+    # As if one by one: a stale end changes nothing; after the holder's end, the job is no
+    # longer held and a second end of it changes nothing either.
+    ended = await replica.store.end_attempts(
+        [completion(stale), completion(first), completion(second), release]
+    )
+
+    assert [event is not None for event in ended] == [False, True, True, False]
+    for claimed in (first, second):
+        job = await replica.store.get_job(claimed.spec.media_id, with_embedding=False)
+        assert job is not None
+        assert (job.status, job.attempt) == (JobStatus.COMPLETED, 1)
+    assert (await replica.store.depth()).counts[JobStatus.COMPLETED] == 2
+    assert [e.revision for e in await all_events(replica)] == list(range(1, 7))
 
 
 async def test_every_replica_reaping_at_once_expires_each_lease_once(
