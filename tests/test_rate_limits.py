@@ -4,7 +4,6 @@ API for replicas sharing a PostgreSQL (real databases, one ``Database`` per repl
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import random
 from collections.abc import Mapping
@@ -12,6 +11,7 @@ from collections.abc import Mapping
 import pytest
 
 from analysis_service.analyzers.base import ApiLimit
+from analysis_service.domain.clock import RemoteClock
 from analysis_service.domain.limits import (
     QUOTA_BACKOFF_INITIAL,
     QUOTA_PAUSE_MAX,
@@ -26,6 +26,7 @@ from analysis_service.storage.rate_limits import DatabaseSlots
 from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
 from mediatag_common.database import Database
 from tests.conftest import free_port
+from tests.queue_support import LoopClock
 
 
 def reserve(rule: Gcra, tat: float, now: float) -> tuple[float, float]:
@@ -159,11 +160,8 @@ class LateSlots:
         raise NotImplementedError
 
 
-@pytest.mark.looptime
-async def test_calls_keep_to_the_limit_as_made_when_slots_are_answered_late() -> None:
-    # Four workers at 4/s, burst 1: slots 0, 0.25, 0.5, 0.75. The first answers come late
-    # (0.9, 0.6, 0.2 s): without more, three calls would go together at 0.9.
-    limits = RateLimits([ApiLimit("vision", 4.0, 1)], {}, LateSlots([0.9, 0.6, 0.2, 0.0]))
+async def _calls_made(limits: RateLimits, workers: int) -> list[float]:
+    """When each of ``workers`` workers, starting together, got to call (loop clock)."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     made: list[float] = []
@@ -172,9 +170,71 @@ async def test_calls_keep_to_the_limit_as_made_when_slots_are_answered_late() ->
         await limits.acquire("vision")
         made.append(loop.time() - start)
 
-    await asyncio.gather(*(call() for _ in range(4)))
-    gaps = [later - earlier for earlier, later in itertools.pairwise(sorted(made))]
-    assert min(gaps) >= 0.25 - 1e-9, made
+    await asyncio.gather(*(call() for _ in range(workers)))
+    return sorted(made)
+
+
+@pytest.mark.looptime
+async def test_a_slow_answer_does_not_make_its_call_late() -> None:
+    # Four workers at 4/s, burst 1: slots 0, 0.25, 0.5, 0.75; the answers take 0, 0.1, 0.2
+    # and 0.05 s. Waiting each slot's wait from its answer would call at 0.35, 0.7 and 0.8:
+    # a late call and another replica's next one, on time, would go too close together.
+    slots = LateSlots([0.0, 0.1, 0.2, 0.05])
+    limits = RateLimits([ApiLimit("vision", 4.0, 1)], {}, slots, clock=LoopClock())
+    assert await _calls_made(limits, 4) == pytest.approx([0.0, 0.25, 0.5, 0.75], abs=1e-3)
+
+
+@pytest.mark.looptime
+async def test_a_call_that_would_go_an_interval_after_its_slot_takes_another() -> None:
+    # Slots 0, 0.25, 0.5, 0.75 (4/s, burst 1) answered after 0.9, 0.6, 0.2 and 0 s: the first
+    # two came after their slots (by 0.9 and 0.35 s), so they give them up and take the next
+    # ones, 1.0 and 1.25 (answered at once). Calling at 0.6 and 0.9 instead would put five
+    # calls in the window from 0.5 to 1.5 with the next slots' (the limit allows one more
+    # than the rate: R + B = 5, and the calls here keep even spacing).
+    slots = LateSlots([0.9, 0.6, 0.2, 0.0, 0.0, 0.0])
+    limits = RateLimits([ApiLimit("vision", 4.0, 1)], {}, slots, clock=LoopClock())
+    assert await _calls_made(limits, 4) == pytest.approx([0.5, 0.75, 1.0, 1.25], abs=1e-3)
+
+
+@pytest.mark.looptime
+async def test_a_call_gives_up_at_most_two_slots_then_goes_late() -> None:
+    # Every answer but the first comes 0.6 s after its slot (4/s): the call after the first
+    # gives up two slots and goes with its third, late, rather than never.
+    slots = LateSlots([0.0, 0.6, 0.6, 0.6, 0.6])
+    limits = RateLimits([ApiLimit("vision", 4.0, 1)], {}, slots, clock=LoopClock())
+    assert await _calls_made(limits, 1) == pytest.approx([0.0], abs=1e-3)
+    assert await _calls_made(limits, 1) == pytest.approx([1.8], abs=1e-3)
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_the_database_clock_is_followed_by_its_quickest_recent_answer() -> None:
+    ours = ManualClock()
+    database = RemoteClock(ours, samples=2)
+    # Read at 2.0 on the database's clock, received at 100.0 on ours: 3 s until 5.0.
+    database.observe(read_at=2.0)
+    assert database.until(5.0) == pytest.approx(3.0)
+    # An answer 0.2 s slower: the wait is to the same instant, not 0.2 s later.
+    ours.now = 100.5
+    database.observe(read_at=2.3)
+    assert database.until(5.0) == pytest.approx(2.5)
+    # The database's clock was set back a second: the estimate follows it once the answers
+    # before the change are out of the window (two answers here).
+    ours.now = 101.0
+    database.observe(read_at=2.0)
+    assert database.until(5.0) == pytest.approx(2.2)
+    ours.now = 101.1
+    database.observe(read_at=2.1)
+    assert database.until(5.0) == pytest.approx(2.9)
 
 
 # ---- replicas sharing PostgreSQL ----

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +28,7 @@ from aiolimiter import AsyncLimiter
 
 from analysis_service.analyzers.base import ApiLimit
 from analysis_service.config import RateLimitConfig
-from analysis_service.domain.clock import SYSTEM_CLOCK, Clock
+from analysis_service.domain.clock import SYSTEM_CLOCK, Clock, RemoteClock
 from analysis_service.domain.models import RateLimitState
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ QUOTA_BACKOFF_MAX = 60.0
 QUOTA_PAUSE_MAX = 3600.0
 # "In use" is the share of the limit used over this many seconds.
 USE_WINDOW = 10.0
+# Slots a shared gate's call gives up in a row, each for having come too late, before it goes
+# late rather than never (a machine too busy to call on time still makes progress).
+SLOTS_GIVEN_UP_MAX = 2
 
 
 class Instant(Protocol):
@@ -177,14 +181,10 @@ class RateGate(Protocol):
         """The limits at a glance."""
 
 
-def _bucket(config: RateLimitConfig) -> AsyncLimiter:
-    """A leaky bucket of the limit: it holds B and leaks R per second (see the module)."""
-    return AsyncLimiter(config.burst, config.burst / config.rate_per_second)
-
-
 class _LocalLimiter:
     def __init__(self, config: RateLimitConfig) -> None:
-        self.limiter = _bucket(config)
+        # A leaky bucket of the limit: it holds B and leaks R per second (see the module).
+        self.limiter = AsyncLimiter(config.burst, config.burst / config.rate_per_second)
         self.throttled_until = 0.0
         self.recent_calls: collections.deque[float] = collections.deque()
 
@@ -227,20 +227,33 @@ class SharedGate:
     then sleep until it comes (no polling; a cancelled wait leaves its slot unused, which
     errs on the safe side).
 
-    The slots keep to the limit as granted; this replica's calls also keep to it as made:
-    workers whose answers or wake-ups come late (a slow round trip, a busy event loop) would
-    otherwise call together, so each call also passes a bucket of the limit in this process.
+    The slots keep to the limit as granted; the calls keep to it as made because each goes
+    less than one interval after its slot. Any window of W seconds then holds at most
+    ``R * W + B`` calls (it holds the calls of slots granted within W plus less than one
+    interval), whichever replica makes them and however late each one is within that. So:
+
+    - the wait runs to the slot on the database's clock as this replica follows it
+      (:class:`RemoteClock`), not from whenever the answer came: a slow answer alone does
+      not make its call late;
+    - a call that would still go an interval or more after its slot (an answer that came
+      after it, an event loop too busy to wake on time) gives the slot up and reserves
+      another, at most :data:`SLOTS_GIVEN_UP_MAX` times in a row.
     """
 
-    def __init__(self, slots: SharedSlots, apis: Sequence[UpstreamApi]) -> None:
+    def __init__(self, slots: SharedSlots, clock: Clock) -> None:
         self._slots = slots
-        self._buckets = {api.name: _bucket(api.config) for api in apis}
+        self._database_clock = RemoteClock(clock)
 
     async def acquire(self, api: UpstreamApi) -> None:
-        slot = await self._slots.reserve(api.name, api.rule, USE_WINDOW)
-        if slot.wait > 0:
-            await asyncio.sleep(slot.wait)
-        await self._buckets[api.name].acquire()
+        for given_up in itertools.count():
+            slot = await self._slots.reserve(api.name, api.rule, USE_WINDOW)
+            self._database_clock.observe(read_at=slot.now)
+            wait = self._database_clock.until(slot.at)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            late = -self._database_clock.until(slot.at)
+            if late < api.rule.interval or given_up == SLOTS_GIVEN_UP_MAX:
+                return
 
     async def pause(self, api: UpstreamApi, seconds: float) -> None:
         await self._slots.pause(api.name, api.rule, seconds)
@@ -301,7 +314,7 @@ class RateLimits:
         self._apis = {api: UpstreamApi(api, config) for api, config in configs.items()}
         apis = list(self._apis.values())
         self._gate: RateGate = (
-            InProcessGate(apis, clock) if shared is None else SharedGate(shared, apis)
+            InProcessGate(apis, clock) if shared is None else SharedGate(shared, clock)
         )
 
     def _api(self, api: str) -> UpstreamApi:
