@@ -251,6 +251,16 @@ class Database:
         PostgreSQL statement by statement (for one snapshot, :meth:`snapshot`)."""
         return await asyncio.wrap_future(self._readers.submit(self._read_in_thread, query))
 
+    async def autocommit(self, statement: Callable[[Connection], T]) -> T:
+        """``statement(conn)`` where each statement commits on its own (PostgreSQL): for work
+        that is one statement, atomic by itself, without :meth:`write`'s ``BEGIN`` and
+        ``COMMIT`` round trips."""
+        if self.dialect != POSTGRESQL:
+            raise ValueError("statements commit on their own only on PostgreSQL")
+        return await asyncio.wrap_future(
+            self._writer.submit(self._in_thread, statement, autocommit=True)
+        )
+
     async def snapshot(self, query: Callable[[Connection], T]) -> T:
         """``query(conn)`` with every statement seeing the same committed state."""
         return await asyncio.wrap_future(self._writer.submit(self._snapshot_in_thread, query))
@@ -289,13 +299,16 @@ class Database:
         return result
 
     def _read_in_thread(self, query: Callable[[Connection], T]) -> T:
+        # Under READ COMMITTED each statement reads its own snapshot, in a transaction or
+        # not: without one, no BEGIN and ROLLBACK round trips.
+        return self._in_thread(query, autocommit=self.dialect == POSTGRESQL)
+
+    def _in_thread(self, work: Callable[[Connection], T], *, autocommit: bool) -> T:
         try:
             with self._engine.connect() as conn:
-                if self.dialect == POSTGRESQL:
-                    # Under READ COMMITTED each statement reads its own snapshot, in a
-                    # transaction or not: without one, no BEGIN and ROLLBACK round trips.
+                if autocommit:
                     conn.execution_options(isolation_level="AUTOCOMMIT")
-                return query(conn)
+                return work(conn)
         except sa_exc.SQLAlchemyError as exc:
             raise classify(exc) from exc
 

@@ -49,35 +49,22 @@ class DatabaseSlots:
         if db.dialect != POSTGRESQL:
             raise ValueError("rate limits shared by replicas need PostgreSQL")
         self._db = db
+        # Built once per API and rule (a reservation precedes every analyser call; building
+        # the statement cost more than running it). The APIs and rules are the configured ones.
+        self._reservations: dict[tuple[str, Gcra, float], sa.Update] = {}
 
     async def reserve(self, api: str, rule: Gcra, window: float) -> Slot:
+        key = (api, rule, window)
+        statement = self._reservations.get(key)
+        if statement is None:
+            statement = self._reservations[key] = _reservation(api, rule, window)
+
         def reserve(conn: Connection) -> Slot:
-            clock = _clock(api)
-            now: _Sql = clock.c.now
-            # RETURNING sees the row as updated: the slot comes from the advanced TAT.
-            allowed_at = rule.slot(_ARRIVAL, now, _latest)
-            window_start = sa.func.floor(now / window) * window
-            same_window = rate_limits.c.window_start == window_start
-            next_window = rate_limits.c.window_start == window_start - window
-            statement = (
-                sa.update(rate_limits)
-                .where(rate_limits.c.api == clock.c.api)
-                .values(
-                    theoretical_arrival=rule.advance(_ARRIVAL, now, _latest),
-                    window_start=window_start,
-                    window_calls=sa.case((same_window, rate_limits.c.window_calls + 1), else_=1),
-                    previous_window_calls=sa.case(
-                        (same_window, rate_limits.c.previous_window_calls),
-                        (next_window, rate_limits.c.window_calls),
-                        else_=0,
-                    ),
-                )
-                .returning(allowed_at, now)
-            )
             row = _update_row(conn, api, statement)
             return Slot(at=float(row[0]), now=float(row[1]))
 
-        return await session.write(self._db, reserve)
+        # One statement, committed by itself: no BEGIN and COMMIT round trips.
+        return await session.statement(self._db, reserve)
 
     async def pause(self, api: str, rule: Gcra, seconds: float) -> None:
         def pause(conn: Connection) -> None:
@@ -114,6 +101,33 @@ class DatabaseSlots:
             return readings, float(now)
 
         return await session.read(self._db, read)
+
+
+def _reservation(api: str, rule: Gcra, window: float) -> sa.Update:
+    """The statement that reserves a slot of ``api``'s row under ``rule`` and returns when the
+    slot comes and the database's clock, counting the call in fixed windows of ``window``."""
+    clock = _clock(api)
+    now: _Sql = clock.c.now
+    # RETURNING sees the row as updated: the slot comes from the advanced TAT.
+    allowed_at = rule.slot(_ARRIVAL, now, _latest)
+    window_start = sa.func.floor(now / window) * window
+    same_window = rate_limits.c.window_start == window_start
+    next_window = rate_limits.c.window_start == window_start - window
+    return (
+        sa.update(rate_limits)
+        .where(rate_limits.c.api == clock.c.api)
+        .values(
+            theoretical_arrival=rule.advance(_ARRIVAL, now, _latest),
+            window_start=window_start,
+            window_calls=sa.case((same_window, rate_limits.c.window_calls + 1), else_=1),
+            previous_window_calls=sa.case(
+                (same_window, rate_limits.c.previous_window_calls),
+                (next_window, rate_limits.c.window_calls),
+                else_=0,
+            ),
+        )
+        .returning(allowed_at, now)
+    )
 
 
 def _update_row(conn: Connection, api: str, statement: sa.Update) -> tuple[Any, ...]:

@@ -49,6 +49,11 @@ async def write(db: Database, transaction: Callable[[Connection], T]) -> T:
     return await _run(lambda: db.write(transaction))
 
 
+async def statement(db: Database, statement: Callable[[Connection], T]) -> T:
+    """The result of ``statement``, one statement committed by itself (PostgreSQL)."""
+    return await _run(lambda: db.autocommit(statement))
+
+
 async def consistent_read(db: Database, query: Callable[[Connection], T]) -> T:
     """The result of several reads with no commit in between."""
     return await _run(lambda: db.snapshot(query))
