@@ -358,3 +358,22 @@ async def test_identical_content_is_analysed_once() -> None:
         assert first.result is not None
         assert second.result is not None
         assert (first.result.reused, second.result.reused) == (False, True)
+
+
+async def test_a_cached_result_completes_its_job_while_ingest_is_unreachable() -> None:
+    """The bytes are read while the cache is asked; a job the cache answers does not need
+    them, so an unreachable ingest neither delays nor fails it."""
+    upstream = Upstream()
+    ingest = Ingest()
+    copy = replace(spec(1), media_id=spec(2).media_id)
+    async with service(upstream, ingest=ingest) as running:
+        await running.queue.submit([spec(1)])
+        await running.until(JobStatus.COMPLETED, 1)
+        ingest.always = True
+        await running.queue.submit([copy])
+        (second,) = await running.until(JobStatus.COMPLETED, 2)
+        assert second.result is not None
+        assert second.result.reused
+        assert second.attempt == 1
+        assert [media_id for media_id, _ in ingest.reads] == [spec(1).media_id, copy.media_id]
+        assert len(upstream.calls) == 1

@@ -189,9 +189,16 @@ class WorkerPool:
             )
 
         async with asyncio.timeout(self._analyzer_timeout) as deadline:
-            result = await self._cache.get_or_compute(
-                key, spec.sha256, lambda: self._analyze(job, deadline), complete
-            )
+            # The bytes are read while the cache is asked: the two round trips overlap
+            # instead of adding up (a cached result, the rare case, wastes the read).
+            content = asyncio.create_task(fetch_content(self._content, spec))
+            content.add_done_callback(_retrieved)
+            try:
+                result = await self._cache.get_or_compute(
+                    key, spec.sha256, lambda: self._analyze(job, content, deadline), complete
+                )
+            finally:
+                content.cancel()
         duration = self._clock.monotonic() - started
         self._throughput.record(duration)
         logger.info(
@@ -208,9 +215,11 @@ class WorkerPool:
             },
         )
 
-    async def _analyze(self, job: ClaimedJob, deadline: asyncio.Timeout) -> JobResult:
+    async def _analyze(
+        self, job: ClaimedJob, reading: Awaitable[bytes], deadline: asyncio.Timeout
+    ) -> JobResult:
         spec = job.spec
-        content = await fetch_content(self._content, spec)
+        content = await reading
         logger.info(
             "analysing media %s with %s (%s)",
             spec.media_id,
@@ -351,3 +360,9 @@ class WorkerPool:
                     return
             except StorageUnavailable as exc:
                 logger.error("media %s: lease renewal failed: %s", job.spec.media_id, exc)
+
+
+def _retrieved(reading: asyncio.Task[bytes]) -> None:
+    """A read's failure is the job's only when the job analyses (awaits) it."""
+    if not reading.cancelled():
+        reading.exception()
