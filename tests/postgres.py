@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -62,14 +61,15 @@ def postgres_server(configured: str | None = None) -> Iterator[PostgresServer]:
 
     # A short path: the server's Unix socket lives there, and socket paths are limited.
     data_dir = tempfile.mkdtemp(prefix="mtpg-")
-    started = get_server(data_dir, cleanup_mode=None)
+    # "delete": cleanup() stops the server and removes its directory (without a mode it
+    # does neither, and the server outlived the run).
+    started = get_server(data_dir, cleanup_mode="delete")
     try:
         server = PostgresServer(started.get_uri(), "")
         server.version = _version(server)
         yield server
     finally:
         started.cleanup()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _version(server: PostgresServer) -> str:
