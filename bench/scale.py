@@ -59,6 +59,10 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         help="jobs through the queue alone and through Procrastinate (default 10000)",
     )  # fmt: skip
     group.add_argument(
+        "--scale-queue-rounds", type=positive, default=3, metavar="N",
+        help="rounds of the queue alone and Procrastinate; each one's median is shown (default 3)",
+    )  # fmt: skip
+    group.add_argument(
         "--scale-pipeline-jobs", type=positive, default=2000, metavar="N",
         help="jobs through the pipeline per configuration, and per watcher phase (default 2000)",
     )  # fmt: skip
@@ -89,7 +93,7 @@ async def run(args: argparse.Namespace) -> Figures:
         figures = ScaleFigures(setup)
         _print_setup(args, setup)
         root = Path(work)
-        figures.queue = await queue_rows(root, pg, args.scale_queue_jobs)
+        figures.queue = await queue_rows(root, pg, args.scale_queue_jobs, args.scale_queue_rounds)
         print_rows("queue alone", figures.queue, figures.queue[-1])
         images = distinct_images(args.scale_pipeline_jobs, label="scale")
         ingest_port, nowhere = free_ports(2)
@@ -117,7 +121,8 @@ def _print_setup(args: argparse.Namespace, setup: dict[str, object]) -> None:
         "scale benchmark: one PostgreSQL, several analysis replicas, one limit, one watch",
         f"  machine   {setup['cores']} cores, {setup['platform']}, python {setup['python']}; "
         f"PostgreSQL {setup['postgresql']} (fsync on)",
-        f"  queue     {args.scale_queue_jobs} jobs: the JobQueue alone in this process (submit "
+        f"  queue     {args.scale_queue_jobs} jobs, the median of {args.scale_queue_rounds} "
+        "rounds: the JobQueue alone in this process (submit "
         f"in batches of {BATCH}, {WORKERS} tasks claim -> complete),",
         f"            on SQLite synchronous={SYNCHRONOUS} and on PostgreSQL; Procrastinate: one "
         f"batch deferred, a worker of concurrency {WORKERS}",

@@ -71,19 +71,34 @@ def _why(error: BaseException) -> str:
     return f"{type(error).__name__}: {last[:_ERROR_CHARS]}"
 
 
-async def queue_rows(root: Path, pg: Postgres, jobs: int) -> list[Row]:
-    """The JobQueue alone on SQLite and PostgreSQL, then Procrastinate (the ratios' base)."""
-    rows = []
-    for name, url in (
-        ("mediatag queue, SQLite", sqlite_url(str(root / "alone.db"))),
-        ("mediatag queue, PostgreSQL", pg.new_database()),
-    ):
-        print(f"measuring the {name} ...", flush=True)
-        postmaster = None if url.startswith("sqlite") else pg.postmaster_pid()
-        rows.append(await _part_row(name, _queue_alone(name, url, jobs, postmaster)))
-    print("measuring Procrastinate ...", flush=True)
-    rows.append(await _part_row("Procrastinate, PostgreSQL", _procrastinate(pg, jobs)))
-    return rows
+async def queue_rows(root: Path, pg: Postgres, jobs: int, rounds: int) -> list[Row]:
+    """The JobQueue alone on SQLite and PostgreSQL, then Procrastinate (the ratios' base), in
+    ``rounds`` rounds: each configuration's round of median jobs/s (one run of each, and
+    Procrastinate's especially, moves a lot between runs on a shared machine)."""
+    measured: dict[str, list[Row]] = {}
+    for number in range(1, rounds + 1):
+        print(f"measuring the queue alone, round {number} of {rounds} ...", flush=True)
+        for name, url in (
+            ("mediatag queue, SQLite", sqlite_url(str(root / f"alone{number}.db"))),
+            ("mediatag queue, PostgreSQL", pg.new_database()),
+        ):
+            postmaster = None if url.startswith("sqlite") else pg.postmaster_pid()
+            row = await _part_row(name, _queue_alone(name, url, jobs, postmaster))
+            measured.setdefault(name, []).append(row)
+        row = await _part_row("Procrastinate, PostgreSQL", _procrastinate(pg, jobs))
+        measured.setdefault(row.name, []).append(row)
+        print(
+            "  " + ", ".join(f"{name} {rows[-1].jobs_per_second:.1f}" for name, rows in
+                             measured.items()) + " jobs/s",
+            flush=True,
+        )  # fmt: skip
+    return [_median(rows) for rows in measured.values()]
+
+
+def _median(rows: list[Row]) -> Row:
+    """The row of median jobs/s among those that ran (or the first's error)."""
+    ran = sorted((row for row in rows if row.error is None), key=lambda row: row.jobs_per_second)
+    return ran[(len(ran) - 1) // 2] if ran else rows[0]
 
 
 async def _part_row(name: str, measurement: Awaitable[Row]) -> Row:
