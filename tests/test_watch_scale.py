@@ -698,7 +698,11 @@ async def test_the_ingest_mirror_resyncs_by_itself_after_its_revision_was_compac
 
     async def mirror_shows_the_latest_state() -> bool:
         for media_id in ids:
-            media = (await cluster.ingest.GetMedia(ipb.GetMediaRequest(media_id=media_id))).media
+            # wait_for_ready: the workers' reads of the jobs' bytes, refused while ingest was
+            # down, leave the address's connection backing off (channels share it).
+            request = ipb.GetMediaRequest(media_id=media_id)
+            call = cluster.ingest.GetMedia(request, timeout=PATIENCE, wait_for_ready=True)
+            media = (await call).media
             if media.status_revision != jobs[media_id].revision:
                 return False
         return True
