@@ -131,10 +131,6 @@ class Slot:
     at: float
     now: float
 
-    @property
-    def wait(self) -> float:
-        return self.at - self.now
-
 
 class SharedSlots(Protocol):
     """The GCRA rows of every replica's upstream APIs (the storage implements it).
