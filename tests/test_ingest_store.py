@@ -25,7 +25,7 @@ from ingest_service.domain.models import (
     SniffedMedia,
     StatusUpdate,
 )
-from ingest_service.domain.store import NewUpload
+from ingest_service.domain.store import MirroredChange, NewUpload
 from ingest_service.errors import StorageConflict, StorageUnavailable
 from ingest_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
 from ingest_service.storage.sql_store import SqlIngestStore
@@ -185,16 +185,49 @@ async def test_an_older_revision_after_a_newer_one_changes_nothing(
     item = image()
     await commit(first, upload(item))
 
-    assert await first.apply_status_change(update(item.id, 7, ProcessingStatus.FAILED))
+    assert await first.apply_status_changes(
+        [MirroredChange(update(item.id, 7, ProcessingStatus.FAILED))], revision=7
+    ) == [True]
     # Another replica's mirror, behind this one, applies what it has only now reached.
-    assert not await second.apply_status_change(update(item.id, 5, ProcessingStatus.PROCESSING))
-    assert not await second.apply_status_change(update(item.id, 7, ProcessingStatus.FAILED))
-    await second.advance_mirror(6)
+    assert await second.apply_status_changes(
+        [
+            MirroredChange(update(item.id, 5, ProcessingStatus.PROCESSING)),
+            MirroredChange(update(item.id, 7, ProcessingStatus.FAILED)),
+        ],
+        revision=6,
+    ) == [False, False]
 
     stored = await first.get_media(item.id, with_embedding=False)
     assert stored is not None
     assert (stored.status, stored.status_revision) == (ProcessingStatus.FAILED, 7)
     assert await second.mirror_revision() == 7
+
+
+async def test_changes_applied_together_are_applied_in_stream_order(
+    open_store: StoreFactory,
+) -> None:
+    store = await open_store()
+    first, second = image(), image()
+    await commit(store, upload(first, second))
+
+    applied = await store.apply_status_changes(
+        [
+            MirroredChange(update(first.id, 3, ProcessingStatus.PROCESSING)),
+            MirroredChange(update(second.id, 4, ProcessingStatus.PROCESSING)),
+            MirroredChange(update(first.id, 5, ProcessingStatus.FAILED)),
+            MirroredChange(update("never-uploaded", 6, ProcessingStatus.FAILED)),
+        ],
+        revision=None,
+    )
+
+    assert applied == [True, True, True, False]
+    shown = [await store.get_media(m.id, with_embedding=False) for m in (first, second)]
+    assert [(m.status, m.status_revision) for m in shown if m is not None] == [
+        (ProcessingStatus.FAILED, 5),
+        (ProcessingStatus.PROCESSING, 4),
+    ]
+    # None: the mirror's own revision is left as it was.
+    assert await store.mirror_revision() == 0
 
 
 # -- the blob sweep --------------------------------------------------------------------------

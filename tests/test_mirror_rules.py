@@ -76,7 +76,7 @@ async def item(db: Database) -> Media:
     store = SqlIngestStore(db)
     stored = image()
     await commit(store, upload(stored))
-    await store.advance_mirror(5)
+    await store.apply_status_changes([], revision=5)
     return stored
 
 
@@ -147,3 +147,18 @@ async def test_a_revision_that_cannot_be_resumed_makes_the_mirror_start_over(
     assert found.outcome is not None
     assert found.outcome.tags == ("cat",)
     assert await SqlIngestStore(db).mirror_revision() == 12
+
+
+async def test_the_mirror_keeps_its_revision_until_the_current_state_is_whole(
+    db: Database, item: Media
+) -> None:
+    # The current state comes item by item, in no revision order: a mirror stopped before its
+    # end must not resume after the one item it got, or it would never see the others.
+    analysis = ScriptedAnalysis(
+        [ResyncNeeded("REVISION_COMPACTED")], [change(12, item, ProcessingStatus.COMPLETED)]
+    )
+
+    found = await mirrored(db, analysis, item, revision=12)
+
+    assert found.status is ProcessingStatus.COMPLETED
+    assert await SqlIngestStore(db).mirror_revision() == 5

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ingest_service.domain.models import ProcessingStatus, StatusUpdate
+from ingest_service.domain.store import MirroredChange
 from ingest_service.domain.webhook_backlog import DeliveryListing
 from ingest_service.domain.webhook_endpoints import TERMINAL_STATUSES, WebhookEndpoint
 from ingest_service.storage import webhook_deliveries as store
@@ -190,10 +191,12 @@ async def test_a_change_two_replicas_apply_is_enqueued_once(db: Database) -> Non
         )
         hooks = [endpoint("e"), endpoint("eight", frozenset({"listing-8"}))]
         applied = [
-            await SqlIngestStore(database).apply_status_change(change, webhooks=hooks)
+            await SqlIngestStore(database).apply_status_changes(
+                [MirroredChange(change, hooks)], revision=9
+            )
             for database in (db, other)
         ]
-        assert applied == [True, False]
+        assert applied == [[True], [False]]
         assert await db.read(store.counts) == {"e": store.DeliveryCounts(pending=1, dead=0)}
     finally:
         await other.close()

@@ -1,12 +1,13 @@
 """The status mirror: keeps each media row's analysis state current from ``WatchStatus``.
 
-It resumes from the last applied revision, persisted in the same transaction as each change,
-so a restart of either service misses nothing and applies nothing twice. Every ingest
-replica runs one on the shared database: applying a change is idempotent by revision (an
-item never moves back to an older one) and the persisted revision only ever grows, so the
-replicas' mirrors may apply the same stream at their own pace. Never synced (or
-told that its revision was compacted out of the event log), it asks for the current state
-of every item first. GetMedia and ListMedia read the mirrored rows, so they answer while the
+It applies the changes the stream holds ready in one transaction, with the revision they
+reach, and resumes from that revision: a restart of either service misses nothing and
+applies nothing twice. Every ingest replica runs one on the shared database: applying a
+change is idempotent by revision (an item never moves back to an older one) and the
+persisted revision only ever grows, so the replicas' mirrors may apply the same stream at
+their own pace. Never synced (or told that its revision was compacted out of the event
+log), it asks for the current state of every item first, and its revision moves only once
+that state is whole. GetMedia and ListMedia read the mirrored rows, so they answer while the
 analysis service is down.
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from ingest_service.domain.analysis import (
     AnalysisService,
@@ -23,13 +26,16 @@ from ingest_service.domain.analysis import (
     UnknownStatusChange,
 )
 from ingest_service.domain.models import StatusUpdate
-from ingest_service.domain.store import IngestStore
+from ingest_service.domain.store import IngestStore, MirroredChange
 from ingest_service.domain.webhooks import WebhookDispatcher
 from mediatag_common.backoff import Backoff
 from mediatag_common.errors import ServiceError
 from mediatag_common.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
+
+# Status changes applied in one transaction at most (those the stream holds ready).
+MAX_BATCH = 256
 
 
 class StatusMirror:
@@ -90,40 +96,95 @@ class StatusMirror:
 
     async def _follow(self) -> None:
         self._revision = await self._store.mirror_revision()
-        initial = self._resync or self._revision == 0
+        # Never synced, or told to start over: the current state of every item comes first.
+        self._resync = self._resync or self._revision == 0
         events = self._analysis.watch_status(
-            start_revision=0 if initial else self._revision, initial_state=initial
+            start_revision=0 if self._resync else self._revision, initial_state=self._resync
         )
+        # The stream is read ahead while a batch is applied; a bounded buffer holds what
+        # came meanwhile (and holds the reader back when full).
+        received: asyncio.Queue[StatusEvent | _StreamEnd] = asyncio.Queue(MAX_BATCH)
         # Closed as soon as this stops reading (a failure to apply a change included).
         async with contextlib.aclosing(events):
-            async for event in events:
-                if self._backoff.failures:
-                    logger.info("following analysis status again from revision %d", self._revision)
-                    self._backoff.reset()
-                await self._apply(event)
+            reader = asyncio.create_task(_read(events, received), name="status-mirror-reader")
+            try:
+                while True:
+                    batch: list[StatusEvent] = []
+                    item = await received.get()
+                    while not isinstance(item, _StreamEnd):
+                        batch.append(item)
+                        if len(batch) == MAX_BATCH or received.empty():
+                            break
+                        item = received.get_nowait()
+                    if batch:
+                        if self._backoff.failures:
+                            logger.info(
+                                "following analysis status again from revision %d", self._revision
+                            )
+                            self._backoff.reset()
+                        await self._apply(batch)
+                    if isinstance(item, _StreamEnd):
+                        if item.error is not None:
+                            raise item.error
+                        return
+            finally:
+                await cancel_and_wait(reader)
 
-    async def _apply(self, event: StatusEvent) -> None:
-        if isinstance(event, StatusUpdate):
-            # Those whose statuses include this one; the store checks their owners.
-            endpoints = self._webhooks.endpoints.for_status(event.status)
-            if await self._store.apply_status_change(event, webhooks=endpoints):
-                _log_update(event)
-                self._webhooks.wake([e.name for e in endpoints])
-        elif isinstance(event, UnknownStatusChange):
-            await self._store.advance_mirror(event.revision)
-            logger.error(
-                "ignored status change %d of media %s: unknown status %d",
-                event.revision,
-                event.media_id,
-                event.status,
-            )
-        else:
-            if event.initial_state_end:
-                self._resync = False
-                logger.info("status mirror in sync with analysis at revision %d", event.revision)
-            if event.revision != self._revision:
-                await self._store.advance_mirror(event.revision)
-        self._revision = event.revision
+    async def _apply(self, events: Sequence[StatusEvent]) -> None:
+        """Apply ``events`` (in stream order) in one transaction."""
+        changes: list[MirroredChange] = []
+        synced = False
+        for event in events:
+            if isinstance(event, StatusUpdate):
+                # Those whose statuses include this one; the store checks their owners.
+                endpoints = self._webhooks.endpoints.for_status(event.status)
+                changes.append(MirroredChange(event, endpoints))
+            elif isinstance(event, UnknownStatusChange):
+                logger.error(
+                    "ignored status change %d of media %s: unknown status %d",
+                    event.revision,
+                    event.media_id,
+                    event.status,
+                )
+            elif event.initial_state_end:
+                synced = True
+        # While the current state of every item is being read, items come in no revision
+        # order: the mirror's revision moves only once that state is whole (a restart in the
+        # middle of it starts over).
+        in_sync = not self._resync or synced
+        revision = max(event.revision for event in events) if in_sync else None
+        if changes or (revision is not None and revision != self._revision):
+            applied = await self._store.apply_status_changes(changes, revision=revision)
+            woken: set[str] = set()
+            for change, changed in zip(changes, applied, strict=True):
+                if changed:
+                    _log_update(change.update)
+                    woken.update(endpoint.name for endpoint in change.webhooks)
+            if woken:
+                self._webhooks.wake(sorted(woken))
+        if synced:
+            self._resync = False
+            logger.info("status mirror in sync with analysis at revision %d", events[-1].revision)
+        self._revision = events[-1].revision
+
+
+@dataclass(frozen=True)
+class _StreamEnd:
+    """The status stream ended: by itself (``error`` None) or with ``error``."""
+
+    error: Exception | None
+
+
+async def _read(
+    events: AsyncIterator[StatusEvent], received: asyncio.Queue[StatusEvent | _StreamEnd]
+) -> None:
+    try:
+        async for event in events:
+            await received.put(event)
+    except Exception as exc:
+        await received.put(_StreamEnd(exc))
+    else:
+        await received.put(_StreamEnd(None))
 
 
 def _log_update(update: StatusUpdate) -> None:

@@ -30,6 +30,14 @@ class NewUpload:
 
 
 @dataclass(frozen=True)
+class MirroredChange:
+    """A status change for the mirror to apply, and the webhook endpoints that take its status."""
+
+    update: StatusUpdate
+    webhooks: Sequence[WebhookEndpoint] = ()
+
+
+@dataclass(frozen=True)
 class OutboxJob:
     """One analysis job waiting in the outbox: its row, and the media it is for."""
 
@@ -129,19 +137,16 @@ class IngestStore(Protocol):
     async def mirror_revision(self) -> int:
         """The revision the status mirror resumes from."""
 
-    async def apply_status_change(
-        self, update: StatusUpdate, *, webhooks: Sequence[WebhookEndpoint] = ()
-    ) -> bool:
-        """Apply one analysis status change and advance the mirror's revision to it, in one
-        transaction. Idempotent by revision: an item already at ``update.revision`` or later
-        is left as it is (False), so mirrors of several processes may apply the same stream;
-        the mirror's revision never moves backwards. True when the item changed; then, in
-        the same transaction, a webhook delivery is enqueued for each of ``webhooks`` that
-        wants the change (by the item's owner and the status), so exactly one process
-        enqueues each change."""
-
-    async def advance_mirror(self, revision: int) -> None:
-        """Advance the mirror's revision to ``revision`` (never backwards)."""
+    async def apply_status_changes(
+        self, changes: Sequence[MirroredChange], *, revision: int | None
+    ) -> list[bool]:
+        """Apply analysis status changes, in order, and advance the mirror's revision to
+        ``revision`` (None: leave it), in one transaction. Idempotent by revision: an item
+        already at a change's revision or later is left as it is, so mirrors of several
+        processes may apply the same stream; the mirror's revision never moves backwards.
+        For each change, whether its item changed; when it did, a webhook delivery is
+        enqueued in the same transaction for each of the change's endpoints that wants it
+        (by the item's owner and the status), so exactly one process enqueues each change."""
 
     # -- the blob sweep ----------------------------------------------------------------------
 

@@ -240,6 +240,18 @@ def analysis_states(conn: Connection, media_ids: Collection[str]) -> dict[str, A
     }
 
 
+def lock_media(conn: Connection, media_ids: Collection[str]) -> None:
+    """On PostgreSQL, lock the rows of ``media_ids`` in the order of their ids (SQLite's one
+    writer holds the whole database already)."""
+    if media_ids and is_postgresql(conn):
+        conn.execute(
+            sa.select(media.c.id)
+            .where(media.c.id.in_(sorted(media_ids)))
+            .order_by(media.c.id)
+            .with_for_update()
+        )
+
+
 def apply_status(conn: Connection, update: StatusUpdate) -> bool:
     """Apply ``update`` unless the row already holds that revision or a later one.
 

@@ -21,14 +21,14 @@ from typing import TypeVar
 
 from sqlalchemy.engine import Connection
 
-from ingest_service.domain.models import Media, ProcessingStatus, RequestRecord, StatusUpdate
+from ingest_service.domain.models import Media, ProcessingStatus, RequestRecord
 from ingest_service.domain.store import (
     AnalysisState,
+    MirroredChange,
     NewUpload,
     OutboxClaim,
     RemoveBlobs,
 )
-from ingest_service.domain.webhook_endpoints import WebhookEndpoint
 from ingest_service.errors import IngestError, StorageConflict, StorageUnavailable
 from ingest_service.storage import outbox, repository, webhook_deliveries
 from mediatag_common.database import Database, DatabaseConflict, DatabaseError, DatabaseUnavailable
@@ -201,29 +201,35 @@ class SqlIngestStore(SqlTransactions):
     async def mirror_revision(self) -> int:
         return await self._read(repository.mirror_revision)
 
-    async def apply_status_change(
-        self, update: StatusUpdate, *, webhooks: Sequence[WebhookEndpoint] = ()
-    ) -> bool:
-        def transaction(conn: Connection) -> bool:
-            applied = repository.apply_status(conn, update)
-            if applied and webhooks:
-                webhook_deliveries.enqueue(
-                    conn,
-                    media_id=update.media_id,
-                    status=update.status,
-                    revision=update.revision,
-                    event_time=update.event_time,
-                    endpoints=webhooks,
-                    now=time.time(),
-                )
-            # Last: the media row is locked before the counter row, in every transaction.
-            repository.advance_mirror_revision(conn, update.revision)
+    async def apply_status_changes(
+        self, changes: Sequence[MirroredChange], *, revision: int | None
+    ) -> list[bool]:
+        def transaction(conn: Connection) -> list[bool]:
+            # Rows are locked in one order (by id) whatever order the changes come in: two
+            # replicas' mirrors applying overlapping stretches of the stream cannot deadlock.
+            repository.lock_media(conn, {change.update.media_id for change in changes})
+            now = time.time()
+            applied = []
+            for change in changes:
+                update = change.update
+                changed = repository.apply_status(conn, update)
+                if changed and change.webhooks:
+                    webhook_deliveries.enqueue(
+                        conn,
+                        media_id=update.media_id,
+                        status=update.status,
+                        revision=update.revision,
+                        event_time=update.event_time,
+                        endpoints=change.webhooks,
+                        now=now,
+                    )
+                applied.append(changed)
+            if revision is not None:
+                # Last: the media rows are locked before the counter row, in every transaction.
+                repository.advance_mirror_revision(conn, revision)
             return applied
 
         return await self._write(transaction)
-
-    async def advance_mirror(self, revision: int) -> None:
-        await self._write(lambda conn: repository.advance_mirror_revision(conn, revision))
 
     # -- the blob sweep ----------------------------------------------------------------------
 
