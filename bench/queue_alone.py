@@ -2,7 +2,8 @@
 
 It is built as ``analysis_service.server`` builds it (database, migrations, status hub,
 retry policy and lease from the default configuration). Jobs are submitted in batches,
-then claimed and completed by concurrent tasks: every transition is the same transaction,
+then claimed and completed by concurrent tasks as the workers do (jobs claimed ahead,
+completions written behind): every transition is the same transaction,
 with the same event appended and published, as in the service; what the pipeline adds
 around it (gRPC, content fetch, result cache, analyser, heartbeats, watch streams) is absent.
 """
@@ -20,7 +21,7 @@ import numpy as np
 
 from analysis_service.config import AnalysisConfig
 from analysis_service.domain.hub import StatusHub
-from analysis_service.domain.models import ClaimedJob, JobResult, JobSpec, JobStatus
+from analysis_service.domain.models import JobResult, JobSpec, JobStatus, StatusEvent
 from analysis_service.domain.queue import JobQueue
 from analysis_service.storage.queue_store import SqlQueueStore
 from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
@@ -90,6 +91,7 @@ class QueueAlone:
         embedding = np.full(dimensions, 1 / np.sqrt(dimensions), dtype=np.float32)
         self._result = JobResult(TAGS, embedding, dimensions, "simulated", "1", reused=False)
         self._completed = 0
+        self._completions: list[asyncio.Future[StatusEvent]] = []
 
     async def __aenter__(self) -> QueueAlone:
         await self._db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
@@ -109,9 +111,12 @@ class QueueAlone:
         async with asyncio.TaskGroup() as group:
             for _ in range(self._tasks):
                 group.create_task(self._claim_and_complete())
+        # As the workers do, the completions are written behind; the run ends once they are.
+        await asyncio.gather(*self._completions)
         drained = time.perf_counter()
         cpu = cpu_seconds(os.getpid()) - cpu_before
         self._completed += len(specs)
+        self._completions.clear()
         counts = (await self._queue.depth()).counts
         if counts.get(JobStatus.COMPLETED, 0) != self._completed:
             raise RuntimeError(f"queue alone: {counts}, expected {self._completed} COMPLETED")
@@ -119,10 +124,6 @@ class QueueAlone:
 
     async def _claim_and_complete(self) -> None:
         while (job := await self._queue.claim()) is not None:
-            await self._complete(job)
-
-    async def _complete(self, job: ClaimedJob) -> None:
-        # The key the result cache would use: 64 hex digits, distinct per content.
-        key = hashlib.sha256(job.spec.sha256.encode()).hexdigest()
-        # As the workers do: the next claim goes with the completion.
-        await self._queue.complete(job, self._result, key, then_claim=True)
+            # The key the result cache would use: 64 hex digits, distinct per content.
+            key = hashlib.sha256(job.spec.sha256.encode()).hexdigest()
+            self._completions.append(await self._queue.complete(job, self._result, key))

@@ -27,7 +27,14 @@ from analysis_service.domain.models import (
     JobStatus,
     StatusEvent,
 )
-from analysis_service.domain.queue import JobQueue
+from analysis_service.domain.queue import (
+    AHEAD_HORIZON,
+    MAX_AHEAD,
+    MAX_PENDING_ENDS,
+    RATE_WINDOW,
+    READY_TTL,
+    JobQueue,
+)
 from analysis_service.domain.store import EventFilter
 from analysis_service.errors import JobNotFound, LeaseLost
 from analysis_service.storage.memory_store import MemoryQueueStore
@@ -76,9 +83,15 @@ def queue_of(
         published.extend(events)
         hub.publish(events)
 
-    store = MemoryQueueStore(publish=publish, clock=LoopClock())
-    jobs = JobQueue(store, hub, retry, LEASE, delivery_pacing=pacing, rng=rng)
+    clock = LoopClock()
+    store = MemoryQueueStore(publish=publish, clock=clock)
+    jobs = JobQueue(store, hub, retry, LEASE, delivery_pacing=pacing, rng=rng, clock=clock)
     return Queue(jobs, store, hub, published)
+
+
+async def completed(queue: Queue, job: ClaimedJob) -> StatusEvent:
+    """Complete ``job`` and wait for its completion (written behind) to commit."""
+    return await (await queue.jobs.complete(job, RESULT, RESULT_KEY))
 
 
 def loop_time() -> float:
@@ -171,7 +184,7 @@ async def test_a_quota_deferral_waits_its_delay_without_using_an_attempt() -> No
     job = await queue.claim()
     assert (job.attempt, job.quota_deferrals) == (1, 1)
     await queue.store.store_result(RESULT_KEY, "f" * 64, RESULT, holder=None)
-    await queue.jobs.complete(job, RESULT, RESULT_KEY)
+    await completed(queue, job)
     stored = await queue.get(1)
     assert (stored.status, stored.attempt) == (JobStatus.COMPLETED, 1)
     assert outcomes(stored) == [(1, "QUOTA_EXCEEDED"), (1, "COMPLETED")]
@@ -259,7 +272,7 @@ async def test_a_late_outcome_after_the_lease_was_taken_over_changes_nothing() -
 
     await queue.store.store_result(RESULT_KEY, "f" * 64, RESULT, holder=None)
     with pytest.raises(LeaseLost):
-        await queue.jobs.complete(stale, RESULT, RESULT_KEY)
+        await completed(queue, stale)
     with pytest.raises(LeaseLost):
         await queue.jobs.fail_attempt(stale, REJECTED)
     with pytest.raises(LeaseLost):
@@ -267,7 +280,7 @@ async def test_a_late_outcome_after_the_lease_was_taken_over_changes_nothing() -
     assert not await queue.jobs.renew_lease(stale)
 
     assert (await queue.get(1), len(queue.published)) == before
-    await queue.jobs.complete(current, RESULT, RESULT_KEY)
+    await completed(queue, current)
     job = await queue.get(1)
     assert (job.status, job.attempt) == (JobStatus.COMPLETED, 2)
 
@@ -277,7 +290,9 @@ async def test_a_late_outcome_after_the_lease_was_taken_over_changes_nothing() -
 
 async def test_a_pause_holds_claims_on_every_queue_of_the_store_until_resumed() -> None:
     queue = queue_of()
-    replica = JobQueue(queue.store, StatusHub(buffer_size=16, max_watchers=1), RETRY, LEASE)
+    replica = JobQueue(
+        queue.store, StatusHub(buffer_size=16, max_watchers=1), RETRY, LEASE, clock=LoopClock()
+    )
     await replica.set_paused(True)
     await queue.jobs.submit([spec(1)])
     idle = asyncio.create_task(queue.jobs.wait_for_work(max_wait=600))
@@ -350,7 +365,7 @@ async def test_every_change_has_the_next_revision_in_commit_order() -> None:
     first, second, third, *rest = [job for job in claimed if job is not None]
     await queue.store.store_result(RESULT_KEY, "f" * 64, RESULT, holder=None)
     await asyncio.gather(
-        queue.jobs.complete(first, RESULT, RESULT_KEY),
+        completed(queue, first),
         queue.jobs.fail_attempt(second, REJECTED),
         queue.jobs.fail_attempt(third, UNAVAILABLE),
         queue.jobs.release(rest[0]),
@@ -398,3 +413,101 @@ async def test_a_watcher_that_does_not_read_holds_a_claim_no_longer_than_the_pac
     started = loop_time()
     assert await queue.jobs.claim() is not None
     assert loop_time() - started == 5.0
+
+
+# ---- claims ahead and completions written behind ----
+
+
+# Jobs submitted by the tests of claims ahead, and claimed by their workers: 10 of them.
+SUBMITTED = 20
+
+
+async def processing(queue: Queue) -> int:
+    return (await queue.store.depth()).counts.get(JobStatus.PROCESSING, 0)
+
+
+async def claimed_and_given_back(queue: Queue, claimed: list[ClaimedJob]) -> list[Job]:
+    """The jobs that were claimed (ahead) but are none of ``claimed``: given back."""
+    held = {job.spec.media_id for job in claimed}
+    jobs = [await queue.get(number) for number in range(SUBMITTED)]
+    return [job for job in jobs if job.spec.media_id not in held and job.attempts]
+
+
+async def test_jobs_are_claimed_ahead_at_the_rate_the_workers_start_them() -> None:
+    queue = queue_of()
+    await queue.jobs.submit([spec(n) for n in range(500)])
+    for _ in range(4):
+        await queue.claim()
+        await time_passes(1.0)
+    assert await processing(queue) == 4, "claimed ahead of workers that start a job a second"
+
+    for _ in range(10):
+        await queue.claim()
+    await time_passes(0.001)
+    # 10 starts in RATE_WINDOW: what they would start within AHEAD_HORIZON is claimed too.
+    ahead = int(10 * AHEAD_HORIZON / RATE_WINDOW)
+    assert await processing(queue) == 4 + 10 + ahead
+
+    for _ in range(400):
+        await queue.claim()
+    await time_passes(0.001)
+    assert await processing(queue) == 4 + 10 + 400 + MAX_AHEAD
+
+
+async def test_a_job_claimed_ahead_that_no_worker_starts_goes_back_without_using_an_attempt() -> (
+    None
+):
+    queue = queue_of()
+    await queue.jobs.submit([spec(n) for n in range(SUBMITTED)])
+    claimed = [await queue.claim() for _ in range(10)]
+    await time_passes(READY_TTL - 0.01)
+    assert await processing(queue) > len(claimed)
+
+    await time_passes(0.02)
+    assert await processing(queue) == len(claimed)
+    given_back = await claimed_and_given_back(queue, claimed)
+    assert given_back
+    for job in given_back:
+        assert (job.status, job.attempt, outcomes(job)) == (JobStatus.PENDING, 0, [(1, "RELEASED")])
+
+
+async def test_completions_are_written_behind_up_to_a_bound_then_the_worker_waits() -> None:
+    queue = queue_of(pacing=5.0)
+    await queue.jobs.submit([spec(n) for n in range(MAX_PENDING_ENDS + 1)])
+    jobs = [await queue.claim() for _ in range(MAX_PENDING_ENDS + 1)]
+    await time_passes(READY_TTL)
+    # A watcher that does not read holds each group of ends for the pacing bound (5 s).
+    queue.hub.subscribe(WatchFilter())
+    await queue.jobs.submit([spec(1000)])
+    started = loop_time()
+
+    pending = [await queue.jobs.complete(job, RESULT, RESULT_KEY) for job in jobs[:-1]]
+    assert loop_time() == started, "a completion waited with room behind"
+    assert not any(completion.done() for completion in pending)
+    last = await queue.jobs.complete(jobs[-1], RESULT, RESULT_KEY)
+    assert loop_time() == started + 5.0, "the completion beyond the bound did not wait"
+
+    await asyncio.gather(*pending, last)
+    assert (await queue.get(MAX_PENDING_ENDS)).status is JobStatus.COMPLETED
+
+
+async def test_closing_writes_the_completions_behind_and_gives_back_the_jobs_claimed_ahead() -> (
+    None
+):
+    queue = queue_of()
+    await queue.jobs.submit([spec(n) for n in range(SUBMITTED)])
+    claimed = [await queue.claim() for _ in range(10)]
+    await time_passes(0.001)
+    assert await processing(queue) > len(claimed)
+    pending = [await queue.jobs.complete(job, RESULT, RESULT_KEY) for job in claimed[:3]]
+
+    await queue.jobs.close()
+    assert all(completion.done() for completion in pending)
+    counts = (await queue.store.depth()).counts
+    # The jobs the workers hold are theirs to finish or release (the pool drains them).
+    assert (counts[JobStatus.COMPLETED], counts[JobStatus.PROCESSING]) == (3, 7)
+    assert counts[JobStatus.PENDING] == SUBMITTED - 10
+    given_back = await claimed_and_given_back(queue, claimed)
+    assert given_back
+    for job in given_back:
+        assert (job.status, job.attempt, outcomes(job)) == (JobStatus.PENDING, 0, [(1, "RELEASED")])

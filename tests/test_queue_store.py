@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import sqlalchemy as sa
 
 from analysis_service.config import RetryPolicy
 from analysis_service.domain.cache import ResultCache
@@ -308,40 +307,38 @@ async def test_a_claim_asked_for_after_the_result_is_stored_is_refused(
     assert stored.reused
 
 
-async def test_a_completion_and_the_next_claim_share_one_transaction(
+async def test_closing_the_queue_writes_its_completions_and_gives_back_its_jobs_claimed_ahead(
     databases: DatabaseUrls,
 ) -> None:
-    """A worker's completion and its next claim share one commit; the job claimed ahead is
-    what this process's next claim gets; one that no worker took goes back when the queue
-    closes (the worker pool stops claiming ahead when it drains)."""
+    """Completions written behind are committed by the time the queue closes; the jobs it
+    claimed ahead that no worker started go back to PENDING without using an attempt (the
+    worker pool releases the jobs its workers hold when it drains, before)."""
     db = Database(databases.new("ahead"), synchronous="NORMAL")
     await db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
-    commits = Counter[str]()
-    sa.event.listen(db.engine, "commit", lambda _conn: commits.update(["commit"]))
     hub = StatusHub(buffer_size=64, max_watchers=8)
     store = SqlQueueStore(db, committed=hub.publish)
     queue = JobQueue(store, hub, RetryPolicy(), 30.0)
     result = JobResult(("tag",), None, 4, "test", "1", reused=False)
     try:
-        await queue.submit([spec(n) for n in range(3)])
-        first = await queue.claim()
-        assert first is not None
-        before = commits["commit"]
+        await queue.submit([spec(n) for n in range(20)])
+        claimed = [await queue.claim() for _ in range(10)]
+        held = {job.spec.media_id for job in claimed if job is not None}
+        assert len(held) == 10
+        completions = [
+            await queue.complete(job, result, "k" * 64) for job in claimed[:3] if job is not None
+        ]
 
-        await queue.complete(first, result, "k" * 64, then_claim=True)
-        assert commits["commit"] == before + 1
-        second = await queue.claim()
-        assert commits["commit"] == before + 1
-        assert second is not None
-        assert second.spec.media_id == spec(1).media_id
-
-        await queue.complete(second, result, "k" * 64, then_claim=True)
         await queue.close()
-        third = await store.get_job(spec(2).media_id, with_embedding=False)
-        assert third is not None
-        assert (third.status, third.attempt) == (JobStatus.PENDING, 0)
+        assert [completion.result().status for completion in completions] == [
+            JobStatus.COMPLETED
+        ] * 3
         depth = await store.depth()
-        assert (depth.counts[JobStatus.COMPLETED], depth.counts[JobStatus.PROCESSING]) == (2, 0)
+        assert [depth.counts[status] for status in JobStatus] == [10, 7, 3, 0]
+        for number in range(20):
+            job = await store.get_job(spec(number).media_id, with_embedding=False)
+            assert job is not None
+            if job.spec.media_id not in held:
+                assert (job.status, job.attempt) == (JobStatus.PENDING, 0)
     finally:
         await db.close()
 

@@ -160,7 +160,7 @@ async def service(
     clock = LoopClock()
     hub = StatusHub(buffer_size=1024, max_watchers=10)
     store = MemoryQueueStore(publish=hub.publish, clock=clock)
-    queue = JobQueue(store, hub, retry, lease)
+    queue = JobQueue(store, hub, retry, lease, clock=clock)
     pool = WorkerPool(
         queue=queue,
         analyzer=upstream,
@@ -272,7 +272,13 @@ async def test_heartbeats_keep_a_long_analysis_and_a_crashed_workers_job_is_take
     async with service(Upstream(duration=10.0), workers=2, lease=lease) as running:
         await running.queue.submit([spec(1)])
         # Another replica claims the job and crashes: nobody renews its lease.
-        crashed = JobQueue(running.store, StatusHub(buffer_size=16, max_watchers=1), RETRY, lease)
+        crashed = JobQueue(
+            running.store,
+            StatusHub(buffer_size=16, max_watchers=1),
+            RETRY,
+            lease,
+            clock=LoopClock(),
+        )
         assert await crashed.claim() is not None
         claimed_at = loop_time()
         await running.queue.submit([spec(2)])
@@ -375,5 +381,6 @@ async def test_a_cached_result_completes_its_job_while_ingest_is_unreachable() -
         assert second.result is not None
         assert second.result.reused
         assert second.attempt == 1
-        assert [media_id for media_id, _ in ingest.reads] == [spec(1).media_id, copy.media_id]
+        # The copy's read, if it started before the cache answered, failed unheeded.
+        assert [media_id for media_id, _ in ingest.reads][:1] == [spec(1).media_id]
         assert len(upstream.calls) == 1

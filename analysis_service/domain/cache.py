@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import uuid
@@ -42,7 +43,8 @@ class ResultCache:
         # The claim on a key outlives the longest analysis (the analyser timeout).
         self._claim_seconds = claim_seconds
         self._holder = uuid.uuid4().hex
-        self._in_flight: dict[str, asyncio.Future[None]] = {}
+        # The keys this process is analysing; each future holds the result once computed.
+        self._in_flight: dict[str, asyncio.Future[JobResult | None]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -72,14 +74,20 @@ class ResultCache:
         A computed result comes to ``record`` with its :class:`NewResult`, for the
         completion's transaction to keep in the store (one transaction per job, not two); if
         ``record`` fails, the result is stored on its own. The jobs of this process waiting
-        for ``key`` go on once ``record`` is done; if the job computing it fails, one of
-        them takes over.
+        for ``key`` take the result once ``record`` is done (its transaction may still be
+        queued: theirs store the result too, if it is not yet); if the job computing it
+        fails, one of them takes over.
         """
         while True:
             in_flight = self._in_flight.get(key)
             if in_flight is not None:
-                await asyncio.shield(in_flight)
-                continue
+                computed = await asyncio.shield(in_flight)
+                if computed is None:
+                    continue
+                self.hits += 1
+                reused = dataclasses.replace(computed, reused=True)
+                await record(reused, NewResult(sha256, None))
+                return reused
             # Registered before the store is asked: the jobs of this process wait here.
             done = asyncio.get_running_loop().create_future()
             self._in_flight[key] = done
@@ -100,6 +108,7 @@ class ResultCache:
             await asyncio.sleep(OTHER_HOLDER_POLL)
         self.misses += 1
         holder = self._holder if self._store.shared else None
+        result: JobResult | None = None
         try:
             try:
                 result = await compute()
@@ -117,10 +126,11 @@ class ResultCache:
                     await asyncio.shield(
                         self._store.store_result(key, sha256, result, holder=holder)
                     )
+                result = None
                 raise
             return result
         finally:
-            self._finish(key, done)
+            self._finish(key, done, result)
 
     async def _look_up(self, key: str) -> JobResult | bool:
         """The stored result, else whether this process is now the one analysing ``key``
@@ -129,6 +139,8 @@ class ResultCache:
             return await self._store.take_analysis(key, self._holder, self._claim_seconds)
         return await self._store.cached_result(key) or True
 
-    def _finish(self, key: str, done: asyncio.Future[None]) -> None:
+    def _finish(
+        self, key: str, done: asyncio.Future[JobResult | None], result: JobResult | None = None
+    ) -> None:
         del self._in_flight[key]
-        done.set_result(None)
+        done.set_result(result)

@@ -5,6 +5,15 @@ The store applies each transition in one transaction with its event (see
 token); heartbeats renew it; a reaper returns jobs whose lease expired to PENDING. A worker
 that lost its lease cannot overwrite a newer outcome: every end of an attempt is fenced by
 the token. Concurrent claims and concurrent ends are each grouped into one transaction.
+
+The workers' frequent changes ride in as few transactions as they can without more
+concurrency. A completion is written behind: the worker goes on once it is queued (at most
+``MAX_PENDING_ENDS`` are; beyond, it waits), and learns its outcome from the future
+:meth:`JobQueue.complete` returns. Their next jobs are claimed ahead, in batches that go with
+those ends: as many as the workers will start within ``AHEAD_HORIZON`` at the rate they have
+been starting them (none for an analyser that takes seconds: a job claimed ahead on a busy
+replica would wait there while another replica is free); one that no worker starts within
+``READY_TTL`` is given back.
 """
 
 from __future__ import annotations
@@ -14,10 +23,12 @@ import contextlib
 import logging
 import random
 import uuid
+from collections import deque
 from collections.abc import Collection, Sequence
 from typing import Any
 
 from analysis_service.config import RetryPolicy
+from analysis_service.domain.clock import SYSTEM_CLOCK, Clock
 from analysis_service.domain.hub import StatusHub
 from analysis_service.domain.models import (
     AttemptOutcome,
@@ -36,7 +47,7 @@ from analysis_service.domain.store import (
     QueueDepth,
     QueueStore,
 )
-from analysis_service.errors import AnalysisError, JobNotFound, LeaseLost
+from analysis_service.errors import JobNotFound, LeaseLost
 from mediatag_common.errors import FieldViolation, listed
 from mediatag_common.group_commit import GroupCommit
 
@@ -44,6 +55,18 @@ logger = logging.getLogger(__name__)
 
 LEASE_EXPIRED = JobError("LEASE_EXPIRED", "the worker's lease expired (crashed or stalled)", True)
 RELEASED = JobError("RELEASED", "the worker stopped before finishing (shutdown)", True)
+
+# Completions queued and not yet committed, at most (each holds its job's lease and result).
+MAX_PENDING_ENDS = 64
+# Jobs claimed ahead of the workers, at most; the workers' start rate is counted over
+# RATE_WINDOW seconds, and what they would start within AHEAD_HORIZON at that rate is kept
+# ready (a few transactions' worth when jobs take milliseconds, none when they take seconds).
+MAX_AHEAD = 64
+RATE_WINDOW = 0.5
+AHEAD_HORIZON = 0.1
+# A job claimed ahead that no worker started within this many seconds goes back to PENDING
+# (well inside the lease, which is not renewed until a worker starts the job).
+READY_TTL = 1.0
 
 
 class JobQueue:
@@ -58,6 +81,7 @@ class JobQueue:
         *,
         delivery_pacing: float = 0.0,
         rng: random.Random | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._store = store
         self._hub = hub
@@ -71,9 +95,15 @@ class JobQueue:
         self.holder = uuid.uuid4().hex[:12]
         self._claims: GroupCommit[None, ClaimedJob | None] = GroupCommit(self._claim_group)
         self._ends: GroupCommit[AttemptEnd, StatusEvent | None] = GroupCommit(self._end_group)
-        # Jobs claimed together with a completion (``then_claim``), for this process's next
-        # ``claim``: a worker's end and its next claim then share a transaction.
-        self._ready: list[ClaimedJob] = []
+        self._clock = clock
+        # Jobs claimed ahead for this process's next claims, oldest first, with when they were
+        # claimed; the claims ahead under way; when the workers started their recent jobs.
+        self._ready: deque[tuple[ClaimedJob, float]] = deque()
+        self._claiming_ahead: set[asyncio.Task[None]] = set()
+        self._ahead_in_flight = 0
+        self._starts: deque[float] = deque(maxlen=int(MAX_AHEAD * RATE_WINDOW / AHEAD_HORIZON))
+        self._giving_back: asyncio.Task[None] | None = None
+        self._end_room = asyncio.Semaphore(MAX_PENDING_ENDS)
         # The last known state of the (cluster-wide) pause; the store is what claims obey.
         self.paused = False
 
@@ -96,20 +126,95 @@ class JobQueue:
     # -- claiming --------------------------------------------------------------------------
 
     async def claim(self) -> ClaimedJob | None:
-        """Lease the next due job in queue order, or None (also while paused)."""
+        """Lease the next due job in queue order, or None (also while paused); one claimed
+        ahead if there is one. Tops up the jobs claimed ahead (see the module docstring)."""
+        now = self._clock.monotonic()
         if self._ready:
-            return self._ready.pop(0)
+            job, _ = self._ready.popleft()
+            self._started(now)
+            return job
         claiming = self._claims.enqueue(None)
+        self._claim_ahead(now)
         try:
-            return await asyncio.shield(claiming)
+            claimed = await asyncio.shield(claiming)
         except asyncio.CancelledError:
             # The claim goes on without its caller and may commit: a job leased to a worker
             # that is gone would wait out its lease and lose an attempt. Give it back (if
             # that fails too, the lease expiry is what is left).
             with contextlib.suppress(Exception):
-                if (claimed := await claiming) is not None:
-                    await self.release(claimed)
+                if (lost := await claiming) is not None:
+                    await self.release(lost)
             raise
+        if claimed is None:
+            # The due jobs may have gone to claims ahead: this caller's, once they land.
+            if self._claiming_ahead:
+                await asyncio.wait(set(self._claiming_ahead))
+            if self._ready:
+                claimed, _ = self._ready.popleft()
+        if claimed is not None:
+            self._started(self._clock.monotonic())
+        return claimed
+
+    def _started(self, now: float) -> None:
+        """A worker starts a job: counted for the rate, and the jobs ahead topped up."""
+        self._starts.append(now)
+        self._claim_ahead(now)
+
+    def _claim_ahead(self, now: float) -> None:
+        """Claim what the workers will start within AHEAD_HORIZON, less what is ready or
+        being claimed; the claims go with the next group of claims and ends."""
+        while self._starts and self._starts[0] < now - RATE_WINDOW:
+            self._starts.popleft()
+        wanted = min(MAX_AHEAD, int(len(self._starts) * AHEAD_HORIZON / RATE_WINDOW))
+        count = wanted - len(self._ready) - self._ahead_in_flight
+        if count <= 0:
+            return
+        self._ahead_in_flight += count
+        task = asyncio.create_task(self._keep_ready(count), name="claim-ahead")
+        self._claiming_ahead.add(task)
+        task.add_done_callback(self._claiming_ahead.discard)
+
+    async def _keep_ready(self, count: int) -> None:
+        claims = [self._claims.enqueue(None) for _ in range(count)]
+        try:
+            await asyncio.wait(claims)
+        finally:
+            self._ahead_in_flight -= count
+        now = self._clock.monotonic()
+        for claim in claims:
+            # A failed claim ahead is no worker's: the next claim tries again.
+            failed = claim.cancelled() or claim.exception() is not None
+            if not failed and (job := claim.result()) is not None:
+                self._ready.append((job, now))
+        if self._ready:
+            self._work_available.set()
+        if self._ready and (self._giving_back is None or self._giving_back.done()):
+            self._giving_back = asyncio.create_task(self._give_back_unstarted(), name="give-back")
+
+    async def _give_back_unstarted(self) -> None:
+        """Give back the jobs claimed ahead that no worker started within READY_TTL."""
+        while self._ready:
+            _, claimed_at = self._ready[0]
+            wait = claimed_at + READY_TTL - self._clock.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            expired = []
+            while self._ready and self._ready[0][1] + READY_TTL <= self._clock.monotonic():
+                expired.append(self._ready.popleft()[0])
+            await self._give_back(expired)
+
+    async def _give_back(self, jobs: Sequence[ClaimedJob]) -> None:
+        """Release ``jobs`` (claimed ahead, never started) in one group; one that cannot be
+        released goes back when its lease expires."""
+        released = await asyncio.gather(
+            *(self.release(job) for job in jobs), return_exceptions=True
+        )
+        for job, outcome in zip(jobs, released, strict=True):
+            if isinstance(outcome, Exception):
+                logger.warning(
+                    "media %s claimed ahead not given back: %s", job.spec.media_id, outcome
+                )
 
     async def _claim_group(self, requests: Sequence[None]) -> list[ClaimedJob | None]:
         # Claims and ends are the workers' frequent changes: they take turns with the
@@ -148,38 +253,39 @@ class JobQueue:
         result_key: str,
         *,
         new_result: NewResult | None = None,
-        then_claim: bool = False,
-    ) -> None:
+    ) -> asyncio.Future[StatusEvent]:
         """Complete the job with the cached result ``result_key`` (stored by this transaction
-        when it is a ``new_result``); with ``then_claim``, also claim the next job at once,
-        for this process's next :meth:`claim` (the store may write both in one transaction:
-        one commit where there would be two).
-
-        Raises LeaseLost when a newer claim holds the job (this worker was fenced out).
+        when it is a ``new_result``), written behind: returns once the completion is queued
+        (waiting while MAX_PENDING_ENDS are). The future holds its COMPLETED event once
+        committed; it raises LeaseLost when a newer claim holds the job (this worker was fenced
+        out), or the storage's error. Keep the job's lease until then.
         """
-        claiming = self._claims.enqueue(None) if then_claim else None
-        try:
-            await self._end(
-                AttemptEnd(
-                    job,
-                    JobStatus.COMPLETED,
-                    AttemptOutcome.COMPLETED,
-                    job.attempt,
-                    result=result,
-                    result_key=result_key,
-                    new_result=new_result,
-                )
-            )
-        finally:
-            if claiming is not None:
-                # Kept even if this end failed or its caller was cancelled: a job claimed
-                # and then forgotten would wait out its lease.
-                await asyncio.wait([claiming])
-                claimed = None
-                if not claiming.cancelled() and claiming.exception() is None:
-                    claimed = claiming.result()
-                if claimed is not None:
-                    self._ready.append(claimed)
+        await self._end_room.acquire()
+        end = AttemptEnd(
+            job,
+            JobStatus.COMPLETED,
+            AttemptOutcome.COMPLETED,
+            job.attempt,
+            result=result,
+            result_key=result_key,
+            new_result=new_result,
+        )
+        written = self._ends.enqueue(end)
+        ended: asyncio.Future[StatusEvent] = asyncio.get_running_loop().create_future()
+
+        def settle(written: asyncio.Future[StatusEvent | None]) -> None:
+            self._end_room.release()
+            if written.cancelled():
+                ended.cancel()
+            elif (error := written.exception()) is not None:
+                ended.set_exception(error)
+            elif (event := written.result()) is None:
+                ended.set_exception(_lease_lost(job))
+            else:
+                ended.set_result(event)
+
+        written.add_done_callback(settle)
+        return ended
 
     async def fail_attempt(self, job: ClaimedJob, error: JobError) -> StatusEvent:
         """A failed attempt: retried with backoff if transient and attempts remain, else FAILED."""
@@ -238,7 +344,7 @@ class JobQueue:
     async def _end(self, end: AttemptEnd) -> StatusEvent:
         event = await self._ends.commit(end)
         if event is None:
-            raise LeaseLost(f"lease on media {end.job.spec.media_id} was lost")
+            raise _lease_lost(end.job)
         if event.status is JobStatus.PENDING:
             self._work_available.set()
         return event
@@ -313,6 +419,8 @@ class JobQueue:
         self.paused = paused
         if not paused:
             self._work_available.set()
+        else:
+            await self._give_back_ready()
 
     async def is_paused(self) -> bool:
         self.paused = await self._store.is_paused()
@@ -353,11 +461,25 @@ class JobQueue:
     async def compact_events(self, *, max_age: float, max_events: int) -> int:
         return await self._store.compact(max_age=max_age, max_events=max_events)
 
+    async def _give_back_ready(self) -> None:
+        ready = [job for job, _ in self._ready]
+        self._ready.clear()
+        await self._give_back(ready)
+
     async def close(self) -> None:
-        """Wait for grouped claims and ends under way to be written; give back the jobs
-        claimed ahead that no worker took."""
+        """Wait for grouped claims and ends under way (completions written behind among
+        them) to be written; give back the jobs claimed ahead that no worker took."""
+        if self._claiming_ahead:
+            await asyncio.wait(self._claiming_ahead)
         await self._claims.close()
+        if self._giving_back is not None:
+            # Its releases under way are written all the same (ends are shielded).
+            self._giving_back.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._giving_back
+        await self._give_back_ready()
         await self._ends.close()
-        while self._ready:
-            with contextlib.suppress(AnalysisError):
-                await self.release(self._ready.pop())
+
+
+def _lease_lost(job: ClaimedJob) -> LeaseLost:
+    return LeaseLost(f"lease on media {job.spec.media_id} was lost")

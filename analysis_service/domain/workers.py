@@ -2,7 +2,9 @@
 
 Concurrency (workers) and rate (limiters) are separate knobs. Each busy worker renews its
 lease with a heartbeat; on shutdown, workers get the grace period to finish and then give
-their jobs back to PENDING.
+their jobs back to PENDING. A completion is written behind (see
+:mod:`analysis_service.domain.queue`): the worker takes its next job while the job it
+finished keeps its lease, until the completion commits and its outcome is reported.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from analysis_service.domain.models import (
     JobError,
     JobResult,
     JobStatus,
+    StatusEvent,
 )
 from analysis_service.domain.observer import AnalysisObserver, CallOutcome
 from analysis_service.domain.queue import JobQueue
@@ -116,6 +119,8 @@ class WorkerPool:
         self._clock = clock
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        # Completions written behind, each waited for (lease kept, outcome reported) here.
+        self._finishing: set[asyncio.Task[None]] = set()
         self.busy = 0
 
     def start(self) -> None:
@@ -137,6 +142,9 @@ class WorkerPool:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if unfinished:
             logger.info("released %d unfinished job(s) back to PENDING", len(unfinished))
+        if self._finishing:
+            # Queued completions are written (or fail) on their own; their outcomes follow.
+            await asyncio.wait(set(self._finishing))
 
     async def _run(self, worker_id: str) -> None:
         while not self._stopping:
@@ -166,27 +174,54 @@ class WorkerPool:
         )
         started = self._clock.monotonic()
         heartbeat = asyncio.create_task(self._heartbeat(job))
+        completion: list[asyncio.Future[StatusEvent]] = []
         outcome = AttemptOutcome.RELEASED
         try:
-            outcome = await self._record(job, self._analyze_and_complete(job, started))
+            outcome = await self._record(job, self._analyze_and_complete(job, started, completion))
         except asyncio.CancelledError:
             with contextlib.suppress(AnalysisError):
                 await self._queue.release(job)
             raise
         finally:
+            if outcome is AttemptOutcome.COMPLETED:
+                finishing = asyncio.create_task(
+                    self._finish(job, completion[0], heartbeat, started), name="finish"
+                )
+                self._finishing.add(finishing)
+                finishing.add_done_callback(self._finishing.discard)
+            else:
+                heartbeat.cancel()
+                self._observer.attempt_ended(
+                    outcome, self._clock.monotonic() - started, job.attempt
+                )
+
+    async def _finish(
+        self,
+        job: ClaimedJob,
+        completion: asyncio.Future[StatusEvent],
+        heartbeat: asyncio.Task[None],
+        started: float,
+    ) -> None:
+        """Keep the lease until the completion written behind commits; report its outcome."""
+        outcome = AttemptOutcome.NOT_RECORDED
+        try:
+            outcome = await self._record(job, _committed(completion))
+        finally:
             heartbeat.cancel()
             self._observer.attempt_ended(outcome, self._clock.monotonic() - started, job.attempt)
 
-    async def _analyze_and_complete(self, job: ClaimedJob, started: float) -> None:
+    async def _analyze_and_complete(
+        self, job: ClaimedJob, started: float, completion: list[asyncio.Future[StatusEvent]]
+    ) -> None:
+        """Analyse the job (or reuse a cached result) and queue its completion, put in
+        ``completion``."""
         spec = job.spec
         key = self._cache.key(spec.sha256, self._analyzer.cache_inputs(spec.category, spec.context))
 
         async def complete(result: JobResult, new_result: NewResult | None) -> None:
             # The analysis is over: its timeout does not bound the completion.
             deadline.reschedule(None)
-            await self._queue.complete(
-                job, result, key, new_result=new_result, then_claim=not self._stopping
-            )
+            completion.append(await self._queue.complete(job, result, key, new_result=new_result))
 
         async with asyncio.timeout(self._analyzer_timeout) as deadline:
             # The bytes are read while the cache is asked: the two round trips overlap
@@ -360,6 +395,10 @@ class WorkerPool:
                     return
             except StorageUnavailable as exc:
                 logger.error("media %s: lease renewal failed: %s", job.spec.media_id, exc)
+
+
+async def _committed(completion: asyncio.Future[StatusEvent]) -> None:
+    await completion
 
 
 def _retrieved(reading: asyncio.Task[bytes]) -> None:
