@@ -26,8 +26,8 @@ from analysis_service.domain.cache import ResultCache
 from analysis_service.domain.hub import StatusHub, Subscription, WatchFilter
 from analysis_service.domain.limits import RateLimits
 from analysis_service.domain.maintenance import Maintenance
-from analysis_service.domain.models import Job, JobSpec, JobStatus, StatusEvent
-from analysis_service.domain.observer import NoObserver
+from analysis_service.domain.models import AttemptOutcome, Job, JobSpec, JobStatus, StatusEvent
+from analysis_service.domain.observer import AnalysisObserver, NoObserver
 from analysis_service.domain.queue import JobQueue
 from analysis_service.domain.stats import Throughput
 from analysis_service.domain.workers import WorkerPool
@@ -156,11 +156,13 @@ async def service(
     workers: int = 1,
     lease: float = LEASE,
     analyzer_timeout: float = 60.0,
+    pacing: float = 0.0,
+    observer: AnalysisObserver | None = None,
 ) -> AsyncIterator[Service]:
     clock = LoopClock()
     hub = StatusHub(buffer_size=1024, max_watchers=10)
     store = MemoryQueueStore(publish=hub.publish, clock=clock)
-    queue = JobQueue(store, hub, retry, lease, clock=clock)
+    queue = JobQueue(store, hub, retry, lease, delivery_pacing=pacing, clock=clock)
     pool = WorkerPool(
         queue=queue,
         analyzer=upstream,
@@ -170,7 +172,7 @@ async def service(
         size=workers,
         analyzer_timeout=analyzer_timeout,
         throughput=Throughput(),
-        observer=NoObserver(),
+        observer=observer or NoObserver(),
         clock=clock,
     )
     maintenance = Maintenance(queue, WatchConfig(), clock)
@@ -384,3 +386,30 @@ async def test_a_cached_result_completes_its_job_while_ingest_is_unreachable() -
         # The copy's read, if it started before the cache answered, failed unheeded.
         assert [media_id for media_id, _ in ingest.reads][:1] == [spec(1).media_id]
         assert len(upstream.calls) == 1
+
+
+class EndedAttempts(NoObserver):
+    """Records each ended attempt's outcome at the loop's time."""
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[AttemptOutcome, float]] = []
+
+    def attempt_ended(self, outcome: AttemptOutcome, seconds: float, attempt: int) -> None:
+        self.ended.append((outcome, loop_time()))
+
+
+async def test_a_completion_written_behind_keeps_its_lease_and_is_reported_once_committed() -> None:
+    """A watcher that does not read (the service's, here) holds each commit for the pacing
+    bound, 60 s, past the 30 s lease: the claim, then the worker's completion, wait that long,
+    the lease renewed meanwhile."""
+    observer = EndedAttempts()
+    async with service(Upstream(), pacing=60.0, observer=observer) as running:
+        await running.queue.submit([spec(1)])
+        await asyncio.sleep(119.0)
+        job = await running.get(1)
+        assert (job.status, observer.ended) == (JobStatus.PROCESSING, [])
+        await asyncio.sleep(2.0)
+        job = await running.get(1)
+        assert (job.status, job.attempt) == (JobStatus.COMPLETED, 1)
+        assert [a.outcome for a in job.attempts] == ["COMPLETED"]
+        assert observer.ended == [(AttemptOutcome.COMPLETED, 120.0)]
