@@ -435,7 +435,7 @@ async def claimed_and_given_back(queue: Queue, claimed: list[ClaimedJob]) -> lis
 
 async def test_jobs_are_claimed_ahead_at_the_rate_the_workers_start_them() -> None:
     queue = queue_of()
-    await queue.jobs.submit([spec(n) for n in range(500)])
+    await queue.jobs.submit([spec(n) for n in range(1000)])
     for _ in range(4):
         await queue.claim()
         await time_passes(1.0)
@@ -448,10 +448,12 @@ async def test_jobs_are_claimed_ahead_at_the_rate_the_workers_start_them() -> No
     ahead = int(10 * AHEAD_HORIZON / RATE_WINDOW)
     assert await processing(queue) == 4 + 10 + ahead
 
-    for _ in range(400):
+    # Past the rate where MAX_AHEAD would be started within AHEAD_HORIZON: no more.
+    fast = int(MAX_AHEAD * RATE_WINDOW / AHEAD_HORIZON) + 10
+    for _ in range(fast):
         await queue.claim()
     await time_passes(0.001)
-    assert await processing(queue) == 4 + 10 + 400 + MAX_AHEAD
+    assert await processing(queue) == 4 + 10 + fast + MAX_AHEAD
 
 
 async def test_a_job_claimed_ahead_that_no_worker_starts_goes_back_without_using_an_attempt() -> (

@@ -57,11 +57,11 @@ LEASE_EXPIRED = JobError("LEASE_EXPIRED", "the worker's lease expired (crashed o
 RELEASED = JobError("RELEASED", "the worker stopped before finishing (shutdown)", True)
 
 # Completions queued and not yet committed, at most (each holds its job's lease and result).
-MAX_PENDING_ENDS = 64
+MAX_PENDING_ENDS = 128
 # Jobs claimed ahead of the workers, at most; the workers' start rate is counted over
 # RATE_WINDOW seconds, and what they would start within AHEAD_HORIZON at that rate is kept
 # ready (a few transactions' worth when jobs take milliseconds, none when they take seconds).
-MAX_AHEAD = 64
+MAX_AHEAD = 128
 RATE_WINDOW = 0.5
 AHEAD_HORIZON = 0.1
 # A job claimed ahead that no worker started within this many seconds goes back to PENDING

@@ -29,7 +29,7 @@ def end_attempts(conn: Connection, ends: Sequence[AttemptEnd]) -> list[float | N
 # PostgreSQL: one statement (one round trip) per group. The PROCESSING rows are locked in
 # media id order (two transactions ending overlapping groups cannot deadlock); each end is
 # written only if its token still holds the lease, its attempt finished with it.
-_END_COLUMNS = (
+END_COLUMNS = (
     ("media_id", "text"),
     ("lease_token", "integer"),
     ("status", "text"),
@@ -47,16 +47,16 @@ _END_COLUMNS = (
     ("attempt_error_message", "text"),
     ("attempt_error_transient", "boolean"),
 )
-_PROCESSING_STATUS = f"'{JobStatus.PROCESSING.value}'"
+PROCESSING_STATUS = f"'{JobStatus.PROCESSING.value}'"
 _PG_END = sa.text(
     f"""
     WITH ends AS MATERIALIZED (
-        SELECT * FROM {unnest_parameters(_END_COLUMNS, "ending")}
+        SELECT * FROM {unnest_parameters(END_COLUMNS, "ending")}
     ),
     clock AS MATERIALIZED (SELECT {POSTGRESQL_NOW} AS now),
     held AS MATERIALIZED (
         SELECT media_id FROM jobs
-        WHERE media_id = ANY(CAST(:media_id AS text[])) AND status = {_PROCESSING_STATUS}
+        WHERE media_id = ANY(CAST(:media_id AS text[])) AND status = {PROCESSING_STATUS}
         ORDER BY media_id
         FOR UPDATE
     ),
@@ -79,7 +79,7 @@ _PG_END = sa.text(
         FROM held, ends AS ending, clock
         WHERE jobs.media_id = held.media_id
             AND ending.media_id = held.media_id
-            AND jobs.status = {_PROCESSING_STATUS}
+            AND jobs.status = {PROCESSING_STATUS}
             AND jobs.lease_token = ending.lease_token
         RETURNING jobs.media_id, clock.now
     ),
@@ -115,14 +115,14 @@ def _postgresql_end_attempts(conn: Connection, ends: Sequence[AttemptEnd]) -> li
         rounds[round_number].append(index)
     for indices in rounds:
         group = [ends[index] for index in indices]
-        rows = conn.execute(_PG_END, _end_parameters(group))
+        rows = conn.execute(_PG_END, end_parameters(group))
         ended: dict[str, float] = {row.media_id: row.now for row in rows}
         for index, end in zip(indices, group, strict=True):
             written[index] = ended.get(end.job.spec.media_id)
     return written
 
 
-def _end_parameters(ends: Sequence[AttemptEnd]) -> dict[str, list[Any]]:
+def end_parameters(ends: Sequence[AttemptEnd]) -> dict[str, list[Any]]:
     rows: list[dict[str, Any]] = []
     for end in ends:
         completed = end.status is JobStatus.COMPLETED
@@ -143,7 +143,7 @@ def _end_parameters(ends: Sequence[AttemptEnd]) -> dict[str, list[Any]]:
                 **_prefixed("attempt_", attempt_error),
             }
         )
-    return array_parameters(_END_COLUMNS, rows)
+    return array_parameters(END_COLUMNS, rows)
 
 
 def _processing_statement() -> sa.Select[Any]:

@@ -41,6 +41,21 @@ class EventDraft:
     error: JobError | None = None
     next_attempt_at: float | None = None
 
+    def event(self, revision: int, time: float) -> StatusEvent:
+        """The change as written, with its revision and time."""
+        return StatusEvent(
+            revision=revision,
+            media_id=self.media_id,
+            owner_id=self.owner_id,
+            status=self.status,
+            previous_status=self.previous_status,
+            attempt=self.attempt,
+            event_time=time,
+            result=self.result,
+            error=self.error,
+            next_attempt_at=self.next_attempt_at,
+        )
+
 
 def record(conn: Connection, drafts: Sequence[EventDraft]) -> list[StatusEvent]:
     """Keep the job counts and append the events of this transaction, as its last statements.
@@ -71,21 +86,7 @@ def record(conn: Connection, drafts: Sequence[EventDraft]) -> list[StatusEvent]:
         _adjust_counts(conn, changes)
         last, now = int(conn.execute(_BUMP, {"count": count}).scalar_one()), database_now(conn)
     first = last - count + 1
-    events = [
-        StatusEvent(
-            revision=first + i,
-            media_id=d.media_id,
-            owner_id=d.owner_id,
-            status=d.status,
-            previous_status=d.previous_status,
-            attempt=d.attempt,
-            event_time=now,
-            result=d.result,
-            error=d.error,
-            next_attempt_at=d.next_attempt_at,
-        )
-        for i, d in enumerate(drafts)
-    ]
+    events = [draft.event(first + i, now) for i, draft in enumerate(drafts)]
     if conn.dialect.name != POSTGRESQL:
         conn.execute(
             _INSERT_EVENT,

@@ -9,6 +9,7 @@ revision order, reading the other replicas' changes and taking its own as they c
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,12 +27,12 @@ from analysis_service.domain.store import (
     LogState,
     QueueDepth,
 )
-from analysis_service.storage import attempt_ends, job_reads, schema
+from analysis_service.storage import attempt_ends, job_reads, schema, turns
 from analysis_service.storage import events as event_log
 from analysis_service.storage import jobs as job_rows
 from analysis_service.storage import results as result_rows
 from analysis_service.storage.events import EventDraft
-from analysis_service.storage.session import consistent_read, read, write
+from analysis_service.storage.session import consistent_read, read, statement, write
 from mediatag_common.database import SQLITE, Database, after_commit, database_now
 from mediatag_common.group_commit import GroupCommit
 
@@ -107,6 +108,14 @@ class SqlQueueStore:
 
     async def _take_turns(self, requests: Sequence[_Claim | _Ends]) -> list[_Turn]:
         """Claims and ends in one transaction, in the order they were asked for."""
+        claims = [request for request in requests if isinstance(request, _Claim)]
+        ends = [end for request in requests if isinstance(request, _Ends) for end in request.ends]
+        if (
+            self.shared
+            and turns.can_take(ends)
+            and len({(claim.holder, claim.lease_seconds) for claim in claims}) <= 1
+        ):
+            return await self._take_turns_at_once(requests, claims, ends)
 
         def transaction(conn: Connection) -> list[_Turn]:
             turns: list[_Turn] = []
@@ -133,6 +142,49 @@ class SqlQueueStore:
             return turns
 
         return await write(self._db, transaction)
+
+    async def _take_turns_at_once(
+        self, requests: Sequence[_Claim | _Ends], claims: Sequence[_Claim], ends: list[AttemptEnd]
+    ) -> list[_Turn]:
+        """PostgreSQL: the turn as one statement (see :mod:`.turns`); the new results first,
+        in a statement of their own (storing a result twice changes nothing)."""
+        if any(end.new_result is not None for end in ends):
+            await statement(self._db, lambda conn: result_rows.store_new_results(conn, ends))
+        wrote = await statement(
+            self._db,
+            lambda conn: turns.take_turn(
+                conn,
+                ends,
+                claim_count=sum(claim.count for claim in claims),
+                holder=claims[0].holder if claims else "",
+                lease_seconds=claims[0].lease_seconds if claims else 0.0,
+            ),
+        )
+        events: list[Event] = []
+        claimed = iter(wrote.claimed)
+        written = iter(wrote.ended)
+        taken: list[_Turn] = []
+        for request in requests:
+            turn = _Turn(first_draft=0)
+            if isinstance(request, _Claim):
+                for row in itertools.islice(claimed, request.count):
+                    turn.claimed.append(job_rows.claimed_job(row))
+                    event = _claim_draft(row).event(row.revision, row.updated_at)
+                    events.append(event)
+            else:
+                for end in request.ends:
+                    at = next(written)
+                    turn.written.append(None if at is None else at[1])
+                    event = None
+                    if at is not None:
+                        event = _end_draft(end, at[1]).event(*at)
+                        events.append(event)
+                    turn.ended.append(event)
+            taken.append(turn)
+        events.sort(key=lambda event: event.revision)
+        if events:
+            self._committed(events)
+        return taken
 
     async def expire_leases(self, decide: Callable[[ExpiredLease], AttemptEnd]) -> list[Event]:
         def transaction(conn: Connection) -> list[Event]:
@@ -317,17 +369,22 @@ def _written_drafts(
     """The event of each end that was written (at the time it was written)."""
     for end, at in zip(ends, written, strict=True):
         if at is not None:
-            yield EventDraft(
-                end.job.spec.media_id,
-                end.job.spec.owner_id,
-                end.status,
-                JobStatus.PROCESSING,
-                end.attempt,
-                result=end.result,
-                result_key=end.result_key,
-                error=end.error,
-                next_attempt_at=None if end.delay is None else at + end.delay,
-            )
+            yield _end_draft(end, at)
+
+
+def _end_draft(end: AttemptEnd, at: float) -> EventDraft:
+    """The event of ``end``, written at ``at``."""
+    return EventDraft(
+        end.job.spec.media_id,
+        end.job.spec.owner_id,
+        end.status,
+        JobStatus.PROCESSING,
+        end.attempt,
+        result=end.result,
+        result_key=end.result_key,
+        error=end.error,
+        next_attempt_at=None if end.delay is None else at + end.delay,
+    )
 
 
 @dataclass(frozen=True)
