@@ -99,8 +99,7 @@ class JobQueue:
         # Jobs claimed ahead for this process's next claims, oldest first, with when they were
         # claimed; the claims ahead under way; when the workers started their recent jobs.
         self._ready: deque[tuple[ClaimedJob, float]] = deque()
-        self._claiming_ahead: set[asyncio.Task[None]] = set()
-        self._ahead_in_flight = 0
+        self._claiming_ahead: set[asyncio.Future[ClaimedJob | None]] = set()
         self._starts: deque[float] = deque(maxlen=int(MAX_AHEAD * RATE_WINDOW / AHEAD_HORIZON))
         self._giving_back: asyncio.Task[None] | None = None
         self._end_room = asyncio.Semaphore(MAX_PENDING_ENDS)
@@ -166,29 +165,22 @@ class JobQueue:
         while self._starts and self._starts[0] < now - RATE_WINDOW:
             self._starts.popleft()
         wanted = min(MAX_AHEAD, int(len(self._starts) * AHEAD_HORIZON / RATE_WINDOW))
-        count = wanted - len(self._ready) - self._ahead_in_flight
-        if count <= 0:
-            return
-        self._ahead_in_flight += count
-        task = asyncio.create_task(self._keep_ready(count), name="claim-ahead")
-        self._claiming_ahead.add(task)
-        task.add_done_callback(self._claiming_ahead.discard)
+        for _ in range(wanted - len(self._ready) - len(self._claiming_ahead)):
+            claiming = self._claims.enqueue(None)
+            self._claiming_ahead.add(claiming)
+            claiming.add_done_callback(self._claimed_ahead)
 
-    async def _keep_ready(self, count: int) -> None:
-        claims = [self._claims.enqueue(None) for _ in range(count)]
-        try:
-            await asyncio.wait(claims)
-        finally:
-            self._ahead_in_flight -= count
-        now = self._clock.monotonic()
-        for claim in claims:
-            # A failed claim ahead is no worker's: the next claim tries again.
-            failed = claim.cancelled() or claim.exception() is not None
-            if not failed and (job := claim.result()) is not None:
-                self._ready.append((job, now))
-        if self._ready:
-            self._work_available.set()
-        if self._ready and (self._giving_back is None or self._giving_back.done()):
+    def _claimed_ahead(self, claiming: asyncio.Future[ClaimedJob | None]) -> None:
+        self._claiming_ahead.discard(claiming)
+        # A failed claim ahead is no worker's: the next claim tries again.
+        if claiming.cancelled() or claiming.exception() is not None:
+            return
+        job = claiming.result()
+        if job is None:
+            return
+        self._ready.append((job, self._clock.monotonic()))
+        self._work_available.set()
+        if self._giving_back is None or self._giving_back.done():
             self._giving_back = asyncio.create_task(self._give_back_unstarted(), name="give-back")
 
     async def _give_back_unstarted(self) -> None:
