@@ -48,6 +48,29 @@ END_COLUMNS = (
     ("attempt_error_transient", "boolean"),
 )
 PROCESSING_STATUS = f"'{JobStatus.PROCESSING.value}'"
+
+
+def ending_assignments(now: str) -> str:
+    """SQL: the SET list that writes the end of attempt ``ending`` (a row of END_COLUMNS)
+    to its job at ``now`` (an SQL expression), its lease let go."""
+    completed = f"'{JobStatus.COMPLETED.value}'"
+    return f"""
+            status = ending.status,
+            attempt = ending.attempt,
+            updated_at = {now},
+            next_attempt_at = COALESCE({now} + ending.delay, jobs.next_attempt_at),
+            quota_deferrals = COALESCE(ending.quota_deferrals, jobs.quota_deferrals),
+            result_key = CASE WHEN ending.status = {completed}
+                THEN ending.result_key ELSE jobs.result_key END,
+            reused = CASE WHEN ending.status = {completed}
+                THEN ending.reused ELSE jobs.reused END,
+            error_reason = ending.error_reason,
+            error_message = ending.error_message,
+            error_transient = ending.error_transient,
+            lease_owner = NULL,
+            lease_expires_at = NULL"""
+
+
 _PG_END = sa.text(
     f"""
     WITH ends AS MATERIALIZED (
@@ -61,21 +84,7 @@ _PG_END = sa.text(
         FOR UPDATE
     ),
     ended AS (
-        UPDATE jobs SET
-            status = ending.status,
-            attempt = ending.attempt,
-            updated_at = clock.now,
-            next_attempt_at = COALESCE(clock.now + ending.delay, jobs.next_attempt_at),
-            quota_deferrals = COALESCE(ending.quota_deferrals, jobs.quota_deferrals),
-            result_key = CASE WHEN ending.status = '{JobStatus.COMPLETED.value}'
-                THEN ending.result_key ELSE jobs.result_key END,
-            reused = CASE WHEN ending.status = '{JobStatus.COMPLETED.value}'
-                THEN ending.reused ELSE jobs.reused END,
-            error_reason = ending.error_reason,
-            error_message = ending.error_message,
-            error_transient = ending.error_transient,
-            lease_owner = NULL,
-            lease_expires_at = NULL
+        UPDATE jobs SET {ending_assignments("clock.now")}
         FROM held, ends AS ending, clock
         WHERE jobs.media_id = held.media_id
             AND ending.media_id = held.media_id

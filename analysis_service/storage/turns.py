@@ -29,13 +29,17 @@ from sqlalchemy.engine import Connection
 from analysis_service.domain.models import JobStatus
 from analysis_service.domain.store import AttemptEnd
 from analysis_service.storage import schema
-from analysis_service.storage.attempt_ends import END_COLUMNS, PROCESSING_STATUS, end_parameters
+from analysis_service.storage.attempt_ends import (
+    END_COLUMNS,
+    PROCESSING_STATUS,
+    end_parameters,
+    ending_assignments,
+)
 from analysis_service.storage.clock import POSTGRESQL_NOW
 from analysis_service.storage.events import NOTIFY_CHANNEL
 from mediatag_common.database import unnest_parameters
 
 _PENDING = f"'{JobStatus.PENDING.value}'"
-_COMPLETED = f"'{JobStatus.COMPLETED.value}'"
 _COUNT = f"'{schema.job_count(JobStatus.PENDING).removesuffix(JobStatus.PENDING.value)}'"
 # What a claimed job's row gives back (its spec and lease), beside each change's revision.
 _CLAIMED_COLUMNS = (
@@ -93,21 +97,7 @@ _TURN = sa.text(
             pg_notify('{NOTIFY_CHANNEL}', CAST(value AS text)) AS notified
     ),
     ended AS (
-        UPDATE jobs SET
-            status = ending.status,
-            attempt = ending.attempt,
-            updated_at = bump.now,
-            next_attempt_at = COALESCE(bump.now + ending.delay, jobs.next_attempt_at),
-            quota_deferrals = COALESCE(ending.quota_deferrals, jobs.quota_deferrals),
-            result_key = CASE WHEN ending.status = {_COMPLETED}
-                THEN ending.result_key ELSE jobs.result_key END,
-            reused = CASE WHEN ending.status = {_COMPLETED}
-                THEN ending.reused ELSE jobs.reused END,
-            error_reason = ending.error_reason,
-            error_message = ending.error_message,
-            error_transient = ending.error_transient,
-            lease_owner = NULL,
-            lease_expires_at = NULL,
+        UPDATE jobs SET {ending_assignments("bump.now")},
             revision = bump.base + numbered.number
         FROM held, ending, numbered, bump
         WHERE jobs.media_id = held.media_id
