@@ -7,7 +7,8 @@ one at a time. Here its parts are the data-modifying CTEs of one statement, whic
 
 - the rows of the ends still held by their tokens are locked (in media id order, so two
   turns ending overlapping groups cannot deadlock) and the due jobs picked (``FOR UPDATE SKIP
-  LOCKED``, in queue order): how many changes the turn makes is known before the counter;
+  LOCKED``, in queue order, by the function ``claimable_jobs`` of migration 5, which says
+  why): how many changes the turn makes is known before the counter;
 - then the revision counter row is bumped by that many (its lock, held to commit, orders
   the commits by revision, with no gap: see :mod:`.events`), and the time is read under it;
 - then the jobs are written with their revisions (each row once in the statement), their
@@ -70,15 +71,7 @@ _TURN = sa.text(
         FOR UPDATE OF jobs
     ),
     picked AS MATERIALIZED (
-        SELECT media_id, priority, submitted_at FROM jobs
-        WHERE status = {_PENDING}
-            AND next_attempt_at <= (SELECT now FROM clock)
-            AND NOT EXISTS (
-                SELECT 1 FROM counters WHERE name = '{schema.PAUSED}' AND value <> 0
-            )
-        ORDER BY priority DESC, submitted_at, media_id
-        LIMIT :claim_count
-        FOR UPDATE SKIP LOCKED
+        SELECT * FROM claimable_jobs(:claim_count, (SELECT now FROM clock))
     ),
     numbered AS MATERIALIZED (
         SELECT media_id, row_number() OVER (ORDER BY kind, rank) AS number
