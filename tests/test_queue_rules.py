@@ -513,3 +513,17 @@ async def test_closing_writes_the_completions_behind_and_gives_back_the_jobs_cla
     assert given_back
     for job in given_back:
         assert (job.status, job.attempt, outcomes(job)) == (JobStatus.PENDING, 0, [(1, "RELEASED")])
+
+
+async def test_a_pause_gives_back_the_jobs_claimed_ahead() -> None:
+    queue = queue_of()
+    await queue.jobs.submit([spec(n) for n in range(SUBMITTED)])
+    claimed = [await queue.claim() for _ in range(10)]
+    await time_passes(0.001)
+    assert await processing(queue) > len(claimed)
+
+    await queue.jobs.set_paused(True)
+    assert await processing(queue) == len(claimed)
+    assert await queue.jobs.claim() is None, "a job claimed ahead was started while paused"
+    for job in await claimed_and_given_back(queue, claimed):
+        assert (job.status, job.attempt, outcomes(job)) == (JobStatus.PENDING, 0, [(1, "RELEASED")])
