@@ -413,4 +413,3 @@ async def test_a_completion_written_behind_keeps_its_lease_and_is_reported_once_
         assert (job.status, job.attempt) == (JobStatus.COMPLETED, 1)
         assert [a.outcome for a in job.attempts] == ["COMPLETED"]
         assert observer.ended == [(AttemptOutcome.COMPLETED, 120.0)]
-
