@@ -307,6 +307,23 @@ async def test_a_claim_asked_for_after_the_result_is_stored_is_refused(
     assert stored.reused
 
 
+async def test_a_live_claim_is_refused_to_others_and_an_expired_one_taken_over(
+    shared_replicas: Callable[[], Replica],
+) -> None:
+    """A key's claim holds for its lease: another holder is refused while it lives, the
+    holder itself may take it again, and once it has run out another takes it over."""
+    first, second = shared_replicas().store, shared_replicas().store
+    key = "c" * 64
+
+    assert await first.take_analysis(key, "first", 60.0) is True
+    assert await second.take_analysis(key, "second", 60.0) is False
+    assert await first.take_analysis(key, "first", 60.0) is True
+    # A lease already over (a negative one): the claim is free to take.
+    assert await first.take_analysis(key, "first", -1.0) is True
+    assert await second.take_analysis(key, "second", 60.0) is True
+    assert await first.take_analysis(key, "first", 60.0) is False
+
+
 async def test_closing_the_queue_writes_its_completions_and_gives_back_its_jobs_claimed_ahead(
     databases: DatabaseUrls,
 ) -> None:

@@ -33,7 +33,7 @@ from analysis_service.storage import jobs as job_rows
 from analysis_service.storage import results as result_rows
 from analysis_service.storage.events import EventDraft
 from analysis_service.storage.session import consistent_read, read, statement, write
-from mediatag_common.database import SQLITE, Database, after_commit, database_now
+from mediatag_common.database import POSTGRESQL, SQLITE, Database, after_commit, database_now
 from mediatag_common.group_commit import GroupCommit
 
 
@@ -352,6 +352,13 @@ class SqlQueueStore:
         await write(self._db, transaction)
 
     async def take_analysis(self, key: str, holder: str, lease_seconds: float) -> JobResult | bool:
+        if self._db.dialect == POSTGRESQL:
+            return await statement(
+                self._db,
+                lambda conn: result_rows.take_result_claim_committed(
+                    conn, key, holder, lease_seconds=lease_seconds
+                ),
+            )
         return await write(
             self._db,
             lambda conn: result_rows.take_result_claim(

@@ -140,14 +140,60 @@ def take_result_claim(
     ).returning(result_claims.c.holder)
     if conn.execute(statement).first() is None:
         return False
-    # Checked again after the claim: a holder storing its result drops its claim in the
-    # same transaction, and the insert above waits for that transaction, so from here (a
-    # new statement, read committed) its result is visible.
+    return _checked_after_claim(conn, key, holder)
+
+
+def _checked_after_claim(conn: Connection, key: str, holder: str) -> JobResult | bool:
+    """Whether the claim just taken stands (True), or the result stored meanwhile.
+
+    A holder storing its result drops its claim in the same transaction, and a claim taken
+    over that one waited for that transaction: a new statement (read committed) sees its
+    result, which the claim's statement did not."""
     stored = get_result(conn, key)
     if stored is None:
         return True
     drop_result_claim(conn, key, holder)
     return stored
+
+
+# PostgreSQL: the stored result, else the claim of the key's analysis (taken unless another
+# holder's claim is live), in one statement of fixed text: one round trip, committed by itself.
+_PG_TAKE_CLAIM = sa.text(
+    f"""
+    WITH found AS (
+        SELECT * FROM results WHERE key = :result_key
+    ),
+    claimed AS (
+        INSERT INTO result_claims (key, holder, expires_at)
+        SELECT :result_key, :holder, {POSTGRESQL_NOW} + :lease_seconds
+        WHERE NOT EXISTS (SELECT FROM found)
+        ON CONFLICT (key) DO UPDATE
+        SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+        WHERE result_claims.expires_at < {POSTGRESQL_NOW}
+            OR result_claims.holder = EXCLUDED.holder
+        RETURNING 1
+    )
+    SELECT found.*, (SELECT count(*) FROM claimed) AS claimed
+    FROM (SELECT) AS one LEFT JOIN found ON TRUE
+    """
+).columns(*results.c, sa.column("claimed", sa.Integer))
+
+
+def take_result_claim_committed(
+    conn: Connection, key: str, holder: str, *, lease_seconds: float
+) -> JobResult | bool:
+    """:func:`take_result_claim` on PostgreSQL with each statement committed by itself: one
+    statement when the result is stored or another holder's claim is live, two when the
+    claim is taken (the check after it), three when that check finds the result."""
+    row = conn.execute(
+        _PG_TAKE_CLAIM,
+        {"result_key": key, "holder": holder, "lease_seconds": float(lease_seconds)},
+    ).one()
+    if row.key is not None:
+        return result_from_row(row, reused=True, with_embedding=True) or False
+    if not row.claimed:
+        return False
+    return _checked_after_claim(conn, key, holder)
 
 
 _DROP_CLAIM = sa.delete(result_claims).where(
