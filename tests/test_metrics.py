@@ -135,7 +135,7 @@ async def test_an_upload_is_seen_in_both_services_metrics(
     assert (
         ingest.get(
             "mediatag_grpc_server_handled_total",
-            **handled(INGEST, "ReadMediaContent", "OK", "server_stream"),
+            **handled(INGEST, "ReadMediaContents", "OK"),
         )
         == 1
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mediatag.ingest.v1 import ingest_pb2 as pb
 
+from ingest_service.domain.library import Content
 from ingest_service.domain.models import (
     Media,
     MediaKind,
@@ -112,4 +113,23 @@ def delivery_to_pb(delivery: Delivery) -> pb.WebhookDelivery:
         create_time=timestamp(delivery.created_at),
         next_attempt_time=None if dead else timestamp(delivery.next_attempt_at),
         dead_time=timestamp(delivery.dead_at),
+    )
+
+
+def content_to_pb(content: Content) -> pb.MediaContent:
+    """One item of a batched read: its bytes, or why they are not in the answer."""
+    media = content.media
+    if media is None:
+        return pb.MediaContent(media_id=content.media_id, state=pb.MEDIA_CONTENT_STATE_NOT_FOUND)
+    if content.data is None:
+        state = pb.MEDIA_CONTENT_STATE_READ_SEPARATELY
+    else:
+        state = pb.MEDIA_CONTENT_STATE_INCLUDED
+    return pb.MediaContent(
+        media_id=content.media_id,
+        state=state,
+        data=content.data or b"",
+        content_type=media.content_type,
+        size_bytes=media.size_bytes,
+        sha256=media.sha256,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,12 @@ logger = logging.getLogger(__name__)
 
 MAX_REPROCESS_IDS = 1000
 _REPROCESSABLE = (ProcessingStatus.FAILED, ProcessingStatus.COMPLETED)
+# Reads of several items' bytes in one answer (the analysis service's claim check, one call
+# per group of jobs): ids per call, bytes per answer, and bytes of answers held at once (an
+# answer is held until its call ends: a client that does not read keeps it in memory).
+MAX_CONTENT_IDS = 64
+MAX_CONTENTS_BYTES = 1024 * 1024
+MAX_CONTENTS_BYTES_HELD = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,24 @@ class MediaPage:
 @dataclass(frozen=True)
 class Reprocessed:
     media_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Content:
+    """One requested item of a batched read: ``media`` None when unknown (or not the
+    caller's to see); ``data`` None when it is to be read on its own (``content``)."""
+
+    media_id: str
+    media: Media | None
+    data: bytes | None
+
+
+@dataclass(frozen=True)
+class Contents:
+    """A batched read's items in request order; ``release`` once its answer is sent."""
+
+    items: tuple[Content, ...]
+    held_bytes: int
 
 
 class MediaLibrary:
@@ -50,6 +75,8 @@ class MediaLibrary:
         self._limits = limits
         self._analysis = analysis
         self._page_tokens = page_tokens
+        # Bytes of batched answers not yet sent (see MAX_CONTENTS_BYTES_HELD).
+        self.contents_bytes_held = 0
 
     async def get(self, media_id: str, *, with_embedding: bool) -> Media:
         if not media_id:
@@ -106,6 +133,54 @@ class MediaLibrary:
         except StorageUnavailable:
             logger.error("content of media %s (sha256 %s) is unreadable", media.id, media.sha256)
             raise
+
+    async def contents(
+        self, media_ids: Sequence[str], *, owners: frozenset[str] | None
+    ) -> Contents:
+        """The bytes of each of ``media_ids`` that fits in one answer, the others' metadata.
+
+        Items of owners outside ``owners`` (None: all) are as unknown. An item goes in while
+        the answer stays within MAX_CONTENTS_BYTES and the answers held within
+        MAX_CONTENTS_BYTES_HELD; the rest, and items whose blob cannot be read now, are left
+        for ``content`` to stream (which says why, if it fails too). The held bytes count
+        until ``release``.
+        """
+        if len(media_ids) > MAX_CONTENT_IDS:
+            raise invalid("media_ids", "TOO_MANY_MEDIA_IDS", f"at most {MAX_CONTENT_IDS}")
+        found = {
+            media.id: media
+            for media in await self._store.media_in_order(media_ids)
+            if owners is None or media.owner_id in owners
+        }
+        room = min(MAX_CONTENTS_BYTES, MAX_CONTENTS_BYTES_HELD - self.contents_bytes_held)
+        included: dict[str, Media] = {}
+        for media in found.values():
+            if media.size_bytes <= room:
+                included[media.id] = media
+                room -= media.size_bytes
+        held = sum(media.size_bytes for media in included.values())
+        self.contents_bytes_held += held
+        try:
+            read = await asyncio.gather(*(self._whole(media) for media in included.values()))
+        except BaseException:
+            self.release(held)
+            raise
+        data = dict(zip(included, read, strict=True))
+        items = tuple(
+            Content(media_id, found.get(media_id), data.get(media_id)) for media_id in media_ids
+        )
+        return Contents(items, held)
+
+    def release(self, held_bytes: int) -> None:
+        """A batched answer was sent (or its call ended): its bytes are no longer held."""
+        self.contents_bytes_held -= held_bytes
+
+    async def _whole(self, media: Media) -> bytes | None:
+        """All of a small item's bytes; None if its blob cannot be read now."""
+        try:
+            return b"".join([chunk async for chunk in self._blobs.read(media.sha256)])
+        except StorageUnavailable:
+            return None
 
     async def reprocess(
         self, media_ids: Sequence[str], *, owner_id: str, status: ProcessingStatus | None

@@ -31,6 +31,13 @@ class MediaView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MEDIA_VIEW_BASIC: _ClassVar[MediaView]
     MEDIA_VIEW_FULL: _ClassVar[MediaView]
 
+class MediaContentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MEDIA_CONTENT_STATE_UNSPECIFIED: _ClassVar[MediaContentState]
+    MEDIA_CONTENT_STATE_INCLUDED: _ClassVar[MediaContentState]
+    MEDIA_CONTENT_STATE_NOT_FOUND: _ClassVar[MediaContentState]
+    MEDIA_CONTENT_STATE_READ_SEPARATELY: _ClassVar[MediaContentState]
+
 class WebhookDeliveryState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     WEBHOOK_DELIVERY_STATE_UNSPECIFIED: _ClassVar[WebhookDeliveryState]
@@ -48,6 +55,10 @@ MEDIA_KIND_VIDEO: MediaKind
 MEDIA_VIEW_UNSPECIFIED: MediaView
 MEDIA_VIEW_BASIC: MediaView
 MEDIA_VIEW_FULL: MediaView
+MEDIA_CONTENT_STATE_UNSPECIFIED: MediaContentState
+MEDIA_CONTENT_STATE_INCLUDED: MediaContentState
+MEDIA_CONTENT_STATE_NOT_FOUND: MediaContentState
+MEDIA_CONTENT_STATE_READ_SEPARATELY: MediaContentState
 WEBHOOK_DELIVERY_STATE_UNSPECIFIED: WebhookDeliveryState
 WEBHOOK_DELIVERY_STATE_RETRYING: WebhookDeliveryState
 WEBHOOK_DELIVERY_STATE_DEAD: WebhookDeliveryState
@@ -282,6 +293,34 @@ class ReadMediaContentResponse(_message.Message):
     size_bytes: int
     sha256: str
     def __init__(self, data: _Optional[bytes] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class ReadMediaContentsRequest(_message.Message):
+    __slots__ = ("media_ids",)
+    MEDIA_IDS_FIELD_NUMBER: _ClassVar[int]
+    media_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, media_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReadMediaContentsResponse(_message.Message):
+    __slots__ = ("contents",)
+    CONTENTS_FIELD_NUMBER: _ClassVar[int]
+    contents: _containers.RepeatedCompositeFieldContainer[MediaContent]
+    def __init__(self, contents: _Optional[_Iterable[_Union[MediaContent, _Mapping]]] = ...) -> None: ...
+
+class MediaContent(_message.Message):
+    __slots__ = ("media_id", "state", "data", "content_type", "size_bytes", "sha256")
+    MEDIA_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    media_id: str
+    state: MediaContentState
+    data: bytes
+    content_type: str
+    size_bytes: int
+    sha256: str
+    def __init__(self, media_id: _Optional[str] = ..., state: _Optional[_Union[MediaContentState, str]] = ..., data: _Optional[bytes] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class WebhookDelivery(_message.Message):
     __slots__ = ("id", "endpoint", "message_id", "media_id", "owner_id", "status", "revision", "state", "attempts", "last_error", "event_time", "create_time", "next_attempt_time", "dead_time")

@@ -66,6 +66,11 @@ class IngestServiceStub:
                 request_serializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ReadMediaContentRequest.SerializeToString,
                 response_deserializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ReadMediaContentResponse.FromString,
                 _registered_method=True)
+        self.ReadMediaContents = channel.unary_unary(
+                '/mediatag.ingest.v1.IngestService/ReadMediaContents',
+                request_serializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ReadMediaContentsRequest.SerializeToString,
+                response_deserializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ReadMediaContentsResponse.FromString,
+                _registered_method=True)
         self.ListWebhookDeliveries = channel.unary_unary(
                 '/mediatag.ingest.v1.IngestService/ListWebhookDeliveries',
                 request_serializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ListWebhookDeliveriesRequest.SerializeToString,
@@ -127,6 +132,15 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadMediaContents(self, request, context):
+        """Answers the stored bytes of several small items at once (up to 64 ids; one answer holds
+        up to 1 MiB): the analysis service's claim check at one call per group of jobs instead
+        of one stream per job. An item left out of an answer is read with ReadMediaContent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListWebhookDeliveries(self, request, context):
         """Lists webhook deliveries not yet accepted by their endpoint (still retried, or dead),
         newest first, with AIP-158 paging.
@@ -175,6 +189,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.ReadMediaContent,
                     request_deserializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ReadMediaContentRequest.FromString,
                     response_serializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ReadMediaContentResponse.SerializeToString,
+            ),
+            'ReadMediaContents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadMediaContents,
+                    request_deserializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ReadMediaContentsRequest.FromString,
+                    response_serializer=mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ReadMediaContentsResponse.SerializeToString,
             ),
             'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWebhookDeliveries,
@@ -351,6 +370,33 @@ class IngestService:
             '/mediatag.ingest.v1.IngestService/ReadMediaContent',
             mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ReadMediaContentRequest.SerializeToString,
             mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ReadMediaContentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadMediaContents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mediatag.ingest.v1.IngestService/ReadMediaContents',
+            mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ReadMediaContentsRequest.SerializeToString,
+            mediatag_dot_ingest_dot_v1_dot_ingest__pb2.ReadMediaContentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

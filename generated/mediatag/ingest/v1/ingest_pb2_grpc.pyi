@@ -50,6 +50,11 @@ class IngestServiceStub:
     """Sends items back to analysis, by ids or by filter."""
     ReadMediaContent: _grpc.UnaryStreamMultiCallable[_ingest_pb2.ReadMediaContentRequest, _ingest_pb2.ReadMediaContentResponse]
     """Streams the stored bytes of one item in chunks (the analysis service's claim check)."""
+    ReadMediaContents: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ReadMediaContentsRequest, _ingest_pb2.ReadMediaContentsResponse]
+    """Answers the stored bytes of several small items at once (up to 64 ids; one answer holds
+    up to 1 MiB): the analysis service's claim check at one call per group of jobs instead
+    of one stream per job. An item left out of an answer is read with ReadMediaContent.
+    """
     ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListWebhookDeliveriesRequest, _ingest_pb2.ListWebhookDeliveriesResponse]
     """Lists webhook deliveries not yet accepted by their endpoint (still retried, or dead),
     newest first, with AIP-158 paging.
@@ -81,6 +86,11 @@ class IngestServiceAsyncStub(IngestServiceStub):
     """Sends items back to analysis, by ids or by filter."""
     ReadMediaContent: _aio.UnaryStreamMultiCallable[_ingest_pb2.ReadMediaContentRequest, _ingest_pb2.ReadMediaContentResponse]  # type: ignore[assignment]
     """Streams the stored bytes of one item in chunks (the analysis service's claim check)."""
+    ReadMediaContents: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ReadMediaContentsRequest, _ingest_pb2.ReadMediaContentsResponse]  # type: ignore[assignment]
+    """Answers the stored bytes of several small items at once (up to 64 ids; one answer holds
+    up to 1 MiB): the analysis service's claim check at one call per group of jobs instead
+    of one stream per job. An item left out of an answer is read with ReadMediaContent.
+    """
     ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListWebhookDeliveriesRequest, _ingest_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
     """Lists webhook deliveries not yet accepted by their endpoint (still retried, or dead),
     newest first, with AIP-158 paging.
@@ -145,6 +155,17 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_ingest_pb2.ReadMediaContentResponse], _abc.AsyncIterator[_ingest_pb2.ReadMediaContentResponse]]:
         """Streams the stored bytes of one item in chunks (the analysis service's claim check)."""
+
+    @_abc_1.abstractmethod
+    def ReadMediaContents(
+        self,
+        request: _ingest_pb2.ReadMediaContentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.ReadMediaContentsResponse, _abc.Awaitable[_ingest_pb2.ReadMediaContentsResponse]]:
+        """Answers the stored bytes of several small items at once (up to 64 ids; one answer holds
+        up to 1 MiB): the analysis service's claim check at one call per group of jobs instead
+        of one stream per job. An item left out of an answer is read with ReadMediaContent.
+        """
 
     @_abc_1.abstractmethod
     def ListWebhookDeliveries(
