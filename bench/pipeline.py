@@ -24,6 +24,7 @@ from bench.jpeg import photo_like_jpeg, with_comment
 from bench.load import run_closed_loop
 from bench.processes import running_server
 from bench.sim_server import SimServer
+from mediatag_common.errors import error_info
 from mediatag_common.grpc_server import channel_options
 
 FILES_PER_UPLOAD = 32
@@ -143,7 +144,8 @@ class Completions:
     """One WatchStatus stream over every item, from when it opens: when each job completed.
 
     ``times`` holds ``time.perf_counter()`` at the receipt of each job's COMPLETED status.
-    A FAILED status, or the stream ending first, fails the run.
+    A FAILED status, or the stream ending first, fails the run; a stream cut off as too slow
+    is resumed from its last revision (``resumed`` counts those).
     """
 
     def __init__(self, analysis: analysis_pb2_grpc.AnalysisServiceAsyncStub, expected: int) -> None:
@@ -153,6 +155,9 @@ class Completions:
         self._completed: set[str] = set()
         self._opened = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # The revision read last, where a stream cut off as too slow resumes; how often.
+        self._revision = 0
+        self.resumed = 0
 
     async def __aenter__(self) -> Completions:
         self._task = asyncio.create_task(self._read())
@@ -189,17 +194,33 @@ class Completions:
 
     async def _read(self) -> None:
         request = analysis_pb2.WatchStatusRequest(send_initial_state=True)
+        while True:
+            try:
+                await self._read_stream(request)
+                return
+            except grpc.aio.AioRpcError as error:
+                info = error_info(error)
+                if info is None or info.reason != "WATCHER_TOO_SLOW":
+                    raise
+            # Cut off as too slow (a burst of submissions outran it): resume where it was,
+            # as a client does.
+            self.resumed += 1
+            request = analysis_pb2.WatchStatusRequest(start_revision=self._revision)
+
+    async def _read_stream(self, request: analysis_pb2.WatchStatusRequest) -> None:
         call = self._analysis.WatchStatus(request)
         try:
             async for response in call:
                 now = time.perf_counter()
                 if response.HasField("bookmark"):
                     if response.bookmark.initial_state_end:
+                        self._revision = response.revision
                         self._opened.set()
                     continue
                 change = response.change
                 if change.initial_state:
                     continue
+                self._revision = response.revision
                 if change.status == _FAILED:
                     error = change.error
                     raise RuntimeError(
