@@ -168,11 +168,15 @@ def media_owners(conn: Connection, media_ids: Sequence[str]) -> dict[str, str]:
     return {row.id: row.owner_id for row in rows}
 
 
+# Built once: an expanding parameter keeps one compiled form for every list of ids.
+_GET_MEDIA_MANY = sa.select(*media_columns(with_embedding=False)).where(
+    media.c.id.in_(sa.bindparam("media_ids", expanding=True))
+)
+
+
 def get_media_many(conn: Connection, media_ids: Sequence[str]) -> list[Media]:
     """The items of ``media_ids`` (embeddings left out), in that order; unknown ids are skipped."""
-    rows = conn.execute(
-        sa.select(*media_columns(with_embedding=False)).where(media.c.id.in_(list(media_ids)))
-    )
+    rows = conn.execute(_GET_MEDIA_MANY, {"media_ids": list(media_ids)})
     found = {row.id: media_from_row(row) for row in rows}
     return [found[media_id] for media_id in media_ids if media_id in found]
 
