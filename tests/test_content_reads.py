@@ -134,6 +134,20 @@ async def test_the_bytes_held_in_answers_are_bounded_until_each_call_ends(
     assert b"".join([chunk.data async for chunk in chunks]) == contents[1]
 
 
+async def test_an_id_named_twice_counts_twice_in_the_answer(
+    ingest: IngestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub = await ingest.start()
+    (media,) = await upload(stub, samples.jpeg_bytes(4))
+    monkeypatch.setattr(library, "MAX_CONTENTS_BYTES", 2 * media.size_bytes)
+
+    answer = await stub.ReadMediaContents(
+        ipb.ReadMediaContentsRequest(media_ids=[media.id] * 3), timeout=PATIENCE
+    )
+
+    assert [item.state for item in answer.contents] == [INCLUDED, INCLUDED, READ_SEPARATELY]
+
+
 async def test_the_analysis_service_reads_jobs_bytes_together_and_streams_the_large(
     ingest: IngestServer,
 ) -> None:

@@ -153,21 +153,26 @@ class MediaLibrary:
             if owners is None or media.owner_id in owners
         }
         room = min(MAX_CONTENTS_BYTES, MAX_CONTENTS_BYTES_HELD - self.contents_bytes_held)
-        included: dict[str, Media] = {}
-        for media in found.values():
-            if media.size_bytes <= room:
-                included[media.id] = media
+        # Counted per id asked for: an id named twice is in the answer twice.
+        taken: list[bool] = []
+        for media_id in media_ids:
+            media = found.get(media_id)
+            taken.append(media is not None and media.size_bytes <= room)
+            if media is not None and taken[-1]:
                 room -= media.size_bytes
-        held = sum(media.size_bytes for media in included.values())
+        chosen = [media_id for media_id, took in zip(media_ids, taken, strict=True) if took]
+        held = sum(found[media_id].size_bytes for media_id in chosen)
+        wanted = {media_id: found[media_id] for media_id in chosen}
         self.contents_bytes_held += held
         try:
-            read = await asyncio.gather(*(self._whole(media) for media in included.values()))
+            read = await asyncio.gather(*(self._whole(media) for media in wanted.values()))
         except BaseException:
             self.release(held)
             raise
-        data = dict(zip(included, read, strict=True))
+        data = dict(zip(wanted, read, strict=True))
         items = tuple(
-            Content(media_id, found.get(media_id), data.get(media_id)) for media_id in media_ids
+            Content(media_id, found.get(media_id), data[media_id] if took else None)
+            for media_id, took in zip(media_ids, taken, strict=True)
         )
         return Contents(items, held)
 
@@ -176,11 +181,19 @@ class MediaLibrary:
         self.contents_bytes_held -= held_bytes
 
     async def _whole(self, media: Media) -> bytes | None:
-        """All of a small item's bytes; None if its blob cannot be read now."""
+        """All of a small item's bytes; None if its blob cannot be read now, or holds more
+        than the item's size (the stream says what is wrong)."""
+        chunks: list[bytes] = []
+        received = 0
         try:
-            return b"".join([chunk async for chunk in self._blobs.read(media.sha256)])
+            async for chunk in self._blobs.read(media.sha256):
+                received += len(chunk)
+                if received > media.size_bytes:
+                    return None
+                chunks.append(chunk)
         except StorageUnavailable:
             return None
+        return b"".join(chunks)
 
     async def reprocess(
         self, media_ids: Sequence[str], *, owner_id: str, status: ProcessingStatus | None
