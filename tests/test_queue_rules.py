@@ -433,6 +433,16 @@ async def claimed_and_given_back(queue: Queue, claimed: list[ClaimedJob]) -> lis
     return [job for job in jobs if job.spec.media_id not in held and job.attempts]
 
 
+def assert_given_back_unstarted(job: Job) -> None:
+    """``job``'s attempts tell a user it was claimed ahead and never started: the attempt did
+    not count, and its error is not a worker's that stopped."""
+    assert (job.status, job.attempt, outcomes(job)) == (JobStatus.PENDING, 0, [(1, "RELEASED")])
+    error = job.attempts[0].error
+    assert error is not None
+    assert (error.reason, error.transient) == ("NOT_STARTED", True)
+    assert error.message.startswith("claimed ahead by this replica but not started")
+
+
 async def test_jobs_are_claimed_ahead_at_the_rate_the_workers_start_them() -> None:
     queue = queue_of()
     await queue.jobs.submit([spec(n) for n in range(1000)])
@@ -470,7 +480,19 @@ async def test_a_job_claimed_ahead_that_no_worker_starts_goes_back_without_using
     given_back = await claimed_and_given_back(queue, claimed)
     assert given_back
     for job in given_back:
-        assert (job.status, job.attempt, outcomes(job)) == (JobStatus.PENDING, 0, [(1, "RELEASED")])
+        assert_given_back_unstarted(job)
+        # A watcher saw the claim and the give-back: PROCESSING, then PENDING with the
+        # attempt number back and no error (the job has none; only its attempt says why).
+        seen = [
+            (event.status, event.attempt, event.error)
+            for event in queue.published
+            if event.media_id == job.spec.media_id
+        ]
+        assert seen == [
+            (JobStatus.PENDING, 0, None),
+            (JobStatus.PROCESSING, 1, None),
+            (JobStatus.PENDING, 0, None),
+        ]
 
 
 async def test_completions_are_written_behind_up_to_a_bound_then_the_worker_waits() -> None:
@@ -512,7 +534,7 @@ async def test_closing_writes_the_completions_behind_and_gives_back_the_jobs_cla
     given_back = await claimed_and_given_back(queue, claimed)
     assert given_back
     for job in given_back:
-        assert (job.status, job.attempt, outcomes(job)) == (JobStatus.PENDING, 0, [(1, "RELEASED")])
+        assert_given_back_unstarted(job)
 
 
 async def test_a_pause_gives_back_the_jobs_claimed_ahead() -> None:
@@ -526,4 +548,4 @@ async def test_a_pause_gives_back_the_jobs_claimed_ahead() -> None:
     assert await processing(queue) == len(claimed)
     assert await queue.jobs.claim() is None, "a job claimed ahead was started while paused"
     for job in await claimed_and_given_back(queue, claimed):
-        assert (job.status, job.attempt, outcomes(job)) == (JobStatus.PENDING, 0, [(1, "RELEASED")])
+        assert_given_back_unstarted(job)

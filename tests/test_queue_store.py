@@ -351,11 +351,19 @@ async def test_closing_the_queue_writes_its_completions_and_gives_back_its_jobs_
         ] * 3
         depth = await store.depth()
         assert [depth.counts[status] for status in JobStatus] == [10, 7, 3, 0]
+        given_back = 0
         for number in range(20):
             job = await store.get_job(spec(number).media_id, with_embedding=False)
             assert job is not None
             if job.spec.media_id not in held:
                 assert (job.status, job.attempt) == (JobStatus.PENDING, 0)
+                if job.attempts:
+                    # Its attempt tells it was never started (not of a worker that stopped).
+                    (attempt,) = job.attempts
+                    assert attempt.error is not None
+                    assert (attempt.outcome, attempt.error.reason) == ("RELEASED", "NOT_STARTED")
+                    given_back += 1
+        assert given_back > 0, "no job was claimed ahead"
     finally:
         await db.close()
 

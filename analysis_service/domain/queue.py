@@ -55,6 +55,14 @@ logger = logging.getLogger(__name__)
 
 LEASE_EXPIRED = JobError("LEASE_EXPIRED", "the worker's lease expired (crashed or stalled)", True)
 RELEASED = JobError("RELEASED", "the worker stopped before finishing (shutdown)", True)
+# A job claimed ahead (see MAX_AHEAD) that no worker of this replica started: it was never
+# worked on, and its attempt says so rather than telling of a worker that stopped.
+NOT_STARTED = JobError(
+    "NOT_STARTED",
+    "claimed ahead by this replica but not started (not in time, or a pause or shutdown came"
+    " first); given back for any replica to take",
+    True,
+)
 
 # Completions queued and not yet committed, at most (each holds its job's lease and result).
 MAX_PENDING_ENDS = 128
@@ -200,7 +208,7 @@ class JobQueue:
         """Release ``jobs`` (claimed ahead, never started) in one group; one that cannot be
         released goes back when its lease expires."""
         released = await asyncio.gather(
-            *(self.release(job) for job in jobs), return_exceptions=True
+            *(self._end(_given_back(job, NOT_STARTED)) for job in jobs), return_exceptions=True
         )
         for job, outcome in zip(jobs, released, strict=True):
             if isinstance(outcome, Exception):
@@ -322,16 +330,7 @@ class JobQueue:
 
     async def release(self, job: ClaimedJob) -> StatusEvent:
         """Give a job back on shutdown: PENDING at once; the attempt does not count."""
-        return await self._end(
-            AttemptEnd(
-                job,
-                JobStatus.PENDING,
-                AttemptOutcome.RELEASED,
-                job.attempt - 1,
-                attempt_error=RELEASED,
-                delay=0.0,
-            )
-        )
+        return await self._end(_given_back(job, RELEASED))
 
     async def _end(self, end: AttemptEnd) -> StatusEvent:
         event = await self._ends.commit(end)
@@ -475,3 +474,16 @@ class JobQueue:
 
 def _lease_lost(job: ClaimedJob) -> LeaseLost:
     return LeaseLost(f"lease on media {job.spec.media_id} was lost")
+
+
+def _given_back(job: ClaimedJob, why: JobError) -> AttemptEnd:
+    """``job`` back to PENDING at once, its attempt ended as RELEASED (``why``) and not
+    counted."""
+    return AttemptEnd(
+        job,
+        JobStatus.PENDING,
+        AttemptOutcome.RELEASED,
+        job.attempt - 1,
+        attempt_error=why,
+        delay=0.0,
+    )
