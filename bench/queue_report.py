@@ -124,9 +124,10 @@ def print_setup(setup: Setup) -> None:
         "a time, while one",
         "            WatchStatus stream reads every event; timed from the first SubmitJobs to "
         "the last",
-        "            COMPLETED read. Per job: claim, cache lookup, ReadMediaContent + sha256, "
-        "analyser,",
-        "            result write, complete; events PENDING, PROCESSING, COMPLETED",
+        "            COMPLETED read. Per job: claim, cache lookup, its bytes (ReadMediaContents, "
+        "several jobs",
+        "            a call) + sha256, analyser, complete with the result; events PENDING, "
+        "PROCESSING, COMPLETED",
         "  alone     JobQueue over a new SQLite file in this process, built as the service "
         "builds it;",
         f"            submit in batches of {setup.submit_batch}, then {setup.workers} tasks "
