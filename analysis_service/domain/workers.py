@@ -205,7 +205,7 @@ class WorkerPool:
         """Keep the lease until the completion written behind commits; report its outcome."""
         outcome = AttemptOutcome.NOT_RECORDED
         try:
-            outcome = await self._record(job, _committed(completion))
+            outcome = await self._record(job, completion)
         finally:
             heartbeat.cancel()
             self._observer.attempt_ended(outcome, self._clock.monotonic() - started, job.attempt)
@@ -301,7 +301,7 @@ class WorkerPool:
             reused=False,
         )
 
-    async def _record(self, job: ClaimedJob, work: Awaitable[None]) -> AttemptOutcome:
+    async def _record(self, job: ClaimedJob, work: Awaitable[object]) -> AttemptOutcome:
         """Run ``work`` and turn its failure into the job's next status; the attempt's outcome."""
         spec = job.spec
         try:
@@ -395,10 +395,6 @@ class WorkerPool:
                     return
             except StorageUnavailable as exc:
                 logger.error("media %s: lease renewal failed: %s", job.spec.media_id, exc)
-
-
-async def _committed(completion: asyncio.Future[StatusEvent]) -> None:
-    await completion
 
 
 def _retrieved(reading: asyncio.Task[bytes]) -> None:
