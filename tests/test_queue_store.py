@@ -297,11 +297,11 @@ async def test_a_claim_asked_for_after_the_result_is_stored_is_refused(
     key = "k" * 64
     result = JobResult(("tag",), np.ones(4, dtype=np.float32), 4, "test", "1", reused=False)
 
-    assert await first.take_analysis(key, "first", 60.0) is True
-    assert await second.cached_result(key) is None
+    assert await first.take_analyses([key], "first", 60.0) == [True]
+    assert await second.cached_results([key]) == [None]
     await first.store_result(key, "f" * 64, result, holder="first")
 
-    stored = await second.take_analysis(key, "second", 60.0)
+    (stored,) = await second.take_analyses([key], "second", 60.0)
     assert isinstance(stored, JobResult)
     assert stored.tags == ("tag",)
     assert stored.reused
@@ -315,13 +315,41 @@ async def test_a_live_claim_is_refused_to_others_and_an_expired_one_taken_over(
     first, second = shared_replicas().store, shared_replicas().store
     key = "c" * 64
 
-    assert await first.take_analysis(key, "first", 60.0) is True
-    assert await second.take_analysis(key, "second", 60.0) is False
-    assert await first.take_analysis(key, "first", 60.0) is True
+    assert await first.take_analyses([key], "first", 60.0) == [True]
+    assert await second.take_analyses([key], "second", 60.0) == [False]
+    assert await first.take_analyses([key], "first", 60.0) == [True]
     # A lease already over (a negative one): the claim is free to take.
-    assert await first.take_analysis(key, "first", -1.0) is True
-    assert await second.take_analysis(key, "second", 60.0) is True
-    assert await first.take_analysis(key, "first", 60.0) is False
+    assert await first.take_analyses([key], "first", -1.0) == [True]
+    assert await second.take_analyses([key], "second", 60.0) == [True]
+    assert await first.take_analyses([key], "first", 60.0) == [False]
+
+
+async def test_one_take_analyses_answers_each_key_in_the_order_asked(
+    shared_replicas: Callable[[], Replica],
+) -> None:
+    """Keys looked up together: a stored one gives its result, a free one is claimed, one
+    under another holder's live claim is refused, each in its place; a key asked twice in
+    one call is refused before anything is claimed."""
+    first, second = shared_replicas().store, shared_replicas().store
+    stored_key, free_key, held_key = "s" * 64, "f" * 64, "h" * 64
+    result = JobResult(("tag",), np.ones(4, dtype=np.float32), 4, "test", "1", reused=False)
+    await first.store_result(stored_key, "a" * 64, result, holder=None)
+    assert await first.take_analyses([held_key], "first", 60.0) == [True]
+
+    with pytest.raises(ValueError, match="distinct"):
+        await second.take_analyses([free_key, free_key], "second", 60.0)
+    assert await first.take_analyses([free_key], "first", 60.0) == [True]
+    await first.drop_analysis(free_key, "first")
+
+    held, found, free = await second.take_analyses(
+        [held_key, stored_key, free_key], "second", 60.0
+    )
+    assert (held, free) == (False, True)
+    assert isinstance(found, JobResult)
+    assert found.tags == ("tag",)
+    assert found.reused
+    # The free key is now the second's: the first is refused it.
+    assert await first.take_analyses([free_key], "first", 60.0) == [False]
 
 
 async def test_closing_the_queue_writes_its_completions_and_gives_back_its_jobs_claimed_ahead(

@@ -17,13 +17,16 @@ import dataclasses
 import hashlib
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
+from analysis_service.domain.gathering import Gathering
 from analysis_service.domain.models import JobResult
 from analysis_service.domain.store import NewResult, QueueStore
 
 # How often a process waiting for another process's analysis of a key looks for its result.
 OTHER_HOLDER_POLL = 0.25
+# The most keys looked up in one round trip (the workers of a process ask at once).
+MAX_LOOK_UP_BATCH = 64
 
 
 class ResultCache:
@@ -45,6 +48,8 @@ class ResultCache:
         self._holder = uuid.uuid4().hex
         # The keys this process is analysing; each future holds the result once computed.
         self._in_flight: dict[str, asyncio.Future[JobResult | None]] = {}
+        # Distinct keys: a key is looked up only by the job that put it in ``_in_flight``.
+        self._looking_up = Gathering(self._look_up_all, max_batch=MAX_LOOK_UP_BATCH)
         self.hits = 0
         self.misses = 0
 
@@ -134,10 +139,14 @@ class ResultCache:
 
     async def _look_up(self, key: str) -> JobResult | bool:
         """The stored result, else whether this process is now the one analysing ``key``
-        (always, when no other process shares the store): one transaction either way."""
+        (always, when no other process shares the store): one round trip with the keys the
+        other workers look up at the same moment."""
+        return await self._looking_up.ask(key)
+
+    async def _look_up_all(self, keys: Sequence[str]) -> Sequence[JobResult | bool]:
         if self._store.shared:
-            return await self._store.take_analysis(key, self._holder, self._claim_seconds)
-        return await self._store.cached_result(key) or True
+            return await self._store.take_analyses(keys, self._holder, self._claim_seconds)
+        return [found or True for found in await self._store.cached_results(keys)]
 
     def _finish(
         self, key: str, done: asyncio.Future[JobResult | None], result: JobResult | None = None

@@ -212,7 +212,9 @@ class QueueStore(Protocol):
 
     # -- the result cache ------------------------------------------------------------------
 
-    async def cached_result(self, key: str) -> JobResult | None: ...
+    async def cached_results(self, keys: Sequence[str]) -> Sequence[JobResult | None]:
+        """The result stored under each of ``keys`` (None where there is none)."""
+        ...
 
     async def store_result(
         self, key: str, sha256: str, result: JobResult, *, holder: str | None
@@ -221,10 +223,13 @@ class QueueStore(Protocol):
         ``holder``'s claim on it."""
         ...
 
-    async def take_analysis(self, key: str, holder: str, lease_seconds: float) -> JobResult | bool:
-        """The result stored under ``key`` if there is one; else whether ``holder`` became
-        the one process analysing ``key`` for ``lease_seconds`` (False while another
-        holder's claim on it is live). One transaction."""
+    async def take_analyses(
+        self, keys: Sequence[str], holder: str, lease_seconds: float
+    ) -> Sequence[JobResult | bool]:
+        """For each of ``keys`` (distinct, else ValueError): the result stored under it if
+        there is one; else whether ``holder`` became the one process analysing it for
+        ``lease_seconds`` (False while another holder's claim on it is live). One
+        transaction for them all."""
         ...
 
     async def drop_analysis(self, key: str, holder: str) -> None:

@@ -389,16 +389,23 @@ class MemoryQueueStore:
 
     # -- the result cache --------------------------------------------------------------------
 
-    async def cached_result(self, key: str) -> JobResult | None:
-        return self._results.get(key, reused=True, with_embedding=True)
+    async def cached_results(self, keys: Sequence[str]) -> Sequence[JobResult | None]:
+        return [self._results.get(key, reused=True, with_embedding=True) for key in keys]
 
     async def store_result(
         self, key: str, sha256: str, result: JobResult, *, holder: str | None
     ) -> None:
         self._results.store(key, result, holder)
 
-    async def take_analysis(self, key: str, holder: str, lease_seconds: float) -> JobResult | bool:
-        return self._results.take(key, holder, now=self.now(), lease_seconds=lease_seconds)
+    async def take_analyses(
+        self, keys: Sequence[str], holder: str, lease_seconds: float
+    ) -> Sequence[JobResult | bool]:
+        if len(set(keys)) != len(keys):
+            raise ValueError("the keys of one take_analyses are distinct")
+        now = self.now()
+        return [
+            self._results.take(key, holder, now=now, lease_seconds=lease_seconds) for key in keys
+        ]
 
     async def drop_analysis(self, key: str, holder: str) -> None:
         self._results.drop(key, holder)

@@ -338,8 +338,8 @@ class SqlQueueStore:
 
     # -- the result cache --------------------------------------------------------------------
 
-    async def cached_result(self, key: str) -> JobResult | None:
-        return await read(self._db, lambda conn: result_rows.get_result(conn, key))
+    async def cached_results(self, keys: Sequence[str]) -> Sequence[JobResult | None]:
+        return await read(self._db, lambda conn: result_rows.get_results(conn, keys))
 
     async def store_result(
         self, key: str, sha256: str, result: JobResult, *, holder: str | None
@@ -351,18 +351,21 @@ class SqlQueueStore:
 
         await write(self._db, transaction)
 
-    async def take_analysis(self, key: str, holder: str, lease_seconds: float) -> JobResult | bool:
+    async def take_analyses(
+        self, keys: Sequence[str], holder: str, lease_seconds: float
+    ) -> Sequence[JobResult | bool]:
+        _check_distinct(keys)
         if self._db.dialect == POSTGRESQL:
             return await statement(
                 self._db,
-                lambda conn: result_rows.take_result_claim_committed(
-                    conn, key, holder, lease_seconds=lease_seconds
+                lambda conn: result_rows.take_result_claims_committed(
+                    conn, keys, holder, lease_seconds=lease_seconds
                 ),
             )
         return await write(
             self._db,
-            lambda conn: result_rows.take_result_claim(
-                conn, key, holder, lease_seconds=lease_seconds
+            lambda conn: result_rows.take_result_claims(
+                conn, keys, holder, lease_seconds=lease_seconds
             ),
         )
 
@@ -426,3 +429,9 @@ def _claim_draft(row: Any) -> EventDraft:
     return EventDraft(
         row.media_id, row.owner_id, JobStatus.PROCESSING, JobStatus.PENDING, row.attempt
     )
+
+
+def _check_distinct(keys: Sequence[str]) -> None:
+    # One statement claims a key once: asked twice, its second claim would hit its first.
+    if len(set(keys)) != len(keys):
+        raise ValueError("the keys of one take_analyses are distinct")

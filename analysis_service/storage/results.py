@@ -25,12 +25,18 @@ from mediatag_common.database import (
 )
 from mediatag_common.embeddings import embedding_to_bytes
 
-_GET_RESULT = sa.select(results).where(results.c.key == sa.bindparam("result_key"))
+_GET_RESULTS = sa.select(results).where(
+    results.c.key.in_(sa.bindparam("result_keys", expanding=True))
+)
 
 
-def get_result(conn: Connection, key: str) -> JobResult | None:
-    row = conn.execute(_GET_RESULT, {"result_key": key}).first()
-    return result_from_row(row, reused=True, with_embedding=True) if row else None
+def get_results(conn: Connection, keys: Sequence[str]) -> list[JobResult | None]:
+    """The result stored under each of ``keys`` (None where there is none), in one query."""
+    rows = {row.key: row for row in conn.execute(_GET_RESULTS, {"result_keys": list(keys)})}
+    return [
+        result_from_row(rows[key], reused=True, with_embedding=True) if key in rows else None
+        for key in keys
+    ]
 
 
 def _result_row(key: str, sha256: str, result: JobResult) -> dict[str, Any]:
@@ -121,79 +127,98 @@ def store_new_results(conn: Connection, ends: Sequence[AttemptEnd]) -> None:
         conn.execute(_DROP_CLAIM, claims)
 
 
-def take_result_claim(
-    conn: Connection, key: str, holder: str, *, lease_seconds: float
-) -> JobResult | bool:
-    """The result stored under ``key``; else claim its analysis for ``holder`` (True) unless
-    another holder's claim is still live (False). Times on the database's clock."""
-    stored = get_result(conn, key)
-    if stored is not None:
-        return stored
+def take_result_claims(
+    conn: Connection, keys: Sequence[str], holder: str, *, lease_seconds: float
+) -> list[JobResult | bool]:
+    """For each of ``keys`` (distinct): the result stored under it; else claim its analysis
+    for ``holder`` (True) unless another holder's claim is still live (False). In the
+    caller's transaction; times on the database's clock."""
+    taken: list[JobResult | bool] = []
     now = clock.database_now(conn.dialect.name)
-    statement = insert(conn, result_claims).values(
-        key=key, holder=holder, expires_at=now + lease_seconds
-    )
-    statement = statement.on_conflict_do_update(
-        index_elements=[result_claims.c.key],
-        set_={"holder": holder, "expires_at": now + lease_seconds},
-        where=sa.or_(result_claims.c.expires_at < now, result_claims.c.holder == holder),
-    ).returning(result_claims.c.holder)
-    if conn.execute(statement).first() is None:
-        return False
-    return _checked_after_claim(conn, key, holder)
+    for key, stored in zip(keys, get_results(conn, keys), strict=True):
+        if stored is not None:
+            taken.append(stored)
+            continue
+        statement = insert(conn, result_claims).values(
+            key=key, holder=holder, expires_at=now + lease_seconds
+        )
+        statement = statement.on_conflict_do_update(
+            index_elements=[result_claims.c.key],
+            set_={"holder": holder, "expires_at": now + lease_seconds},
+            where=sa.or_(result_claims.c.expires_at < now, result_claims.c.holder == holder),
+        ).returning(result_claims.c.holder)
+        taken.append(conn.execute(statement).first() is not None)
+    return taken
 
 
-def _checked_after_claim(conn: Connection, key: str, holder: str) -> JobResult | bool:
-    """Whether the claim just taken stands (True), or the result stored meanwhile.
-
-    A holder storing its result drops its claim in the same transaction, and a claim taken
-    over that one waited for that transaction: a new statement (read committed) sees its
-    result, which the claim's statement did not."""
-    stored = get_result(conn, key)
-    if stored is None:
-        return True
-    drop_result_claim(conn, key, holder)
-    return stored
-
-
-# PostgreSQL: the stored result, else the claim of the key's analysis (taken unless another
-# holder's claim is live), in one statement of fixed text: one round trip, committed by itself.
-_PG_TAKE_CLAIM = sa.text(
+# PostgreSQL: for each key asked, the stored result, else the claim of its analysis (taken
+# unless another holder's claim is live), in one statement of fixed text: one round trip,
+# committed by itself. The claims are taken in key order, so that two replicas' statements
+# never wait for each other's rows crosswise.
+_PG_TAKE_CLAIMS = sa.text(
     f"""
-    WITH found AS (
-        SELECT * FROM results WHERE key = :result_key
+    WITH asked AS MATERIALIZED (
+        SELECT * FROM {unnest_parameters((("key", "text"),), "asked")}
+    ),
+    found AS MATERIALIZED (
+        SELECT results.* FROM results JOIN asked USING (key)
     ),
     claimed AS (
         INSERT INTO result_claims (key, holder, expires_at)
-        SELECT :result_key, :holder, {POSTGRESQL_NOW} + :lease_seconds
-        WHERE NOT EXISTS (SELECT FROM found)
+        SELECT asked.key, :holder, {POSTGRESQL_NOW} + :lease_seconds
+        FROM asked
+        WHERE NOT EXISTS (SELECT FROM found WHERE found.key = asked.key)
+        ORDER BY asked.key
         ON CONFLICT (key) DO UPDATE
         SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
         WHERE result_claims.expires_at < {POSTGRESQL_NOW}
             OR result_claims.holder = EXCLUDED.holder
-        RETURNING 1
+        RETURNING key
     )
-    SELECT found.*, (SELECT count(*) FROM claimed) AS claimed
-    FROM (SELECT) AS one LEFT JOIN found ON TRUE
+    SELECT found.*, claimed.key IS NOT NULL AS claimed
+    FROM asked
+    LEFT JOIN found ON found.key = asked.key
+    LEFT JOIN claimed ON claimed.key = asked.key
+    ORDER BY asked.position
     """
-).columns(*results.c, sa.column("claimed", sa.Integer))
+).columns(*results.c, sa.column("claimed", sa.Boolean))
 
 
-def take_result_claim_committed(
-    conn: Connection, key: str, holder: str, *, lease_seconds: float
-) -> JobResult | bool:
-    """:func:`take_result_claim` on PostgreSQL with each statement committed by itself: one
-    statement when the result is stored or another holder's claim is live, two when the
-    claim is taken (the check after it), three when that check finds the result."""
-    row = conn.execute(
-        _PG_TAKE_CLAIM,
-        {"result_key": key, "holder": holder, "lease_seconds": float(lease_seconds)},
-    ).one()
-    if row.key is not None:
-        return result_from_row(row, reused=True, with_embedding=True) or False
-    if not row.claimed:
-        return False
-    return _checked_after_claim(conn, key, holder)
+def take_result_claims_committed(
+    conn: Connection, keys: Sequence[str], holder: str, *, lease_seconds: float
+) -> list[JobResult | bool]:
+    """:func:`take_result_claims` on PostgreSQL with each statement committed by itself: one
+    statement, and a second when claims were taken (the check after them)."""
+    rows = conn.execute(
+        _PG_TAKE_CLAIMS,
+        {"key": list(keys), "holder": holder, "lease_seconds": float(lease_seconds)},
+    ).all()
+    taken: list[JobResult | bool] = [
+        result_from_row(row, reused=True, with_embedding=True) or False
+        if row.key is not None
+        else bool(row.claimed)
+        for row in rows
+    ]
+    claimed = [key for key, took in zip(keys, taken, strict=True) if took is True]
+    if claimed:
+        checked = dict(zip(claimed, _checked_after_claims(conn, claimed, holder), strict=True))
+        taken = [checked.get(key, took) for key, took in zip(keys, taken, strict=True)]
+    return taken
+
+
+def _checked_after_claims(
+    conn: Connection, keys: Sequence[str], holder: str
+) -> list[JobResult | bool]:
+    """Whether each claim just taken stands (True), or the result stored meanwhile.
+
+    A holder storing its result drops its claim in the same transaction, and a claim taken
+    over that one waited for that transaction (or came just after its commit): a new
+    statement (read committed) sees its result, which the claim's statement did not."""
+    stored = get_results(conn, keys)
+    found = [key for key, result in zip(keys, stored, strict=True) if result is not None]
+    if found:
+        conn.execute(_DROP_CLAIM, [{"claim_key": key, "claim_holder": holder} for key in found])
+    return [True if result is None else result for result in stored]
 
 
 _DROP_CLAIM = sa.delete(result_claims).where(
