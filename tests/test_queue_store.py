@@ -341,9 +341,7 @@ async def test_one_take_analyses_answers_each_key_in_the_order_asked(
     assert await first.take_analyses([free_key], "first", 60.0) == [True]
     await first.drop_analysis(free_key, "first")
 
-    held, found, free = await second.take_analyses(
-        [held_key, stored_key, free_key], "second", 60.0
-    )
+    held, found, free = await second.take_analyses([held_key, stored_key, free_key], "second", 60.0)
     assert (held, free) == (False, True)
     assert isinstance(found, JobResult)
     assert found.tags == ("tag",)
