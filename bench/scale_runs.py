@@ -33,9 +33,6 @@ SYNCHRONOUS = "FULL"
 WORKERS = 4
 BATCH = 100
 _DIMENSIONS = 16
-# No limit that could bind.
-_NO_LIMIT = 1e9
-_NO_LIMIT_BURST = 1_000_000
 # A run slower than this many jobs/s is declared stuck.
 _STUCK_BELOW = 20.0
 # The watch delay is measured under a steady flow of changes, not a saturated one.
@@ -139,7 +136,10 @@ class ReplicaRuns:
         self._ingest_pid = ingest_pid
         self._runs = 0
 
-    def _template(self, *, database_url: str | None, rate: float, burst: int) -> SimServer:
+    def _template(
+        self, *, database_url: str | None, rate: float | None = None, burst: int = 1
+    ) -> SimServer:
+        """A replica's settings; without ``rate``, the simulated API has no limit."""
         return SimServer(
             port=0, data_dir=self._root, ingest_address=self._ingest_address, workers=WORKERS,
             latency=0.0, rate_per_second=rate, burst=burst, synchronous=SYNCHRONOUS,
@@ -166,7 +166,7 @@ class ReplicaRuns:
     async def _pipeline(
         self, name: str, replicas: int, url: str | None, specs: Sequence[analysis_pb2.JobSpec]
     ) -> Row:
-        template = self._template(database_url=url, rate=_NO_LIMIT, burst=_NO_LIMIT_BURST)
+        template = self._template(database_url=url)
         async with running_replicas(
             self._work_dir("pipeline"), template, [WORKERS] * replicas
         ) as cluster:
@@ -209,9 +209,7 @@ class ReplicaRuns:
         print(f"measuring {watchers} watchers apart from the workers ...", flush=True)
         half = len(specs) // 2
         template = dataclasses.replace(
-            self._template(
-                database_url=self._pg.new_database(), rate=_NO_LIMIT, burst=_NO_LIMIT_BURST
-            ),
+            self._template(database_url=self._pg.new_database()),
             max_watchers=watchers + 10,
         )
         async with running_replicas(self._work_dir("apart"), template, [0, WORKERS]) as cluster:

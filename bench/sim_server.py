@@ -34,7 +34,8 @@ class SimServer:
     ingest_address: str
     workers: int
     latency: float
-    rate_per_second: float
+    # None: the simulated API has no limit.
+    rate_per_second: float | None
     burst: int
     synchronous: str
     dimensions: int = 16
@@ -48,10 +49,12 @@ class SimServer:
         argv = [
             "-m", "bench.sim_server", "--port", str(self.port), "--data-dir", str(self.data_dir),
             "--ingest-address", self.ingest_address, "--workers", str(self.workers),
-            "--latency", repr(self.latency), "--rate", repr(self.rate_per_second),
-            "--burst", str(self.burst), "--synchronous", self.synchronous,
-            "--dimensions", str(self.dimensions), "--max-watchers", str(self.max_watchers),
+            "--latency", repr(self.latency), "--burst", str(self.burst),
+            "--synchronous", self.synchronous, "--dimensions", str(self.dimensions),
+            "--max-watchers", str(self.max_watchers),
         ]  # fmt: skip
+        if self.rate_per_second is not None:
+            argv += ["--rate", repr(self.rate_per_second)]
         if self.database_url is not None:
             argv += ["--database-url", self.database_url]
         if self.calls_file is not None:
@@ -94,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ingest-address", required=True)
     parser.add_argument("--workers", type=int, required=True)
     parser.add_argument("--latency", type=float, required=True, help="seconds per call")
-    parser.add_argument("--rate", type=float, required=True, help="calls per second")
+    parser.add_argument("--rate", type=float, help="calls per second (default: no limit)")
     parser.add_argument("--burst", type=int, default=1)
     parser.add_argument("--synchronous", default="FULL", help="SQLite synchronous pragma")
     parser.add_argument("--dimensions", type=int, default=16)

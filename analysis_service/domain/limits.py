@@ -354,8 +354,9 @@ class RateLimits:
         return {name: api.quota_errors for name, api in self._apis.items()}
 
     def min_rate(self) -> float:
-        """The lowest configured rate: an upper bound on jobs per second."""
-        return min(api.config.rate_per_second for api in self._apis.values())
+        """The lowest configured rate: an upper bound on jobs per second (infinite for an
+        analyser that calls no limited API)."""
+        return min((api.config.rate_per_second for api in self._apis.values()), default=math.inf)
 
     async def snapshot(self) -> tuple[RateLimitState, ...]:
         """Each API's limit, use, pause and quota errors (of every replica when shared)."""
