@@ -1,8 +1,8 @@
 """The ingest service as the analysis domain's ContentSource, over gRPC.
 
 Small items (most images) are read several at a time with ``ReadMediaContents``: a read asked
-for while such a call is under way waits for the next one, sent a moment after it ends with
-every read waiting then (one call per group of jobs instead of one stream per job, on both
+for while :data:`BATCH_CALLS` such calls are under way waits for the next one, sent a moment
+after one ends with every read waiting then (one call per group of jobs instead of one stream per job, on both
 sides). Larger items, items the answer leaves out, and every item while ingest does not know
 that method (an older release answers UNIMPLEMENTED) are streamed with ``ReadMediaContent``.
 """
@@ -48,10 +48,10 @@ TRANSIENT_CODES = frozenset(
 BATCH_IDS = 64
 BATCH_BYTES = 1024 * 1024
 BATCHED_ITEM_BYTES = 256 * 1024
-# Calls of ReadMediaContents under way at once; reads asked for meanwhile wait for the next,
-# sent when the call before it ends, or at most this long after while fewer reads wait than
-# it carried.
-BATCH_CALLS = 1
+# Calls of ReadMediaContents under way at once; reads asked for while that many are under way
+# wait for the next, sent when one of them ends, or at most this long after while fewer
+# reads wait than it carried. Two, not one: a read need not wait out a whole call under way.
+BATCH_CALLS = 2
 BATCH_GATHERING = 0.001
 # After an UNIMPLEMENTED answer (an ingest replica of an older release), how long every item
 # is streamed before batches are tried again.

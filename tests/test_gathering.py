@@ -1,6 +1,6 @@
 """Gathering's rules: requests of one moment share a call, requests during a call wait for
-the next, a call's failure is each of its requests', a request cancelled before its call is
-not asked."""
+the next (or go at once while fewer than ``max_calls`` are under way), a call's failure is
+each of its requests', a request cancelled before its call is not asked."""
 
 from __future__ import annotations
 
@@ -64,6 +64,22 @@ async def test_requests_during_a_call_wait_for_the_next_which_takes_them_all() -
     assert upstream.calls == [[1], [2, 3, 4]]
 
 
+async def test_with_two_calls_allowed_a_request_during_one_goes_at_once_and_a_third_waits() -> None:
+    upstream = Upstream(hold=True)
+    gathering = Gathering(upstream.call, max_batch=10, max_calls=2)
+    first = asyncio.create_task(gathering.ask(1))
+    await _called(upstream, 1)
+    second = asyncio.create_task(gathering.ask(2))
+    await _called(upstream, 2)
+    third = [asyncio.create_task(gathering.ask(n)) for n in (3, 4)]
+    await asyncio.sleep(0)
+    assert upstream.calls == [[1], [2]]
+    upstream.release.set()
+    answers = await asyncio.wait_for(asyncio.gather(first, second, *third), 5)
+    assert list(answers) == [2, 4, 6, 8]
+    assert upstream.calls == [[1], [2], [3, 4]]
+
+
 async def test_a_call_carries_at_most_max_batch_requests() -> None:
     upstream = Upstream()
     gathering = Gathering(upstream.call, max_batch=3)
@@ -118,6 +134,8 @@ async def test_close_cancels_the_call_under_way_and_the_requests_waiting() -> No
     assert upstream.calls == [[1]]
 
 
-def test_a_call_carries_at_least_one_request() -> None:
+def test_a_call_carries_at_least_one_request_and_one_call_may_go() -> None:
     with pytest.raises(ValueError, match="at least one"):
         Gathering(Upstream().call, max_batch=0)
+    with pytest.raises(ValueError, match="one call may go"):
+        Gathering(Upstream().call, max_batch=1, max_calls=0)

@@ -25,8 +25,11 @@ from analysis_service.domain.store import NewResult, QueueStore
 
 # How often a process waiting for another process's analysis of a key looks for its result.
 OTHER_HOLDER_POLL = 0.25
-# The most keys looked up in one round trip (the workers of a process ask at once).
+# The most keys looked up in one round trip (the workers of a process ask at once), and the
+# look-ups under way at once: a worker whose job comes while one is under way need not wait
+# for it to end (with 4 workers and one at a time, the workers fell into step behind it).
 MAX_LOOK_UP_BATCH = 64
+MAX_LOOK_UPS = 2
 
 
 class ResultCache:
@@ -49,7 +52,9 @@ class ResultCache:
         # The keys this process is analysing; each future holds the result once computed.
         self._in_flight: dict[str, asyncio.Future[JobResult | None]] = {}
         # Distinct keys: a key is looked up only by the job that put it in ``_in_flight``.
-        self._looking_up = Gathering(self._look_up_all, max_batch=MAX_LOOK_UP_BATCH)
+        self._looking_up = Gathering(
+            self._look_up_all, max_batch=MAX_LOOK_UP_BATCH, max_calls=MAX_LOOK_UPS
+        )
         self.hits = 0
         self.misses = 0
 
