@@ -22,7 +22,6 @@ class Setup:
     submit_batch: int
     image_bytes: int
     embedding_dimensions: int
-    rate_limit: str
     synchronous: list[str]
     rounds: int
 
@@ -112,8 +111,7 @@ def print_setup(setup: Setup) -> None:
         f"  machine   {setup.cores} cores, {setup.platform}, python {setup.python}",
         f"  jobs      {setup.jobs}; analyser with no latency (fixed tags, "
         f"{setup.embedding_dimensions}-dim embedding),",
-        f"            limit {setup.rate_limit} (never binds); SQLite (WAL) synchronous "
-        f"{', '.join(setup.synchronous)}",
+        f"            no rate limit; SQLite (WAL) synchronous {', '.join(setup.synchronous)}",
         "            (the service's default is FULL), new databases for each setting",
         "  pipeline  `mediatag serve ingest` holds the bytes: byte-distinct "
         f"{setup.image_bytes / 1000:.1f} KB JPEGs uploaded",
