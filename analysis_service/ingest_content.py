@@ -2,9 +2,10 @@
 
 Small items (most images) are read several at a time with ``ReadMediaContents``: a read asked
 for while :data:`BATCH_CALLS` such calls are under way waits for the next one, sent a moment
-after one ends with every read waiting then (one call per group of jobs instead of one stream per job, on both
-sides). Larger items, items the answer leaves out, and every item while ingest does not know
-that method (an older release answers UNIMPLEMENTED) are streamed with ``ReadMediaContent``.
+after one ends with every read waiting then (one call per group of jobs instead of one stream
+per job, on both sides). Larger items, items the answer leaves out, and every item while
+ingest does not know that method (an older release answers UNIMPLEMENTED) are streamed with
+``ReadMediaContent``.
 """
 
 from __future__ import annotations
