@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from analysis_service.config import RetryPolicy
 from analysis_service.domain.cache import ResultCache
@@ -36,11 +39,13 @@ from analysis_service.domain.store import (
     NewResult,
     QueueStore,
 )
+from analysis_service.storage import results as result_rows
 from analysis_service.storage.memory_store import MemoryQueueStore
 from analysis_service.storage.queue_store import SqlQueueStore
 from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
-from mediatag_common.database import Database
+from mediatag_common.database import Database, database_url
 from tests.conftest import DATABASES, DatabaseUrls
+from tests.postgres import PostgresServer
 from tests.queue_support import spec
 
 
@@ -305,6 +310,81 @@ async def test_a_claim_asked_for_after_the_result_is_stored_is_refused(
     assert isinstance(stored, JobResult)
     assert stored.tags == ("tag",)
     assert stored.reused
+
+
+async def test_a_claim_that_waited_for_the_result_s_commit_is_refused_not_taken(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """The interleaving behind a second analysis on PostgreSQL: B's claim statement starts
+    before A's result commits, so it does not see the result, and meets A's claim while A's
+    transaction ends it. The claim A leaves settled refuses B (a deleted one would let B take
+    the key and analyse it again); B's next look finds the result."""
+    urls = DatabaseUrls("postgresql", tmp_path / "databases", postgres)
+    url = urls.new("race")
+    key = "r" * 64
+    result = JobResult(("tag",), np.ones(4, dtype=np.float32), 4, "test", "1", reused=False)
+    engine = sa.create_engine(database_url(url))
+    written, commit = threading.Event(), threading.Event()
+
+    def store_and_hold_the_commit() -> None:
+        with engine.begin() as conn:
+            result_rows.store_result(conn, key, "f" * 64, result, time.time())
+            result_rows.end_result_claim(conn, key, "first")
+            written.set()
+            commit.wait(30)
+
+    async def waiting_for_a_lock() -> None:
+        query = sa.text(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        while True:
+            with engine.connect() as conn:
+                if conn.execute(query).scalar_one():
+                    return
+            await asyncio.sleep(0.01)
+
+    try:
+        async for make in replicas_on(url):
+            first, second = make().store, make().store
+            assert await first.take_analyses([key], "first", 60.0) == [True]
+            holding = threading.Thread(target=store_and_hold_the_commit)
+            holding.start()
+            try:
+                assert await asyncio.to_thread(written.wait, 30)
+                claim = asyncio.create_task(second.take_analyses([key], "second", 60.0))
+                await asyncio.wait_for(waiting_for_a_lock(), 30)
+            finally:
+                commit.set()
+                await asyncio.to_thread(holding.join, 30)
+            assert await asyncio.wait_for(claim, 30) == [False]
+            (found,) = await second.take_analyses([key], "second", 60.0)
+            assert isinstance(found, JobResult)
+            assert found.tags == ("tag",)
+    finally:
+        engine.dispose()
+        urls.drop()
+
+
+async def test_compaction_drops_the_expired_claims_and_keeps_the_live_ones(
+    databases: DatabaseUrls,
+) -> None:
+    """Claims of holders that stopped without ending them (and, on PostgreSQL, the claims
+    settled by a stored result, once expired) do not pile up: compaction drops them."""
+    url = databases.new("claims")
+    live, abandoned = "l" * 64, "a" * 64
+    engine = sa.create_engine(database_url(url))
+    try:
+        async for make in replicas_on(url):
+            store = make().store
+            assert await store.take_analyses([live, abandoned], "holder", 60.0) == [True, True]
+            assert await store.take_analyses([abandoned], "holder", -1.0) == [True]
+            await store.compact(max_age=3600.0, max_events=1000)
+            with engine.connect() as conn:
+                keys = conn.execute(sa.text("SELECT key FROM result_claims")).scalars().all()
+            assert keys == [live]
+    finally:
+        engine.dispose()
 
 
 async def test_a_live_claim_is_refused_to_others_and_an_expired_one_taken_over(

@@ -206,8 +206,8 @@ class QueueStore(Protocol):
         ...
 
     async def compact(self, *, max_age: float, max_events: int) -> int:
-        """Drop events older than ``max_age`` seconds or beyond the newest ``max_events``;
-        the new watermark."""
+        """Drop events older than ``max_age`` seconds or beyond the newest ``max_events``,
+        and the result cache's expired claims; the new watermark."""
         ...
 
     # -- the result cache ------------------------------------------------------------------

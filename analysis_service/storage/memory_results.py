@@ -51,6 +51,12 @@ class MemoryResults:
         self._claims[key] = _Claim(holder, now + lease_seconds)
         return True
 
+    def drop_expired(self, now: float) -> None:
+        """Forget the claims expired at ``now`` (their holders stopped without ending them)."""
+        self._claims = {
+            key: claim for key, claim in self._claims.items() if claim.expires_at >= now
+        }
+
     def drop(self, key: str, holder: str) -> None:
         claim = self._claims.get(key)
         if claim is not None and claim.holder == holder:

@@ -385,6 +385,7 @@ class MemoryQueueStore:
         return self._log.after(after, events, limit=limit, with_embedding=with_embedding)
 
     async def compact(self, *, max_age: float, max_events: int) -> int:
+        self._results.drop_expired(self.now())
         return self._log.compact(before_time=self.now() - max_age, keep_last=max_events)
 
     # -- the result cache --------------------------------------------------------------------

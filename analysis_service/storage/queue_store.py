@@ -331,8 +331,9 @@ class SqlQueueStore:
 
     async def compact(self, *, max_age: float, max_events: int) -> int:
         def transaction(conn: Connection) -> int:
-            before_time = database_now(conn) - max_age
-            return event_log.compact(conn, before_time=before_time, keep_last=max_events)
+            now = database_now(conn)
+            result_rows.drop_expired_claims(conn, now)
+            return event_log.compact(conn, before_time=now - max_age, keep_last=max_events)
 
         return await write(self._db, transaction)
 
@@ -347,7 +348,7 @@ class SqlQueueStore:
         def transaction(conn: Connection) -> None:
             result_rows.store_result(conn, key, sha256, result, database_now(conn))
             if holder is not None:
-                result_rows.drop_result_claim(conn, key, holder)
+                result_rows.end_result_claim(conn, key, holder)
 
         await write(self._db, transaction)
 

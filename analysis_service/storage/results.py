@@ -66,6 +66,14 @@ def _store_rows(conn: Connection, rows: Sequence[dict[str, Any]], now: float) ->
     )
 
 
+# PostgreSQL: a stored result's claim is not deleted but settled: held by no one for this
+# long. A claim statement that began before the result's commit does not see the result; it
+# meets the settled claim (live, another holder's) and is refused, and its holder finds the
+# result when it looks again. A deleted claim would let it claim the key and analyse it a
+# second time. Settled claims, like abandoned ones, are dropped once expired (compaction).
+SETTLED_CLAIM_SECONDS = 60.0
+_SETTLED = "''"
+
 # PostgreSQL: a group's new results, and the end of their claims, in one statement (one
 # round trip) of the transaction that ends the group's attempts.
 _STORED_COLUMNS = (
@@ -83,8 +91,10 @@ _PG_STORE_NEW = sa.text(
     WITH stored AS MATERIALIZED (
         SELECT * FROM {unnest_parameters(_STORED_COLUMNS, "stored")}
     ),
-    dropped AS (
-        DELETE FROM result_claims USING stored
+    settled AS (
+        UPDATE result_claims
+        SET holder = {_SETTLED}, expires_at = {POSTGRESQL_NOW} + {SETTLED_CLAIM_SECONDS}
+        FROM stored
         WHERE result_claims.key = stored.key AND result_claims.holder = stored.holder
     )
     INSERT INTO results (key, sha256, analyzer_name, analyzer_version, tags, embedding,
@@ -98,7 +108,8 @@ _PG_STORE_NEW = sa.text(
 
 
 def store_new_results(conn: Connection, ends: Sequence[AttemptEnd]) -> None:
-    """Keep the new results of ``ends`` (written or fenced out) and end their claims."""
+    """Keep the new results of ``ends`` (written or fenced out) and end their claims (settled
+    on PostgreSQL, deleted on SQLite, where one writer leaves no statement in between)."""
     rows: list[dict[str, Any]] = []
     holders: list[str | None] = []
     for end in ends:
@@ -153,8 +164,9 @@ def take_result_claims(
 
 # PostgreSQL: for each key asked, the stored result, else the claim of its analysis (taken
 # unless another holder's claim is live), in one statement of fixed text: one round trip,
-# committed by itself. The claims are taken in key order, so that two replicas' statements
-# never wait for each other's rows crosswise.
+# committed by itself. A result committed while it runs leaves a settled claim, which refuses
+# it (see SETTLED_CLAIM_SECONDS). The claims are taken in key order, so that two replicas'
+# statements never wait for each other's rows crosswise.
 _PG_TAKE_CLAIMS = sa.text(
     f"""
     WITH asked AS MATERIALIZED (
@@ -187,38 +199,17 @@ _PG_TAKE_CLAIMS = sa.text(
 def take_result_claims_committed(
     conn: Connection, keys: Sequence[str], holder: str, *, lease_seconds: float
 ) -> list[JobResult | bool]:
-    """:func:`take_result_claims` on PostgreSQL with each statement committed by itself: one
-    statement, and a second when claims were taken (the check after them)."""
+    """:func:`take_result_claims` on PostgreSQL in one statement committed by itself."""
     rows = conn.execute(
         _PG_TAKE_CLAIMS,
         {"key": list(keys), "holder": holder, "lease_seconds": float(lease_seconds)},
     ).all()
-    taken: list[JobResult | bool] = [
+    return [
         result_from_row(row, reused=True, with_embedding=True) or False
         if row.key is not None
         else bool(row.claimed)
         for row in rows
     ]
-    claimed = [key for key, took in zip(keys, taken, strict=True) if took is True]
-    if claimed:
-        checked = dict(zip(claimed, _checked_after_claims(conn, claimed, holder), strict=True))
-        taken = [checked.get(key, took) for key, took in zip(keys, taken, strict=True)]
-    return taken
-
-
-def _checked_after_claims(
-    conn: Connection, keys: Sequence[str], holder: str
-) -> list[JobResult | bool]:
-    """Whether each claim just taken stands (True), or the result stored meanwhile.
-
-    A holder storing its result drops its claim in the same transaction, and a claim taken
-    over that one waited for that transaction (or came just after its commit): a new
-    statement (read committed) sees its result, which the claim's statement did not."""
-    stored = get_results(conn, keys)
-    found = [key for key, result in zip(keys, stored, strict=True) if result is not None]
-    if found:
-        conn.execute(_DROP_CLAIM, [{"claim_key": key, "claim_holder": holder} for key in found])
-    return [True if result is None else result for result in stored]
 
 
 _DROP_CLAIM = sa.delete(result_claims).where(
@@ -228,4 +219,27 @@ _DROP_CLAIM = sa.delete(result_claims).where(
 
 
 def drop_result_claim(conn: Connection, key: str, holder: str) -> None:
+    """End ``holder``'s claim on ``key`` with no result stored (its analysis failed)."""
     conn.execute(_DROP_CLAIM, {"claim_key": key, "claim_holder": holder})
+
+
+_SETTLE_CLAIM = sa.text(
+    f"""
+    UPDATE result_claims
+    SET holder = {_SETTLED}, expires_at = {POSTGRESQL_NOW} + {SETTLED_CLAIM_SECONDS}
+    WHERE key = :claim_key AND holder = :claim_holder
+    """
+)
+
+
+def end_result_claim(conn: Connection, key: str, holder: str) -> None:
+    """End ``holder``'s claim on ``key`` whose result this transaction stores (settled on
+    PostgreSQL: see SETTLED_CLAIM_SECONDS)."""
+    parameters = {"claim_key": key, "claim_holder": holder}
+    conn.execute(_SETTLE_CLAIM if conn.dialect.name == POSTGRESQL else _DROP_CLAIM, parameters)
+
+
+def drop_expired_claims(conn: Connection, now: float) -> int:
+    """Drop the claims expired at ``now``: settled ones, and those of holders that stopped
+    without ending them (taking one over needs no row). How many were dropped."""
+    return conn.execute(sa.delete(result_claims).where(result_claims.c.expires_at < now)).rowcount
