@@ -72,7 +72,7 @@ def _store_rows(conn: Connection, rows: Sequence[dict[str, Any]], now: float) ->
 # result when it looks again. A deleted claim would let it claim the key and analyse it a
 # second time. Settled claims, like abandoned ones, are dropped once expired (compaction).
 SETTLED_CLAIM_SECONDS = 60.0
-_SETTLED = "''"
+_SETTLE = f"holder = '', expires_at = {POSTGRESQL_NOW} + {SETTLED_CLAIM_SECONDS}"
 
 # PostgreSQL: a group's new results, and the end of their claims, in one statement (one
 # round trip) of the transaction that ends the group's attempts.
@@ -93,7 +93,7 @@ _PG_STORE_NEW = sa.text(
     ),
     settled AS (
         UPDATE result_claims
-        SET holder = {_SETTLED}, expires_at = {POSTGRESQL_NOW} + {SETTLED_CLAIM_SECONDS}
+        SET {_SETTLE}
         FROM stored
         WHERE result_claims.key = stored.key AND result_claims.holder = stored.holder
     )
@@ -226,7 +226,7 @@ def drop_result_claim(conn: Connection, key: str, holder: str) -> None:
 _SETTLE_CLAIM = sa.text(
     f"""
     UPDATE result_claims
-    SET holder = {_SETTLED}, expires_at = {POSTGRESQL_NOW} + {SETTLED_CLAIM_SECONDS}
+    SET {_SETTLE}
     WHERE key = :claim_key AND holder = :claim_holder
     """
 )
