@@ -40,6 +40,7 @@ from analysis_service.domain.store import (
     QueueStore,
 )
 from analysis_service.storage import results as result_rows
+from analysis_service.storage import schema, turns
 from analysis_service.storage.memory_store import MemoryQueueStore
 from analysis_service.storage.queue_store import SqlQueueStore
 from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
@@ -361,6 +362,80 @@ async def test_a_claim_that_waited_for_the_result_s_commit_is_refused_not_taken(
             (found,) = await second.take_analyses([key], "second", 60.0)
             assert isinstance(found, JobResult)
             assert found.tags == ("tag",)
+    finally:
+        engine.dispose()
+        urls.drop()
+
+
+async def test_a_turn_that_waited_leaves_no_gap_for_jobs_submitted_meanwhile(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """A turn on PostgreSQL that ends a job and claims waits for the job's row (locked here);
+    a job submitted meanwhile is one the turn's claim may find but its writes cannot see.
+    The revisions stay gap-free (the counter moves by the changes written), and the new job
+    is claimed by a later turn."""
+    urls = DatabaseUrls("postgresql", tmp_path / "databases", postgres)
+    url = urls.new("turn")
+    engine = sa.create_engine(database_url(url))
+    locked, release = threading.Event(), threading.Event()
+
+    def lock_the_job(media_id: str) -> None:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("SELECT 1 FROM jobs WHERE media_id = :id FOR UPDATE"), {"id": media_id}
+            )
+            locked.set()
+            release.wait(30)
+
+    def end_and_claim(job: ClaimedJob) -> turns.TurnRows:
+        with engine.connect() as conn:
+            autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
+            return turns.take_turn(
+                autocommit, [completion(job)], claim_count=4, holder="h", lease_seconds=60.0
+            )
+
+    async def waiting_for_a_lock() -> None:
+        query = sa.text(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        while True:
+            with engine.connect() as conn:
+                if conn.execute(query).scalar_one():
+                    return
+            await asyncio.sleep(0.01)
+
+    try:
+        async for make in replicas_on(url):
+            store = make().store
+            await store.submit([spec(1)], max_attempts=3)
+            (job,) = await store.claim("h", 1, 60.0)
+            locking = threading.Thread(target=lock_the_job, args=(job.spec.media_id,))
+            locking.start()
+            try:
+                assert await asyncio.to_thread(locked.wait, 30)
+                turn = asyncio.create_task(asyncio.to_thread(end_and_claim, job))
+                await asyncio.wait_for(waiting_for_a_lock(), 30)
+                await store.submit([spec(2)], max_attempts=3)
+            finally:
+                release.set()
+                await asyncio.to_thread(locking.join, 30)
+            wrote = await asyncio.wait_for(turn, 30)
+            assert wrote.ended[0] is not None
+            with engine.connect() as conn:
+                revisions = (
+                    conn.execute(sa.text("SELECT revision FROM events ORDER BY revision"))
+                    .scalars()
+                    .all()
+                )
+                counter = conn.execute(
+                    sa.text("SELECT value FROM counters WHERE name = :name"),
+                    {"name": schema.REVISION},
+                ).scalar_one()
+            assert revisions == list(range(1, counter + 1))
+            claimed = [row.media_id for row in wrote.claimed]
+            later = [job.spec.media_id for job in await store.claim("h", 4, 60.0)]
+            assert sorted(claimed + later) == [spec(2).media_id]
     finally:
         engine.dispose()
         urls.drop()

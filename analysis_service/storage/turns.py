@@ -8,7 +8,11 @@ one at a time. Here its parts are the data-modifying CTEs of one statement, whic
 - the rows of the ends still held by their tokens are locked (in media id order, so two
   turns ending overlapping groups cannot deadlock) and the due jobs picked (``FOR UPDATE SKIP
   LOCKED``, in queue order, by the function ``claimable_jobs`` of migration 5, which says
-  why): how many changes the turn makes is known before the counter;
+  why): how many changes the turn makes is known before the counter. The function reads
+  with a snapshot of its own (``FOR UPDATE`` needs a volatile function), newer than the
+  statement's when the statement waited for a row: a job submitted meanwhile is one it may
+  pick but the statement's writes cannot see, so the jobs picked are only those the
+  statement sees (else the counter would count a claim never written: a gap);
 - then the revision counter row is bumped by that many (its lock, held to commit, orders
   the commits by revision, with no gap: see :mod:`.events`), and the time is read under it;
 - then the jobs are written with their revisions (each row once in the statement), their
@@ -71,7 +75,8 @@ _TURN = sa.text(
         FOR UPDATE OF jobs
     ),
     picked AS MATERIALIZED (
-        SELECT * FROM claimable_jobs(:claim_count, (SELECT now FROM clock))
+        SELECT * FROM claimable_jobs(:claim_count, (SELECT now FROM clock)) AS due
+        WHERE EXISTS (SELECT 1 FROM jobs WHERE jobs.media_id = due.media_id)
     ),
     numbered AS MATERIALIZED (
         SELECT media_id, row_number() OVER (ORDER BY kind, rank) AS number
