@@ -235,3 +235,10 @@ class QueueStore(Protocol):
     async def drop_analysis(self, key: str, holder: str) -> None:
         """Give up ``holder``'s claim on ``key`` (done, or failed)."""
         ...
+
+
+def check_distinct_keys(keys: Sequence[str]) -> None:
+    """What :meth:`QueueStore.take_analyses` asks of its keys: one call claims a key once
+    (asked twice, the second claim would meet the first)."""
+    if len(set(keys)) != len(keys):
+        raise ValueError("the keys of one take_analyses are distinct")

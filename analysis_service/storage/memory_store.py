@@ -36,6 +36,7 @@ from analysis_service.domain.store import (
     ExpiredLease,
     LogState,
     QueueDepth,
+    check_distinct_keys,
 )
 from analysis_service.storage.memory_log import MemoryEventLog, matches
 from analysis_service.storage.memory_results import MemoryResults
@@ -401,8 +402,7 @@ class MemoryQueueStore:
     async def take_analyses(
         self, keys: Sequence[str], holder: str, lease_seconds: float
     ) -> Sequence[JobResult | bool]:
-        if len(set(keys)) != len(keys):
-            raise ValueError("the keys of one take_analyses are distinct")
+        check_distinct_keys(keys)
         now = self.now()
         return [
             self._results.take(key, holder, now=now, lease_seconds=lease_seconds) for key in keys

@@ -26,6 +26,7 @@ from analysis_service.domain.store import (
     LogCompacted,
     LogState,
     QueueDepth,
+    check_distinct_keys,
 )
 from analysis_service.storage import attempt_ends, job_reads, schema, turns
 from analysis_service.storage import events as event_log
@@ -355,7 +356,7 @@ class SqlQueueStore:
     async def take_analyses(
         self, keys: Sequence[str], holder: str, lease_seconds: float
     ) -> Sequence[JobResult | bool]:
-        _check_distinct(keys)
+        check_distinct_keys(keys)
         if self._db.dialect == POSTGRESQL:
             return await statement(
                 self._db,
@@ -430,9 +431,3 @@ def _claim_draft(row: Any) -> EventDraft:
     return EventDraft(
         row.media_id, row.owner_id, JobStatus.PROCESSING, JobStatus.PENDING, row.attempt
     )
-
-
-def _check_distinct(keys: Sequence[str]) -> None:
-    # One statement claims a key once: asked twice, its second claim would hit its first.
-    if len(set(keys)) != len(keys):
-        raise ValueError("the keys of one take_analyses are distinct")
