@@ -313,6 +313,19 @@ async def test_a_claim_asked_for_after_the_result_is_stored_is_refused(
     assert stored.reused
 
 
+async def _a_statement_waits_for_a_lock(engine: sa.Engine) -> None:
+    """Return once a statement on ``engine``'s database waits for a lock held elsewhere."""
+    query = sa.text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    )
+    while True:
+        with engine.connect() as conn:
+            if conn.execute(query).scalar_one():
+                return
+        await asyncio.sleep(0.01)
+
+
 async def test_a_claim_that_waited_for_the_result_s_commit_is_refused_not_taken(
     postgres: PostgresServer, tmp_path: Path
 ) -> None:
@@ -334,17 +347,6 @@ async def test_a_claim_that_waited_for_the_result_s_commit_is_refused_not_taken(
             written.set()
             commit.wait(30)
 
-    async def waiting_for_a_lock() -> None:
-        query = sa.text(
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
-        )
-        while True:
-            with engine.connect() as conn:
-                if conn.execute(query).scalar_one():
-                    return
-            await asyncio.sleep(0.01)
-
     try:
         async for make in replicas_on(url):
             first, second = make().store, make().store
@@ -354,7 +356,7 @@ async def test_a_claim_that_waited_for_the_result_s_commit_is_refused_not_taken(
             try:
                 assert await asyncio.to_thread(written.wait, 30)
                 claim = asyncio.create_task(second.take_analyses([key], "second", 60.0))
-                await asyncio.wait_for(waiting_for_a_lock(), 30)
+                await asyncio.wait_for(_a_statement_waits_for_a_lock(engine), 30)
             finally:
                 commit.set()
                 await asyncio.to_thread(holding.join, 30)
@@ -394,17 +396,6 @@ async def test_a_turn_that_waited_leaves_no_gap_for_jobs_submitted_meanwhile(
                 autocommit, [completion(job)], claim_count=4, holder="h", lease_seconds=60.0
             )
 
-    async def waiting_for_a_lock() -> None:
-        query = sa.text(
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
-        )
-        while True:
-            with engine.connect() as conn:
-                if conn.execute(query).scalar_one():
-                    return
-            await asyncio.sleep(0.01)
-
     try:
         async for make in replicas_on(url):
             store = make().store
@@ -415,7 +406,7 @@ async def test_a_turn_that_waited_leaves_no_gap_for_jobs_submitted_meanwhile(
             try:
                 assert await asyncio.to_thread(locked.wait, 30)
                 turn = asyncio.create_task(asyncio.to_thread(end_and_claim, job))
-                await asyncio.wait_for(waiting_for_a_lock(), 30)
+                await asyncio.wait_for(_a_statement_waits_for_a_lock(engine), 30)
                 await store.submit([spec(2)], max_attempts=3)
             finally:
                 release.set()
