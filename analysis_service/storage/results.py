@@ -239,7 +239,7 @@ def end_result_claim(conn: Connection, key: str, holder: str) -> None:
     conn.execute(_SETTLE_CLAIM if conn.dialect.name == POSTGRESQL else _DROP_CLAIM, parameters)
 
 
-def drop_expired_claims(conn: Connection, now: float) -> int:
+def drop_expired_claims(conn: Connection, now: float) -> None:
     """Drop the claims expired at ``now``: settled ones, and those of holders that stopped
-    without ending them (taking one over needs no row). How many were dropped."""
-    return conn.execute(sa.delete(result_claims).where(result_claims.c.expires_at < now)).rowcount
+    without ending them (taking one over needs no row)."""
+    conn.execute(sa.delete(result_claims).where(result_claims.c.expires_at < now))
