@@ -16,12 +16,15 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from analysis_service.domain.gathering import Gathering
 from analysis_service.domain.models import JobResult
 from analysis_service.domain.store import NewResult, QueueStore
+
+logger = logging.getLogger(__name__)
 
 # How often a process waiting for another process's analysis of a key looks for its result.
 OTHER_HOLDER_POLL = 0.25
@@ -51,6 +54,8 @@ class ResultCache:
         self._holder = uuid.uuid4().hex
         # The keys this process is analysing; each future holds the result once computed.
         self._in_flight: dict[str, asyncio.Future[JobResult | None]] = {}
+        # The look-ups started ahead (see look_up_ahead) that no job has taken yet.
+        self._ahead: dict[str, asyncio.Task[JobResult | bool]] = {}
         # Distinct keys: a key is looked up only by the job that put it in ``_in_flight``.
         self._looking_up = Gathering(
             self._look_up_all, max_batch=MAX_LOOK_UP_BATCH, max_calls=MAX_LOOK_UPS
@@ -89,20 +94,26 @@ class ResultCache:
         fails, one of them takes over.
         """
         while True:
-            in_flight = self._in_flight.get(key)
-            if in_flight is not None:
-                computed = await asyncio.shield(in_flight)
-                if computed is None:
-                    continue
-                self.hits += 1
-                reused = dataclasses.replace(computed, reused=True)
-                await record(reused, NewResult(sha256, None))
-                return reused
-            # Registered before the store is asked: the jobs of this process wait here.
-            done = asyncio.get_running_loop().create_future()
-            self._in_flight[key] = done
+            looking_up: Awaitable[JobResult | bool] | None = self._ahead.pop(key, None)
+            if looking_up is not None:
+                # Looked up ahead (registered in _in_flight then): this job's now.
+                done = self._in_flight[key]
+            else:
+                in_flight = self._in_flight.get(key)
+                if in_flight is not None:
+                    computed = await asyncio.shield(in_flight)
+                    if computed is None:
+                        continue
+                    self.hits += 1
+                    reused = dataclasses.replace(computed, reused=True)
+                    await record(reused, NewResult(sha256, None))
+                    return reused
+                # Registered before the store is asked: the jobs of this process wait here.
+                done = asyncio.get_running_loop().create_future()
+                self._in_flight[key] = done
+                looking_up = self._look_up(key)
             try:
-                found = await self._look_up(key)
+                found = await looking_up
             except BaseException:
                 self._finish(key, done)
                 raise
@@ -142,6 +153,34 @@ class ResultCache:
         finally:
             self._finish(key, done, result)
 
+    def look_up_ahead(self, key: str) -> None:
+        """Start looking ``key`` up for a job a worker will start soon (claimed ahead): the
+        first job with that key to call :meth:`get_or_compute` takes the answer. A key
+        already being looked up or analysed in this process is left as it is."""
+        if key in self._in_flight:
+            return
+        self._in_flight[key] = asyncio.get_running_loop().create_future()
+        looking_up = asyncio.create_task(self._look_up(key), name="look-up-ahead")
+        looking_up.add_done_callback(_answered)
+        self._ahead[key] = looking_up
+
+    async def forget_ahead(self, key: str) -> None:
+        """Let go of the look-up ahead of ``key`` if no job took it (its job went back
+        unstarted): a claim it took on the key is dropped, not left for other processes to
+        wait out. Errors are the store's to report; the claim then expires."""
+        looking_up = self._ahead.pop(key, None)
+        if looking_up is None:
+            return
+        done = self._in_flight[key]
+        try:
+            # Dropped before this process's waiters look again (they would take it anew).
+            if await looking_up is True and self._store.shared:
+                await self._store.drop_analysis(key, self._holder)
+        except Exception as error:
+            logger.warning("claim on a result key looked up ahead not dropped: %s", error)
+        finally:
+            self._finish(key, done)
+
     async def _look_up(self, key: str) -> JobResult | bool:
         """The stored result, else whether this process is now the one analysing ``key``
         (always, when no other process shares the store): one round trip with the keys the
@@ -158,3 +197,9 @@ class ResultCache:
     ) -> None:
         del self._in_flight[key]
         done.set_result(result)
+
+
+def _answered(looking_up: asyncio.Task[JobResult | bool]) -> None:
+    """A look-up ahead's failure is the job's that takes it (logged by forget_ahead else)."""
+    if not looking_up.cancelled():
+        looking_up.exception()

@@ -25,7 +25,7 @@ import random
 import uuid
 from collections import deque
 from collections.abc import Collection, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from analysis_service.config import RetryPolicy
 from analysis_service.domain.clock import SYSTEM_CLOCK, Clock
@@ -77,6 +77,16 @@ AHEAD_HORIZON = 0.1
 READY_TTL = 1.0
 
 
+class ClaimsAhead(Protocol):
+    """Told of the jobs claimed ahead, to prepare them before a worker starts one."""
+
+    def claimed_ahead(self, job: ClaimedJob) -> None:
+        """``job`` is claimed ahead: a worker of this process is likely to start it soon."""
+
+    async def given_back(self, jobs: Sequence[ClaimedJob]) -> None:
+        """``jobs``, claimed ahead, go back unstarted (raises nothing)."""
+
+
 class JobQueue:
     """Submit, claim, complete, fail, retry; pause and resume; wake idle workers."""
 
@@ -110,6 +120,7 @@ class JobQueue:
         self._claiming_ahead: set[asyncio.Future[ClaimedJob | None]] = set()
         self._starts: deque[float] = deque(maxlen=int(MAX_AHEAD * RATE_WINDOW / AHEAD_HORIZON))
         self._giving_back: asyncio.Task[None] | None = None
+        self._ahead_listener: ClaimsAhead | None = None
         self._end_room = asyncio.Semaphore(MAX_PENDING_ENDS)
         # The last known state of the (cluster-wide) pause; the store is what claims obey.
         self.paused = False
@@ -162,6 +173,10 @@ class JobQueue:
             self._started(self._clock.monotonic())
         return claimed
 
+    def tell_claims_ahead(self, listener: ClaimsAhead) -> None:
+        """Tell ``listener`` of every job claimed ahead, and of those given back unstarted."""
+        self._ahead_listener = listener
+
     def _started(self, now: float) -> None:
         """A worker starts a job: counted for the rate, and the jobs ahead topped up."""
         self._starts.append(now)
@@ -187,6 +202,8 @@ class JobQueue:
         if job is None:
             return
         self._ready.append((job, self._clock.monotonic()))
+        if self._ahead_listener is not None:
+            self._ahead_listener.claimed_ahead(job)
         self._work_available.set()
         if self._giving_back is None or self._giving_back.done():
             self._giving_back = asyncio.create_task(self._give_back_unstarted(), name="give-back")
@@ -207,6 +224,8 @@ class JobQueue:
     async def _give_back(self, jobs: Sequence[ClaimedJob]) -> None:
         """Release ``jobs`` (claimed ahead, never started) in one group; one that cannot be
         released goes back when its lease expires."""
+        if self._ahead_listener is not None and jobs:
+            await self._ahead_listener.given_back(jobs)
         released = await asyncio.gather(
             *(self._end(_given_back(job, NOT_STARTED)) for job in jobs), return_exceptions=True
         )

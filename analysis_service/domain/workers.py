@@ -18,18 +18,20 @@ from collections.abc import Awaitable
 from analysis_service.analyzers.base import AnalysisInput, Analyzer
 from analysis_service.domain.cache import ResultCache
 from analysis_service.domain.clock import SYSTEM_CLOCK, Clock
-from analysis_service.domain.content import ContentSource, fetch_content
+from analysis_service.domain.content import ContentSource
 from analysis_service.domain.limits import RateLimits
 from analysis_service.domain.models import (
     AttemptOutcome,
     ClaimedJob,
     JobError,
     JobResult,
+    JobSpec,
     JobStatus,
     StatusEvent,
 )
 from analysis_service.domain.observer import AnalysisObserver, CallOutcome
 from analysis_service.domain.queue import JobQueue
+from analysis_service.domain.read_ahead import ReadAhead
 from analysis_service.domain.stats import Throughput
 from analysis_service.domain.store import NewResult
 from analysis_service.errors import (
@@ -111,7 +113,9 @@ class WorkerPool:
         self._analyzer = analyzer
         self._limits = limits
         self._cache = cache
-        self._content = content
+        # Jobs claimed ahead are looked up and read before a worker starts them.
+        self._read_ahead = ReadAhead(cache, content, self._cache_key)
+        queue.tell_claims_ahead(self._read_ahead)
         self.size = size
         self._analyzer_timeout = analyzer_timeout
         self._throughput = throughput
@@ -210,13 +214,18 @@ class WorkerPool:
             heartbeat.cancel()
             self._observer.attempt_ended(outcome, self._clock.monotonic() - started, job.attempt)
 
+    def _cache_key(self, spec: JobSpec) -> str:
+        return self._cache.key(
+            spec.sha256, self._analyzer.cache_inputs(spec.category, spec.context)
+        )
+
     async def _analyze_and_complete(
         self, job: ClaimedJob, started: float, completion: list[asyncio.Future[StatusEvent]]
     ) -> None:
         """Analyse the job (or reuse a cached result) and queue its completion, put in
         ``completion``."""
         spec = job.spec
-        key = self._cache.key(spec.sha256, self._analyzer.cache_inputs(spec.category, spec.context))
+        key, content = self._read_ahead.start(job)
 
         async def complete(result: JobResult, new_result: NewResult | None) -> None:
             # The analysis is over: its timeout does not bound the completion.
@@ -226,8 +235,6 @@ class WorkerPool:
         async with asyncio.timeout(self._analyzer_timeout) as deadline:
             # The bytes are read while the cache is asked: the two round trips overlap
             # instead of adding up (a cached result, the rare case, wastes the read).
-            content = asyncio.create_task(fetch_content(self._content, spec))
-            content.add_done_callback(_retrieved)
             try:
                 result = await self._cache.get_or_compute(
                     key, spec.sha256, lambda: self._analyze(job, content, deadline), complete
@@ -395,9 +402,3 @@ class WorkerPool:
                     return
             except StorageUnavailable as exc:
                 logger.error("media %s: lease renewal failed: %s", job.spec.media_id, exc)
-
-
-def _retrieved(reading: asyncio.Task[bytes]) -> None:
-    """A read's failure is the job's only when the job analyses (awaits) it."""
-    if not reading.cancelled():
-        reading.exception()
