@@ -368,6 +368,26 @@ async def test_identical_content_is_analysed_once() -> None:
         assert (first.result.reused, second.result.reused) == (False, True)
 
 
+async def test_identical_content_among_jobs_claimed_ahead_is_analysed_once() -> None:
+    """Jobs started this fast are claimed ahead and looked up before they start (see
+    domain/read_ahead.py): copies of one content among them still make one call."""
+    upstream = Upstream()
+    contents = 20
+    copies = [replace(spec(n % contents), media_id=f"copy-{n:04d}") for n in range(200)]
+    async with service(upstream, workers=4) as running:
+        await running.queue.submit(copies)
+        completed: list[StatusEvent] = []
+        while len(completed) < len(copies):
+            event = await running.watcher.next(HANG)
+            assert event is not None, f"no change within {HANG:.0f} s of loop time"
+            if event.status is JobStatus.COMPLETED:
+                completed.append(event)
+        assert len(upstream.calls) == contents
+        reused = [event.result.reused for event in completed if event.result is not None]
+        assert reused.count(False) == contents
+        assert reused.count(True) == len(copies) - contents
+
+
 async def test_a_cached_result_completes_its_job_while_ingest_is_unreachable() -> None:
     """The bytes are read while the cache is asked; a job the cache answers does not need
     them, so an unreachable ingest neither delays nor fails it."""
