@@ -160,9 +160,9 @@ class ResultCache:
         if key in self._in_flight:
             return
         self._in_flight[key] = asyncio.get_running_loop().create_future()
-        looking_up = asyncio.create_task(self._look_up(key), name="look-up-ahead")
-        looking_up.add_done_callback(_answered)
-        self._ahead[key] = looking_up
+        # Its answer (or error) goes to the job that takes it, or to forget_ahead: the queue
+        # starts or gives back every job claimed ahead.
+        self._ahead[key] = asyncio.create_task(self._look_up(key), name="look-up-ahead")
 
     async def forget_ahead(self, key: str) -> None:
         """Let go of the look-up ahead of ``key`` if no job took it (its job went back
@@ -197,9 +197,3 @@ class ResultCache:
     ) -> None:
         del self._in_flight[key]
         done.set_result(result)
-
-
-def _answered(looking_up: asyncio.Task[JobResult | bool]) -> None:
-    """A look-up ahead's failure is the job's that takes it (logged by forget_ahead else)."""
-    if not looking_up.cancelled():
-        looking_up.exception()
