@@ -131,6 +131,30 @@ async def test_claims_are_exclusive_until_the_lease_ends(db: Database) -> None:
     assert (await db.read(store.counts))["e"].pending == 3
 
 
+async def test_released_deliveries_are_due_at_once_for_any_claimer(db: Database) -> None:
+    """What a stopping claimer gives back: only what it still holds, not counted as an
+    attempt, due at once instead of at the end of its lease."""
+    for revision in range(1, 4):
+        await db.write(enqueue("m1", revision, [endpoint("e")]))
+    claim_a = partial(store.claim, endpoint="e", lease=30.0, claimer="a")
+    claim_b = partial(store.claim, endpoint="e", limit=10, lease=30.0, claimer="b")
+    held = (await db.write(partial(claim_a, limit=3, now=100.0))).deliveries
+    ids = [delivery.id for delivery in held]
+
+    # Another claimer cannot release a's claims.
+    await db.write(partial(store.release, delivery_ids=ids, claimer="b", now=101.0))
+    assert (await db.write(partial(claim_b, now=101.0))).deliveries == []
+
+    # a recorded the outcome of the first before it stopped; its release changes nothing.
+    await db.write(partial(store.delivered, delivery_id=ids[0], claimer="a"))
+    await db.write(partial(store.release, delivery_ids=ids[:2], claimer="a", now=102.0))
+    taken = await db.write(partial(claim_b, now=102.0))
+    assert [d.change.revision for d in taken.deliveries] == [2]
+    assert taken.deliveries[0].attempts == 0
+    # The third is still a's until its lease ends.
+    assert taken.next_due == 130.0
+
+
 async def test_a_failed_delivery_waits_then_dies_and_can_be_revived(db: Database) -> None:
     await db.write(enqueue("m1", 1, [endpoint("e")]))
     claim = partial(store.claim, endpoint="e", limit=10, lease=30.0, claimer="a")

@@ -15,13 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from aiohttp import web
 from mediatag.ingest.v1 import ingest_pb2 as ipb
+from sqlalchemy.engine import Connection
 from standardwebhooks.webhooks import Webhook
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig
 from analysis_service.errors import PermanentAnalyzerError
 from ingest_service.config import IngestConfig, WebhookConfig
+from ingest_service.domain.webhook_endpoints import WebhookEndpoints
+from ingest_service.domain.webhooks import DispatchLimits, RetryPolicy, WebhookDispatcher
+from ingest_service.metrics import IngestMetrics
+from ingest_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
+from ingest_service.storage.sql_deliveries import SqlDeliveryStore
+from ingest_service.webhook_http import HttpWebhookSender
+from mediatag_common.database import Database, sqlite_url
 from tests.conftest import PATIENCE, Cluster, free_port, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.media_samples import jpeg_bytes
@@ -209,6 +218,87 @@ async def test_a_receiver_down_across_an_ingest_restart_gets_every_change(
     assert statuses == {"COMPLETED", "FAILED"}
     [failure] = {verified("failures", r)["data"]["mediaId"] for r in receiver.received["failures"]}
     assert failure == media_ids[0]
+
+
+async def test_an_attempt_cut_short_by_an_ingest_restart_is_sent_again_at_once(
+    make_cluster: Callable[..., Cluster], receiver: Receiver, tmp_path: Path
+) -> None:
+    """The stopping service gives back the delivery it was sending: the next one sends it
+    at once, not after the claim's lease (here half an hour, the attempt timeout being long)."""
+    receiver.stuck.add("slow")
+    await receiver.start()
+    file = endpoints_file(tmp_path / "hooks.toml", {"slow": receiver.url("slow")})
+    cluster = webhook_cluster(make_cluster, file, timeout=600.0)
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    [media_id] = await upload(cluster, range(1))
+
+    async def in_flight() -> bool:
+        return receiver.hanging == 1
+
+    await wait_until(in_flight)
+    await cluster.stop_ingest()
+    receiver.stuck.discard("slow")
+    await cluster.start_ingest()
+
+    async def delivered() -> bool:
+        return stored_deliveries(cluster) == 0
+
+    await wait_until(delivered)
+    first, again = receiver.received["slow"]
+    assert first.headers["webhook-id"] == again.headers["webhook-id"]
+    assert verified("slow", again)["data"]["mediaId"] == media_id
+
+
+async def test_a_dispatcher_stopped_as_it_is_woken_stops(tmp_path: Path) -> None:
+    """A wake-up (an attempt ending, a delivery enqueued) in the same instant as the stop:
+    the stop must not be lost, or stop() waits for a loop that runs on, forever.
+
+    Each dispatcher is woken once its first claim (there is nothing to claim) is over, then
+    stopped 0 to 7 turns of the event loop later: the cancellation lands on each step of
+    the wake-up in turn."""
+    db = Database(sqlite_url(str(tmp_path / "ingest.db")), synchronous="NORMAL")
+    await db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
+    loop = asyncio.get_running_loop()
+    committed = asyncio.Event()
+
+    def on_commit(conn: Connection) -> None:
+        # On the database thread.
+        loop.call_soon_threadsafe(committed.set)
+
+    # Nothing listens there; nothing is enqueued anyway: the loop claims nothing, then waits.
+    file = endpoints_file(tmp_path / "hooks.toml", {"e": f"http://127.0.0.1:{free_port()}/e"})
+    endpoints = WebhookEndpoints(file, max_endpoints=4, reload_interval=5.0)
+    endpoints.load()
+    sender = HttpWebhookSender(timeout=10.0, max_connections=4)
+    sa.event.listen(db.engine, "commit", on_commit)
+    try:
+        for turns in range(8):
+            dispatcher = WebhookDispatcher(
+                store=SqlDeliveryStore(db),
+                sender=sender,
+                endpoints=endpoints,
+                policy=RetryPolicy(0.05, 0.2, 3600.0),
+                # Polls far apart: between claims the loop waits on its wake-up event.
+                limits=DispatchLimits(concurrency=2, timeout=10.0, poll_interval=600.0),
+                observer=IngestMetrics(),
+            )
+            committed.clear()
+            dispatcher.start()
+            await asyncio.wait_for(committed.wait(), PATIENCE)
+            # SQLite's one writer thread takes transactions in turn: once this one is done,
+            # the claim's result has reached the loop, which went back to wait.
+            await db.write(lambda conn: None)
+            dispatcher.wake(["e"])
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            stopping = asyncio.create_task(dispatcher.stop())
+            done, _ = await asyncio.wait({stopping}, timeout=PATIENCE)
+            assert done, f"stop() {turns} turns after the wake-up never ended"
+    finally:
+        sa.event.remove(db.engine, "commit", on_commit)
+        await sender.close()
+        await db.close()
 
 
 async def test_an_endpoint_that_never_answers_does_not_delay_another(

@@ -7,7 +7,10 @@ keeps. :class:`WebhookDispatcher` sends them: each endpoint has its own loop and
 deliveries of its endpoint for a lease (claims are exclusive across replicas: the store
 skips rows another replica holds), sends each, and records the outcome under its claim. A
 replica that dies mid-send loses its lease and another sends again: delivery is at least
-once, and the ``webhook-id`` stays the same so receivers can drop the duplicate.
+once, and the ``webhook-id`` stays the same so receivers can drop the duplicate. A loop that
+is stopped (the service stopping, or its endpoint removed) gives back the deliveries it
+claimed but has not sent, so that they are sent at once, here after a restart or by another
+replica, rather than after the lease.
 
 A failed attempt is retried after an exponential, jittered delay; once the next attempt would
 fall past ``retry_period`` after the change, the delivery is dead: kept, counted, listed, and
@@ -101,6 +104,10 @@ class DeliveryStore(Protocol):
 
     async def delivered(self, delivery_id: int, claimer: str) -> None:
         """Forget an accepted delivery (if ``claimer`` still holds it)."""
+
+    async def release(self, delivery_ids: Collection[int], claimer: str, *, now: float) -> None:
+        """Those of ``delivery_ids`` that ``claimer`` still holds: held by nobody and due at
+        ``now``, their attempts not counted."""
 
     async def failed(
         self, delivery_id: int, claimer: str, *, error: str, retry_at: float | None, now: float
@@ -233,6 +240,24 @@ class WebhookDispatcher:
         )
         return claim, now
 
+    async def give_back(self, deliveries: Collection[Delivery]) -> None:
+        """Deliveries claimed whose attempts were cut short (a stop): due again now, for
+        anyone, instead of once the lease has run out (minutes)."""
+        if not deliveries:
+            return
+        release = self._store.release(
+            [delivery.id for delivery in deliveries], self._claimer, now=self._clock()
+        )
+        try:
+            # Shielded: called by a task being cancelled, which may be cancelled again.
+            await asyncio.shield(release)
+        except StorageUnavailable:
+            # The lease runs out all the same; only later.
+            logger.warning(
+                "webhooks: %d claimed deliveries not given back (database unavailable)",
+                len(deliveries),
+            )
+
     async def attempt(self, name: str, delivery: Delivery) -> None:
         """Send ``delivery`` to endpoint ``name`` once and record how it went."""
         endpoint = self.endpoints.current.get(name)
@@ -241,9 +266,10 @@ class WebhookDispatcher:
             return
         started = time.monotonic()
         try:
-            problem = await asyncio.wait_for(
-                self._sender.send(endpoint, delivery), self._limits.timeout
-            )
+            # Not asyncio.wait_for: on Python 3.11 it drops a cancellation that arrives as
+            # the send ends (see _EndpointLoop._run).
+            async with asyncio.timeout(self._limits.timeout):
+                problem = await self._sender.send(endpoint, delivery)
         except TimeoutError:
             problem = "timeout"
         seconds = time.monotonic() - started
@@ -294,7 +320,7 @@ class _EndpointLoop:
             wait = limits.poll_interval
             if free > 0:
                 try:
-                    claim, now = await self._dispatcher.claim(self._name, free)
+                    claim, now = await self._claim(free)
                 except StorageUnavailable:
                     logger.warning("webhooks of %s: the database is unavailable", self._name)
                     await asyncio.sleep(backoff.next_delay())
@@ -306,9 +332,26 @@ class _EndpointLoop:
                     continue
                 if claim.next_due is not None:
                     wait = min(wait, max(0.0, claim.next_due - now))
-            # Woken by a new delivery, a free slot, or the next one falling due.
+            # Woken by a new delivery, a free slot, or the next one falling due. Not
+            # asyncio.wait_for: on Python 3.11 it drops a cancellation that arrives just as
+            # the event is set (an attempt ending as the service stops; CPython gh-86296,
+            # fixed in 3.12), and this loop would run on while stop() waits for it, forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._woken.wait()
+
+    async def _claim(self, limit: int) -> tuple[Claim, float]:
+        claiming = asyncio.ensure_future(self._dispatcher.claim(self._name, limit))
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            # Stopped mid-claim: the claim's transaction goes on without this loop and may
+            # commit, and its deliveries would wait out the lease. Give them back (should
+            # the claim or that fail, the lease is what is left).
+            with contextlib.suppress(StorageUnavailable):
+                claim, _ = await claiming
+                await self._dispatcher.give_back(claim.deliveries)
+            raise
 
     def _send(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._guarded(delivery), name=f"webhook-{delivery.id}")
@@ -322,6 +365,11 @@ class _EndpointLoop:
     async def _guarded(self, delivery: Delivery) -> None:
         try:
             await self._dispatcher.attempt(self._name, delivery)
+        except asyncio.CancelledError:
+            # Stopped mid-attempt: given back (unless its outcome was recorded first), it is
+            # sent again at once rather than after the lease; at least once, as ever.
+            await self._dispatcher.give_back([delivery])
+            raise
         except StorageUnavailable:
             # The outcome is lost; the lease runs out and the delivery is sent again.
             logger.warning(

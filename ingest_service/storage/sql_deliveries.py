@@ -17,6 +17,7 @@ from ingest_service.storage.webhook_deliveries import (
     failed,
     listed,
     owners_of,
+    release,
     revive,
 )
 
@@ -35,6 +36,9 @@ class SqlDeliveryStore(SqlTransactions):
 
     async def delivered(self, delivery_id: int, claimer: str) -> None:
         await self._write(partial(delivered, delivery_id=delivery_id, claimer=claimer))
+
+    async def release(self, delivery_ids: Collection[int], claimer: str, *, now: float) -> None:
+        await self._write(partial(release, delivery_ids=delivery_ids, claimer=claimer, now=now))
 
     async def failed(
         self, delivery_id: int, claimer: str, *, error: str, retry_at: float | None, now: float

@@ -9,7 +9,8 @@ Claims: on PostgreSQL ``FOR UPDATE SKIP LOCKED`` lets replicas claiming the same
 once take different rows; on SQLite the one writer serialises them. A claim pushes
 ``next_attempt_at`` to the end of its lease and writes the claimer's id into ``claim``; the
 outcome is recorded only while ``claim`` still names the claimer, so an attempt that
-outlived its lease (and was claimed again elsewhere) changes nothing.
+outlived its lease (and was claimed again elsewhere) changes nothing. A claimer that stops
+releases what it still holds: due at once, for anyone.
 """
 
 from __future__ import annotations
@@ -126,6 +127,16 @@ def _held(delivery_id: int, claimer: str) -> sa.ColumnElement[bool]:
 
 def delivered(conn: Connection, delivery_id: int, claimer: str) -> None:
     conn.execute(sa.delete(_table).where(_held(delivery_id, claimer)))
+
+
+def release(conn: Connection, delivery_ids: Collection[int], claimer: str, *, now: float) -> None:
+    """Those of ``delivery_ids`` still held by ``claimer``: held by nobody, due at ``now``,
+    attempts unchanged (an attempt cut short is no failure)."""
+    conn.execute(
+        sa.update(_table)
+        .where(_table.c.id.in_(list(delivery_ids)), _table.c.claim == claimer)
+        .values(claim=None, next_attempt_at=now)
+    )
 
 
 def failed(
