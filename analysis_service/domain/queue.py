@@ -253,8 +253,11 @@ class JobQueue:
                 timeout = min(max_wait, max(0.0, due - self._store.now()))
         if timeout <= 0:
             return
+        # Not asyncio.wait_for: on Python 3.11 it drops a cancellation that arrives as the
+        # event is set (CPython gh-86296), and a worker cancelled by a drain would run on.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._work_available.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._work_available.wait()
 
     def wake_workers(self) -> None:
         self._work_available.set()
