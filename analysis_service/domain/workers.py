@@ -4,7 +4,9 @@ Concurrency (workers) and rate (limiters) are separate knobs. Each busy worker r
 lease with a heartbeat; on shutdown, workers get the grace period to finish and then give
 their jobs back to PENDING. A completion is written behind (see
 :mod:`analysis_service.domain.queue`): the worker takes its next job while the job it
-finished keeps its lease, until the completion commits and its outcome is reported.
+finished keeps its lease, until the completion commits and its outcome is reported. The
+jobs the queue claims ahead are looked up in the cache and read before a worker starts them
+(see :mod:`analysis_service.domain.read_ahead`).
 """
 
 from __future__ import annotations
