@@ -35,8 +35,8 @@ class SimulatedAnalyzer:
         burst: int = 1,
         dimensions: int = 16,
     ) -> None:
-        no_rate = rate_per_second is not None and rate_per_second <= 0
-        if latency < 0 or no_rate or burst < 1 or dimensions < 1:
+        bad_rate = rate_per_second is not None and rate_per_second <= 0
+        if latency < 0 or bad_rate or burst < 1 or dimensions < 1:
             raise ValueError("latency >= 0, rate > 0 (or None), burst >= 1 and dimensions >= 1")
         self.latency = latency
         self.rate_per_second = rate_per_second

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from dataclasses import dataclass, field
 
 from analysis_service.domain.models import JobSpec
+from analysis_service.errors import ContentUnavailable
 
 # Where the loop clock's epoch readings start: a fixed instant, not zero (zero reads as "unset"
 # in places), and small enough that a float near it resolves far below looptime's microsecond
@@ -51,3 +53,26 @@ def spec(number: int, *, priority: int = 0) -> JobSpec:
         content_ref=data.decode(),
         priority=priority,
     )
+
+
+@dataclass
+class Ingest:
+    """The ingest service as the workers read bytes from it: unreachable for a media id's
+    next ``outages`` reads (or ``always``), else the bytes its spec names. Each read is
+    recorded with the loop's time."""
+
+    outages: dict[str, int] = field(default_factory=dict)
+    always: bool = False
+    reads: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def read_ids(self) -> list[str]:
+        """The media ids read, in order (once per read)."""
+        return [media_id for media_id, _ in self.reads]
+
+    async def read(self, job: JobSpec) -> bytes:
+        self.reads.append((job.media_id, asyncio.get_running_loop().time()))
+        if self.always or self.outages.get(job.media_id, 0) > 0:
+            self.outages[job.media_id] = self.outages.get(job.media_id, 0) - 1
+            raise ContentUnavailable("ingest unreachable")
+        return job.content_ref.encode()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -24,7 +24,7 @@ from analysis_service.domain.queue import READY_TTL, JobQueue
 from analysis_service.domain.read_ahead import READ_AHEAD_BYTES, ReadAhead
 from analysis_service.domain.store import NewResult
 from analysis_service.storage.memory_store import MemoryQueueStore
-from tests.queue_support import LoopClock, content, spec
+from tests.queue_support import Ingest, LoopClock, content, spec
 
 pytestmark = pytest.mark.looptime
 
@@ -35,17 +35,6 @@ SUBMITTED = 200
 STARTS = 40
 OTHER_REPLICA = "another replica"
 RESULT = JobResult(("tag",), np.ones(4, dtype=np.float32), 4, "test", "1", reused=False)
-
-
-@dataclass
-class Ingest:
-    """The ingest service's bytes, with every read it was asked for."""
-
-    reads: list[str] = field(default_factory=list)
-
-    async def read(self, job: JobSpec) -> bytes:
-        self.reads.append(job.media_id)
-        return job.content_ref.encode()
 
 
 @dataclass
@@ -103,7 +92,7 @@ async def test_a_job_claimed_ahead_is_looked_up_and_read_before_a_worker_starts_
 
     ahead = await running.claimed_ahead(started)
     assert ahead, "no job was claimed ahead of workers starting jobs this fast"
-    assert set(ahead) <= set(running.ingest.reads), "a job claimed ahead was not read ahead"
+    assert set(ahead) <= set(running.ingest.read_ids), "a job claimed ahead was not read ahead"
     first = await running.queue.claim()
     assert first is not None
     assert first.spec.media_id == ahead[0]
@@ -129,7 +118,7 @@ async def test_a_job_claimed_ahead_is_looked_up_and_read_before_a_worker_starts_
         result = await running.cache.get_or_compute(key, first.spec.sha256, compute, record)
     assert result == RESULT
     assert recorded == [RESULT]
-    reads = Counter(running.ingest.reads)
+    reads = Counter(running.ingest.read_ids)
     assert reads[first.spec.media_id] == 1, "the bytes were read again when the job started"
 
 
@@ -162,7 +151,7 @@ async def test_the_bytes_read_ahead_stay_within_their_budget() -> None:
     # The first three fit; the others are read by the worker that starts them.
     budget = 3 * item_size
     assert running.ahead.bytes_held == budget
-    assert [media_id for media_id in running.ingest.reads if media_id in ahead] == ahead[:3]
+    assert [media_id for media_id in running.ingest.read_ids if media_id in ahead] == ahead[:3]
     for _ in range(len(ahead)):
         job = await running.queue.claim()
         assert job is not None
@@ -171,7 +160,7 @@ async def test_the_bytes_read_ahead_stay_within_their_budget() -> None:
         started.append(job)
         # Starting tops up the claims ahead; their reads stay within the budget.
         assert running.ahead.bytes_held <= budget
-    reads = Counter(running.ingest.reads)
+    reads = Counter(running.ingest.read_ids)
     assert [reads[job.spec.media_id] for job in started] == [1] * len(started), (
         "an item was read twice"
     )

@@ -26,19 +26,18 @@ from analysis_service.domain.cache import ResultCache
 from analysis_service.domain.hub import StatusHub, Subscription, WatchFilter
 from analysis_service.domain.limits import RateLimits
 from analysis_service.domain.maintenance import Maintenance
-from analysis_service.domain.models import AttemptOutcome, Job, JobSpec, JobStatus, StatusEvent
+from analysis_service.domain.models import AttemptOutcome, Job, JobStatus, StatusEvent
 from analysis_service.domain.observer import AnalysisObserver, NoObserver
 from analysis_service.domain.queue import JobQueue
 from analysis_service.domain.stats import Throughput
 from analysis_service.domain.workers import WorkerPool
 from analysis_service.errors import (
-    ContentUnavailable,
     PermanentAnalyzerError,
     QuotaExceeded,
     TransientAnalyzerError,
 )
 from analysis_service.storage.memory_store import MemoryQueueStore
-from tests.queue_support import EPOCH, LoopClock, spec
+from tests.queue_support import EPOCH, Ingest, LoopClock, spec
 
 pytestmark = pytest.mark.looptime
 
@@ -100,23 +99,6 @@ class Upstream:
 
     def call_times(self, number: int) -> list[float]:
         return [at for media_id, at in self.calls if media_id == spec(number).media_id]
-
-
-@dataclass
-class Ingest:
-    """The ingest service as the workers read bytes from it: unreachable for a media id's
-    next ``outages`` reads (or ``always``), else the bytes its spec names."""
-
-    outages: dict[str, int] = field(default_factory=dict)
-    always: bool = False
-    reads: list[tuple[str, float]] = field(default_factory=list)
-
-    async def read(self, job: JobSpec) -> bytes:
-        self.reads.append((job.media_id, loop_time()))
-        if self.always or self.outages.get(job.media_id, 0) > 0:
-            self.outages[job.media_id] = self.outages.get(job.media_id, 0) - 1
-            raise ContentUnavailable("ingest unreachable")
-        return job.content_ref.encode()
 
 
 @dataclass
@@ -404,7 +386,7 @@ async def test_a_cached_result_completes_its_job_while_ingest_is_unreachable() -
         assert second.result.reused
         assert second.attempt == 1
         # The copy's read, if it started before the cache answered, failed unheeded.
-        assert [media_id for media_id, _ in ingest.reads][:1] == [spec(1).media_id]
+        assert ingest.read_ids[:1] == [spec(1).media_id]
         assert len(upstream.calls) == 1
 
 
