@@ -59,8 +59,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         help="jobs through the queue alone and through Procrastinate (default 10000)",
     )  # fmt: skip
     group.add_argument(
-        "--scale-queue-rounds", type=positive, default=3, metavar="N",
-        help="rounds of the queue alone and Procrastinate; each one's median is shown (default 3)",
+        "--scale-rounds", type=positive, default=3, metavar="N",
+        help="rounds of the queue alone, Procrastinate, the pipelines and the watchers apart; "
+        "each one's median is shown (default 3)",
     )  # fmt: skip
     group.add_argument(
         "--scale-pipeline-jobs", type=positive, default=2000, metavar="N",
@@ -93,7 +94,7 @@ async def run(args: argparse.Namespace) -> Figures:
         figures = ScaleFigures(setup)
         _print_setup(args, setup)
         root = Path(work)
-        figures.queue = await queue_rows(root, pg, args.scale_queue_jobs, args.scale_queue_rounds)
+        figures.queue = await queue_rows(root, pg, args.scale_queue_jobs, args.scale_rounds)
         print_rows("queue alone", figures.queue, figures.queue[-1])
         images = distinct_images(args.scale_pipeline_jobs, label="scale")
         ingest_port, nowhere = free_ports(2)
@@ -103,11 +104,13 @@ async def run(args: argparse.Namespace) -> Figures:
             print(f"\nuploading {len(images)} images to ingest (not timed) ...", flush=True)
             specs = [job_spec(media) for media in await upload_all(ingest, images, concurrency=4)]
             bench = ReplicaRuns(root, pg, f"127.0.0.1:{ingest_port}", ingest_process.pid)
-            figures.pipeline = await bench.pipeline_rows(specs)
+            figures.pipeline = await bench.pipeline_rows(specs, args.scale_rounds)
             print_rows("pipeline", figures.pipeline, figures.pipeline[1])
             figures.delays = await part(bench.watch_delays(specs))
             print_delays(figures.delays)
-            figures.apart = await part(bench.watchers_apart(specs, args.scale_watchers, cores))
+            figures.apart = await part(
+                bench.watchers_apart(specs, args.scale_watchers, cores, args.scale_rounds)
+            )
             print_apart(figures.apart)
         figures.seed = await part(seed(root, pg, args.scale_seed_images))
         print_seed(figures.seed)
@@ -121,8 +124,9 @@ def _print_setup(args: argparse.Namespace, setup: dict[str, object]) -> None:
         "scale benchmark: one PostgreSQL, several analysis replicas, one limit, one watch",
         f"  machine   {setup['cores']} cores, {setup['platform']}, python {setup['python']}; "
         f"PostgreSQL {setup['postgresql']} (fsync on)",
-        f"  queue     {args.scale_queue_jobs} jobs, the median of {args.scale_queue_rounds} "
-        "rounds: the JobQueue alone in this process (submit "
+        f"  rounds    {args.scale_rounds}: each row of the queue, the pipeline and the "
+        "watchers apart is the median of one run per round",
+        f"  queue     {args.scale_queue_jobs} jobs: the JobQueue alone in this process (submit "
         f"in batches of {BATCH}, {WORKERS} tasks claim -> complete),",
         f"            on SQLite synchronous={SYNCHRONOUS} and on PostgreSQL; Procrastinate: one "
         f"batch deferred, a worker of concurrency {WORKERS}",
@@ -137,7 +141,7 @@ def _print_setup(args: argparse.Namespace, setup: dict[str, object]) -> None:
         f"  delay     changes at about {DELAY_RATE:g}/s committed by the replica with workers; "
         "a watcher on a replica without workers beside one on it",
         f"  apart     {args.scale_watchers} watchers on a replica with --workers 0; the other "
-        "replica's workers with and without them",
+        "replica's workers with and without them, in turns",
         "  the machine is shared: other work on it shows in every figure",
     ]
     print("\n".join(lines), flush=True)

@@ -84,12 +84,17 @@ async def queue_rows(root: Path, pg: Postgres, jobs: int, rounds: int) -> list[R
             measured.setdefault(name, []).append(row)
         row = await _part_row("Procrastinate, PostgreSQL", _procrastinate(pg, jobs))
         measured.setdefault(row.name, []).append(row)
-        print(
-            "  " + ", ".join(f"{name} {rows[-1].jobs_per_second:.1f}" for name, rows in
-                             measured.items()) + " jobs/s",
-            flush=True,
-        )  # fmt: skip
+        _print_round(measured)
     return [_median(rows) for rows in measured.values()]
+
+
+def _print_round(measured: dict[str, list[Row]]) -> None:
+    """The jobs/s of each configuration's latest run."""
+    print(
+        "  " + ", ".join(f"{name} {rows[-1].jobs_per_second:.1f}" for name, rows in
+                         measured.items()) + " jobs/s",
+        flush=True,
+    )  # fmt: skip
 
 
 def _median(rows: list[Row]) -> Row:
@@ -152,16 +157,20 @@ class ReplicaRuns:
         work_dir.mkdir()
         return work_dir
 
-    async def pipeline_rows(self, specs: Sequence[analysis_pb2.JobSpec]) -> list[Row]:
-        rows = []
-        for name, replicas, url in (
-            ("1 replica, SQLite", 1, None),
-            *((f"{n} replica{'s' * (n > 1)}, PostgreSQL", n, "pg") for n in (1, 2, 3)),
-        ):
-            print(f"measuring the pipeline, {name} ...", flush=True)
-            database = self._pg.new_database() if url else None
-            rows.append(await _part_row(name, self._pipeline(name, replicas, database, specs)))
-        return rows
+    async def pipeline_rows(self, specs: Sequence[analysis_pb2.JobSpec], rounds: int) -> list[Row]:
+        """Each configuration once per round, on a new database each time; its median row."""
+        measured: dict[str, list[Row]] = {}
+        for number in range(1, rounds + 1):
+            print(f"measuring the pipeline, round {number} of {rounds} ...", flush=True)
+            for name, replicas, url in (
+                ("1 replica, SQLite", 1, None),
+                *((f"{n} replica{'s' * (n > 1)}, PostgreSQL", n, "pg") for n in (1, 2, 3)),
+            ):
+                database = self._pg.new_database() if url else None
+                row = await _part_row(name, self._pipeline(name, replicas, database, specs))
+                measured.setdefault(name, []).append(row)
+            _print_round(measured)
+        return [_median(rows) for rows in measured.values()]
 
     async def _pipeline(
         self, name: str, replicas: int, url: str | None, specs: Sequence[analysis_pb2.JobSpec]
@@ -203,11 +212,39 @@ class ReplicaRuns:
         ]
 
     async def watchers_apart(
-        self, specs: Sequence[analysis_pb2.JobSpec], watchers: int, cores: int
+        self, specs: Sequence[analysis_pb2.JobSpec], watchers: int, cores: int, rounds: int
     ) -> ApartFigures:
-        """The working replica's jobs/s without, then with, the watchers on the other."""
-        print(f"measuring {watchers} watchers apart from the workers ...", flush=True)
+        """The working replica's jobs/s without, then with, the watchers on the other: one
+        pair per round on a new database, the order alternating (a run's first phase warms
+        its replicas up); each phase's median."""
         half = len(specs) // 2
+        alone: list[Row] = []
+        watched: list[Row] = []
+        for number in range(1, rounds + 1):
+            print(
+                f"measuring {watchers} watchers apart from the workers, round {number} of "
+                f"{rounds} ...",
+                flush=True,
+            )
+            order = (False, True) if number % 2 else (True, False)
+            for with_watchers, row in zip(
+                order, await self._apart_round(specs, half, watchers, order), strict=True
+            ):
+                (watched if with_watchers else alone).append(row)
+            print(
+                f"  {alone[-1].jobs_per_second:.1f} -> {watched[-1].jobs_per_second:.1f} jobs/s",
+                flush=True,
+            )
+        return ApartFigures(watchers, cores, _median(alone), _median(watched))
+
+    async def _apart_round(
+        self,
+        specs: Sequence[analysis_pb2.JobSpec],
+        half: int,
+        watchers: int,
+        order: tuple[bool, bool],
+    ) -> list[Row]:
+        """Half the jobs in each phase, with the watchers open or not in ``order``."""
         template = dataclasses.replace(
             self._template(database_url=self._pg.new_database()),
             max_watchers=watchers + 10,
@@ -218,19 +255,21 @@ class ReplicaRuns:
             postmaster = self._pg.postmaster_pid()
             address = f"127.0.0.1:{cluster.ports[0]}"
             rows = []
-            for name, first in (("no watchers", 0), (f"{watchers} watchers apart", half)):
+            for phase, with_watchers in enumerate(order):
                 async with contextlib.AsyncExitStack() as stack:
-                    if first:
+                    if with_watchers:
                         await stack.enter_async_context(
                             watching(address, count=watchers, channels=_WATCHER_CHANNELS,
                                      open_timeout=_OPEN_TIMEOUT)
                         )  # fmt: skip
                     meter = CpuMeter(pids, postmaster)
+                    first = phase * half
                     seconds = await _submit_and_wait(
                         cluster.stubs[1], specs[first : first + half], meter
                     )
+                    name = f"{watchers} watchers apart" if with_watchers else "no watchers"
                     rows.append(Row(name, half, seconds, meter.used))
-        return ApartFigures(watchers, cores, rows[0], rows[1])
+        return rows
 
 
 async def _submit_and_wait(
