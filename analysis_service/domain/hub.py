@@ -42,6 +42,13 @@ class WatchFilter:
             return False
         return self.allowed_owners is None or event.owner_id in self.allowed_owners
 
+    def select(self, events: Sequence[StatusEvent]) -> Sequence[StatusEvent]:
+        """The events this filter lets through, in order (``events`` itself when it lets
+        every event through)."""
+        if not self.media_ids and not self.owner_id and self.allowed_owners is None:
+            return events
+        return [event for event in events if self.matches(event)]
+
 
 class Subscription:
     """One watcher's live feed. A watcher still holding ``buffer_size`` unsent events when
@@ -68,8 +75,8 @@ class Subscription:
         # Whether the hub counts this watcher as still taking a delivery (see ``paced``).
         self._delivering = False
 
-    def offer(self, events: Sequence[StatusEvent]) -> None:
-        """Take the matching events of one commit.
+    def offer(self, matching: Sequence[StatusEvent]) -> None:
+        """Take the events of one commit that match the filter.
 
         Slow means ``buffer_size`` events behind when the next commit comes. A burst is
         forgiven once until it has been read: a commit that takes a watcher that was keeping
@@ -79,10 +86,7 @@ class Subscription:
         up, and its last small commit is no burst. Memory stays bounded by about one and a
         half buffers plus one commit.
         """
-        if self._ended is not None:
-            return
-        matching = [event for event in events if self.filter.matches(event)]
-        if not matching:
+        if self._ended is not None or not matching:
             return
         if self._taken - max(self._handed_on, self._burst_end) >= self._buffer_size:
             self.end(
@@ -219,8 +223,19 @@ class StatusHub:
             return
         self.current_revision = max(self.current_revision, events[-1].revision)
         self.events_published += len(events)
+        # Watchers without a list of ids share one selection per distinct filter (most watch
+        # everything, or one owner): a pass over the commit per filter, not per watcher. A
+        # list of ids is the watcher's own (comparing two equal lists would cost as much).
+        selections: dict[WatchFilter, Sequence[StatusEvent]] = {}
         for subscription in list(self._subscriptions):
-            subscription.offer(events)
+            watch_filter = subscription.filter
+            if watch_filter.media_ids:
+                subscription.offer(watch_filter.select(events))
+                continue
+            selected = selections.get(watch_filter)
+            if selected is None:
+                selected = selections[watch_filter] = watch_filter.select(events)
+            subscription.offer(selected)
 
     def paced(self, max_wait: float) -> contextlib.AbstractAsyncContextManager[None]:
         """A block for a commit that publishes, run in turn with the fan-out (see
