@@ -12,6 +12,9 @@ SQLITE_QUEUE_JOBS_PER_SECOND = 2000.0
 ONE_REPLICA_JOBS_PER_SECOND = 500.0
 LIMIT_SHARE = 0.95
 WATCH_DELAY_FACTOR = 2.0
+# The processes whose CPU is the watchers' share (see ApartFigures).
+WATCHERS_REPLICA = "watchers' replica"
+WATCHERS_CLIENT = "watchers' client"
 
 
 @dataclass(frozen=True)
@@ -64,14 +67,38 @@ class DelayFigures:
         return cls(where, len(delays_ms), percentiles[49], percentiles[98])
 
 
+def median_row(rows: Sequence[Row]) -> Row:
+    """The row of median jobs/s among those that ran (or the first's error)."""
+    ran = sorted((row for row in rows if row.error is None), key=lambda row: row.jobs_per_second)
+    return ran[(len(ran) - 1) // 2] if ran else rows[0]
+
+
+@dataclass(frozen=True)
+class ApartRound:
+    """The workers' replica alone, and with the watchers on another replica; what the
+    watchers read (changes) and how many streams the server ended, by status code."""
+
+    alone: Row
+    watched: Row
+    changes_read: int
+    streams_ended: Mapping[str, int]
+
+
 @dataclass(frozen=True)
 class ApartFigures:
-    """The workers' replica alone, then with ``watchers`` on another replica."""
+    """``watchers`` on a replica without workers, round by round; each phase's median."""
 
     watchers: int
     cores: int
-    alone: Row
-    watched: Row
+    rounds: Sequence[ApartRound]
+
+    @property
+    def alone(self) -> Row:
+        return median_row([measured.alone for measured in self.rounds])
+
+    @property
+    def watched(self) -> Row:
+        return median_row([measured.watched for measured in self.rounds])
 
     @property
     def loss(self) -> float:
@@ -79,10 +106,14 @@ class ApartFigures:
 
     @property
     def watchers_share(self) -> float:
-        """The share of the cores the watchers' replica and the watching client took."""
-        used = self.watched.cpu_seconds
-        taken = used.get("watchers' replica", 0.0) + used.get("client", 0.0)
-        return taken / self.watched.seconds / self.cores
+        """The share of the cores the watchers' replica and the watchers' client took."""
+        return watchers_share(self.watched, self.cores)
+
+
+def watchers_share(watched: Row, cores: int) -> float:
+    used = watched.cpu_seconds
+    taken = used.get(WATCHERS_REPLICA, 0.0) + used.get(WATCHERS_CLIENT, 0.0)
+    return taken / watched.seconds / cores
 
 
 @dataclass(frozen=True)
@@ -157,6 +188,16 @@ def print_apart(apart: ApartFigures | str) -> None:
     if isinstance(apart, str):
         print(f"  could not run: {apart}", flush=True)
         return
+    for number, measured in enumerate(apart.rounds, 1):
+        ended = ", ".join(f"{count} {code}" for code, count in measured.streams_ended.items())
+        print(
+            f"  round {number}: {measured.alone.jobs_per_second:.1f} -> "
+            f"{measured.watched.jobs_per_second:.1f} jobs/s, the watchers took "
+            f"{watchers_share(measured.watched, apart.cores):.1%} of the cores; they read "
+            f"{measured.changes_read} changes, streams ended by the server: {ended or 'none'}",
+            flush=True,
+        )
+    print("  the median of each:", flush=True)
     for row in (apart.alone, apart.watched):
         cores = ", ".join(
             f"{role} {used / row.seconds:.2f}" for role, used in row.cpu_seconds.items()
@@ -166,7 +207,7 @@ def print_apart(apart: ApartFigures | str) -> None:
         )
     print(
         f"  the workers lost {apart.loss:.1%} of their jobs/s; the watchers' replica and the "
-        f"watching client took {apart.watchers_share:.1%} of the {apart.cores} cores",
+        f"watchers' client took {apart.watchers_share:.1%} of the {apart.cores} cores",
         flush=True,
     )
 

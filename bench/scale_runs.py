@@ -24,8 +24,18 @@ from bench.processes import free_ports
 from bench.procrastinate_queue import run_procrastinate
 from bench.queue_alone import QueueAlone, job_specs
 from bench.scale_cluster import CpuMeter, Postgres, running_replicas
-from bench.scale_report import ApartFigures, DelayFigures, Row, SeedFigures
+from bench.scale_report import (
+    WATCHERS_CLIENT,
+    WATCHERS_REPLICA,
+    ApartFigures,
+    ApartRound,
+    DelayFigures,
+    Row,
+    SeedFigures,
+    median_row,
+)
 from bench.sim_server import SimServer
+from bench.watcher_process import watching_apart
 from bench.watchers import Receipts, watching
 from mediatag_common.database import sqlite_url
 
@@ -42,6 +52,10 @@ SEED_RATE = 10.0
 SEED_BURST = 1
 SEED_WORKERS = 16
 _WATCHER_CHANNELS = 10
+# Jobs through the replicas, untimed, before the watchers-apart phases: a fresh pair of
+# replicas does its first jobs slower (462 jobs/s in a first phase, 733-856 in the phases
+# after it, in one run), and that would fall on whichever phase goes first.
+_APART_WARM_UP = 2 * BATCH
 _OPEN_TIMEOUT = 120.0
 _ERROR_CHARS = 300
 
@@ -85,7 +99,7 @@ async def queue_rows(root: Path, pg: Postgres, jobs: int, rounds: int) -> list[R
         row = await _part_row("Procrastinate, PostgreSQL", _procrastinate(pg, jobs))
         measured.setdefault(row.name, []).append(row)
         _print_round(measured)
-    return [_median(rows) for rows in measured.values()]
+    return [median_row(rows) for rows in measured.values()]
 
 
 def _print_round(measured: dict[str, list[Row]]) -> None:
@@ -95,12 +109,6 @@ def _print_round(measured: dict[str, list[Row]]) -> None:
                          measured.items()) + " jobs/s",
         flush=True,
     )  # fmt: skip
-
-
-def _median(rows: list[Row]) -> Row:
-    """The row of median jobs/s among those that ran (or the first's error)."""
-    ran = sorted((row for row in rows if row.error is None), key=lambda row: row.jobs_per_second)
-    return ran[(len(ran) - 1) // 2] if ran else rows[0]
 
 
 async def _part_row(name: str, measurement: Awaitable[Row]) -> Row:
@@ -170,7 +178,7 @@ class ReplicaRuns:
                 row = await _part_row(name, self._pipeline(name, replicas, database, specs))
                 measured.setdefault(name, []).append(row)
             _print_round(measured)
-        return [_median(rows) for rows in measured.values()]
+        return [median_row(rows) for rows in measured.values()]
 
     async def _pipeline(
         self, name: str, replicas: int, url: str | None, specs: Sequence[analysis_pb2.JobSpec]
@@ -215,61 +223,59 @@ class ReplicaRuns:
         self, specs: Sequence[analysis_pb2.JobSpec], watchers: int, cores: int, rounds: int
     ) -> ApartFigures:
         """The working replica's jobs/s without, then with, the watchers on the other: one
-        pair per round on a new database, the order alternating (a run's first phase warms
-        its replicas up); each phase's median."""
-        half = len(specs) // 2
-        alone: list[Row] = []
-        watched: list[Row] = []
+        pair per round on a new database, after a warm-up, in alternating order."""
+        measured = []
         for number in range(1, rounds + 1):
             print(
                 f"measuring {watchers} watchers apart from the workers, round {number} of "
                 f"{rounds} ...",
                 flush=True,
             )
-            order = (False, True) if number % 2 else (True, False)
-            for with_watchers, row in zip(
-                order, await self._apart_round(specs, half, watchers, order), strict=True
-            ):
-                (watched if with_watchers else alone).append(row)
+            measured.append(await self._apart_round(specs, watchers, watched_first=number % 2 == 0))
             print(
-                f"  {alone[-1].jobs_per_second:.1f} -> {watched[-1].jobs_per_second:.1f} jobs/s",
+                f"  {measured[-1].alone.jobs_per_second:.1f} -> "
+                f"{measured[-1].watched.jobs_per_second:.1f} jobs/s",
                 flush=True,
             )
-        return ApartFigures(watchers, cores, _median(alone), _median(watched))
+        return ApartFigures(watchers, cores, measured)
 
     async def _apart_round(
-        self,
-        specs: Sequence[analysis_pb2.JobSpec],
-        half: int,
-        watchers: int,
-        order: tuple[bool, bool],
-    ) -> list[Row]:
-        """Half the jobs in each phase, with the watchers open or not in ``order``."""
+        self, specs: Sequence[analysis_pb2.JobSpec], watchers: int, *, watched_first: bool
+    ) -> ApartRound:
+        """The warm-up's jobs, then half the rest in each phase. The watchers are a process
+        of their own (``bench.watcher_process``): in this one they would hold up the calls
+        and the timer of the phase they are measured against."""
+        half = (len(specs) - _APART_WARM_UP) // 2
         template = dataclasses.replace(
             self._template(database_url=self._pg.new_database()),
             max_watchers=watchers + 10,
         )
         async with running_replicas(self._work_dir("apart"), template, [0, WORKERS]) as cluster:
-            roles = {"watchers' replica": cluster.pids[0], "workers' replica": cluster.pids[1]}
-            pids = {**roles, "ingest": self._ingest_pid, "client": os.getpid()}
+            pids = {
+                WATCHERS_REPLICA: cluster.pids[0],
+                "workers' replica": cluster.pids[1],
+                "ingest": self._ingest_pid,
+                "client": os.getpid(),
+            }
             postmaster = self._pg.postmaster_pid()
             address = f"127.0.0.1:{cluster.ports[0]}"
-            rows = []
-            for phase, with_watchers in enumerate(order):
-                async with contextlib.AsyncExitStack() as stack:
-                    if with_watchers:
-                        await stack.enter_async_context(
-                            watching(address, count=watchers, channels=_WATCHER_CHANNELS,
-                                     open_timeout=_OPEN_TIMEOUT)
-                        )  # fmt: skip
+            await _submit_and_wait(cluster.stubs[1], specs[:_APART_WARM_UP], None)
+            phases = {}
+            for phase, with_watchers in enumerate((watched_first, not watched_first)):
+                first = _APART_WARM_UP + phase * half
+                jobs = specs[first : first + half]
+                if not with_watchers:
                     meter = CpuMeter(pids, postmaster)
-                    first = phase * half
-                    seconds = await _submit_and_wait(
-                        cluster.stubs[1], specs[first : first + half], meter
-                    )
-                    name = f"{watchers} watchers apart" if with_watchers else "no watchers"
-                    rows.append(Row(name, half, seconds, meter.used))
-        return rows
+                    seconds = await _submit_and_wait(cluster.stubs[1], jobs, meter)
+                    phases[False] = Row("no watchers", half, seconds, meter.used)
+                    continue
+                async with watching_apart(
+                    address, count=watchers, channels=_WATCHER_CHANNELS, open_timeout=_OPEN_TIMEOUT
+                ) as held:
+                    meter = CpuMeter({**pids, WATCHERS_CLIENT: held.pid}, postmaster)
+                    seconds = await _submit_and_wait(cluster.stubs[1], jobs, meter)
+                phases[True] = Row(f"{watchers} watchers apart", half, seconds, meter.used)
+        return ApartRound(phases[False], phases[True], held.changes, held.ended)
 
 
 async def _submit_and_wait(
