@@ -53,8 +53,8 @@ SEED_BURST = 1
 SEED_WORKERS = 16
 _WATCHER_CHANNELS = 10
 # Jobs through the replicas, untimed, before the watchers-apart phases: a fresh pair of
-# replicas does its first jobs slower (462 jobs/s in a first phase, 733-856 in the phases
-# after it, in one run), and that would fall on whichever phase goes first.
+# replicas often does its first jobs slower (in a trial, 266 jobs/s in a first phase against
+# 513 in the second), and that would fall on whichever phase goes first.
 _APART_WARM_UP = 2 * BATCH
 _OPEN_TIMEOUT = 120.0
 _ERROR_CHARS = 300

@@ -58,6 +58,9 @@ async def watching_apart(
         process.stdin.close()
         async with asyncio.timeout(_STOP_TIMEOUT):
             read = json.loads(await process.stdout.read())
+            # Waited for here, not killed below: signalling a process that has exited but is
+            # not yet reaped reaps it behind asyncio's back ("Unknown child process").
+            await process.wait()
         watchers.changes, watchers.ended = read["changes"], read["ended"]
     finally:
         if process.returncode is None:
