@@ -33,6 +33,7 @@ from bench.scale_report import (
     targets,
 )
 from bench.scale_runs import (
+    APART_WARM_UP,
     BATCH,
     DELAY_RATE,
     SEED_BURST,
@@ -140,8 +141,9 @@ def _print_setup(args: argparse.Namespace, setup: dict[str, object]) -> None:
         "through UploadMedia",
         f"  delay     changes at about {DELAY_RATE:g}/s committed by the replica with workers; "
         "a watcher on a replica without workers beside one on it",
-        f"  apart     {args.scale_watchers} watchers on a replica with --workers 0; the other "
-        "replica's workers with and without them, in turns",
+        f"  apart     {args.scale_watchers} watchers (a process of their own) on a replica with "
+        "--workers 0; the other replica's workers",
+        f"            with and without them, in turns, after {APART_WARM_UP} jobs of warm-up",
         "  the machine is shared: other work on it shows in every figure",
     ]
     print("\n".join(lines), flush=True)

@@ -55,7 +55,7 @@ _WATCHER_CHANNELS = 10
 # Jobs through the replicas, untimed, before the watchers-apart phases: a fresh pair of
 # replicas often does its first jobs slower (in a trial, 266 jobs/s in a first phase against
 # 513 in the second), and that would fall on whichever phase goes first.
-_APART_WARM_UP = 2 * BATCH
+APART_WARM_UP = 2 * BATCH
 _OPEN_TIMEOUT = 120.0
 _ERROR_CHARS = 300
 
@@ -245,7 +245,7 @@ class ReplicaRuns:
         """The warm-up's jobs, then half the rest in each phase. The watchers are a process
         of their own (``bench.watcher_process``): in this one they would hold up the calls
         and the timer of the phase they are measured against."""
-        half = (len(specs) - _APART_WARM_UP) // 2
+        half = (len(specs) - APART_WARM_UP) // 2
         template = dataclasses.replace(
             self._template(database_url=self._pg.new_database()),
             max_watchers=watchers + 10,
@@ -259,10 +259,10 @@ class ReplicaRuns:
             }
             postmaster = self._pg.postmaster_pid()
             address = f"127.0.0.1:{cluster.ports[0]}"
-            await _submit_and_wait(cluster.stubs[1], specs[:_APART_WARM_UP], None)
+            await _submit_and_wait(cluster.stubs[1], specs[:APART_WARM_UP], None)
             phases = {}
             for phase, with_watchers in enumerate((watched_first, not watched_first)):
-                first = _APART_WARM_UP + phase * half
+                first = APART_WARM_UP + phase * half
                 jobs = specs[first : first + half]
                 if not with_watchers:
                     meter = CpuMeter(pids, postmaster)
