@@ -35,7 +35,7 @@ from bench.scale_report import (
     median_row,
 )
 from bench.sim_server import SimServer
-from bench.watcher_process import watching_apart
+from bench.watcher_process import WatcherProcess, watching_apart
 from bench.watchers import Receipts, watching
 from mediatag_common.database import sqlite_url
 
@@ -260,22 +260,31 @@ class ReplicaRuns:
             postmaster = self._pg.postmaster_pid()
             address = f"127.0.0.1:{cluster.ports[0]}"
             await _submit_and_wait(cluster.stubs[1], specs[:APART_WARM_UP], None)
-            phases = {}
-            for phase, with_watchers in enumerate((watched_first, not watched_first)):
-                first = APART_WARM_UP + phase * half
-                jobs = specs[first : first + half]
-                if not with_watchers:
-                    meter = CpuMeter(pids, postmaster)
-                    seconds = await _submit_and_wait(cluster.stubs[1], jobs, meter)
-                    phases[False] = Row("no watchers", half, seconds, meter.used)
-                    continue
+
+            async def without_watchers(jobs: Sequence[analysis_pb2.JobSpec]) -> Row:
+                meter = CpuMeter(pids, postmaster)
+                seconds = await _submit_and_wait(cluster.stubs[1], jobs, meter)
+                return Row("no watchers", len(jobs), seconds, meter.used)
+
+            async def with_watchers(
+                jobs: Sequence[analysis_pb2.JobSpec],
+            ) -> tuple[Row, WatcherProcess]:
                 async with watching_apart(
                     address, count=watchers, channels=_WATCHER_CHANNELS, open_timeout=_OPEN_TIMEOUT
                 ) as held:
                     meter = CpuMeter({**pids, WATCHERS_CLIENT: held.pid}, postmaster)
                     seconds = await _submit_and_wait(cluster.stubs[1], jobs, meter)
-                phases[True] = Row(f"{watchers} watchers apart", half, seconds, meter.used)
-        return ApartRound(phases[False], phases[True], held.changes, held.ended)
+                return Row(f"{watchers} watchers apart", len(jobs), seconds, meter.used), held
+
+            first = specs[APART_WARM_UP : APART_WARM_UP + half]
+            second = specs[APART_WARM_UP + half : APART_WARM_UP + 2 * half]
+            if watched_first:
+                watched, held = await with_watchers(first)
+                alone = await without_watchers(second)
+            else:
+                alone = await without_watchers(first)
+                watched, held = await with_watchers(second)
+        return ApartRound(alone, watched, held.changes, held.ended)
 
 
 async def _submit_and_wait(
