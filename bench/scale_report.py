@@ -76,11 +76,14 @@ def median_row(rows: Sequence[Row]) -> Row:
 @dataclass(frozen=True)
 class ApartRound:
     """The workers' replica alone, and with the watchers on another replica; what the
-    watchers read (changes) and how many streams the server ended, by status code."""
+    watchers read (changes, and from when to when, in seconds from the phase's start) and how
+    many streams the server ended, by status code."""
 
     alone: Row
     watched: Row
     changes_read: int
+    read_from: float
+    read_until: float
     streams_ended: Mapping[str, int]
 
 
@@ -194,7 +197,9 @@ def print_apart(apart: ApartFigures | str) -> None:
             f"  round {number}: {measured.alone.jobs_per_second:.1f} -> "
             f"{measured.watched.jobs_per_second:.1f} jobs/s, the watchers took "
             f"{watchers_share(measured.watched, apart.cores):.1%} of the cores; they read "
-            f"{measured.changes_read} changes, streams ended by the server: {ended or 'none'}",
+            f"{measured.changes_read} changes from {measured.read_from:.2f} s to "
+            f"{measured.read_until:.2f} s of the {measured.watched.seconds:.2f} s phase, "
+            f"streams ended by the server: {ended or 'none'}",
             flush=True,
         )
     print("  the median of each:", flush=True)

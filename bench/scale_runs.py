@@ -268,23 +268,28 @@ class ReplicaRuns:
 
             async def with_watchers(
                 jobs: Sequence[analysis_pb2.JobSpec],
-            ) -> tuple[Row, WatcherProcess]:
+            ) -> tuple[Row, WatcherProcess, int]:
                 async with watching_apart(
                     address, count=watchers, channels=_WATCHER_CHANNELS, open_timeout=_OPEN_TIMEOUT
                 ) as held:
                     meter = CpuMeter({**pids, WATCHERS_CLIENT: held.pid}, postmaster)
+                    started_ns = time.time_ns()
                     seconds = await _submit_and_wait(cluster.stubs[1], jobs, meter)
-                return Row(f"{watchers} watchers apart", len(jobs), seconds, meter.used), held
+                row = Row(f"{watchers} watchers apart", len(jobs), seconds, meter.used)
+                return row, held, started_ns
 
             first = specs[APART_WARM_UP : APART_WARM_UP + half]
             second = specs[APART_WARM_UP + half : APART_WARM_UP + 2 * half]
             if watched_first:
-                watched, held = await with_watchers(first)
+                watched, held, started_ns = await with_watchers(first)
                 alone = await without_watchers(second)
             else:
                 alone = await without_watchers(first)
-                watched, held = await with_watchers(second)
-        return ApartRound(alone, watched, held.changes, held.ended)
+                watched, held, started_ns = await with_watchers(second)
+        # The streams read nothing before the phase's first submit (changes only, no bookmarks).
+        read_from = (held.first_read_ns - started_ns) / 1e9 if held.changes else 0.0
+        read_until = (held.last_read_ns - started_ns) / 1e9 if held.changes else 0.0
+        return ApartRound(alone, watched, held.changes, read_from, read_until, held.ended)
 
 
 async def _submit_and_wait(

@@ -29,10 +29,14 @@ _STOP_TIMEOUT = 30.0
 
 @dataclass
 class WatcherProcess:
-    """The process's pid while it runs; afterwards what its streams read."""
+    """The process's pid while it runs; afterwards what its streams read: how many changes,
+    when the first and the last were read (``time.time_ns()``, 0 when none), and how many
+    streams the server ended, by status code."""
 
     pid: int
     changes: int = 0
+    first_read_ns: int = 0
+    last_read_ns: int = 0
     ended: dict[str, int] = field(default_factory=dict)
 
 
@@ -62,6 +66,7 @@ async def watching_apart(
             # not yet reaped reaps it behind asyncio's back ("Unknown child process").
             await process.wait()
         watchers.changes, watchers.ended = read["changes"], read["ended"]
+        watchers.first_read_ns, watchers.last_read_ns = read["first_read_ns"], read["last_read_ns"]
     finally:
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -76,8 +81,14 @@ async def _hold(args: argparse.Namespace) -> None:
         print(_OPENED, flush=True)
         # Until the benchmark closes stdin (or exits).
         await asyncio.to_thread(sys.stdin.read)
-        changes = len(pool.receipts.revisions)
-    print(json.dumps({"changes": changes, "ended": dict(pool.ended)}), flush=True)
+        read_ns = pool.receipts.received_ns
+    read = {
+        "changes": len(read_ns),
+        "first_read_ns": min(read_ns, default=0),
+        "last_read_ns": max(read_ns, default=0),
+        "ended": dict(pool.ended),
+    }
+    print(json.dumps(read), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
