@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from analysis_service.config import RetryPolicy
+from analysis_service.domain.claims import AHEAD_HORIZON, MAX_AHEAD, RATE_WINDOW, READY_TTL
 from analysis_service.domain.hub import StatusHub, WatchFilter
 from analysis_service.domain.models import (
     AttemptOutcome,
@@ -27,14 +28,7 @@ from analysis_service.domain.models import (
     JobStatus,
     StatusEvent,
 )
-from analysis_service.domain.queue import (
-    AHEAD_HORIZON,
-    MAX_AHEAD,
-    MAX_PENDING_ENDS,
-    RATE_WINDOW,
-    READY_TTL,
-    JobQueue,
-)
+from analysis_service.domain.queue import MAX_PENDING_ENDS, JobQueue
 from analysis_service.domain.store import EventFilter
 from analysis_service.errors import JobNotFound, LeaseLost
 from analysis_service.storage.memory_store import MemoryQueueStore

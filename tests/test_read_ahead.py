@@ -18,9 +18,10 @@ import pytest
 
 from analysis_service.config import RetryPolicy
 from analysis_service.domain.cache import ResultCache
+from analysis_service.domain.claims import READY_TTL
 from analysis_service.domain.hub import StatusHub
 from analysis_service.domain.models import ClaimedJob, JobResult, JobSpec, JobStatus
-from analysis_service.domain.queue import READY_TTL, JobQueue
+from analysis_service.domain.queue import JobQueue
 from analysis_service.domain.read_ahead import READ_AHEAD_BYTES, ReadAhead
 from analysis_service.domain.store import NewResult
 from analysis_service.storage.memory_store import MemoryQueueStore

@@ -10,10 +10,7 @@ The workers' frequent changes ride in as few transactions as they can without mo
 concurrency. A completion is written behind: the worker goes on once it is queued (at most
 ``MAX_PENDING_ENDS`` are; beyond, it waits), and learns its outcome from the future
 :meth:`JobQueue.complete` returns. Their next jobs are claimed ahead, in batches that go with
-those ends: as many as the workers will start within ``AHEAD_HORIZON`` at the rate they have
-been starting them (none for an analyser that takes seconds: a job claimed ahead on a busy
-replica would wait there while another replica is free); one that no worker starts within
-``READY_TTL`` is given back.
+those ends (:mod:`analysis_service.domain.claims`).
 """
 
 from __future__ import annotations
@@ -23,11 +20,11 @@ import contextlib
 import logging
 import random
 import uuid
-from collections import deque
 from collections.abc import Collection, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from analysis_service.config import RetryPolicy
+from analysis_service.domain.claims import RELEASED, Claims, ClaimsAhead, given_back
 from analysis_service.domain.clock import SYSTEM_CLOCK, Clock
 from analysis_service.domain.hub import StatusHub
 from analysis_service.domain.models import (
@@ -54,37 +51,8 @@ from mediatag_common.group_commit import GroupCommit
 logger = logging.getLogger(__name__)
 
 LEASE_EXPIRED = JobError("LEASE_EXPIRED", "the worker's lease expired (crashed or stalled)", True)
-RELEASED = JobError("RELEASED", "the worker stopped before finishing (shutdown)", True)
-# A job claimed ahead (see MAX_AHEAD) that no worker of this replica started: it was never
-# worked on, and its attempt says so rather than telling of a worker that stopped.
-NOT_STARTED = JobError(
-    "NOT_STARTED",
-    "claimed ahead by this replica but not started (not in time, or a pause or shutdown came"
-    " first); given back for any replica to take",
-    True,
-)
-
 # Completions queued and not yet committed, at most (each holds its job's lease and result).
 MAX_PENDING_ENDS = 128
-# Jobs claimed ahead of the workers, at most; the workers' start rate is counted over
-# RATE_WINDOW seconds, and what they would start within AHEAD_HORIZON at that rate is kept
-# ready (a few transactions' worth when jobs take milliseconds, none when they take seconds).
-MAX_AHEAD = 128
-RATE_WINDOW = 0.5
-AHEAD_HORIZON = 0.1
-# A job claimed ahead that no worker started within this many seconds goes back to PENDING
-# (well inside the lease, which is not renewed until a worker starts the job).
-READY_TTL = 1.0
-
-
-class ClaimsAhead(Protocol):
-    """Told of the jobs claimed ahead, to prepare them before a worker starts one."""
-
-    def claimed_ahead(self, job: ClaimedJob) -> None:
-        """``job`` is claimed ahead: a worker of this process is likely to start it soon."""
-
-    async def given_back(self, jobs: Sequence[ClaimedJob]) -> None:
-        """``jobs``, claimed ahead, go back unstarted (raises nothing)."""
 
 
 class JobQueue:
@@ -111,16 +79,8 @@ class JobQueue:
         self._work_available = asyncio.Event()
         # Who holds this process's leases (in the job rows, for operators).
         self.holder = uuid.uuid4().hex[:12]
-        self._claims: GroupCommit[None, ClaimedJob | None] = GroupCommit(self._claim_group)
+        self._claims = Claims(self._claim_batch, self._end, self._work_available.set, clock)
         self._ends: GroupCommit[AttemptEnd, StatusEvent | None] = GroupCommit(self._end_group)
-        self._clock = clock
-        # Jobs claimed ahead for this process's next claims, oldest first, with when they were
-        # claimed; the claims ahead under way; when the workers started their recent jobs.
-        self._ready: deque[tuple[ClaimedJob, float]] = deque()
-        self._claiming_ahead: set[asyncio.Future[ClaimedJob | None]] = set()
-        self._starts: deque[float] = deque(maxlen=int(MAX_AHEAD * RATE_WINDOW / AHEAD_HORIZON))
-        self._giving_back: asyncio.Task[None] | None = None
-        self._ahead_listener: ClaimsAhead | None = None
         self._end_room = asyncio.Semaphore(MAX_PENDING_ENDS)
         # The last known state of the (cluster-wide) pause; the store is what claims obey.
         self.paused = False
@@ -145,102 +105,18 @@ class JobQueue:
 
     async def claim(self) -> ClaimedJob | None:
         """Lease the next due job in queue order, or None (also while paused); one claimed
-        ahead if there is one. Tops up the jobs claimed ahead (see the module docstring)."""
-        now = self._clock.monotonic()
-        if self._ready:
-            job, _ = self._ready.popleft()
-            self._started(now)
-            return job
-        claiming = self._claims.enqueue(None)
-        self._claim_ahead(now)
-        try:
-            claimed = await asyncio.shield(claiming)
-        except asyncio.CancelledError:
-            # The claim goes on without its caller and may commit: a job leased to a worker
-            # that is gone would wait out its lease and lose an attempt. Give it back (if
-            # that fails too, the lease expiry is what is left).
-            with contextlib.suppress(Exception):
-                if (lost := await claiming) is not None:
-                    await self.release(lost)
-            raise
-        if claimed is None:
-            # The due jobs may have gone to claims ahead: this caller's, once they land.
-            if self._claiming_ahead:
-                await asyncio.wait(set(self._claiming_ahead))
-            if self._ready:
-                claimed, _ = self._ready.popleft()
-        if claimed is not None:
-            self._started(self._clock.monotonic())
-        return claimed
+        ahead if there is one. Tops up the jobs claimed ahead (see :mod:`.claims`)."""
+        return await self._claims.claim()
 
     def tell_claims_ahead(self, listener: ClaimsAhead) -> None:
         """Tell ``listener`` of every job claimed ahead, and of those given back unstarted."""
-        self._ahead_listener = listener
+        self._claims.tell(listener)
 
-    def _started(self, now: float) -> None:
-        """A worker starts a job: counted for the rate, and the jobs ahead topped up."""
-        self._starts.append(now)
-        self._claim_ahead(now)
-
-    def _claim_ahead(self, now: float) -> None:
-        """Claim what the workers will start within AHEAD_HORIZON, less what is ready or
-        being claimed; the claims go with the next group of claims and ends."""
-        while self._starts and self._starts[0] < now - RATE_WINDOW:
-            self._starts.popleft()
-        wanted = min(MAX_AHEAD, int(len(self._starts) * AHEAD_HORIZON / RATE_WINDOW))
-        for _ in range(wanted - len(self._ready) - len(self._claiming_ahead)):
-            claiming = self._claims.enqueue(None)
-            self._claiming_ahead.add(claiming)
-            claiming.add_done_callback(self._claimed_ahead)
-
-    def _claimed_ahead(self, claiming: asyncio.Future[ClaimedJob | None]) -> None:
-        self._claiming_ahead.discard(claiming)
-        # A failed claim ahead is no worker's: the next claim tries again.
-        if claiming.cancelled() or claiming.exception() is not None:
-            return
-        job = claiming.result()
-        if job is None:
-            return
-        self._ready.append((job, self._clock.monotonic()))
-        if self._ahead_listener is not None:
-            self._ahead_listener.claimed_ahead(job)
-        self._work_available.set()
-        if self._giving_back is None or self._giving_back.done():
-            self._giving_back = asyncio.create_task(self._give_back_unstarted(), name="give-back")
-
-    async def _give_back_unstarted(self) -> None:
-        """Give back the jobs claimed ahead that no worker started within READY_TTL."""
-        while self._ready:
-            _, claimed_at = self._ready[0]
-            wait = claimed_at + READY_TTL - self._clock.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-                continue
-            expired = []
-            while self._ready and self._ready[0][1] + READY_TTL <= self._clock.monotonic():
-                expired.append(self._ready.popleft()[0])
-            await self._give_back(expired)
-
-    async def _give_back(self, jobs: Sequence[ClaimedJob]) -> None:
-        """Release ``jobs`` (claimed ahead, never started) in one group; one that cannot be
-        released goes back when its lease expires."""
-        if self._ahead_listener is not None and jobs:
-            await self._ahead_listener.given_back(jobs)
-        released = await asyncio.gather(
-            *(self._end(_given_back(job, NOT_STARTED)) for job in jobs), return_exceptions=True
-        )
-        for job, outcome in zip(jobs, released, strict=True):
-            if isinstance(outcome, Exception):
-                logger.warning(
-                    "media %s claimed ahead not given back: %s", job.spec.media_id, outcome
-                )
-
-    async def _claim_group(self, requests: Sequence[None]) -> list[ClaimedJob | None]:
+    async def _claim_batch(self, count: int) -> Sequence[ClaimedJob]:
         # Claims and ends are the workers' frequent changes: they take turns with the
         # fan-out (StatusHub.paced).
         async with self._hub.paced(self._delivery_pacing):
-            claimed = await self._store.claim(self.holder, len(requests), self.lease_seconds)
-        return [*claimed, *[None] * (len(requests) - len(claimed))]
+            return await self._store.claim(self.holder, count, self.lease_seconds)
 
     async def wait_for_work(self, max_wait: float) -> None:
         """Sleep until a job may be due (submit, retry, resume, next backoff) or max_wait."""
@@ -352,7 +228,7 @@ class JobQueue:
 
     async def release(self, job: ClaimedJob) -> StatusEvent:
         """Give a job back on shutdown: PENDING at once; the attempt does not count."""
-        return await self._end(_given_back(job, RELEASED))
+        return await self._end(given_back(job, RELEASED))
 
     async def _end(self, end: AttemptEnd) -> StatusEvent:
         event = await self._ends.commit(end)
@@ -433,7 +309,7 @@ class JobQueue:
         if not paused:
             self._work_available.set()
         else:
-            await self._give_back_ready()
+            await self._claims.give_back_ready()
 
     async def is_paused(self) -> bool:
         self.paused = await self._store.is_paused()
@@ -474,38 +350,12 @@ class JobQueue:
     async def compact_events(self, *, max_age: float, max_events: int) -> int:
         return await self._store.compact(max_age=max_age, max_events=max_events)
 
-    async def _give_back_ready(self) -> None:
-        ready = [job for job, _ in self._ready]
-        self._ready.clear()
-        await self._give_back(ready)
-
     async def close(self) -> None:
         """Wait for grouped claims and ends under way (completions written behind among
         them) to be written; give back the jobs claimed ahead that no worker took."""
-        if self._claiming_ahead:
-            await asyncio.wait(self._claiming_ahead)
         await self._claims.close()
-        if self._giving_back is not None:
-            # Its releases under way are written all the same (ends are shielded).
-            self._giving_back.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._giving_back
-        await self._give_back_ready()
         await self._ends.close()
 
 
 def _lease_lost(job: ClaimedJob) -> LeaseLost:
     return LeaseLost(f"lease on media {job.spec.media_id} was lost")
-
-
-def _given_back(job: ClaimedJob, why: JobError) -> AttemptEnd:
-    """``job`` back to PENDING at once, its attempt ended as RELEASED (``why``) and not
-    counted."""
-    return AttemptEnd(
-        job,
-        JobStatus.PENDING,
-        AttemptOutcome.RELEASED,
-        job.attempt - 1,
-        attempt_error=why,
-        delay=0.0,
-    )
