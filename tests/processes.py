@@ -33,8 +33,11 @@ def run_json(*args: str, timeout: float = PATIENCE) -> Any:
     return json.loads(result.stdout)
 
 
-def wait_serving(port: int, within: float = PATIENCE) -> None:
-    """Block until the standard health service at ``port`` answers SERVING.
+def wait_serving(
+    port: int, within: float = PATIENCE, *, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Block until the standard health service at ``port`` answers SERVING; fail at once if
+    ``process``, the one meant to serve there, exits first (a port taken meanwhile, say).
 
     Synchronous on purpose: it is called from async tests while their loop runs.
     """
@@ -52,16 +55,26 @@ def wait_serving(port: int, within: float = PATIENCE) -> None:
                     return
             except grpc.RpcError:
                 pass
+            if process is not None and process.poll() is not None:
+                raise AssertionError(
+                    f"the service for port {port} exited ({process.returncode}) before serving"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"service on port {port} not SERVING within {within} s")
             time.sleep(0.05)
 
 
-# Metrics and the web gateway on free ports: never the fixed defaults.
-_FREE_PORTS = {
+# Settings of every ``mediatag serve`` here unless the environment or a flag says otherwise.
+# Metrics and the web gateway on free ports: never the fixed defaults. The local analyser in
+# threads of the service's process: its default processes run at idle CPU priority and get
+# only what other programs leave, so on a shared machine kept busy beside the suite a test's
+# analysis could wait minutes (``test_e2e``'s kill-and-restart test took 188 s beside two
+# busy loops, 14 s in threads). ``test_chaos`` and ``test_local_analyzer`` run the processes.
+_TEST_DEFAULTS = {
     "MEDIATAG_INGEST_METRICS_PORT": "0",
     "MEDIATAG_ANALYSIS_METRICS_PORT": "0",
     "MEDIATAG_WEB_PORT": "0",
+    "MEDIATAG_ANALYZER_PROCESSES": "0",
 }
 
 
@@ -82,12 +95,14 @@ class Serve:
                 [MEDIATAG, "serve", *self.args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                # Metrics on free ports unless a test says otherwise: never the fixed defaults.
-                env={**_FREE_PORTS, **os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**_TEST_DEFAULTS, **os.environ, "PYTHONUNBUFFERED": "1"},
                 preexec_fn=self._limit_file_size if self.file_size_limit else None,
             )
-        for port in wait_for_ports:
-            wait_serving(port)
+        try:
+            for port in wait_for_ports:
+                wait_serving(port, process=self.process)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{self.output()}") from None
         return self
 
     def _limit_file_size(self) -> None:
