@@ -8,12 +8,15 @@ DevTools protocol with Playwright and works in a context of its own.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 from playwright.async_api import BrowserContext, async_playwright, expect
@@ -50,6 +53,8 @@ class Chromium:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            # A process group of its own: see close().
+            start_new_session=True,
         )
         found: list[str] = []
         listening = threading.Event()
@@ -72,13 +77,24 @@ class Chromium:
         for _ in self._process.stderr:
             pass
 
-    def close(self) -> None:
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+    def close(self, within: float = 10.0) -> None:
+        """Stop Chromium and every helper it started, then remove the profile.
+
+        The helpers (network, storage, renderers) outlive the browser's own process for a
+        moment and write in the profile meanwhile (a loaded machine once failed the removal
+        with "Directory not empty"): the whole process group goes before the profile does.
+        """
+        group = self._process.pid
+        _signal_group(group, signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
+            self._process.wait(timeout=within)
+        _signal_group(group, signal.SIGKILL)
+        self._process.wait()
+        deadline = time.monotonic() + within
+        while _group_alive(group):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Chromium's helpers still run {within} s after SIGKILL")
+            time.sleep(0.05)
         self._profile.cleanup()
 
     @asynccontextmanager
@@ -92,3 +108,20 @@ class Chromium:
                 yield context
             finally:
                 await context.close()
+
+
+def _signal_group(group: int, signal_number: int) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(group, signal_number)
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of ``group`` still runs (zombies, which write nothing, do not
+    count: the helpers' new parent may be slow to reap them)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError):
+            # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after its ")".
+            state, _, pgrp = stat.read_text().rpartition(")")[2].split()[:3]
+            if int(pgrp) == group and state not in ("Z", "X"):
+                return True
+    return False
