@@ -176,6 +176,7 @@ class Subscription:
         Raises :class:`Refusal` once the subscription has ended: cut off as too slow, its
         revision no longer (or not yet) in the event log, or the gateway closing.
         """
+        timed_out = False
         while True:
             # Cleared before looking, so that nothing added after the look goes unnoticed.
             self._wake.clear()
@@ -183,20 +184,19 @@ class Subscription:
             if change is not None:
                 self.sent = change.revision
                 return change
+            # Looked at once more after the time ran out: it can run out in the loop's turn
+            # that queues a change, and a position past a change still queued would have the
+            # client skip it.
+            if timed_out:
+                self.sent = self._position()
+                return Position(self.sent)
             if self._failure is not None:
                 raise self._failure
             try:
                 async with asyncio.timeout(idle):
                     await self._wake.wait()
             except TimeoutError:
-                # The time can run out in the loop's turn that queues a change: a position
-                # past a change still queued would have the client skip it.
-                change = self._take()
-                if change is not None:
-                    self.sent = change.revision
-                    return change
-                self.sent = self._position()
-                return Position(self.sent)
+                timed_out = True
 
     async def close(self) -> None:
         """Leave the shared watch (the client has gone)."""
