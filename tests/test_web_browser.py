@@ -4,6 +4,7 @@ webhook delivery and its retry."""
 
 from __future__ import annotations
 
+import logging
 import re
 import struct
 import zlib
@@ -48,7 +49,13 @@ def fast(make_cluster: Callable[..., Cluster]) -> Cluster:
 
 
 @pytest.fixture
-async def web(make_cluster: Callable[..., Cluster], gateways: Gateways) -> Web:
+async def web(
+    make_cluster: Callable[..., Cluster], gateways: Gateways, caplog: pytest.LogCaptureFixture
+) -> Web:
+    # A page waiting in vain shows only its last state; the services' timeline (INFO, timed,
+    # printed when a test fails) tells where a change stopped on its way to it.
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="web_gateway")
     cluster = fast(make_cluster)
     await cluster.start_analysis()
     await cluster.start_ingest()

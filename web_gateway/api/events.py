@@ -14,6 +14,7 @@ reconnecting with the last id resumes.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from aiohttp import web
 from mediatag.analysis.v1 import analysis_pb2 as apb
@@ -25,6 +26,8 @@ from web_gateway.domain.events import Change, WatchFilter
 from web_gateway.domain.watches import Visibility
 from web_gateway.errors import Refusal, denied, invalid
 from web_gateway.protojson import to_json
+
+logger = logging.getLogger(__name__)
 
 # Browsers reconnect this many milliseconds after a stream ends.
 _RECONNECT_MS = 2000
@@ -92,9 +95,9 @@ async def events(request: web.Request) -> web.StreamResponse:
     config = gateway.config.events
     asked, after = _watch_filter(request)
     owner_id, visible = _scope(caller_of(request), asked.owner_id)
-    subscription = await gateway.watches.subscribe(
-        WatchFilter(owner_id, asked.media_ids), after=after, visible=visible
-    )
+    watch_filter = WatchFilter(owner_id, asked.media_ids)
+    subscription = await gateway.watches.subscribe(watch_filter, after=after, visible=visible)
+    logger.debug("event stream of %s opened after revision %d", watch_filter, subscription.sent)
     try:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
@@ -120,4 +123,5 @@ async def events(request: web.Request) -> web.StreamResponse:
         # The client went away or stopped reading; it resumes by reconnecting.
         return response
     finally:
+        logger.debug("event stream of %s closed at revision %d", watch_filter, subscription.sent)
         await subscription.close()

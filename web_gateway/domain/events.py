@@ -15,6 +15,11 @@ class WatchFilter:
     owner_id: str = ""
     media_ids: frozenset[str] = frozenset()
 
+    def __str__(self) -> str:
+        """For logs: short whatever the number of media ids."""
+        owner = f"owner {self.owner_id!r}" if self.owner_id else "every owner"
+        return f"{owner}, {len(self.media_ids)} media id(s)" if self.media_ids else owner
+
 
 @dataclass(frozen=True, slots=True)
 class Change:

@@ -272,6 +272,13 @@ class SharedWatch:
             return
         if item.revision <= self.position:
             return
+        logger.debug(
+            "watch of %s: revision %d, %s %s",
+            self.filter,
+            item.revision,
+            item.media_id,
+            item.status,
+        )
         self.position = item.revision
         self._ring.append(item)
         if len(self._ring) > self.config.replay_events:
