@@ -14,6 +14,7 @@ import struct
 import time
 import zlib
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import numpy.typing as npt
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
+from analysis_service.analyzers import local, local_embedding
 from analysis_service.analyzers.base import AnalysisInput, AnalysisOutput, ApiLimit
 from analysis_service.analyzers.local import LocalAnalyzer
 from analysis_service.errors import PermanentAnalyzerError, TransientAnalyzerError
@@ -370,6 +372,24 @@ async def test_analysis_processes_measure_exactly_what_threads_do() -> None:
         np.testing.assert_array_equal(there.embedding, here.embedding)
     assert raised.value.reason == "IMAGE_UNDECODABLE"
     assert not raised.value.transient
+
+
+def _projections_made() -> int:
+    return local_embedding._projection.cache_info().currsize
+
+
+async def test_an_analysis_process_is_ready_before_its_first_job() -> None:
+    """The first analysis's one-time costs (the embedding's projection, the decoders) are
+    paid by the process's start, at the service's priority, not by its first job at idle
+    priority."""
+    with ProcessPoolExecutor(
+        1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=local._start_child,
+        initargs=(os.getpid(), 64),
+    ) as pool:
+        made = await asyncio.get_running_loop().run_in_executor(pool, _projections_made)
+    assert made == 1
 
 
 async def test_analysis_processes_run_at_lower_cpu_priority_and_a_dead_one_is_replaced(
