@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -90,13 +89,18 @@ class Serve:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, *wait_for_ports: int) -> Serve:
+        command = [MEDIATAG, "serve", *self.args]
+        if self.file_size_limit is not None:
+            # util-linux's prlimit sets the limit and execs the service. Not a preexec_fn:
+            # that runs in a fork of this process, whose gRPC threads then abort the child
+            # now and then ("epoll_wait error: Bad file descriptor").
+            command = ["prlimit", f"--fsize={self.file_size_limit}", *command]
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [MEDIATAG, "serve", *self.args],
+                command,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**_TEST_DEFAULTS, **os.environ, "PYTHONUNBUFFERED": "1"},
-                preexec_fn=self._limit_file_size if self.file_size_limit else None,
             )
         try:
             for port in wait_for_ports:
@@ -104,10 +108,6 @@ class Serve:
         except AssertionError as exc:
             raise AssertionError(f"{exc}:\n{self.output()}") from None
         return self
-
-    def _limit_file_size(self) -> None:
-        assert self.file_size_limit is not None
-        resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size_limit, self.file_size_limit))
 
     def kill(self) -> None:
         """SIGKILL: no drain, no cleanup, as a crash would."""
