@@ -56,6 +56,12 @@ def new_server(
         ("grpc.max_send_message_length", limits.max_message_bytes),
         # Without this, a second process binds a port already in use and splits its traffic.
         ("grpc.so_reuseport", 0),
+        # With bandwidth probing, gRPC announces a 4 MiB window per stream from the first
+        # SETTINGS and widens it with its estimate (8 MiB seen): every call not yet
+        # authenticated or admitted could make us buffer that much of its body, 10 MiB a
+        # connection in all, with no bound on connections. Without it a stream's window is
+        # 64 KiB, opened by the size of each message we ask to read.
+        ("grpc.http2.bdp_probe", 0),
         *KEEPALIVE_OPTIONS,
     ]
     chain: list[grpc.aio.ServerInterceptor] = [
