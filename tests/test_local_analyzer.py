@@ -23,10 +23,12 @@ import numpy.typing as npt
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from analysis_service.analyzers import local, local_embedding
+from analysis_service.analyzers import local
 from analysis_service.analyzers.base import AnalysisInput, AnalysisOutput, ApiLimit
 from analysis_service.analyzers.local import LocalAnalyzer
 from analysis_service.errors import PermanentAnalyzerError, TransientAnalyzerError
+from tests.analysis_child import projections_made
+from tests.conftest import PATIENCE
 
 TAG_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 SCENE_SEEDS = (11, 22, 33, 44, 55, 66)
@@ -374,22 +376,37 @@ async def test_analysis_processes_measure_exactly_what_threads_do() -> None:
     assert not raised.value.transient
 
 
-def _projections_made() -> int:
-    return local_embedding._projection.cache_info().currsize
-
-
 async def test_an_analysis_process_is_ready_before_its_first_job() -> None:
     """The first analysis's one-time costs (the embedding's projection, the decoders) are
     paid by the process's start, at the service's priority, not by its first job at idle
     priority."""
-    with ProcessPoolExecutor(
+    pool = ProcessPoolExecutor(
         1,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=local._start_child,
         initargs=(os.getpid(), 64),
-    ) as pool:
-        made = await asyncio.get_running_loop().run_in_executor(pool, _projections_made)
+    )
+    try:
+        made = await asyncio.get_running_loop().run_in_executor(pool, projections_made)
+    finally:
+        await asyncio.to_thread(local._kill_pool, pool)
     assert made == 1
+
+
+async def test_closing_stops_analysis_processes_that_get_no_cpu() -> None:
+    """At idle priority, beside programs that keep every core busy, an analysis process
+    gets next to no CPU: the service must still stop. A stopped process gets none at all."""
+    content = encode(scene(SCENE_SEEDS[0]), "JPEG")
+    analyzer = LocalAnalyzer(processes=2)
+    try:
+        await analyse(content, analyzer)
+        children = multiprocessing.active_children()
+        assert children
+        for child in children:
+            os.kill(child.pid or 0, signal.SIGSTOP)
+    finally:
+        await asyncio.wait_for(analyzer.aclose(), timeout=PATIENCE)
+    assert not multiprocessing.active_children()
 
 
 async def test_analysis_processes_run_at_lower_cpu_priority_and_a_dead_one_is_replaced(

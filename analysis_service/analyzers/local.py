@@ -145,10 +145,20 @@ class LocalAnalyzer:
             raise TransientAnalyzerError(f"an analysis process died: {exc}") from exc
 
     async def aclose(self) -> None:
-        """Stop the analysis processes."""
+        """Stop the analysis processes; a measurement still running is abandoned."""
         pool, self._pool = self._pool, None
         if pool is not None:
-            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+            await asyncio.to_thread(_kill_pool, pool)
+
+
+def _kill_pool(pool: ProcessPoolExecutor) -> None:
+    # Killed, not asked to leave: at idle priority, beside programs that keep the cores busy,
+    # the processes took minutes to exit on their own, and the service with them. They hold
+    # nothing but a measurement (the service is past its drain). The pool has no public way
+    # to kill its processes before Python 3.14 (kill_workers).
+    for child in list((pool._processes or {}).values()):
+        child.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _start_child(parent_pid: int, dimensions: int) -> None:
