@@ -45,10 +45,10 @@ async def test_replicas_see_each_other_and_a_silent_one_goes(databases: Database
     try:
 
         async def both_listed() -> bool:
-            return {r.replica_id for r in await first.cluster()} == {
-                first.replica_id,
-                second.replica_id,
-            }
+            # Each lists itself at once: only the other's row shows that both have beaten.
+            both = {first.replica_id, second.replica_id}
+            views = [{r.replica_id for r in await each.cluster()} for each in (first, second)]
+            return views == [both, both]
 
         await wait_until(both_listed)
         seen = {r.replica_id: r for r in await second.cluster()}
