@@ -121,8 +121,12 @@ async def test_two_servers_on_one_postgresql_list_each_other(
     await second.start_analysis()
 
     async def both_listed() -> bool:
-        status = await first.analysis.GetQueueStatus(apb.GetQueueStatusRequest())
-        return len(status.replicas) == 2 and status.workers_total == 4
+        # Each lists itself at once: each must list the other too.
+        for each in (first, second):
+            status = await each.analysis.GetQueueStatus(apb.GetQueueStatusRequest())
+            if len(status.replicas) != 2 or status.workers_total != 4:
+                return False
+        return True
 
     await wait_until(both_listed)
     status = await second.analysis.GetQueueStatus(apb.GetQueueStatusRequest())
