@@ -29,7 +29,7 @@ ATTACK_CALLS = 8
 ATTACK_BYTES = 100 * MIB
 # What the unread bodies of the refused calls may cost the service: the 64 KiB HTTP/2 window
 # of each stream, not the bodies (README, Security), and the first calls' own allocations. With
-# gRPC's bandwidth probing on, each call's 4-8 MiB window took 17 to 68 MiB here.
+# gRPC's bandwidth probing on, each call's 4-8 MiB window took 0 to 68 MiB here.
 UNREAD_BODIES_BOUND_MIB = 16
 # The default budget of request bytes in flight (two messages of 128 MiB), and what the
 # process may grow by while it is full: each message is held by gRPC as it arrives, as bytes,
