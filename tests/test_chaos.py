@@ -258,5 +258,7 @@ async def test_sigkill_of_either_service_under_load_loses_no_answered_upload(
         for task in clients:
             task.cancel()
         await asyncio.gather(*clients, return_exceptions=True)
-        analysis.stop()
-        ingest.stop()
+        try:
+            analysis.stop()
+        finally:
+            ingest.stop()  # even when the analysis service would not stop

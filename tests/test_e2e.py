@@ -180,5 +180,7 @@ async def test_analysis_killed_mid_processing_loses_nothing_and_completes_once(
     finally:
         await ingest_channel.close()
         await analysis_channel.close()
-        analysis.stop()
-        ingest.stop()
+        try:
+            analysis.stop()
+        finally:
+            ingest.stop()  # even when the analysis service would not stop

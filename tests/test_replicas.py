@@ -166,8 +166,10 @@ async def replicas(servers: Sequence[tuple[Serve, int]]) -> AsyncIterator[None]:
             await asyncio.to_thread(wait_serving, port)
         yield
     finally:
-        for server, _ in servers:
-            server.stop()
+        # Every one is stopped even when one would not stop.
+        with contextlib.ExitStack() as stopping:
+            for server, _ in servers:
+                stopping.callback(server.stop)
 
 
 @dataclass(frozen=True)
