@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -130,6 +131,13 @@ class Serve:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def stop_all(*services: Serve) -> None:
+    """Stop ``services`` in their order, every one even when one of them will not stop."""
+    with contextlib.ExitStack() as stopping:
+        for service in reversed(services):  # the stack runs its callbacks last in, first out
+            stopping.callback(service.stop)
 
 
 # ---- memory of a process (Linux /proc) ----

@@ -24,7 +24,7 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 
 from tests.conftest import PATIENCE, free_port, wait_until
 from tests.media_samples import jpeg_bytes
-from tests.processes import Serve
+from tests.processes import Serve, stop_all
 
 pytestmark = pytest.mark.e2e
 
@@ -258,7 +258,4 @@ async def test_sigkill_of_either_service_under_load_loses_no_answered_upload(
         for task in clients:
             task.cancel()
         await asyncio.gather(*clients, return_exceptions=True)
-        try:
-            analysis.stop()
-        finally:
-            ingest.stop()  # even when the analysis service would not stop
+        stop_all(analysis, ingest)

@@ -15,7 +15,7 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 
 from tests.conftest import PATIENCE, free_port, wait_until
 from tests.media_samples import jpeg_bytes, mp4_bytes
-from tests.processes import Serve, run_cli, run_json
+from tests.processes import Serve, run_cli, run_json, stop_all
 
 pytestmark = pytest.mark.e2e
 
@@ -180,7 +180,4 @@ async def test_analysis_killed_mid_processing_loses_nothing_and_completes_once(
     finally:
         await ingest_channel.close()
         await analysis_channel.close()
-        try:
-            analysis.stop()
-        finally:
-            ingest.stop()  # even when the analysis service would not stop
+        stop_all(analysis, ingest)

@@ -43,7 +43,7 @@ from tests.google_api_process import DIMENSIONS
 from tests.google_fakes import ANNOTATE, PREDICT
 from tests.media_samples import jpeg_bytes
 from tests.postgres import PostgresServer
-from tests.processes import Serve, wait_serving
+from tests.processes import Serve, stop_all, wait_serving
 
 pytestmark = pytest.mark.e2e
 
@@ -166,10 +166,7 @@ async def replicas(servers: Sequence[tuple[Serve, int]]) -> AsyncIterator[None]:
             await asyncio.to_thread(wait_serving, port)
         yield
     finally:
-        # Every one is stopped even when one would not stop.
-        with contextlib.ExitStack() as stopping:
-            for server, _ in servers:
-                stopping.callback(server.stop)
+        stop_all(*(server for server, _ in servers))
 
 
 @dataclass(frozen=True)
