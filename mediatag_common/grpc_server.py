@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -32,8 +33,25 @@ KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How many connections a server holds, and how long one may hold a place doing nothing.
+
+    Beyond ``max_connections`` a new connection is closed as soon as it is accepted (its
+    client's calls fail ``UNAVAILABLE``); a connection that has not finished its handshake
+    (the HTTP/2 preface, TLS) within ``handshake_timeout`` seconds is closed, and so is one
+    that has had no call for ``idle_timeout`` seconds (a GOAWAY: its client reconnects for
+    its next call).
+    """
+
+    max_connections: int
+    handshake_timeout: float
+    idle_timeout: float
+
+
 def new_server(
     limits: RequestLimits,
+    connections: ConnectionLimits,
     *,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     tokens: TokenTable | None = None,
@@ -49,7 +67,8 @@ def new_server(
     (the metrics interceptor goes there). With ``tokens``, every call but health and
     reflection is authenticated and checked against ``method_roles``, inside the error
     mapping so that its refusals carry AIP-193 details. A request message is read only after
-    that, within ``limits`` (see :mod:`mediatag_common.request_bodies`).
+    that, within ``limits`` (see :mod:`mediatag_common.request_bodies`). Connections are held
+    within ``connections``.
     """
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
@@ -58,10 +77,14 @@ def new_server(
         ("grpc.so_reuseport", 0),
         # With bandwidth probing, gRPC announces a 4 MiB window per stream from the first
         # SETTINGS and widens it with its estimate (8 MiB seen): every call not yet
-        # authenticated or admitted could make us buffer that much of its body, 10 MiB a
-        # connection in all, with no bound on connections. Without it a stream's window is
-        # 64 KiB, opened by the size of each message we ask to read.
+        # authenticated or admitted could make us buffer that much of its body (about 10 MiB
+        # a call seen). Without it a stream's window is 64 KiB, opened by the size of each
+        # message we ask to read.
         ("grpc.http2.bdp_probe", 0),
+        # Each connection holds a file descriptor and its buffers, whoever opened it.
+        ("grpc.max_allowed_incoming_connections", connections.max_connections),
+        ("grpc.server_handshake_timeout_ms", round(connections.handshake_timeout * 1000)),
+        ("grpc.max_connection_idle_ms", round(connections.idle_timeout * 1000)),
         *KEEPALIVE_OPTIONS,
     ]
     chain: list[grpc.aio.ServerInterceptor] = [

@@ -4,12 +4,13 @@ how it is secured and where its metrics are. Each service's config extends :clas
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from mediatag_common.grpc_server import is_loopback
+from mediatag_common.grpc_server import ConnectionLimits, is_loopback
 from mediatag_common.request_bodies import RequestLimits
 from mediatag_common.settings import Lookup, setting
 from mediatag_common.tls import ClientTls, ServerTls, ServiceTls
@@ -20,6 +21,7 @@ from mediatag_common.values import (
     port,
     port_or_off,
     positive_float,
+    positive_int,
     secret,
     sqlite_synchronous,
     word,
@@ -55,6 +57,19 @@ def peer_address(peer: str) -> Callable[[Lookup], str]:
 
 def _own_directory(root: Path, service: str) -> Path:
     return root / service
+
+
+_MAX_CONNECTIONS = 1000
+
+
+def default_max_connections() -> int:
+    """1000, or a quarter of the process's open-file limit if that is less: both services may
+    share one process, and its files, database connections and spooled uploads need
+    descriptors too."""
+    soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft_limit == resource.RLIM_INFINITY:
+        return _MAX_CONNECTIONS
+    return max(1, min(_MAX_CONNECTIONS, soft_limit // 4))
 
 
 @dataclass(frozen=True)
@@ -124,6 +139,22 @@ class ServiceConfig:
         metavar="SIZE",
         shown_default="two of its largest messages",
     )
+    # None: default_max_connections().
+    max_connections: int | None = setting(
+        None,
+        flag="--max-connections",
+        help="connections each gRPC service holds at once; beyond, a new one is closed as it "
+        "is accepted (its calls fail UNAVAILABLE)",
+        parse=positive_int,
+        metavar="N",
+        shown_default="1000, or a quarter of the open-file limit if less",
+        shared=True,
+    )
+    # A connection that has not sent the HTTP/2 preface (and finished TLS) by then is closed.
+    handshake_timeout: float = 20.0
+    # A connection without a call this long is closed with a GOAWAY (its client reconnects for
+    # its next call), so idle connections do not keep others out for good.
+    connection_idle_timeout: float = 300.0
     # How long a call waits for room to read its request message, and then for the message.
     request_read_timeout: float = setting(
         60.0,
@@ -190,6 +221,8 @@ class ServiceConfig:
     metrics_refresh_interval: float = 5.0
 
     def __post_init__(self) -> None:
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError(f"max_connections must be positive, not {self.max_connections}")
         if self.tokens_file is None and not self.insecure and not is_loopback(self.host):
             raise ValueError(
                 f"binding {self.host}, which other machines can reach, without --tokens-file "
@@ -204,6 +237,15 @@ class ServiceConfig:
             max_message_bytes=self.max_message_bytes,
             max_bytes_in_flight=self.max_request_bytes_in_flight or 2 * self.max_message_bytes,
             read_timeout=self.request_read_timeout,
+        )
+
+    @property
+    def connection_limits(self) -> ConnectionLimits:
+        """How many connections the gRPC server holds, and how long idle ones stay."""
+        return ConnectionLimits(
+            max_connections=self.max_connections or default_max_connections(),
+            handshake_timeout=self.handshake_timeout,
+            idle_timeout=self.connection_idle_timeout,
         )
 
     @property

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -16,6 +17,7 @@ import pytest
 from mediatag.ingest.v1 import ingest_pb2
 
 from analysis_service.config import RateLimitConfig, rate_limits
+from ingest_service.config import IngestConfig
 from mediatag_cli.logging_setup import JsonFormatter, TextFormatter
 from mediatag_cli.main import parse, run_client
 from mediatag_cli.render import parse_status, status_name
@@ -147,6 +149,7 @@ def test_a_variable_for_the_other_service_does_not_stop_this_one(
         ["serve", "--analyzer", "no-such-analyzer"],
         ["serve", "ingest", "--workers", "2"],
         ["serve", "--ingest-metrics-port", "on"],
+        ["serve", "analysis", "--max-connections", "0"],
         ["serve", "--analysis-metrics-port", "65536"],
         ["serve", "ingest", "--analysis-metrics-port", "9452"],
         ["ls", "--owner", "o", "--status", "done"],
@@ -315,6 +318,22 @@ def test_every_service_setting_reaches_its_config() -> None:
     assert ingest.limits.max_image_bytes == MIB
     assert ingest.limits.max_image_pixels == 1_000_000
     assert ingest.limits.max_video_bytes == 64 * MIB
+
+
+def test_connections_are_bounded_by_the_flag_or_by_the_open_file_limit() -> None:
+    ingest, analysis = both(settings_for("--max-connections 40"))
+    assert ingest.connection_limits.max_connections == 40
+    assert analysis.connection_limits.max_connections == 40
+    with pytest.raises(ValueError, match="max_connections"):
+        IngestConfig(max_connections=0)
+    # Without the flag: 1000, or a quarter of the open-file limit where that is less.
+    bound = "from mediatag_common.service_config import default_max_connections as d; print(d())"
+    for limit, expected in (("400", "100"), ("20000", "1000")):
+        shown = subprocess.run(
+            ["prlimit", f"--nofile={limit}:{limit}", sys.executable, "-c", bound],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert shown.stdout.strip() == expected
 
 
 def test_metrics_ports_are_on_by_default_and_can_be_turned_off_or_picked_free(

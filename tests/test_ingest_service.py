@@ -161,7 +161,10 @@ async def start_fake(
     async def start() -> FakeAnalysis:
         # Only the methods ingest calls are implemented.
         fake = FakeAnalysis()  # type: ignore[abstract]
-        server = new_server(AnalysisConfig().request_limits, status_codes=STATUS_CODES)
+        config = AnalysisConfig()
+        server = new_server(
+            config.request_limits, config.connection_limits, status_codes=STATUS_CODES
+        )
         analysis_pb2_grpc.add_AnalysisServiceServicer_to_server(fake, server)
         server.add_insecure_port(f"127.0.0.1:{analysis_port}")
         await server.start()

@@ -41,7 +41,9 @@ READ_BODIES_BOUND_MIB = 4 * BYTES_IN_FLIGHT_MIB
 async def _attack(
     port: int, token: str | None, content: bytes
 ) -> list[grpc.aio.AioRpcError | ipb.UploadMediaResponse]:
-    """ATTACK_CALLS concurrent UploadMedia of ``content``, each on a connection of its own."""
+    """ATTACK_CALLS concurrent UploadMedia of ``content``, each on a channel of its own. The
+    channels share one connection, as a client process's do: with gRPC's bandwidth probing
+    that cost the most (each call's window grew with the connection's estimate)."""
     channels = [
         open_channel(f"127.0.0.1:{port}", options=channel_options(256 * MIB), token=token)
         for _ in range(ATTACK_CALLS)
