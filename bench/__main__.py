@@ -16,12 +16,23 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import fanout, owner_probes, queue_overhead, scale, seed, sse, upload, upload_stores
+from bench import (
+    fanout,
+    long_link,
+    owner_probes,
+    queue_overhead,
+    scale,
+    seed,
+    sse,
+    upload,
+    upload_stores,
+)
 from bench.benchmark import Benchmark, Figures
 
 BENCHMARKS: list[Benchmark] = [
     upload.BENCHMARK,
     upload_stores.BENCHMARK,
+    long_link.BENCHMARK,
     fanout.BENCHMARK,
     seed.BENCHMARK,
     queue_overhead.BENCHMARK,

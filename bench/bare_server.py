@@ -1,10 +1,11 @@
 """The baseline of the upload benchmark: a bare grpc.aio server that only stores the bytes.
 
-It answers ``/mediatag.ingest.v1.IngestService/UploadMedia`` with the same request and
-response messages as mediatag, and writes each file as durably as mediatag's blob store
-does (temp file, write, fsync, rename, fsync the directory), off the event loop, and
-nothing else: no validation, sniffing, hashing, database or outbox. It serves the standard
-health service so it is started and awaited exactly like ``mediatag serve ingest``.
+It answers ``/mediatag.ingest.v1.IngestService/UploadMedia`` and ``UploadMediaStream`` with
+the same request and response messages as mediatag, and writes each file as durably as
+mediatag's blob store does (temp file, write, fsync, rename, fsync the directory), off the
+event loop, and nothing else: no validation, sniffing, hashing, database or outbox. It
+serves the standard health service so it is started and awaited exactly like ``mediatag
+serve ingest``.
 
 Run: ``python -m bench.bare_server --port PORT --data-dir DIR``.
 """
@@ -17,7 +18,7 @@ import contextlib
 import os
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,16 @@ class BareUploadStore:
     ) -> ingest_pb2.UploadMediaResponse:
         await asyncio.to_thread(self._write_all, [file.content for file in request.files])
         return ingest_pb2.UploadMediaResponse(count=len(request.files))
+
+    async def upload_media_stream(
+        self,
+        requests: AsyncIterator[ingest_pb2.UploadMediaStreamRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> ingest_pb2.UploadMediaStreamResponse:
+        """The header, then the chunks, kept in memory and written once all have come."""
+        chunks = [request.chunk async for request in requests if request.HasField("chunk")]
+        await asyncio.to_thread(self._write, b"".join(chunks))
+        return ingest_pb2.UploadMediaStreamResponse()
 
     def _write_all(self, contents: Sequence[bytes]) -> None:
         for content in contents:
@@ -83,7 +94,12 @@ async def serve(port: int, data_dir: Path, max_message_bytes: int) -> None:
                         store.upload_media,
                         request_deserializer=ingest_pb2.UploadMediaRequest.FromString,
                         response_serializer=ingest_pb2.UploadMediaResponse.SerializeToString,
-                    )
+                    ),
+                    "UploadMediaStream": grpc.stream_unary_rpc_method_handler(
+                        store.upload_media_stream,
+                        request_deserializer=ingest_pb2.UploadMediaStreamRequest.FromString,
+                        response_serializer=ingest_pb2.UploadMediaStreamResponse.SerializeToString,
+                    ),
                 },
             )
         ]

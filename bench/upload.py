@@ -8,6 +8,7 @@ byte-unique JPEGs, so neither server can skip a write by content addressing.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -181,45 +182,71 @@ async def run(args: argparse.Namespace) -> Figures:
     return dataclasses.asdict(figures)
 
 
-def _serving_ours(
-    work_dir: Path, port: int, *, analysis_port: int
-) -> contextlib.AbstractAsyncContextManager[Target]:
-    """``mediatag serve ingest`` exactly as a user starts it; nothing at ``analysis_port``."""
+@dataclass(frozen=True)
+class Command:
+    """How to start a server under test."""
+
+    argv: list[str]
+    cwd: Path | None = None
+    env: dict[str, str] | None = None
+
+
+def ours_command(
+    work_dir: Path, port: int, *, analysis_port: int, flags: Sequence[str] = ()
+) -> Command:
+    """``mediatag serve ingest`` exactly as a user starts it, with ``flags``; nothing at
+    ``analysis_port``."""
     mediatag = Path(sys.executable).parent / "mediatag"
     argv = [
         str(mediatag), "serve", "ingest", "--data-dir", str(work_dir / OURS),
-        "--ingest-port", str(port), "--analysis-address", f"127.0.0.1:{analysis_port}",
+        "--ingest-port", str(port), "--analysis-address", f"127.0.0.1:{analysis_port}", *flags,
     ]  # fmt: skip
     # Settings come from flags, then MEDIATAG_* variables: measure the defaults.
     env = {key: value for key, value in os.environ.items() if not key.startswith(_ENV_PREFIX)}
-    return _serving(OURS, argv, work_dir, port=port, env=env)
+    return Command(argv, env=env)
 
 
-def _serving_bare(work_dir: Path, port: int) -> contextlib.AbstractAsyncContextManager[Target]:
+def bare_command(work_dir: Path, port: int) -> Command:
+    """The bare grpc.aio server (``bench.bare_server``)."""
     argv = [
         sys.executable, "-m", "bench.bare_server", "--port", str(port),
         "--data-dir", str(work_dir / BARE), "--max-message-bytes", str(MAX_MESSAGE_BYTES),
     ]  # fmt: skip
-    return _serving(BARE, argv, work_dir, port=port, cwd=_PACKAGE_PARENT)
+    return Command(argv, cwd=_PACKAGE_PARENT)
+
+
+def running(
+    name: str, command: Command, work_dir: Path, *, address: str
+) -> contextlib.AbstractAsyncContextManager[asyncio.subprocess.Process]:
+    """``command`` running until the block ends, entered once ``address`` is SERVING."""
+    return running_server(
+        name, command.argv, address=address, log_path=work_dir / f"{name}.log",
+        ready_timeout=_READY_TIMEOUT, stop_timeout=_STOP_TIMEOUT, cwd=command.cwd,
+        env=command.env,
+    )  # fmt: skip
+
+
+def _serving_ours(
+    work_dir: Path, port: int, *, analysis_port: int
+) -> contextlib.AbstractAsyncContextManager[Target]:
+    command = ours_command(work_dir, port, analysis_port=analysis_port)
+    return _serving(OURS, command, work_dir, port=port)
+
+
+def _serving_bare(work_dir: Path, port: int) -> contextlib.AbstractAsyncContextManager[Target]:
+    return _serving(BARE, bare_command(work_dir, port), work_dir, port=port)
 
 
 @contextlib.asynccontextmanager
 async def _serving(
-    name: str,
-    argv: Sequence[str],
-    work_dir: Path,
-    *,
-    port: int,
-    cwd: Path | None = None,
-    env: dict[str, str] | None = None,
+    name: str, command: Command, work_dir: Path, *, port: int
 ) -> AsyncIterator[Target]:
     address = f"127.0.0.1:{port}"
-    server = running_server(
-        name, argv, address=address, log_path=work_dir / f"{name}.log",
-        ready_timeout=_READY_TIMEOUT, stop_timeout=_STOP_TIMEOUT, cwd=cwd, env=env,
-    )  # fmt: skip
     options = channel_options(MAX_MESSAGE_BYTES)
-    async with server, grpc.aio.insecure_channel(address, options=options) as channel:
+    async with (
+        running(name, command, work_dir, address=address),
+        grpc.aio.insecure_channel(address, options=options) as channel,
+    ):
         yield Target(name, ingest_pb2_grpc.IngestServiceStub(channel))
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,12 +21,19 @@ from bench.benchmark import Benchmark, Figures, positive
 from bench.jpeg import photo_like_jpeg
 from bench.load import LoadResult, run_closed_loop
 from bench.processes import free_ports
-from bench.upload import Level, Target, UniqueUploads, _levels, _measure_level, _serving
+from bench.upload import (
+    Level,
+    Target,
+    UniqueUploads,
+    _levels,
+    _measure_level,
+    _serving,
+    ours_command,
+)
 
 BUCKET = "mediatag-bench"
 LOCAL = "file"
 STORES = (LOCAL, "gs", "s3")
-_ENV_PREFIX = "MEDIATAG_"
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -87,20 +92,18 @@ def _serving_with_store(
     gcs: emulators.Emulator,
     s3: emulators.Emulator,
 ) -> contextlib.AbstractAsyncContextManager[Target]:
-    mediatag = Path(sys.executable).parent / "mediatag"
-    argv = [
-        str(mediatag), "serve", "ingest", "--data-dir", str(work_dir / store),
-        "--ingest-port", str(port), "--analysis-address", f"127.0.0.1:{analysis_port}",
-        "--ingest-metrics-port", "off",
-    ]  # fmt: skip
-    env = {key: value for key, value in os.environ.items() if not key.startswith(_ENV_PREFIX)}
+    flags = ["--ingest-metrics-port", "off"]
+    environment: dict[str, str] = {}
     if store == "gs":
-        argv += ["--blob-store", f"gs://{BUCKET}/bench"]
-        env["STORAGE_EMULATOR_HOST"] = gcs.url
+        flags += ["--blob-store", f"gs://{BUCKET}/bench"]
+        environment["STORAGE_EMULATOR_HOST"] = gcs.url
     elif store == "s3":
-        argv += ["--blob-store", f"s3://{BUCKET}/bench", "--blob-store-endpoint", s3.url]
-        env.update(emulators.AWS_TEST_ENVIRONMENT)
-    return _serving(store, argv, work_dir, port=port, env=env)
+        flags += ["--blob-store", f"s3://{BUCKET}/bench", "--blob-store-endpoint", s3.url]
+        environment.update(emulators.AWS_TEST_ENVIRONMENT)
+    command = ours_command(work_dir / store, port, analysis_port=analysis_port, flags=flags)
+    assert command.env is not None
+    command.env.update(environment)
+    return _serving(store, command, work_dir, port=port)
 
 
 def _report(results: dict[int, dict[str, LoadResult]]) -> Figures:

@@ -78,9 +78,10 @@ def new_server(
         # With bandwidth probing, gRPC announces a 4 MiB window per stream from the first
         # SETTINGS and widens it with its estimate (8 MiB seen): every call not yet
         # authenticated or admitted could make us buffer that much of its body (about 10 MiB
-        # a call seen). Without it a stream's window is 64 KiB, opened by the size of each
-        # message we ask to read.
+        # a call seen). Without it a stream's window is the one we set, opened by the size of
+        # each message we ask to read.
         ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", limits.stream_window),
         # Each connection holds a file descriptor and its buffers, whoever opened it.
         ("grpc.max_allowed_incoming_connections", connections.max_connections),
         ("grpc.server_handshake_timeout_ms", round(connections.handshake_timeout * 1000)),

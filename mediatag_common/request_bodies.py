@@ -61,12 +61,14 @@ class RequestLimits:
     message being read counts as ``max_message_bytes`` (its size is known only once read),
     a message read as its size until its call's answer. One message is always admitted,
     however large. A call waits at most ``read_timeout`` seconds for room in the budget,
-    and as long again for its message to arrive.
+    and as long again for its message to arrive. Before a message is read, gRPC holds what
+    its client sent of it: at most ``stream_window`` bytes (the stream's HTTP/2 window).
     """
 
     max_message_bytes: int
     max_bytes_in_flight: int
     read_timeout: float
+    stream_window: int
 
 
 class ByteBudget:

@@ -17,6 +17,7 @@ from mediatag_common.tls import ClientTls, ServerTls, ServiceTls
 from mediatag_common.values import (
     SQLITE_SYNCHRONOUS_MODES,
     byte_size,
+    format_byte_size,
     non_negative_float,
     port,
     port_or_off,
@@ -27,7 +28,10 @@ from mediatag_common.values import (
     word,
 )
 
-MIB = 1024 * 1024
+KIB = 1024
+MIB = 1024 * KIB
+# HTTP/2 windows: gRPC's default, and the protocol's largest (RFC 9113, 6.9.1).
+_MIN_STREAM_WINDOW, _MAX_STREAM_WINDOW = 64 * KIB, 2**31 - 1
 # Hosts that mean "every interface": fine to bind, but not an address to connect to.
 _WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
 
@@ -155,6 +159,20 @@ class ServiceConfig:
     # A connection without a call this long is closed with a GOAWAY (its client reconnects for
     # its next call), so idle connections do not keep others out for good.
     connection_idle_timeout: float = 300.0
+    # The HTTP/2 window of each stream: what a client may send before we read it. gRPC's
+    # default, 64 KiB, moves one window per round trip (3 MiB/s at 20 ms); a larger one is
+    # faster over long links and is what each call not yet read may make us hold.
+    stream_window: int = setting(
+        64 * KIB,
+        flag="--stream-window",
+        help="HTTP/2 window of each gRPC stream: bytes a client may send before the service "
+        "reads them; larger is faster over long round trips, and is what each call not yet "
+        "authenticated or admitted may make the service hold",
+        parse=byte_size,
+        show=format_byte_size,
+        metavar="SIZE",
+        shared=True,
+    )
     # How long a call waits for room to read its request message, and then for the message.
     request_read_timeout: float = setting(
         60.0,
@@ -223,6 +241,11 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError(f"max_connections must be positive, not {self.max_connections}")
+        if not _MIN_STREAM_WINDOW <= self.stream_window <= _MAX_STREAM_WINDOW:
+            raise ValueError(
+                f"stream_window must be between {format_byte_size(_MIN_STREAM_WINDOW)} and "
+                f"{_MAX_STREAM_WINDOW} bytes, not {self.stream_window}"
+            )
         if self.tokens_file is None and not self.insecure and not is_loopback(self.host):
             raise ValueError(
                 f"binding {self.host}, which other machines can reach, without --tokens-file "
@@ -237,6 +260,7 @@ class ServiceConfig:
             max_message_bytes=self.max_message_bytes,
             max_bytes_in_flight=self.max_request_bytes_in_flight or 2 * self.max_message_bytes,
             read_timeout=self.request_read_timeout,
+            stream_window=self.stream_window,
         )
 
     @property

@@ -1,7 +1,8 @@
 """A gRPC service holds a bounded number of connections (README, Limits): beyond
 ``--max-connections`` a new one is closed as soon as it is accepted, one that never finishes its
 handshake or goes without a call is closed in time so that its place is taken again, and the
-connections already in keep working."""
+connections already in keep working. Each stream's HTTP/2 window is the one configured
+(``--stream-window``)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from tests.ingest_support import OWNER, IngestServer, listed
 CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 FRAME_HEADER_BYTES = 9
 SETTINGS, GOAWAY = 4, 7
+INITIAL_WINDOW_SIZE = 4  # a SETTINGS identifier
 # Channels of one process share their connections unless each keeps its own pool: each of
 # these channels is one client of its own.
 OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
@@ -35,6 +37,7 @@ OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
 # times as long (room for a loaded machine), and half the shorter default (20 s).
 SHORT_TIMEOUT = 0.5
 CLOSED_WITHIN = 10.0
+MIB = 1024 * 1024
 
 
 async def _frame_header(reader: asyncio.StreamReader, within: float = PATIENCE) -> bytes | None:
@@ -58,6 +61,8 @@ class RawConnection:
     # The type of the server's first frame (SETTINGS when it took the connection); None if
     # it closed the connection instead.
     first_frame: int | None
+    # What that frame carried: each setting's identifier and value.
+    settings: dict[int, int]
 
     @property
     def accepted(self) -> bool:
@@ -85,9 +90,14 @@ async def raw_connection(port: int, *, preface: bool = True) -> RawConnection:
     # gRPC sends its SETTINGS as it takes a connection, before it has read anything.
     header = await _frame_header(reader)
     if header is None:
-        return RawConnection(reader, writer, None)
-    await reader.readexactly(int.from_bytes(header[:3], "big"))
-    return RawConnection(reader, writer, header[3])
+        return RawConnection(reader, writer, None, {})
+    payload = await reader.readexactly(int.from_bytes(header[:3], "big"))
+    # A SETTINGS payload is 6-byte entries: a 16-bit identifier, a 32-bit value.
+    settings = {
+        int.from_bytes(payload[at : at + 2], "big"): int.from_bytes(payload[at + 2 : at + 6], "big")
+        for at in range(0, len(payload), 6)
+    }
+    return RawConnection(reader, writer, header[3], settings)
 
 
 def client(port: int) -> grpc.aio.Channel:
@@ -191,3 +201,15 @@ async def test_an_idle_connection_is_sent_away_and_its_client_comes_back(
         finally:
             await first.close()
             await second.close()
+
+
+@pytest.mark.parametrize(("settings", "window"), [({}, 64 * 1024), ({"stream_window": MIB}, MIB)])
+async def test_a_stream_may_bring_the_window_the_service_announces_and_no_more(
+    tmp_path: Path, settings: dict[str, int], window: int
+) -> None:
+    async with serving(tmp_path, **settings) as port:
+        connection = await raw_connection(port)
+        try:
+            assert connection.settings[INITIAL_WINDOW_SIZE] == window
+        finally:
+            connection.close()
