@@ -336,6 +336,15 @@ def test_connections_are_bounded_by_the_flag_or_by_the_open_file_limit() -> None
         assert shown.stdout.strip() == expected
 
 
+def test_the_stream_window_is_an_http2_window_for_both_services() -> None:
+    ingest, analysis = both(settings_for("--stream-window 1MiB"))
+    assert ingest.request_limits.stream_window == analysis.request_limits.stream_window == MIB
+    assert both(settings_for())[0].request_limits.stream_window == 64 * 1024
+    for too_small_or_large in ("1KiB", "2GiB"):
+        with pytest.raises(SettingsError, match="stream_window must be between 64KiB"):
+            settings_for(f"--stream-window {too_small_or_large}")
+
+
 def test_metrics_ports_are_on_by_default_and_can_be_turned_off_or_picked_free(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
