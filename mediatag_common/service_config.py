@@ -32,6 +32,8 @@ KIB = 1024
 MIB = 1024 * KIB
 # HTTP/2 windows: gRPC's default, and the protocol's largest (RFC 9113, 6.9.1).
 _MIN_STREAM_WINDOW, _MAX_STREAM_WINDOW = 64 * KIB, 2**31 - 1
+# Seconds a new connection has to finish its handshake (TLS, the HTTP/2 preface).
+HANDSHAKE_TIMEOUT = 20.0
 # Hosts that mean "every interface": fine to bind, but not an address to connect to.
 _WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
 
@@ -63,17 +65,14 @@ def _own_directory(root: Path, service: str) -> Path:
     return root / service
 
 
-_MAX_CONNECTIONS = 1000
-
-
-def default_max_connections() -> int:
-    """1000, or a quarter of the process's open-file limit if that is less: both services may
-    share one process, and its files, database connections and spooled uploads need
-    descriptors too."""
+def default_max_connections(wanted: int = 1000) -> int:
+    """``wanted``, or a quarter of the process's open-file limit if that is less: the services
+    and the web gateway may share one process, and its files, database connections and
+    spooled uploads need descriptors too."""
     soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft_limit == resource.RLIM_INFINITY:
-        return _MAX_CONNECTIONS
-    return max(1, min(_MAX_CONNECTIONS, soft_limit // 4))
+        return wanted
+    return max(1, min(wanted, soft_limit // 4))
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,7 @@ class ServiceConfig:
         shared=True,
     )
     # A connection that has not sent the HTTP/2 preface (and finished TLS) by then is closed.
-    handshake_timeout: float = 20.0
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
     # A connection without a call this long is closed with a GOAWAY (its client reconnects for
     # its next call), so idle connections do not keep others out for good.
     connection_idle_timeout: float = 300.0

@@ -326,11 +326,19 @@ def test_connections_are_bounded_by_the_flag_or_by_the_open_file_limit() -> None
     assert analysis.connection_limits.max_connections == 40
     with pytest.raises(ValueError, match="max_connections"):
         IngestConfig(max_connections=0)
-    # Without the flag: 1000, or a quarter of the open-file limit where that is less.
-    bound = "from mediatag_common.service_config import default_max_connections as d; print(d())"
-    for limit, expected in (("400", "100"), ("20000", "1000")):
+    web = settings_for("--web-max-connections 70").web
+    assert web is not None
+    assert web.connection_bound == 70
+    # Without the flag: 1000 for each service, or a quarter of the open-file limit if less.
+    # The web gateway's: its event streams and 1000 more, or that quarter.
+    bounds = (
+        "from mediatag_common.service_config import default_max_connections as d\n"
+        "from web_gateway.config import WebConfig\n"
+        "print(d(), WebConfig().connection_bound)"
+    )
+    for limit, expected in (("400", "100 100"), ("8000", "1000 2000"), ("20000", "1000 5000")):
         shown = subprocess.run(
-            ["prlimit", f"--nofile={limit}:{limit}", sys.executable, "-c", bound],
+            ["prlimit", f"--nofile={limit}:{limit}", sys.executable, "-c", bounds],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         assert shown.stdout.strip() == expected

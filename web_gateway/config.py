@@ -12,10 +12,19 @@ from pathlib import Path
 from typing import ClassVar
 
 from mediatag_common.grpc_server import is_loopback
-from mediatag_common.service_config import MIB, ServiceConfig, peer_address
+from mediatag_common.service_config import (
+    HANDSHAKE_TIMEOUT,
+    MIB,
+    ServiceConfig,
+    default_max_connections,
+    peer_address,
+)
 from mediatag_common.settings import redeclared, setting
 from mediatag_common.tls import ClientTls, ServerTls, ServiceTls
 from mediatag_common.values import port, positive_float, positive_int, word
+
+# Connections for the API's calls, beside the event streams.
+_API_CONNECTIONS = 1000
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,18 @@ class WebConfig:
     max_batch_upload_bytes: int = 128 * MIB
     # Uploads in progress at once; beyond, 429 RESOURCE_EXHAUSTED/TOO_MANY_UPLOADS.
     max_concurrent_uploads: int = 16
+    # A TLS handshake not done by then ends its connection (and gives its place back).
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    # None: events.max_streams and 1000 more, or a quarter of the open-file limit.
+    max_connections: int | None = setting(
+        None,
+        flag="--web-max-connections",
+        help="connections the web gateway holds at once; beyond, a new one is answered 503 "
+        "UNAVAILABLE/TOO_MANY_CONNECTIONS and closed",
+        parse=positive_int,
+        metavar="N",
+        shown_default="--max-event-streams + 1000, or a quarter of the open-file limit if less",
+    )
     grace_period: float = redeclared(ServiceConfig, "grace_period", 10.0)
     # Security, as for the gRPC ports (README "Security"). With a tokens file every API call
     # needs a bearer token or a session; ``service_token`` (role service) is the gateway's
@@ -122,6 +143,8 @@ class WebConfig:
     tls_files: ServiceTls = field(default_factory=ServiceTls)
 
     def __post_init__(self) -> None:
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError(f"max_connections must be positive, not {self.max_connections}")
         if self.tokens_file is not None and not self.service_token:
             raise ValueError(
                 "with a tokens file the web gateway watches the analysis service with a "
@@ -140,6 +163,14 @@ class WebConfig:
                 "TLS: tokens and session cookies would cross the network in clear text; give "
                 "--tls-cert and --tls-key, or --insecure if that is what you want"
             )
+
+    @property
+    def connection_bound(self) -> int:
+        """How many connections the gateway holds at once: each event stream is one, and the
+        API's calls need some beside them."""
+        if self.max_connections is not None:
+            return self.max_connections
+        return default_max_connections(self.events.max_streams + _API_CONNECTIONS)
 
     @property
     def tls(self) -> ServerTls | None:

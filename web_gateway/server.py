@@ -19,6 +19,7 @@ from aiohttp import web
 from mediatag_common.auth import load_tokens
 from web_gateway.api.app import create_app
 from web_gateway.api.callers import Callers
+from web_gateway.api.connections import BoundedSockSite
 from web_gateway.api.context import Gateway
 from web_gateway.config import WebConfig
 from web_gateway.domain.sessions import SessionStore
@@ -76,7 +77,13 @@ class WebHost:
 
     async def start(self) -> None:
         self._recorder.start()
-        site = web.SockSite(self._runner, self._sock, ssl_context=self._ssl_context)
+        site = BoundedSockSite(
+            self._runner,
+            self._sock,
+            ssl_context=self._ssl_context,
+            max_connections=self._gateway.config.connection_bound,
+            handshake_timeout=self._gateway.config.handshake_timeout,
+        )
         await site.start()
         config = self._gateway.config
         logger.info(
