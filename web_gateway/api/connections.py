@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 from google.rpc import code_pb2
+from yarl import URL
 
 from web_gateway.api.errors import body, http_status
 from web_gateway.errors import Refusal
@@ -113,7 +114,7 @@ class BoundedSockSite(web.BaseSite):
     def name(self) -> str:
         scheme = "https" if self._ssl_context else "http"
         host, port = self._sock.getsockname()[:2]
-        return f"{scheme}://{host}:{port}"
+        return str(URL.build(scheme=scheme, host=host, port=port))
 
     async def start(self) -> None:
         await super().start()
