@@ -32,7 +32,12 @@ from bench.processes import free_ports
 from bench.upload import MAX_MESSAGE_BYTES, Command, bare_command, ours_command, running
 from bench.upload_report import BARE, OURS
 from mediatag_common.grpc_server import channel_options
-from mediatag_common.values import byte_size, format_byte_size
+from mediatag_common.values import (
+    byte_size,
+    format_byte_size,
+    non_negative_float,
+    positive_int,
+)
 
 MIB = 1024 * 1024
 KIB = 1024
@@ -43,23 +48,13 @@ _PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
 
 def _delays(text: str) -> list[float]:
-    try:
-        delays = [float(item) for item in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MS[,...], got {text!r}") from None
-    if any(delay < 0 for delay in delays):
-        raise argparse.ArgumentTypeError("delays must be zero or positive")
-    return delays
+    """Milliseconds, comma-separated, each zero or more."""
+    return [non_negative_float(item) for item in text.split(",")]
 
 
 def _chunks(text: str) -> list[int]:
-    try:
-        sizes = [int(item) * KIB for item in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected KIB[,...], got {text!r}") from None
-    if any(size < 1 for size in sizes):
-        raise argparse.ArgumentTypeError("chunk sizes must be positive")
-    return sizes
+    """KiB, comma-separated, each positive: the sizes in bytes."""
+    return [positive_int(item) * KIB for item in text.split(",")]
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
