@@ -60,22 +60,30 @@ class RequestLimits:
     At most ``max_bytes_in_flight`` bytes of unary request messages are held at once: a
     message being read counts as ``max_message_bytes`` (its size is known only once read),
     a message read as its size until its call's answer. One message is always admitted,
-    however large. A call waits at most ``read_timeout`` seconds for room in the budget,
-    and as long again for its message to arrive. Before a message is read, gRPC holds what
-    its client sent of it: at most ``stream_window`` bytes (the stream's HTTP/2 window).
+    however large. At most ``max_waiting`` calls wait for room in the budget, each at most
+    ``read_timeout`` seconds, and as long again for its message to arrive. Before a message
+    is read, gRPC holds what its client sent of it: at most ``stream_window`` bytes (the
+    stream's HTTP/2 window), so the waiting calls hold at most ``max_waiting`` windows.
     """
 
     max_message_bytes: int
     max_bytes_in_flight: int
     read_timeout: float
     stream_window: int
+    max_waiting: int
+
+
+class TooManyWaiting(Exception):
+    """A :class:`ByteBudget` has as many waiters as it may."""
 
 
 class ByteBudget:
-    """An asyncio semaphore counted in bytes; waiters are served in arrival order."""
+    """An asyncio semaphore counted in bytes; waiters are served in arrival order, and one
+    beyond ``max_waiters`` is refused (:class:`TooManyWaiting`)."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, max_waiters: int) -> None:
         self.total = total
+        self.max_waiters = max_waiters
         self.used = 0
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
@@ -86,6 +94,8 @@ class ByteBudget:
         if not self._waiters and self._fits(amount):
             self.used += amount
             return
+        if len(self._waiters) >= self.max_waiters:
+            raise TooManyWaiting
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (amount, waiter)
         self._waiters.append(entry)
@@ -269,7 +279,7 @@ class RequestReader(BehaviorInterceptor):
 
     def __init__(self, limits: RequestLimits) -> None:
         self._limits = limits
-        self._budget = ByteBudget(limits.max_bytes_in_flight)
+        self._budget = ByteBudget(limits.max_bytes_in_flight, limits.max_waiting)
 
     async def _read(
         self, request: Any, context: Context, max_bytes: int | None = None
@@ -286,6 +296,12 @@ class RequestReader(BehaviorInterceptor):
             raise ServerBusy(
                 f"too many requests are being read; none got room within {timeout:g} s",
                 metadata={"maxBytesInFlight": str(self._limits.max_bytes_in_flight)},
+            ) from exc
+        except TooManyWaiting as exc:
+            raise ServerBusy(
+                f"too many requests are being read, and {self._budget.max_waiters} more wait "
+                "for room already",
+                metadata={"maxWaitingRequests": str(self._budget.max_waiters)},
             ) from exc
         try:
             async with asyncio.timeout(timeout):

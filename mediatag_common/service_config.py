@@ -172,6 +172,17 @@ class ServiceConfig:
         metavar="SIZE",
         shared=True,
     )
+    # Calls waiting at once for room to read their request messages: each holds a task and
+    # what its client sent into the stream window (about 100 KiB with the default window).
+    max_waiting_requests: int = setting(
+        1000,
+        flag="--max-waiting-requests",
+        help="calls that wait at once for room to read their request message; beyond, "
+        "RESOURCE_EXHAUSTED SERVER_BUSY at once",
+        parse=positive_int,
+        metavar="N",
+        shared=True,
+    )
     # How long a call waits for room to read its request message, and then for the message.
     request_read_timeout: float = setting(
         60.0,
@@ -240,6 +251,10 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError(f"max_connections must be positive, not {self.max_connections}")
+        if self.max_waiting_requests < 1:
+            raise ValueError(
+                f"max_waiting_requests must be positive, not {self.max_waiting_requests}"
+            )
         if not _MIN_STREAM_WINDOW <= self.stream_window <= _MAX_STREAM_WINDOW:
             raise ValueError(
                 f"stream_window must be between {format_byte_size(_MIN_STREAM_WINDOW)} and "
@@ -260,6 +275,7 @@ class ServiceConfig:
             max_bytes_in_flight=self.max_request_bytes_in_flight or 2 * self.max_message_bytes,
             read_timeout=self.request_read_timeout,
             stream_window=self.stream_window,
+            max_waiting=self.max_waiting_requests,
         )
 
     @property

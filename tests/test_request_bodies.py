@@ -15,10 +15,12 @@ from mediatag.ingest.v1 import ingest_pb2 as ipb
 from mediatag.ingest.v1 import ingest_pb2_grpc
 
 from ingest_service.config import IngestConfig
+from mediatag_common.errors import error_info
 from mediatag_common.grpc_server import channel_options, open_channel
 from mediatag_common.request_bodies import ByteBudget
 from tests.conftest import PATIENCE, Cluster, free_port
 from tests.ingest_support import OWNER, IngestServer, assert_refused, listed, refusal
+from tests.media_samples import jpeg_bytes
 from tests.processes import Serve, peak_rss_mib, reset_peak_rss, rss_mib
 from tests.test_auth import TOKENS, tokens_file
 from tests.test_metrics import INGEST, expect, handled
@@ -246,8 +248,67 @@ async def test_a_stream_its_client_cancels_after_the_header_is_counted_cancelled
         await server.stop()
 
 
+async def test_calls_beyond_those_waiting_for_room_are_refused_at_once(tmp_path: Path) -> None:
+    # Room for one message being read, and for two calls waiting.
+    metrics_port = free_port()
+    config = IngestConfig(
+        max_request_bytes_in_flight=IngestConfig().max_message_bytes,
+        max_waiting_requests=2,
+        metrics_port=metrics_port,
+    )
+    server = IngestServer(tmp_path / "ingest", config=config)
+    stub = await server.start()
+    assert server.channel is not None
+    never = asyncio.Event()
+
+    async def no_message() -> AsyncIterator[bytes]:
+        await never.wait()
+        yield GARBAGE
+
+    async def started(uploads: int) -> None:
+        """Until ``uploads`` UploadMedia calls have started: each waits for room, or holds it,
+        as soon as it starts (the count and the wait are one step of the event loop)."""
+        labels = {"grpc_service": INGEST, "grpc_method": "UploadMedia", "grpc_type": "unary"}
+        await expect(metrics_port, "mediatag_grpc_server_started_total", uploads, **labels)
+
+    # A call that never sends its message holds the room while it is awaited.
+    send: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = server.channel.stream_unary(
+        UPLOAD_MEDIA
+    )
+    holder = send(no_message(), timeout=PATIENCE)
+    waiting: list[asyncio.Future[ipb.UploadMediaResponse]] = []
+    try:
+        await started(1)
+        for seed in range(2):
+            request = ipb.UploadMediaRequest(
+                owner_id=OWNER,
+                files=[ipb.MediaFile(filename=f"{seed}.jpg", content=jpeg_bytes(seed))],
+            )
+            waiting.append(asyncio.ensure_future(stub.UploadMedia(request, timeout=PATIENCE)))
+            await started(2 + seed)
+
+        error = await refusal(
+            stub.ListMedia(ipb.ListMediaRequest(owner_id=OWNER), timeout=PATIENCE)
+        )
+        assert_refused(error, grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER_BUSY", None)
+        info = error_info(error)
+        assert info is not None
+        assert info.metadata["maxWaitingRequests"] == "2"
+
+        # The waiting calls are served once the room is free.
+        holder.cancel()
+        answers = await asyncio.gather(*waiting)
+        uploaded = {answer.media[0].id for answer in answers}
+        assert set(await listed(stub)) == uploaded
+    finally:
+        holder.cancel()
+        for call in waiting:
+            call.cancel()
+        await server.stop()
+
+
 async def test_the_byte_budget_admits_in_order_and_forgets_a_cancelled_waiter() -> None:
-    budget = ByteBudget(100)
+    budget = ByteBudget(100, max_waiters=3)
     await budget.acquire(100)  # full
     admitted: list[str] = []
 
