@@ -377,5 +377,10 @@ class AnalysisConfig(ServiceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.watch.max_watchers >= self.max_calls:
+            raise ValueError(
+                f"max_watchers ({self.watch.max_watchers}) must be below max_calls "
+                f"({self.max_calls}): each WatchStatus stream is a call in progress"
+            )
         if self.analyzer == "google":
             self.google.check(self.embedding_dimensions)

@@ -34,24 +34,27 @@ KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
 
 
 @dataclass(frozen=True)
-class ConnectionLimits:
-    """How many connections a server holds, and how long one may hold a place doing nothing.
+class ServerLimits:
+    """How many connections and calls a server holds, and how long a connection may hold a
+    place doing nothing.
 
     Beyond ``max_connections`` a new connection is closed as soon as it is accepted (its
     client's calls fail ``UNAVAILABLE``); a connection that has not finished its handshake
     (the HTTP/2 preface, TLS) within ``handshake_timeout`` seconds is closed, and so is one
     that has had no call for ``idle_timeout`` seconds (a GOAWAY: its client reconnects for
-    its next call).
+    its next call). Beyond ``max_calls`` calls in progress (streams included), gRPC answers
+    a new one ``RESOURCE_EXHAUSTED`` itself, before any interceptor.
     """
 
     max_connections: int
     handshake_timeout: float
     idle_timeout: float
+    max_calls: int
 
 
 def new_server(
     limits: RequestLimits,
-    connections: ConnectionLimits,
+    server_limits: ServerLimits,
     *,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     tokens: TokenTable | None = None,
@@ -68,7 +71,7 @@ def new_server(
     reflection is authenticated and checked against ``method_roles``, inside the error
     mapping so that its refusals carry AIP-193 details. A request message is read only after
     that, within ``limits`` (see :mod:`mediatag_common.request_bodies`). Connections are held
-    within ``connections``.
+    within ``server_limits``.
     """
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
@@ -83,9 +86,9 @@ def new_server(
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", limits.stream_window),
         # Each connection holds a file descriptor and its buffers, whoever opened it.
-        ("grpc.max_allowed_incoming_connections", connections.max_connections),
-        ("grpc.server_handshake_timeout_ms", round(connections.handshake_timeout * 1000)),
-        ("grpc.max_connection_idle_ms", round(connections.idle_timeout * 1000)),
+        ("grpc.max_allowed_incoming_connections", server_limits.max_connections),
+        ("grpc.server_handshake_timeout_ms", round(server_limits.handshake_timeout * 1000)),
+        ("grpc.max_connection_idle_ms", round(server_limits.idle_timeout * 1000)),
         *KEEPALIVE_OPTIONS,
     ]
     chain: list[grpc.aio.ServerInterceptor] = [
@@ -96,7 +99,9 @@ def new_server(
     if tokens is not None:
         chain.append(AuthInterceptor(tokens, method_roles or {}))
     chain.append(RequestReader(limits))
-    return grpc.aio.server(interceptors=chain, options=options)
+    return grpc.aio.server(
+        interceptors=chain, options=options, maximum_concurrent_rpcs=server_limits.max_calls
+    )
 
 
 def bind(server: grpc.aio.Server, address: str, tls: ServerTls | None) -> int:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from mediatag_common.grpc_server import ConnectionLimits, is_loopback
+from mediatag_common.grpc_server import ServerLimits, is_loopback
 from mediatag_common.request_bodies import RequestLimits
 from mediatag_common.settings import Lookup, setting
 from mediatag_common.tls import ClientTls, ServerTls, ServiceTls
@@ -153,6 +153,16 @@ class ServiceConfig:
         shown_default="1000, or a quarter of the open-file limit if less",
         shared=True,
     )
+    # Calls in progress at once, streams included: each holds a task and its work queued.
+    max_calls: int = setting(
+        10_000,
+        flag="--max-calls",
+        help="calls each gRPC service serves at once, streams included; beyond, a new one is "
+        "refused RESOURCE_EXHAUSTED",
+        parse=positive_int,
+        metavar="N",
+        shared=True,
+    )
     # A connection that has not sent the HTTP/2 preface (and finished TLS) by then is closed.
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     # A connection without a call this long is closed with a GOAWAY (its client reconnects for
@@ -251,6 +261,8 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError(f"max_connections must be positive, not {self.max_connections}")
+        if self.max_calls < 1:
+            raise ValueError(f"max_calls must be positive, not {self.max_calls}")
         if self.max_waiting_requests < 1:
             raise ValueError(
                 f"max_waiting_requests must be positive, not {self.max_waiting_requests}"
@@ -279,12 +291,14 @@ class ServiceConfig:
         )
 
     @property
-    def connection_limits(self) -> ConnectionLimits:
-        """How many connections the gRPC server holds, and how long idle ones stay."""
-        return ConnectionLimits(
+    def server_limits(self) -> ServerLimits:
+        """How many connections and calls the gRPC server holds, and how long idle
+        connections stay."""
+        return ServerLimits(
             max_connections=self.max_connections or default_max_connections(),
             handshake_timeout=self.handshake_timeout,
             idle_timeout=self.connection_idle_timeout,
+            max_calls=self.max_calls,
         )
 
     @property

@@ -47,7 +47,7 @@ def listening_server(
     """
     server = new_server(
         config.request_limits,
-        config.connection_limits,
+        config.server_limits,
         interceptors=metrics.interceptors,
         tokens=tokens,
         method_roles=method_roles,

@@ -322,10 +322,15 @@ def test_every_service_setting_reaches_its_config() -> None:
 
 def test_connections_are_bounded_by_the_flag_or_by_the_open_file_limit() -> None:
     ingest, analysis = both(settings_for("--max-connections 40"))
-    assert ingest.connection_limits.max_connections == 40
-    assert analysis.connection_limits.max_connections == 40
+    assert ingest.server_limits.max_connections == 40
+    assert analysis.server_limits.max_connections == 40
     with pytest.raises(ValueError, match="max_connections"):
         IngestConfig(max_connections=0)
+    ingest, analysis = both(settings_for("--max-calls 5000"))
+    assert ingest.server_limits.max_calls == analysis.server_limits.max_calls == 5000
+    # Every watch stream is a call: the watchers must fit.
+    with pytest.raises(SettingsError, match=r"max_watchers \(1000\) must be below max_calls"):
+        settings_for("--max-calls 1000")
     web = settings_for("--web-max-connections 70").web
     assert web is not None
     assert web.connection_bound == 70

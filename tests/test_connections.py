@@ -2,7 +2,7 @@
 ``--max-connections`` a new one is closed as soon as it is accepted, one that never finishes its
 handshake or goes without a call is closed in time so that its place is taken again, and the
 connections already in keep working. Each stream's HTTP/2 window is the one configured
-(``--stream-window``)."""
+(``--stream-window``), and calls beyond ``--max-calls`` are refused while those in go on."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 from ingest_service.config import IngestConfig
 from mediatag_common.grpc_server import channel_options, health_check_stub
 from tests import media_samples as samples
-from tests.conftest import PATIENCE
-from tests.ingest_support import OWNER, IngestServer, listed
+from tests.conftest import PATIENCE, free_port, wait_until
+from tests.ingest_support import OWNER, IngestServer, chunks_of, header, listed
+from tests.test_metrics import INGEST, expect
 
 # What an HTTP/2 client sends first (RFC 9113, 3.4): the preface and its SETTINGS frame.
 CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
@@ -213,3 +214,56 @@ async def test_a_stream_may_bring_the_window_the_service_announces_and_no_more(
             assert connection.settings[INITIAL_WINDOW_SIZE] == window
         finally:
             connection.close()
+
+
+async def test_a_call_beyond_the_bound_is_refused_and_those_in_go_on(tmp_path: Path) -> None:
+    metrics_port = free_port()
+    async with serving(tmp_path, max_calls=2, metrics_port=metrics_port) as port:
+        channel = client(port)
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        finish = [asyncio.Event(), asyncio.Event()]
+        content = samples.jpeg_bytes(2)
+
+        async def upload(go_on: asyncio.Event) -> AsyncIterator[ipb.UploadMediaStreamRequest]:
+            yield header(filename="held.jpg")
+            await go_on.wait()
+            for part in chunks_of(content):
+                yield part
+
+        held = [stub.UploadMediaStream(upload(go_on), timeout=PATIENCE) for go_on in finish]
+        try:
+            labels = {
+                "grpc_service": INGEST,
+                "grpc_method": "UploadMediaStream",
+                "grpc_type": "client_stream",
+            }
+            await expect(metrics_port, "mediatag_grpc_server_started_total", 2, **labels)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ListMedia(ipb.ListMediaRequest(owner_id=OWNER), timeout=PATIENCE)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert refused.value.details() == "Concurrent RPC limit exceeded!"
+
+            # The calls in go on, and once one has ended a new call is served.
+            finish[0].set()
+            answer = await held[0]
+            assert answer.media.filename == "held.jpg"
+            seen: list[str] = []
+
+            async def served() -> bool:
+                try:
+                    seen[:] = await listed(stub)
+                except grpc.aio.AioRpcError as error:
+                    # The ended call leaves the count a moment after its answer.
+                    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                    return False
+                return True
+
+            await wait_until(served)
+            assert seen == [answer.media.id]
+        finally:
+            for go_on in finish:
+                go_on.set()
+            for call in held:
+                call.cancel()
+            await channel.close()

@@ -162,9 +162,7 @@ async def start_fake(
         # Only the methods ingest calls are implemented.
         fake = FakeAnalysis()  # type: ignore[abstract]
         config = AnalysisConfig()
-        server = new_server(
-            config.request_limits, config.connection_limits, status_codes=STATUS_CODES
-        )
+        server = new_server(config.request_limits, config.server_limits, status_codes=STATUS_CODES)
         analysis_pb2_grpc.add_AnalysisServiceServicer_to_server(fake, server)
         server.add_insecure_port(f"127.0.0.1:{analysis_port}")
         await server.start()
