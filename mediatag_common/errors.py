@@ -16,6 +16,7 @@ The tree::
     ├── RequestTooLarge           a streaming call's request over its size limit
     ├── RequestTooSlow            a request message that took too long to arrive
     ├── ServerBusy                no room to read one more request message
+    ├── TooManyCalls              as many calls in progress as the service serves at once
     ├── AnalysisError             the analysis service's tree (analysis_service.errors)
     └── IngestError               the ingest service's tree (ingest_service.errors)
 """
@@ -122,6 +123,12 @@ class ServerBusy(ServiceError):
     """The request messages being read and served already take all the room allowed."""
 
     reason = "SERVER_BUSY"
+
+
+class TooManyCalls(ServiceError):
+    """The service serves as many calls at once as it may."""
+
+    reason = "TOO_MANY_CALLS"
 
 
 # How many items of a list a refusal names, and how much of each: a status travels in gRPC

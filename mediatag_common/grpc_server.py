@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mediatag_common.auth import AuthInterceptor, MethodRoles, TokenTable, token_interceptors
+from mediatag_common.call_gate import CallGate
 from mediatag_common.request_bodies import RequestGate, RequestLimits, RequestReader
 from mediatag_common.status import ErrorMappingInterceptor, StatusCodes
 from mediatag_common.tasks import cancel_and_wait
@@ -42,8 +43,8 @@ class ServerLimits:
     client's calls fail ``UNAVAILABLE``); a connection that has not finished its handshake
     (the HTTP/2 preface, TLS) within ``handshake_timeout`` seconds is closed, and so is one
     that has had no call for ``idle_timeout`` seconds (a GOAWAY: its client reconnects for
-    its next call). Beyond ``max_calls`` calls in progress (streams included), gRPC answers
-    a new one ``RESOURCE_EXHAUSTED`` itself, before any interceptor.
+    its next call). Beyond ``max_calls`` calls in progress (streams included), a new one is
+    refused (:class:`~mediatag_common.call_gate.CallGate`).
     """
 
     max_connections: int
@@ -70,8 +71,8 @@ def new_server(
     (the metrics interceptor goes there). With ``tokens``, every call but health and
     reflection is authenticated and checked against ``method_roles``, inside the error
     mapping so that its refusals carry AIP-193 details. A request message is read only after
-    that, within ``limits`` (see :mod:`mediatag_common.request_bodies`). Connections are held
-    within ``server_limits``.
+    that, within ``limits`` (see :mod:`mediatag_common.request_bodies`). Connections and calls
+    are held within ``server_limits``.
     """
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
@@ -95,13 +96,12 @@ def new_server(
         RequestGate(),
         *interceptors,
         ErrorMappingInterceptor(status_codes or {}),
+        CallGate(server_limits.max_calls),
     ]
     if tokens is not None:
         chain.append(AuthInterceptor(tokens, method_roles or {}))
     chain.append(RequestReader(limits))
-    return grpc.aio.server(
-        interceptors=chain, options=options, maximum_concurrent_rpcs=server_limits.max_calls
-    )
+    return grpc.aio.server(interceptors=chain, options=options)
 
 
 def bind(server: grpc.aio.Server, address: str, tls: ServerTls | None) -> int:

@@ -30,6 +30,7 @@ from mediatag_common.errors import (
     RequestTooSlow,
     ServerBusy,
     ServiceError,
+    TooManyCalls,
     Unauthenticated,
 )
 from mediatag_common.interceptors import Behavior, BehaviorInterceptor
@@ -46,6 +47,7 @@ STATUS_CODES: StatusCodes = {
     RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RequestTooSlow: grpc.StatusCode.DEADLINE_EXCEEDED,
     ServerBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TooManyCalls: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 # Codes that say the service failed, not the request: their cause is logged.

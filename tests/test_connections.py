@@ -2,7 +2,7 @@
 ``--max-connections`` a new one is closed as soon as it is accepted, one that never finishes its
 handshake or goes without a call is closed in time so that its place is taken again, and the
 connections already in keep working. Each stream's HTTP/2 window is the one configured
-(``--stream-window``), and calls beyond ``--max-calls`` are refused while those in go on."""
+(``--stream-window``), and a call beyond ``--max-calls`` is refused while those in go on."""
 
 from __future__ import annotations
 
@@ -20,11 +20,20 @@ from mediatag.ingest.v1 import ingest_pb2 as ipb
 from mediatag.ingest.v1 import ingest_pb2_grpc
 
 from ingest_service.config import IngestConfig
+from mediatag_common.errors import error_info
 from mediatag_common.grpc_server import channel_options, health_check_stub
 from tests import media_samples as samples
-from tests.conftest import PATIENCE, free_port, wait_until
-from tests.ingest_support import OWNER, IngestServer, chunks_of, header, listed
-from tests.test_metrics import INGEST, expect
+from tests.conftest import PATIENCE, free_port
+from tests.ingest_support import (
+    OWNER,
+    IngestServer,
+    assert_refused,
+    chunks_of,
+    header,
+    listed,
+    refusal,
+)
+from tests.test_metrics import INGEST, expect, handled
 
 # What an HTTP/2 client sends first (RFC 9113, 3.4): the preface and its SETTINGS frame.
 CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
@@ -238,29 +247,27 @@ async def test_a_call_beyond_the_bound_is_refused_and_those_in_go_on(tmp_path: P
                 "grpc_type": "client_stream",
             }
             await expect(metrics_port, "mediatag_grpc_server_started_total", 2, **labels)
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stub.ListMedia(ipb.ListMediaRequest(owner_id=OWNER), timeout=PATIENCE)
-            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert refused.value.details() == "Concurrent RPC limit exceeded!"
+            error = await refusal(
+                stub.ListMedia(ipb.ListMediaRequest(owner_id=OWNER), timeout=PATIENCE)
+            )
+            assert_refused(error, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_CALLS", None)
+            info = error_info(error)
+            assert info is not None
+            assert info.metadata["maxCalls"] == "2"
+            # Counted like any call, and health is answered all the same.
+            await expect(
+                metrics_port,
+                "mediatag_grpc_server_handled_total",
+                1,
+                **handled(INGEST, "ListMedia", "RESOURCE_EXHAUSTED"),
+            )
+            await check_health(channel)
 
             # The calls in go on, and once one has ended a new call is served.
             finish[0].set()
             answer = await held[0]
             assert answer.media.filename == "held.jpg"
-            seen: list[str] = []
-
-            async def served() -> bool:
-                try:
-                    seen[:] = await listed(stub)
-                except grpc.aio.AioRpcError as error:
-                    # The ended call leaves the count a moment after its answer.
-                    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        raise
-                    return False
-                return True
-
-            await wait_until(served)
-            assert seen == [answer.media.id]
+            assert await listed(stub) == [answer.media.id]
         finally:
             for go_on in finish:
                 go_on.set()
