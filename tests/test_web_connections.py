@@ -6,6 +6,7 @@ handshake that failed) is taken again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ import aiohttp
 
 from analysis_service.config import WatchConfig
 from mediatag_common.tls import ServiceTls
-from tests.conftest import Cluster, wait_until
+from tests.conftest import PATIENCE, Cluster, wait_until
 from tests.media_samples import jpeg_bytes
 from tests.test_watch_scale import fast_cluster
 from tests.test_web_api import error_info
@@ -24,15 +25,21 @@ from tests.web_support import Gateways, form, web_config
 # A TLS handshake's time, far below any wait of the tests: a failed handshake's place is given
 # back by then at the latest.
 SHORT_TIMEOUT = 0.5
+# How soon a refused connection must be closed: far sooner than a handshake's time would end it.
+CLOSED_WITHIN = 10.0
 
 
-async def _status_of_a_new_client(url: str, **options: object) -> int:
-    """The status a client on a connection of its own gets for ``GET url``."""
-    async with (
-        aiohttp.ClientSession(**options) as client,  # type: ignore[arg-type]
-        client.get(url) as response,
-    ):
-        return response.status
+async def _status_of_a_new_client(url: str, **options: object) -> int | None:
+    """The status a client on a connection of its own gets for ``GET url``; None if the
+    connection was closed before an answer (a TLS connection refused)."""
+    try:
+        async with (
+            aiohttp.ClientSession(**options) as client,  # type: ignore[arg-type]
+            client.get(url) as response,
+        ):
+            return response.status
+    except aiohttp.ClientConnectionError:
+        return None
 
 
 async def test_a_connection_beyond_the_bound_is_refused_and_those_in_keep_working(
@@ -104,3 +111,31 @@ async def test_a_failed_tls_handshake_gives_its_place_back(
         return status == 200
 
     await wait_until(served)
+
+
+async def test_a_tls_connection_beyond_the_bound_is_closed_before_any_handshake(
+    make_cluster: Callable[..., Cluster], gateways: Gateways, tmp_path: Path
+) -> None:
+    cluster = fast_cluster(make_cluster, WatchConfig())
+    pki = make_pki(tmp_path / "pki")
+    trust = ssl.create_default_context(cafile=str(pki.ca))
+    web = await gateways.start(
+        web_config(
+            cluster,
+            max_connections=1,
+            handshake_timeout=PATIENCE,
+            tls_files=ServiceTls(cert_file=pki.server.cert, key_file=pki.server.key),
+        ),
+        connector=aiohttp.TCPConnector(ssl=trust, limit=1),
+    )
+    async with web.client.get(f"{web.url}/") as page:  # the one place, kept alive
+        assert page.status == 200
+    # One that would sit out a handshake's time (here PATIENCE) is closed as it is accepted.
+    reader, writer = await asyncio.open_connection("127.0.0.1", web.port)
+    try:
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), CLOSED_WITHIN) == b""
+    finally:
+        writer.close()
+    async with web.client.get(f"{web.url}/") as page:  # the connection in is served
+        assert page.status == 200

@@ -64,6 +64,7 @@ class WebHost:
     ) -> None:
         self._runner = runner
         self._sock = sock
+        self._port: int = sock.getsockname()[1]
         self._ssl_context = ssl_context
         self._gateway = gateway
         self._recorder = recorder
@@ -101,7 +102,7 @@ class WebHost:
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         scheme = "https" if self._ssl_context else "http"
-        return f"{scheme}://{host}:{self._sock.getsockname()[1]}"
+        return f"{scheme}://{host}:{self._port}"
 
     async def stop(self, grace: float) -> None:
         """End the event streams, let other requests finish within ``grace``; safe twice."""

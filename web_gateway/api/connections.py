@@ -1,18 +1,22 @@
 """A bound on the connections the gateway holds: the listener counts them, from the moment one
-is accepted (before TLS) until it is closed, and answers one beyond the bound with
-``503 UNAVAILABLE``/``TOO_MANY_CONNECTIONS`` and closes it.
+is accepted (before TLS) until it is closed, and closes one beyond the bound as it accepts it —
+over plain HTTP after writing ``503 UNAVAILABLE``/``TOO_MANY_CONNECTIONS``, over TLS at once,
+before any handshake, so a refused connection holds nothing.
 
 aiohttp has no such bound; its sites are where a listener is made, so the gateway listens
-through a site of its own whose protocol factory does the counting.
+through a site of its own, on a listening socket whose ``accept`` does the refusing (asyncio's
+event loop accepts through it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from google.rpc import code_pb2
@@ -41,13 +45,35 @@ def _refusal_response() -> bytes:
     return head.encode("ascii") + content
 
 
-class _Refusing(asyncio.Protocol):
-    """Answers the refusal as soon as the connection is made (after TLS), then closes it."""
+class _Listener(socket.socket):
+    """A listening socket whose ``accept`` hands over only the connections ``admit`` takes,
+    and closes the others (after writing ``refusal``, if there is one)."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(_refusal_response())
-        transport.close()
+    def __init__(
+        self, listening: socket.socket, admit: Callable[[], bool], refusal: bytes | None
+    ) -> None:
+        super().__init__(
+            listening.family, listening.type, listening.proto, fileno=listening.detach()
+        )
+        self._admit = admit
+        self._refusal = refusal
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        # When no connection is waiting, BlockingIOError ends asyncio's round of accepts.
+        while True:
+            connection, address = super().accept()
+            if self._admit():
+                return connection, address
+            self._refuse(connection)
+
+    def _refuse(self, connection: socket.socket) -> None:
+        with connection:
+            if self._refusal is not None:
+                connection.setblocking(False)
+                # Small enough for any fresh socket's send buffer; a peer gone already is
+                # fine to ignore.
+                with contextlib.suppress(OSError):
+                    connection.send(self._refusal)
 
 
 class _Counted(asyncio.Protocol):
@@ -90,10 +116,11 @@ class _Counted(asyncio.Protocol):
 
 
 class BoundedSockSite(web.BaseSite):
-    """An aiohttp site listening on ``sock`` that holds at most ``max_connections``; a TLS
-    handshake not done within ``handshake_timeout`` seconds ends its connection."""
+    """An aiohttp site listening on ``sock`` (which it takes over) that holds at most
+    ``max_connections``; a TLS handshake not done within ``handshake_timeout`` seconds ends
+    its connection."""
 
-    __slots__ = ("_handshake_timeout", "_max_connections", "_open", "_sock")
+    __slots__ = ("_address", "_handshake_timeout", "_max_connections", "_open", "_sock")
 
     def __init__(
         self,
@@ -106,6 +133,7 @@ class BoundedSockSite(web.BaseSite):
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context)
         self._sock = sock
+        self._address: tuple[str, int] = sock.getsockname()[:2]
         self._max_connections = max_connections
         self._handshake_timeout = handshake_timeout
         self._open = 0
@@ -113,20 +141,17 @@ class BoundedSockSite(web.BaseSite):
     @property
     def name(self) -> str:
         scheme = "https" if self._ssl_context else "http"
-        host, port = self._sock.getsockname()[:2]
-        return str(URL.build(scheme=scheme, host=host, port=port))
+        return str(URL.build(scheme=scheme, host=self._address[0], port=self._address[1]))
 
     async def start(self) -> None:
         await super().start()
         server = self._runner.server
         assert server is not None
-
         loop = asyncio.get_running_loop()
+        refusal = None if self._ssl_context is not None else _refusal_response()
+        listener = _Listener(self._sock, self._admit, refusal)
 
         def protocol() -> asyncio.Protocol:
-            if self._open >= self._max_connections:
-                return _Refusing()
-            self._open += 1
             counted = _Counted(server(), self._give_back)
             if self._ssl_context is not None:
                 loop.call_later(self._handshake_timeout, counted.give_back_unless_made)
@@ -134,11 +159,17 @@ class BoundedSockSite(web.BaseSite):
 
         self._server = await loop.create_server(
             protocol,
-            sock=self._sock,
+            sock=listener,
             ssl=self._ssl_context,
             backlog=self._backlog,
             ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
         )
+
+    def _admit(self) -> bool:
+        if self._open >= self._max_connections:
+            return False
+        self._open += 1
+        return True
 
     def _give_back(self) -> None:
         self._open -= 1
