@@ -20,7 +20,7 @@ from tests.media_samples import jpeg_bytes
 from tests.test_watch_scale import fast_cluster
 from tests.test_web_api import error_info
 from tests.tls_support import make_pki
-from tests.web_support import Gateways, form, web_config
+from tests.web_support import Gateways, Web, form, web_config
 
 # A TLS handshake's time, far below any wait of the tests: a failed handshake's place is given
 # back by then at the latest.
@@ -85,20 +85,33 @@ async def test_a_connection_beyond_the_bound_is_refused_and_those_in_keep_workin
     assert [item["id"] for item in listed["media"]] == [uploaded["media"][0]["id"]]
 
 
-async def test_a_failed_tls_handshake_gives_its_place_back(
-    make_cluster: Callable[..., Cluster], gateways: Gateways, tmp_path: Path
-) -> None:
+async def _tls_gateway_of_one_place(
+    make_cluster: Callable[..., Cluster],
+    gateways: Gateways,
+    tmp_path: Path,
+    handshake_timeout: float,
+) -> tuple[Web, ssl.SSLContext]:
+    """A gateway serving HTTPS that holds one connection, and a context trusting it; its
+    client keeps one connection alive."""
     cluster = fast_cluster(make_cluster, WatchConfig())
     pki = make_pki(tmp_path / "pki")
+    trust = ssl.create_default_context(cafile=str(pki.ca))
     web = await gateways.start(
         web_config(
             cluster,
             max_connections=1,
-            handshake_timeout=SHORT_TIMEOUT,
+            handshake_timeout=handshake_timeout,
             tls_files=ServiceTls(cert_file=pki.server.cert, key_file=pki.server.key),
-        )
+        ),
+        connector=aiohttp.TCPConnector(ssl=trust, limit=1),
     )
-    trust = ssl.create_default_context(cafile=str(pki.ca))
+    return web, trust
+
+
+async def test_a_failed_tls_handshake_gives_its_place_back(
+    make_cluster: Callable[..., Cluster], gateways: Gateways, tmp_path: Path
+) -> None:
+    web, trust = await _tls_gateway_of_one_place(make_cluster, gateways, tmp_path, SHORT_TIMEOUT)
     # A connection that fails its handshake takes the one place, and must give it back.
     reader, writer = await asyncio.open_connection("127.0.0.1", web.port)
     writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # not a TLS hello
@@ -116,18 +129,7 @@ async def test_a_failed_tls_handshake_gives_its_place_back(
 async def test_a_tls_connection_beyond_the_bound_is_closed_before_any_handshake(
     make_cluster: Callable[..., Cluster], gateways: Gateways, tmp_path: Path
 ) -> None:
-    cluster = fast_cluster(make_cluster, WatchConfig())
-    pki = make_pki(tmp_path / "pki")
-    trust = ssl.create_default_context(cafile=str(pki.ca))
-    web = await gateways.start(
-        web_config(
-            cluster,
-            max_connections=1,
-            handshake_timeout=PATIENCE,
-            tls_files=ServiceTls(cert_file=pki.server.cert, key_file=pki.server.key),
-        ),
-        connector=aiohttp.TCPConnector(ssl=trust, limit=1),
-    )
+    web, _ = await _tls_gateway_of_one_place(make_cluster, gateways, tmp_path, PATIENCE)
     async with web.client.get(f"{web.url}/") as page:  # the one place, kept alive
         assert page.status == 200
     # One that would sit out a handshake's time (here PATIENCE) is closed as it is accepted.
