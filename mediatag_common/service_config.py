@@ -259,14 +259,10 @@ class ServiceConfig:
     metrics_refresh_interval: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.max_connections is not None and self.max_connections < 1:
-            raise ValueError(f"max_connections must be positive, not {self.max_connections}")
-        if self.max_calls < 1:
-            raise ValueError(f"max_calls must be positive, not {self.max_calls}")
-        if self.max_waiting_requests < 1:
-            raise ValueError(
-                f"max_waiting_requests must be positive, not {self.max_waiting_requests}"
-            )
+        for name in ("max_connections", "max_calls", "max_waiting_requests"):
+            bound = getattr(self, name)
+            if bound is not None and bound < 1:
+                raise ValueError(f"{name} must be positive, not {bound}")
         if not _MIN_STREAM_WINDOW <= self.stream_window <= _MAX_STREAM_WINDOW:
             raise ValueError(
                 f"stream_window must be between {format_byte_size(_MIN_STREAM_WINDOW)} and "
