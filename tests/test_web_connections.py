@@ -129,15 +129,22 @@ async def test_a_failed_tls_handshake_gives_its_place_back(
 async def test_a_tls_connection_beyond_the_bound_is_closed_before_any_handshake(
     make_cluster: Callable[..., Cluster], gateways: Gateways, tmp_path: Path
 ) -> None:
-    web, _ = await _tls_gateway_of_one_place(make_cluster, gateways, tmp_path, PATIENCE)
-    async with web.client.get(f"{web.url}/") as page:  # the one place, kept alive
-        assert page.status == 200
-    # One that would sit out a handshake's time (here PATIENCE) is closed as it is accepted.
-    reader, writer = await asyncio.open_connection("127.0.0.1", web.port)
+    web, trust = await _tls_gateway_of_one_place(make_cluster, gateways, tmp_path, PATIENCE)
+    # The one place: a connection whose handshake is done, and which has asked nothing yet.
+    held_reader, held_writer = await asyncio.open_connection(
+        "127.0.0.1", web.port, ssl=trust, server_hostname="localhost"
+    )
     try:
-        with contextlib.suppress(ConnectionResetError):
-            assert await asyncio.wait_for(reader.read(), CLOSED_WITHIN) == b""
+        # One that would sit out a handshake's time (here PATIENCE) is closed as it is accepted.
+        reader, writer = await asyncio.open_connection("127.0.0.1", web.port)
+        try:
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(reader.read(), CLOSED_WITHIN) == b""
+        finally:
+            writer.close()
+        # The connection in is served.
+        held_writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        status_line = await asyncio.wait_for(held_reader.readline(), PATIENCE)
+        assert status_line.startswith(b"HTTP/1.1 200")
     finally:
-        writer.close()
-    async with web.client.get(f"{web.url}/") as page:  # the connection in is served
-        assert page.status == 200
+        held_writer.close()
