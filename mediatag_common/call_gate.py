@@ -13,10 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from mediatag_common.errors import TooManyCalls
-from mediatag_common.interceptors import Behavior, BehaviorInterceptor
-
-# Health and reflection: gRPC's own services.
-_GRPC_SERVICES = ("/grpc.",)
+from mediatag_common.interceptors import Behavior, BehaviorInterceptor, is_grpc_own
 
 
 class CallGate(BehaviorInterceptor):
@@ -35,7 +32,7 @@ class CallGate(BehaviorInterceptor):
         self.in_progress += 1
 
     def wrap_unary(self, method: str, kind: str, behavior: Behavior) -> Behavior:
-        if method.startswith(_GRPC_SERVICES):
+        if is_grpc_own(method):
             return behavior
 
         async def wrapper(request: Any, context: Any) -> Any:
@@ -48,7 +45,7 @@ class CallGate(BehaviorInterceptor):
         return wrapper
 
     def wrap_stream(self, method: str, kind: str, behavior: Behavior) -> Behavior:
-        if method.startswith(_GRPC_SERVICES):
+        if is_grpc_own(method):
             return behavior
 
         async def wrapper(request: Any, context: Any) -> AsyncIterator[Any]:

@@ -12,8 +12,16 @@ Behavior = Callable[..., Any]
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
 
+# Health and reflection: gRPC's own services, served as gRPC serves them.
+_GRPC_OWN_SERVICES = "/grpc."
+
 _UNARY_RESPONSE = ("unary_unary", "stream_unary")
 _STREAM_RESPONSE = ("unary_stream", "stream_stream")
+
+
+def is_grpc_own(method: str) -> bool:
+    """Whether ``method`` belongs to gRPC's own health or reflection service."""
+    return method.startswith(_GRPC_OWN_SERVICES)
 
 
 class BehaviorInterceptor(grpc.aio.ServerInterceptor):

@@ -36,7 +36,7 @@ from mediatag_common.errors import (
     RequestTooSlow,
     ServerBusy,
 )
-from mediatag_common.interceptors import Behavior, BehaviorInterceptor
+from mediatag_common.interceptors import Behavior, BehaviorInterceptor, is_grpc_own
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,6 @@ _Resp = TypeVar("_Resp")
 Deserializer = Callable[[bytes], Any]
 Context = grpc.aio.ServicerContext[Any, Any]
 
-# Health and reflection are gRPC's own services: served as gRPC serves them.
-_GRPC_SERVICES = ("/grpc.",)
 MALFORMED_LOG_INTERVAL = 10.0
 # The largest request of a call that streams its answer (a watch's filters): it is held for
 # as long as the stream is open, by each of up to thousands of streams.
@@ -237,7 +235,7 @@ class RequestGate(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(_GRPC_SERVICES):
+        if handler is None or is_grpc_own(method):
             return handler
         found: Any = handler
         deserializer: Deserializer = found.request_deserializer or (lambda raw: raw)

@@ -65,6 +65,14 @@ def _own_directory(root: Path, service: str) -> Path:
     return root / service
 
 
+def require_positive(config: object, *names: str) -> None:
+    """Refuse ``config`` if any of the bounds ``names`` (None: not set) is below 1."""
+    for name in names:
+        bound = getattr(config, name)
+        if bound is not None and bound < 1:
+            raise ValueError(f"{name} must be positive, not {bound}")
+
+
 def default_max_connections(wanted: int = 1000) -> int:
     """``wanted``, or a quarter of the process's open-file limit if that is less: the services
     and the web gateway may share one process, and its files, database connections and
@@ -259,10 +267,7 @@ class ServiceConfig:
     metrics_refresh_interval: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("max_connections", "max_calls", "max_waiting_requests"):
-            bound = getattr(self, name)
-            if bound is not None and bound < 1:
-                raise ValueError(f"{name} must be positive, not {bound}")
+        require_positive(self, "max_connections", "max_calls", "max_waiting_requests")
         if not _MIN_STREAM_WINDOW <= self.stream_window <= _MAX_STREAM_WINDOW:
             raise ValueError(
                 f"stream_window must be between {format_byte_size(_MIN_STREAM_WINDOW)} and "

@@ -18,6 +18,7 @@ from mediatag_common.service_config import (
     ServiceConfig,
     default_max_connections,
     peer_address,
+    require_positive,
 )
 from mediatag_common.settings import redeclared, setting
 from mediatag_common.tls import ClientTls, ServerTls, ServiceTls
@@ -143,8 +144,7 @@ class WebConfig:
     tls_files: ServiceTls = field(default_factory=ServiceTls)
 
     def __post_init__(self) -> None:
-        if self.max_connections is not None and self.max_connections < 1:
-            raise ValueError(f"max_connections must be positive, not {self.max_connections}")
+        require_positive(self, "max_connections")
         if self.tokens_file is not None and not self.service_token:
             raise ValueError(
                 "with a tokens file the web gateway watches the analysis service with a "
