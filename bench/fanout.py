@@ -43,7 +43,7 @@ from bench.fanout_report import (
     print_setup,
 )
 from bench.jpeg import photo_like_jpeg, with_comment
-from bench.processes import cpu_seconds, free_ports, rss_bytes, running_server
+from bench.processes import PACKAGE_PARENT, cpu_seconds, free_ports, rss_bytes, running_server
 from bench.watchers import WatcherPool, watching
 from mediatag_common.grpc_server import channel_options
 
@@ -54,7 +54,6 @@ _OPEN_TIMEOUT = 60.0
 # How long watchers get, after the window, to read every change committed in it.
 _DRAIN_TIMEOUT = 60.0
 _ENV_PREFIX = "MEDIATAG_"
-_PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 _RATE_LIMIT = "local=100000:1000"
 _IMAGE_SIZE = (320, 240)
 _FILES_PER_UPLOAD = 32
@@ -209,7 +208,7 @@ async def _measure_bare(
     argv = [sys.executable, "-m", "bench.bare_broadcast", "--port", str(port)]
     server = running_server(
         BARE, argv, address=address, log_path=work_dir / f"{BARE}.log",
-        ready_timeout=_READY_TIMEOUT, stop_timeout=_STOP_TIMEOUT, cwd=_PACKAGE_PARENT,
+        ready_timeout=_READY_TIMEOUT, stop_timeout=_STOP_TIMEOUT, cwd=PACKAGE_PARENT,
     )  # fmt: skip
     templates = [base64.b64encode(sample).decode() for sample in samples]
     async with server as process, grpc.aio.insecure_channel(address) as channel:

@@ -28,9 +28,10 @@ import grpc
 from mediatag.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 from bench.benchmark import Benchmark, Figures, positive
-from bench.processes import free_ports
+from bench.processes import PACKAGE_PARENT, free_ports
 from bench.upload import MAX_MESSAGE_BYTES, Command, bare_command, ours_command, running
 from bench.upload_report import BARE, OURS
+from ingest_service.config import IngestConfig
 from mediatag_common.grpc_server import channel_options
 from mediatag_common.values import (
     byte_size,
@@ -43,8 +44,6 @@ MIB = 1024 * 1024
 KIB = 1024
 _CALL_TIMEOUT = 600.0
 UNARY = "UploadMedia"
-# The directory that holds the ``bench`` package, so ``python -m bench.delay_proxy`` works.
-_PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
 
 def _delays(text: str) -> list[float]:
@@ -97,7 +96,8 @@ class Videos:
 
 @dataclass(frozen=True)
 class Link:
-    """A server reached at ``address`` (directly, or through the delay proxy)."""
+    """A server under test, reached through a channel of its own (directly, or through the
+    delay proxy)."""
 
     name: str
     stub: ingest_pb2_grpc.IngestServiceAsyncStub
@@ -139,7 +139,7 @@ async def _link(
             proxy = Command(
                 [sys.executable, "-m", "bench.delay_proxy", "--listen", str(proxy_port),
                  "--target", str(server_port), "--delay", str(delay_ms / 1000)],
-                cwd=_PACKAGE_PARENT,
+                cwd=PACKAGE_PARENT,
             )  # fmt: skip
             # Ready once a health check reaches the server through it.
             await stack.enter_async_context(
@@ -190,7 +190,8 @@ async def run(args: argparse.Namespace) -> Figures:
     )
     window = args.link_stream_window
     window_flags = [] if window is None else ["--stream-window", str(window)]
-    print(f"mediatag's stream window: {format_byte_size(window or 64 * KIB)}", flush=True)
+    shown = format_byte_size(window or IngestConfig().stream_window)
+    print(f"mediatag's stream window: {shown}", flush=True)
     figures: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="mediatag-bench-") as work:
         work_dir = Path(work)

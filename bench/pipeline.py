@@ -22,7 +22,7 @@ from mediatag.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 from bench.jpeg import photo_like_jpeg, with_comment
 from bench.load import run_closed_loop
-from bench.processes import running_server
+from bench.processes import PACKAGE_PARENT, running_server
 from bench.sim_server import SimServer
 from mediatag_common.errors import error_info
 from mediatag_common.grpc_server import channel_options
@@ -34,8 +34,6 @@ CALL_TIMEOUT = 60.0
 _READY_TIMEOUT = 60.0
 _STOP_TIMEOUT = 20.0
 _ENV_PREFIX = "MEDIATAG_"
-# The directory that holds the ``bench`` package, so ``python -m bench.sim_server`` works.
-_PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 _COMPLETED = analysis_pb2.PROCESSING_STATUS_COMPLETED
 _FAILED = analysis_pb2.PROCESSING_STATUS_FAILED
 
@@ -78,7 +76,7 @@ async def running_analysis(
     server = running_server(
         "mediatag analysis (simulated analyser)", [sys.executable, *sim.argv()],
         address=address, log_path=log_path, ready_timeout=_READY_TIMEOUT,
-        stop_timeout=_STOP_TIMEOUT, cwd=_PACKAGE_PARENT, env=_clean_env(),
+        stop_timeout=_STOP_TIMEOUT, cwd=PACKAGE_PARENT, env=_clean_env(),
     )  # fmt: skip
     async with (
         server as process,

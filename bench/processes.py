@@ -18,6 +18,9 @@ from mediatag_common.grpc_server import health_check_stub
 
 logger = logging.getLogger(__name__)
 
+# The directory that holds the ``bench`` package: the working directory of a server started
+# as ``python -m bench.…``.
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 _PROBE_TIMEOUT = 1.0
 _PROBE_PAUSE = 0.05
 _LOG_TAIL_BYTES = 4000

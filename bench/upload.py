@@ -28,7 +28,7 @@ from mediatag.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from bench.benchmark import Benchmark, Figures, positive
 from bench.jpeg import Jpeg, photo_like_jpeg, with_comment
 from bench.load import LoadResult, run_closed_loop, split_evenly
-from bench.processes import free_ports, running_server
+from bench.processes import PACKAGE_PARENT, free_ports, running_server
 from bench.upload_report import BARE, OURS, Setup, print_results, print_setup, upload_figures
 from ingest_service.config import IngestConfig
 from mediatag_common.grpc_server import channel_options
@@ -39,8 +39,6 @@ _READY_TIMEOUT = 60.0
 # Both servers drain on SIGTERM; with no calls in flight that takes well under this.
 _STOP_TIMEOUT = 15.0
 _ENV_PREFIX = "MEDIATAG_"
-# The directory that holds the ``bench`` package, so ``python -m bench.bare_server`` works.
-_PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -212,7 +210,7 @@ def bare_command(work_dir: Path, port: int) -> Command:
         sys.executable, "-m", "bench.bare_server", "--port", str(port),
         "--data-dir", str(work_dir / BARE), "--max-message-bytes", str(MAX_MESSAGE_BYTES),
     ]  # fmt: skip
-    return Command(argv, cwd=_PACKAGE_PARENT)
+    return Command(argv, cwd=PACKAGE_PARENT)
 
 
 def running(

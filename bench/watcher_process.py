@@ -17,13 +17,11 @@ import json
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from bench.processes import PACKAGE_PARENT
 from bench.watchers import watching
 
 _OPENED = "opened"
-# The directory that holds the ``bench`` package, so ``python -m bench.watcher_process`` works.
-_PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 _STOP_TIMEOUT = 30.0
 
 
@@ -48,7 +46,7 @@ async def watching_apart(
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.watcher_process", "--address", address,
         "--count", str(count), "--channels", str(channels), "--open-timeout", str(open_timeout),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=_PACKAGE_PARENT,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=PACKAGE_PARENT,
     )  # fmt: skip
     assert process.stdin is not None
     assert process.stdout is not None
