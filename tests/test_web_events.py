@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Callable
 
 import aiohttp
+import grpc
 import pytest
 from mediatag.analysis.v1 import analysis_pb2 as apb
 
@@ -14,7 +15,7 @@ from analysis_service.config import WatchConfig
 from tests.conftest import PATIENCE, Cluster, wait_until
 from tests.test_metrics import scrape
 from tests.test_pipeline import upload, wait_terminal
-from tests.test_watch_scale import fast_cluster, small_images
+from tests.test_watch_scale import fast_cluster, small_images, watch_error
 from tests.test_web_api import error_info
 from tests.web_support import Event, EventStream, Gateways, open_events, web_config
 from web_gateway.config import EventsConfig
@@ -165,6 +166,14 @@ async def test_a_revision_the_log_no_longer_holds_or_never_held_says_reset(
     web = await gateways.start(web_config(cluster))
     answer = await upload(cluster, small_images(3, first_seed=40), owner=OWNER)
     await wait_terminal(cluster, [m.id for m in answer.media])
+
+    # Until the log has dropped revision 2, the gateway's first watch of this filter would
+    # start there, and its replay of what it read would answer every resume after 1 since.
+    async def log_compacted() -> bool:
+        error = await watch_error(cluster.analysis, apb.WatchStatusRequest(start_revision=2))
+        return error is not None and error.code() == grpc.StatusCode.OUT_OF_RANGE
+
+    await wait_until(log_compacted)
 
     async def compacted() -> bool:
         stream = await open_events(web, f"?owner_id={OWNER}", **{"Last-Event-ID": "1"})
