@@ -5,7 +5,8 @@
 - ``auth``: tokens, roles, the owner scope; ``tls``: certificates and credentials;
 - ``callers``, ``caller_slots``: who is calling, and the bounded shares of slots (watch and
   upload streams) callers hold; ``request_bodies``: request messages read once a call is
-  admitted, within a memory budget; ``untrusted_text``: client text shown to others;
+  admitted, within a memory budget (``byte_budget``, shared by callers in turn);
+  ``untrusted_text``: client text shown to others;
 - ``grpc_server``: server options, health, start/drain/stop, channels;
 - ``database``, ``migrations``, ``keys``, ``group_commit``: SQLite/PostgreSQL access, schema
   versions, stored secrets, batched commits; ``database_copy``: a service's database copied
@@ -22,6 +23,7 @@
 __all__ = [
     "auth",
     "backoff",
+    "byte_budget",
     "caller_slots",
     "callers",
     "database",

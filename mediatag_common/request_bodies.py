@@ -10,7 +10,8 @@ which gRPC reads only when asked:
   in place of a unary call's message, and decodes a streaming call's messages one by one;
 - the chain counts the call, maps errors and authenticates it, reading nothing;
 - :class:`RequestReader`, the innermost, reads and decodes the message, within a
-  :class:`ByteBudget` of request bytes in memory at once and a time limit.
+  :class:`~mediatag_common.byte_budget.ByteBudget` of request bytes in memory at once (the
+  callers waiting for it take turns) and a time limit.
 
 A message that does not parse is ``INVALID_ARGUMENT``/``MALFORMED_REQUEST``, logged on one
 line at most every few seconds.
@@ -19,7 +20,6 @@ line at most every few seconds.
 from __future__ import annotations
 
 import asyncio
-import collections
 import inspect
 import logging
 import time
@@ -30,6 +30,9 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
+from mediatag_common.auth.scope import current_caller
+from mediatag_common.byte_budget import ByteBudget, TooManyWaiting
+from mediatag_common.caller_slots import SlotsFull
 from mediatag_common.errors import (
     MalformedRequest,
     RequestTooLarge,
@@ -69,50 +72,20 @@ class RequestLimits:
     read_timeout: float
     stream_window: int
     max_waiting: int
+    max_waiting_per_caller: int | None = None
 
 
-class TooManyWaiting(Exception):
-    """A :class:`ByteBudget` has as many waiters as it may."""
-
-
-class ByteBudget:
-    """An asyncio semaphore counted in bytes; waiters are served in arrival order, and one
-    beyond ``max_waiters`` is refused (:class:`TooManyWaiting`)."""
-
-    def __init__(self, total: int, max_waiters: int) -> None:
-        self.total = total
-        self.max_waiters = max_waiters
-        self.used = 0
-        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
-
-    def _fits(self, amount: int) -> bool:
-        return self.used == 0 or self.used + amount <= self.total
-
-    async def acquire(self, amount: int) -> None:
-        if not self._waiters and self._fits(amount):
-            self.used += amount
-            return
-        if len(self._waiters) >= self.max_waiters:
-            raise TooManyWaiting
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (amount, waiter)
-        self._waiters.append(entry)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release(amount)  # granted just as the wait was cancelled
-            else:
-                self._waiters.remove(entry)
-            raise
-
-    def release(self, amount: int) -> None:
-        self.used -= amount
-        while self._waiters and self._fits(self._waiters[0][0]):
-            amount, waiter = self._waiters.popleft()
-            if not waiter.done():
-                self.used += amount
-                waiter.set_result(None)
+def _too_many_waiting(exc: TooManyWaiting) -> ServerBusy:
+    if exc.bound is SlotsFull.CALLER:
+        return ServerBusy(
+            f"this caller has as many calls waiting for room to be read as it may ({exc.limit})",
+            reason="TOO_MANY_WAITING_REQUESTS_FOR_CALLER",
+            metadata={"maxWaitingRequestsPerCaller": str(exc.limit)},
+        )
+    return ServerBusy(
+        f"too many requests are being read, and {exc.limit} more wait for room already",
+        metadata={"maxWaitingRequests": str(exc.limit)},
+    )
 
 
 class _RateLimitedLog:
@@ -277,7 +250,11 @@ class RequestReader(BehaviorInterceptor):
 
     def __init__(self, limits: RequestLimits) -> None:
         self._limits = limits
-        self._budget = ByteBudget(limits.max_bytes_in_flight, limits.max_waiting)
+        self._budget = ByteBudget(
+            limits.max_bytes_in_flight,
+            max_waiters=limits.max_waiting,
+            max_waiters_per_caller=limits.max_waiting_per_caller,
+        )
 
     async def _read(
         self, request: Any, context: Context, max_bytes: int | None = None
@@ -289,18 +266,14 @@ class RequestReader(BehaviorInterceptor):
         timeout = self._limits.read_timeout
         try:
             async with asyncio.timeout(timeout):
-                await self._budget.acquire(reserved)
+                await self._budget.acquire(reserved, current_caller(context.peer()))
         except TimeoutError as exc:
             raise ServerBusy(
                 f"too many requests are being read; none got room within {timeout:g} s",
                 metadata={"maxBytesInFlight": str(self._limits.max_bytes_in_flight)},
             ) from exc
         except TooManyWaiting as exc:
-            raise ServerBusy(
-                f"too many requests are being read, and {self._budget.max_waiters} more wait "
-                "for room already",
-                metadata={"maxWaitingRequests": str(self._budget.max_waiters)},
-            ) from exc
+            raise _too_many_waiting(exc) from exc
         try:
             async with asyncio.timeout(timeout):
                 message, size = await request.read(context, max_bytes)

@@ -201,6 +201,18 @@ class ServiceConfig:
         metavar="N",
         shared=True,
     )
+    # One caller's share of them (a token, or a peer address without authentication); None:
+    # half of them. Each service token has max_waiting_requests places of its own.
+    max_waiting_requests_per_caller: int | None = setting(
+        None,
+        flag="--max-waiting-requests-per-caller",
+        help="calls of one token (without --tokens-file: one peer address) that wait at once "
+        "for room to read their request message",
+        parse=positive_int,
+        metavar="N",
+        shown_default="half of --max-waiting-requests",
+        shared=True,
+    )
     # How long a call waits for room to read its request message, and then for the message.
     request_read_timeout: float = setting(
         60.0,
@@ -267,7 +279,13 @@ class ServiceConfig:
     metrics_refresh_interval: float = 5.0
 
     def __post_init__(self) -> None:
-        require_positive(self, "max_connections", "max_calls", "max_waiting_requests")
+        require_positive(
+            self,
+            "max_connections",
+            "max_calls",
+            "max_waiting_requests",
+            "max_waiting_requests_per_caller",
+        )
         if not _MIN_STREAM_WINDOW <= self.stream_window <= _MAX_STREAM_WINDOW:
             raise ValueError(
                 f"stream_window must be between {format_byte_size(_MIN_STREAM_WINDOW)} and "
@@ -289,6 +307,7 @@ class ServiceConfig:
             read_timeout=self.request_read_timeout,
             stream_window=self.stream_window,
             max_waiting=self.max_waiting_requests,
+            max_waiting_per_caller=self.max_waiting_requests_per_caller,
         )
 
     @property

@@ -17,7 +17,6 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 from ingest_service.config import IngestConfig
 from mediatag_common.errors import error_info
 from mediatag_common.grpc_server import channel_options, open_channel
-from mediatag_common.request_bodies import ByteBudget
 from tests.conftest import PATIENCE, Cluster, free_port
 from tests.ingest_support import OWNER, IngestServer, assert_refused, listed, refusal
 from tests.media_samples import jpeg_bytes
@@ -249,11 +248,12 @@ async def test_a_stream_its_client_cancels_after_the_header_is_counted_cancelled
 
 
 async def test_calls_beyond_those_waiting_for_room_are_refused_at_once(tmp_path: Path) -> None:
-    # Room for one message being read, and for two calls waiting.
+    # Room for one message being read, and for two calls waiting (of one caller: the test).
     metrics_port = free_port()
     config = IngestConfig(
         max_request_bytes_in_flight=IngestConfig().max_message_bytes,
         max_waiting_requests=2,
+        max_waiting_requests_per_caller=2,
         metrics_port=metrics_port,
     )
     server = IngestServer(tmp_path / "ingest", config=config)
@@ -307,25 +307,66 @@ async def test_calls_beyond_those_waiting_for_room_are_refused_at_once(tmp_path:
         await server.stop()
 
 
-async def test_the_byte_budget_admits_in_order_and_forgets_a_cancelled_waiter() -> None:
-    budget = ByteBudget(100, max_waiters=3)
-    await budget.acquire(100)  # full
-    admitted: list[str] = []
+async def test_callers_waiting_for_room_take_turns_within_their_share(tmp_path: Path) -> None:
+    # Room for one message being read, and four places to wait: two for each caller.
+    metrics_port = free_port()
+    config = IngestConfig(
+        max_request_bytes_in_flight=IngestConfig().max_message_bytes,
+        max_waiting_requests=4,
+        metrics_port=metrics_port,
+        tokens_file=tokens_file(tmp_path / "secrets"),
+        service_token=TOKENS["service"],
+    )
+    server = IngestServer(tmp_path / "ingest", config=config)
+    await server.start()
+    app = open_channel(f"127.0.0.1:{server.port}", token=TOKENS["uploader7"])
+    ops = open_channel(f"127.0.0.1:{server.port}", token=TOKENS["admin"])
+    never = asyncio.Event()
 
-    async def take(name: str, amount: int) -> None:
-        await budget.acquire(amount)
-        admitted.append(name)
+    async def no_message() -> AsyncIterator[bytes]:
+        await never.wait()
+        yield GARBAGE
 
-    first = asyncio.create_task(take("first", 60))
-    gone = asyncio.create_task(take("gone", 10))
-    last = asyncio.create_task(take("last", 40))
-    await asyncio.sleep(0)
-    gone.cancel()
-    budget.release(100)
-    await asyncio.wait_for(asyncio.gather(first, last), timeout=PATIENCE)
-    assert admitted == ["first", "last"]
-    assert budget.used == 100
-    # One message larger than the whole budget is still admitted when nothing else is held.
-    budget.release(100)
-    await asyncio.wait_for(budget.acquire(500), timeout=PATIENCE)
-    assert budget.used == 500
+    async def started(uploads: int) -> None:
+        labels = {"grpc_service": INGEST, "grpc_method": "UploadMedia", "grpc_type": "unary"}
+        await expect(metrics_port, "mediatag_grpc_server_started_total", uploads, **labels)
+
+    def upload(channel: grpc.aio.Channel, name: str) -> asyncio.Future[ipb.UploadMediaResponse]:
+        request = ipb.UploadMediaRequest(
+            owner_id=OWNER,
+            files=[ipb.MediaFile(filename=f"{name}.jpg", content=jpeg_bytes(len(name)))],
+        )
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        return asyncio.ensure_future(stub.UploadMedia(request, timeout=PATIENCE))
+
+    send: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = app.stream_unary(UPLOAD_MEDIA)
+    holder = send(no_message(), timeout=PATIENCE)
+    waiting: dict[str, asyncio.Future[ipb.UploadMediaResponse]] = {}
+    try:
+        await started(1)
+        # The app's two calls take its share of the places to wait: a third is refused.
+        for number, name in enumerate(("app-1", "app-2")):
+            waiting[name] = upload(app, name)
+            await started(2 + number)
+        error = await refusal(upload(app, "app-refused"))
+        assert_refused(
+            error, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WAITING_REQUESTS_FOR_CALLER", None
+        )
+        info = error_info(error)
+        assert info is not None
+        assert info.metadata["maxWaitingRequestsPerCaller"] == "2"
+        # Another caller still waits, and is served in its turn, not after all of the app's.
+        waiting["ops"] = upload(ops, "ops")
+        await started(5)
+
+        holder.cancel()
+        answers = {name: (await call).media[0].id for name, call in waiting.items()}
+        stored_newest_first = await listed(ingest_pb2_grpc.IngestServiceStub(ops))
+        assert stored_newest_first == [answers["app-2"], answers["ops"], answers["app-1"]]
+    finally:
+        holder.cancel()
+        for call in waiting.values():
+            call.cancel()
+        await app.close()
+        await ops.close()
+        await server.stop()
