@@ -1,12 +1,17 @@
-"""Uploads over a long link: MiB/s of one large upload, mediatag's ingest against a bare
-grpc.aio server, on loopback and through a proxy that delays every byte each way.
+"""Uploads over a long link: mediatag's ingest with its default stream window and with a
+wider one, against a bare grpc.aio server, on loopback and through a proxy that delays every
+byte each way.
 
 mediatag's services turn gRPC's bandwidth probing off (README, Security): a stream's HTTP/2
-window then stays 64 KiB, opened by each message the service asks to read, so over a long
-round trip a stream moves about one chunk per round trip, where the bare server (gRPC's
-defaults, probing on) widens its window to what the link carries. This benchmark measures that
-price side by side: one ``UploadMedia`` of the whole file, and ``UploadMediaStream`` in chunks
-of each size, alternating which server goes first in each round.
+window then stays ``--stream-window`` (64 KiB by default), opened by each message the service
+asks to read, so over a long round trip a stream moves about one chunk per round trip, where
+the bare server (gRPC's defaults, probing on) widens its window to what the link carries. And
+a unary message larger than the window is read only once the call has room in the request
+memory, a round trip or more for the rest of it, while the room admits two such reads at once
+by default. This benchmark measures those prices side by side: MiB/s of one large
+``UploadMedia`` and of ``UploadMediaStream`` in chunks of each size, and uploads/s of many
+photos uploaded at once (``UploadMedia``, closed loop), alternating which server goes first in
+each round.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +33,20 @@ import grpc
 from mediatag.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 from bench.benchmark import Benchmark, Figures, positive
+from bench.jpeg import photo_like_jpeg
+from bench.load import run_closed_loop
 from bench.processes import PACKAGE_PARENT, free_ports
-from bench.upload import MAX_MESSAGE_BYTES, Command, bare_command, ours_command, running
+from bench.upload import (
+    MAX_MESSAGE_BYTES,
+    Command,
+    Level,
+    Target,
+    UniqueUploads,
+    bare_command,
+    ours_command,
+    parse_levels,
+    running,
+)
 from bench.upload_report import BARE, OURS
 from ingest_service.config import IngestConfig
 from mediatag_common.grpc_server import channel_options
@@ -43,7 +60,7 @@ from mediatag_common.values import (
 MIB = 1024 * 1024
 KIB = 1024
 _CALL_TIMEOUT = 600.0
-UNARY = "UploadMedia"
+_PHOTO_SEED = 7
 
 
 def _delays(text: str) -> list[float]:
@@ -67,11 +84,20 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     )  # fmt: skip
     group.add_argument(
         "--link-mib", type=positive, default=32, metavar="MIB",
-        help="size of the uploaded file (default 32)",
+        help="size of the large file (default 32)",
     )  # fmt: skip
     group.add_argument(
-        "--link-stream-window", type=byte_size, default=None, metavar="SIZE",
-        help="start mediatag with --stream-window SIZE (default: its default, 64 KiB)",
+        "--link-photos", type=parse_levels, default=parse_levels("16:400"), metavar="C:N,...",
+        help="photos uploaded at once, and how many per server and round (default 16:400)",
+    )  # fmt: skip
+    group.add_argument(
+        "--link-photo-kb", type=positive, default=200, metavar="KB",
+        help="approximate size of each photo (default 200)",
+    )  # fmt: skip
+    group.add_argument(
+        "--link-stream-window", type=byte_size, default=MIB, metavar="SIZE",
+        help="a second mediatag, started with --stream-window SIZE, measured beside the one "
+        "with the default window (default 1MiB)",
     )  # fmt: skip
     group.add_argument(
         "--link-rounds", type=positive, default=3, metavar="N",
@@ -117,6 +143,15 @@ class Link:
             )
         return len(content) / MIB / (time.perf_counter() - started)
 
+    async def photos(self, photos: UniqueUploads, level: Level) -> float:
+        """Uploads/s of ``level.requests`` one-photo ``UploadMedia`` calls, ``level.concurrency``
+        at once."""
+        target = Target(self.name, self.stub)
+        result = await run_closed_loop(
+            lambda: target.upload(photos), calls=level.requests, concurrency=level.concurrency
+        )
+        return result.calls_per_second
+
 
 def _stream_requests(
     content: bytes, chunk_size: int
@@ -126,6 +161,40 @@ def _stream_requests(
     )
     for offset in range(0, len(content), chunk_size):
         yield ingest_pb2.UploadMediaStreamRequest(chunk=content[offset : offset + chunk_size])
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One row: what is uploaded, and the figure it gives (its unit in ``name``)."""
+
+    name: str
+    measure: Callable[[Link], Awaitable[float]]
+
+
+def _modes(args: argparse.Namespace, videos: Videos, photos: UniqueUploads) -> list[Mode]:
+    large = f"{args.link_mib} MiB"
+
+    def one_large(chunk_size: int | None) -> Callable[[Link], Awaitable[float]]:
+        return lambda link: link.upload(videos.next(), chunk_size)
+
+    def photos_at(level: Level) -> Callable[[Link], Awaitable[float]]:
+        return lambda link: link.photos(photos, level)
+
+    return [
+        Mode(f"`UploadMedia` of {large} (MiB/s)", one_large(None)),
+        *(
+            Mode(f"stream of {large}, {size // KIB} KiB chunks (MiB/s)", one_large(size))
+            for size in args.link_chunks_kib
+        ),
+        *(
+            Mode(
+                f"{level.concurrency} `UploadMedia` of a {args.link_photo_kb} KB photo at once "
+                "(uploads/s)",
+                photos_at(level),
+            )
+            for level in args.link_photos
+        ),
+    ]
 
 
 @contextlib.asynccontextmanager
@@ -154,85 +223,103 @@ async def _link(
         yield Link(name, ingest_pb2_grpc.IngestServiceStub(channel))
 
 
-Modes = Sequence[int | None]
-
-
 async def _measure(
-    links: Sequence[Link], videos: Videos, modes: Modes, rounds: int
-) -> dict[str, dict[int | None, list[float]]]:
-    """MiB/s of each server in each mode, once a round, the first server alternating."""
-    measured: dict[str, dict[int | None, list[float]]] = {
-        link.name: {mode: [] for mode in modes} for link in links
+    links: Sequence[Link], modes: Sequence[Mode], rounds: int
+) -> dict[str, dict[str, list[float]]]:
+    """Each server's figure in each mode, once a round, the first server rotating."""
+    measured: dict[str, dict[str, list[float]]] = {
+        link.name: {mode.name: [] for mode in modes} for link in links
     }
     for round_number in range(rounds):
-        order = links if round_number % 2 == 0 else links[::-1]
+        shift = round_number % len(links)
+        order = [*links[shift:], *links[:shift]]
         for mode in modes:
             for link in order:
-                measured[link.name][mode].append(await link.upload(videos.next(), mode))
+                measured[link.name][mode.name].append(await mode.measure(link))
     return measured
-
-
-def _mode_name(mode: int | None) -> str:
-    return UNARY if mode is None else f"UploadMediaStream, {mode // KIB} KiB chunks"
 
 
 async def run(args: argparse.Namespace) -> Figures:
     """Measure and print each delay's table; the figures for ``--json``."""
-    modes: list[int | None] = [None, *args.link_chunks_kib]
     videos = Videos(args.link_mib * MIB)
+    photo = photo_like_jpeg(_PHOTO_SEED, target_bytes=args.link_photo_kb * 1000)
+    modes = _modes(args, videos, UniqueUploads([photo]))
+    default_window = format_byte_size(IngestConfig().stream_window)
+    wide_window = format_byte_size(args.link_stream_window)
+    wide = f"{OURS}, {wide_window} window"
     print(
-        f"# long link: one {args.link_mib} MiB upload per server, mode and round; "
-        f"{args.link_rounds} rounds, medians\n"
+        f"# long link: per server, mode and round one {args.link_mib} MiB upload, or "
+        f"photos of {len(photo.content) // 1000} KB uploaded at once; {args.link_rounds} "
+        "rounds, medians\n"
         f"cores {os.cpu_count()}, {platform.platform()}, Python {platform.python_version()}, "
         f"grpcio {grpc.__version__}; delays are one way, so a round trip adds twice as much; "
-        "the proxy limits no bandwidth",
+        f"the proxy limits no bandwidth\n{OURS}: its defaults (a {default_window} stream "
+        f"window); {wide}: with --stream-window {wide_window}",
         flush=True,
     )
-    window = args.link_stream_window
-    window_flags = [] if window is None else ["--stream-window", str(window)]
-    shown = format_byte_size(window or IngestConfig().stream_window)
-    print(f"mediatag's stream window: {shown}", flush=True)
     figures: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="mediatag-bench-") as work:
         work_dir = Path(work)
-        ours_port, bare_port, unused_port, *proxy_ports = free_ports(5)
-        async with (
-            running(OURS, ours_command(work_dir, ours_port, analysis_port=unused_port,
-                                       flags=window_flags), work_dir,
-                    address=f"127.0.0.1:{ours_port}"),
-            running(BARE, bare_command(work_dir, bare_port), work_dir,
-                    address=f"127.0.0.1:{bare_port}"),
-        ):  # fmt: skip
+        ours_port, wide_port, bare_port, unused_port, *proxy_ports = free_ports(7)
+        # Its metrics on a port of its own: the other mediatag has the default one.
+        wide_flags = ["--stream-window", str(args.link_stream_window), "--ingest-metrics-port", "0"]
+        servers = [
+            (OURS, ours_command(work_dir / OURS, ours_port, analysis_port=unused_port)),
+            (wide, ours_command(work_dir / "wide", wide_port, analysis_port=unused_port,
+                                flags=wide_flags)),
+            (BARE, bare_command(work_dir, bare_port)),
+        ]  # fmt: skip
+        ports = [ours_port, wide_port, bare_port]
+        async with contextlib.AsyncExitStack() as servers_running:
+            for (name, command), port in zip(servers, ports, strict=True):
+                await servers_running.enter_async_context(
+                    running(name, command, work_dir, address=f"127.0.0.1:{port}")
+                )
             for delay_ms in args.link_delays_ms:
-                async with (
-                    _link(OURS, work_dir, ours_port, proxy_ports[0], delay_ms) as ours,
-                    _link(BARE, work_dir, bare_port, proxy_ports[1], delay_ms) as bare,
-                ):
-                    await ours.upload(videos.next(), None)  # warm-up
-                    await bare.upload(videos.next(), None)
-                    measured = await _measure([ours, bare], videos, modes, args.link_rounds)
-                figures[f"{delay_ms:g}ms"] = _print_table(delay_ms, modes, measured)
+                async with contextlib.AsyncExitStack() as links_open:
+                    links = [
+                        await links_open.enter_async_context(
+                            _link(name, work_dir, port, proxy_port, delay_ms)
+                        )
+                        for (name, _), port, proxy_port in zip(
+                            servers, ports, proxy_ports, strict=True
+                        )
+                    ]
+                    for link in links:  # warm-up
+                        await link.upload(videos.next(), None)
+                    measured = await _measure(links, modes, args.link_rounds)
+                figures[f"{delay_ms:g}ms"] = _print_table(delay_ms, links, modes, measured)
     return figures
 
 
 def _print_table(
-    delay_ms: float, modes: Modes, measured: dict[str, dict[int | None, list[float]]]
+    delay_ms: float,
+    links: Sequence[Link],
+    modes: Sequence[Mode],
+    measured: dict[str, dict[str, list[float]]],
 ) -> dict[str, dict[str, float]]:
     link = "loopback" if delay_ms == 0 else f"{delay_ms:g} ms each way ({2 * delay_ms:g} ms RTT)"
-    print(f"\n## {link}\n\n| upload | {OURS} MiB/s | {BARE} MiB/s | {OURS} / {BARE} |")
-    print("|---|---|---|---|")
+    names = [link.name for link in links]
+    ours = [name for name in names if name != BARE]
+    ratio_names = [f"{name} / {BARE}" for name in ours]
+    print(f"\n## {link}\n\n| upload | {' | '.join(names)} | {' | '.join(ratio_names)} |")
+    print("|---" * (1 + len(names) + len(ours)) + "|")
     rows: dict[str, dict[str, float]] = {}
     for mode in modes:
-        ours = statistics.median(measured[OURS][mode])
-        bare = statistics.median(measured[BARE][mode])
-        print(f"| {_mode_name(mode)} | {ours:.1f} | {bare:.1f} | {ours / bare:.2f} |")
-        rows[_mode_name(mode)] = {OURS: ours, BARE: bare}
+        medians = {name: statistics.median(measured[name][mode.name]) for name in names}
+        ratios = [medians[name] / medians[BARE] for name in ours]
+        print(
+            f"| {mode.name} | {' | '.join(f'{medians[name]:.1f}' for name in names)} | "
+            f"{' | '.join(f'{ratio:.2f}' for ratio in ratios)} |"
+        )
+        rows[mode.name] = medians
     return rows
 
 
 BENCHMARK = Benchmark(
     name="link",
-    summary="one large upload over loopback and a delayed link: mediatag vs a bare server",
+    summary="large uploads and many photos over loopback and a delayed link: mediatag with "
+    "its default window and a wider one vs a bare server",
     add_arguments=add_arguments,
     run=run,
 )

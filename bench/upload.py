@@ -49,7 +49,7 @@ class Level:
     requests: int
 
 
-def _levels(text: str) -> list[Level]:
+def parse_levels(text: str) -> list[Level]:
     try:
         levels = [
             Level(int(concurrency), int(requests))
@@ -68,7 +68,8 @@ def _levels(text: str) -> list[Level]:
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
-        "--upload-levels", type=_levels, default=_levels("1:200,16:800"), metavar="C:N,...",
+        "--upload-levels", type=parse_levels, default=parse_levels("1:200,16:800"),
+        metavar="C:N,...",
         help="concurrency levels and uploads per server at each (default 1:200,16:800)",
     )  # fmt: skip
     group.add_argument(

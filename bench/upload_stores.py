@@ -25,10 +25,10 @@ from bench.upload import (
     Level,
     Target,
     UniqueUploads,
-    _levels,
     _measure_level,
     _serving,
     ours_command,
+    parse_levels,
 )
 
 BUCKET = "mediatag-bench"
@@ -38,7 +38,8 @@ STORES = (LOCAL, "gs", "s3")
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
-        "--stores-levels", type=_levels, default=_levels("1:100,8:200"), metavar="C:N,...",
+        "--stores-levels", type=parse_levels, default=parse_levels("1:100,8:200"),
+        metavar="C:N,...",
         help="concurrency levels and uploads per store at each (default 1:100,8:200)",
     )  # fmt: skip
     group.add_argument(

@@ -34,6 +34,10 @@ MIB = 1024 * KIB
 _MIN_STREAM_WINDOW, _MAX_STREAM_WINDOW = 64 * KIB, 2**31 - 1
 # Seconds a new connection has to finish its handshake (TLS, the HTTP/2 preface).
 HANDSHAKE_TIMEOUT = 20.0
+# Calls that may wait for the request memory by default, and the stream windows they may
+# hold between them (1000 of the default 64 KiB window).
+MAX_WAITING_REQUESTS = 1000
+WAITING_WINDOWS_BYTES = 64 * MIB
 # Hosts that mean "every interface": fine to bind, but not an address to connect to.
 _WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
 
@@ -71,6 +75,13 @@ def require_positive(config: object, *names: str) -> None:
         bound = getattr(config, name)
         if bound is not None and bound < 1:
             raise ValueError(f"{name} must be positive, not {bound}")
+
+
+def waiting_requests_for(stream_window: int) -> int:
+    """The calls that may wait for the request memory by default: 1000, or as many as
+    :data:`WAITING_WINDOWS_BYTES` of stream windows if fewer, since each may have sent a
+    window of its body before it waits (1000 calls of a 1 MiB window held 1 GiB)."""
+    return max(1, min(MAX_WAITING_REQUESTS, WAITING_WINDOWS_BYTES // stream_window))
 
 
 def default_max_connections(wanted: int = 1000) -> int:
@@ -191,14 +202,17 @@ class ServiceConfig:
         shared=True,
     )
     # Calls waiting at once for room to read their request messages: each holds a task and
-    # what its client sent into the stream window (about 100 KiB with the default window).
-    max_waiting_requests: int = setting(
-        1000,
+    # what its client sent into the stream window (about 90 KiB with the default window, 1 MiB
+    # with a 1 MiB window, measured). None: waiting_requests_for(stream_window).
+    max_waiting_requests: int | None = setting(
+        None,
         flag="--max-waiting-requests",
         help="calls that wait at once for room to read their request message; beyond, "
         "RESOURCE_EXHAUSTED SERVER_BUSY at once",
         parse=positive_int,
         metavar="N",
+        shown_default="1000, or fewer with a stream window over 64 KiB: as many as 64 MiB of "
+        "windows",
         shared=True,
     )
     # One caller's share of them (a token, or a peer address without authentication); None:
@@ -306,7 +320,7 @@ class ServiceConfig:
             max_bytes_in_flight=self.max_request_bytes_in_flight or 2 * self.max_message_bytes,
             read_timeout=self.request_read_timeout,
             stream_window=self.stream_window,
-            max_waiting=self.max_waiting_requests,
+            max_waiting=self.max_waiting_requests or waiting_requests_for(self.stream_window),
             max_waiting_per_caller=self.max_waiting_requests_per_caller,
         )
 

@@ -358,6 +358,26 @@ def test_the_stream_window_is_an_http2_window_for_both_services() -> None:
             settings_for(f"--stream-window {too_small_or_large}")
 
 
+def test_the_calls_waiting_for_room_hold_at_most_64_mib_of_windows_by_default() -> None:
+    # Each may have sent a stream window of its body: 1000 of 64 KiB, 64 of 1 MiB.
+    for flags, waiting, per_caller in (
+        ("", 1000, None),
+        ("--stream-window 1MiB", 64, None),
+        ("--stream-window 256KiB", 256, None),
+        ("--stream-window 1MiB --max-waiting-requests 500", 500, None),
+        ("--max-waiting-requests-per-caller 30", 1000, 30),
+    ):
+        ingest, analysis = both(settings_for(flags))
+        for config in (ingest, analysis):
+            limits = config.request_limits
+            assert (limits.max_waiting, limits.max_waiting_per_caller) == (waiting, per_caller)
+    for setting in ("--max-waiting-requests", "--max-waiting-requests-per-caller"):
+        with pytest.raises(SystemExit):
+            settings_for(f"{setting} 0")
+    with pytest.raises(ValueError, match="max_waiting_requests_per_caller"):
+        IngestConfig(max_waiting_requests_per_caller=0)
+
+
 def test_metrics_ports_are_on_by_default_and_can_be_turned_off_or_picked_free(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
