@@ -31,6 +31,11 @@ SHARED_SERVE = {
     "--log-level": "MEDIATAG_LOG_LEVEL",
     "--log-format": "MEDIATAG_LOG_FORMAT",
     "--request-read-timeout": "MEDIATAG_REQUEST_READ_TIMEOUT",
+    "--max-connections": "MEDIATAG_MAX_CONNECTIONS",
+    "--max-calls": "MEDIATAG_MAX_CALLS",
+    "--max-waiting-requests": "MEDIATAG_MAX_WAITING_REQUESTS",
+    "--max-waiting-requests-per-caller": "MEDIATAG_MAX_WAITING_REQUESTS_PER_CALLER",
+    "--stream-window": "MEDIATAG_STREAM_WINDOW",
 }
 INGEST_SERVE = {
     "--analysis-address": "MEDIATAG_ANALYSIS_ADDRESS",
@@ -104,6 +109,7 @@ WEB_SERVE = {
     "--analysis-address": "MEDIATAG_ANALYSIS_ADDRESS",
     "--event-keepalive": "MEDIATAG_EVENT_KEEPALIVE",
     "--max-event-streams": "MEDIATAG_MAX_EVENT_STREAMS",
+    "--web-max-connections": "MEDIATAG_WEB_MAX_CONNECTIONS",
 }
 # Every client command takes these; None: a flag without a variable.
 CLIENT = {
