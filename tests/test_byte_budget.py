@@ -37,6 +37,12 @@ class Admissions:
         # One step of the loop: the task either holds its place in the queue now or failed.
         await asyncio.sleep(0)
 
+    async def give_back(self, times: int, amount: int = 100) -> None:
+        """Give ``amount`` back ``times``, letting the call admitted each time run first."""
+        for _ in range(times):
+            self.budget.release(amount)
+            await asyncio.sleep(0)
+
     async def admitted(self, *names: str) -> None:
         await asyncio.wait_for(
             asyncio.gather(*(self.tasks[name] for name in names)), timeout=PATIENCE
@@ -73,9 +79,7 @@ async def test_waiting_callers_take_turns_one_call_each() -> None:
         await calls.wait(f"alice-{number}", ALICE)
     await calls.wait("bob-0", BOB)
     await calls.wait("bob-1", BOB)
-    for _ in range(5):
-        budget.release(100)
-        await asyncio.sleep(0)
+    await calls.give_back(5)
     await calls.admitted(*calls.tasks)
     # Bob's calls came after all of Alice's and are not served after all of them.
     assert calls.order == ["alice-0", "bob-0", "alice-1", "bob-1", "alice-2"]
@@ -89,9 +93,7 @@ async def test_a_services_calls_are_admitted_before_the_clients() -> None:
     await calls.wait("bob", BOB)
     await calls.wait("ingest-0", INGEST)
     await calls.wait("ingest-1", INGEST)
-    for _ in range(4):
-        budget.release(100)
-        await asyncio.sleep(0)
+    await calls.give_back(4)
     await calls.admitted(*calls.tasks)
     assert calls.order == ["ingest-0", "ingest-1", "alice", "bob"]
 
@@ -118,15 +120,11 @@ async def test_one_caller_waits_in_at_most_its_share_of_the_places() -> None:
     assert not calls.tasks["ingest"].done()
 
     # Each caller's place is given back once its call is admitted.
-    for _ in range(2):
-        budget.release(100)
-        await asyncio.sleep(0)
+    await calls.give_back(2)
     await calls.admitted("ingest", "alice-0")
     await calls.wait("alice-3", ALICE)
     assert not calls.tasks["alice-3"].done()
-    for _ in range(4):
-        budget.release(100)
-        await asyncio.sleep(0)
+    await calls.give_back(4)
     await calls.admitted("bob-0", "alice-1", "bob-1", "alice-3")
     assert calls.order == ["ingest", "alice-0", "bob-0", "alice-1", "bob-1", "alice-3"]
 
