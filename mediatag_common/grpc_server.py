@@ -53,10 +53,29 @@ class ServerLimits:
     max_calls: int
 
 
+class ServerLoad:
+    """The bounds a server holds its calls within, and how much of each they take now (read
+    by the metrics at scrape time: plain numbers, no asyncio)."""
+
+    def __init__(self, limits: RequestLimits, server_limits: ServerLimits) -> None:
+        self.gate = CallGate(server_limits.max_calls)
+        self.reader = RequestReader(limits)
+
+    def calls_in_progress(self) -> int:
+        return self.gate.in_progress
+
+    def request_bytes_held(self) -> int:
+        return self.reader.budget.used
+
+    def requests_waiting(self) -> int:
+        return self.reader.budget.waiting_calls
+
+
 def new_server(
     limits: RequestLimits,
     server_limits: ServerLimits,
     *,
+    load: ServerLoad | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     tokens: TokenTable | None = None,
     method_roles: MethodRoles | None = None,
@@ -72,8 +91,9 @@ def new_server(
     reflection is authenticated and checked against ``method_roles``, inside the error
     mapping so that its refusals carry AIP-193 details. A request message is read only after
     that, within ``limits`` (see :mod:`mediatag_common.request_bodies`). Connections and calls
-    are held within ``server_limits``.
+    are held within ``server_limits``; ``load`` (made from both when not given) keeps count.
     """
+    load = load or ServerLoad(limits, server_limits)
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
@@ -96,11 +116,11 @@ def new_server(
         RequestGate(),
         *interceptors,
         ErrorMappingInterceptor(status_codes or {}),
-        CallGate(server_limits.max_calls),
+        load.gate,
     ]
     if tokens is not None:
         chain.append(AuthInterceptor(tokens, method_roles or {}))
-    chain.append(RequestReader(limits))
+    chain.append(load.reader)
     return grpc.aio.server(interceptors=chain, options=options)
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -29,6 +29,8 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from mediatag_common.interceptors import Behavior, BehaviorInterceptor
 from mediatag_common.tasks import cancel_and_wait
@@ -84,6 +86,44 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = _new_registry()
         self.grpc = GrpcServerMetrics(self.registry)
+
+
+class ServerLoadReadings(Protocol):
+    """How much of its bounds a gRPC server's calls take now
+    (:class:`~mediatag_common.grpc_server.ServerLoad`)."""
+
+    def calls_in_progress(self) -> int: ...
+
+    def request_bytes_held(self) -> int: ...
+
+    def requests_waiting(self) -> int: ...
+
+
+class _ServerLoadValues:
+    """Reads a server's load on the scrape thread: plain numbers the event loop keeps."""
+
+    def __init__(self, readings: ServerLoadReadings) -> None:
+        self._readings = readings
+
+    def collect(self) -> Iterable[Metric]:
+        read = self._readings
+        yield GaugeMetricFamily(
+            "mediatag_grpc_server_calls_in_progress",
+            "gRPC calls in progress, streams included (bounded by --max-calls).",
+            value=read.calls_in_progress(),
+        )
+        yield GaugeMetricFamily(
+            "mediatag_request_memory_bytes",
+            "Request memory held: messages read and not yet answered, and a message being "
+            "read counted as the largest allowed (bounded by --ingest-request-memory, "
+            "--analysis-request-memory).",
+            value=read.request_bytes_held(),
+        )
+        yield GaugeMetricFamily(
+            "mediatag_requests_waiting",
+            "gRPC calls waiting for request memory (bounded by --max-waiting-requests).",
+            value=read.requests_waiting(),
+        )
 
 
 _CALL_TYPES = {
@@ -209,6 +249,10 @@ class MetricsServer:
     def port(self) -> int | None:
         """The bound port while serving (the one picked when 0 was asked for)."""
         return self._http.server_port if self._http is not None else None
+
+    def expose_load(self, readings: ServerLoadReadings) -> None:
+        """Serve the load of the service's gRPC server, read at scrape time."""
+        self.registry.register(_ServerLoadValues(readings))
 
     @property
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:

@@ -250,7 +250,7 @@ class RequestReader(BehaviorInterceptor):
 
     def __init__(self, limits: RequestLimits) -> None:
         self._limits = limits
-        self._budget = ByteBudget(
+        self.budget = ByteBudget(
             limits.max_bytes_in_flight,
             max_waiters=limits.max_waiting,
             max_waiters_per_caller=limits.max_waiting_per_caller,
@@ -266,7 +266,7 @@ class RequestReader(BehaviorInterceptor):
         timeout = self._limits.read_timeout
         try:
             async with asyncio.timeout(timeout):
-                await self._budget.acquire(reserved, current_caller(context.peer()))
+                await self.budget.acquire(reserved, current_caller(context.peer()))
         except TimeoutError as exc:
             raise ServerBusy(
                 f"too many requests are being read; none got room within {timeout:g} s",
@@ -278,13 +278,13 @@ class RequestReader(BehaviorInterceptor):
             async with asyncio.timeout(timeout):
                 message, size = await request.read(context, max_bytes)
         except BaseException as exc:
-            self._budget.release(reserved)
+            self.budget.release(reserved)
             if isinstance(exc, TimeoutError):
                 raise RequestTooSlow(
                     f"the request message did not arrive within {timeout:g} s"
                 ) from exc
             raise
-        self._budget.release(reserved - size)
+        self.budget.release(reserved - size)
         return message, size
 
     def wrap_unary(self, method: str, kind: str, behavior: Behavior) -> Behavior:
@@ -293,7 +293,7 @@ class RequestReader(BehaviorInterceptor):
             try:
                 return await behavior(message, context)
             finally:
-                self._budget.release(held)
+                self.budget.release(held)
 
         return wrapper
 
@@ -302,7 +302,7 @@ class RequestReader(BehaviorInterceptor):
             # A stream's request is its filters: small, and held for as long as the stream is
             # open, so it is bounded on its own and leaves the budget once read.
             message, held = await self._read(request, context, MAX_STREAM_REQUEST_BYTES)
-            self._budget.release(held)
+            self.budget.release(held)
             async for response in behavior(message, context):
                 yield response
 

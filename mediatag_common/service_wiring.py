@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from mediatag_common.auth import MethodRoles, TokenTable
-from mediatag_common.grpc_server import bind, new_server, warn_if_exposed
+from mediatag_common.grpc_server import ServerLoad, bind, new_server, warn_if_exposed
 from mediatag_common.metrics import MetricsServer, ServiceMetrics
 from mediatag_common.service_config import ServiceConfig
 from mediatag_common.status import StatusCodes
@@ -43,11 +43,15 @@ def listening_server(
 ) -> tuple[grpc.aio.Server, int]:
     """The service's gRPC server (see :func:`~mediatag_common.grpc_server.new_server`),
     bound to ``config.host:config.port`` with its TLS, and the port bound (the one picked
-    when 0 was asked for). Warns if other machines can call it unprotected.
+    when 0 was asked for); ``metrics`` serve its load. Warns if other machines can call it
+    unprotected.
     """
+    load = ServerLoad(config.request_limits, config.server_limits)
+    metrics.expose_load(load)
     server = new_server(
         config.request_limits,
         config.server_limits,
+        load=load,
         interceptors=metrics.interceptors,
         tokens=tokens,
         method_roles=method_roles,

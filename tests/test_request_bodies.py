@@ -287,6 +287,12 @@ async def test_calls_beyond_those_waiting_for_room_are_refused_at_once(tmp_path:
             waiting.append(asyncio.ensure_future(stub.UploadMedia(request, timeout=PATIENCE)))
             await started(2 + seed)
 
+        # The service's metrics show what its bounds hold: the holder's room (a message being
+        # read counts as the largest allowed), the calls waiting, the calls in progress.
+        await expect(metrics_port, "mediatag_requests_waiting", 2)
+        await expect(metrics_port, "mediatag_request_memory_bytes", config.max_message_bytes)
+        await expect(metrics_port, "mediatag_grpc_server_calls_in_progress", 3)
+
         error = await refusal(
             stub.ListMedia(ipb.ListMediaRequest(owner_id=OWNER), timeout=PATIENCE)
         )
@@ -300,6 +306,9 @@ async def test_calls_beyond_those_waiting_for_room_are_refused_at_once(tmp_path:
         answers = await asyncio.gather(*waiting)
         uploaded = {answer.media[0].id for answer in answers}
         assert set(await listed(stub)) == uploaded
+        await expect(metrics_port, "mediatag_requests_waiting", 0)
+        await expect(metrics_port, "mediatag_request_memory_bytes", 0)
+        await expect(metrics_port, "mediatag_grpc_server_calls_in_progress", 0)
     finally:
         holder.cancel()
         for call in waiting:
