@@ -52,9 +52,6 @@ class ByteBudget:
     def waiting(self) -> bool:
         return bool(self._services or self._clients)
 
-    def limit(self, bound: SlotsFull) -> int:
-        return self._places.limit(bound)
-
     def _fits(self, amount: int) -> bool:
         return self.used == 0 or self.used + amount <= self.total
 
