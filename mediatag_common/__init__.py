@@ -12,7 +12,8 @@
   versions, stored secrets, batched commits; ``database_copy``: a service's database copied
   into a new one (SQLite to PostgreSQL);
 - ``paging``: AIP-158 page tokens; ``backoff``, ``tasks``: retry delays and task shutdown;
-- ``metrics``: each service's Prometheus registry and endpoint; ``service_wiring``: the
+- ``metrics``: each service's Prometheus registry and endpoint; ``log_limits``: log lines a
+  client can cause, at most one per kind and interval; ``service_wiring``: the
   metrics endpoint and listening gRPC server both ``create_server`` build from their config;
 - ``embeddings``: an embedding as stored bytes; ``proto_time``: seconds as protobuf
   Timestamp and Duration;
@@ -34,6 +35,7 @@ __all__ = [
     "grpc_server",
     "interceptors",
     "keys",
+    "log_limits",
     "metrics",
     "migrations",
     "paging",

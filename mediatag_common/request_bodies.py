@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -40,6 +39,7 @@ from mediatag_common.errors import (
     ServerBusy,
 )
 from mediatag_common.interceptors import Behavior, BehaviorInterceptor, is_grpc_own
+from mediatag_common.log_limits import RateLimitedLog
 
 logger = logging.getLogger(__name__)
 
@@ -88,25 +88,7 @@ def _too_many_waiting(exc: TooManyWaiting) -> ServerBusy:
     )
 
 
-class _RateLimitedLog:
-    """One log line per interval at most, saying how many were left out."""
-
-    def __init__(self, interval: float) -> None:
-        self._interval = interval
-        self._last = -interval
-        self._skipped = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < self._interval:
-            self._skipped += 1
-            return
-        skipped, self._skipped, self._last = self._skipped, 0, now
-        suffix = f" ({skipped} more since the last such line)" if skipped else ""
-        logger.warning(message + suffix, *args)
-
-
-_malformed_log = _RateLimitedLog(MALFORMED_LOG_INTERVAL)
+_malformed_log = RateLimitedLog(logger, MALFORMED_LOG_INTERVAL)
 
 
 def _decode(method: str, deserializer: Deserializer, raw: bytes, peer: str) -> Any:
@@ -114,6 +96,7 @@ def _decode(method: str, deserializer: Deserializer, raw: bytes, peer: str) -> A
         return deserializer(raw)
     except DecodeError as exc:
         _malformed_log.warning(
+            "malformed",
             "refused %s from %s: %d bytes that are no valid request (%s)",
             method,
             peer,

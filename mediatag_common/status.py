@@ -34,6 +34,7 @@ from mediatag_common.errors import (
     Unauthenticated,
 )
 from mediatag_common.interceptors import Behavior, BehaviorInterceptor
+from mediatag_common.log_limits import RateLimitedLog
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,11 @@ _SERVER_FAULTS = frozenset(
         grpc.StatusCode.DATA_LOSS,
     }
 )
+# A refusal at one of the service's bounds (calls, request memory, watchers, streams, the
+# disk): the operator may need to raise it, so it is logged, once per reason and interval
+# (a burst meets a bound thousands of times). A request over its size limit is the
+# client's own, and is not.
+BOUND_LOG_INTERVAL = 10.0
 
 
 def status_code(error: ServiceError, codes: StatusCodes) -> grpc.StatusCode:
@@ -99,17 +105,29 @@ class ErrorMappingInterceptor(BehaviorInterceptor):
 
     ``codes`` maps error classes to status codes (:data:`STATUS_CODES` plus the service's
     own). Unexpected exceptions are logged with their traceback and answered ``INTERNAL``
-    without leaking their text to the client.
+    without leaking their text to the client. Refusals at the service's bounds
+    (``RESOURCE_EXHAUSTED``) are logged at most once per reason every
+    :data:`BOUND_LOG_INTERVAL` seconds, saying how many were not.
     """
 
     def __init__(self, codes: StatusCodes = STATUS_CODES) -> None:
         self._codes = {**STATUS_CODES, **codes}
+        self._bound_log = RateLimitedLog(logger, BOUND_LOG_INTERVAL)
 
     def _status(self, method: str, error: ServiceError) -> grpc.Status:
         code = status_code(error, self._codes)
         if code in _SERVER_FAULTS and error.__cause__ is not None:
             # The client reads the message; what failed (SQL, a path) is for the log only.
             logger.warning("%s refused with %s: %s", method, code.name, error)
+        elif code is grpc.StatusCode.RESOURCE_EXHAUSTED and not isinstance(error, RequestTooLarge):
+            self._bound_log.warning(
+                error.reason,
+                "%s refused with %s %s: %s",
+                method,
+                code.name,
+                error.reason,
+                error.message,
+            )
         return to_grpc_status(error, code)
 
     @staticmethod
