@@ -109,6 +109,7 @@ WEB_SERVE = {
     "--analysis-address": "MEDIATAG_ANALYSIS_ADDRESS",
     "--event-keepalive": "MEDIATAG_EVENT_KEEPALIVE",
     "--max-event-streams": "MEDIATAG_MAX_EVENT_STREAMS",
+    "--max-event-streams-per-caller": "MEDIATAG_MAX_EVENT_STREAMS_PER_CALLER",
     "--web-max-connections": "MEDIATAG_WEB_MAX_CONNECTIONS",
 }
 # Every client command takes these; None: a flag without a variable.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,7 +14,7 @@ from analysis_service.config import WatchConfig
 from tests.conftest import Cluster, wait_until
 from tests.media_samples import mp4_bytes, png_bytes, truncated_jpeg_bytes
 from tests.test_watch_scale import fast_cluster
-from tests.web_support import Gateways, Web, form, web_config
+from tests.web_support import Gateways, Web, form, slow_upload, web_config
 
 
 @pytest.fixture
@@ -217,31 +217,8 @@ async def test_uploads_in_progress_are_bounded(
     await cluster.start_ingest()
     web = await gateways.start(web_config(cluster, max_concurrent_uploads=1))
     image = png_bytes(seed=8)
-    boundary = "gateway-test-boundary"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="owner_id"\r\n\r\nslow\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="slow.png"\r\n'
-            "Content-Type: image/png\r\n\r\n"
-        ).encode()
-        + image
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
     may_finish = asyncio.Event()
-
-    async def slowly() -> AsyncIterator[bytes]:
-        yield body[:200]
-        await may_finish.wait()
-        yield body[200:]
-
-    slow = asyncio.create_task(
-        web.json(
-            "POST",
-            "/api/v1/media",
-            data=slowly(),
-            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
-        )
-    )
+    slow = slow_upload(web, "slow", "slow.png", image, may_finish)
 
     async def in_progress() -> bool:
         return web.host.gateway.uploads_in_progress == 1

@@ -203,8 +203,9 @@ async def test_event_streams_and_filters_are_bounded_and_freed_on_close(
     cluster = fast_cluster(make_cluster, WatchConfig())
     await cluster.start_analysis()
     await cluster.start_ingest()
-    # The gateway's own watch of every change (its throughput count) is one of each.
-    events = EventsConfig(max_streams=3, max_filters=2)
+    # The gateway's own watch of every change (its throughput count) is one of each. The
+    # test is one caller: its share is the whole (shares: tests/test_web_watch_rules.py).
+    events = EventsConfig(max_streams=3, max_streams_per_caller=3, max_filters=2)
     web = await gateways.start(web_config(cluster, events=events))
 
     async def recording() -> bool:

@@ -3,6 +3,7 @@ the content and the events, response headers, TLS with a Secure cookie."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -15,13 +16,21 @@ from yarl import URL
 from analysis_service.config import AnalysisConfig, RateLimitConfig, WatchConfig
 from ingest_service.config import IngestConfig
 from mediatag_common.tls import ServiceTls
-from tests.conftest import Cluster
+from tests.conftest import Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
-from tests.media_samples import jpeg_bytes
+from tests.media_samples import jpeg_bytes, png_bytes
 from tests.test_auth import TOKENS, tokens_file
 from tests.test_web_api import error_info, violated_fields
 from tests.tls_support import make_pki
-from tests.web_support import EventStream, Gateways, Web, form, open_events, web_config
+from tests.web_support import (
+    EventStream,
+    Gateways,
+    Web,
+    form,
+    open_events,
+    slow_upload,
+    web_config,
+)
 from web_gateway.api.headers import CONTENT_SECURITY_POLICY
 from web_gateway.config import WebConfig
 
@@ -192,6 +201,54 @@ async def test_a_browser_session_takes_the_token_once_and_guards_against_csrf(
     assert await refused(web, "GET", "/api/v1/queue") == (401, "TOKEN_MISSING")
     old = {"Cookie": f"mediatag_session={session_id}"}
     assert await refused(web, "GET", "/api/v1/queue", headers=old) == (401, "SESSION_EXPIRED")
+
+
+async def test_one_caller_holds_at_most_its_share_of_the_uploads_in_progress(
+    secured: tuple[Cluster, Path], gateways: Gateways
+) -> None:
+    cluster, path = secured
+    web = await gateways.start(
+        web_config(
+            cluster, tokens_file=path, service_token=TOKENS["service"], max_concurrent_uploads=4
+        )
+    )
+    may_finish = asyncio.Event()
+    slow = [
+        slow_upload(
+            web, "listing-7", f"slow-{n}.png", png_bytes(70 + n), may_finish, bearer("uploader7")
+        )
+        for n in range(2)
+    ]
+
+    async def both_in_progress() -> bool:
+        return web.host.gateway.uploads_in_progress == 2
+
+    try:
+        await wait_until(both_in_progress)
+        status, answer = await web.json(
+            "POST",
+            "/api/v1/media",
+            headers=bearer("uploader7"),
+            data=form({"owner_id": "listing-7"}, [("third.jpg", jpeg_bytes(72), "image/jpeg")]),
+        )
+        assert (status, error_info(answer)["reason"]) == (429, "TOO_MANY_UPLOADS_FOR_CALLER")
+        assert error_info(answer)["metadata"] == {"maxUploadsPerCaller": "2"}
+        # Another caller uploads meanwhile; the held uploads finish, and nothing is lost.
+        other = await upload_as(web, "admin", "listing-7", 73)
+        may_finish.set()
+        answers = [await upload for upload in slow]
+        assert [status for status, _ in answers] == [200, 200]
+        listed = await web.ok("GET", "/api/v1/media?owner_id=listing-7", headers=bearer("admin"))
+        assert sorted(item["filename"] for item in listed["media"]) == [
+            "73.jpg",
+            "slow-0.png",
+            "slow-1.png",
+        ]
+        assert other in {item["id"] for item in listed["media"]}
+        assert web.host.gateway.uploads_in_progress == 0
+    finally:
+        may_finish.set()
+        await asyncio.gather(*slow, return_exceptions=True)
 
 
 async def test_responses_carry_a_strict_content_security_policy(web: Web) -> None:

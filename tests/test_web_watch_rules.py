@@ -6,10 +6,13 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from google.rpc import code_pb2, error_details_pb2
 
+from mediatag_common.callers import ANONYMOUS, Caller
 from web_gateway.config import EventsConfig
 from web_gateway.domain.events import Change, Position, WatchFilter
-from web_gateway.domain.watches import SharedWatches
+from web_gateway.domain.watches import SharedWatches, Subscription
+from web_gateway.errors import Refusal
 
 pytestmark = pytest.mark.looptime
 
@@ -37,7 +40,7 @@ def change(revision: int) -> Change:
 async def test_a_change_queued_as_the_idle_time_runs_out_is_sent_not_skipped() -> None:
     source = QueuedSource()
     watches = SharedWatches(source, EventsConfig())
-    subscription = await watches.subscribe(WatchFilter(), after=0, visible=None)
+    subscription = await watches.subscribe(WatchFilter(), after=0, visible=None, holder=ANONYMOUS)
     try:
         source.items.put_nowait(change(1))
         assert await subscription.next(IDLE) == change(1)
@@ -62,3 +65,56 @@ async def test_a_change_queued_as_the_idle_time_runs_out_is_sent_not_skipped() -
     finally:
         await subscription.close()
         await watches.close()
+
+
+def _refused(refusal: Refusal) -> tuple[int, str, dict[str, str]]:
+    (detail,) = refusal.status.details
+    info = error_details_pb2.ErrorInfo()
+    detail.Unpack(info)
+    return refusal.status.code, info.reason, dict(info.metadata)
+
+
+async def test_one_caller_holds_at_most_its_share_of_the_event_streams() -> None:
+    watches = SharedWatches(QueuedSource(), EventsConfig(max_streams=4))  # shares of 2
+    alice, bob, carol = Caller("alice"), Caller("bob"), Caller("carol")
+    service = Caller("ingest", service=True)
+    held: list[Subscription] = []
+
+    async def subscribe(holder: Caller) -> Subscription:
+        subscription = await watches.subscribe(
+            WatchFilter(), after=None, visible=None, holder=holder
+        )
+        held.append(subscription)
+        return subscription
+
+    try:
+        first = await subscribe(alice)
+        await subscribe(alice)
+        with pytest.raises(Refusal) as caught:
+            await subscribe(alice)
+        assert _refused(caught.value) == (
+            code_pb2.RESOURCE_EXHAUSTED,
+            "TOO_MANY_EVENT_STREAMS_FOR_CALLER",
+            {"maxStreamsPerCaller": "2"},
+        )
+        # Others still get theirs, up to the bound of all; a service has places of its own.
+        await subscribe(bob)
+        await subscribe(bob)
+        with pytest.raises(Refusal) as caught:
+            await subscribe(carol)
+        assert _refused(caught.value) == (
+            code_pb2.RESOURCE_EXHAUSTED,
+            "TOO_MANY_EVENT_STREAMS",
+            {"maxStreams": "4"},
+        )
+        await subscribe(service)
+        assert watches.streams == 5
+        # A closed stream gives its caller's place back.
+        await first.close()
+        await subscribe(alice)
+        assert watches.streams == 5
+    finally:
+        for subscription in held:
+            await subscription.close()
+        await watches.close()
+    assert watches.streams == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -86,6 +87,43 @@ def form(
     for filename, content, content_type in files:
         data.add_field("files", content, filename=filename, content_type=content_type)
     return data
+
+
+_BOUNDARY = "gateway-test-boundary"
+
+
+def slow_upload(
+    web: Web,
+    owner: str,
+    filename: str,
+    image: bytes,
+    may_finish: asyncio.Event,
+    headers: dict[str, str] | None = None,
+) -> asyncio.Task[tuple[int, Any]]:
+    """An upload of one image that sends the start of its body, then the rest only once
+    ``may_finish`` is set: it holds its place in the gateway meanwhile."""
+    body = (
+        (
+            f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="owner_id"\r\n\r\n'
+            f"{owner}\r\n"
+            f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="files"; '
+            f'filename="{filename}"\r\nContent-Type: image/png\r\n\r\n'
+        ).encode()
+        + image
+        + f"\r\n--{_BOUNDARY}--\r\n".encode()
+    )
+
+    async def slowly() -> AsyncIterator[bytes]:
+        yield body[:200]
+        await may_finish.wait()
+        yield body[200:]
+
+    content_type = {"Content-Type": f"multipart/form-data; boundary={_BOUNDARY}"}
+    return asyncio.create_task(
+        web.json(
+            "POST", "/api/v1/media", data=slowly(), headers={**(headers or {}), **content_type}
+        )
+    )
 
 
 @dataclass

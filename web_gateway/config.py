@@ -49,6 +49,17 @@ class EventsConfig:
         parse=positive_int,
         metavar="N",
     )
+    # One caller's share of them (a token or session, or without a tokens file a peer
+    # address); None: half of them. Beyond, 429 TOO_MANY_EVENT_STREAMS_FOR_CALLER.
+    max_streams_per_caller: int | None = setting(
+        None,
+        flag="--max-event-streams-per-caller",
+        help="event streams one token (without --tokens-file: one peer address) may have "
+        "open at once",
+        parse=positive_int,
+        metavar="N",
+        shown_default="half of --max-event-streams",
+    )
     # Distinct filters watched upstream at once (one WatchStatus each); beyond, 429
     # RESOURCE_EXHAUSTED/TOO_MANY_FILTERS. With max_catch_ups and the ingest service's own
     # watch, within the analysis service's --max-service-watchers (100) of one service token.
@@ -118,8 +129,10 @@ class WebConfig:
     # A multipart upload of several files is one UploadMedia call, held in memory until
     # sent: at most this many bytes (one file alone is streamed, up to ingest's own limits).
     max_batch_upload_bytes: int = 128 * MIB
-    # Uploads in progress at once; beyond, 429 RESOURCE_EXHAUSTED/TOO_MANY_UPLOADS.
+    # Uploads in progress at once; beyond, 429 RESOURCE_EXHAUSTED/TOO_MANY_UPLOADS. One
+    # caller's share (None: half); beyond, 429 TOO_MANY_UPLOADS_FOR_CALLER.
     max_concurrent_uploads: int = 16
+    max_uploads_per_caller: int | None = None
     # A TLS handshake not done by then ends its connection (and gives its place back).
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     # None: events.max_streams and 1000 more, or a quarter of the open-file limit.
@@ -144,7 +157,8 @@ class WebConfig:
     tls_files: ServiceTls = field(default_factory=ServiceTls)
 
     def __post_init__(self) -> None:
-        require_positive(self, "max_connections")
+        require_positive(self, "max_connections", "max_uploads_per_caller")
+        require_positive(self.events, "max_streams_per_caller")
         if self.tokens_file is not None and not self.service_token:
             raise ValueError(
                 "with a tokens file the web gateway watches the analysis service with a "

@@ -17,6 +17,7 @@ import ssl
 from aiohttp import web
 
 from mediatag_common.auth import load_tokens
+from mediatag_common.caller_slots import CallerSlots
 from web_gateway.api.app import create_app
 from web_gateway.api.callers import Callers
 from web_gateway.api.connections import BoundedSockSite
@@ -135,6 +136,11 @@ async def create_server(config: WebConfig) -> tuple[WebHost, int]:
             open_csrf_token=secrets.token_urlsafe(32),
         ),
         throughput=throughput,
+        uploads=CallerSlots(
+            clients=config.max_concurrent_uploads,
+            per_caller=config.max_uploads_per_caller,
+            per_service=config.max_concurrent_uploads,
+        ),
     )
     ssl_context = _ssl_context(config)
     sock = _listen(config.host, config.port)

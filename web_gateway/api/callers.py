@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from mediatag_common.auth import Principal, TokenTable
+from mediatag_common import callers
+from mediatag_common.auth import SERVICE, Principal, TokenTable
 from mediatag_common.grpc_server import is_loopback
 from web_gateway.domain.sessions import Session, SessionStore
 from web_gateway.errors import denied, unauthenticated
@@ -32,16 +33,24 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 @dataclass(frozen=True)
 class Caller:
-    """The principal of a request (None without a tokens file) and the token its calls to
-    the services carry."""
+    """The principal of a request (None without a tokens file), the token its calls to the
+    services carry, and who holds what it takes of the gateway's shared bounds (uploads,
+    event streams): its principal, or without one its peer address."""
 
     principal: Principal | None
     token: str | None = field(default=None, repr=False)
     session: Session | None = None
+    holder: callers.Caller = callers.ANONYMOUS
 
     @property
     def metadata(self) -> Metadata:
         return credentials(self.token)
+
+
+def _holder(principal: Principal | None, request: web.Request) -> callers.Caller:
+    if principal is not None:
+        return callers.Caller(principal.name, SERVICE in principal.roles)
+    return callers.Caller(f"peer:{request.remote or ''}")
 
 
 class Callers:
@@ -64,13 +73,13 @@ class Callers:
                 raise unauthenticated("TOKEN_INVALID", "only Bearer tokens are taken")
             token = header[len(_BEARER) :].strip()
             if self.tokens is None:
-                return Caller(None, token)
+                return Caller(None, token, holder=_holder(None, request))
             principal = self.tokens.authenticate(token)
             if principal is None:
                 raise unauthenticated("TOKEN_INVALID", "the bearer token is not valid")
-            return Caller(principal, token)
+            return Caller(principal, token, holder=_holder(principal, request))
         if self.tokens is None:
-            return Caller(None)
+            return Caller(None, holder=_holder(None, request))
         session_id = request.cookies.get(SESSION_COOKIE)
         session = self.sessions.get(session_id) if session_id else None
         if session is None:
@@ -79,7 +88,9 @@ class Callers:
                 "sign in with a token (POST /api/v1/session) or send "
                 "'Authorization: Bearer <token>'",
             )
-        return Caller(session.principal, session.token, session)
+        return Caller(
+            session.principal, session.token, session, _holder(session.principal, request)
+        )
 
     def check_csrf(self, request: web.Request, caller: Caller) -> None:
         """Refuse a state-changing request the browser may have been tricked into sending."""

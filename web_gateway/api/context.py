@@ -10,6 +10,7 @@ import grpc
 from aiohttp import web
 from google.protobuf import message
 
+from mediatag_common.caller_slots import CallerSlots
 from web_gateway.api.callers import Caller, Callers
 from web_gateway.config import WebConfig
 from web_gateway.domain.throughput import Throughput
@@ -33,6 +34,8 @@ class Gateway:
     watches: SharedWatches
     callers: Callers
     throughput: Throughput
+    # Places for uploads in progress, shared out by caller; how many are taken.
+    uploads: CallerSlots
     uploads_in_progress: int = 0
 
 

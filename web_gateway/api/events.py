@@ -94,9 +94,12 @@ async def events(request: web.Request) -> web.StreamResponse:
     gateway = gateway_of(request)
     config = gateway.config.events
     asked, after = _watch_filter(request)
-    owner_id, visible = _scope(caller_of(request), asked.owner_id)
+    caller = caller_of(request)
+    owner_id, visible = _scope(caller, asked.owner_id)
     watch_filter = WatchFilter(owner_id, asked.media_ids)
-    subscription = await gateway.watches.subscribe(watch_filter, after=after, visible=visible)
+    subscription = await gateway.watches.subscribe(
+        watch_filter, after=after, visible=visible, holder=caller.holder
+    )
     logger.debug("event stream of %s opened after revision %d", watch_filter, subscription.sent)
     try:
         response = web.StreamResponse(

@@ -9,8 +9,9 @@ import grpc
 from aiohttp import BodyPartReader, web
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 
+from mediatag_common.caller_slots import SlotsFull
 from web_gateway.api.context import body, call, caller_of, gateway_of, query, reply
-from web_gateway.errors import exhausted, invalid, unavailable
+from web_gateway.errors import Refusal, exhausted, invalid, unavailable
 from web_gateway.protojson import from_query
 from web_gateway.upstream import refusal_of
 
@@ -94,18 +95,31 @@ async def upload(request: web.Request) -> web.Response:
     gateway = gateway_of(request)
     if not request.content_type.startswith("multipart/form-data"):
         raise invalid("body", "MULTIPART_REQUIRED", "an upload is multipart/form-data")
-    limit = gateway.config.max_concurrent_uploads
-    if gateway.uploads_in_progress >= limit:
-        raise exhausted(
-            "TOO_MANY_UPLOADS",
-            f"the gateway takes at most {limit} uploads at once; try again shortly",
-            maxUploads=str(limit),
-        )
+    holder = caller_of(request).holder
+    full = gateway.uploads.take(holder)
+    if full is not None:
+        raise _too_many_uploads(full, gateway.uploads.limit(full))
     gateway.uploads_in_progress += 1
     try:
         return reply(await _Upload(request).run())
     finally:
         gateway.uploads_in_progress -= 1
+        gateway.uploads.give_back(holder)
+
+
+def _too_many_uploads(full: SlotsFull, limit: int) -> Refusal:
+    if full is SlotsFull.CALLER:
+        return exhausted(
+            "TOO_MANY_UPLOADS_FOR_CALLER",
+            f"the gateway takes at most {limit} uploads of one caller at once; try again when "
+            "one has finished",
+            maxUploadsPerCaller=str(limit),
+        )
+    return exhausted(
+        "TOO_MANY_UPLOADS",
+        f"the gateway takes at most {limit} uploads at once; try again shortly",
+        maxUploads=str(limit),
+    )
 
 
 class _Upload:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mediatag_common.backoff import Backoff
+from mediatag_common.callers import Caller
 from mediatag_common.tasks import cancel_and_wait
 from web_gateway.domain.events import Change, WatchFilter
 from web_gateway.domain.watches import SharedWatches
@@ -25,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 MINUTE = 60.0
 _COUNTED = ("COMPLETED", "FAILED")
+# The recorder's own event stream: one of the clients' places, as a client's would be.
+RECORDER = Caller("(throughput recorder)")
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ class ThroughputRecorder:
         while True:
             try:
                 subscription = await self._watches.subscribe(
-                    WatchFilter(), after=after, visible=None
+                    WatchFilter(), after=after, visible=None, holder=RECORDER
                 )
             except Refusal as refusal:
                 logger.info("throughput: cannot watch yet (%s)", refusal.status.message)

@@ -24,6 +24,8 @@ import logging
 from collections.abc import Callable
 
 from mediatag_common.backoff import Backoff
+from mediatag_common.caller_slots import CallerSlots, SlotsFull
+from mediatag_common.callers import Caller
 from mediatag_common.tasks import cancel_and_wait
 from web_gateway.config import EventsConfig
 from web_gateway.domain.events import Change, Position, WatchFilter, WatchSource
@@ -51,9 +53,10 @@ class Subscription:
     """One client's view of a shared watch: ``next()`` gives its changes in revision order,
     or a :class:`Position` when nothing happened for a while (a keep-alive to resume from)."""
 
-    def __init__(self, watch: SharedWatch, visible: Visibility, after: int) -> None:
+    def __init__(self, watch: SharedWatch, visible: Visibility, after: int, holder: Caller) -> None:
         self._watch = watch
         self._visible = visible
+        self._holder = holder
         self._buffer = watch.config.stream_buffer
         self._live: collections.deque[Change] = collections.deque()
         self._wake = asyncio.Event()
@@ -204,7 +207,7 @@ class Subscription:
             return
         self._closed = True
         self._watch.leave(self)
-        self._watch.registry.stream_closed()
+        self._watch.registry.stream_closed(self._holder)
         await cancel_and_wait(self._catch_up)
 
 
@@ -225,13 +228,13 @@ class SharedWatch:
         self._ended = False
         self._task = asyncio.create_task(self._run(), name=f"shared-watch-{watch_filter}")
 
-    def join(self, visible: Visibility, after: int | None) -> Subscription:
-        """A subscription from ``after`` (None: from now)."""
+    def join(self, visible: Visibility, after: int | None, holder: Caller) -> Subscription:
+        """A subscription of ``holder`` from ``after`` (None: from now)."""
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
         start = self.position if after is None else after
-        subscription = Subscription(self, visible, start)
+        subscription = Subscription(self, visible, start, holder)
         if self._ring_floor <= start <= self.position:
             subscription._preload(self._replay_after(start), self.position)
         else:
@@ -332,6 +335,11 @@ class SharedWatches:
         # Tasks of ended watches, until they have finished.
         self._stopping: set[asyncio.Task[None]] = set()
         self._streams = 0
+        self._slots = CallerSlots(
+            clients=config.max_streams,
+            per_caller=config.max_streams_per_caller,
+            per_service=config.max_streams,
+        )
 
     @property
     def upstream_watches(self) -> int:
@@ -342,19 +350,21 @@ class SharedWatches:
         return self._streams
 
     async def subscribe(
-        self, watch_filter: WatchFilter, *, after: int | None, visible: Visibility
+        self,
+        watch_filter: WatchFilter,
+        *,
+        after: int | None,
+        visible: Visibility,
+        holder: Caller,
     ) -> Subscription:
-        """A subscription to ``watch_filter`` from ``after`` (None: from now).
+        """A subscription of ``holder`` to ``watch_filter`` from ``after`` (None: from now).
 
-        Refused (RESOURCE_EXHAUSTED) beyond ``max_streams`` subscriptions or ``max_filters``
-        shared watches.
+        Refused (RESOURCE_EXHAUSTED) beyond ``max_streams`` subscriptions, ``holder``'s share
+        of them, or ``max_filters`` shared watches.
         """
-        if self._streams >= self.config.max_streams:
-            raise exhausted(
-                "TOO_MANY_EVENT_STREAMS",
-                f"the gateway serves at most {self.config.max_streams} event streams",
-                maxStreams=str(self.config.max_streams),
-            )
+        full = self._slots.take(holder)
+        if full is not None:
+            raise _too_many_streams(full, self._slots.limit(full))
         self._streams += 1
         try:
             watch = self._watches.get(watch_filter)
@@ -367,9 +377,9 @@ class SharedWatches:
                     self._check_filters()
                     watch = SharedWatch(self, watch_filter, start)
                     self._watches[watch_filter] = watch
-            return watch.join(visible, after)
+            return watch.join(visible, after, holder)
         except BaseException:
-            self._streams -= 1
+            self.stream_closed(holder)
             raise
 
     def _check_filters(self) -> None:
@@ -380,8 +390,9 @@ class SharedWatches:
                 maxFilters=str(self.config.max_filters),
             )
 
-    def stream_closed(self) -> None:
+    def stream_closed(self, holder: Caller) -> None:
         self._streams -= 1
+        self._slots.give_back(holder)
 
     def forget(self, watch: SharedWatch, task: asyncio.Task[None]) -> None:
         """Stop sharing ``watch``, which has ended; ``task`` is its upstream reader."""
@@ -396,3 +407,17 @@ class SharedWatches:
             watch.end(_closing())
         for task in list(self._stopping):
             await cancel_and_wait(task)
+
+
+def _too_many_streams(full: SlotsFull, limit: int) -> Refusal:
+    if full is SlotsFull.CALLER:
+        return exhausted(
+            "TOO_MANY_EVENT_STREAMS_FOR_CALLER",
+            f"the gateway serves at most {limit} event streams of one caller",
+            maxStreamsPerCaller=str(limit),
+        )
+    return exhausted(
+        "TOO_MANY_EVENT_STREAMS",
+        f"the gateway serves at most {limit} event streams",
+        maxStreams=str(limit),
+    )
