@@ -67,13 +67,6 @@ async def test_a_change_queued_as_the_idle_time_runs_out_is_sent_not_skipped() -
         await watches.close()
 
 
-def _refused(refusal: Refusal) -> tuple[int, str, dict[str, str]]:
-    (detail,) = refusal.status.details
-    info = error_details_pb2.ErrorInfo()
-    detail.Unpack(info)
-    return refusal.status.code, info.reason, dict(info.metadata)
-
-
 async def test_one_caller_holds_at_most_its_share_of_the_event_streams() -> None:
     watches = SharedWatches(QueuedSource(), EventsConfig(max_streams=4))  # shares of 2
     alice, bob, carol = Caller("alice"), Caller("bob"), Caller("carol")
@@ -87,12 +80,19 @@ async def test_one_caller_holds_at_most_its_share_of_the_event_streams() -> None
         held.append(subscription)
         return subscription
 
+    async def refusal(holder: Caller) -> tuple[int, str, dict[str, str]]:
+        """The code, reason and metadata ``holder``'s subscription is refused with."""
+        with pytest.raises(Refusal) as caught:
+            await subscribe(holder)
+        (detail,) = caught.value.status.details
+        info = error_details_pb2.ErrorInfo()
+        detail.Unpack(info)
+        return caught.value.status.code, info.reason, dict(info.metadata)
+
     try:
         first = await subscribe(alice)
         await subscribe(alice)
-        with pytest.raises(Refusal) as caught:
-            await subscribe(alice)
-        assert _refused(caught.value) == (
+        assert await refusal(alice) == (
             code_pb2.RESOURCE_EXHAUSTED,
             "TOO_MANY_EVENT_STREAMS_FOR_CALLER",
             {"maxStreamsPerCaller": "2"},
@@ -100,9 +100,7 @@ async def test_one_caller_holds_at_most_its_share_of_the_event_streams() -> None
         # Others still get theirs, up to the bound of all; a service has places of its own.
         await subscribe(bob)
         await subscribe(bob)
-        with pytest.raises(Refusal) as caught:
-            await subscribe(carol)
-        assert _refused(caught.value) == (
+        assert await refusal(carol) == (
             code_pb2.RESOURCE_EXHAUSTED,
             "TOO_MANY_EVENT_STREAMS",
             {"maxStreams": "4"},
