@@ -197,6 +197,19 @@ async def test_a_call_that_would_go_an_interval_after_its_slot_takes_another() -
 
 
 @pytest.mark.looptime
+async def test_a_call_half_an_interval_late_leaves_its_slot_for_its_way_to_the_api() -> None:
+    # 4/s, slots 0.25 s apart. The first answer is quick (the clock is followed from it). The
+    # second call's slot, 0.25, is answered at 0.4: 0.15 s late, over half an interval, and
+    # going then could reach the API too close to the next slot's call, so it takes that
+    # slot, 0.5, and goes on time. The third's slot, 0.75, answered 0.1 s late, goes.
+    slots = LateSlots([0.0, 0.4, 0.0, 0.35])
+    limits = RateLimits([ApiLimit("vision", 4.0, 1)], {}, slots, clock=LoopClock())
+    assert await _calls_made(limits, 1) == pytest.approx([0.0], abs=1e-3)
+    assert await _calls_made(limits, 1) == pytest.approx([0.5], abs=1e-3)
+    assert await _calls_made(limits, 1) == pytest.approx([0.35], abs=1e-3)
+
+
+@pytest.mark.looptime
 async def test_a_call_gives_up_at_most_two_slots_then_goes_late() -> None:
     # Every answer but the first comes 0.6 s after its slot (4/s): the call after the first
     # gives up two slots and goes with its third, late, rather than never.
