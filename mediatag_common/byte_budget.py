@@ -46,11 +46,15 @@ class ByteBudget:
         # put in): services apart, served first.
         self._services: dict[Caller, collections.deque[_Waiter]] = {}
         self._clients: dict[Caller, collections.deque[_Waiter]] = {}
-        self.waiting_calls = 0
 
     @property
     def waiting(self) -> bool:
         return bool(self._services or self._clients)
+
+    @property
+    def waiting_calls(self) -> int:
+        """Calls holding a place to wait (one admitted gives its place back as it resumes)."""
+        return self._places.taken
 
     def _fits(self, amount: int) -> bool:
         return self.used == 0 or self.used + amount <= self.total
@@ -68,7 +72,6 @@ class ByteBudget:
         entry = (amount, waiter)
         turns = self._services if caller.service else self._clients
         turns.setdefault(caller, collections.deque()).append(entry)
-        self.waiting_calls += 1
         try:
             await waiter
         except asyncio.CancelledError:
@@ -92,7 +95,6 @@ class ByteBudget:
             if not self._fits(amount):
                 return
             queue.popleft()
-            self.waiting_calls -= 1
             # The caller's next call, if any, waits for the caller's next turn: at the end.
             del turns[caller]
             if queue:
@@ -101,13 +103,13 @@ class ByteBudget:
                 self.used += amount
                 waiter.set_result(None)
 
+    @staticmethod
     def _forget(
-        self, turns: dict[Caller, collections.deque[_Waiter]], caller: Caller, entry: _Waiter
+        turns: dict[Caller, collections.deque[_Waiter]], caller: Caller, entry: _Waiter
     ) -> None:
         queue = turns.get(caller)
         if queue is None or entry not in queue:
             return  # already taken off by release(), which skipped it as cancelled
         queue.remove(entry)
-        self.waiting_calls -= 1
         if not queue:
             del turns[caller]

@@ -32,6 +32,9 @@ class CallerSlots:
         }
         self._held: collections.Counter[Caller] = collections.Counter()
         self._clients = 0
+        # Slots held now, clients' and services' (a plain number: metrics read it from
+        # another thread).
+        self.taken = 0
 
     def limit(self, bound: SlotsFull) -> int:
         return self._limits[bound]
@@ -47,6 +50,7 @@ class CallerSlots:
             return SlotsFull.CALLER
         self._held[caller] += 1
         self._clients += not caller.service
+        self.taken += 1
         return None
 
     def give_back(self, caller: Caller) -> None:
@@ -55,3 +59,4 @@ class CallerSlots:
         if not self._held[caller]:
             del self._held[caller]
         self._clients -= not caller.service
+        self.taken -= 1

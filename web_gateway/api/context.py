@@ -34,9 +34,12 @@ class Gateway:
     watches: SharedWatches
     callers: Callers
     throughput: Throughput
-    # Places for uploads in progress, shared out by caller; how many are taken.
+    # Places for uploads in progress, shared out by caller.
     uploads: CallerSlots
-    uploads_in_progress: int = 0
+
+    @property
+    def uploads_in_progress(self) -> int:
+        return self.uploads.taken
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -99,11 +99,9 @@ async def upload(request: web.Request) -> web.Response:
     full = gateway.uploads.take(holder)
     if full is not None:
         raise _too_many_uploads(full, gateway.uploads.limit(full))
-    gateway.uploads_in_progress += 1
     try:
         return reply(await _Upload(request).run())
     finally:
-        gateway.uploads_in_progress -= 1
         gateway.uploads.give_back(holder)
 
 

@@ -334,7 +334,6 @@ class SharedWatches:
         self._watches: dict[WatchFilter, SharedWatch] = {}
         # Tasks of ended watches, until they have finished.
         self._stopping: set[asyncio.Task[None]] = set()
-        self._streams = 0
         self._slots = CallerSlots(
             clients=config.max_streams,
             per_caller=config.max_streams_per_caller,
@@ -347,7 +346,7 @@ class SharedWatches:
 
     @property
     def streams(self) -> int:
-        return self._streams
+        return self._slots.taken
 
     async def subscribe(
         self,
@@ -365,7 +364,6 @@ class SharedWatches:
         full = self._slots.take(holder)
         if full is not None:
             raise _too_many_streams(full, self._slots.limit(full))
-        self._streams += 1
         try:
             watch = self._watches.get(watch_filter)
             if watch is None:
@@ -391,7 +389,6 @@ class SharedWatches:
             )
 
     def stream_closed(self, holder: Caller) -> None:
-        self._streams -= 1
         self._slots.give_back(holder)
 
     def forget(self, watch: SharedWatch, task: asyncio.Task[None]) -> None:
