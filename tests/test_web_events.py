@@ -4,7 +4,7 @@ resumes exactly, many clients share one upstream watch, a lost revision says res
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import grpc
@@ -233,4 +233,42 @@ async def test_event_streams_and_filters_are_bounded_and_freed_on_close(
     for stream in (first, again):
         (event,) = await stream.changes(1)
         assert seen(event)[1:] == (answer.media[0].id, "PROCESSING_STATUS_PENDING")
+        stream.close()
+
+
+async def test_one_caller_is_refused_beyond_its_share_of_the_filters(
+    make_cluster: Callable[..., Cluster], gateways: Gateways
+) -> None:
+    cluster = fast_cluster(make_cluster, WatchConfig())
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    events = EventsConfig(max_filters=4, max_filters_per_caller=2)
+    web = await gateways.start(web_config(cluster, events=events))
+
+    def streams(count: int) -> Callable[[], Awaitable[bool]]:
+        async def open_now() -> bool:
+            return web.host.gateway.watches.streams == count
+
+        return open_now
+
+    # The gateway's own watch of every change is another caller's stream and filter.
+    await wait_until(streams(1))
+    on_a = await open_events(web, "?owner_id=a")
+    on_b = await open_events(web, "?owner_id=b")
+    status, answer = await web.json("GET", "/api/v1/events?owner_id=c")
+    assert (status, error_info(answer)["reason"]) == (429, "TOO_MANY_FILTERS_FOR_CALLER")
+    assert error_info(answer)["metadata"] == {"maxFiltersPerCaller": "2"}
+    # More streams on its filters are not more filters; a filter left makes room for another.
+    again_on_a = await open_events(web, "?owner_id=a")
+    on_b.close()
+    await wait_until(streams(3))
+    on_c = await open_events(web, "?owner_id=c")
+
+    # The streams that stayed or came lost nothing: each sees its owner's next change.
+    for seed, (owner, watching) in enumerate((("a", (on_a, again_on_a)), ("c", (on_c,)))):
+        answer = await upload(cluster, small_images(1, first_seed=60 + seed), owner=owner)
+        for stream in watching:
+            (event,) = await stream.changes(1)
+            assert seen(event)[1:] == (answer.media[0].id, "PROCESSING_STATUS_PENDING")
+    for stream in (on_a, again_on_a, on_c):
         stream.close()

@@ -33,6 +33,14 @@ class QueuedSource:
         return 0
 
 
+def refusal_of(caught: pytest.ExceptionInfo[Refusal]) -> tuple[int, str, dict[str, str]]:
+    """The code, reason and metadata of a refusal."""
+    (detail,) = caught.value.status.details
+    info = error_details_pb2.ErrorInfo()
+    detail.Unpack(info)
+    return caught.value.status.code, info.reason, dict(info.metadata)
+
+
 def change(revision: int) -> Change:
     return Change(revision, "owner", f"media-{revision}", "PENDING", 0.0, b"{}")
 
@@ -84,10 +92,7 @@ async def test_one_caller_holds_at_most_its_share_of_the_event_streams() -> None
         """The code, reason and metadata ``holder``'s subscription is refused with."""
         with pytest.raises(Refusal) as caught:
             await subscribe(holder)
-        (detail,) = caught.value.status.details
-        info = error_details_pb2.ErrorInfo()
-        detail.Unpack(info)
-        return caught.value.status.code, info.reason, dict(info.metadata)
+        return refusal_of(caught)
 
     try:
         first = await subscribe(alice)
@@ -111,6 +116,76 @@ async def test_one_caller_holds_at_most_its_share_of_the_event_streams() -> None
         await first.close()
         await subscribe(alice)
         assert watches.streams == 5
+    finally:
+        for subscription in held:
+            await subscription.close()
+        await watches.close()
+    assert watches.streams == 0
+
+
+async def test_one_caller_watches_at_most_its_share_of_the_filters() -> None:
+    config = EventsConfig(max_filters=4, linger=5.0)  # shares of 2
+    watches = SharedWatches(QueuedSource(), config)
+    alice, bob, carol = Caller("alice"), Caller("bob"), Caller("carol")
+    held: list[Subscription] = []
+
+    async def subscribe(holder: Caller, owner: str) -> Subscription:
+        subscription = await watches.subscribe(
+            WatchFilter(owner_id=owner), after=None, visible=None, holder=holder
+        )
+        held.append(subscription)
+        return subscription
+
+    async def refusal(holder: Caller, owner: str) -> tuple[int, str, dict[str, str]]:
+        streams = watches.streams
+        with pytest.raises(Refusal) as caught:
+            await subscribe(holder, owner)
+        # A refused stream holds nothing.
+        assert watches.streams == streams
+        return refusal_of(caught)
+
+    def own_share(limit: int) -> tuple[int, str, dict[str, str]]:
+        return (
+            code_pb2.RESOURCE_EXHAUSTED,
+            "TOO_MANY_FILTERS_FOR_CALLER",
+            {"maxFiltersPerCaller": str(limit)},
+        )
+
+    try:
+        on_a = await subscribe(alice, "a")
+        await subscribe(alice, "b")
+        assert await refusal(alice, "c") == own_share(2)
+        # More streams on the filters it has are not more filters.
+        await subscribe(alice, "a")
+        # Others have the rest; a filter someone else started counts for each caller on it.
+        await subscribe(bob, "c")
+        assert await refusal(alice, "c") == own_share(2)
+        await subscribe(bob, "a")
+        await subscribe(carol, "d")
+        assert watches.upstream_watches == 4
+        assert await refusal(carol, "e") == (
+            code_pb2.RESOURCE_EXHAUSTED,
+            "TOO_MANY_FILTERS",
+            {"maxFilters": "4"},
+        )
+        # Its last stream on a filter closed, a caller has room in its share for another,
+        # once there is room in all: a filter's watch stops when nobody has watched it for
+        # the linger time.
+        await on_a.close()
+        await held[2].close()
+        assert await refusal(alice, "e") == (
+            code_pb2.RESOURCE_EXHAUSTED,
+            "TOO_MANY_FILTERS",
+            {"maxFilters": "4"},
+        )
+        await held[4].close()
+        await asyncio.sleep(config.linger + 1)
+        assert watches.upstream_watches == 3
+        await subscribe(alice, "e")
+        # A service is held to the bound of all alone.
+        service = Caller("ingest", service=True)
+        for owner in "bcd":
+            await subscribe(service, owner)
     finally:
         for subscription in held:
             await subscription.close()

@@ -64,6 +64,10 @@ class EventsConfig:
     # RESOURCE_EXHAUSTED/TOO_MANY_FILTERS. With max_catch_ups and the ingest service's own
     # watch, within the analysis service's --max-service-watchers (100) of one service token.
     max_filters: int = 64
+    # The distinct filters one caller's streams may be on (None: half of max_filters), so
+    # that one client naming a new filter per stream cannot take them all; beyond, 429
+    # TOO_MANY_FILTERS_FOR_CALLER. A service token is bound by max_filters alone.
+    max_filters_per_caller: int | None = None
     # Media ids one filter may name.
     max_media_ids: int = 1000
     # Recent events each shared watch keeps, so a reconnecting client resumes from memory.
@@ -158,7 +162,7 @@ class WebConfig:
 
     def __post_init__(self) -> None:
         require_positive(self, "max_connections", "max_uploads_per_caller")
-        require_positive(self.events, "max_streams_per_caller")
+        require_positive(self.events, "max_streams_per_caller", "max_filters_per_caller")
         if self.tokens_file is not None and not self.service_token:
             raise ValueError(
                 "with a tokens file the web gateway watches the analysis service with a "

@@ -224,6 +224,8 @@ class SharedWatch:
         # Every change after this revision (up to ``position``) is in the ring.
         self._ring_floor = start
         self._subscriptions: set[Subscription] = set()
+        # The subscriptions of each caller (for its share of the filters).
+        self._holders: collections.Counter[Caller] = collections.Counter()
         self._linger: asyncio.TimerHandle | None = None
         self._ended = False
         self._task = asyncio.create_task(self._run(), name=f"shared-watch-{watch_filter}")
@@ -235,6 +237,7 @@ class SharedWatch:
             self._linger = None
         start = self.position if after is None else after
         subscription = Subscription(self, visible, start, holder)
+        self._holders[holder] += 1
         if self._ring_floor <= start <= self.position:
             subscription._preload(self._replay_after(start), self.position)
         else:
@@ -251,8 +254,15 @@ class SharedWatch:
         newer.reverse()
         return newer
 
+    def holds(self, holder: Caller) -> bool:
+        """Whether ``holder`` has a subscription here."""
+        return holder in self._holders
+
     def leave(self, subscription: Subscription) -> None:
         self._subscriptions.discard(subscription)
+        self._holders[subscription._holder] -= 1
+        if not self._holders[subscription._holder]:
+            del self._holders[subscription._holder]
         if not self._subscriptions and self._linger is None and not self._ended:
             self._linger = asyncio.get_running_loop().call_later(
                 self.config.linger, self._end_if_idle
@@ -359,7 +369,7 @@ class SharedWatches:
         """A subscription of ``holder`` to ``watch_filter`` from ``after`` (None: from now).
 
         Refused (RESOURCE_EXHAUSTED) beyond ``max_streams`` subscriptions, ``holder``'s share
-        of them, or ``max_filters`` shared watches.
+        of them, ``max_filters`` shared watches, or ``holder``'s share of those.
         """
         full = self._slots.take(holder)
         if full is not None:
@@ -367,25 +377,41 @@ class SharedWatches:
         try:
             watch = self._watches.get(watch_filter)
             if watch is None:
-                self._check_filters()
+                self._check_filters(holder, None)
                 start = after if after is not None else await self.source.current_revision()
-                # Another client may have started the same watch meanwhile.
+                # Another client may have started the same watch meanwhile, or this caller
+                # others.
                 watch = self._watches.get(watch_filter)
                 if watch is None:
-                    self._check_filters()
+                    self._check_filters(holder, None)
                     watch = SharedWatch(self, watch_filter, start)
                     self._watches[watch_filter] = watch
+            self._check_filters(holder, watch)
             return watch.join(visible, after, holder)
         except BaseException:
             self.stream_closed(holder)
             raise
 
-    def _check_filters(self) -> None:
-        if len(self._watches) >= self.config.max_filters:
+    def _check_filters(self, holder: Caller, watch: SharedWatch | None) -> None:
+        """Refuse ``holder`` a stream on ``watch`` (None: a new one) beyond the filters'
+        bounds: every filter counts for the bound of all, those of a caller's streams for
+        its share."""
+        events = self.config
+        if watch is None and len(self._watches) >= events.max_filters:
             raise exhausted(
                 "TOO_MANY_FILTERS",
-                f"the gateway watches at most {self.config.max_filters} filters at once",
-                maxFilters=str(self.config.max_filters),
+                f"the gateway watches at most {events.max_filters} filters at once",
+                maxFilters=str(events.max_filters),
+            )
+        if holder.service or (watch is not None and watch.holds(holder)):
+            return
+        share = events.max_filters_per_caller or max(1, events.max_filters // 2)
+        if sum(held.holds(holder) for held in self._watches.values()) >= share:
+            raise exhausted(
+                "TOO_MANY_FILTERS_FOR_CALLER",
+                f"the gateway watches at most {share} filters for one caller's streams at "
+                "once; close a stream, or watch with a wider filter",
+                maxFiltersPerCaller=str(share),
             )
 
     def stream_closed(self, holder: Caller) -> None:
