@@ -79,6 +79,9 @@ class ByteBudget:
                 self.release(amount)  # granted just as the wait was cancelled
             else:
                 self._forget(turns, caller, entry)
+                # It may have kept calls behind it that fit: they go now, not at the next
+                # release (which a slow call holding the room may make wait).
+                self.release(0)
             raise
         finally:
             self._places.give_back(caller)

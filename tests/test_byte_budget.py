@@ -151,3 +151,19 @@ async def test_a_wait_cancelled_after_the_budget_passed_it_over_is_forgotten() -
     assert not any(calls.tasks[f"again-{number}"].done() for number in range(4))
     for task in calls.tasks.values():
         task.cancel()
+
+
+async def test_a_call_behind_a_cancelled_wait_that_did_not_fit_goes_at_once() -> None:
+    budget = ByteBudget(100, max_waiters=4, max_waiters_per_caller=4)
+    await budget.acquire(50, ALICE)  # held for as long as a slow upload takes
+    calls = Admissions(budget)
+    await calls.wait("large", BOB, 100)
+    await calls.wait("small", ALICE, 40)
+    assert not calls.tasks["small"].done()  # it fits, but waits its turn behind "large"
+    calls.tasks["large"].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await calls.tasks["large"]
+    # No bytes came back, and the call that fits is not kept waiting for them.
+    await calls.admitted("small")
+    assert budget.used == 90
+    assert not budget.waiting
