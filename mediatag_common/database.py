@@ -63,6 +63,21 @@ _CONCURRENCY_SQLSTATES = frozenset({"40001", "40P01"})
 _PG_SESSION_OPTIONS = "-c idle_in_transaction_session_timeout=30000 -c lock_timeout=30000"
 
 
+def postgresql_connect_args(application_name: str) -> dict[str, Any]:
+    """The libpq parameters of each connection to PostgreSQL, pooled or not."""
+    return {
+        "application_name": application_name,
+        "options": _PG_SESSION_OPTIONS,
+        # A peer that vanished is noticed within about a minute, and a firewall or NAT on
+        # the way does not forget a connection that carries nothing for a while.
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "connect_timeout": 10,
+    }
+
+
 class DatabaseError(Exception):
     """A database failure that is neither an outage nor a conflict (most likely a bug)."""
 
@@ -220,16 +235,7 @@ class Database:
                 engine_url,
                 pool_size=pool_size,
                 max_overflow=0,
-                connect_args={
-                    "application_name": "mediatag",
-                    "options": _PG_SESSION_OPTIONS,
-                    # A peer that vanished is noticed within about a minute.
-                    "keepalives": 1,
-                    "keepalives_idle": 30,
-                    "keepalives_interval": 10,
-                    "keepalives_count": 3,
-                    "connect_timeout": 10,
-                },
+                connect_args=postgresql_connect_args("mediatag"),
             )
             _ping_when_idle(self._engine)
             self._writer = ThreadPoolExecutor(pool_size, thread_name_prefix="db")

@@ -7,12 +7,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+import psycopg
+import pytest
 from mediatag.analysis.v1 import analysis_pb2 as apb
 from mediatag.analysis.v1 import analysis_pb2_grpc
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig
+from analysis_service.domain import workers as workers_module
 from analysis_service.server import create_server
-from tests.conftest import Cluster, free_port, wait_until
+from analysis_service.storage.tailer import TAILER_APPLICATION
+from mediatag_common.database import database_url
+from tests.conftest import PATIENCE, Cluster, free_port, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.test_pipeline import image_files, upload
 from tests.test_watch import changes
@@ -86,3 +91,90 @@ async def test_a_watcher_on_either_replica_sees_the_same_changes_and_a_pause_hol
         assert done[-1].change.status == apb.PROCESSING_STATUS_COMPLETED
     finally:
         await second.stop(1.0)
+
+
+async def test_a_replica_whose_listening_connection_was_dropped_listens_again(
+    postgres_url: str, make_cluster: Callable[..., Cluster], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Idle workers look for work only when woken: the resume on the other replica must
+    # reach them through the tailer listening again.
+    monkeypatch.setattr(workers_module, "IDLE_POLL", PATIENCE * 10)
+    analyzer = ScriptedAnalyzer(dimensions=64)
+    cluster = make_cluster(
+        analyzer=analyzer,
+        analysis_database_url=postgres_url,
+        analysis_config=AnalysisConfig(embedding_dimensions=64),
+    )
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    assert cluster.analysis_config is not None
+    # Without workers: every change it streams was committed by the other replica, and
+    # reaches it through its tailer alone.
+    watching_port = free_port()
+    watching, _ = await create_server(
+        replace(cluster.analysis_config, port=watching_port, workers=0), analyzer=analyzer
+    )
+    await watching.start()
+    try:
+
+        async def both_listening() -> bool:
+            return len(listening_backends(postgres_url)) == 2  # one tailer per replica
+
+        await wait_until(both_listening)
+        dropped = listening_backends(postgres_url)
+        terminate(postgres_url, dropped)
+
+        async def listening_again() -> bool:
+            now = listening_backends(postgres_url)
+            return len(now) == 2 and not now & dropped
+
+        await wait_until(listening_again)
+        # The jobs held PENDING until the watch is live, so that their changes come to it
+        # through the tailer listening again; resumed on the replica without workers.
+        stub = analysis_pb2_grpc.AnalysisServiceStub(cluster.channel(watching_port))
+        await stub.PauseQueue(apb.PauseQueueRequest())
+        response = await upload(cluster, image_files(2, first_seed=70))
+        ids = [m.id for m in response.media]
+
+        async def submitted() -> bool:
+            jobs = await stub.ListJobs(apb.ListJobsRequest())
+            return set(ids) <= {job.media_id for job in jobs.jobs}
+
+        await wait_until(submitted)
+        watch = stub.WatchStatus(
+            apb.WatchStatusRequest(media_ids=ids, send_initial_state=True, until_terminal=True),
+            timeout=PATIENCE,
+        )
+        initial = []
+        async for item in watch:
+            if item.bookmark.initial_state_end:
+                break
+            initial.append(item)
+        assert {r.change.status for r in initial} == {apb.PROCESSING_STATUS_PENDING}
+        await stub.ResumeQueue(apb.ResumeQueueRequest())
+        seen = changes([r async for r in watch])
+        completed = [m for _, m, s in seen if s == apb.PROCESSING_STATUS_COMPLETED]
+        assert sorted(completed) == sorted(ids)
+    finally:
+        await watching.stop(1.0)
+
+
+def listening_backends(url: str) -> set[int]:
+    """The server processes of this database's tailers, once each has said LISTEN."""
+    with psycopg.connect(libpq(url), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = %s AND query LIKE 'LISTEN %%'",
+            (TAILER_APPLICATION,),
+        ).fetchall()
+    return {pid for (pid,) in rows}
+
+
+def terminate(url: str, pids: set[int]) -> None:
+    with psycopg.connect(libpq(url), autocommit=True) as conn:
+        for pid in pids:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def libpq(url: str) -> str:
+    return database_url(url).set(drivername="postgresql").render_as_string(hide_password=False)

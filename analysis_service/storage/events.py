@@ -202,6 +202,12 @@ def write_counter(conn: Connection, name: str, value: int) -> None:
     conn.execute(sa.update(counters).where(counters.c.name == name).values(value=value))
 
 
+def notify_replicas(conn: Connection) -> None:
+    """PostgreSQL: wake every replica's tailer, and so its workers, at commit, with a
+    notification that carries no revision (the tailers read the log all the same)."""
+    conn.execute(sa.text(f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')"))
+
+
 def _draft_row(draft: EventDraft) -> dict[str, Any]:
     """The columns of the draft's event row, but its revision and time."""
     return {

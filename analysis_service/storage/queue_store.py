@@ -231,9 +231,13 @@ class SqlQueueStore:
         return await write(self._db, transaction)
 
     async def set_paused(self, paused: bool) -> None:
-        await write(
-            self._db, lambda conn: event_log.write_counter(conn, schema.PAUSED, int(paused))
-        )
+        def transaction(conn: Connection) -> None:
+            event_log.write_counter(conn, schema.PAUSED, int(paused))
+            if self.shared and not paused:
+                # The other replicas' workers wait for work until their next look otherwise.
+                event_log.notify_replicas(conn)
+
+        await write(self._db, transaction)
 
     async def is_paused(self) -> bool:
         return bool(await read(self._db, lambda conn: event_log.read_counter(conn, schema.PAUSED)))

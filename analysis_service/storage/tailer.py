@@ -30,7 +30,7 @@ from analysis_service.domain.models import StatusEvent
 from analysis_service.errors import AnalysisError
 from analysis_service.storage import events as event_log
 from analysis_service.storage.session import read
-from mediatag_common.database import Database, database_url
+from mediatag_common.database import Database, database_url, postgresql_connect_args
 from mediatag_common.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ PAGE = 1000
 # groups' worth while the tailer keeps up; each may hold an embedding.
 MAX_OWN_EVENTS = 1000
 RECONNECT_SECONDS = 1.0
+# The listening connection's name in pg_stat_activity.
+TAILER_APPLICATION = "mediatag-tailer"
 
 
 class EventTailer:
@@ -98,8 +100,11 @@ class EventTailer:
                 await asyncio.sleep(RECONNECT_SECONDS)
 
     async def _listen(self) -> None:
+        # Bounded like the pool's: a connection lost without a word (a server gone, a
+        # firewall that forgot it) is noticed and replaced, not listened on for good with
+        # every change a poll late.
         connection = await psycopg.AsyncConnection.connect(
-            self._conninfo, autocommit=True, application_name="mediatag-tailer"
+            self._conninfo, autocommit=True, **postgresql_connect_args(TAILER_APPLICATION)
         )
         async with connection:
             await connection.execute(f"LISTEN {event_log.NOTIFY_CHANNEL}")
