@@ -48,11 +48,7 @@ async def test_a_watcher_on_either_replica_sees_the_same_changes_and_a_pause_hol
         response = await upload(cluster, image_files(6, first_seed=40))
         ids = [m.id for m in response.media]
 
-        async def all_submitted() -> bool:
-            jobs = await other.ListJobs(apb.ListJobsRequest())
-            return set(ids) <= {job.media_id for job in jobs.jobs}
-
-        await wait_until(all_submitted)
+        await wait_listed(other, ids)
         request = apb.WatchStatusRequest(start_revision=1, media_ids=ids, until_terminal=True)
         # Started once the uploads are in: each catches up from the log, then goes live.
         on_first = [r async for r in cluster.analysis.WatchStatus(request)]
@@ -72,11 +68,7 @@ async def test_a_watcher_on_either_replica_sees_the_same_changes_and_a_pause_hol
         paused_upload = await upload(cluster, image_files(1, first_seed=90))
         held_id = paused_upload.media[0].id
 
-        async def submitted() -> bool:
-            jobs = await other.ListJobs(apb.ListJobsRequest())
-            return held_id in {job.media_id for job in jobs.jobs}
-
-        await wait_until(submitted)
+        await wait_listed(other, [held_id])
         held = (await other.GetJob(apb.GetJobRequest(media_id=held_id))).job
         assert held.status == apb.PROCESSING_STATUS_PENDING
         await cluster.analysis.ResumeQueue(apb.ResumeQueueRequest())
@@ -136,11 +128,7 @@ async def test_a_replica_whose_listening_connection_was_dropped_listens_again(
         response = await upload(cluster, image_files(2, first_seed=70))
         ids = [m.id for m in response.media]
 
-        async def submitted() -> bool:
-            jobs = await stub.ListJobs(apb.ListJobsRequest())
-            return set(ids) <= {job.media_id for job in jobs.jobs}
-
-        await wait_until(submitted)
+        await wait_listed(stub, ids)
         watch = stub.WatchStatus(
             apb.WatchStatusRequest(media_ids=ids, send_initial_state=True, until_terminal=True),
             timeout=PATIENCE,
@@ -157,6 +145,16 @@ async def test_a_replica_whose_listening_connection_was_dropped_listens_again(
         assert sorted(completed) == sorted(ids)
     finally:
         await watching.stop(1.0)
+
+
+async def wait_listed(stub: analysis_pb2_grpc.AnalysisServiceStub, ids: list[str]) -> None:
+    """Wait until the replica of ``stub`` lists the jobs ``ids`` (the outbox delivered them)."""
+
+    async def listed() -> bool:
+        jobs = await stub.ListJobs(apb.ListJobsRequest())
+        return set(ids) <= {job.media_id for job in jobs.jobs}
+
+    await wait_until(listed)
 
 
 def listening_backends(url: str) -> set[int]:
