@@ -147,7 +147,7 @@ async def test_a_replica_whose_listening_connection_was_dropped_listens_again(
         await watching.stop(1.0)
 
 
-async def wait_listed(stub: analysis_pb2_grpc.AnalysisServiceStub, ids: list[str]) -> None:
+async def wait_listed(stub: analysis_pb2_grpc.AnalysisServiceAsyncStub, ids: list[str]) -> None:
     """Wait until the replica of ``stub`` lists the jobs ``ids`` (the outbox delivered them)."""
 
     async def listed() -> bool:
