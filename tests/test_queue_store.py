@@ -39,6 +39,7 @@ from analysis_service.domain.store import (
     NewResult,
     QueueStore,
 )
+from analysis_service.storage import events as event_log
 from analysis_service.storage import results as result_rows
 from analysis_service.storage import schema, turns
 from analysis_service.storage.memory_store import MemoryQueueStore
@@ -553,3 +554,44 @@ async def test_a_reader_behind_the_compacted_events_is_told_instead_of_missing_t
         await store.events_after(2, EventFilter(), limit=10, with_embedding=False)
     assert (behind.value.compacted_through, behind.value.revision) == (3, 5)
     assert await store.log_bounds() == (5, 3)
+
+
+async def test_replicas_compacting_at_once_never_move_the_watermark_back(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """One replica compacts further than another (it keeps fewer events) and has not
+    committed when the other starts: the other ends at the further watermark, not its own,
+    so a reader resuming between the two is told the log was compacted rather than given
+    it with a hole."""
+    urls = DatabaseUrls("postgresql", tmp_path / "databases", postgres)
+    url = urls.new("compaction")
+    engine = sa.create_engine(database_url(url))
+    compacted, commit = threading.Event(), threading.Event()
+
+    def compact_and_hold_the_commit() -> None:
+        with engine.begin() as conn:
+            assert event_log.compact(conn, before_time=0.0, keep_last=2) == 3
+            compacted.set()
+            commit.wait(30)
+
+    try:
+        async for make in replicas_on(url):
+            store, other = make().store, make().store
+            await store.submit([spec(n) for n in range(5)], max_attempts=3)
+            holding = threading.Thread(target=compact_and_hold_the_commit)
+            holding.start()
+            try:
+                assert await asyncio.to_thread(compacted.wait, 30)
+                # Keeping 4 events, this one would compact through revision 1 alone.
+                compacting = asyncio.create_task(other.compact(max_age=3600.0, max_events=4))
+                await asyncio.wait_for(_a_statement_waits_for_a_lock(engine), 30)
+            finally:
+                commit.set()
+                await asyncio.to_thread(holding.join, 30)
+            assert await asyncio.wait_for(compacting, 30) == 3
+            assert await store.log_bounds() == (5, 3)
+            with pytest.raises(LogCompacted):
+                await store.events_after(2, EventFilter(), limit=10, with_embedding=False)
+    finally:
+        engine.dispose()
+        urls.drop()

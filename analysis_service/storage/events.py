@@ -193,9 +193,12 @@ def _pg_record_parameters(
     return parameters
 
 
-def read_counter(conn: Connection, name: str) -> int:
-    value = conn.execute(sa.select(counters.c.value).where(counters.c.name == name)).scalar_one()
-    return int(value)
+def read_counter(conn: Connection, name: str, *, lock: bool = False) -> int:
+    """The counter's value; ``lock``: its row locked until commit (PostgreSQL)."""
+    query = sa.select(counters.c.value).where(counters.c.name == name)
+    if lock:
+        query = query.with_for_update()
+    return int(conn.execute(query).scalar_one())
 
 
 def write_counter(conn: Connection, name: str, value: int) -> None:
@@ -357,6 +360,11 @@ def compact(conn: Connection, *, before_time: float, keep_last: int) -> int:
 
     Returns the new compaction watermark: every revision at or below it is gone.
     """
+    # Every replica compacts: the watermark's row is locked first, so that a compaction
+    # waits for one under way and starts from its watermark. Else the later commit could
+    # set a lower watermark than events already gone, and a reader resuming between the two
+    # would be given the log with a hole instead of REVISION_COMPACTED.
+    compacted_through = read_counter(conn, schema.COMPACTED_THROUGH, lock=True)
     newest = read_counter(conn, schema.REVISION)
     cutoff_by_count = newest - keep_last
     cutoff_by_time = (
@@ -366,9 +374,7 @@ def compact(conn: Connection, *, before_time: float, keep_last: int) -> int:
             )
         )
     ).scalar_one_or_none() or 0
-    watermark = max(
-        cutoff_by_count, int(cutoff_by_time), read_counter(conn, schema.COMPACTED_THROUGH)
-    )
+    watermark = max(cutoff_by_count, int(cutoff_by_time), compacted_through)
     conn.execute(sa.delete(events_table).where(events_table.c.revision <= watermark))
     write_counter(conn, schema.COMPACTED_THROUGH, watermark)
     return watermark
