@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from mediatag.analysis.v1 import analysis_pb2, analysis_pb2_grpc
@@ -27,7 +28,7 @@ from analysis_service.storage.rate_limits import DatabaseSlots
 from analysis_service.storage.replicas import DatabaseReplicas
 from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
 from analysis_service.storage.tailer import EventTailer
-from mediatag_common.auth import load_tokens
+from mediatag_common.auth import TokenTable, load_tokens
 from mediatag_common.database import POSTGRESQL, SQLITE, Database
 from mediatag_common.grpc_server import ServiceHost
 from mediatag_common.keys import PAGE_TOKEN_KEY, load_or_create_key
@@ -48,11 +49,32 @@ async def create_server(
     Nothing runs until the returned host is started.
     """
     tokens = load_tokens(config.tokens_file) if config.tokens_file is not None else None
-    analyzer = analyzer or build_analyzer(config)
-    metrics = AnalysisMetrics()
-    metrics.analyzer_info.labels(analyzer.name, analyzer.version).set(1)
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(config.resolved_database_url, synchronous=config.sqlite_synchronous)
+    # What is opened here is closed again if the service cannot be built: its connections,
+    # and on SQLite the file another process may then serve from.
+    async with contextlib.AsyncExitStack() as on_failure:
+        # On SQLite, one process publishes every commit to its watchers: it serves alone.
+        db = Database(
+            config.resolved_database_url, synchronous=config.sqlite_synchronous, sole_process=True
+        )
+        on_failure.push_async_callback(db.close)
+        analyzer = analyzer or build_analyzer(config)
+        on_failure.push_async_callback(close_analyzer, analyzer)
+        metrics = AnalysisMetrics()
+        metrics.analyzer_info.labels(analyzer.name, analyzer.version).set(1)
+        built = await _assemble(config, db, analyzer, tokens, metrics)
+        on_failure.pop_all()
+    return built
+
+
+async def _assemble(
+    config: AnalysisConfig,
+    db: Database,
+    analyzer: Analyzer,
+    tokens: TokenTable | None,
+    metrics: AnalysisMetrics,
+) -> tuple[ServiceHost, int]:
+    """The service on ``db``: its domain, its gRPC server and what starts and stops them."""
     await db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
     # On PostgreSQL, replicas may share the database: they share one limit per API too.
     shared_slots = DatabaseSlots(db) if db.dialect == POSTGRESQL else None

@@ -28,11 +28,14 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, make_url
+
+from mediatag_common.sole_process import HeldByAnotherProcess, SoleProcessLock
 
 if TYPE_CHECKING:
     from mediatag_common.migrations import Migration
@@ -80,6 +83,10 @@ def postgresql_connect_args(application_name: str) -> dict[str, Any]:
 
 class DatabaseError(Exception):
     """A database failure that is neither an outage nor a conflict (most likely a bug)."""
+
+
+class DatabaseInUse(DatabaseError):
+    """A SQLite database one process at a time may serve from is another's."""
 
 
 class DatabaseUnavailable(DatabaseError):
@@ -214,11 +221,26 @@ class Database:
     """
 
     def __init__(
-        self, url: str, *, synchronous: str = "FULL", readers: int = 2, pool_size: int = 8
+        self,
+        url: str,
+        *,
+        synchronous: str = "FULL",
+        readers: int = 2,
+        pool_size: int = 8,
+        sole_process: bool = False,
     ) -> None:
+        """``sole_process``: on SQLite, refuse (:class:`DatabaseInUse`) a database file that
+        another process opened so, and keep others from opening it so until closed."""
         engine_url = database_url(url)
         self.url = url
         self.dialect = engine_url.get_backend_name()
+        self._sole: SoleProcessLock | None = None
+        if (
+            self.dialect == SQLITE
+            and sole_process
+            and engine_url.database not in (None, "", ":memory:")
+        ):
+            self._sole = _hold_alone(Path(str(engine_url.database)))
         if self.dialect == SQLITE:
             self._engine = sa.create_engine(
                 engine_url,
@@ -354,6 +376,18 @@ class Database:
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         self._engine.dispose()
+        if self._sole is not None:
+            self._sole.release()
+
+
+def _hold_alone(path: Path) -> SoleProcessLock:
+    try:
+        return SoleProcessLock(path.with_name(path.name + ".lock"))
+    except HeldByAnotherProcess as held:
+        raise DatabaseInUse(
+            f"another process (pid {held.holder or 'unknown'}) serves from the SQLite database "
+            f"{path}, and one process at a time may (several replicas need PostgreSQL)"
+        ) from None
 
 
 def sqlite_pragmas(synchronous: str) -> Callable[[Any, Any], None]:
