@@ -234,13 +234,6 @@ class Database:
         engine_url = database_url(url)
         self.url = url
         self.dialect = engine_url.get_backend_name()
-        self._sole: SoleProcessLock | None = None
-        if (
-            self.dialect == SQLITE
-            and sole_process
-            and engine_url.database not in (None, "", ":memory:")
-        ):
-            self._sole = _hold_alone(Path(str(engine_url.database)))
         if self.dialect == SQLITE:
             self._engine = sa.create_engine(
                 engine_url,
@@ -262,6 +255,14 @@ class Database:
             _ping_when_idle(self._engine)
             self._writer = ThreadPoolExecutor(pool_size, thread_name_prefix="db")
             self._readers = self._writer
+        # Last, so that nothing above can fail with the lock taken.
+        self._sole: SoleProcessLock | None = None
+        if (
+            self.dialect == SQLITE
+            and sole_process
+            and engine_url.database not in (None, "", ":memory:")
+        ):
+            self._sole = _hold_alone(Path(str(engine_url.database)))
 
     @property
     def engine(self) -> sa.Engine:

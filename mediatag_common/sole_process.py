@@ -28,7 +28,6 @@ class SoleProcessLock:
     """An exclusive lock on ``path`` (created if missing) for as long as it is held."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
