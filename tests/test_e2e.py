@@ -15,7 +15,7 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 
 from tests.conftest import PATIENCE, free_port, wait_until
 from tests.media_samples import jpeg_bytes, mp4_bytes
-from tests.processes import Serve, run_cli, run_json, stop_all
+from tests.processes import Serve, run_cli, run_json, stop_all, wait_serving
 
 pytestmark = pytest.mark.e2e
 
@@ -181,3 +181,38 @@ async def test_analysis_killed_mid_processing_loses_nothing_and_completes_once(
         await ingest_channel.close()
         await analysis_channel.close()
         stop_all(analysis, ingest)
+
+
+def test_a_second_analysis_service_on_one_sqlite_database_exits_and_a_killed_one_leaves_none(
+    tmp_path: Path,
+) -> None:
+    data = str(tmp_path / "data")
+    first_port, second_port = free_port(), free_port()
+
+    def analysis(name: str, port: int) -> Serve:
+        return Serve(
+            tmp_path / f"{name}.log", "analysis", "--data-dir", data, "--analysis-port", str(port)
+        )
+
+    first, second, again = (
+        analysis("first", first_port),
+        analysis("second", second_port),
+        analysis("again", second_port),
+    )
+    try:
+        first.start(first_port)
+        second.start()
+        assert first.process is not None
+        assert second.process is not None
+        assert second.process.wait(PATIENCE) == 1
+        assert (
+            f"cannot start: another process (pid {first.process.pid}) serves from the SQLite "
+            "database" in second.output()
+        )
+        wait_serving(first_port, process=first.process)
+        # Killed, the first holds nothing: the next one starts on its database.
+        first.kill()
+        again.start(second_port)
+        assert again.stop() == 0, again.output()
+    finally:
+        stop_all(first, second, again)
