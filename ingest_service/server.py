@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from mediatag.ingest.v1 import ingest_pb2, ingest_pb2_grpc
@@ -13,6 +14,7 @@ from ingest_service.api.status_codes import STATUS_CODES
 from ingest_service.blobstores import open_blob_store
 from ingest_service.config import IngestConfig
 from ingest_service.domain.blob_sweep import BlobSweep
+from ingest_service.domain.blobs import BlobStore
 from ingest_service.domain.library import MediaLibrary
 from ingest_service.domain.mirror import StatusMirror
 from ingest_service.domain.outbox import OutboxForwarder
@@ -51,19 +53,34 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
     """
     refuse_decompression_bombs()
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(config.resolved_database_url, synchronous=config.sqlite_synchronous)
+    # What is opened here is closed again if the service cannot be built (a port taken, a
+    # webhooks file it cannot use): the database's connections, the blob store's clients.
+    async with contextlib.AsyncExitStack() as on_failure:
+        db = Database(config.resolved_database_url, synchronous=config.sqlite_synchronous)
+        on_failure.push_async_callback(db.close)
+        metrics = IngestMetrics()
+        blobs = await asyncio.to_thread(
+            open_blob_store,
+            config.blob_store_location,
+            endpoint=config.blob_store_endpoint,
+            timeout=config.blob_store_timeout,
+            spool_dir=config.data_dir / "spool",
+            observer=metrics,
+        )
+        on_failure.push_async_callback(blobs.close)
+        built = await _assemble(config, db, blobs, metrics)
+        on_failure.pop_all()
+    return built
+
+
+async def _assemble(
+    config: IngestConfig, db: Database, blobs: BlobStore, metrics: IngestMetrics
+) -> tuple[ServiceHost, int]:
+    """The service on ``db`` and ``blobs``: its domain, its gRPC server and what starts and
+    stops them."""
     await db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
     page_tokens = PageTokens(await db.write(lambda conn: load_or_create_key(conn, PAGE_TOKEN_KEY)))
     store = SqlIngestStore(db)
-    metrics = IngestMetrics()
-    blobs = await asyncio.to_thread(
-        open_blob_store,
-        config.blob_store_location,
-        endpoint=config.blob_store_endpoint,
-        timeout=config.blob_store_timeout,
-        spool_dir=config.data_dir / "spool",
-        observer=metrics,
-    )
     sweep = BlobSweep(
         store=store,
         blobs=blobs,
