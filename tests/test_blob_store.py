@@ -24,6 +24,7 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 from ingest_service.blobstores.gcs import GcsBucket
 from ingest_service.blobstores.local import LocalBlobStore
 from ingest_service.blobstores.s3 import S3Bucket
+from ingest_service.blobstores.spool import PREFIX as SPOOL_PREFIX
 from ingest_service.config import IngestConfig, UploadLimits
 from ingest_service.domain.observer import NoObserver
 from ingest_service.domain.requests import RequestIds
@@ -449,3 +450,46 @@ async def test_sigkill_amid_large_streams_keeps_every_answered_upload_and_sweeps
 async def all_media(stub: ingest_pb2_grpc.IngestServiceAsyncStub) -> list[ipb.Media]:
     response = await stub.ListMedia(ipb.ListMediaRequest(owner_id=OWNER, page_size=1000))
     return list(response.media)
+
+
+async def test_a_process_starting_on_a_shared_directory_leaves_uploads_in_progress_alone(
+    tmp_path: Path, blob_store: StoreUnderTest
+) -> None:
+    """It removes what a crashed process left half-written, not what a running one is
+    receiving (on a local blob directory such an upload failed: its spool file was gone)."""
+    first = IngestServer(tmp_path / "ingest", store=blob_store)
+    second = IngestServer(tmp_path / "ingest", store=blob_store)
+    clip = samples.mp4_bytes(payload_bytes=2 * MIB)
+    half = len(clip) // 2
+    go_on = asyncio.Event()
+
+    async def paused_stream() -> AsyncIterator[ipb.UploadMediaStreamRequest]:
+        yield header(filename="in-progress.mp4")
+        for message in chunks_of(clip[:half]):
+            yield message
+        await go_on.wait()
+        for message in chunks_of(clip[half:]):
+            yield message
+
+    try:
+        stub = await first.start()
+        receiving = asyncio.ensure_future(stub.UploadMediaStream(paused_stream(), timeout=PATIENCE))
+
+        async def spooling() -> bool:
+            return bool(first.incoming_files())
+
+        await wait_until(spooling)
+        (in_progress,) = first.incoming_files()
+        crashed = first.spool_dir / f"{SPOOL_PREFIX}left-by-a-crash"
+        crashed.write_bytes(b"half an upload")
+
+        other = await second.start()
+
+        assert first.incoming_files() == [in_progress]
+        go_on.set()
+        stored = (await receiving).media
+        assert await read_back(stub, stored.id) == clip
+        assert await read_back(other, stored.id) == clip
+    finally:
+        await first.stop()
+        await second.stop()

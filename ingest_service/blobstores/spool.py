@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import mmap
@@ -22,7 +23,9 @@ class Spool:
     """Appended in order and hashed on the way; every method but the constructor blocks.
 
     The file is made by the first append, in the thread that writes, so that making a spool
-    never leaves a file behind a caller cancelled before it could remove it. Thread-safe:
+    never leaves a file behind a caller cancelled before it could remove it. While open it is
+    held (``flock``, dropped by the kernel with the process), so that another process starting
+    on a shared directory clears what crashed processes left and nothing else. Thread-safe:
     removing it (the client went away) waits for a write in progress instead of closing the
     file under it.
     """
@@ -41,9 +44,7 @@ class Spool:
             if self._removed:
                 raise FileNotFoundError("the spool file was removed")
             if self._file is None:
-                descriptor, name = tempfile.mkstemp(dir=self._directory, prefix=PREFIX)
-                self.path = Path(name)
-                self._file = os.fdopen(descriptor, "w+b")
+                self._file, self.path = _create_held(self._directory)
             for chunk in chunks:
                 self._file.write(chunk)
                 self._hash.update(chunk)
@@ -92,10 +93,49 @@ class Spool:
         return self._file
 
 
+def _create_held(directory: Path) -> tuple[BinaryIO, Path]:
+    """A new spool file, held (``flock``) for as long as it is open: a process that starts on
+    the same directory removes only the files no running process holds."""
+    while True:
+        descriptor, name = tempfile.mkstemp(dir=directory, prefix=PREFIX)
+        try:
+            # Waits only while a process starting at this moment, which found the new file
+            # not held yet, removes it.
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            if _still_named(descriptor, Path(name)):
+                return os.fdopen(descriptor, "w+b"), Path(name)
+        except BaseException:
+            os.close(descriptor)
+            raise
+        os.close(descriptor)  # removed before it was held: another one
+
+
 def clear_spools(directory: Path) -> None:
-    """Make ``directory`` and remove what an earlier process left there half-written."""
+    """Make ``directory`` and remove what processes no longer running left there
+    half-written; a file still held is another running process's upload in progress (several
+    processes may share a blob directory)."""
     directory.mkdir(parents=True, exist_ok=True)
     for leftover in directory.glob(f"{PREFIX}*"):
-        with contextlib.suppress(FileNotFoundError):
-            leftover.unlink()
-            logger.info("removed a partial upload left by an earlier run: %s", leftover.name)
+        try:
+            descriptor = os.open(leftover, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _still_named(descriptor, leftover):
+                leftover.unlink()
+                logger.info("removed a partial upload left by an earlier run: %s", leftover.name)
+        except BlockingIOError:
+            continue  # held: an upload in progress
+        finally:
+            os.close(descriptor)
+
+
+def _still_named(descriptor: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``descriptor``."""
+    try:
+        named = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(descriptor)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
