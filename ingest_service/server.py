@@ -59,14 +59,7 @@ async def create_server(config: IngestConfig) -> tuple[ServiceHost, int]:
         db = Database(config.resolved_database_url, synchronous=config.sqlite_synchronous)
         on_failure.push_async_callback(db.close)
         metrics = IngestMetrics()
-        blobs = await asyncio.to_thread(
-            open_blob_store,
-            config.blob_store_location,
-            endpoint=config.blob_store_endpoint,
-            timeout=config.blob_store_timeout,
-            spool_dir=config.data_dir / "spool",
-            observer=metrics,
-        )
+        blobs = await asyncio.to_thread(open_blob_store, config, metrics)
         on_failure.push_async_callback(blobs.close)
         built = await _assemble(config, db, blobs, metrics)
         on_failure.pop_all()

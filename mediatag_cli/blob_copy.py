@@ -15,14 +15,7 @@ from ingest_service.errors import IngestError
 
 async def copy_blobs(source: Path, ingest: IngestConfig) -> int:
     """Copy ``source`` into ``ingest``'s blob store; prints what it did; the exit status."""
-    target = await asyncio.to_thread(
-        open_blob_store,
-        ingest.blob_store_location,
-        endpoint=ingest.blob_store_endpoint,
-        timeout=ingest.blob_store_timeout,
-        spool_dir=ingest.data_dir / "spool",
-        observer=NoObserver(),
-    )
+    target = await asyncio.to_thread(open_blob_store, ingest, NoObserver())
     try:
         report = await copy_into(source, target)
     except IngestError as exc:

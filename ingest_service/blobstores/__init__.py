@@ -6,25 +6,20 @@ from pathlib import Path
 
 from ingest_service.blobstores.local import LocalBlobStore
 from ingest_service.blobstores.object_store import Bucket, ObjectStoreBlobs
-from ingest_service.config import BlobStoreUrl
+from ingest_service.config import IngestConfig
 from ingest_service.domain.blobs import BlobStore
 from ingest_service.domain.observer import BlobStoreObserver
 
 __all__ = ["calls", "copy", "gcs", "local", "object_store", "open_blob_store", "s3", "spool"]
 
 
-def open_blob_store(
-    location: BlobStoreUrl,
-    *,
-    endpoint: str | None,
-    timeout: float,
-    spool_dir: Path,
-    observer: BlobStoreObserver,
-) -> BlobStore:
-    """The store at ``location``; blocking (directories made, credentials looked up).
+def open_blob_store(config: IngestConfig, observer: BlobStoreObserver) -> BlobStore:
+    """The store ``config`` names; blocking (directories made, credentials looked up).
 
-    ``spool_dir`` is where a bucket's streamed uploads are spooled on this machine.
+    A bucket's streamed uploads are spooled on this machine, in ``spool/`` of the data
+    directory.
     """
+    location, timeout = config.blob_store_location, config.blob_store_timeout
     if location.scheme == "file":
         return LocalBlobStore(Path(location.path), observer)
     # Imported when used: a local store needs neither client.
@@ -36,5 +31,7 @@ def open_blob_store(
     else:
         from ingest_service.blobstores.s3 import S3Bucket
 
-        bucket = S3Bucket(location.bucket, location.path, endpoint=endpoint, timeout=timeout)
-    return ObjectStoreBlobs(bucket, spool_dir=spool_dir, observer=observer)
+        bucket = S3Bucket(
+            location.bucket, location.path, endpoint=config.blob_store_endpoint, timeout=timeout
+        )
+    return ObjectStoreBlobs(bucket, spool_dir=config.data_dir / "spool", observer=observer)
