@@ -33,12 +33,37 @@ class QueuedSource:
         return 0
 
 
-def refusal_of(caught: pytest.ExceptionInfo[Refusal]) -> tuple[int, str, dict[str, str]]:
-    """The code, reason and metadata of a refusal."""
-    (detail,) = caught.value.status.details
-    info = error_details_pb2.ErrorInfo()
-    detail.Unpack(info)
-    return caught.value.status.code, info.reason, dict(info.metadata)
+class Streams:
+    """The subscriptions a test opens on ``watches``, of an owner's filter (every owner's by
+    default), each closed at the end."""
+
+    def __init__(self, watches: SharedWatches) -> None:
+        self.watches = watches
+        self.held: list[Subscription] = []
+
+    async def open(self, holder: Caller, owner: str = "") -> Subscription:
+        subscription = await self.watches.subscribe(
+            WatchFilter(owner_id=owner), after=None, visible=None, holder=holder
+        )
+        self.held.append(subscription)
+        return subscription
+
+    async def refused(self, holder: Caller, owner: str = "") -> tuple[int, str, dict[str, str]]:
+        """The code, reason and metadata the subscription is refused with; a refused one
+        holds nothing."""
+        streams = self.watches.streams
+        with pytest.raises(Refusal) as caught:
+            await self.open(holder, owner)
+        assert self.watches.streams == streams
+        (detail,) = caught.value.status.details
+        info = error_details_pb2.ErrorInfo()
+        detail.Unpack(info)
+        return caught.value.status.code, info.reason, dict(info.metadata)
+
+    async def close(self) -> None:
+        for subscription in self.held:
+            await subscription.close()
+        await self.watches.close()
 
 
 def change(revision: int) -> Change:
@@ -77,72 +102,41 @@ async def test_a_change_queued_as_the_idle_time_runs_out_is_sent_not_skipped() -
 
 async def test_one_caller_holds_at_most_its_share_of_the_event_streams() -> None:
     watches = SharedWatches(QueuedSource(), EventsConfig(max_streams=4))  # shares of 2
+    streams = Streams(watches)
     alice, bob, carol = Caller("alice"), Caller("bob"), Caller("carol")
     service = Caller("ingest", service=True)
-    held: list[Subscription] = []
-
-    async def subscribe(holder: Caller) -> Subscription:
-        subscription = await watches.subscribe(
-            WatchFilter(), after=None, visible=None, holder=holder
-        )
-        held.append(subscription)
-        return subscription
-
-    async def refusal(holder: Caller) -> tuple[int, str, dict[str, str]]:
-        """The code, reason and metadata ``holder``'s subscription is refused with."""
-        with pytest.raises(Refusal) as caught:
-            await subscribe(holder)
-        return refusal_of(caught)
-
     try:
-        first = await subscribe(alice)
-        await subscribe(alice)
-        assert await refusal(alice) == (
+        first = await streams.open(alice)
+        await streams.open(alice)
+        assert await streams.refused(alice) == (
             code_pb2.RESOURCE_EXHAUSTED,
             "TOO_MANY_EVENT_STREAMS_FOR_CALLER",
             {"maxStreamsPerCaller": "2"},
         )
         # Others still get theirs, up to the bound of all; a service has places of its own.
-        await subscribe(bob)
-        await subscribe(bob)
-        assert await refusal(carol) == (
+        await streams.open(bob)
+        await streams.open(bob)
+        assert await streams.refused(carol) == (
             code_pb2.RESOURCE_EXHAUSTED,
             "TOO_MANY_EVENT_STREAMS",
             {"maxStreams": "4"},
         )
-        await subscribe(service)
+        await streams.open(service)
         assert watches.streams == 5
         # A closed stream gives its caller's place back.
         await first.close()
-        await subscribe(alice)
+        await streams.open(alice)
         assert watches.streams == 5
     finally:
-        for subscription in held:
-            await subscription.close()
-        await watches.close()
+        await streams.close()
     assert watches.streams == 0
 
 
 async def test_one_caller_watches_at_most_its_share_of_the_filters() -> None:
     config = EventsConfig(max_filters=4, linger=5.0)  # shares of 2
     watches = SharedWatches(QueuedSource(), config)
+    streams = Streams(watches)
     alice, bob, carol = Caller("alice"), Caller("bob"), Caller("carol")
-    held: list[Subscription] = []
-
-    async def subscribe(holder: Caller, owner: str) -> Subscription:
-        subscription = await watches.subscribe(
-            WatchFilter(owner_id=owner), after=None, visible=None, holder=holder
-        )
-        held.append(subscription)
-        return subscription
-
-    async def refusal(holder: Caller, owner: str) -> tuple[int, str, dict[str, str]]:
-        streams = watches.streams
-        with pytest.raises(Refusal) as caught:
-            await subscribe(holder, owner)
-        # A refused stream holds nothing.
-        assert watches.streams == streams
-        return refusal_of(caught)
 
     def own_share(limit: int) -> tuple[int, str, dict[str, str]]:
         return (
@@ -152,18 +146,18 @@ async def test_one_caller_watches_at_most_its_share_of_the_filters() -> None:
         )
 
     try:
-        on_a = await subscribe(alice, "a")
-        await subscribe(alice, "b")
-        assert await refusal(alice, "c") == own_share(2)
+        on_a = await streams.open(alice, "a")
+        await streams.open(alice, "b")
+        assert await streams.refused(alice, "c") == own_share(2)
         # More streams on the filters it has are not more filters.
-        await subscribe(alice, "a")
+        await streams.open(alice, "a")
         # Others have the rest; a filter someone else started counts for each caller on it.
-        await subscribe(bob, "c")
-        assert await refusal(alice, "c") == own_share(2)
-        await subscribe(bob, "a")
-        await subscribe(carol, "d")
+        await streams.open(bob, "c")
+        assert await streams.refused(alice, "c") == own_share(2)
+        await streams.open(bob, "a")
+        await streams.open(carol, "d")
         assert watches.upstream_watches == 4
-        assert await refusal(carol, "e") == (
+        assert await streams.refused(carol, "e") == (
             code_pb2.RESOURCE_EXHAUSTED,
             "TOO_MANY_FILTERS",
             {"maxFilters": "4"},
@@ -172,22 +166,20 @@ async def test_one_caller_watches_at_most_its_share_of_the_filters() -> None:
         # once there is room in all: a filter's watch stops when nobody has watched it for
         # the linger time.
         await on_a.close()
-        await held[2].close()
-        assert await refusal(alice, "e") == (
+        await streams.held[2].close()
+        assert await streams.refused(alice, "e") == (
             code_pb2.RESOURCE_EXHAUSTED,
             "TOO_MANY_FILTERS",
             {"maxFilters": "4"},
         )
-        await held[4].close()
+        await streams.held[4].close()
         await asyncio.sleep(config.linger + 1)
         assert watches.upstream_watches == 3
-        await subscribe(alice, "e")
+        await streams.open(alice, "e")
         # A service is held to the bound of all alone.
         service = Caller("ingest", service=True)
         for owner in "bcd":
-            await subscribe(service, owner)
+            await streams.open(service, owner)
     finally:
-        for subscription in held:
-            await subscription.close()
-        await watches.close()
+        await streams.close()
     assert watches.streams == 0
