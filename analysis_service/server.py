@@ -28,7 +28,7 @@ from analysis_service.storage.rate_limits import DatabaseSlots
 from analysis_service.storage.replicas import DatabaseReplicas
 from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
 from analysis_service.storage.tailer import EventTailer
-from mediatag_common.auth import TokenTable, load_tokens
+from mediatag_common.auth import load_tokens
 from mediatag_common.database import POSTGRESQL, SQLITE, Database
 from mediatag_common.grpc_server import ServiceHost
 from mediatag_common.keys import PAGE_TOKEN_KEY, load_or_create_key
@@ -48,7 +48,6 @@ async def create_server(
     ``analyzer`` replaces the configured one (tests use it for a fake at the API edge).
     Nothing runs until the returned host is started.
     """
-    tokens = load_tokens(config.tokens_file) if config.tokens_file is not None else None
     config.data_dir.mkdir(parents=True, exist_ok=True)
     # What is opened here is closed again if the service cannot be built: its connections,
     # and on SQLite the file another process may then serve from.
@@ -62,19 +61,16 @@ async def create_server(
         on_failure.push_async_callback(close_analyzer, analyzer)
         metrics = AnalysisMetrics()
         metrics.analyzer_info.labels(analyzer.name, analyzer.version).set(1)
-        built = await _assemble(config, db, analyzer, tokens, metrics)
+        built = await _assemble(config, db, analyzer, metrics)
         on_failure.pop_all()
     return built
 
 
 async def _assemble(
-    config: AnalysisConfig,
-    db: Database,
-    analyzer: Analyzer,
-    tokens: TokenTable | None,
-    metrics: AnalysisMetrics,
+    config: AnalysisConfig, db: Database, analyzer: Analyzer, metrics: AnalysisMetrics
 ) -> tuple[ServiceHost, int]:
     """The service on ``db``: its domain, its gRPC server and what starts and stops them."""
+    tokens = load_tokens(config.tokens_file) if config.tokens_file is not None else None
     await db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
     # On PostgreSQL, replicas may share the database: they share one limit per API too.
     shared_slots = DatabaseSlots(db) if db.dialect == POSTGRESQL else None
