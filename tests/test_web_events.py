@@ -4,7 +4,7 @@ resumes exactly, many clients share one upstream watch, a lost revision says res
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import aiohttp
 import grpc
@@ -17,7 +17,7 @@ from tests.test_metrics import scrape
 from tests.test_pipeline import upload, wait_terminal
 from tests.test_watch_scale import fast_cluster, small_images, watch_error
 from tests.test_web_api import error_info
-from tests.web_support import Event, EventStream, Gateways, open_events, web_config
+from tests.web_support import Event, EventStream, Gateways, Web, open_events, web_config
 from web_gateway.config import EventsConfig
 
 OWNER = "listing-9"
@@ -197,6 +197,15 @@ async def test_a_revision_the_log_no_longer_holds_or_never_held_says_reset(
         stream.close()
 
 
+async def streams_open(web: Web, count: int) -> None:
+    """Wait until the gateway has ``count`` event streams open, its own included."""
+
+    async def open_now() -> bool:
+        return web.host.gateway.watches.streams == count
+
+    await wait_until(open_now)
+
+
 async def test_event_streams_and_filters_are_bounded_and_freed_on_close(
     make_cluster: Callable[..., Cluster], gateways: Gateways
 ) -> None:
@@ -208,10 +217,7 @@ async def test_event_streams_and_filters_are_bounded_and_freed_on_close(
     events = EventsConfig(max_streams=3, max_streams_per_caller=3, max_filters=2)
     web = await gateways.start(web_config(cluster, events=events))
 
-    async def recording() -> bool:
-        return web.host.gateway.watches.streams == 1
-
-    await wait_until(recording)
+    await streams_open(web, 1)
     first = await open_events(web, "?owner_id=a")
     status, answer = await web.json("GET", "/api/v1/events?owner_id=b")
     assert (status, error_info(answer)["reason"]) == (429, "TOO_MANY_FILTERS")
@@ -223,10 +229,7 @@ async def test_event_streams_and_filters_are_bounded_and_freed_on_close(
 
     second.close()
 
-    async def freed() -> bool:
-        return web.host.gateway.watches.streams == 2
-
-    await wait_until(freed)
+    await streams_open(web, 2)
     again = await open_events(web, "?owner_id=a")
     # Nothing was lost for the streams that stayed: both see the next change.
     answer = await upload(cluster, small_images(1, first_seed=50), owner="a")
@@ -245,14 +248,8 @@ async def test_one_caller_is_refused_beyond_its_share_of_the_filters(
     events = EventsConfig(max_filters=4, max_filters_per_caller=2)
     web = await gateways.start(web_config(cluster, events=events))
 
-    def streams(count: int) -> Callable[[], Awaitable[bool]]:
-        async def open_now() -> bool:
-            return web.host.gateway.watches.streams == count
-
-        return open_now
-
     # The gateway's own watch of every change is another caller's stream and filter.
-    await wait_until(streams(1))
+    await streams_open(web, 1)
     on_a = await open_events(web, "?owner_id=a")
     on_b = await open_events(web, "?owner_id=b")
     status, answer = await web.json("GET", "/api/v1/events?owner_id=c")
@@ -261,7 +258,7 @@ async def test_one_caller_is_refused_beyond_its_share_of_the_filters(
     # More streams on its filters are not more filters; a filter left makes room for another.
     again_on_a = await open_events(web, "?owner_id=a")
     on_b.close()
-    await wait_until(streams(3))
+    await streams_open(web, 3)
     on_c = await open_events(web, "?owner_id=c")
 
     # The streams that stayed or came lost nothing: each sees its owner's next change.
