@@ -118,6 +118,12 @@ def database_url(url: str) -> sa.URL:
     return parsed.set(drivername=driver)
 
 
+def libpq_conninfo(url: str) -> str:
+    """A PostgreSQL ``url`` (any form :func:`database_url` takes) as psycopg connects with it
+    directly, password included: for connections outside the pool."""
+    return database_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 def sqlite_url(path: str) -> str:
     """The URL of an SQLite file."""
     return f"sqlite:///{path}"

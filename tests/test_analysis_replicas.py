@@ -16,7 +16,7 @@ from analysis_service.config import AnalysisConfig, RateLimitConfig
 from analysis_service.domain import workers as workers_module
 from analysis_service.server import create_server
 from analysis_service.storage.tailer import TAILER_APPLICATION
-from mediatag_common.database import database_url
+from mediatag_common.database import libpq_conninfo
 from tests.conftest import PATIENCE, Cluster, free_port, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.test_pipeline import image_files, upload
@@ -159,7 +159,7 @@ async def wait_listed(stub: analysis_pb2_grpc.AnalysisServiceAsyncStub, ids: lis
 
 def listening_backends(url: str) -> set[int]:
     """The server processes of this database's tailers, once each has said LISTEN."""
-    with psycopg.connect(libpq(url), autocommit=True) as conn:
+    with psycopg.connect(libpq_conninfo(url), autocommit=True) as conn:
         rows = conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
             "AND application_name = %s AND query LIKE 'LISTEN %%'",
@@ -169,10 +169,6 @@ def listening_backends(url: str) -> set[int]:
 
 
 def terminate(url: str, pids: set[int]) -> None:
-    with psycopg.connect(libpq(url), autocommit=True) as conn:
+    with psycopg.connect(libpq_conninfo(url), autocommit=True) as conn:
         for pid in pids:
             conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-
-
-def libpq(url: str) -> str:
-    return database_url(url).set(drivername="postgresql").render_as_string(hide_password=False)

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from mediatag_common import database as database_module
-from mediatag_common.database import Database, DatabaseUnavailable, database_url
+from mediatag_common.database import Database, DatabaseUnavailable, libpq_conninfo
 
 
 @pytest.fixture
@@ -24,8 +24,7 @@ async def db(postgres_url: str) -> AsyncIterator[Database]:
 
 def drop_every_connection(url: str) -> None:
     """What a server restart does to this database's connections."""
-    libpq_url = database_url(url).set(drivername="postgresql")
-    with psycopg.connect(libpq_url.render_as_string(hide_password=False), autocommit=True) as conn:
+    with psycopg.connect(libpq_conninfo(url), autocommit=True) as conn:
         conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid()"

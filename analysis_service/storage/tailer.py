@@ -30,7 +30,7 @@ from analysis_service.domain.models import StatusEvent
 from analysis_service.errors import AnalysisError
 from analysis_service.storage import events as event_log
 from analysis_service.storage.session import read
-from mediatag_common.database import Database, database_url, postgresql_connect_args
+from mediatag_common.database import Database, libpq_conninfo, postgresql_connect_args
 from mediatag_common.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
@@ -57,8 +57,7 @@ class EventTailer:
         self._task: asyncio.Task[None] | None = None
         # This replica's committed events not yet published, by revision.
         self._own: dict[int, StatusEvent] = {}
-        url = database_url(db.url).set(drivername="postgresql")
-        self._conninfo = url.render_as_string(hide_password=False)
+        self._conninfo = libpq_conninfo(db.url)
 
     def start(self, cursor: int, wake: Callable[[], None]) -> None:
         """Publish every event after revision ``cursor``, in order, until stopped; ``wake``
