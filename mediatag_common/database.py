@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -61,6 +62,9 @@ _DRIVERS = {
 }
 # SQLSTATEs of a transaction that lost to a concurrent one: retrying may succeed.
 _CONCURRENCY_SQLSTATES = frozenset({"40001", "40P01"})
+# A write on a server that can no longer write: after a failover, a connection that stayed
+# on the old primary (now a standby or a reader) or one reopened there by a stale DNS name.
+_READ_ONLY_SQLSTATE = "25006"
 # Server-side bounds for every PostgreSQL session: a replica that vanishes mid-transaction
 # must not hold the revision counter's lock (or any other) for long.
 _PG_SESSION_OPTIONS = "-c idle_in_transaction_session_timeout=30000 -c lock_timeout=30000"
@@ -106,9 +110,9 @@ class DatabaseConflict(DatabaseError):
 
 
 def database_url(url: str) -> sa.URL:
-    """``url`` (libpq's ``postgresql://…`` form, SQLAlchemy's ``postgresql+driver://…`` forms,
-    or ``sqlite:///path``) with the driver this module runs."""
-    parsed = make_url(url)
+    """``url`` (libpq's ``postgresql://…`` form, several hosts too, SQLAlchemy's
+    ``postgresql+driver://…`` forms, or ``sqlite:///path``) with the driver this module runs."""
+    parsed = make_url(_hosts_as_parameters(url))
     driver = _DRIVERS.get(parsed.drivername)
     if driver is None:
         raise ValueError(
@@ -116,6 +120,33 @@ def database_url(url: str) -> sa.URL:
             "use postgresql://USER@HOST:PORT/DB or sqlite:///PATH"
         )
     return parsed.set(drivername=driver)
+
+
+def _hosts_as_parameters(url: str) -> str:
+    """libpq's list of hosts (``postgresql://USER@HOST1:PORT1,HOST2:PORT2/DB``, for failover
+    with ``target_session_attrs``) as its ``host`` and ``port`` parameters, which SQLAlchemy
+    hands to libpq as they are (its own parser takes one host, or ports only in brackets)."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not parts.scheme.startswith("postgres") or "," not in hosts:
+        return url
+    if {"host", "hostaddr", "port"} & {key for key, _ in parse_qsl(parts.query)}:
+        raise ValueError("give the database hosts in the URL's host part or in its parameters")
+    names, ports = zip(*(_host_and_port(entry) for entry in hosts.split(",")), strict=True)
+    listed = urlencode(
+        {"host": ",".join(names)} | ({"port": ",".join(ports)} if any(ports) else {})
+    )
+    query = f"{parts.query}&{listed}" if parts.query else listed
+    return urlunsplit(parts._replace(netloc=userinfo + at, query=query))
+
+
+def _host_and_port(entry: str) -> tuple[str, str]:
+    """``HOST[:PORT]`` or ``[IPV6][:PORT]`` of a URL; the port "" (libpq's default) if none."""
+    if entry.startswith("["):
+        address, _, rest = entry[1:].partition("]")
+        return address, rest.removeprefix(":")
+    host, _, port = entry.partition(":")
+    return unquote(host), port
 
 
 def libpq_conninfo(url: str) -> str:
@@ -136,7 +167,7 @@ def dialect_of(url: str) -> str:
 
 def safe_url(url: str) -> str:
     """``url`` as written (its scheme too), with its password hidden, for logs and messages."""
-    return make_url(url).render_as_string(hide_password=True)
+    return make_url(_hosts_as_parameters(url)).render_as_string(hide_password=True)
 
 
 def classify(error: sa_exc.SQLAlchemyError) -> DatabaseError:
@@ -259,6 +290,7 @@ class Database:
                 connect_args=postgresql_connect_args("mediatag"),
             )
             _ping_when_idle(self._engine)
+            sa.event.listen(self._engine, "handle_error", _reconnect_when_read_only)
             self._writer = ThreadPoolExecutor(pool_size, thread_name_prefix="db")
             self._readers = self._writer
         # Last, so that nothing above can fail with the lock taken.
@@ -433,6 +465,15 @@ def _sqlite_begin(conn: Connection) -> None:
 # is not (SQLAlchemy's pre-ping would add a round trip to every transaction).
 PING_AFTER_IDLE = 1.0
 _IDLE_SINCE = "mediatag_idle_since"
+
+
+def _reconnect_when_read_only(context: sa.engine.ExceptionContext) -> None:
+    """A server that refuses writes as read-only is handled as one that went away: the pool
+    discards its connections, and new ones go where the URL now leads (with several hosts
+    and ``target_session_attrs=read-write``, libpq picks the one that writes). Kept, a
+    connection left on a demoted primary would fail every write until the process ends."""
+    if getattr(context.original_exception, "sqlstate", None) == _READ_ONLY_SQLSTATE:
+        context.is_disconnect = True
 
 
 def _ping_when_idle(engine: sa.Engine) -> None:

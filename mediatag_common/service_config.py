@@ -69,6 +69,16 @@ def _own_directory(root: Path, service: str) -> Path:
     return root / service
 
 
+def _check_database_url(service: str, url: str) -> None:
+    from mediatag_common.database import database_url
+
+    try:
+        database_url(url)
+    except ValueError as error:
+        # Not the URL itself: it may hold a password.
+        raise ValueError(f"the {service} database URL cannot be used: {error}") from None
+
+
 def require_positive(config: object, *names: str) -> None:
     """Refuse ``config`` if any of the bounds ``names`` (None: not set) is below 1."""
     for name in names:
@@ -305,6 +315,8 @@ class ServiceConfig:
                 f"stream_window must be between {format_byte_size(_MIN_STREAM_WINDOW)} and "
                 f"{_MAX_STREAM_WINDOW} bytes, not {self.stream_window}"
             )
+        if self.database_url is not None:
+            _check_database_url(self.SERVICE, self.database_url)
         if self.tokens_file is None and not self.insecure and not is_loopback(self.host):
             raise ValueError(
                 f"binding {self.host}, which other machines can reach, without --tokens-file "

