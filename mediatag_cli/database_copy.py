@@ -20,6 +20,7 @@ SCHEMAS = {
             (*analysis_schema.metadata.tables.values(), SECRETS),
             analysis_schema.MIGRATIONS,
             analysis_schema.MIGRATIONS_LOCK,
+            sole_process=True,
         ),
         ServiceSchema(
             IngestConfig.SERVICE,

@@ -90,7 +90,16 @@ class DatabaseError(Exception):
 
 
 class DatabaseInUse(DatabaseError):
-    """A SQLite database one process at a time may serve from is another's."""
+    """A SQLite database one process at a time may serve from is another's: ``holder``'s
+    (its pid, when known)."""
+
+    def __init__(self, path: Path, holder: int | None) -> None:
+        super().__init__(
+            f"another process (pid {holder or 'unknown'}) serves from the SQLite database "
+            f"{path}, and one process at a time may (several replicas need PostgreSQL)"
+        )
+        self.path = path
+        self.holder = holder
 
 
 class DatabaseUnavailable(DatabaseError):
@@ -423,10 +432,7 @@ def _hold_alone(path: Path) -> SoleProcessLock:
     try:
         return SoleProcessLock(path.with_name(path.name + ".lock"))
     except HeldByAnotherProcess as held:
-        raise DatabaseInUse(
-            f"another process (pid {held.holder or 'unknown'}) serves from the SQLite database "
-            f"{path}, and one process at a time may (several replicas need PostgreSQL)"
-        ) from None
+        raise DatabaseInUse(path, held.holder) from None
 
 
 def sqlite_pragmas(synchronous: str) -> Callable[[Any, Any], None]:

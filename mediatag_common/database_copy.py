@@ -36,7 +36,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import sort_tables
 
-from mediatag_common.database import SQLITE, Database, database_url, safe_url
+from mediatag_common.database import SQLITE, Database, DatabaseInUse, database_url, safe_url
 from mediatag_common.migrations import Migration, apply_migrations
 
 # Rows held in memory at once: a batch of the widest table (media with a 1,408-float
@@ -61,6 +61,8 @@ class ServiceSchema:
     tables: Sequence[sa.Table]
     migrations: Sequence[Migration]
     lock_name: str
+    # On SQLite the service is one process, holding its database alone while it runs.
+    sole_process: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,12 @@ async def copy_database(
     """
     if database_url(source_url) == database_url(destination_url):
         raise CopyRefused("the source and the destination are the same database")
-    source = Database(source_url)
-    destination = Database(destination_url)
+    source = _open(schema, source_url)
+    try:
+        destination = _open(schema, destination_url)
+    except BaseException:
+        await source.close()
+        raise
     try:
         for database, role in ((source, "source"), (destination, "destination")):
             check = _check_version(schema, role, safe_url(database.url))
@@ -101,6 +107,18 @@ async def copy_database(
     finally:
         await source.close()
         await destination.close()
+
+
+def _open(schema: ServiceSchema, url: str) -> Database:
+    """``url``'s database, held as the service holds it: an SQLite database the service
+    serves from alone is refused while it runs (it would go on writing after the copy)."""
+    try:
+        return Database(url, sole_process=schema.sole_process)
+    except DatabaseInUse as in_use:
+        raise CopyRefused(
+            f"the {schema.service} service (pid {in_use.holder or 'unknown'}) is running on "
+            f"{in_use.path}: stop it first"
+        ) from None
 
 
 def _check_version(schema: ServiceSchema, role: str, url: str) -> Callable[[Connection], None]:

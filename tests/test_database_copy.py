@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -192,6 +193,35 @@ async def test_a_source_newer_than_this_release_is_refused_and_nothing_is_writte
         assert sa.inspect(engine).get_table_names() == []
     finally:
         engine.dispose()
+
+
+async def test_a_copy_from_the_database_of_a_running_analysis_service_is_refused(
+    tmp_path: Path, new_postgres: DatabaseUrls
+) -> None:
+    schema = SCHEMAS["analysis"]
+    source_path = tmp_path / "analysis" / "analysis.db"
+    source_path.parent.mkdir()
+    # What `mediatag serve analysis` holds while it runs on SQLite.
+    running = Database(sqlite_url(str(source_path)), sole_process=True)
+    await running.migrate(schema.migrations, lock_name=schema.lock_name)
+    destination = new_postgres.new("destination")
+    try:
+        status, _, err = _copy("analysis", tmp_path, destination)
+    finally:
+        await running.close()
+
+    assert status == 1
+    assert f"nothing copied: the analysis service (pid {os.getpid()}) is running on" in err
+    assert "stop it first" in err
+    engine = sa.create_engine(database_url(destination))
+    try:
+        assert sa.inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
+    # Stopped, it may be copied.
+    status, out, _ = _copy("analysis", tmp_path, destination)
+    assert status == 0, out
+    assert "copied the analysis database" in out
 
 
 def test_a_missing_source_is_a_usage_error(tmp_path: Path) -> None:
