@@ -62,9 +62,11 @@ _DRIVERS = {
 }
 # SQLSTATEs of a transaction that lost to a concurrent one: retrying may succeed.
 _CONCURRENCY_SQLSTATES = frozenset({"40001", "40P01"})
-# A write on a server that can no longer write: after a failover, a connection that stayed
-# on the old primary (now a standby or a reader) or one reopened there by a stale DNS name.
-_READ_ONLY_SQLSTATE = "25006"
+# A connection to let go of, as if the server had dropped it: a write on a server that can no
+# longer write (after a failover, a connection that stayed on the old primary, now a standby
+# or a reader, or one reopened there by a stale DNS name), and a session the server ended
+# (idle too long in a transaction or out of one, shut down by an operator or a crash).
+_RECONNECT_SQLSTATES = frozenset({"25006", "25P03", "57P01", "57P02", "57P05"})
 # Server-side bounds for every PostgreSQL session: a replica that vanishes mid-transaction
 # must not hold the revision counter's lock (or any other) for long.
 _PG_SESSION_OPTIONS = "-c idle_in_transaction_session_timeout=30000 -c lock_timeout=30000"
@@ -90,10 +92,10 @@ class DatabaseError(Exception):
 
 
 class DatabaseInUse(DatabaseError):
-    """A SQLite database one process at a time may serve from is another's: ``holder``'s
-    (its pid, when known)."""
 
-    def __init__(self, path: Path, holder: int | None) -> None:
+
+
+    def __init__(self, path: Path, holder: str) -> None:
         super().__init__(
             f"another process (pid {holder or 'unknown'}) serves from the SQLite database "
             f"{path}, and one process at a time may (several replicas need PostgreSQL)"
@@ -299,7 +301,7 @@ class Database:
                 connect_args=postgresql_connect_args("mediatag"),
             )
             _ping_when_idle(self._engine)
-            sa.event.listen(self._engine, "handle_error", _reconnect_when_read_only)
+            sa.event.listen(self._engine, "handle_error", _reconnect_when_gone)
             self._writer = ThreadPoolExecutor(pool_size, thread_name_prefix="db")
             self._readers = self._writer
         # Last, so that nothing above can fail with the lock taken.
@@ -473,12 +475,13 @@ PING_AFTER_IDLE = 1.0
 _IDLE_SINCE = "mediatag_idle_since"
 
 
-def _reconnect_when_read_only(context: sa.engine.ExceptionContext) -> None:
-    """A server that refuses writes as read-only is handled as one that went away: the pool
-    discards its connections, and new ones go where the URL now leads (with several hosts
-    and ``target_session_attrs=read-write``, libpq picks the one that writes). Kept, a
+def _reconnect_when_gone(context: sa.engine.ExceptionContext) -> None:
+    """A server that refuses writes as read-only, or ended the session, is handled as one
+    that went away: the failure is an outage (``DatabaseUnavailable``), the pool discards
+    its connections, and new ones go where the URL now leads (with several hosts and
+    ``target_session_attrs=read-write``, libpq picks the one that writes). Kept, a
     connection left on a demoted primary would fail every write until the process ends."""
-    if getattr(context.original_exception, "sqlstate", None) == _READ_ONLY_SQLSTATE:
+    if getattr(context.original_exception, "sqlstate", None) in _RECONNECT_SQLSTATES:
         context.is_disconnect = True
 
 

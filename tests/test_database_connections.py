@@ -6,6 +6,7 @@ that stopped writing is let go after one write fails as unavailable."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import quote
 
@@ -65,6 +66,27 @@ async def test_a_connection_dropped_in_steady_use_fails_one_transaction_as_unava
         await db.write(backend_pid)
     # The pool discarded the connections the server had dropped.
     assert await db.write(backend_pid) > 0
+
+
+async def test_a_session_the_server_ended_for_idling_in_a_transaction_is_an_outage(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        database_module, "_PG_SESSION_OPTIONS", "-c idle_in_transaction_session_timeout=200"
+    )
+    db = Database(postgres_url, pool_size=1)
+
+    def idles_in_its_transaction(conn: Connection) -> int:
+        backend_pid(conn)
+        time.sleep(1.0)  # past the server's bound: it ends the session
+        return backend_pid(conn)
+
+    try:
+        with pytest.raises(DatabaseUnavailable, match="idle-in-transaction timeout"):
+            await db.write(idles_in_its_transaction)
+        assert await db.write(backend_pid) > 0
+    finally:
+        await db.close()
 
 
 # ---- failover: a server that stops writing, and a URL that lists several ----

@@ -29,6 +29,7 @@ from ingest_service.domain.store import MirroredChange, NewUpload
 from ingest_service.errors import StorageConflict, StorageUnavailable
 from ingest_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
 from ingest_service.storage.sql_store import SqlIngestStore
+from mediatag_common import database as database_module
 from mediatag_common.database import Database, sqlite_url
 from tests.conftest import DatabaseUrls, wait_until
 
@@ -234,11 +235,17 @@ async def test_changes_applied_together_are_applied_in_stream_order(
 
 
 async def test_media_rows_wait_for_the_sweep_to_finish_removing(
-    postgres_url: str,
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On PostgreSQL the sweep holds off inserts of media rows (of any process) while it
-    removes blobs no row named when it looked."""
-    sweeper_db, uploader_db = Database(postgres_url), Database(postgres_url)
+    removes blobs no row named when it looked, however much longer than the sessions' idle
+    bound its removal takes (if PostgreSQL ended the transaction, the upload would commit
+    before the removal, and its blob would go)."""
+    sweeper_session = "-c idle_in_transaction_session_timeout=300"
+    monkeypatch.setattr(database_module, "_PG_SESSION_OPTIONS", sweeper_session)
+    sweeper_db = Database(postgres_url)
+    monkeypatch.undo()
+    uploader_db = Database(postgres_url)
     await sweeper_db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
     sweeper, uploader = SqlIngestStore(sweeper_db), SqlIngestStore(uploader_db)
     orphan, named = "a" * 64, "b" * 64
@@ -257,15 +264,19 @@ async def test_media_rows_wait_for_the_sweep_to_finish_removing(
         )
         return bool(count)
 
-    async def remove(sha256s: Collection[str]) -> None:
+    async def remove(sha256s: Collection[str]) -> set[str]:
         # An upload of the orphan's content commits meanwhile: it must wait for this.
         racing.append(asyncio.create_task(commit(uploader, upload(image(orphan)))))
         await wait_until(insert_waits)
+        # Deletes from a slow store: longer than the sweeper's sessions may stay idle.
+        await asyncio.sleep(1.0)
         assert not racing[0].done()
         removed.append(set(sha256s))
+        return set(sha256s)
 
     try:
-        assert await sweeper.remove_unreferenced([orphan, named], remove) == {orphan}
+        removing = sweeper.remove_unreferenced([orphan, named], remove, open_for=2.0)
+        assert await removing == {orphan}
         assert removed == [{orphan}]
         assert await racing[0] == [None]
         # Committed after the removal: its uploader finds the blob gone and stores it again.

@@ -12,7 +12,11 @@ past (in any process: see ``IngestStore.remove_unreferenced``): which of them so
 names, then the deletes of the others, then the commit. So a row naming a blob either
 committed before the batch looked (and the blob is kept) or commits after its delete, and
 its uploader, whose blob was old enough to be judged, finds it gone and stores it again
-(see ``blobs.Placement``).
+(see ``blobs.Placement``). That holds only if every delete has ended before the transaction
+does: one still in flight could remove a blob that a row committed since names. So a failed
+delete does not end the batch early (the others are waited for, and it is tried again at the
+next sweep), and the transaction is kept open as long as the deletes may take. Uploads wait
+for it meanwhile, so a batch starts deletes for a few seconds only, leaving the rest.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from mediatag_common.tasks import cancel_and_wait
 logger = logging.getLogger(__name__)
 
 # Blobs judged per database transaction (and deleted while it is open).
-BATCH = 500
+BATCH = 100
+# How long a batch starts deletes; those not started by then wait for the next sweep.
+DELETE_BUDGET = 5.0
 # Deletes in flight at once within a batch.
 DELETE_CONCURRENCY = 16
 # Stores tell when an object was written to the second (S3 truncates), so an object may be
@@ -51,10 +57,19 @@ class BlobSweep:
     """Removes blobs no row names, and temporary objects, older than ``grace_period``."""
 
     def __init__(
-        self, *, store: IngestStore, blobs: BlobStore, grace_period: float, interval: float
+        self,
+        *,
+        store: IngestStore,
+        blobs: BlobStore,
+        grace_period: float,
+        interval: float,
+        call_timeout: float,
     ) -> None:
+        """``call_timeout``: the longest one call to ``blobs`` takes, retries included."""
         self._store = store
         self._blobs = blobs
+        # A delete started at the end of the budget ends within its call's timeout.
+        self._longest_batch = DELETE_BUDGET + call_timeout
         self._grace_period = grace_period
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
@@ -87,18 +102,34 @@ class BlobSweep:
         return SweepReport(orphans, temporary)
 
     async def _sweep_batch(self, candidates: list[StoredObject]) -> int:
-        limit = asyncio.Semaphore(DELETE_CONCURRENCY)
         by_sha256 = {stored.sha256: stored for stored in candidates if stored.sha256}
 
-        async def delete(orphan: StoredObject) -> None:
-            async with limit:
-                await self._blobs.delete(orphan.key)
+        async def delete_all(orphans: Collection[str]) -> set[str]:
+            deadline = time.monotonic() + DELETE_BUDGET
+            limit = asyncio.Semaphore(DELETE_CONCURRENCY)
+            deleted: set[str] = set()
 
-        async def delete_all(orphans: Collection[str]) -> None:
-            await asyncio.gather(*(delete(by_sha256[sha256]) for sha256 in orphans))
+            async def delete(sha256: str) -> None:
+                async with limit:
+                    if time.monotonic() > deadline:
+                        return
+                    try:
+                        await self._blobs.delete(by_sha256[sha256].key)
+                    except IngestError as exc:
+                        logger.warning("blob sweep: blob %s not removed: %s", sha256, exc)
+                    else:
+                        deleted.add(sha256)
+
+            # A bug in one cancels the others, and the group waits until each has ended.
+            async with asyncio.TaskGroup() as group:
+                for sha256 in sorted(orphans):
+                    group.create_task(delete(sha256))
+            return deleted
 
         # Deleted before the transaction ends: see the module's docstring.
-        removed = await self._store.remove_unreferenced(by_sha256.keys(), delete_all)
+        removed = await self._store.remove_unreferenced(
+            by_sha256.keys(), delete_all, open_for=self._longest_batch
+        )
         for sha256 in sorted(removed):
             logger.info("blob sweep: removed blob %s, which no media names", sha256)
         return len(removed)

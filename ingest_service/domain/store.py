@@ -62,8 +62,8 @@ class AnalysisState:
     in_outbox: bool
 
 
-# Removes the blobs of the given SHA-256s from the blob store.
-RemoveBlobs = Callable[[Collection[str]], Awaitable[None]]
+# Removes the blobs of the given SHA-256s from the blob store; those it removed.
+RemoveBlobs = Callable[[Collection[str]], Awaitable[set[str]]]
 
 
 class IngestStore(Protocol):
@@ -150,7 +150,10 @@ class IngestStore(Protocol):
 
     # -- the blob sweep ----------------------------------------------------------------------
 
-    async def remove_unreferenced(self, sha256s: Collection[str], remove: RemoveBlobs) -> set[str]:
-        """Which of ``sha256s`` no media row names; ``remove`` is awaited with them while
-        no media row can commit (in any process), so a row naming one of them commits either
-        before they were judged (and they are kept) or after ``remove`` returned."""
+    async def remove_unreferenced(
+        self, sha256s: Collection[str], remove: RemoveBlobs, *, open_for: float
+    ) -> set[str]:
+        """Which of ``sha256s`` ``remove`` removed, having been awaited with those no media
+        row names while no media row can commit (in any process): a row naming one of them
+        commits either before they were judged (and they are kept) or after ``remove``
+        returned. The transaction stays open for ``remove`` at least ``open_for`` seconds."""

@@ -9,6 +9,7 @@ queries are in :mod:`ingest_service.storage.outbox`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -38,6 +39,8 @@ from mediatag_common.embeddings import embedding_from_bytes, embedding_to_bytes
 
 # ListMedia order: newest first; the id breaks ties within one upload.
 LIST_ORDER = (media.c.created_at.desc(), media.c.id.desc())
+# Beyond the time a transaction asks to stay idle, before PostgreSQL ends it.
+IDLE_MARGIN_MS = 5000
 
 
 def is_postgresql(conn: Connection) -> bool:
@@ -208,12 +211,17 @@ def list_media(
     return [media_from_row(row) for row in rows]
 
 
-def lock_out_media_inserts(conn: Connection) -> None:
+def lock_out_media_inserts(conn: Connection, *, open_for: float) -> None:
     """Until this transaction ends, no other transaction (of any process) commits a new
     media row: PostgreSQL's SHARE lock on the table waits for inserts in flight and holds
     off new ones; on SQLite a write takes the database's one write lock now (a transaction
-    only reading would not hold it)."""
+    only reading would not hold it). The transaction may then stay idle for ``open_for``
+    seconds without PostgreSQL ending it (and letting go of the lock)."""
     if is_postgresql(conn):
+        idle = f"{math.ceil(open_for * 1000) + IDLE_MARGIN_MS}ms"
+        conn.execute(
+            sa.select(sa.func.set_config("idle_in_transaction_session_timeout", idle, True))
+        )
         conn.execute(sa.text("LOCK TABLE media IN SHARE MODE"))
     else:
         conn.execute(

@@ -233,25 +233,27 @@ class SqlIngestStore(SqlTransactions):
 
     # -- the blob sweep ----------------------------------------------------------------------
 
-    async def remove_unreferenced(self, sha256s: Collection[str], remove: RemoveBlobs) -> set[str]:
+    async def remove_unreferenced(
+        self, sha256s: Collection[str], remove: RemoveBlobs, *, open_for: float
+    ) -> set[str]:
         loop = asyncio.get_running_loop()
 
         def transaction(conn: Connection) -> set[str]:
-            repository.lock_out_media_inserts(conn)
+            repository.lock_out_media_inserts(conn, open_for=open_for)
             orphans = set(sha256s) - repository.referenced_sha256(conn, sha256s)
-            if orphans:
-                # Removed on the event loop while this transaction holds its lock. The wait
-                # is bounded by the blob store's own call timeouts.
-                _on_loop(loop, lambda: remove(orphans))
-            return orphans
+            if not orphans:
+                return set()
+            # Removed on the event loop while this transaction holds its lock. The wait
+            # is bounded by the caller (``open_for``) and the blob store's call timeouts.
+            return _on_loop(loop, lambda: remove(orphans))
 
         return await self._write(transaction)
 
 
-def _on_loop(loop: asyncio.AbstractEventLoop, work: Callable[[], Awaitable[None]]) -> None:
-    """Run ``work()`` on ``loop`` from a database thread and wait for it."""
+def _on_loop(loop: asyncio.AbstractEventLoop, work: Callable[[], Awaitable[T]]) -> T:
+    """Run ``work()`` on ``loop`` from a database thread and wait for its result."""
 
-    async def run() -> None:
-        await work()
+    async def run() -> T:
+        return await work()
 
-    asyncio.run_coroutine_threadsafe(run(), loop).result()
+    return asyncio.run_coroutine_threadsafe(run(), loop).result()
