@@ -136,6 +136,20 @@ async def test_quota_errors_pause_an_api_longer_each_time_until_a_call_goes_thro
         await waiting
 
 
+@pytest.mark.looptime
+async def test_a_pause_holds_for_calls_already_waiting_for_their_slots() -> None:
+    limits = RateLimits([ApiLimit("vision", 1.0, 1)], {}, clock=LoopClock())
+    loop = asyncio.get_running_loop()
+    await limits.acquire("vision")
+    # The next slot comes in 1 s; a quota error pauses the API for 10 s meanwhile.
+    waiting = asyncio.create_task(limits.acquire("vision"))
+    await asyncio.sleep(0.5)
+    paused_at = loop.time()
+    await limits.quota_exceeded("vision", 10.0)
+    await waiting
+    assert loop.time() >= paused_at + 10.0
+
+
 # ---- the shared gate, on a fake clock ----
 
 
@@ -158,6 +172,9 @@ class LateSlots:
 
     async def read(self) -> tuple[Mapping[str, SharedReading], float]:
         raise NotImplementedError
+
+    async def pause_end(self, api: str) -> tuple[float, float]:
+        return 0.0, asyncio.get_running_loop().time()
 
 
 async def _calls_made(limits: RateLimits, workers: int) -> list[float]:
@@ -321,6 +338,36 @@ async def test_a_quota_pause_set_by_one_replica_holds_for_every_replica(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_pause_holds_for_calls_another_replica_has_waiting_for_their_slots(
+    postgres_url: str,
+) -> None:
+    first, second = await _replicas(postgres_url, 2)
+    defaults = [ApiLimit("vision", 2.0, 1)]
+    pausing = RateLimits(defaults, {}, DatabaseSlots(first))
+    other_slots = DatabaseSlots(second)
+    other = RateLimits(defaults, {}, other_slots)
+    # When each of the other replica's calls went, on the database's clock.
+    went: list[float] = []
+
+    async def call() -> None:
+        await other.acquire("vision")
+        went.append((await other_slots.pause_end("vision"))[1])
+
+    try:
+        await call()
+        # Three more wait for slots 0.5 s apart; the first replica meets a quota error.
+        waiting = [asyncio.create_task(call()) for _ in range(3)]
+        await pausing.quota_exceeded("vision", 3.0)
+        paused_until, paused_at = await other_slots.pause_end("vision")
+        await asyncio.gather(*waiting)
+    finally:
+        await first.close()
+        await second.close()
+    during = [t for t in went[1:] if t > paused_at]
+    assert len(during) >= 2, f"the pause came too late to test anything: {went}, {paused_at}"
+    assert min(during) >= paused_until
 
 
 async def test_no_call_goes_when_the_database_is_unreachable() -> None:

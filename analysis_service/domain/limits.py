@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -154,6 +153,10 @@ class SharedSlots(Protocol):
     async def read(self) -> tuple[Mapping[str, SharedReading], float]:
         """Every API's row, and the database's clock."""
 
+    async def pause_end(self, api: str) -> tuple[float, float]:
+        """When the pause of ``api`` ends (in the past when it is not paused), and the
+        database's clock."""
+
 
 @dataclass
 class UpstreamApi:
@@ -199,10 +202,14 @@ class InProcessGate:
 
     async def acquire(self, api: UpstreamApi) -> None:
         limiter = self._limiters[api.name]
-        # A quota error may extend the pause while we sleep, hence the loop.
-        while (pause := limiter.throttled_until - self._clock.time()) > 0:  # noqa: ASYNC110
-            await asyncio.sleep(pause)
-        await limiter.limiter.acquire()
+        while True:
+            # A quota error may extend the pause while we sleep, hence the loop.
+            while (pause := limiter.throttled_until - self._clock.time()) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(pause)
+            await limiter.limiter.acquire()
+            # A pause that began while this call waited for its slot holds for it too.
+            if limiter.throttled_until <= self._clock.time():
+                break
         now = self._clock.monotonic()
         limiter.recent_calls.append(now)
         while limiter.recent_calls and limiter.recent_calls[0] < now - USE_WINDOW:
@@ -241,6 +248,10 @@ class SharedGate:
     - a call that would still go later than that (an answer that came after its slot, an
       event loop too busy to wake on time) gives the slot up and reserves another, at most
       :data:`SLOTS_GIVEN_UP_MAX` times in a row.
+
+    A quota pause holds for calls already waiting for their slots, on every replica: one
+    that waited looks again (one round trip) and, if a pause began meanwhile, reserves a
+    slot after it. One that did not wait goes (it was on its way when the pause began).
     """
 
     def __init__(self, slots: SharedSlots, clock: Clock) -> None:
@@ -248,15 +259,20 @@ class SharedGate:
         self._database_clock = RemoteClock(clock)
 
     async def acquire(self, api: UpstreamApi) -> None:
-        for given_up in itertools.count():
+        given_up = 0
+        while True:
             slot = await self._slots.reserve(api.name, api.rule, USE_WINDOW)
             self._database_clock.observe(read_at=slot.now)
             wait = self._database_clock.until(slot.at)
             if wait > 0:
                 await asyncio.sleep(wait)
+                pause_end, now = await self._slots.pause_end(api.name)
+                if pause_end > now:
+                    continue
             late = -self._database_clock.until(slot.at)
             if late < api.rule.interval * LATENESS_ALLOWED or given_up == SLOTS_GIVEN_UP_MAX:
                 return
+            given_up += 1
 
     async def pause(self, api: UpstreamApi, seconds: float) -> None:
         await self._slots.pause(api.name, api.rule, seconds)

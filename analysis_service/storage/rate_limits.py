@@ -103,6 +103,25 @@ class DatabaseSlots:
         return await session.read(self._db, read)
 
 
+    async def pause_end(self, api: str) -> tuple[float, float]:
+        clock = _clock(api)
+        query = sa.select(
+            sa.func.coalesce(
+                sa.select(rate_limits.c.paused_until)
+                .where(rate_limits.c.api == clock.c.api)
+                .scalar_subquery(),
+                0.0,
+            ),
+            clock.c.now,
+        )
+
+        def read(conn: Connection) -> tuple[float, float]:
+            paused_until, now = conn.execute(query).one()
+            return float(paused_until), float(now)
+
+        return await session.read(self._db, read)
+
+
 def _reservation(api: str, rule: Gcra, window: float) -> sa.Update:
     """The statement that reserves a slot of ``api``'s row under ``rule`` and returns when the
     slot comes and the database's clock, counting the call in fixed windows of ``window``."""
