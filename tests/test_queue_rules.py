@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -528,6 +529,36 @@ async def test_closing_writes_the_completions_behind_and_gives_back_the_jobs_cla
     given_back = await claimed_and_given_back(queue, claimed)
     assert given_back
     for job in given_back:
+        assert_given_back_unstarted(job)
+
+
+class SlowToForget:
+    """Told of the jobs claimed ahead and given back; each telling of a give-back takes a
+    second (the read-ahead drops its claims on their content in a round trip)."""
+
+    def __init__(self) -> None:
+        self.telling = asyncio.Event()
+
+    def claimed_ahead(self, job: ClaimedJob) -> None:
+        pass
+
+    async def given_back(self, jobs: Sequence[ClaimedJob]) -> None:
+        self.telling.set()
+        await time_passes(1.0)
+
+
+async def test_closing_while_a_give_back_is_under_way_still_gives_back_every_job() -> None:
+    queue = queue_of()
+    listener = SlowToForget()
+    queue.jobs.tell_claims_ahead(listener)
+    await queue.jobs.submit([spec(n) for n in range(SUBMITTED)])
+    claimed = [await queue.claim() for _ in range(10)]
+    # No worker starts the jobs claimed ahead: after READY_TTL they go back, slowly.
+    await asyncio.wait_for(listener.telling.wait(), READY_TTL + 1.0)
+
+    await queue.jobs.close()
+    assert await processing(queue) == len(claimed)
+    for job in await claimed_and_given_back(queue, claimed):
         assert_given_back_unstarted(job)
 
 

@@ -99,6 +99,8 @@ class Claims:
         self._claiming_ahead: set[asyncio.Future[ClaimedJob | None]] = set()
         self._starts: deque[float] = deque(maxlen=int(MAX_AHEAD * RATE_WINDOW / AHEAD_HORIZON))
         self._giving_back: asyncio.Task[None] | None = None
+        # Set by close: the give-back stops waiting and leaves the rest to close.
+        self._closing = asyncio.Event()
         self._listener: ClaimsAhead | None = None
 
     def tell(self, listener: ClaimsAhead) -> None:
@@ -147,10 +149,10 @@ class Claims:
             await asyncio.wait(self._claiming_ahead)
         await self._group.close()
         if self._giving_back is not None:
-            # Its releases under way are written all the same (ends are shielded).
-            self._giving_back.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._giving_back
+            # Not cancelled: one cancelled while telling the listener would leave the jobs it
+            # took off the ready list leased, each to lose an attempt when its lease expired.
+            self._closing.set()
+            await self._giving_back
         await self.give_back_ready()
 
     def _started(self, now: float) -> None:
@@ -186,11 +188,12 @@ class Claims:
 
     async def _give_back_unstarted(self) -> None:
         """Give back the jobs claimed ahead that no worker started within READY_TTL."""
-        while self._ready:
+        while self._ready and not self._closing.is_set():
             _, claimed_at = self._ready[0]
             wait = claimed_at + READY_TTL - self._clock.monotonic()
             if wait > 0:
-                await asyncio.sleep(wait)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), wait)
                 continue
             expired = []
             while self._ready and self._ready[0][1] + READY_TTL <= self._clock.monotonic():
