@@ -106,7 +106,8 @@ async def _assemble(
         store,
         analyzer_name=analyzer.name,
         analyzer_version=analyzer.version,
-        claim_seconds=config.analyzer_timeout + config.lease_seconds,
+        # Renewed while its holder analyses: a dead holder's key lapses as its job's lease does.
+        claim_seconds=config.lease_seconds,
     )
     pool = WorkerPool(
         queue=queue,

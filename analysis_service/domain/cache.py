@@ -5,8 +5,10 @@ new analyser version or a different category (for analysers that use it) is a mi
 A new result is stored by the transaction that completes its job. While a key is being
 analysed, other jobs with that key wait for that call (and that completion) instead of
 making a second one: in this process through a future, across processes sharing the
-database through a claim on the key in the store (held for a lease, so a crashed holder's
-key is taken over once the lease runs out).
+database through a claim on the key in the store. The claim has a short lease that its
+holder renews while it analyses, so a slow analysis keeps the key and a dead holder's is
+taken over within one lease. Waiting for another's analysis is no part of a job's own
+analysis (see :mod:`analysis_service.domain.workers`).
 """
 
 from __future__ import annotations
@@ -44,18 +46,21 @@ class ResultCache:
         *,
         analyzer_name: str,
         analyzer_version: str,
-        claim_seconds: float = 60.0,
+        claim_seconds: float = 30.0,
     ) -> None:
         self._store = store
         self._analyzer_name = analyzer_name
         self._analyzer_version = analyzer_version
-        # The claim on a key outlives the longest analysis (the analyser timeout).
+        # The lease of a claim on a key, renewed every third of it while the key is analysed:
+        # how long the other processes wait for a holder that died before taking the key over.
         self._claim_seconds = claim_seconds
         self._holder = uuid.uuid4().hex
         # The keys this process is analysing; each future holds the result once computed.
         self._in_flight: dict[str, asyncio.Future[JobResult | None]] = {}
         # The look-ups started ahead (see look_up_ahead) that no job has taken yet.
         self._ahead: dict[str, asyncio.Task[JobResult | bool]] = {}
+        # The renewals of the claims this process holds (a task needs a reference to run).
+        self._renewals: set[asyncio.Task[None]] = set()
         # Distinct keys: a key is looked up only by the job that put it in ``_in_flight``.
         self._looking_up = Gathering(
             self._look_up_all, max_batch=MAX_LOOK_UP_BATCH, max_calls=MAX_LOOK_UPS
@@ -125,17 +130,21 @@ class ResultCache:
                 await record(found, None)
                 return found
             # Another process analyses this content: its result will be in the store (or
-            # its claim released or expired, and this one takes over).
+            # its claim dropped, or lapsed unrenewed as its holder died, and this one takes
+            # over).
             await asyncio.sleep(OTHER_HOLDER_POLL)
         self.misses += 1
         holder = self._holder if self._store.shared else None
+        renewal = None if holder is None else self._renew(key, holder)
         result: JobResult | None = None
         try:
             try:
                 result = await compute()
             except BaseException:
-                if holder is not None:
+                if renewal is not None and holder is not None:
                     with contextlib.suppress(Exception):
+                        # A renewal landing after the drop would take the key again.
+                        await renewal.stop()
                         await asyncio.shield(self._store.drop_analysis(key, holder))
                 raise
             try:
@@ -151,6 +160,10 @@ class ResultCache:
                 raise
             return result
         finally:
+            if renewal is not None:
+                # Not waited for: a renewal after the result is stored finds it and takes
+                # nothing (the completion written behind ends the claim, within its lease).
+                renewal.stopping.set()
             self._finish(key, done, result)
 
     def look_up_ahead(self, key: str) -> None:
@@ -187,6 +200,12 @@ class ResultCache:
         other workers look up at the same moment."""
         return await self._looking_up.ask(key)
 
+    def _renew(self, key: str, holder: str) -> _Renewal:
+        renewal = _Renewal(self._store, key, holder, self._claim_seconds)
+        self._renewals.add(renewal.task)
+        renewal.task.add_done_callback(self._renewals.discard)
+        return renewal
+
     async def _look_up_all(self, keys: Sequence[str]) -> Sequence[JobResult | bool]:
         if self._store.shared:
             return await self._store.take_analyses(keys, self._holder, self._claim_seconds)
@@ -197,3 +216,47 @@ class ResultCache:
     ) -> None:
         del self._in_flight[key]
         done.set_result(result)
+
+
+class _Renewal:
+    """Renews ``holder``'s claim on ``key`` every third of its lease until told to stop."""
+
+    def __init__(self, store: QueueStore, key: str, holder: str, lease_seconds: float) -> None:
+        self._store = store
+        self._key = key
+        self._holder = holder
+        self._lease_seconds = lease_seconds
+        self.stopping = asyncio.Event()
+        self.task = asyncio.create_task(self._run(), name="renew-result-claim")
+
+    async def stop(self) -> None:
+        """Stop, once a renewal under way has ended."""
+        self.stopping.set()
+        await asyncio.shield(self.task)
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._lease_seconds / 3):
+                    await self.stopping.wait()
+                return
+            try:
+                # Asked again by its holder, a live claim is renewed (and a lapsed one no
+                # other process took is taken again).
+                (kept,) = await self._store.take_analyses(
+                    [self._key], self._holder, self._lease_seconds
+                )
+            except Exception as error:
+                # The claim runs on its lease meanwhile; the next renewal may pass.
+                logger.warning("claim on a result key not renewed: %s", error)
+                continue
+            if kept is False and not self.stopping.is_set():
+                # (Once stopping, the result this holder just stored may have refused it.)
+                logger.warning(
+                    "claim on result key %s lapsed and another process took it over: "
+                    "this content is analysed twice",
+                    self._key,
+                )
+            if kept is not True:
+                # Another holder's, or a result is stored: nothing left to keep.
+                return

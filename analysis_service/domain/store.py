@@ -228,8 +228,9 @@ class QueueStore(Protocol):
     ) -> Sequence[JobResult | bool]:
         """For each of ``keys`` (distinct, else ValueError): the result stored under it if
         there is one; else whether ``holder`` became the one process analysing it for
-        ``lease_seconds`` (False while another holder's claim on it is live). One
-        transaction for them all."""
+        ``lease_seconds`` (False while another holder's claim on it is live). Asked again by
+        the holder of a live claim, it renews that claim for ``lease_seconds`` from now: how a
+        holder keeps the key while it analyses. One transaction for them all."""
         ...
 
     async def drop_analysis(self, key: str, holder: str) -> None:

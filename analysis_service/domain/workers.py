@@ -6,7 +6,9 @@ their jobs back to PENDING. A completion is written behind (see
 :mod:`analysis_service.domain.queue`): the worker takes its next job while the job it
 finished keeps its lease, until the completion commits and its outcome is reported. The
 jobs the queue claims ahead are looked up in the cache and read before a worker starts them
-(see :mod:`analysis_service.domain.read_ahead`).
+(see :mod:`analysis_service.domain.read_ahead`). The analyser timeout bounds a job's own
+analysis: not its wait for a rate limit, nor for another job's (or replica's) analysis of
+the same content, which the cache's single flight makes it wait for.
 """
 
 from __future__ import annotations
@@ -230,19 +232,20 @@ class WorkerPool:
         key, content = self._read_ahead.start(job)
 
         async def complete(result: JobResult, new_result: NewResult | None) -> None:
-            # The analysis is over: its timeout does not bound the completion.
-            deadline.reschedule(None)
             completion.append(await self._queue.complete(job, result, key, new_result=new_result))
 
-        async with asyncio.timeout(self._analyzer_timeout) as deadline:
-            # The bytes are read while the cache is asked: the two round trips overlap
-            # instead of adding up (a cached result, the rare case, wastes the read).
-            try:
-                result = await self._cache.get_or_compute(
-                    key, spec.sha256, lambda: self._analyze(job, content, deadline), complete
-                )
-            finally:
-                content.cancel()
+        # The bytes are read while the cache is asked: the two round trips overlap instead of
+        # adding up (a cached result, the rare case, wastes the read). The analyser's
+        # deadline bounds the analysis alone (see _analyze): a job waiting for another's
+        # analysis of its content uses no attempt however long rate limits hold that one. Its
+        # heartbeat keeps its lease; the wait ends with the result stored, or the other's
+        # claim on the key dropped or lapsed unrenewed (its holder died), and this job analyses.
+        try:
+            result = await self._cache.get_or_compute(
+                key, spec.sha256, lambda: self._analyze(job, content), complete
+            )
+        finally:
+            content.cancel()
         duration = self._clock.monotonic() - started
         self._throughput.record(duration)
         logger.info(
@@ -259,11 +262,15 @@ class WorkerPool:
             },
         )
 
-    async def _analyze(
-        self, job: ClaimedJob, reading: Awaitable[bytes], deadline: asyncio.Timeout
+    async def _analyze(self, job: ClaimedJob, reading: Awaitable[bytes]) -> JobResult:
+        """Analyse the job's bytes within the analyser timeout."""
+        async with asyncio.timeout(self._analyzer_timeout) as deadline:
+            return await self._call_analyzer(job, await reading, deadline)
+
+    async def _call_analyzer(
+        self, job: ClaimedJob, content: bytes, deadline: asyncio.Timeout
     ) -> JobResult:
         spec = job.spec
-        content = await reading
         logger.info(
             "analysing media %s with %s (%s)",
             spec.media_id,
