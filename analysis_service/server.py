@@ -121,7 +121,10 @@ async def _assemble(
         observer=metrics,
     )
     replicas = Replicas(
-        DatabaseReplicas(db), workers_total=pool.size, workers_busy=lambda: pool.busy
+        DatabaseReplicas(db),
+        workers_total=pool.size,
+        workers_busy=lambda: pool.busy,
+        finished_last_minute=throughput.last_minute,
     )
     watcher = StatusWatcher(store, hub, bookmark_interval=config.watch.bookmark_interval)
     maintenance = Maintenance(queue, config.watch)
@@ -157,7 +160,6 @@ async def _assemble(
             watcher=watcher,
             replicas=replicas,
             limits=limits,
-            throughput=throughput,
             analyzer=analyzer,
             metrics=metrics,
             max_watch_media_ids=config.watch.max_media_ids,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import sqlalchemy as sa
@@ -17,6 +18,7 @@ from analysis_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
 from mediatag_cli.main import run_client
 from mediatag_common.database import Database
 from tests.conftest import Cluster, DatabaseUrls, wait_until
+from tests.test_pipeline import image_files, upload, wait_terminal
 
 
 async def _age(db: Database, replica_id: str, seconds: float) -> None:
@@ -35,10 +37,16 @@ async def test_replicas_see_each_other_and_a_silent_one_goes(databases: Database
     await first_db.migrate(MIGRATIONS, lock_name=MIGRATIONS_LOCK)
     busy = {"first": 2, "second": 0}
     first = Replicas(
-        DatabaseReplicas(first_db), workers_total=4, workers_busy=lambda: busy["first"]
+        DatabaseReplicas(first_db),
+        workers_total=4,
+        workers_busy=lambda: busy["first"],
+        finished_last_minute=lambda: (10, 25.0),
     )
     second = Replicas(
-        DatabaseReplicas(second_db), workers_total=3, workers_busy=lambda: busy["second"]
+        DatabaseReplicas(second_db),
+        workers_total=3,
+        workers_busy=lambda: busy["second"],
+        finished_last_minute=lambda: (0, 0.0),
     )
     first.start()
     second.start()
@@ -57,6 +65,11 @@ async def test_replicas_see_each_other_and_a_silent_one_goes(databases: Database
             os.getpid(),
         )
         assert seen[first.replica_id].workers_busy == 2
+        # What its workers finished in the last minute, for the cluster's throughput.
+        assert (
+            seen[first.replica_id].finished_last_minute,
+            seen[first.replica_id].busy_seconds_last_minute,
+        ) == (10, 25.0)
         assert all(r.live for r in seen.values())
         # The answering replica's own figures are those of this moment.
         busy["second"] = 3
@@ -132,3 +145,36 @@ async def test_two_servers_on_one_postgresql_list_each_other(
     status = await second.analysis.GetQueueStatus(apb.GetQueueStatusRequest())
     assert {r.state for r in status.replicas} == {apb.REPLICA_STATE_LIVE}
     assert status.workers_total == 4
+
+
+async def test_every_replica_reports_the_throughput_of_the_cluster(
+    make_cluster: Callable[..., Cluster], postgres_url: str
+) -> None:
+    """The jobs finished in the last minute, and the wait estimated from their durations,
+    are the cluster's, whichever replica answers: here one without workers."""
+    config = AnalysisConfig(
+        workers=2, database_url=postgres_url, rate_limits={"local": RateLimitConfig(50, 1)}
+    )
+    working = make_cluster(analysis_config=config)
+    watching = make_cluster(analysis_config=replace(config, workers=0))
+    await working.start_analysis()
+    await working.start_ingest()
+    await watching.start_analysis()
+    ids = [m.id for m in (await upload(working, image_files(3, first_seed=20))).media]
+    await wait_terminal(working, ids)
+
+    async def both_report_the_three() -> bool:
+        statuses = [
+            await each.analysis.GetQueueStatus(apb.GetQueueStatusRequest())
+            for each in (working, watching)
+        ]
+        return [s.completed_last_minute for s in statuses] == [3, 3]
+
+    # The working replica's heartbeat brings its figures to the other.
+    await wait_until(both_report_the_three)
+    # With the queue empty, the wait is one job's mean duration, the same from either.
+    first, second = [
+        (await each.analysis.GetQueueStatus(apb.GetQueueStatusRequest())).estimated_wait
+        for each in (working, watching)
+    ]
+    assert first.ToTimedelta() == second.ToTimedelta()

@@ -23,7 +23,6 @@ from analysis_service.domain.models import Bookmark, JobStatus
 from analysis_service.domain.queue import JobQueue
 from analysis_service.domain.queue_status import queue_status
 from analysis_service.domain.replicas import Replicas
-from analysis_service.domain.stats import Throughput
 from analysis_service.domain.watch import StatusWatcher, WatchRequest
 from analysis_service.errors import JobNotFound, invalid
 from analysis_service.metrics import AnalysisMetrics
@@ -90,7 +89,6 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         watcher: StatusWatcher,
         replicas: Replicas,
         limits: RateLimits,
-        throughput: Throughput,
         analyzer: Analyzer,
         metrics: AnalysisMetrics,
         max_watch_media_ids: int,
@@ -103,7 +101,6 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         self._watch_messages = convert.WatchMessages()
         self._replicas = replicas
         self._limits = limits
-        self._throughput = throughput
         self._analyzer = analyzer
         self._sent_events = metrics.watch_messages.labels("event")
         self._sent_bookmarks = metrics.watch_messages.labels("bookmark")
@@ -199,7 +196,6 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             queue=self._queue,
             replicas=self._replicas,
             limits=self._limits,
-            throughput=self._throughput,
             analyzer=self._analyzer,
             current_revision=self._watcher.current_revision,
         )

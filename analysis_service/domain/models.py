@@ -177,6 +177,9 @@ class ReplicaState:
     last_seen: float
     # False once it has missed several heartbeats: its workers are not counted.
     live: bool
+    # Jobs its workers finished in the last minute, and the seconds they took, summed.
+    finished_last_minute: int = 0
+    busy_seconds_last_minute: float = 0.0
 
 
 @dataclass(frozen=True)

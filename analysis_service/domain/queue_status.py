@@ -12,7 +12,6 @@ if TYPE_CHECKING:
     from analysis_service.domain.limits import RateLimits
     from analysis_service.domain.queue import JobQueue
     from analysis_service.domain.replicas import Replicas
-    from analysis_service.domain.stats import Throughput
 
 
 def estimate_wait(
@@ -42,18 +41,19 @@ async def queue_status(
     queue: JobQueue,
     replicas: Replicas,
     limits: RateLimits,
-    throughput: Throughput,
     analyzer: Analyzer,
     current_revision: int,
 ) -> QueueStatus:
-    """The queue at a glance: depth, the workers of every live replica, limits, throughput,
-    oldest job, estimated wait (at this replica's mean job duration)."""
+    """The queue at a glance: depth, the workers, throughput and mean job duration of every
+    live replica, limits, oldest job, estimated wait."""
     depth = await queue.depth()
     counts, oldest_submission = depth.counts, depth.oldest_pending_submission
     cluster = await replicas.cluster()
     live = [replica for replica in cluster if replica.live]
     workers = sum(replica.workers_total for replica in live)
-    mean = throughput.mean_duration()
+    finished = sum(replica.finished_last_minute for replica in live)
+    busy_seconds = sum(replica.busy_seconds_last_minute for replica in live)
+    mean = busy_seconds / finished if finished else None
     waiting = counts[JobStatus.PENDING] + counts[JobStatus.PROCESSING]
     return QueueStatus(
         counts=counts,
@@ -61,7 +61,7 @@ async def queue_status(
         workers_total=workers,
         paused=await queue.is_paused(),
         rate_limits=await limits.snapshot(),
-        completed_last_minute=throughput.last_minute(),
+        completed_last_minute=finished,
         oldest_pending_age=time.time() - oldest_submission if oldest_submission else None,
         estimated_wait=estimate_wait(
             waiting=waiting, workers=workers, rate_limit=limits.min_rate(), mean_duration=mean

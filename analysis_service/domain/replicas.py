@@ -1,10 +1,10 @@
 """The analysis replicas sharing one database, as each one's heartbeat tells.
 
-Every replica writes its row (host, pid, workers) every :data:`HEARTBEAT_INTERVAL` seconds
-on the database's clock; a row not refreshed for :data:`GONE_AFTER` seconds is shown as
-gone (its workers no longer count), and heartbeats delete rows older than
-:data:`PRUNE_AFTER`. A replica that stops cleanly removes its own row. On SQLite the
-table holds the one process.
+Every replica writes its row (host, pid, workers, the jobs finished in the last minute and
+how long they took) every :data:`HEARTBEAT_INTERVAL` seconds on the database's clock; a row
+not refreshed for :data:`GONE_AFTER` seconds is shown as gone (its workers no longer count),
+and heartbeats delete rows older than :data:`PRUNE_AFTER`. A replica that stops cleanly
+removes its own row. On SQLite the table holds the one process.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ class Heartbeat:
     pid: int
     workers_total: int
     workers_busy: int
+    # Jobs its workers finished in the last minute, and the seconds they took, summed.
+    finished_last_minute: int = 0
+    busy_seconds_last_minute: float = 0.0
 
 
 class ReplicaStore(Protocol):
@@ -64,11 +67,15 @@ class Replicas:
         *,
         workers_total: int,
         workers_busy: Callable[[], int],
+        finished_last_minute: Callable[[], tuple[int, float]],
         interval: float = HEARTBEAT_INTERVAL,
     ) -> None:
+        """``finished_last_minute``: the jobs this replica's workers finished in the last
+        minute, and the seconds they took, summed."""
         self._store = store
         self._workers_total = workers_total
         self._workers_busy = workers_busy
+        self._finished_last_minute = finished_last_minute
         self._interval = interval
         self.replica_id = uuid.uuid4().hex[:12]
         self._host = socket.gethostname()
@@ -76,12 +83,15 @@ class Replicas:
         self._task: asyncio.Task[None] | None = None
 
     def _heartbeat(self) -> Heartbeat:
+        finished, busy_seconds = self._finished_last_minute()
         return Heartbeat(
             replica_id=self.replica_id,
             host=self._host,
             pid=self._pid,
             workers_total=self._workers_total,
             workers_busy=self._workers_busy(),
+            finished_last_minute=finished,
+            busy_seconds_last_minute=busy_seconds,
         )
 
     def start(self) -> None:
@@ -120,6 +130,8 @@ class Replicas:
             started_at=own.started_at if own is not None else now,
             last_seen=now,
             live=True,
+            finished_last_minute=here.finished_last_minute,
+            busy_seconds_last_minute=here.busy_seconds_last_minute,
         )
         others = (
             replace(r, live=now - r.last_seen <= GONE_AFTER)

@@ -30,6 +30,8 @@ class DatabaseReplicas:
                 pid=heartbeat.pid,
                 workers_total=heartbeat.workers_total,
                 workers_busy=heartbeat.workers_busy,
+                finished_last_minute=heartbeat.finished_last_minute,
+                busy_seconds_last_minute=heartbeat.busy_seconds_last_minute,
                 started_at=self._now,
                 last_seen=self._now,
             )
@@ -39,6 +41,8 @@ class DatabaseReplicas:
                     set_={
                         "workers_total": insert.excluded.workers_total,
                         "workers_busy": insert.excluded.workers_busy,
+                        "finished_last_minute": insert.excluded.finished_last_minute,
+                        "busy_seconds_last_minute": insert.excluded.busy_seconds_last_minute,
                         "last_seen": insert.excluded.last_seen,
                     },
                 )
@@ -61,6 +65,8 @@ class DatabaseReplicas:
                     started_at=row.started_at,
                     last_seen=row.last_seen,
                     live=True,
+                    finished_last_minute=row.finished_last_minute,
+                    busy_seconds_last_minute=row.busy_seconds_last_minute,
                 )
                 for row in rows
             ), now

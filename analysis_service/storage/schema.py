@@ -140,6 +140,8 @@ replicas = sa.Table(
     sa.Column("workers_busy", sa.Integer, nullable=False),
     sa.Column("started_at", sa.Float, nullable=False),
     sa.Column("last_seen", sa.Float, nullable=False),
+    sa.Column("finished_last_minute", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("busy_seconds_last_minute", sa.Float, nullable=False, server_default="0"),
 )
 
 REVISION = "revision"

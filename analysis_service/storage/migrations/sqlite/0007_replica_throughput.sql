@@ -1,0 +1,4 @@
+-- Each replica's heartbeat tells the jobs its workers finished in the last minute and the
+-- seconds they took, so that the queue status adds up every replica's, whichever answers.
+ALTER TABLE replicas ADD COLUMN finished_last_minute INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE replicas ADD COLUMN busy_seconds_last_minute REAL NOT NULL DEFAULT 0;
