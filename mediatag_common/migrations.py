@@ -12,8 +12,9 @@ On start each service applies the versions its database has not recorded, each i
 transaction, and records them in ``schema_migrations``. A database with versions it does not
 know was migrated by a newer release, whose new tables the old code would not keep in step
 (a job count, say): the service refuses to start on it. On PostgreSQL the whole run holds an
-advisory lock, so replicas starting together apply each migration once; the others wait and
-then find nothing left to do.
+advisory lock, so replicas starting together apply each migration once; the others wait
+(however long the migration takes: the wait is not bound by the sessions' ``lock_timeout``)
+and then find nothing left to do.
 """
 
 from __future__ import annotations
@@ -100,6 +101,26 @@ def load_migrations(package: str) -> tuple[Migration, ...]:
     return tuple(migrations)
 
 
+def _wait_for_lock(conn: Connection, key: int) -> None:
+    """Take the session-level advisory lock ``key``, waiting for whoever holds it.
+
+    The holder is another process migrating, and a migration may run for minutes (an index
+    built on a large table): its lock is waited for however long, not for the sessions'
+    ``lock_timeout``, which would fail this process's start while the other one is about to
+    leave nothing to do. ``SET LOCAL``: only this transaction's; the migrations' own
+    statements keep the timeout, so one blocked by a forgotten session fails rather than
+    hangs."""
+    parameters = {"key": key}
+    if not conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), parameters).scalar_one():
+        logger.info("waiting for another process to finish migrating this database")
+        started = time.monotonic()
+        conn.execute(sa.text("SET LOCAL lock_timeout = 0"))
+        conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), parameters)
+        logger.info("the other process's migration ended after %.1f s", time.monotonic() - started)
+    # Ends the transaction (and the SET LOCAL); the lock is the session's, held until unlocked.
+    conn.commit()
+
+
 class SchemaTooNew(RuntimeError):
     """The database holds migrations of a newer release than this one (the service cannot
     start on it)."""
@@ -121,8 +142,7 @@ def apply_migrations(
     dialect = conn.dialect.name
     locked = dialect == "postgresql"
     if locked:
-        conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": lock_key(lock_name)})
-        conn.commit()
+        _wait_for_lock(conn, lock_key(lock_name))
     try:
         with conn.begin():
             conn.execute(sa.text(_MIGRATIONS_TABLE))

@@ -1,9 +1,11 @@
 """Versioned migrations on SQLite and PostgreSQL: what they create is what the queries expect,
-they apply once when replicas start together, and data made by earlier releases is kept."""
+they apply once when replicas start together (however long one takes), and data made by
+earlier releases is kept."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import multiprocessing.synchronize
 import sqlite3
@@ -11,9 +13,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from analysis_service.storage import schema as analysis_schema
 from ingest_service.storage import schema as ingest_schema
+from mediatag_common import database
 from mediatag_common.database import Database, database_url
 from mediatag_common.keys import load_or_create_key
 from mediatag_common.migrations import (
@@ -21,8 +25,9 @@ from mediatag_common.migrations import (
     SchemaTooNew,
     apply_migrations,
     load_migrations,
+    lock_key,
 )
-from tests.conftest import DatabaseUrls, free_port
+from tests.conftest import DatabaseUrls, free_port, wait_until
 from tests.processes import run_cli
 
 SERVICES = {
@@ -177,6 +182,61 @@ def test_three_processes_migrating_at_once_apply_each_migration_once(postgres_ur
         rows = list(conn.execute(sa.text("SELECT version FROM schema_migrations")))
     engine.dispose()
     assert sorted(v for (v,) in rows) == everything
+
+
+# How long the session waiting on an advisory lock in this database has been waiting, if one is.
+_WAITING_FOR_ADVISORY_LOCK = sa.text(
+    """
+    SELECT EXTRACT(EPOCH FROM clock_timestamp() - activity.query_start)
+    FROM pg_locks AS lock JOIN pg_stat_activity AS activity ON activity.pid = lock.pid
+    WHERE lock.locktype = 'advisory' AND NOT lock.granted
+      AND lock.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    """
+)
+
+
+async def test_a_replica_waits_for_a_migration_longer_than_the_lock_timeout(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica starting while another migrates (an index built on a large table, say) for
+    longer than the sessions' ``lock_timeout`` waits, then applies nothing twice; its
+    sessions keep their ``lock_timeout`` for the rest."""
+    # 0.2 s here rather than 30 s: the migration below outlasts it many times over.
+    monkeypatch.setattr(database, "_PG_SESSION_OPTIONS", "-c lock_timeout=200")
+    caplog.set_level(logging.INFO, logger="mediatag_common.migrations")
+    migrations, lock = ingest_schema.MIGRATIONS, ingest_schema.MIGRATIONS_LOCK
+    first = Database(postgres_url)
+    second = Database(postgres_url)
+    migrating = first.engine.connect()
+    try:
+        # The first replica is migrating: it holds the lock as a run does.
+        migrating.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": lock_key(lock)})
+        migrating.commit()
+
+        def start(conn: Connection) -> tuple[list[int], str]:
+            applied = apply_migrations(conn, migrations, lock_name=lock)
+            return applied, str(conn.execute(sa.text("SHOW lock_timeout")).scalar_one())
+
+        starting = asyncio.create_task(asyncio.to_thread(second.run_sync, start))
+
+        async def waited_well_past_the_timeout() -> bool:
+            if starting.done():
+                raise AssertionError(f"the second replica did not wait: {starting.exception()!r}")
+            waited = await first.read(lambda c: c.execute(_WAITING_FOR_ADVISORY_LOCK).scalar())
+            return waited is not None and float(waited) > 1.0
+
+        await wait_until(waited_well_past_the_timeout)
+        assert "waiting for another process to finish migrating" in caplog.text
+
+        applied = await asyncio.to_thread(apply_migrations, migrating, migrations, lock_name=lock)
+        assert applied == [m.version for m in migrations]
+        migrating.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": lock_key(lock)})
+        migrating.commit()
+        assert await starting == ([], "200ms")
+    finally:
+        migrating.close()
+        await first.close()
+        await second.close()
 
 
 async def test_a_stored_key_is_made_once_and_shared(databases: DatabaseUrls) -> None:

@@ -15,10 +15,11 @@ from ingest_service.domain.models import ProcessingStatus, StatusUpdate
 from ingest_service.domain.store import MirroredChange
 from ingest_service.domain.webhook_backlog import DeliveryListing
 from ingest_service.domain.webhook_endpoints import TERMINAL_STATUSES, WebhookEndpoint
+from ingest_service.domain.webhooks import Claim, Retry
 from ingest_service.storage import webhook_deliveries as store
 from ingest_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK, media
 from ingest_service.storage.sql_store import SqlIngestStore
-from mediatag_common.database import Database
+from mediatag_common.database import Database, database_now
 from tests.conftest import DatabaseUrls
 
 SECRET = "whsec_" + "A" * 32
@@ -68,62 +69,76 @@ async def db(databases: DatabaseUrls) -> AsyncIterator[Database]:
     await database.close()
 
 
-def enqueue(
-    media_id: str, revision: int, endpoints: list[WebhookEndpoint], now: float = 100.0
-) -> partial[list[str]]:
+def enqueue(media_id: str, revision: int, endpoints: list[WebhookEndpoint]) -> partial[list[str]]:
     return partial(
         store.enqueue,
         media_id=media_id,
         status=COMPLETED,
         revision=revision,
-        event_time=now,
+        event_time=100.0,
         endpoints=endpoints,
-        now=now,
     )
+
+
+def claim_of(
+    claimer: str,
+    *,
+    endpoint: str = "e",
+    limit: int = 10,
+    concurrency: int = 10,
+    lease: float = 30.0,
+) -> partial[Claim]:
+    return partial(
+        store.claim,
+        endpoint=endpoint,
+        limit=limit,
+        concurrency=concurrency,
+        lease=lease,
+        claimer=claimer,
+    )
+
+
+def revisions(claim: Claim) -> list[int]:
+    return [delivery.change.revision for delivery in claim.deliveries]
 
 
 async def test_a_change_is_enqueued_for_each_endpoint_that_wants_it(db: Database) -> None:
     endpoints = [endpoint("all"), endpoint("seven", frozenset({"listing-7"}))]
+    before = await db.read(database_now)
     assert await db.write(enqueue("m1", 5, endpoints)) == ["all", "seven"]
+    after = await db.read(database_now)
     assert await db.write(enqueue("m2", 6, endpoints)) == ["all"]
     assert await db.write(enqueue("unknown-media", 7, endpoints)) == []
 
-    claim = await db.write(
-        partial(store.claim, endpoint="seven", limit=10, now=100.0, lease=30.0, claimer="a")
-    )
+    claim = await db.write(claim_of("a", endpoint="seven"))
     [delivery] = claim.deliveries
     assert delivery.change.owner_id == "listing-7"
     assert delivery.change.revision == 5
     assert delivery.change.message_id == "msg_m1_5"
     assert delivery.attempts == 0
+    # On the database's clock, where its retry period ends.
+    assert before <= delivery.created_at <= after
 
 
 async def test_claims_are_exclusive_until_the_lease_ends(db: Database) -> None:
     for revision in range(1, 5):
         await db.write(enqueue("m1", revision, [endpoint("e")]))
-    claim_a = partial(store.claim, endpoint="e", lease=30.0, claimer="a")
-    claim_b = partial(store.claim, endpoint="e", lease=30.0, claimer="b")
 
-    first = await db.write(partial(claim_a, limit=3, now=100.0))
-    second = await db.write(partial(claim_b, limit=3, now=100.0))
-    assert [d.change.revision for d in first.deliveries] == [1, 2, 3]
-    assert [d.change.revision for d in second.deliveries] == [4]
-    assert second.next_due == 130.0
+    # Leases that end as they begin: the claims are anyone's at once.
+    first = await db.write(claim_of("a", limit=3, lease=0.0))
+    assert revisions(first) == [1, 2, 3]
+    taken = await db.write(claim_of("b"))
+    assert sorted(revisions(taken)) == [1, 2, 3, 4]
+    # b's hold until its lease ends, on the database's clock.
+    nothing = await db.write(claim_of("c"))
+    assert nothing.deliveries == []
+    assert nothing.next_due_in is not None
+    assert 29.0 < nothing.next_due_in <= 30.0
 
-    # Both leases ended: b takes every delivery again, and a's late outcomes change nothing.
-    taken = await db.write(partial(claim_b, limit=10, now=131.0))
-    assert [d.change.revision for d in taken.deliveries] == [1, 2, 3, 4]
+    # a's late outcomes change nothing.
     await db.write(partial(store.delivered, delivery_id=first.deliveries[0].id, claimer="a"))
-    await db.write(
-        partial(
-            store.failed,
-            delivery_id=first.deliveries[1].id,
-            claimer="a",
-            error="HTTP 500",
-            retry_at=None,
-            now=132.0,
-        )
-    )
+    late = partial(store.failed, claimer="a", error="HTTP 500", retry=Retry(0.0, 0.0))
+    assert await db.write(partial(late, delivery_id=first.deliveries[1].id)) is False
     counts = await db.read(store.counts)
     assert counts == {"e": store.DeliveryCounts(pending=4, dead=0)}
 
@@ -131,80 +146,128 @@ async def test_claims_are_exclusive_until_the_lease_ends(db: Database) -> None:
     assert (await db.read(store.counts))["e"].pending == 3
 
 
+async def test_an_endpoint_has_at_most_its_concurrency_claimed_by_all_claimers(
+    db: Database,
+) -> None:
+    """The claims not past their lease, whoever holds them, are the endpoint's attempts in
+    flight: a claim takes only the slots they leave, and each one that ends (accepted,
+    failed, given back, or its lease over) frees one."""
+    for revision in range(1, 6):
+        await db.write(enqueue("m1", revision, [endpoint("e")]))
+    await db.write(enqueue("m1", 1, [endpoint("other")]))
+    three = partial(claim_of, concurrency=3)
+
+    held = (await db.write(three("a"))).deliveries
+    assert [d.change.revision for d in held] == [1, 2, 3]
+    full = await db.write(three("b"))
+    assert full.deliveries == []
+    # Every slot taken: there may be one again when the first lease ends, at the latest.
+    assert full.next_due_in is not None
+    assert 29.0 < full.next_due_in <= 30.0
+    # Another endpoint's slots are its own.
+    assert revisions(await db.write(three("b", endpoint="other"))) == [1]
+
+    await db.write(partial(store.delivered, delivery_id=held[0].id, claimer="a"))
+    assert revisions(await db.write(three("b"))) == [4]
+    assert (await db.write(three("b"))).deliveries == []
+    retry_later = Retry(delay=3600.0, deadline=float("inf"))
+    failed = partial(store.failed, error="HTTP 500", retry=retry_later)
+    assert await db.write(partial(failed, delivery_id=held[1].id, claimer="a")) is False
+    await db.write(partial(store.release, delivery_ids=[held[2].id], claimer="a"))
+    # Two slots again: the oldest due first (5, then 3 given back after it was enqueued).
+    assert revisions(await db.write(three("b"))) == [5, 3]
+
+    # A claim whose lease is over holds no slot.
+    await db.write(enqueue("m2", 10, [endpoint("x")]))
+    ended = await db.write(claim_of("a", endpoint="x", concurrency=1, lease=0.0))
+    assert revisions(ended) == [10]
+    assert revisions(await db.write(claim_of("b", endpoint="x", concurrency=1))) == [10]
+
+
 async def test_released_deliveries_are_due_at_once_for_any_claimer(db: Database) -> None:
     """What a stopping claimer gives back: only what it still holds, not counted as an
     attempt, due at once instead of at the end of its lease."""
     for revision in range(1, 4):
         await db.write(enqueue("m1", revision, [endpoint("e")]))
-    claim_a = partial(store.claim, endpoint="e", lease=30.0, claimer="a")
-    claim_b = partial(store.claim, endpoint="e", limit=10, lease=30.0, claimer="b")
-    held = (await db.write(partial(claim_a, limit=3, now=100.0))).deliveries
+    held = (await db.write(claim_of("a", limit=3))).deliveries
     ids = [delivery.id for delivery in held]
 
     # Another claimer cannot release a's claims.
-    await db.write(partial(store.release, delivery_ids=ids, claimer="b", now=101.0))
-    assert (await db.write(partial(claim_b, now=101.0))).deliveries == []
+    await db.write(partial(store.release, delivery_ids=ids, claimer="b"))
+    assert (await db.write(claim_of("b"))).deliveries == []
 
     # a recorded the outcome of the first before it stopped; its release changes nothing.
     await db.write(partial(store.delivered, delivery_id=ids[0], claimer="a"))
-    await db.write(partial(store.release, delivery_ids=ids[:2], claimer="a", now=102.0))
-    taken = await db.write(partial(claim_b, now=102.0))
-    assert [d.change.revision for d in taken.deliveries] == [2]
+    await db.write(partial(store.release, delivery_ids=ids[:2], claimer="a"))
+    taken = await db.write(claim_of("b"))
+    assert revisions(taken) == [2]
     assert taken.deliveries[0].attempts == 0
     # The third is still a's until its lease ends.
-    assert taken.next_due == 130.0
+    assert taken.next_due_in is not None
+    assert 29.0 < taken.next_due_in <= 30.0
 
 
 async def test_a_failed_delivery_waits_then_dies_and_can_be_revived(db: Database) -> None:
+    """Retries and the end of the retry period on the database's clock."""
     await db.write(enqueue("m1", 1, [endpoint("e")]))
-    claim = partial(store.claim, endpoint="e", limit=10, lease=30.0, claimer="a")
-    [delivery] = (await db.write(partial(claim, now=100.0))).deliveries
-    await db.write(
-        partial(
-            store.failed,
-            delivery_id=delivery.id,
-            claimer="a",
-            error="HTTP 503 " + "x" * 500,
-            retry_at=160.0,
-            now=101.0,
-        )
+    claim = claim_of("a")
+    [delivery] = (await db.write(claim)).deliveries
+    failed = partial(store.failed, claimer="a")
+    at_once = Retry(delay=0.0, deadline=delivery.created_at + 3600.0)
+    died = await db.write(
+        partial(failed, delivery_id=delivery.id, error="HTTP 503 " + "x" * 500, retry=at_once)
     )
-    assert (await db.write(partial(claim, now=159.0))).deliveries == []
-    [again] = (await db.write(partial(claim, now=160.0))).deliveries
+    assert died is False
+    [again] = (await db.write(claim)).deliveries
     assert again.attempts == 1
     assert again.last_error is not None
     assert len(again.last_error) == store.MAX_ERROR_LENGTH
 
-    await db.write(
-        partial(
-            store.failed,
-            delivery_id=again.id,
-            claimer="a",
-            error="timeout",
-            retry_at=None,
-            now=170.0,
-        )
-    )
-    assert (await db.write(partial(claim, now=10_000.0))).deliveries == []
+    # Its next attempt would fall past the end of its retry period.
+    before = await db.read(database_now)
+    too_late = Retry(delay=10.0, deadline=before + 5.0)
+    died = await db.write(partial(failed, delivery_id=again.id, error="timeout", retry=too_late))
+    after = await db.read(database_now)
+    assert died is True
+    nothing = await db.write(claim)
+    assert (nothing.deliveries, nothing.next_due_in) == ([], None)
     [dead] = await db.read(partial(store.listed, listing=DeliveryListing(dead=True), limit=10))
-    assert (dead.attempts, dead.last_error, dead.dead_at) == (2, "timeout", 170.0)
+    assert (dead.attempts, dead.last_error) == (2, "timeout")
+    assert dead.dead_at is not None
+    assert before <= dead.dead_at <= after
     assert await db.read(partial(store.listed, listing=DeliveryListing(dead=False), limit=10)) == []
     eights = DeliveryListing(owners={"listing-8"})
     assert await db.read(partial(store.listed, listing=eights, limit=10)) == []
     assert await db.read(store.counts) == {"e": store.DeliveryCounts(pending=0, dead=1)}
 
-    revive = partial(store.revive, delivery_ids=None, now=200.0)
+    revive = partial(store.revive, delivery_ids=None)
     # Only to the endpoints named, and of the owners named.
     assert await db.write(partial(revive, endpoints=["other"])) == 0
     assert await db.write(partial(revive, endpoints=["e"], owners=["listing-8"])) == 0
+    before = await db.read(database_now)
     assert await db.write(partial(revive, endpoints=["e"], owners=["listing-7"])) == 1
-    [revived] = (await db.write(partial(claim, now=200.0))).deliveries
-    assert (revived.attempts, revived.created_at, revived.dead_at) == (0, 200.0, None)
-    await db.write(partial(store.delivered, delivery_id=revived.id, claimer="a"))
+    after = await db.read(database_now)
+    [revived] = (await db.write(claim)).deliveries
+    assert (revived.attempts, revived.dead_at) == (0, None)
+    # A new retry period, from now on the database's clock.
+    assert before <= revived.created_at <= after
+
+    # Due again an hour after the failure.
+    before = await db.read(database_now)
+    later = Retry(delay=3600.0, deadline=revived.created_at + 7200.0)
+    assert await db.write(partial(failed, delivery_id=revived.id, error="x", retry=later)) is False
+    after = await db.read(database_now)
+    waiting = await db.write(claim)
+    assert waiting.deliveries == []
+    assert waiting.next_due_in is not None
+    assert 3590.0 < waiting.next_due_in <= 3600.0
+    [retrying] = await db.read(partial(store.listed, listing=DeliveryListing(dead=False), limit=10))
+    assert retrying.next_attempt_at is not None
+    assert before + 3600.0 <= retrying.next_attempt_at <= after + 3600.0
     rows = await db.read(
         lambda conn: conn.execute(sa.text("SELECT count(*) FROM webhook_deliveries")).scalar()
     )
-    assert rows == 0
+    assert rows == 1
 
 
 async def test_a_change_two_replicas_apply_is_enqueued_once(db: Database) -> None:

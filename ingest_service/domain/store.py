@@ -146,7 +146,9 @@ class IngestStore(Protocol):
         processes may apply the same stream; the mirror's revision never moves backwards.
         For each change, whether its item changed; when it did, a webhook delivery is
         enqueued in the same transaction for each of the change's endpoints that wants it
-        (by the item's owner and the status), so exactly one process enqueues each change."""
+        (by the item's owner and the status), so exactly one process enqueues each change;
+        it is due at once, and its retry period runs from then on the store's clock (the
+        same for every process, whatever their own clocks say)."""
 
     # -- the blob sweep ----------------------------------------------------------------------
 

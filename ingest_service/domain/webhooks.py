@@ -5,16 +5,23 @@ the change, so a delivery exists exactly when the change is applied, whatever th
 keeps. :class:`WebhookDispatcher` sends them: each endpoint has its own loop and its own
 ``concurrency`` slots, so a slow or dead endpoint only ever holds its own. A loop claims due
 deliveries of its endpoint for a lease (claims are exclusive across replicas: the store
-skips rows another replica holds), sends each, and records the outcome under its claim. A
-replica that dies mid-send loses its lease and another sends again: delivery is at least
-once, and the ``webhook-id`` stays the same so receivers can drop the duplicate. A loop that
-is stopped (the service stopping, or its endpoint removed) gives back the deliveries it
-claimed but has not sent, so that they are sent at once, here after a restart or by another
-replica, rather than after the lease.
+skips rows another replica holds), sends each, and records the outcome under its claim. An
+endpoint's ``concurrency`` holds across replicas: the store claims no more than the slots
+that the endpoint's unexpired claims, whoever holds them, leave free. A replica that dies
+mid-send loses its lease and another sends again: delivery is at least once, and the
+``webhook-id`` stays the same so receivers can drop the duplicate. A loop that is stopped
+(the service stopping, or its endpoint removed) gives back the deliveries it claimed but has
+not sent, so that they are sent at once, here after a restart or by another replica, rather
+than after the lease.
 
 A failed attempt is retried after an exponential, jittered delay; once the next attempt would
 fall past ``retry_period`` after the change, the delivery is dead: kept, counted, listed, and
 sent again only when an operator revives it.
+
+Times are the store's: leases, due times and the end of a retry period are read and written
+on the database's clock, so replicas whose own clocks disagree still agree on when a lease
+ends (two of them never send one delivery at once) and when a retry is due. This module
+decides durations (the lease, the delay before a retry) and the rule applying them.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -72,10 +79,27 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Claim:
-    """Deliveries claimed for one endpoint, and when its next unclaimed one falls due."""
+    """Deliveries claimed for one endpoint; and in how many seconds it may have another to
+    claim (its next delivery falls due, or, with every slot taken, the first lease ends),
+    None when it has no other."""
 
     deliveries: Sequence[Delivery]
-    next_due: float | None
+    next_due_in: float | None
+
+
+@dataclass(frozen=True)
+class Retry:
+    """What one more failed attempt makes of a delivery: due again ``delay`` seconds after
+    the failure, or dead if that is later than ``deadline`` (the end of its retry period)."""
+
+    delay: float
+    deadline: float
+
+    def next_attempt(self, now: float) -> float | None:
+        """When to try again, the failure being recorded at ``now`` (the store's clock, the
+        one ``deadline`` is on); None: it is dead."""
+        at = now + self.delay
+        return at if at <= self.deadline else None
 
 
 @dataclass(frozen=True)
@@ -87,32 +111,37 @@ class RetryPolicy:
     maximum: float
     period: float
 
-    def next_attempt(self, delivery: Delivery, now: float) -> float | None:
-        """When to try ``delivery`` again after one more failure; None: it is dead."""
-        at = now + jittered_delay(self.initial, self.maximum, delivery.attempts)
-        return at if at <= delivery.created_at + self.period else None
+    def after_failure(self, delivery: Delivery) -> Retry:
+        """How ``delivery`` is retried after one more failure. The delay is this process's
+        to draw; the moment it counts from is the store's, as is ``created_at``."""
+        return Retry(
+            delay=jittered_delay(self.initial, self.maximum, delivery.attempts),
+            deadline=delivery.created_at + self.period,
+        )
 
 
 class DeliveryStore(Protocol):
-    """Where deliveries are kept (the ingest database)."""
+    """Where deliveries are kept (the ingest database). Every time it reads or writes is on
+    its own clock, the same for every replica."""
 
     async def claim(
-        self, endpoint: str, limit: int, *, now: float, lease: float, claimer: str
+        self, endpoint: str, limit: int, *, concurrency: int, lease: float, claimer: str
     ) -> Claim:
-        """Up to ``limit`` due deliveries of ``endpoint``, held by ``claimer`` until
-        ``now + lease``, none of them held by another claimer."""
+        """Up to ``limit`` due deliveries of ``endpoint``, held by ``claimer`` for ``lease``
+        seconds, none of them held by another claimer; fewer if that would leave more than
+        ``concurrency`` deliveries of ``endpoint`` held by anyone (whose lease has not
+        ended)."""
 
     async def delivered(self, delivery_id: int, claimer: str) -> None:
         """Forget an accepted delivery (if ``claimer`` still holds it)."""
 
-    async def release(self, delivery_ids: Collection[int], claimer: str, *, now: float) -> None:
-        """Those of ``delivery_ids`` that ``claimer`` still holds: held by nobody and due at
-        ``now``, their attempts not counted."""
+    async def release(self, delivery_ids: Collection[int], claimer: str) -> None:
+        """Those of ``delivery_ids`` that ``claimer`` still holds: held by nobody and due
+        now, their attempts not counted."""
 
-    async def failed(
-        self, delivery_id: int, claimer: str, *, error: str, retry_at: float | None, now: float
-    ) -> None:
-        """Record a failed attempt: try again at ``retry_at``, or dead (None) as of ``now``."""
+    async def failed(self, delivery_id: int, claimer: str, *, error: str, retry: Retry) -> bool:
+        """Record a failed attempt (if ``claimer`` still holds it), due again or dead as
+        ``retry`` says from now; whether it died."""
 
     async def revive(
         self,
@@ -120,7 +149,6 @@ class DeliveryStore(Protocol):
         *,
         endpoints: Collection[str],
         owners: Collection[str] | None,
-        now: float,
     ) -> int:
         """Dead deliveries to ``endpoints`` (those of ``delivery_ids``; None: all), of
         ``owners`` (None: every owner), due again now with a new retry period; how many."""
@@ -136,9 +164,9 @@ class WebhookSender(Protocol):
 
 @dataclass(frozen=True)
 class DispatchLimits:
-    """``concurrency`` attempts in flight per endpoint, each given ``timeout`` seconds (the
-    claim's lease is longer); ``poll_interval``: how often an idle endpoint looks for
-    deliveries enqueued by other replicas."""
+    """``concurrency`` attempts in flight per endpoint (across every replica), each given
+    ``timeout`` seconds (the claim's lease is longer); ``poll_interval``: how often an idle
+    endpoint looks for deliveries enqueued by other replicas, or for a slot they freed."""
 
     concurrency: int
     timeout: float
@@ -161,7 +189,6 @@ class WebhookDispatcher:
         policy: RetryPolicy,
         limits: DispatchLimits,
         observer: WebhookObserver,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._sender = sender
@@ -169,7 +196,6 @@ class WebhookDispatcher:
         self._policy = policy
         self._limits = limits
         self._observer = observer
-        self._clock = clock
         # Names this process's claims; a claim outlived by its lease is someone else's.
         self._claimer = uuid.uuid4().hex
         self._loops: dict[str, _EndpointLoop] = {}
@@ -222,9 +248,7 @@ class WebhookDispatcher:
         names = [name for name in self.endpoints.current if not endpoint or name == endpoint]
         if not names:
             return 0
-        revived = await self._store.revive(
-            delivery_ids, endpoints=names, owners=owners, now=self._clock()
-        )
+        revived = await self._store.revive(delivery_ids, endpoints=names, owners=owners)
         self.wake(names)
         return revived
 
@@ -232,22 +256,23 @@ class WebhookDispatcher:
     def limits(self) -> DispatchLimits:
         return self._limits
 
-    async def claim(self, name: str, limit: int) -> tuple[Claim, float]:
-        """Due deliveries of endpoint ``name``, claimed; and the time of the claim."""
-        now = self._clock()
-        claim = await self._store.claim(
-            name, limit, now=now, lease=self._limits.lease, claimer=self._claimer
+    async def claim(self, name: str, limit: int) -> Claim:
+        """Up to ``limit`` due deliveries of endpoint ``name``, claimed, within the slots
+        the endpoint's attempts in flight (on every replica) leave."""
+        return await self._store.claim(
+            name,
+            limit,
+            concurrency=self._limits.concurrency,
+            lease=self._limits.lease,
+            claimer=self._claimer,
         )
-        return claim, now
 
     async def give_back(self, deliveries: Collection[Delivery]) -> None:
         """Deliveries claimed whose attempts were cut short (a stop): due again now, for
         anyone, instead of once the lease has run out (minutes)."""
         if not deliveries:
             return
-        release = self._store.release(
-            [delivery.id for delivery in deliveries], self._claimer, now=self._clock()
-        )
+        release = self._store.release([delivery.id for delivery in deliveries], self._claimer)
         try:
             # Shielded: called by a task being cancelled, which may be cancelled again.
             await asyncio.shield(release)
@@ -273,17 +298,18 @@ class WebhookDispatcher:
         except TimeoutError:
             problem = "timeout"
         seconds = time.monotonic() - started
-        now = self._clock()
         if problem is None:
             await self._store.delivered(delivery.id, self._claimer)
             self._observer.webhook_delivered(name, seconds)
             return
-        retry_at = self._policy.next_attempt(delivery, now)
-        await self._store.failed(
-            delivery.id, self._claimer, error=problem, retry_at=retry_at, now=now
+        dead = await self._store.failed(
+            delivery.id,
+            self._claimer,
+            error=problem,
+            retry=self._policy.after_failure(delivery),
         )
-        self._observer.webhook_failed(name, dead=retry_at is None)
-        if retry_at is None:
+        self._observer.webhook_failed(name, dead=dead)
+        if dead:
             logger.warning(
                 "webhook %s to %s dead after %d attempts: %s",
                 delivery.change.message_id,
@@ -320,7 +346,7 @@ class _EndpointLoop:
             wait = limits.poll_interval
             if free > 0:
                 try:
-                    claim, now = await self._claim(free)
+                    claim = await self._claim(free)
                 except StorageUnavailable:
                     logger.warning("webhooks of %s: the database is unavailable", self._name)
                     await asyncio.sleep(backoff.next_delay())
@@ -330,9 +356,10 @@ class _EndpointLoop:
                     self._send(delivery)
                 if len(claim.deliveries) == free:
                     continue
-                if claim.next_due is not None:
-                    wait = min(wait, max(0.0, claim.next_due - now))
-            # Woken by a new delivery, a free slot, or the next one falling due. Not
+                if claim.next_due_in is not None:
+                    wait = min(wait, max(0.0, claim.next_due_in))
+            # Woken by a new delivery, a free slot here, or the next one falling due; a slot
+            # another replica frees is seen at the next poll. Not
             # asyncio.wait_for: on Python 3.11 it drops a cancellation that arrives just as
             # the event is set (an attempt ending as the service stops; CPython gh-86296,
             # fixed in 3.12), and this loop would run on while stop() waits for it, forever.
@@ -340,7 +367,7 @@ class _EndpointLoop:
                 async with asyncio.timeout(wait):
                     await self._woken.wait()
 
-    async def _claim(self, limit: int) -> tuple[Claim, float]:
+    async def _claim(self, limit: int) -> Claim:
         claiming = asyncio.ensure_future(self._dispatcher.claim(self._name, limit))
         try:
             return await asyncio.shield(claiming)
@@ -349,7 +376,7 @@ class _EndpointLoop:
             # commit, and its deliveries would wait out the lease. Give them back (should
             # the claim or that fail, the lease is what is left).
             with contextlib.suppress(StorageUnavailable):
-                claim, _ = await claiming
+                claim = await claiming
                 await self._dispatcher.give_back(claim.deliveries)
             raise
 

@@ -125,6 +125,14 @@ webhook_deliveries = sa.Table(
         sqlite_where=sa.text("dead_at IS NOT NULL"),
         postgresql_where=sa.text("dead_at IS NOT NULL"),
     ),
+    # The claimed ones: each claim counts its endpoint's in flight without scanning the rest.
+    sa.Index(
+        "webhook_deliveries_claimed",
+        "endpoint",
+        "next_attempt_at",
+        sqlite_where=sa.text("claim IS NOT NULL"),
+        postgresql_where=sa.text("claim IS NOT NULL"),
+    ),
 )
 
 

@@ -7,7 +7,7 @@ from collections.abc import Collection
 from functools import partial
 
 from ingest_service.domain.webhook_backlog import DeliveryListing
-from ingest_service.domain.webhooks import Claim, Delivery
+from ingest_service.domain.webhooks import Claim, Delivery, Retry
 from ingest_service.storage.sql_store import SqlTransactions
 from ingest_service.storage.webhook_deliveries import (
     DeliveryCounts,
@@ -28,30 +28,28 @@ class SqlDeliveryStore(SqlTransactions):
     database."""
 
     async def claim(
-        self, endpoint: str, limit: int, *, now: float, lease: float, claimer: str
+        self, endpoint: str, limit: int, *, concurrency: int, lease: float, claimer: str
     ) -> Claim:
         return await self._write(
-            partial(claim, endpoint=endpoint, limit=limit, now=now, lease=lease, claimer=claimer)
+            partial(
+                claim,
+                endpoint=endpoint,
+                limit=limit,
+                concurrency=concurrency,
+                lease=lease,
+                claimer=claimer,
+            )
         )
 
     async def delivered(self, delivery_id: int, claimer: str) -> None:
         await self._write(partial(delivered, delivery_id=delivery_id, claimer=claimer))
 
-    async def release(self, delivery_ids: Collection[int], claimer: str, *, now: float) -> None:
-        await self._write(partial(release, delivery_ids=delivery_ids, claimer=claimer, now=now))
+    async def release(self, delivery_ids: Collection[int], claimer: str) -> None:
+        await self._write(partial(release, delivery_ids=delivery_ids, claimer=claimer))
 
-    async def failed(
-        self, delivery_id: int, claimer: str, *, error: str, retry_at: float | None, now: float
-    ) -> None:
-        await self._write(
-            partial(
-                failed,
-                delivery_id=delivery_id,
-                claimer=claimer,
-                error=error,
-                retry_at=retry_at,
-                now=now,
-            )
+    async def failed(self, delivery_id: int, claimer: str, *, error: str, retry: Retry) -> bool:
+        return await self._write(
+            partial(failed, delivery_id=delivery_id, claimer=claimer, error=error, retry=retry)
         )
 
     async def revive(
@@ -60,10 +58,9 @@ class SqlDeliveryStore(SqlTransactions):
         *,
         endpoints: Collection[str],
         owners: Collection[str] | None,
-        now: float,
     ) -> int:
         return await self._write(
-            partial(revive, delivery_ids=delivery_ids, endpoints=endpoints, owners=owners, now=now)
+            partial(revive, delivery_ids=delivery_ids, endpoints=endpoints, owners=owners)
         )
 
     async def listed(self, listing: DeliveryListing, *, limit: int) -> list[Delivery]:

@@ -208,7 +208,6 @@ class SqlIngestStore(SqlTransactions):
             # Rows are locked in one order (by id) whatever order the changes come in: two
             # replicas' mirrors applying overlapping stretches of the stream cannot deadlock.
             repository.lock_media(conn, {change.update.media_id for change in changes})
-            now = time.time()
             applied = []
             for change in changes:
                 update = change.update
@@ -221,7 +220,6 @@ class SqlIngestStore(SqlTransactions):
                         revision=update.revision,
                         event_time=update.event_time,
                         endpoints=change.webhooks,
-                        now=now,
                     )
                 applied.append(changed)
             if revision is not None:

@@ -5,16 +5,24 @@ Plain functions of a synchronous connection, so they run inside whichever transa
 them (the status mirror's, for :func:`enqueue`); ``sql_deliveries`` runs the others as the
 dispatcher's store.
 
-Claims: on PostgreSQL ``FOR UPDATE SKIP LOCKED`` lets replicas claiming the same endpoint at
-once take different rows; on SQLite the one writer serialises them. A claim pushes
-``next_attempt_at`` to the end of its lease and writes the claimer's id into ``claim``; the
-outcome is recorded only while ``claim`` still names the claimer, so an attempt that
-outlived its lease (and was claimed again elsewhere) changes nothing. A claimer that stops
-releases what it still holds: due at once, for anyone.
+Claims: a claim pushes ``next_attempt_at`` to the end of its lease and writes the claimer's
+id into ``claim``; the outcome is recorded only while ``claim`` still names the claimer, so
+an attempt that outlived its lease (and was claimed again elsewhere) changes nothing. A
+claimer that stops releases what it still holds: due at once, for anyone. The rows claimed
+and not past their lease are the endpoint's attempts in flight, on every replica: a claim
+takes no more than the endpoint's concurrency leaves. For that count to hold, the claims of
+one endpoint take turns: on PostgreSQL under a transaction's advisory lock keyed by the
+endpoint (and ``FOR UPDATE SKIP LOCKED`` passes over rows an outcome is being written to),
+on SQLite under the one writer's lock.
+
+Every time written or compared is the database's clock (PostgreSQL's; on SQLite, one
+machine's file, this process's): replicas whose clocks disagree would otherwise each judge a
+lease by their own, and two would send one delivery at once.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,12 +33,34 @@ from sqlalchemy.engine import Connection
 from ingest_service.domain.models import ProcessingStatus
 from ingest_service.domain.webhook_backlog import DeliveryListing
 from ingest_service.domain.webhook_endpoints import WebhookEndpoint
-from ingest_service.domain.webhooks import Claim, Delivery, WebhookChange
+from ingest_service.domain.webhooks import Claim, Delivery, Retry, WebhookChange
 from ingest_service.storage.schema import media, webhook_deliveries
+from mediatag_common.database import POSTGRESQL, database_now
 
 _table = webhook_deliveries
 # The longest error text kept per delivery (a receiver's status line, a socket error).
 MAX_ERROR_LENGTH = 200
+
+# PostgreSQL's clock in seconds since the epoch, fixed for the statement.
+_PG_NOW = "CAST(EXTRACT(EPOCH FROM statement_timestamp()) AS DOUBLE PRECISION)"
+# An endpoint's turn to claim, then the clock once the turn came. The lock is the
+# transaction's, in the two-key space (apart from the migrations' one-key lock); the
+# materialised CTE is read, so the lock taken, before the clock is.
+_PG_CLAIM_TURN = sa.text(
+    """
+    WITH turn AS MATERIALIZED (
+        SELECT pg_advisory_xact_lock(hashtext('mediatag.webhook_claims'), hashtext(:endpoint))
+    )
+    SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION) FROM turn
+    """
+)
+
+
+def _now(conn: Connection) -> sa.ColumnElement[float]:
+    """Now, for a statement that writes it without reading it back."""
+    if conn.dialect.name == POSTGRESQL:
+        return sa.literal_column(_PG_NOW, sa.Float)
+    return sa.literal(time.time(), sa.Float)
 
 
 def enqueue(
@@ -41,11 +71,12 @@ def enqueue(
     revision: int,
     event_time: float,
     endpoints: Sequence[WebhookEndpoint],
-    now: float,
 ) -> list[str]:
-    """Insert a delivery of this change for each of ``endpoints`` that wants it; their names.
+    """Insert a delivery of this change for each of ``endpoints`` that wants it, due now;
+    their names.
 
-    Called in the transaction that applies the change to the media row.
+    Called in the transaction that applies the change to the media row. ``created_at`` is
+    on the database's clock, where the end of the retry period is judged.
     """
     owner_id = conn.execute(sa.select(media.c.owner_id).where(media.c.id == media_id)).scalar()
     if owner_id is None:
@@ -53,8 +84,9 @@ def enqueue(
     change = WebhookChange(media_id, owner_id, status, revision, event_time)
     wanted = [e.name for e in endpoints if e.wants(owner_id, status)]
     if wanted:
+        now = _now(conn)
         conn.execute(
-            _table.insert(),
+            _table.insert().values(created_at=now, next_attempt_at=now),
             [
                 {
                     "endpoint": name,
@@ -64,9 +96,7 @@ def enqueue(
                     "status": status.value,
                     "revision": revision,
                     "event_time": event_time,
-                    "created_at": now,
                     "attempts": 0,
-                    "next_attempt_at": now,
                 }
                 for name in wanted
             ],
@@ -98,27 +128,56 @@ def _live(endpoint: str) -> sa.ColumnElement[bool]:
 
 
 def claim(
-    conn: Connection, endpoint: str, limit: int, *, now: float, lease: float, claimer: str
+    conn: Connection,
+    endpoint: str,
+    limit: int,
+    *,
+    concurrency: int,
+    lease: float,
+    claimer: str,
 ) -> Claim:
     """Up to ``limit`` due deliveries of ``endpoint``, oldest due first, now held by
-    ``claimer`` until ``now + lease``; and when the next one not claimed falls due."""
-    rows = conn.execute(
-        sa.select(_table)
-        .where(_live(endpoint), _table.c.next_attempt_at <= now)
-        .order_by(_table.c.next_attempt_at, _table.c.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
+    ``claimer`` for ``lease`` seconds, and no more than leaves ``concurrency`` of the
+    endpoint's deliveries held (by any claimer, lease not ended); and in how many seconds
+    there may be another to claim."""
+    if conn.dialect.name == POSTGRESQL:
+        now = float(conn.execute(_PG_CLAIM_TURN, {"endpoint": endpoint}).scalar_one())
+    else:
+        # The transaction holds the file's write lock since it began: claims take turns.
+        now = database_now(conn)
+    in_flight, first_lease_end = conn.execute(
+        sa.select(sa.func.count(), sa.func.min(_table.c.next_attempt_at)).where(
+            _live(endpoint), _table.c.claim.is_not(None), _table.c.next_attempt_at > now
+        )
+    ).one()
+    room = min(limit, concurrency - in_flight)
+    rows: Sequence[Any] = []
+    if room > 0:
+        rows = conn.execute(
+            sa.select(_table)
+            .where(_live(endpoint), _table.c.next_attempt_at <= now)
+            .order_by(_table.c.next_attempt_at, _table.c.id)
+            .limit(room)
+            .with_for_update(skip_locked=True)
+        ).all()
     if rows:
         conn.execute(
             sa.update(_table)
             .where(_table.c.id.in_([row.id for row in rows]))
             .values(claim=claimer, next_attempt_at=now + lease)
         )
-    next_due = conn.execute(
-        sa.select(sa.func.min(_table.c.next_attempt_at)).where(_live(endpoint))
-    ).scalar()
-    return Claim([delivery_from_row(row) for row in rows], next_due)
+    if in_flight + len(rows) >= concurrency:
+        # Every slot taken: one frees as an attempt ends (this replica's loop is woken then;
+        # another replica's is seen at its next poll), at the latest as the first lease ends.
+        ends = [now + lease] if rows else []
+        next_due = min([*ends, *([] if first_lease_end is None else [first_lease_end])])
+    else:
+        next_due = conn.execute(
+            sa.select(sa.func.min(_table.c.next_attempt_at)).where(_live(endpoint))
+        ).scalar()
+    return Claim(
+        [delivery_from_row(row) for row in rows], None if next_due is None else next_due - now
+    )
 
 
 def _held(delivery_id: int, claimer: str) -> sa.ColumnElement[bool]:
@@ -129,27 +188,22 @@ def delivered(conn: Connection, delivery_id: int, claimer: str) -> None:
     conn.execute(sa.delete(_table).where(_held(delivery_id, claimer)))
 
 
-def release(conn: Connection, delivery_ids: Collection[int], claimer: str, *, now: float) -> None:
-    """Those of ``delivery_ids`` still held by ``claimer``: held by nobody, due at ``now``,
+def release(conn: Connection, delivery_ids: Collection[int], claimer: str) -> None:
+    """Those of ``delivery_ids`` still held by ``claimer``: held by nobody, due now,
     attempts unchanged (an attempt cut short is no failure)."""
     conn.execute(
         sa.update(_table)
         .where(_table.c.id.in_(list(delivery_ids)), _table.c.claim == claimer)
-        .values(claim=None, next_attempt_at=now)
+        .values(claim=None, next_attempt_at=_now(conn))
     )
 
 
-def failed(
-    conn: Connection,
-    delivery_id: int,
-    claimer: str,
-    *,
-    error: str,
-    retry_at: float | None,
-    now: float,
-) -> None:
-    """One more failed attempt: due again at ``retry_at``, or dead as of ``now`` (None)."""
-    conn.execute(
+def failed(conn: Connection, delivery_id: int, claimer: str, *, error: str, retry: Retry) -> bool:
+    """One more failed attempt, if ``claimer`` still holds it: due again, or dead as of now,
+    as ``retry`` says from now; whether it died."""
+    now = database_now(conn)
+    retry_at = retry.next_attempt(now)
+    result = conn.execute(
         sa.update(_table)
         .where(_held(delivery_id, claimer))
         .values(
@@ -160,6 +214,7 @@ def failed(
             dead_at=now if retry_at is None else None,
         )
     )
+    return retry_at is None and result.rowcount > 0
 
 
 def revive(
@@ -168,7 +223,6 @@ def revive(
     *,
     endpoints: Collection[str],
     owners: Collection[str] | None = None,
-    now: float,
 ) -> int:
     """Dead deliveries to ``endpoints`` (those of ``delivery_ids``; None: all), of ``owners``
     (None: every owner), due now with a new retry period; how many."""
@@ -177,6 +231,7 @@ def revive(
         condition = sa.and_(condition, _table.c.id.in_(list(delivery_ids)))
     if owners is not None:
         condition = sa.and_(condition, _table.c.owner_id.in_(list(owners)))
+    now = _now(conn)
     result = conn.execute(
         sa.update(_table)
         .where(condition)
