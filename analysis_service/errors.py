@@ -16,6 +16,7 @@ Each class says what went wrong (its ``reason``); the gRPC layer gives it a stat
     ├── RevisionCompacted         a watch resumes from before the event log's start
     ├── RevisionAhead             a watch resumes from a revision of another event log
     ├── WatcherTooSlow            a watcher's buffer overflowed
+    ├── WatchInterrupted          a replica's feed of the event log has a hole
     ├── TooManyWatchers           no watcher slot left
     └── ShuttingDown              the service is draining
 """
@@ -127,6 +128,15 @@ class WatcherTooSlow(AnalysisError):
     """A watcher's buffer overflowed; it should resume from its last revision."""
 
     reason = "WATCHER_TOO_SLOW"
+
+
+class WatchInterrupted(AnalysisError):
+    """This replica lost its place in the event log: the log was compacted past what its
+    tailer had read (it could not read the log for longer than the log keeps). Its live
+    watchers are ended rather than handed the hole; each resumes from its last revision, and
+    the log tells it whether that revision is still kept (REVISION_COMPACTED)."""
+
+    reason = "WATCH_INTERRUPTED"
 
 
 class TooManyWatchers(AnalysisError):

@@ -19,6 +19,8 @@ STATUS_CODES: StatusCodes = {
     errors.RevisionCompacted: grpc.StatusCode.OUT_OF_RANGE,
     errors.RevisionAhead: grpc.StatusCode.OUT_OF_RANGE,
     errors.WatcherTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    # As a shutdown: what clients resume on, from their last revision.
+    errors.WatchInterrupted: grpc.StatusCode.UNAVAILABLE,
     errors.TooManyWatchers: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }

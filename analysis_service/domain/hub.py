@@ -6,12 +6,17 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from analysis_service.domain.models import StatusEvent
 from analysis_service.domain.pacing import DeliveryPacer
-from analysis_service.errors import ShuttingDown, TooManyWatchers, WatcherTooSlow
+from analysis_service.errors import (
+    ShuttingDown,
+    TooManyWatchers,
+    WatcherTooSlow,
+    WatchInterrupted,
+)
 from mediatag_common.caller_slots import CallerSlots, SlotsFull
 from mediatag_common.callers import ANONYMOUS, Caller
 
@@ -217,8 +222,22 @@ class StatusHub:
     def watcher_count(self) -> int:
         return len(self._subscriptions)
 
-    def publish(self, events: Sequence[StatusEvent]) -> None:
-        """Called after the commit of ``events`` (under the write lock, so in order)."""
+    def publish(self, events: Sequence[StatusEvent], *, follows_gap: bool = False) -> None:
+        """Called after the commit of ``events`` (under the write lock, so in order).
+
+        ``follows_gap``: events before them will never be published (a replica's tailer
+        found the log compacted past what it had read). Every subscription is ended first,
+        as by a shutdown: a watcher is never handed a gap, it resumes from its last revision
+        and the log tells it whether that revision is still kept. Those who subscribe
+        afterwards start from the log too, and so see no gap.
+        """
+        if follows_gap:
+            self._end_all(
+                lambda: WatchInterrupted(
+                    "this replica's feed of changes was interrupted (the event log was "
+                    "compacted past it); resume from your last revision"
+                )
+            )
         if not events:
             return
         self.current_revision = max(self.current_revision, events[-1].revision)
@@ -281,8 +300,13 @@ class StatusHub:
     def close(self) -> None:
         """End every stream with UNAVAILABLE; watchers resume from their last revision."""
         self._closed = True
+        self._end_all(lambda: ShuttingDown("the analysis service is shutting down"))
+
+    def _end_all(self, reason: Callable[[], Exception]) -> None:
+        # One exception each: every watcher raises its own, and a raise extends the
+        # traceback of the object raised. A copy of the set: each leaves it as it ends.
         for subscription in list(self._subscriptions):
-            subscription.end(ShuttingDown("the analysis service is shutting down"))
+            subscription.end(reason())
 
 
 def _too_many_watchers(full: SlotsFull, limit: int) -> TooManyWatchers:

@@ -12,6 +12,12 @@ This replica's own events are not read back: the store hands them over once comm
 published at once; a notification they cover needs no read. A revision is one transaction's
 alone, so the event of revision cursor + 1 this replica committed is the next in the log.
 
+What one read of the log returns, page after page, goes to the hub in one publish (up to
+``MAX_PUBLISH`` events), as a commit does on SQLite: a large commit (a retry of thousands of
+jobs) is then one burst to the watchers, forgiven to one that keeps up, not pages each counted
+against its buffer. A hole in the log (compaction overtook this replica) ends every watcher
+instead of handing it over (see :meth:`StatusHub.publish`).
+
 Why psycopg's own asyncio connection here, when the rest goes through threads: LISTEN
 needs a connection that waits for the server, and an asyncio one waits without a thread.
 """
@@ -21,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import psycopg
 from sqlalchemy.engine import Connection
@@ -40,23 +47,37 @@ PAGE = 1000
 # Own events kept for publishing, at most (beyond, they are read back from the log): a few
 # groups' worth while the tailer keeps up; each may hold an embedding.
 MAX_OWN_EVENTS = 1000
+# Events of one read handed to the hub in one publish, at most: they are held until then, and a
+# watcher keeping up holds them all as one burst (each may hold an embedding: about 60 MB at
+# 1408 dimensions). A read that goes on beyond is published in parts of this size, each to the
+# watchers a commit of its own.
+MAX_PUBLISH = 10 * PAGE
 RECONNECT_SECONDS = 1.0
 # The listening connection's name in pg_stat_activity.
 TAILER_APPLICATION = "mediatag-tailer"
+
+
+class Publish(Protocol):
+    """The hub's :meth:`~analysis_service.domain.hub.StatusHub.publish`."""
+
+    def __call__(self, events: Sequence[StatusEvent], *, follows_gap: bool = False) -> None: ...
 
 
 class EventTailer:
     """Reads the event log after ``cursor`` in order and publishes it; wakes the workers on
     every notification (a submission or a resume on another replica)."""
 
-    def __init__(self, db: Database, *, publish: Callable[[list[StatusEvent]], None]) -> None:
+    def __init__(self, db: Database, *, publish: Publish) -> None:
         self._db = db
+        # Published through this revision.
         self._cursor = 0
         self._publish = publish
         self._wake: Callable[[], None] = lambda: None
         self._task: asyncio.Task[None] | None = None
         # This replica's committed events not yet published, by revision.
         self._own: dict[int, StatusEvent] = {}
+        # A read of the log is under way: it holds events after the cursor not yet published.
+        self._reading = False
         self._conninfo = libpq_conninfo(db.url)
 
     def start(self, cursor: int, wake: Callable[[], None]) -> None:
@@ -77,7 +98,10 @@ class EventTailer:
         self._publish_own()
 
     def _publish_own(self) -> None:
-        """Publish the own events next in order."""
+        """Publish the own events next in order (once a read under way has published what
+        it read: they may be among it, or come after it)."""
+        if self._reading:
+            return
         ready = []
         while (event := self._own.pop(self._cursor + 1, None)) is not None:
             ready.append(event)
@@ -123,27 +147,48 @@ class EventTailer:
                     await self._catch_up()
 
     async def _catch_up(self) -> None:
-        while True:
-            page = await read(self._db, functools.partial(_page_after, after=self._cursor))
-            # Own events published while the page was read are not published again.
-            events = [event for event in page if event.revision > self._cursor]
-            if events:
-                if events[0].revision != self._cursor + 1:
-                    # Compaction overtook this replica (it was away longer than the log
-                    # keeps): its watchers resume from the log and get REVISION_COMPACTED.
-                    logger.warning(
-                        "event log compacted past this replica's cursor %d (next is %d)",
-                        self._cursor,
-                        events[0].revision,
-                    )
-                self._cursor = events[-1].revision
-                self._publish(events)
-            if len(page) < PAGE:
-                break
+        self._reading = True
+        try:
+            await self._read_log()
+        finally:
+            self._reading = False
         # Own events read back from the log are published; those after them are next.
         for revision in [revision for revision in self._own if revision <= self._cursor]:
             del self._own[revision]
         self._publish_own()
+
+    async def _read_log(self) -> None:
+        """Publish the log after the cursor: the pages of this read together (see
+        ``MAX_PUBLISH``). Nothing is published meanwhile (own events wait, ``_reading``), so
+        the cursor moves only here; a read that fails leaves it where the last publish did."""
+        held: list[StatusEvent] = []
+        follows_gap = False
+        while True:
+            after = held[-1].revision if held else self._cursor
+            page = await read(self._db, functools.partial(_page_after, after=after))
+            if page and page[0].revision != after + 1:
+                # Compaction overtook this replica (it could not read the log for longer
+                # than the log keeps): its watchers must not be handed the hole.
+                logger.warning(
+                    "event log compacted past this replica's revision %d (next is %d): "
+                    "its watchers are ended, to resume from the log",
+                    after,
+                    page[0].revision,
+                )
+                self._hand_over(held, follows_gap=follows_gap)
+                held, follows_gap = [], True
+            held.extend(page)
+            if len(held) >= MAX_PUBLISH:
+                self._hand_over(held, follows_gap=follows_gap)
+                held, follows_gap = [], False
+            if len(page) < PAGE:
+                break
+        self._hand_over(held, follows_gap=follows_gap)
+
+    def _hand_over(self, events: list[StatusEvent], *, follows_gap: bool) -> None:
+        if events:
+            self._cursor = events[-1].revision
+            self._publish(events, follows_gap=follows_gap)
 
 
 def _page_after(conn: Connection, *, after: int) -> list[StatusEvent]:
