@@ -38,7 +38,8 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 # WatchStatus refusals (OUT_OF_RANGE) after which a client starts over from the current state
 # (send_initial_state): its revision was compacted away, or belongs to a replaced event log.
-RESYNC_REASONS = frozenset({"REVISION_COMPACTED", "REVISION_AHEAD"})
+REVISION_AHEAD = "REVISION_AHEAD"
+RESYNC_REASONS = frozenset({"REVISION_COMPACTED", REVISION_AHEAD})
 
 
 @dataclass(frozen=True)

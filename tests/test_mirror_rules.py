@@ -20,7 +20,9 @@ from ingest_service.domain.models import (
     StatusUpdate,
 )
 from ingest_service.domain.observer import NoObserver
-from ingest_service.domain.webhook_endpoints import WebhookEndpoints
+from ingest_service.domain.store import MirroredChange
+from ingest_service.domain.webhook_backlog import DeliveryListing
+from ingest_service.domain.webhook_endpoints import WebhookEndpoint, WebhookEndpoints
 from ingest_service.domain.webhooks import DispatchLimits, RetryPolicy, WebhookDispatcher
 from ingest_service.errors import AnalysisUnavailable
 from ingest_service.storage.schema import MIGRATIONS, MIGRATIONS_LOCK
@@ -162,3 +164,71 @@ async def test_the_mirror_keeps_its_revision_until_the_current_state_is_whole(
 
     assert found.status is ProcessingStatus.COMPLETED
     assert await SqlIngestStore(db).mirror_revision() == 5
+
+
+async def test_a_replaced_event_log_makes_the_mirror_forget_its_revisions_and_resubmit(
+    db: Database, item: Media
+) -> None:
+    """The analysis database restored from a backup: its log counts revisions again, below
+    the mirror's. The mirror forgets the old revisions, takes the current state (at lower
+    revisions), and puts back in the outbox the item the restored service does not know."""
+    store = SqlIngestStore(db)
+    unknown = image("1" * 64)
+    await commit(store, upload(unknown))
+    delivered = await store.claim_jobs(10, lease=30)
+    await store.complete_jobs([job.outbox_id for job in delivered.jobs])
+    # Known to the old log at revisions 900 and 901.
+    await store.apply_status_changes(
+        [
+            MirroredChange(change(900, item, ProcessingStatus.COMPLETED)),
+            MirroredChange(change(901, unknown, ProcessingStatus.PROCESSING)),
+        ],
+        revision=901,
+    )
+    analysis = ScriptedAnalysis(
+        [ResyncNeeded("REVISION_AHEAD", log_replaced=True)],
+        # The restored log knows the one item, completed at revision 40.
+        [change(40, item, ProcessingStatus.COMPLETED), StatusBookmark(40, initial_state_end=True)],
+    )
+
+    found = await mirrored(db, analysis, item, revision=40)
+
+    assert analysis.watches == [(901, False), (0, True)]
+    assert found.status is ProcessingStatus.COMPLETED
+    assert await store.mirror_revision() == 40
+    # The other is analysed again: back in the outbox, its old revision forgotten.
+    assert [job.media.id for job in (await store.claim_jobs(10, lease=30)).jobs] == [unknown.id]
+    again = await store.get_media(unknown.id, with_embedding=False)
+    assert again is not None
+    assert again.status_revision == 0
+
+
+async def test_reading_the_current_state_again_enqueues_webhooks_only_for_what_it_changes(
+    db: Database, item: Media
+) -> None:
+    store = SqlIngestStore(db)
+    other = image("2" * 64)
+    await commit(store, upload(other))
+    await store.apply_status_changes(
+        [
+            MirroredChange(change(6, item, ProcessingStatus.COMPLETED)),
+            MirroredChange(change(7, other, ProcessingStatus.PROCESSING)),
+        ],
+        revision=7,
+    )
+    await store.forget_revisions()
+    endpoint = WebhookEndpoint(
+        "hook", "http://127.0.0.1/hook", "whsec_" + "A" * 32, None, frozenset(ProcessingStatus)
+    )
+    changes = [
+        MirroredChange(change(3, item, ProcessingStatus.COMPLETED), (endpoint,)),
+        MirroredChange(change(4, other, ProcessingStatus.COMPLETED), (endpoint,)),
+    ]
+
+    applied = await store.apply_status_changes(changes, revision=4, quiet_when_unchanged=True)
+
+    assert applied == [False, True]
+    shown = [await store.get_media(m.id, with_embedding=False) for m in (item, other)]
+    assert [m.status_revision for m in shown if m is not None] == [3, 4]
+    listed = await SqlDeliveryStore(db).listed(DeliveryListing(), limit=10)
+    assert [d.change.media_id for d in listed] == [other.id]

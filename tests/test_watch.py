@@ -301,3 +301,21 @@ async def test_a_revision_ahead_of_the_log_is_out_of_range_and_the_mirror_starts
     later = await upload(cluster, image_files(1, first_seed=62))
     (media,) = await wait_terminal(cluster, [later.media[0].id])
     assert media.status == ipb.PROCESSING_STATUS_COMPLETED
+
+    # The items of the lost log are handed to the new one again, analysed there, and
+    # mirrored at its revisions (below those they had).
+    async def analysed_again() -> bool:
+        shown = [
+            (await cluster.ingest.GetMedia(ipb.GetMediaRequest(media_id=m.id))).media
+            for m in first.media
+        ]
+        return all(
+            m.status == ipb.PROCESSING_STATUS_COMPLETED
+            and 0 < m.status_revision <= new_log_revision
+            for m in shown
+        )
+
+    new_log_revision = await current_revision(cluster) + 20
+    await wait_until(analysed_again)
+    jobs = await cluster.analysis.ListJobs(apb.ListJobsRequest(page_size=100))
+    assert {m.id for m in first.media} <= {job.media_id for job in jobs.jobs}

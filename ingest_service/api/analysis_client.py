@@ -35,6 +35,7 @@ from ingest_service.errors import (
 )
 from mediatag_common.errors import (
     RESYNC_REASONS,
+    REVISION_AHEAD,
     PermissionDenied,
     ServiceError,
     Unauthenticated,
@@ -125,7 +126,7 @@ def error_of(error: grpc.aio.AioRpcError) -> Exception:
     code = error.code()
     info = error_info(error)
     if code is grpc.StatusCode.OUT_OF_RANGE and info is not None and info.reason in RESYNC_REASONS:
-        return ResyncNeeded(info.reason)
+        return ResyncNeeded(info.reason, log_replaced=info.reason == REVISION_AHEAD)
     kind = _ERRORS.get(code, AnalysisRefused)
     if kind is AnalysisUnavailable:
         return AnalysisUnavailable(f"the analysis service is unavailable ({code.name})")

@@ -49,12 +49,14 @@ StatusEvent = StatusUpdate | UnknownStatusChange | StatusBookmark
 
 class ResyncNeeded(Exception):
     """A watch cannot resume from its revision: the analysis service's event log no longer
-    holds it (compacted), or is not the one it came from (a revision ahead of the log).
-    The watcher starts over from the current state of every item."""
+    holds it (compacted), or is not the one it came from (a revision ahead of the log:
+    ``log_replaced``, the analysis database restored from a backup or made anew). The
+    watcher starts over from the current state of every item."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, log_replaced: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.log_replaced = log_replaced
 
 
 class AnalysisService(Protocol):

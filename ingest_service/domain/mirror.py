@@ -7,8 +7,13 @@ change is idempotent by revision (an item never moves back to an older one) and 
 persisted revision only ever grows, so the replicas' mirrors may apply the same stream at
 their own pace. Never synced (or told that its revision was compacted out of the event
 log), it asks for the current state of every item first, and its revision moves only once
-that state is whole. GetMedia and ListMedia read the mirrored rows, so they answer while the
-analysis service is down.
+that state is whole. Told that its revision is ahead of the log (the analysis database was
+restored from a backup, or made anew), it first forgets the revisions of the log that is
+gone, since the new one counts them again. Reading the current state of every item, it
+enqueues webhooks only for items whose status or attempt it changes; once that state is
+whole, items it did not include (the analysis service does not know them: uploaded after
+the backup) go back into the outbox. GetMedia and ListMedia read the mirrored rows, so they
+answer while the analysis service is down.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ class StatusMirror:
         self._task: asyncio.Task[None] | None = None
         self._revision = 0
         self._resync = False
+        # The analysis service's log was replaced: the revisions applied are to be forgotten.
+        self._forget = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="status-mirror")
@@ -78,6 +85,7 @@ class StatusMirror:
                     resync.reason,
                 )
                 self._resync = True
+                self._forget = self._forget or resync.log_replaced
                 continue
             except ServiceError as error:
                 problem = str(error)
@@ -95,6 +103,14 @@ class StatusMirror:
             await asyncio.sleep(delay)
 
     async def _follow(self) -> None:
+        if self._forget:
+            # Before the watch: a mirror stopped after this starts over from revision 0.
+            await self._store.forget_revisions()
+            self._forget = False
+            logger.warning(
+                "the analysis service's event log was replaced (its database restored or "
+                "made anew): the revisions applied so far are forgotten"
+            )
         self._revision = await self._store.mirror_revision()
         # Never synced, or told to start over: the current state of every item comes first.
         self._resync = self._resync or self._revision == 0
@@ -154,7 +170,9 @@ class StatusMirror:
         in_sync = not self._resync or synced
         revision = max(event.revision for event in events) if in_sync else None
         if changes or (revision is not None and revision != self._revision):
-            applied = await self._store.apply_status_changes(changes, revision=revision)
+            applied = await self._store.apply_status_changes(
+                changes, revision=revision, quiet_when_unchanged=self._resync
+            )
             woken: set[str] = set()
             for change, changed in zip(changes, applied, strict=True):
                 if changed:
@@ -163,8 +181,15 @@ class StatusMirror:
             if woken:
                 self._webhooks.wake(sorted(woken))
         if synced:
-            self._resync = False
             logger.info("status mirror in sync with analysis at revision %d", events[-1].revision)
+            resubmitted = await self._store.resubmit_unknown()
+            if resubmitted:
+                logger.warning(
+                    "%d item(s) unknown to the analysis service put back in the outbox",
+                    resubmitted,
+                )
+            # Last: had that failed, the next watch would read the whole state again.
+            self._resync = False
         self._revision = events[-1].revision
 
 

@@ -137,8 +137,24 @@ class IngestStore(Protocol):
     async def mirror_revision(self) -> int:
         """The revision the status mirror resumes from."""
 
+    async def forget_revisions(self) -> None:
+        """The analysis service's event log was replaced (restored from a backup, or made
+        anew): the revisions applied so far are of a log that is gone, and its revisions
+        count again from where the new one is. Every item's revision and the mirror's go back
+        to 0, so that the new log's changes apply, from the current state of every item."""
+
+    async def resubmit_unknown(self) -> int:
+        """Put back in the outbox the items the analysis service does not know, once the
+        current state of every item has been read: those analysed there (not
+        NOT_APPLICABLE), at revision 0 (no change of theirs applied) and not in the outbox.
+        How many. (An item delivered meanwhile is submitted twice, which changes nothing.)"""
+
     async def apply_status_changes(
-        self, changes: Sequence[MirroredChange], *, revision: int | None
+        self,
+        changes: Sequence[MirroredChange],
+        *,
+        revision: int | None,
+        quiet_when_unchanged: bool = False,
     ) -> list[bool]:
         """Apply analysis status changes, in order, and advance the mirror's revision to
         ``revision`` (None: leave it), in one transaction. Idempotent by revision: an item
@@ -148,7 +164,9 @@ class IngestStore(Protocol):
         enqueued in the same transaction for each of the change's endpoints that wants it
         (by the item's owner and the status), so exactly one process enqueues each change;
         it is due at once, and its retry period runs from then on the store's clock (the
-        same for every process, whatever their own clocks say)."""
+        same for every process, whatever their own clocks say). ``quiet_when_unchanged``
+        (the current state of every item, read again): a change that leaves its item's status
+        and attempt as they were is applied but counts as no change, and enqueues nothing."""
 
     # -- the blob sweep ----------------------------------------------------------------------
 

@@ -264,13 +264,21 @@ def lock_media(conn: Connection, media_ids: Collection[str]) -> None:
         )
 
 
-def apply_status(conn: Connection, update: StatusUpdate) -> bool:
+def apply_status(conn: Connection, update: StatusUpdate, *, quiet_when_unchanged: bool) -> bool:
     """Apply ``update`` unless the row already holds that revision or a later one.
 
-    False when nothing changed (an unknown media id, or a stale revision). On PostgreSQL a
-    concurrent transaction applying the same revision waits for the row, then finds it
-    current and changes nothing.
+    False when nothing changed (an unknown media id, or a stale revision), and with
+    ``quiet_when_unchanged`` when the row's status and attempt stay as they were. On
+    PostgreSQL a concurrent transaction applying the same revision waits for the row, then
+    finds it current and changes nothing.
     """
+    unchanged = False
+    if quiet_when_unchanged:
+        # The row is locked (lock_media), so what is read here is what is updated.
+        before = conn.execute(
+            sa.select(media.c.status, media.c.attempt).where(media.c.id == update.media_id)
+        ).one_or_none()
+        unchanged = before is not None and tuple(before) == (update.status.value, update.attempt)
     result = conn.execute(
         sa.update(media)
         .where(media.c.id == update.media_id, media.c.status_revision < update.revision)
@@ -283,7 +291,28 @@ def apply_status(conn: Connection, update: StatusUpdate) -> bool:
             **_error_values(update.error),
         )
     )
-    return bool(result.rowcount)
+    return bool(result.rowcount) and not unchanged
+
+
+def forget_revisions(conn: Connection) -> None:
+    """Every item's revision and the mirror's back to 0 (see IngestStore.forget_revisions)."""
+    conn.execute(sa.update(media).where(media.c.status_revision != 0).values(status_revision=0))
+    conn.execute(sa.update(counters).where(counters.c.name == MIRROR_REVISION).values(value=0))
+
+
+def unknown_to_analysis(conn: Connection) -> list[str]:
+    """Items analysed there that no change has reached yet and that are not in the outbox."""
+    waiting = sa.exists().where(outbox.c.media_id == media.c.id)
+    rows = conn.execute(
+        sa.select(media.c.id)
+        .where(
+            media.c.status_revision == 0,
+            media.c.status != ProcessingStatus.NOT_APPLICABLE.value,
+            ~waiting,
+        )
+        .order_by(media.c.created_at, media.c.id)
+    )
+    return list(rows.scalars())
 
 
 # -- request ids ---------------------------------------------------------------------------

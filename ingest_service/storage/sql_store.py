@@ -201,8 +201,23 @@ class SqlIngestStore(SqlTransactions):
     async def mirror_revision(self) -> int:
         return await self._read(repository.mirror_revision)
 
+    async def forget_revisions(self) -> None:
+        await self._write(repository.forget_revisions)
+
+    async def resubmit_unknown(self) -> int:
+        def transaction(conn: Connection) -> int:
+            unknown = repository.unknown_to_analysis(conn)
+            outbox.insert_outbox(conn, unknown, now=time.time())
+            return len(unknown)
+
+        return await self._write(transaction)
+
     async def apply_status_changes(
-        self, changes: Sequence[MirroredChange], *, revision: int | None
+        self,
+        changes: Sequence[MirroredChange],
+        *,
+        revision: int | None,
+        quiet_when_unchanged: bool = False,
     ) -> list[bool]:
         def transaction(conn: Connection) -> list[bool]:
             # Rows are locked in one order (by id) whatever order the changes come in: two
@@ -211,7 +226,9 @@ class SqlIngestStore(SqlTransactions):
             applied = []
             for change in changes:
                 update = change.update
-                changed = repository.apply_status(conn, update)
+                changed = repository.apply_status(
+                    conn, update, quiet_when_unchanged=quiet_when_unchanged
+                )
                 if changed and change.webhooks:
                     webhook_deliveries.enqueue(
                         conn,

@@ -35,7 +35,7 @@ from ingest_service.domain.webhook_backlog import DeliveryListing
 from ingest_service.domain.webhook_endpoints import WebhookEndpoint
 from ingest_service.domain.webhooks import Claim, Delivery, Retry, WebhookChange
 from ingest_service.storage.schema import media, webhook_deliveries
-from mediatag_common.database import POSTGRESQL, database_now
+from mediatag_common.database import POSTGRESQL, database_now, insert
 
 _table = webhook_deliveries
 # The longest error text kept per delivery (a receiver's status line, a socket error).
@@ -85,8 +85,13 @@ def enqueue(
     wanted = [e.name for e in endpoints if e.wants(owner_id, status)]
     if wanted:
         now = _now(conn)
+        # A message id already there is an older change's of the same item and revision: of
+        # an event log since replaced (see IngestStore.forget_revisions). Receivers drop a
+        # repeated webhook-id as a duplicate, so it is not enqueued twice either.
         conn.execute(
-            _table.insert().values(created_at=now, next_attempt_at=now),
+            insert(conn, _table)
+            .values(created_at=now, next_attempt_at=now)
+            .on_conflict_do_nothing(index_elements=["endpoint", "message_id"]),
             [
                 {
                     "endpoint": name,
