@@ -92,9 +92,6 @@ class DatabaseError(Exception):
 
 
 class DatabaseInUse(DatabaseError):
-
-
-
     def __init__(self, path: Path, holder: str) -> None:
         super().__init__(
             f"another process (pid {holder or 'unknown'}) serves from the SQLite database "

@@ -102,7 +102,6 @@ class DatabaseSlots:
 
         return await session.read(self._db, read)
 
-
     async def pause_end(self, api: str) -> tuple[float, float]:
         clock = _clock(api)
         query = sa.select(
