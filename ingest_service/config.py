@@ -296,11 +296,12 @@ class IngestConfig(ServiceConfig):
         metavar="URL",
         shown_default="AWS",
     )
-    # One call to the blob store, its retries included.
+    # One call to Cloud Storage, its retries included; one attempt of a call to S3.
     blob_store_timeout: float = setting(
         30.0,
         flag="--blob-store-timeout",
-        help="seconds one call to a Cloud Storage or S3 blob store may take, retries included",
+        help="seconds one call to a Cloud Storage blob store may take, retries included; on "
+        "S3, each attempt of a call (to connect, and to read; a call makes up to 4)",
         parse=positive_float,
         metavar="SECONDS",
     )
@@ -313,6 +314,17 @@ class IngestConfig(ServiceConfig):
         "removes it",
         parse=positive_float,
         metavar="SECONDS",
+    )
+    # None: the grace period and the longest a stream may last (longest_upload_stream), since
+    # S3 dates an object made of parts from the start of its upload.
+    blob_sweep_temporary_grace: float | None = setting(
+        None,
+        flag="--blob-sweep-temporary-grace",
+        help="seconds a stream's temporary object in a bucket (a crash's leftover) is kept "
+        "before the sweep removes it",
+        parse=positive_float,
+        metavar="SECONDS",
+        shown_default="the grace period and the longest a stream may last",
     )
     blob_sweep_interval: float = setting(
         3600.0,
@@ -330,8 +342,15 @@ class IngestConfig(ServiceConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         location = self.blob_store_location
-        if self.blob_store_endpoint is not None and location.scheme != "s3":
-            raise ValueError("--blob-store-endpoint is for an s3:// blob store")
+        if self.blob_store_endpoint is not None:
+            if location.scheme != "s3":
+                raise ValueError("--blob-store-endpoint is for an s3:// blob store")
+            endpoint = urlsplit(self.blob_store_endpoint)
+            if endpoint.scheme not in ("http", "https") or not endpoint.netloc:
+                raise ValueError(
+                    "--blob-store-endpoint must be an http:// or https:// URL, e.g. "
+                    "https://minio.example:9000"
+                )
 
     @property
     def blob_store_location(self) -> BlobStoreUrl:
@@ -339,6 +358,16 @@ class IngestConfig(ServiceConfig):
         if self.blob_store is None:
             return BlobStoreUrl("file", "", str((self.data_dir / "blobs").absolute()))
         return BlobStoreUrl.parse(self.blob_store)
+
+    @property
+    def temporary_blob_grace(self) -> float:
+        """Seconds a temporary object is kept: by default the grace period and the longest
+        the slowest stream of the largest file may last (it must bring ``upload_min_rate``
+        bytes a second over each window)."""
+        if self.blob_sweep_temporary_grace is not None:
+            return self.blob_sweep_temporary_grace
+        longest_stream = self.limits.largest_file_bytes / self.upload_min_rate
+        return self.blob_sweep_grace + longest_stream + self.upload_rate_window
 
     @property
     def stream_limits(self) -> StreamLimits:

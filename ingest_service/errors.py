@@ -12,6 +12,7 @@ Each class says what went wrong (its ``reason``); the gRPC layer gives it a stat
     │   ├── StorageFull           no room for the upload
     │   ├── StorageQuotaExceeded  the blob store's request quota or rate limit is exceeded
     │   └── StoragePermissionDenied  the blob store refused the service's credentials
+    ├── BlobMissing               an item's blob is not in the blob store
     ├── StorageConflict           concurrent transactions kept refusing a change (retry it)
     ├── AnalysisUnavailable       the analysis service cannot be reached
     ├── AnalysisRefused           the analysis service refused a call made for the client
@@ -78,6 +79,13 @@ class StoragePermissionDenied(StorageUnavailable):
     """The blob store refused the service's credentials (or it found none)."""
 
     reason = "STORAGE_PERMISSION_DENIED"
+
+
+class BlobMissing(IngestError):
+    """An item's row names a blob the store does not hold (lost, or left behind when the
+    blob store changed): reading it again will not find it either."""
+
+    reason = "BLOB_MISSING"
 
 
 class StorageConflict(IngestError):

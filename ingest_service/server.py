@@ -79,7 +79,7 @@ async def _assemble(
         blobs=blobs,
         grace_period=config.blob_sweep_grace,
         interval=config.blob_sweep_interval,
-        call_timeout=config.blob_store_timeout,
+        temporary_grace=config.temporary_blob_grace,
     )
 
     tokens = load_tokens(config.tokens_file) if config.tokens_file is not None else None

@@ -15,7 +15,11 @@ from ingest_service.errors import IngestError
 
 async def copy_blobs(source: Path, ingest: IngestConfig) -> int:
     """Copy ``source`` into ``ingest``'s blob store; prints what it did; the exit status."""
-    target = await asyncio.to_thread(open_blob_store, ingest, NoObserver())
+    try:
+        target = await asyncio.to_thread(open_blob_store, ingest, NoObserver())
+    except IngestError as exc:
+        print(f"nothing copied: {exc}", file=sys.stderr)
+        return 1
     try:
         report = await copy_into(source, target)
     except IngestError as exc:
@@ -25,6 +29,6 @@ async def copy_blobs(source: Path, ingest: IngestConfig) -> int:
         await target.close()
     print(
         f"copied {report.copied} blob(s); {report.already_there} already there"
-        + (f"; {report.damaged} damaged, not copied" if report.damaged else "")
+        + (f"; {report.damaged} damaged or unreadable, not copied" if report.damaged else "")
     )
     return 1 if report.damaged else 0

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2
 
 from mediatag_cli.settings import ServeSettings
 from mediatag_common.database import DatabaseError
+from mediatag_common.errors import ServiceError
 from mediatag_common.grpc_server import (
     Host,
     ServiceHost,
@@ -57,8 +58,9 @@ async def serve(settings: ServeSettings) -> int:
     try:
         services = await _create(settings)
         web = await _create_web(settings)
-    except (OSError, RuntimeError, DatabaseError) as error:
-        # Port taken, data dir not writable, database unreachable: say so without a traceback.
+    except (OSError, RuntimeError, DatabaseError, ServiceError) as error:
+        # Port taken, data dir not writable, database unreachable, no credentials for the
+        # blob store: say so without a traceback.
         logger.error("cannot start: %s", error, exc_info=logger.isEnabledFor(logging.DEBUG))
         return 1
     announcements = [asyncio.create_task(_announce_when_serving(s)) for s in services]

@@ -126,6 +126,16 @@ class StoreUnderTest:
                 Bucket=BUCKET, Key=f"{self.prefix}/{key}", Body=content
             )
 
+    def delete(self, key: str) -> None:
+        """Remove an object behind the service's back (a blob lost, or never copied)."""
+        if self.scheme == "file":
+            (self.root / key).unlink()
+        elif self.scheme == "gs":
+            self._gcs().blob(f"{self.prefix}/{key}").delete()
+        else:
+            assert self.emulator is not None
+            s3_client(self.emulator).delete_object(Bucket=BUCKET, Key=f"{self.prefix}/{key}")
+
     def _objects(self) -> list[tuple[str, Any]]:
         if self.scheme == "gs":
             return [

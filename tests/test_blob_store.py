@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import random
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,12 +17,18 @@ from typing import TypeVar
 
 import grpc
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+)
 from google.api_core import exceptions as api_exceptions
 from google.auth.exceptions import DefaultCredentialsError
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 from mediatag.ingest.v1 import ingest_pb2_grpc
 
+from bench.emulators import AWS_TEST_ENVIRONMENT
 from ingest_service.blobstores.gcs import GcsBucket
 from ingest_service.blobstores.local import LocalBlobStore
 from ingest_service.blobstores.s3 import S3Bucket
@@ -46,12 +54,14 @@ from tests.ingest_support import (
     sha256_of,
     upload_stream,
 )
-from tests.processes import Serve, run_cli
+from tests.processes import MEDIATAG, Serve, run_cli
 
 OWNER = "listing-7"
 T = TypeVar("T")
 # Sweeps often, and judges anything older than a moment.
-QUICK_SWEEP = IngestConfig(blob_sweep_grace=0.05, blob_sweep_interval=0.05)
+QUICK_SWEEP = IngestConfig(
+    blob_sweep_grace=0.05, blob_sweep_temporary_grace=0.05, blob_sweep_interval=0.05
+)
 
 
 def upload(*contents: bytes) -> ipb.UploadMediaRequest:
@@ -157,6 +167,35 @@ async def test_a_blob_swept_before_its_row_committed_is_stored_again(tmp_path: P
     finally:
         await uploads.close()
         await db.close()
+
+
+async def test_a_blob_the_store_lost_is_data_loss_not_an_outage(
+    tmp_path: Path, blob_store: StoreUnderTest
+) -> None:
+    """A row naming a blob the store no longer holds: reading it is refused for good
+    (DATA_LOSS, BLOB_MISSING), not as an outage a client would retry; a batched read leaves
+    it to that refusal and still answers the others."""
+    server = IngestServer(tmp_path / "ingest", store=blob_store)
+    stub = await server.start()
+    try:
+        lost, kept = samples.jpeg_bytes(31), samples.jpeg_bytes(32)
+        answer = await stub.UploadMedia(upload(lost, kept), timeout=PATIENCE)
+        lost_id, kept_id = (m.id for m in answer.media)
+        server.blobs.delete(blob_key(sha256_of(lost)))
+
+        error = await refusal(read_back(stub, lost_id))
+        assert_refused(error, grpc.StatusCode.DATA_LOSS, "BLOB_MISSING", None)
+        assert BUCKET not in (error.details() or "")
+        batch = await stub.ReadMediaContents(
+            ipb.ReadMediaContentsRequest(media_ids=[lost_id, kept_id]), timeout=PATIENCE
+        )
+        states = [(item.media_id, item.state, item.data) for item in batch.contents]
+        assert states == [
+            (lost_id, ipb.MEDIA_CONTENT_STATE_READ_SEPARATELY, b""),
+            (kept_id, ipb.MEDIA_CONTENT_STATE_INCLUDED, kept),
+        ]
+    finally:
+        await server.stop()
 
 
 # -- a store that stops answering ------------------------------------------------------------
@@ -298,11 +337,38 @@ async def test_what_one_replica_stores_the_other_reads(
         await second.stop()
 
 
+async def test_an_s3_call_ends_within_the_longest_the_sweep_waits_for_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """S3's client times each attempt of a call, not the call: against an endpoint that takes
+    the connection and never answers, a delete outlasts the timeout (it tries again) and
+    ends within the store's longest call, which the sweep keeps its transaction open for."""
+    for name, value in AWS_TEST_ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client gives up and closes
+        writer.close()
+
+    silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    bucket = S3Bucket(BUCKET, "p", endpoint=f"http://127.0.0.1:{port}", timeout=0.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BotoCoreError):
+            await asyncio.to_thread(bucket.delete, blob_key("ab" * 32))
+        took = time.monotonic() - started
+    finally:
+        bucket.close()
+        silent.close()
+    assert 0.5 * 2 < took <= bucket.longest_call
+
+
 # -- what each client's refusals mean -------------------------------------------------------
 
 
-def s3_error(code: str) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": "no"}}, "PutObject")
+def s3_error(code: str, operation: str = "PutObject") -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "no"}}, operation)
 
 
 @pytest.mark.parametrize(
@@ -312,6 +378,10 @@ def s3_error(code: str) -> ClientError:
         (s3_error("InvalidAccessKeyId"), "STORAGE_PERMISSION_DENIED"),
         (NoCredentialsError(), "STORAGE_PERMISSION_DENIED"),
         (s3_error("SlowDown"), "STORAGE_QUOTA_EXCEEDED"),
+        # A HEAD's refusal has no body: botocore gives its status as the code.
+        (s3_error("403", "HeadObject"), "STORAGE_PERMISSION_DENIED"),
+        (s3_error("503", "HeadObject"), "STORAGE_QUOTA_EXCEEDED"),
+        (s3_error("500", "HeadObject"), "STORAGE_UNAVAILABLE"),
         (s3_error("InternalError"), "STORAGE_UNAVAILABLE"),
         (EndpointConnectionError(endpoint_url="http://s3.example"), "STORAGE_UNAVAILABLE"),
     ],
@@ -367,10 +437,19 @@ async def test_copy_blobs_moves_a_local_blob_directory_into_a_bucket(
     bucket = store_under_test(request, scheme, tmp_path / "unused")
     command = ["copy-blobs", str(local.blobs.root), "--data-dir", str(tmp_path), *bucket.flags()]
 
+    # A file that cannot be read (here a directory where a blob would be) is left out and
+    # said; the others are copied all the same.
+    unreadable = local.blobs.root / blob_key("ab" * 32)
+    unreadable.mkdir()
     first = await asyncio.to_thread(run_cli, *command)
-    assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == "copied 2 blob(s); 0 already there"
+    assert first.returncode == 1, first.stderr
+    assert first.stdout.strip() == (
+        "copied 2 blob(s); 0 already there; 1 damaged or unreadable, not copied"
+    )
+    assert "cannot be read" in first.stderr
+    unreadable.rmdir()
     again = await asyncio.to_thread(run_cli, *command)
+    assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "copied 0 blob(s); 2 already there"
     assert bucket.blob_keys() == {blob_key(uploaded.sha256), blob_key(streamed.sha256)}
 
@@ -381,6 +460,38 @@ async def test_copy_blobs_moves_a_local_blob_directory_into_a_bucket(
         assert await read_back(stub, streamed.id) == video
     finally:
         await moved.stop()
+
+
+def test_a_bucket_the_service_cannot_use_is_said_at_start_not_as_a_traceback(
+    tmp_path: Path,
+) -> None:
+    # No credentials anywhere the client looks, and no metadata server to ask.
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")
+    }
+    environment.update(HOME=str(tmp_path), NO_GCE_CHECK="True")
+    store = ["--data-dir", str(tmp_path), "--blob-store", "gs://mediatag-nowhere/blobs"]
+
+    def mediatag(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [MEDIATAG, *args], capture_output=True, text=True, env=environment, timeout=PATIENCE
+        )
+
+    served = mediatag("serve", "ingest", "--ingest-port", str(free_port()), *store)
+    assert served.returncode == 1
+    assert "cannot start: no credentials for Cloud Storage" in served.stderr
+    assert "Traceback" not in served.stderr
+    (tmp_path / "blobs").mkdir()
+    copied = mediatag("copy-blobs", str(tmp_path / "blobs"), *store)
+    assert copied.returncode == 1
+    assert copied.stderr.startswith("nothing copied: no credentials for Cloud Storage")
+    endpoint = mediatag(
+        "serve", "ingest", "--blob-store", "s3://b/p", "--blob-store-endpoint", "minio:9000"
+    )
+    assert endpoint.returncode == 2
+    assert "--blob-store-endpoint must be an http:// or https:// URL" in endpoint.stderr
 
 
 # -- a crash in the middle of large uploads ------------------------------------------------
@@ -397,7 +508,8 @@ async def test_sigkill_amid_large_streams_keeps_every_answered_upload_and_sweeps
     args = (
         "ingest", "--data-dir", str(tmp_path / "data"), "--ingest-port", str(port),
         "--analysis-address", f"127.0.0.1:{free_port()}", "--max-video-bytes", "32MiB",
-        "--blob-sweep-grace", "0.5", "--blob-sweep-interval", "0.2", *store.flags(),
+        "--blob-sweep-grace", "0.5", "--blob-sweep-temporary-grace", "0.5",
+        "--blob-sweep-interval", "0.2", *store.flags(),
     )  # fmt: skip
     ingest = Serve(tmp_path / "ingest.log", *args).start(port)
     answered: list[ipb.Media] = []

@@ -1,6 +1,7 @@
 """The sweep's rules with a bucket whose deletes the test holds and fails: every delete it
 starts has ended before its batch's transaction does (a failed one too, which the next sweep
-tries again), and a batch starts deletes for a bounded time only, leaving the rest."""
+tries again), a batch starts deletes for a bounded time only, leaving the rest, and a
+temporary object is judged by a grace of its own."""
 
 from __future__ import annotations
 
@@ -25,8 +26,13 @@ class HeldBucket:
     """Orphan blobs, all old; each delete waits for its key's release, and a key in
     ``failing`` fails its next delete (a transient error of the store)."""
 
-    def __init__(self, sha256s: list[str]) -> None:
-        self.objects = {f"blobs/{sha256}": sha256 for sha256 in sha256s}
+    longest_call = 10.0
+
+    def __init__(self, sha256s: list[str], temporary: dict[str, float] | None = None) -> None:
+        self.objects: dict[str, str | None] = {f"blobs/{sha256}": sha256 for sha256 in sha256s}
+        # Temporary objects (a stream's content before it has its key), and their times.
+        self.modified = dict(temporary or {})
+        self.objects.update(dict.fromkeys(self.modified))
         self.failing: set[str] = set()
         self.deleting: set[str] = set()
         self.released: set[str] = set()
@@ -39,11 +45,14 @@ class HeldBucket:
 
     async def listing(self) -> AsyncIterator[StoredObject]:
         for key, sha256 in sorted(self.objects.items()):
-            yield StoredObject(key, sha256, modified=0.0)
+            yield StoredObject(key, sha256, modified=self.modified.get(key, 0.0))
 
     async def delete(self, key: str) -> None:
         self.deleting.add(key)
         try:
+            if self.objects.get(key, "") is None:
+                self.objects.pop(key)  # a temporary object: not held
+                return
             if key in self.failing:
                 self.failing.discard(key)
                 raise StorageUnavailable("blob store unavailable")
@@ -81,7 +90,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SqlIngestStore]:
 
 
 def sweep_of(store: SqlIngestStore, bucket: HeldBucket) -> BlobSweep:
-    return BlobSweep(store=store, blobs=bucket, grace_period=60, interval=60, call_timeout=10)
+    return BlobSweep(store=store, blobs=bucket, grace_period=60, interval=60, temporary_grace=60)
 
 
 async def test_a_failed_delete_leaves_the_others_to_end_and_is_tried_at_the_next_sweep(
@@ -134,3 +143,19 @@ async def test_a_batch_starts_deletes_for_a_bounded_time_and_leaves_the_rest(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_temporary_object_is_kept_for_its_own_grace(store: SqlIngestStore) -> None:
+    """S3 dates an object made of parts from its upload's start: a stream that ran for hours
+    completes an object that looks hours old while it is being copied to its key. It is
+    kept until older than its own grace (by default the grace and the longest stream)."""
+    now = time.time()
+    bucket = HeldBucket(
+        [], temporary={"incoming/long-stream": now - 3 * 3600, "incoming/crash": now - 6 * 3600}
+    )
+    sweep = BlobSweep(
+        store=store, blobs=bucket, grace_period=3600, interval=60, temporary_grace=4 * 3600
+    )
+
+    assert await sweep.sweep() == SweepReport(orphans=0, temporary=1)
+    assert set(bucket.objects) == {"incoming/long-stream"}

@@ -18,6 +18,7 @@ STATUS_CODES: StatusCodes = {
     errors.StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.StorageQuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.BlobMissing: grpc.StatusCode.DATA_LOSS,
     errors.StorageConflict: grpc.StatusCode.ABORTED,
     errors.AnalysisUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.RequestIdReused: grpc.StatusCode.ALREADY_EXISTS,

@@ -11,7 +11,7 @@ from concurrent.futures import Executor
 from typing import TypeVar
 
 from ingest_service.domain.observer import BlobStoreObserver
-from ingest_service.errors import StorageUnavailable, blob_store_error
+from ingest_service.errors import IngestError, StorageUnavailable, blob_store_error
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,10 @@ class StoreCalls:
                 if not future.cancelled():
                     future.exception()  # retrieved: nobody else will
                 raise
+        except IngestError as exc:
+            # The store's own answer, already the service's (a blob it does not hold).
+            failure = exc.reason
+            raise
         except Exception as exc:
             error = self._classify(exc)
             if error is None and isinstance(exc, OSError):

@@ -23,7 +23,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 class CopyReport:
     copied: int
     already_there: int
-    # Files whose content does not hash to their name: left out, and logged.
+    # Files whose content does not hash to their name, or that cannot be read: left out, and
+    # logged.
     damaged: int
 
 
@@ -51,9 +52,14 @@ async def copy_blobs(source: Path, target: BlobStore) -> CopyReport:
             return
         received = await target.receive()
         try:
-            with path.open("rb") as blob:
-                while chunk := await asyncio.to_thread(blob.read, READ_BYTES):
-                    await received.write([chunk])
+            try:
+                with path.open("rb") as blob:
+                    while chunk := await asyncio.to_thread(blob.read, READ_BYTES):
+                        await received.write([chunk])
+            except OSError as exc:
+                logger.error("%s cannot be read (%s): not copied", path, exc)
+                damaged += 1
+                return
             if await received.finish() != sha256:
                 logger.error("%s does not hash to its name: not copied", path)
                 damaged += 1
@@ -68,5 +74,8 @@ async def copy_blobs(source: Path, target: BlobStore) -> CopyReport:
         for sha256, path in files:
             await copy(sha256, path)
 
-    await asyncio.gather(*(copier() for _ in range(CONCURRENCY)))
+    # A copier that fails stops the others, each once its upload under way is discarded.
+    async with asyncio.TaskGroup() as group:
+        for _ in range(CONCURRENCY):
+            group.create_task(copier())
     return CopyReport(copied, already_there, damaged)

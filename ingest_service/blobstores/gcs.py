@@ -21,6 +21,7 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 
 from ingest_service.blobstores.object_store import MIB, READ_CHUNK_BYTES
 from ingest_service.errors import (
+    BlobMissing,
     StoragePermissionDenied,
     StorageQuotaExceeded,
     StorageUnavailable,
@@ -55,12 +56,21 @@ class GcsBucket:
     part_bytes = 2 * MIB
 
     def __init__(self, bucket: str, prefix: str, *, timeout: float) -> None:
-        """Blocking: Application Default Credentials may be looked up."""
-        self._client = storage.Client()
+        """Blocking: Application Default Credentials may be looked up (none found:
+        StoragePermissionDenied)."""
+        try:
+            self._client = storage.Client()
+        except auth_exceptions.DefaultCredentialsError:
+            raise StoragePermissionDenied(
+                "no credentials for Cloud Storage: give the service Application Default "
+                "Credentials (GOOGLE_APPLICATION_CREDENTIALS, or the machine's service account)"
+            ) from None
         self._bucket = self._client.bucket(bucket)
         self._prefix = f"{prefix}/" if prefix else ""
         self._timeout = timeout
         self._retry = DEFAULT_RETRY.with_timeout(timeout)
+        # Retries stop at the timeout, but one begun just before runs its own timeout out.
+        self.longest_call = 2 * timeout
 
     def exists(self, key: str) -> bool:
         blob = self._bucket.get_blob(self._name(key), timeout=self._timeout, retry=self._retry)
@@ -102,7 +112,7 @@ class GcsBucket:
         reader = self._bucket.blob(self._name(key)).open(
             "rb", chunk_size=READ_CHUNK_BYTES, timeout=self._timeout, retry=self._retry
         )
-        return cast(BinaryIO, reader)
+        return cast(BinaryIO, _Reading(cast(BinaryIO, reader), key))
 
     def list_pages(self) -> Iterator[list[tuple[str, float]]]:
         listing = self._client.list_blobs(
@@ -141,3 +151,20 @@ class GcsBucket:
 def _quota_reason(exc: api_exceptions.Forbidden) -> bool:
     errors: list[Any] = list(exc.errors or [])
     return any(isinstance(e, dict) and e.get("reason") in _QUOTA_REASONS for e in errors)
+
+
+class _Reading:
+    """A blob being read; Cloud Storage tells that it is missing at the first read."""
+
+    def __init__(self, reader: BinaryIO, key: str) -> None:
+        self._reader = reader
+        self._key = key
+
+    def read(self, size: int) -> bytes:
+        try:
+            return self._reader.read(size)
+        except api_exceptions.NotFound:
+            raise BlobMissing(f"{self._key} is not in the blob store") from None
+
+    def close(self) -> None:
+        self._reader.close()

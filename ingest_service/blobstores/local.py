@@ -22,14 +22,22 @@ from ingest_service.blobstores.calls import StoreCalls, no_backend_errors
 from ingest_service.blobstores.spool import Spool, clear_spools
 from ingest_service.domain.blobs import Placement, StoredObject
 from ingest_service.domain.observer import BlobStoreObserver
+from ingest_service.errors import BlobMissing
 
 INCOMING = "incoming"
 READ_CHUNK_BYTES = 256 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+# A filesystem's calls have no timeout of their own: an unlink or a read that takes longer than
+# this (a network filesystem whose server went away) is not waited for by the sweep.
+LOCAL_LONGEST_CALL = 60.0
+
+
 class LocalBlobStore:
     """A :class:`~ingest_service.domain.blobs.BlobStore` in a directory of this machine."""
+
+    longest_call = LOCAL_LONGEST_CALL
 
     def __init__(self, root: Path, observer: BlobStoreObserver) -> None:
         """Blocking: makes the directories and clears ``incoming/``."""
@@ -87,7 +95,10 @@ class LocalBlobStore:
     def _start_reading(self, sha256: str) -> tuple[BinaryIO | None, bytes]:
         """The blob's first chunk, and the file open after it (None: the chunk is all of it;
         a buffered read of a file comes back short only at its end)."""
-        blob = self.path_for(sha256).open("rb")
+        try:
+            blob = self.path_for(sha256).open("rb")
+        except FileNotFoundError:
+            raise BlobMissing(f"blob {sha256} is not in the blob store") from None
         try:
             chunk = blob.read(READ_CHUNK_BYTES)
         except BaseException:

@@ -60,6 +60,9 @@ class Bucket(Protocol):
     # copies of one, as the client sends it) per stream.
     part_bytes: int
 
+    # Seconds one call may take at the most, its retries included.
+    longest_call: float
+
     def classify(self, exc: Exception) -> StorageUnavailable | None:
         """The client's errors as the service's; messages name no bucket."""
 
@@ -97,6 +100,10 @@ class ObjectStoreBlobs:
         self._executor = ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="blob-store")
         self.calls = StoreCalls(observer, bucket.classify, self._executor)
         clear_spools(spool_dir)
+
+    @property
+    def longest_call(self) -> float:
+        return self._bucket.longest_call
 
     async def contains(self, sha256: str) -> bool:
         return await self.calls.run("head", self._bucket.exists, blob_key(sha256))

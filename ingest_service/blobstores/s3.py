@@ -2,8 +2,9 @@
 
 Credentials come from the standard AWS chain (environment, shared config and credentials
 files, SSO, container or instance roles), found by the client; an S3-compatible service is
-reached at ``--blob-store-endpoint`` (path-style addressing). Every call is bounded by the
-store's timeout per attempt, with the client's standard retries.
+reached at ``--blob-store-endpoint`` (path-style addressing). The client times each attempt
+of a call (to connect, and to read), not the call: with its standard retries a call makes up
+to four attempts.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from ingest_service.blobstores.object_store import MAX_THREADS, MIB
 from ingest_service.errors import (
+    BlobMissing,
     StoragePermissionDenied,
     StorageQuotaExceeded,
     StorageUnavailable,
@@ -37,6 +39,11 @@ _QUOTA_CODES = frozenset(
     {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"}
 )
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+# Attempts of one call (the client's standard retry mode), and the most its backoff between
+# them adds up to: a random part of 1, 2, 4 s, each raised by at most 5 s more when S3 asks
+# for a later retry (x-amz-retry-after).
+_ATTEMPTS = 4
+_MOST_BACKOFF = 1.0 + 2.0 + 4.0 + 3 * 5.0
 
 
 class S3Upload:
@@ -85,12 +92,13 @@ class S3Bucket:
         config = Config(
             connect_timeout=timeout,
             read_timeout=timeout,
-            retries={"max_attempts": 3, "mode": "standard"},
+            retries={"total_max_attempts": _ATTEMPTS, "mode": "standard"},
             # A connection for each of the store's threads.
             max_pool_connections=MAX_THREADS,
             s3={"addressing_style": "path"} if endpoint else None,
         )
         self._client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+        self.longest_call = _ATTEMPTS * 2 * timeout + _MOST_BACKOFF
         self._bucket = bucket
         self._prefix = f"{prefix}/" if prefix else ""
 
@@ -121,7 +129,12 @@ class S3Bucket:
         self._client.delete_object(Bucket=self._bucket, Key=self._name(key))
 
     def open(self, key: str) -> BinaryIO:
-        found = self._client.get_object(Bucket=self._bucket, Key=self._name(key))
+        try:
+            found = self._client.get_object(Bucket=self._bucket, Key=self._name(key))
+        except ClientError as exc:
+            if _code(exc) in _MISSING_CODES:
+                raise BlobMissing(f"{key} is not in the blob store") from None
+            raise
         return cast(BinaryIO, found["Body"])
 
     def list_pages(self) -> Iterator[list[tuple[str, float]]]:
@@ -144,10 +157,12 @@ class S3Bucket:
         if isinstance(exc, NoCredentialsError):
             return StoragePermissionDenied("the blob store has no usable credentials")
         if isinstance(exc, ClientError):
+            # A refused HEAD (every upload's first call) has no body: its code is the status.
             code = _code(exc)
-            if code in _PERMISSION_CODES:
+            if code in _PERMISSION_CODES or code in ("401", "403"):
                 return StoragePermissionDenied("the blob store refused the service's credentials")
-            if code in _QUOTA_CODES:
+            # S3 slows a client down with 503 (SlowDown), and others with 429.
+            if code in _QUOTA_CODES or code in ("429", "503"):
                 return StorageQuotaExceeded(
                     "the blob store's request rate is exceeded; retry later"
                 )

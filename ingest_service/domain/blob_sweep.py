@@ -54,7 +54,8 @@ class SweepReport:
 
 
 class BlobSweep:
-    """Removes blobs no row names, and temporary objects, older than ``grace_period``."""
+    """Removes blobs no row names older than ``grace_period``, and temporary objects older
+    than that and the longest upload."""
 
     def __init__(
         self,
@@ -63,13 +64,16 @@ class BlobSweep:
         blobs: BlobStore,
         grace_period: float,
         interval: float,
-        call_timeout: float,
+        temporary_grace: float,
     ) -> None:
-        """``call_timeout``: the longest one call to ``blobs`` takes, retries included."""
+        """``temporary_grace``: how old a temporary object is once it may be a leftover. S3
+        dates an object made of parts from the start of its upload: one whose stream ran for
+        hours looks that old once complete, while it is still being copied to its key."""
         self._store = store
         self._blobs = blobs
-        # A delete started at the end of the budget ends within its call's timeout.
-        self._longest_batch = DELETE_BUDGET + call_timeout
+        self._temporary_grace = temporary_grace
+        # A delete started at the end of the budget ends within the store's longest call.
+        self._longest_batch = DELETE_BUDGET + blobs.longest_call
         self._grace_period = grace_period
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
@@ -83,15 +87,17 @@ class BlobSweep:
 
     async def sweep(self) -> SweepReport:
         """One pass over the store; raises StorageUnavailable when the store or database fails."""
-        cutoff = time.time() - self._grace_period - MODIFIED_RESOLUTION
+        now = time.time() - MODIFIED_RESOLUTION
+        cutoff, temporary_cutoff = now - self._grace_period, now - self._temporary_grace
         orphans = temporary = 0
         batch: list[StoredObject] = []
         async for stored in self._blobs.listing():
-            if stored.modified > cutoff:
-                continue
             if stored.sha256 is None:
-                await self._blobs.delete(stored.key)
-                temporary += 1
+                if stored.modified <= temporary_cutoff:
+                    await self._blobs.delete(stored.key)
+                    temporary += 1
+                continue
+            if stored.modified > cutoff:
                 continue
             batch.append(stored)
             if len(batch) == BATCH:

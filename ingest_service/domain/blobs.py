@@ -93,6 +93,11 @@ class BlobStore(Protocol):
     """Bytes by their hex SHA-256. Every method is a coroutine or an async iterator: stores
     that block run their calls off the event loop, each with a timeout."""
 
+    @property
+    def longest_call(self) -> float:
+        """Seconds one call may take at the most, its retries included: how long the sweep
+        waits for a delete it started."""
+
     async def contains(self, sha256: str) -> bool:
         """True when the blob is stored (blobs are whole once at their key)."""
 
@@ -106,7 +111,8 @@ class BlobStore(Protocol):
         """Start receiving streamed content."""
 
     def read(self, sha256: str) -> AsyncIterator[bytes]:
-        """The blob's bytes in chunks, streamed from the store."""
+        """The blob's bytes in chunks, streamed from the store; ``BlobMissing`` when the
+        store does not hold it."""
 
     def listing(self) -> AsyncIterator[StoredObject]:
         """Every blob and temporary object of the store (what the sweep looks at)."""

@@ -14,7 +14,7 @@ from ingest_service.domain.models import Media, ProcessingStatus
 from ingest_service.domain.pages import Key, one_page
 from ingest_service.domain.store import IngestStore
 from ingest_service.domain.uploads import validate_owner_id
-from ingest_service.errors import StorageUnavailable, invalid, media_not_found
+from ingest_service.errors import BlobMissing, StorageUnavailable, invalid, media_not_found
 from mediatag_common import paging
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,13 @@ class MediaLibrary:
         try:
             async for chunk in self._blobs.read(media.sha256):
                 yield chunk
+        except BlobMissing:
+            logger.error(
+                "content of media %s (sha256 %s) is missing from the blob store",
+                media.id,
+                media.sha256,
+            )
+            raise
         except StorageUnavailable:
             logger.error("content of media %s (sha256 %s) is unreadable", media.id, media.sha256)
             raise
@@ -191,7 +198,7 @@ class MediaLibrary:
                 if received > media.size_bytes:
                     return None
                 chunks.append(chunk)
-        except StorageUnavailable:
+        except (StorageUnavailable, BlobMissing):
             return None
         return b"".join(chunks)
 
