@@ -126,7 +126,9 @@ class WebConfig:
         shown_default="HOST:ANALYSIS_PORT",
         default_from=peer_address("analysis"),
     )
-    # Deadline of each unary call to a service.
+    # Deadline of each unary call to a service, and how long a streamed call (content, a
+    # streamed upload) waits for the service's next message or to take one of ours: a stuck
+    # service ends the call (504 INGEST_TIMEOUT) however long its transfer may take.
     call_timeout: float = 30.0
     events: EventsConfig = field(default_factory=EventsConfig)
     sessions: SessionConfig = field(default_factory=SessionConfig)
@@ -137,6 +139,15 @@ class WebConfig:
     # caller's share (None: half); beyond, 429 TOO_MANY_UPLOADS_FOR_CALLER.
     max_concurrent_uploads: int = 16
     max_uploads_per_caller: int | None = None
+    # An upload whose client sends nothing for this long is refused (504
+    # DEADLINE_EXCEEDED/UPLOAD_STALLED) and gives its place back.
+    upload_idle_timeout: float = 60.0
+    # A write of content to a client that does not read it waits this long, then the
+    # connection is closed and the service's call ended.
+    content_write_timeout: float = 30.0
+    # A connection with no request in progress (idle, or still sending a request's line and
+    # headers) is closed after this long: aiohttp's own default is an hour.
+    keepalive_timeout: float = 75.0
     # A TLS handshake not done by then ends its connection (and gives its place back).
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     # None: events.max_streams and 1000 more, or a quarter of the open-file limit.

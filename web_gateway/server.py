@@ -151,6 +151,10 @@ async def create_server(config: WebConfig) -> tuple[WebHost, int]:
         shutdown_timeout=config.grace_period,
         # A request line long enough for an event filter of 1000 media ids.
         max_line_size=_MAX_REQUEST_LINE,
+        # Runs from the connection's start and from each response's end until the next
+        # request's headers are in: an idle connection, and one that sends its headers slowly
+        # or never, gives its place back.
+        keepalive_timeout=config.keepalive_timeout,
         # A client that goes away cancels its handler: an event stream frees its place at
         # once, an upload cancels its call (ingest then keeps nothing of it).
         handler_cancellation=True,

@@ -7,11 +7,12 @@ token, and the gateway applies each client's owners itself (``domain.watches``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
-from google.rpc import status_pb2
+from google.rpc import code_pb2
 from grpc_status import rpc_status
 from mediatag.analysis.v1 import analysis_pb2 as apb
 from mediatag.analysis.v1 import analysis_pb2_grpc
@@ -19,6 +20,8 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 
 from mediatag_common.auth.interceptor import AUTHORIZATION
 from mediatag_common.grpc_server import channel_options, open_channel
+from mediatag_common.log_limits import RateLimitedLog
+from mediatag_common.service_config import MIB
 from web_gateway.config import WebConfig
 from web_gateway.domain.events import Change, Position, WatchFilter
 from web_gateway.errors import Refusal, unavailable
@@ -32,6 +35,17 @@ if TYPE_CHECKING:
 # initial state and then the bookmark that tells the current revision.
 _NO_ITEM = "00000000-0000-0000-0000-000000000000"
 _STATUS_PREFIX = "PROCESSING_STATUS_"
+# The ingest service's own cap on one message (IngestConfig.max_message_bytes): an upload
+# batch the gateway holds (up to max_batch_upload_bytes, 128 MiB) goes as one UploadMedia.
+_INGEST_MESSAGE_BYTES = 128 * MIB
+INGEST = "ingest"
+ANALYSIS = "analysis"
+
+logger = logging.getLogger(__name__)
+# A service that cannot be reached fails every call of every client: the log has one line
+# per service and code every this many seconds.
+_FAILURE_LOG_INTERVAL = 10.0
+_failure_log = RateLimitedLog(logger, _FAILURE_LOG_INTERVAL)
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -41,13 +55,78 @@ def credentials(token: str | None) -> Metadata:
     return ((AUTHORIZATION, f"Bearer {token}"),) if token else ()
 
 
-def refusal_of(error: grpc.aio.AioRpcError) -> Refusal:
-    """A failed call's ``google.rpc.Status``, with the details the service sent."""
+def timed_out(service: str) -> Refusal:
+    """``service`` did not answer, or take or send the next message of a stream, in time."""
+    return Refusal.of(
+        code_pb2.DEADLINE_EXCEEDED,
+        f"{service.upper()}_TIMEOUT",
+        f"the {service} service did not answer in time",
+    )
+
+
+def refusal_of(
+    error: grpc.aio.AioRpcError,
+    service: str | None = None,
+    log: RateLimitedLog = _failure_log,
+) -> Refusal:
+    """A failed call's ``google.rpc.Status``, with the details the service sent; a failure
+    of gRPC's own as a fixed refusal naming ``service``, its cause logged to ``log``."""
     status = rpc_status.from_call(cast(grpc.Call, error))
-    if status is None:
-        # gRPC's own errors (unreachable, message too large) carry no details.
-        status = status_pb2.Status(code=error.code().value[0], message=error.details() or "")
-    return Refusal(status)
+    if status is not None:
+        return Refusal(status)
+    # gRPC's own errors (unreachable, deadline, message too large) carry no details, and their
+    # text names internal addresses: the client reads what failed, the log why.
+    name = service or "upstream"
+    code = error.code()
+    log.warning(
+        f"{name} {code.name}",
+        "a call to the %s service failed: %s %s",
+        name,
+        code.name,
+        error.details(),
+    )
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return timed_out(name)
+    return unavailable(
+        f"{name.upper()}_UNAVAILABLE", f"the {name} service is unavailable; try again shortly"
+    )
+
+
+class _UnaryCalls:
+    """A unary method whose failures are refusals naming its service."""
+
+    def __init__(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Any, Any],
+        service: str,
+        log: RateLimitedLog,
+    ) -> None:
+        self._method = method
+        self._service = service
+        self._log = log
+
+    async def __call__(self, request: Any, **options: Any) -> Any:
+        try:
+            return await self._method(request, **options)
+        except grpc.aio.AioRpcError as error:
+            raise refusal_of(error, self._service, self._log) from None
+
+
+class _ServiceChannel:
+    """A channel whose unary methods fail as refusals naming ``service``: the handlers' one
+    helper for unary calls (``api.context.call``) cannot tell which service it called. The
+    streaming methods are the channel's own; their callers name the service themselves."""
+
+    def __init__(self, channel: grpc.aio.Channel, service: str, log: RateLimitedLog) -> None:
+        self._channel = channel
+        self._service = service
+        self._log = log
+
+    def unary_unary(self, *args: Any, **kwargs: Any) -> _UnaryCalls:
+        return _UnaryCalls(self._channel.unary_unary(*args, **kwargs), self._service, self._log)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
 
 
 def _change(response: apb.WatchStatusResponse) -> Change:
@@ -68,18 +147,29 @@ class Upstream:
     def __init__(self, config: WebConfig) -> None:
         self.timeout = config.call_timeout
         self._service_credentials = credentials(config.service_token)
+        self._failure_log = RateLimitedLog(logger, _FAILURE_LOG_INTERVAL)
+        # A batch of uploads is one message of up to max_batch_upload_bytes (its fields
+        # counted): above the channels' usual cap (64 MiB), within ingest's.
+        ingest_cap = max(_INGEST_MESSAGE_BYTES, config.max_batch_upload_bytes)
         self._ingest_channel = open_channel(
-            config.ingest_address, options=channel_options(), tls=config.peer_tls
+            config.ingest_address, options=channel_options(ingest_cap), tls=config.peer_tls
         )
         self._analysis_channel = open_channel(
             config.analysis_address, options=channel_options(), tls=config.peer_tls
         )
         self.ingest: IngestServiceAsyncStub = ingest_pb2_grpc.IngestServiceStub(
-            self._ingest_channel
+            cast(grpc.aio.Channel, _ServiceChannel(self._ingest_channel, INGEST, self._failure_log))
         )
         self.analysis: AnalysisServiceAsyncStub = analysis_pb2_grpc.AnalysisServiceStub(
-            self._analysis_channel
+            cast(
+                grpc.aio.Channel,
+                _ServiceChannel(self._analysis_channel, ANALYSIS, self._failure_log),
+            )
         )
+
+    def refusal(self, error: grpc.aio.AioRpcError, service: str) -> Refusal:
+        """``error`` of a call to ``service`` as :func:`refusal_of` has it."""
+        return refusal_of(error, service, self._failure_log)
 
     async def close(self) -> None:
         await self._ingest_channel.close()
@@ -101,7 +191,7 @@ class Upstream:
                 else:
                     yield Position(response.revision)
         except grpc.aio.AioRpcError as error:
-            raise refusal_of(error) from None
+            raise self.refusal(error, ANALYSIS) from None
         finally:
             call.cancel()
 
@@ -115,7 +205,7 @@ class Upstream:
                 if response.HasField("bookmark") and response.bookmark.initial_state_end:
                     return response.revision
         except grpc.aio.AioRpcError as error:
-            raise refusal_of(error) from None
+            raise self.refusal(error, ANALYSIS) from None
         finally:
             call.cancel()
         raise unavailable("ANALYSIS_UNAVAILABLE", "the analysis service ended the watch")

@@ -101,12 +101,14 @@ async def events(request: web.Request) -> web.StreamResponse:
         watch_filter, after=after, visible=visible, holder=caller.holder
     )
     logger.debug("event stream of %s opened after revision %d", watch_filter, subscription.sent)
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
+    )
+    stalled = False
     try:
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
-        )
-        await response.prepare(request)
-        await response.write(f"retry: {_RECONNECT_MS}\n\n".encode())
+        async with asyncio.timeout(config.write_timeout):
+            await response.prepare(request)
+            await response.write(f"retry: {_RECONNECT_MS}\n\n".encode())
         while True:
             try:
                 item = await subscription.next(config.keepalive_interval)
@@ -114,6 +116,9 @@ async def events(request: web.Request) -> web.StreamResponse:
                 event = "reset" if ended.resync else "ended"
                 async with asyncio.timeout(config.write_timeout):
                     await response.write(_frame(event, to_json(ended.status)))
+                    # Here, not by aiohttp after the handler: its end waits for the client
+                    # to read what is buffered, with no time limit.
+                    await response.write_eof()
                 return response
             if isinstance(item, Change):
                 frame = _frame("change", item.data, item.revision)
@@ -122,9 +127,17 @@ async def events(request: web.Request) -> web.StreamResponse:
             # A client that stops reading holds this write; past the timeout it is let go.
             async with asyncio.timeout(config.write_timeout):
                 await response.write(frame)
-    except (ConnectionResetError, TimeoutError):
-        # The client went away or stopped reading; it resumes by reconnecting.
+    except ConnectionResetError:
+        # The client went away; it resumes by reconnecting.
+        return response
+    except TimeoutError:
+        # The client stopped reading; it resumes by reconnecting.
+        stalled = True
         return response
     finally:
         logger.debug("event stream of %s closed at revision %d", watch_filter, subscription.sent)
         await subscription.close()
+        if stalled and request.transport is not None:
+            # Ending the response would wait for the client to read what is still to be
+            # sent, for ever: close the connection without sending it.
+            request.transport.abort()

@@ -2,23 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from typing import Any
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import grpc
 from aiohttp import BodyPartReader, web
+from google.rpc import code_pb2
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 
 from mediatag_common.caller_slots import SlotsFull
 from web_gateway.api.context import body, call, caller_of, gateway_of, query, reply
 from web_gateway.errors import Refusal, exhausted, invalid, unavailable
 from web_gateway.protojson import from_query
-from web_gateway.upstream import refusal_of
+from web_gateway.upstream import INGEST, timed_out
 
-# Bytes read from (and sent on) per step of an upload or a download.
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# Bytes read per step of an upload or a download.
 _CHUNK_BYTES = 256 * 1024
-# A text field of an upload form (owner, category, one context entry...).
+# Bytes per message of a streamed upload, for what the gateway held before it knew the file
+# was too large to hold (one message of it all would pass ingest's cap on a message).
+_STREAM_CHUNK_BYTES = 1024 * 1024
+# A text field of an upload form (owner, category, one context entry...), and how many a
+# form may have: ingest takes 32 context entries and four other fields.
 _MAX_FIELD_BYTES = 64 * 1024
+_MAX_FIELDS = 64
+# What a field or a file adds to the UploadMedia message beside its name and bytes (tags,
+# lengths, a map entry's wrapping), counted so that a batch within max_batch_upload_bytes is
+# a message within ingest's cap.
+_PART_OVERHEAD = 32
 # Content never changes under its id; a browser may keep it for a day.
 _CONTENT_CACHE = "private, max-age=86400"
 
@@ -51,13 +68,13 @@ def _etag_matches(if_none_match: str, etag: str) -> bool:
 async def content(request: web.Request) -> web.StreamResponse:
     """The stored bytes, typed as sniffed, with the SHA-256 as ETag (a matching
     ``If-None-Match`` gets 304 once the caller's right to read them has been checked)."""
-    upstream = gateway_of(request).upstream
-    stream = upstream.ingest.ReadMediaContent(
+    gateway = gateway_of(request)
+    stream = gateway.upstream.ingest.ReadMediaContent(
         ipb.ReadMediaContentRequest(media_id=request.match_info["media_id"]),
         metadata=caller_of(request).metadata,
     )
     try:
-        first = await stream.read()
+        first = await _next_content(request, stream)
         if not isinstance(first, ipb.ReadMediaContentResponse):
             raise unavailable("CONTENT_UNAVAILABLE", "the ingest service sent no content")
         etag = f'"{first.sha256}"'
@@ -73,18 +90,54 @@ async def content(request: web.Request) -> web.StreamResponse:
             headers={**headers, "Content-Type": first.content_type or "application/octet-stream"}
         )
         response.content_length = first.size_bytes
-        await response.prepare(request)
-        chunk: object = first
-        while isinstance(chunk, ipb.ReadMediaContentResponse):
-            await response.write(chunk.data)
-            chunk = await stream.read()
-        await response.write_eof()
+        try:
+            await _send_content(request, response, first, stream)
+        except (Refusal, TimeoutError, ConnectionResetError) as cut:
+            # The headers are out: a refusal now would be read as part of the bytes. The
+            # connection is cut instead, so the client sees a body short of its length.
+            logger.debug("content of %s cut short: %r", request.match_info["media_id"], cut)
+            _abort(request)
         return response
-    except grpc.aio.AioRpcError as error:
-        # After the headers went out a failure can only cut the response short.
-        raise refusal_of(error) from None
     finally:
         stream.cancel()
+
+
+async def _next_content(request: web.Request, stream: Any) -> object:
+    """The next message of a ``ReadMediaContent`` call (or ``grpc.aio.EOF``); a service that
+    sends nothing for the call timeout is refused."""
+    try:
+        async with asyncio.timeout(gateway_of(request).config.call_timeout):
+            return await stream.read()
+    except TimeoutError:
+        raise timed_out(INGEST) from None
+    except grpc.aio.AioRpcError as error:
+        raise gateway_of(request).upstream.refusal(error, INGEST) from None
+
+
+async def _send_content(
+    request: web.Request, response: web.StreamResponse, first: object, stream: Any
+) -> None:
+    """Write the content to the client as it comes; raises :class:`TimeoutError` when the
+    client does not take a write in time (:class:`ConnectionResetError` when it is gone),
+    :class:`Refusal` when the service fails."""
+    config = gateway_of(request).config
+    chunk = first
+    # A client that does not read holds the write, and with it the service's call.
+    async with asyncio.timeout(config.content_write_timeout):
+        await response.prepare(request)
+    while isinstance(chunk, ipb.ReadMediaContentResponse):
+        async with asyncio.timeout(config.content_write_timeout):
+            await response.write(chunk.data)
+        chunk = await _next_content(request, stream)
+    async with asyncio.timeout(config.content_write_timeout):
+        await response.write_eof()
+
+
+def _abort(request: web.Request) -> None:
+    """Close the connection at once, without sending what its buffer still holds."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
 
 
 async def upload(request: web.Request) -> web.Response:
@@ -127,7 +180,9 @@ class _Upload:
         self._request = request
         self._gateway = gateway_of(request)
         self._fields: dict[str, list[str]] = {}
+        self._field_count = 0
         self._files: list[ipb.MediaFile] = []
+        # Bytes of the UploadMedia message so far (fields, files and their overhead).
         self._held = 0
         self._stream: Any = None
         # The answer of a stream the service ended early (it needed no more).
@@ -136,7 +191,7 @@ class _Upload:
     async def run(self) -> ipb.UploadMediaResponse:
         try:
             reader = await self._request.multipart()
-            while (part := await reader.next()) is not None:
+            while (part := await self._read(reader.next())) is not None:
                 if not isinstance(part, BodyPartReader):
                     raise invalid("body", "NESTED_MULTIPART", "nested multipart is not taken")
                 if part.filename is None:
@@ -147,6 +202,20 @@ class _Upload:
         finally:
             if self._stream is not None:
                 self._stream.cancel()
+
+    async def _read(self, reading: Awaitable[_T]) -> _T:
+        """``reading`` of the client's body; a client that sends nothing for the idle timeout
+        is refused, and its upload gives its place back."""
+        idle = self._gateway.config.upload_idle_timeout
+        try:
+            async with asyncio.timeout(idle):
+                return await reading
+        except TimeoutError:
+            raise Refusal.of(
+                code_pb2.DEADLINE_EXCEEDED,
+                "UPLOAD_STALLED",
+                f"nothing of the upload received for {idle:g} s",
+            ) from None
 
     @property
     def _streaming(self) -> bool:
@@ -168,35 +237,33 @@ class _Upload:
         name = part.name or ""
         if self._files or self._streaming:
             raise invalid(name, "FIELD_AFTER_FILES", "the form's fields go before its files")
+        self._field_count += 1
+        if self._field_count > _MAX_FIELDS:
+            raise invalid(name, "TOO_MANY_FIELDS", f"a form has at most {_MAX_FIELDS} fields")
         value = bytearray()
-        while chunk := await part.read_chunk(_CHUNK_BYTES):
+        while chunk := await self._read(part.read_chunk(_CHUNK_BYTES)):
             value += chunk
             if len(value) > _MAX_FIELD_BYTES:
                 raise invalid(name, "FIELD_TOO_LARGE", f"at most {_MAX_FIELD_BYTES} bytes")
-        self._fields.setdefault(name, []).append(value.decode("utf-8", errors="replace"))
+        text = value.decode("utf-8", errors="replace")
+        self._held += len(name.encode()) + len(text.encode()) + _PART_OVERHEAD
+        self._fields.setdefault(name, []).append(text)
 
     async def _file(self, part: BodyPartReader) -> None:
-        limit = self._gateway.config.max_batch_upload_bytes
         if self._streaming:
+            limit = self._gateway.config.max_batch_upload_bytes
             raise invalid(
                 "files", "LARGE_FILE_NOT_ALONE", f"a file over {limit} bytes is uploaded alone"
             )
         content = bytearray()
-        while chunk := await part.read_chunk(_CHUNK_BYTES):
+        named = (part.filename or "") + part.headers.get("Content-Type", "")
+        await self._hold(part, content, len(named.encode()) + _PART_OVERHEAD)
+        while chunk := await self._read(part.read_chunk(_CHUNK_BYTES)):
             if self._streaming:
                 await self._write(ipb.UploadMediaStreamRequest(chunk=chunk))
                 continue
             content += chunk
-            self._held += len(chunk)
-            if self._held > limit:
-                if self._files:
-                    raise invalid(
-                        "files",
-                        "BATCH_TOO_LARGE",
-                        f"files uploaded together may hold {limit} bytes; send large ones alone",
-                    )
-                await self._open_stream(part, bytes(content))
-                content = bytearray()
+            await self._hold(part, content, len(chunk))
         if not self._streaming and (part.filename or content):
             content_type = part.headers.get("Content-Type", "")
             self._files.append(
@@ -205,7 +272,24 @@ class _Upload:
                 )
             )
 
-    async def _open_stream(self, part: BodyPartReader, held: bytes) -> None:
+    async def _hold(self, part: BodyPartReader, content: bytearray, size: int) -> None:
+        """Count ``size`` more bytes of the batch; past the bound the file, alone, goes to
+        a stream (``content``, held so far, is sent and emptied), with others it is refused."""
+        limit = self._gateway.config.max_batch_upload_bytes
+        self._held += size
+        if self._held <= limit:
+            return
+        if self._files:
+            raise invalid(
+                "files",
+                "BATCH_TOO_LARGE",
+                f"an upload of several files may hold {limit} bytes with its fields; send "
+                "large files alone",
+            )
+        await self._open_stream(part, content)
+        content.clear()
+
+    async def _open_stream(self, part: BodyPartReader, held: bytearray) -> None:
         asked = self._metadata()
         header = ipb.UploadHeader(
             owner_id=asked.owner_id,
@@ -220,13 +304,20 @@ class _Upload:
             metadata=caller_of(self._request).metadata
         )
         await self._write(ipb.UploadMediaStreamRequest(header=header))
-        await self._write(ipb.UploadMediaStreamRequest(chunk=held))
+        with memoryview(held) as view:
+            for start in range(0, len(view), _STREAM_CHUNK_BYTES):
+                chunk = bytes(view[start : start + _STREAM_CHUNK_BYTES])
+                await self._write(ipb.UploadMediaStreamRequest(chunk=chunk))
 
     async def _write(self, message: ipb.UploadMediaStreamRequest) -> None:
         if self._answer is not None:
             return
         try:
-            await self._stream.write(message)
+            # A service that takes nothing more holds the write (run() cancels the call).
+            async with asyncio.timeout(self._gateway.config.call_timeout):
+                await self._stream.write(message)
+        except TimeoutError:
+            raise timed_out(INGEST) from None
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
             # The service answered early (mostly a refusal): the call's status says.
             self._answer = await self._finish_stream()
@@ -234,11 +325,17 @@ class _Upload:
     async def _finish_stream(self) -> ipb.UploadMediaResponse:
         stream, self._stream = self._stream, None
         try:
-            with contextlib.suppress(grpc.aio.UsageError, RuntimeError):
-                await stream.done_writing()
-            answer: ipb.UploadMediaStreamResponse = await stream
+            async with asyncio.timeout(self._gateway.config.call_timeout):
+                with contextlib.suppress(grpc.aio.UsageError, RuntimeError):
+                    await stream.done_writing()
+                answer: ipb.UploadMediaStreamResponse = await stream
+        except TimeoutError:
+            raise timed_out(INGEST) from None
         except grpc.aio.AioRpcError as error:
-            raise refusal_of(error) from None
+            raise self._gateway.upstream.refusal(error, INGEST) from None
+        finally:
+            # Ends a call that did not answer in time; nothing once it has.
+            stream.cancel()
         return ipb.UploadMediaResponse(media=[answer.media], count=1, message=answer.message)
 
     async def _send(self) -> ipb.UploadMediaResponse:
