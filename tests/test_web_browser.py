@@ -1,12 +1,15 @@
 """The dashboard in a real browser (Debian's Chromium, driven by Playwright): uploads going
 through live, a failure and its retry, pause, a viewer's page, untrusted names as text, a dead
-webhook delivery and its retry."""
+webhook delivery and its retry, a reset of its event stream."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import re
 import struct
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -14,7 +17,7 @@ from pathlib import Path
 import pytest
 from mediatag.analysis.v1 import analysis_pb2 as apb
 from mediatag.ingest.v1 import ingest_pb2 as ipb
-from playwright.async_api import FilePayload, Page, expect
+from playwright.async_api import FilePayload, Page, Request, Route, expect
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig, WatchConfig
 from ingest_service.config import IngestConfig
@@ -23,6 +26,10 @@ from tests.conftest import Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.media_samples import jpeg_bytes, png_bytes
 from tests.test_auth import TOKENS, tokens_file
+from tests.test_pipeline import upload as upload_for
+from tests.test_pipeline import wait_terminal
+from tests.test_watch_scale import small_images
+from tests.test_web_events import current_revision, log_compacted_past
 from tests.test_webhook_retry import dying_webhooks
 from tests.test_webhooks import Receiver, endpoints_file, stored_deliveries, upload, verified
 from tests.web_support import Gateways, Web, web_config
@@ -278,3 +285,96 @@ async def test_a_dead_webhook_delivery_shows_and_its_retry_delivers_it(
         assert verified("hooks", accepted)["data"]["mediaId"] == media_id
     finally:
         await receiver.stop()
+
+
+def start_revision(url: str) -> int:
+    found = re.search(r"[?&]start_revision=([0-9]+)", url)
+    return int(found.group(1)) if found else 0
+
+
+async def test_an_owner_whose_last_change_was_compacted_reloads_once_and_stays_live(
+    make_cluster: Callable[..., Cluster], gateways: Gateways, page: Page
+) -> None:
+    cluster = make_cluster(
+        analyzer=ScriptedAnalyzer(dimensions=64),
+        analysis_config=AnalysisConfig(
+            embedding_dimensions=64,
+            rate_limits={"local": RateLimitConfig(100, 10)},
+            watch=WatchConfig(retention_events=3, compaction_interval=0.1),
+        ),
+    )
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    web = await gateways.start(web_config(cluster))
+    quiet = await upload_for(cluster, small_images(1, first_seed=1), owner="quiet")
+    await wait_terminal(cluster, [m.id for m in quiet.media])
+    busy = await upload_for(cluster, small_images(3, first_seed=10), owner="busy")
+    await wait_terminal(cluster, [m.id for m in busy.media])
+    listed = await web.ok("GET", "/api/v1/media?owner_id=quiet")
+    (last_change,) = [int(media["statusRevision"]) for media in listed["media"]]
+    await log_compacted_past(cluster, last_change)
+    current = await current_revision(web)
+
+    streams: list[str] = []
+
+    def opened(request: Request) -> None:
+        if "/api/v1/events" in request.url and "owner_id=quiet" in request.url:
+            streams.append(request.url)
+
+    page.on("request", opened)
+    await show_owner(page, web, "quiet")
+
+    # Its first stream, from its items' last change, is reset; the next, from the current
+    # revision the reset gave, stays: a new item comes through it.
+    async def reloaded() -> bool:
+        return len(streams) >= 2
+
+    await wait_until(reloaded)
+    assert [start_revision(url) for url in streams[:2]] == [last_change, current]
+    fresh = await upload_for(cluster, small_images(1, first_seed=20), owner="quiet")
+    line = page.locator(f"#items tbody tr[data-media-id='{fresh.media[0].id}']")
+    await expect(line.locator(".status")).to_have_text("completed")
+    assert len(streams) == 2, streams
+
+
+async def test_a_page_reset_again_and_again_reloads_less_and_less_often(
+    web: Web, page: Page
+) -> None:
+    # Every event stream is answered with a reset (a gateway that cannot serve the
+    # revision, however often asked).
+    status = {
+        "code": 11,
+        "message": "revision 3 is compacted",
+        "details": [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "REVISION_COMPACTED",
+                "domain": "mediatag",
+                "metadata": {"currentRevision": "77", "oldestRevision": "70"},
+            }
+        ],
+    }
+    asked: list[tuple[float, str]] = []
+
+    async def reset(route: Route) -> None:
+        asked.append((time.monotonic(), route.request.url))
+        await route.fulfill(
+            status=200,
+            headers={"Content-Type": "text/event-stream"},
+            body=f"event: reset\ndata: {json.dumps(status)}\n\n",
+        )
+
+    await page.route(re.compile(r"/api/v1/events"), reset)
+    await page.goto(web.url)
+
+    async def reloaded_three_times() -> bool:
+        return len(asked) >= 4
+
+    await wait_until(reloaded_three_times)
+    # The first reload at once, then after 1 s and 2 s (each jittered by up to half).
+    times = [when for when, _ in asked]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert gaps[1] >= 0.5, gaps
+    assert gaps[2] >= 1.0, gaps
+    # Each from the revision the reset gave as current.
+    assert [start_revision(url) for _, url in asked[1:4]] == [77, 77, 77]

@@ -269,3 +269,120 @@ async def test_one_caller_is_refused_beyond_its_share_of_the_filters(
             assert seen(event)[1:] == (answer.media[0].id, "PROCESSING_STATUS_PENDING")
     for stream in (on_a, again_on_a, on_c):
         stream.close()
+
+
+async def log_compacted_past(cluster: Cluster, revision: int) -> None:
+    """Wait until the analysis service's log no longer holds ``revision``."""
+
+    async def compacted() -> bool:
+        error = await watch_error(cluster.analysis, apb.WatchStatusRequest(start_revision=revision))
+        return error is not None and error.code() == grpc.StatusCode.OUT_OF_RANGE
+
+    await wait_until(compacted)
+
+
+async def current_revision(web: Web) -> int:
+    return int((await web.ok("GET", "/api/v1/queue"))["currentRevision"])
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["in-the-log", "compacted"])
+async def test_a_stream_from_now_gets_neither_history_nor_a_reset_another_client_asked_for(
+    make_cluster: Callable[..., Cluster], gateways: Gateways, kept: bool
+) -> None:
+    # The first client of a filter resumes from an old revision (which starts the shared
+    # watch), another opens it from now at the same moment.
+    watch = WatchConfig() if kept else WatchConfig(retention_events=3, compaction_interval=0.1)
+    cluster = fast_cluster(make_cluster, watch)
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    web = await gateways.start(web_config(cluster, events=EventsConfig(keepalive_interval=0.2)))
+    answer = await upload(cluster, small_images(3, first_seed=70), owner=OWNER)
+    media_ids = {m.id for m in answer.media}
+    await wait_terminal(cluster, list(media_ids))
+    if not kept:
+        await log_compacted_past(cluster, 2)
+    current = await current_revision(web)
+
+    query = f"?owner_id={OWNER}"
+    resuming, from_now = await asyncio.gather(
+        open_events(web, query, **{"Last-Event-ID": "2"}), open_events(web, query)
+    )
+    if kept:
+        expected = [s for s in await reference(cluster, 2, media_ids) if s[0] <= current]
+        assert await read_until(resuming, current) == expected
+    else:
+        assert (await resuming.next()).event == "reset"
+    # From now: nothing before it, and no reset, only its keep-alive at the current revision.
+    first = await from_now.next()
+    assert (first.event, first.revision) == ("bookmark", current)
+    later = await upload(cluster, small_images(1, first_seed=79), owner=OWNER)
+    (event,) = await from_now.changes(1)
+    assert seen(event)[1:] == (later.media[0].id, "PROCESSING_STATUS_PENDING")
+    assert event.revision > current
+    resuming.close()
+    from_now.close()
+
+
+async def test_a_stream_ended_by_a_reset_is_counted_off_its_caller_once(
+    make_cluster: Callable[..., Cluster], gateways: Gateways
+) -> None:
+    cluster = fast_cluster(make_cluster, WatchConfig(retention_events=3, compaction_interval=0.1))
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    events = EventsConfig(max_filters=8, max_filters_per_caller=2)
+    web = await gateways.start(web_config(cluster, events=events))
+    answer = await upload(cluster, small_images(3, first_seed=80), owner=OWNER)
+    await wait_terminal(cluster, [m.id for m in answer.media])
+    await log_compacted_past(cluster, 2)
+
+    # The gateway's own watch of every change is one stream.
+    await streams_open(web, 1)
+    staying = await open_events(web, "?owner_id=a")
+    reset = await open_events(web, "?owner_id=a", **{"Last-Event-ID": "2"})
+    assert (await reset.next()).event == "reset"
+    with pytest.raises(EOFError):
+        await reset.next()
+    reset.close()
+    await streams_open(web, 2)
+    # The caller still has its stream on "a": one more filter is its share.
+    on_b = await open_events(web, "?owner_id=b")
+    # (Its body is not read unless refused: an event stream opened would never end.)
+    async with web.client.get(f"{web.url}/api/v1/events?owner_id=c") as response:
+        assert response.status == 429
+        reason = error_info(await response.json())["reason"]
+    assert reason == "TOO_MANY_FILTERS_FOR_CALLER"
+    for stream in (staying, on_b):
+        stream.close()
+
+
+async def test_a_client_ahead_of_the_gateways_watch_gets_its_changes_without_catching_up(
+    make_cluster: Callable[..., Cluster], gateways: Gateways
+) -> None:
+    # The analysis service's idle bookmarks never come during the test: a quiet filter's
+    # shared watch stays at the revision it started at while the log goes on.
+    cluster = fast_cluster(make_cluster, WatchConfig(bookmark_interval=600.0))
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    events = EventsConfig(keepalive_interval=0.2, max_catch_ups=1)
+    web = await gateways.start(web_config(cluster, events=events))
+    watching = [await open_events(web, f"?owner_id={owner}") for owner in ("qa", "qb")]
+    busy = await upload(cluster, small_images(2, first_seed=90), owner="busy")
+    await wait_terminal(cluster, [m.id for m in busy.media])
+    # An id from another gateway (or this one before a restart), past this one's watches.
+    last_id = str(await current_revision(web))
+    resumed_a, resumed_b = [
+        await open_events(web, f"?owner_id={owner}", **{"Last-Event-ID": last_id})
+        for owner in ("qa", "qb")
+    ]
+    first = await resumed_a.next()
+    assert (first.event, first.id) == ("bookmark", last_id)
+    # A catch-up of the quiet "qa" would hold the one catch-up slot until the analysis
+    # service's idle bookmark, and "qb"'s change would wait for it.
+    assert not web.host.gateway.watches.catch_up_slots.locked()
+    answer = await upload(cluster, small_images(1, first_seed=99), owner="qb")
+    # (Bounded as a whole: each keep-alive would restart the bound of one event.)
+    async with asyncio.timeout(PATIENCE):
+        (event,) = await resumed_b.changes(1)
+    assert seen(event)[1:] == (answer.media[0].id, "PROCESSING_STATUS_PENDING")
+    for stream in (*watching, resumed_a, resumed_b):
+        stream.close()

@@ -6,14 +6,19 @@ every :class:`Subscription` on it, each with its own bounded queue and its own v
 credential, so sharing does not depend on who asks; what a client may see is applied here,
 per subscription.
 
-Clients resume by revision. A shared watch remembers its last ``replay_events`` changes: a
-client resuming from within them gets them from memory and then the live changes. One
-resuming from further back (or a revision the gateway has not seen yet) reads the event log
-through a catch-up watch of its own until that reaches the point where it joined the shared
-watch, and then goes on with the live changes it was offered meanwhile; revisions decide
-what was already sent, so nothing is missed or sent twice. A shared watch whose upstream
-stream breaks (the analysis service restarts) resumes from its last revision while its
-clients stay connected.
+Clients resume by revision. A shared watch starts at the log's current revision, whoever
+opens it: what one client asks for never decides what the others get (history they did not
+ask for, or a ``reset`` for a revision that only it held). It remembers its last
+``replay_events`` changes: a client resuming from within them gets them from memory and then
+the live changes. One resuming from further back reads the event log through a catch-up
+watch of its own until that reaches the point where it joined the shared watch, and then goes
+on with the live changes it was offered meanwhile; revisions decide what was already sent, so
+nothing is missed or sent twice. One resuming from past the shared watch's revision (an id
+from another gateway, or a quiet filter's watch behind the log) has nothing to catch up: it
+waits for the changes after its revision, those up to it skipped as already sent; only a
+revision past the log's current one (a log that was replaced) goes to a catch-up watch, for
+the analysis service to refuse. A shared watch whose upstream stream breaks (the analysis
+service restarts) resumes from its last revision while its clients stay connected.
 """
 
 from __future__ import annotations
@@ -79,7 +84,9 @@ class Subscription:
 
     def _offer(self, change: Change) -> None:
         self._offered = change.revision
-        if not self._shows(change):
+        # A client that joined ahead of the shared watch had the changes up to its revision:
+        # they would only take room in its buffer.
+        if change.revision <= self.sent or not self._shows(change):
             return
         if len(self._live) >= self._buffer:
             self._end(_too_slow(self._buffer))
@@ -230,8 +237,12 @@ class SharedWatch:
         self._ended = False
         self._task = asyncio.create_task(self._run(), name=f"shared-watch-{watch_filter}")
 
-    def join(self, visible: Visibility, after: int | None, holder: Caller) -> Subscription:
-        """A subscription of ``holder`` from ``after`` (None: from now)."""
+    def join(
+        self, visible: Visibility, after: int | None, holder: Caller, current: int | None = None
+    ) -> Subscription:
+        """A subscription of ``holder`` from ``after`` (None: from now); ``current``: the
+        log's current revision, read for this client (None: not read, ``after`` was not past
+        this watch's revision)."""
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
@@ -240,7 +251,14 @@ class SharedWatch:
         self._holders[holder] += 1
         if self._ring_floor <= start <= self.position:
             subscription._preload(self._replay_after(start), self.position)
+        elif current is not None and self.position < start <= current:
+            # Nothing to catch up: the changes up to ``start`` the watch has still to receive
+            # are skipped as sent. A catch-up watch would have nothing to read either, and
+            # would hold its slot until the analysis service's next idle bookmark.
+            pass
         else:
+            # From further back; or past the log's current revision, which the catch-up
+            # watch is refused (REVISION_AHEAD: a reset for this client alone).
             subscription._start_catch_up(self.position)
         self._subscriptions.add(subscription)
         return subscription
@@ -259,7 +277,12 @@ class SharedWatch:
         return holder in self._holders
 
     def leave(self, subscription: Subscription) -> None:
-        self._subscriptions.discard(subscription)
+        # A subscription that ended (cut off as too slow, refused while catching up) leaves
+        # then, and again when its client's handler closes it: counted off its holder once,
+        # or a caller could take more than its share of the filters.
+        if subscription not in self._subscriptions:
+            return
+        self._subscriptions.remove(subscription)
         self._holders[subscription._holder] -= 1
         if not self._holders[subscription._holder]:
             del self._holders[subscription._holder]
@@ -344,6 +367,10 @@ class SharedWatches:
         self._watches: dict[WatchFilter, SharedWatch] = {}
         # Tasks of ended watches, until they have finished.
         self._stopping: set[asyncio.Task[None]] = set()
+        # The reading of the log's current revision in progress, shared by every client that
+        # needs it meanwhile: a crowd reconnecting at once would otherwise open a watch
+        # upstream each, beyond the gateway token's share of the analysis service's.
+        self._reading_current: asyncio.Task[int] | None = None
         self._slots = CallerSlots(
             clients=config.max_streams,
             per_caller=config.max_streams_per_caller,
@@ -377,20 +404,46 @@ class SharedWatches:
         try:
             watch = self._watches.get(watch_filter)
             if watch is None:
+                # Refused before asking upstream anything.
                 self._check_filters(holder, None)
-                start = after if after is not None else await self.source.current_revision()
+            current: int | None = None
+            if watch is None or (after is not None and after > watch.position):
+                # A new watch starts at the current revision, never at this client's: one
+                # resuming from further back catches up alone. A client ahead of the watch
+                # skips catching up if the log has its revision.
+                current = await self._current_revision()
                 # Another client may have started the same watch meanwhile, or this caller
-                # others.
+                # others, or the watch may have ended.
                 watch = self._watches.get(watch_filter)
                 if watch is None:
                     self._check_filters(holder, None)
-                    watch = SharedWatch(self, watch_filter, start)
+                    watch = SharedWatch(self, watch_filter, current)
                     self._watches[watch_filter] = watch
             self._check_filters(holder, watch)
-            return watch.join(visible, after, holder)
+            return watch.join(visible, after, holder, current)
         except BaseException:
             self.stream_closed(holder)
             raise
+
+    async def _current_revision(self) -> int:
+        """The log's current revision, one call for the clients asking at once. A client may
+        get a reading started a moment before it asked: a new watch then starts that moment
+        earlier, and a client past the reading goes to a catch-up watch, whose refusal (or
+        not) tells whether the log has its revision."""
+        reading = self._reading_current
+        if reading is None:
+            reading = asyncio.create_task(self.source.current_revision(), name="current-revision")
+            self._reading_current = reading
+            reading.add_done_callback(self._read_current)
+        # Shielded: a client that goes away does not end the call the others wait for.
+        return await asyncio.shield(reading)
+
+    def _read_current(self, reading: asyncio.Task[int]) -> None:
+        if self._reading_current is reading:
+            self._reading_current = None
+        # Retrieved here, so that a refusal nobody waits for any more is not logged as lost.
+        if not reading.cancelled():
+            reading.exception()
 
     def _check_filters(self, holder: Caller, watch: SharedWatch | None) -> None:
         """Refuse ``holder`` a stream on ``watch`` (None: a new one) beyond the filters'
@@ -430,6 +483,7 @@ class SharedWatches:
             watch.end(_closing())
         for task in list(self._stopping):
             await cancel_and_wait(task)
+        await cancel_and_wait(self._reading_current)
 
 
 def _too_many_streams(full: SlotsFull, limit: int) -> Refusal:

@@ -10,6 +10,10 @@
   const LIST_SIZE = 100;
   const DEAD = "WEBHOOK_DELIVERY_STATE_DEAD";
   const DELIVERIES_SHOWN = 50;
+  // Reloads after a reset, the first at once: one reset again (a log compacted faster than
+  // the page reads it, or a gateway that cannot serve the revision) waits longer each time
+  // instead of reloading in a loop.
+  const RESET_DELAYS_MS = [0, 1000, 2000, 5000, 10000, 30000];
   const state = {
     csrf: "",
     principal: null,
@@ -23,6 +27,9 @@
     source: null,
     chart: null,
     timers: [],
+    resets: 0, // resets in a row, until a stream delivers something
+    reload: null, // the timer of the reload after a reset
+    loads: 0, // which call of loadItems is the latest: an older one stops where it is
   };
 
   // ---- building the page, as text only ----
@@ -110,6 +117,7 @@
 
   function showSignIn() {
     closeEvents();
+    clearTimeout(state.reload);
     for (const timer of state.timers) clearInterval(timer);
     state.timers = [];
     $("dashboard").hidden = true;
@@ -431,10 +439,22 @@
     const source = new EventSource(`/api/v1/events?${params}`);
     state.source = source;
     source.addEventListener("open", () => setConnected(true));
-    source.addEventListener("change", (event) => onChange(JSON.parse(event.data)));
-    source.addEventListener("bookmark", () => setConnected(true));
-    // The revision to resume from is gone: start over from the current state.
-    source.addEventListener("reset", () => loadItems());
+    source.addEventListener("change", (event) => {
+      state.resets = 0;
+      onChange(JSON.parse(event.data));
+    });
+    source.addEventListener("bookmark", () => {
+      state.resets = 0;
+      setConnected(true);
+    });
+    // The revision to resume from is gone: start over from the current state, watching
+    // from the revision the gateway says is current (the listed items' may be the lost one
+    // again). Closed first: the EventSource would reconnect with the lost id.
+    source.addEventListener("reset", (event) => {
+      closeEvents();
+      setConnected(false);
+      reloadAfterReset(currentRevisionOf(JSON.parse(event.data)));
+    });
     source.addEventListener("ended", (event) => notice(JSON.parse(event.data).message));
     source.addEventListener("error", () => {
       setConnected(false);
@@ -445,14 +465,40 @@
     });
   }
 
-  async function loadItems() {
+  function currentRevisionOf(status) {
+    const info = ((status && status.details) || []).find((d) => d["@type"].endsWith("ErrorInfo"));
+    return Number((info && info.metadata && info.metadata.currentRevision) || 0);
+  }
+
+  function reloadAfterReset(current) {
+    const delay = RESET_DELAYS_MS[Math.min(state.resets, RESET_DELAYS_MS.length - 1)];
+    state.resets += 1;
+    clearTimeout(state.reload);
+    // Jittered, so that pages reset together (a replaced log) do not come back together.
+    state.reload = setTimeout(() => loadItems(current), delay * (0.5 + Math.random()));
+  }
+
+  // The list, then its changes; ``current``: the current revision a reset gave, to watch
+  // from.
+  async function loadItems(current = 0) {
+    clearTimeout(state.reload);
+    closeEvents();
+    const load = ++state.loads;
     state.listOwner = chosenOwner();
     state.listStatus = $("status").value;
     state.items.clear();
     state.waiting.clear();
     $("items").tBodies[0].replaceChildren();
     $("drop").hidden = !state.canAct || !state.listOwner;
-    let after = 0;
+    // The revision to watch from: the one a reset gave as current, or the current one read
+    // before listing (not after: a change in between would be in neither).
+    let after = current;
+    if (!after) {
+      const queue = await act("Queue", "GET", "/api/v1/queue");
+      if (load !== state.loads) return;
+      after = queue ? Number(queue.currentRevision) : 0;
+    }
+    let listedRevision = 0;
     // Without an owner, the most recent items of every owner, for a principal that may see
     // every owner; one restricted to several owners must choose one.
     const everyOwner = !state.listOwner && !(state.principal && state.principal.owners);
@@ -461,9 +507,10 @@
       if (state.listOwner) params.set("owner_id", state.listOwner);
       if (state.listStatus) params.set("status", state.listStatus);
       const listed = await act("List", "GET", `/api/v1/media?${params}`);
+      if (load !== state.loads) return;
       for (const media of (listed && listed.media) || []) {
         show(media, "end");
-        after = Math.max(after, Number(media.statusRevision || 0));
+        listedRevision = Math.max(listedRevision, Number(media.statusRevision || 0));
       }
       $("list-hint").textContent = everyOwner
         ? "Every owner: the most recent items, and others as they change. Choose an owner to upload."
@@ -472,16 +519,17 @@
       $("list-hint").textContent =
         "Your owners: items appear here as they change. Choose an owner to list (and upload) its items.";
     }
-    if (!after) {
-      const queue = await act("Queue", "GET", "/api/v1/queue");
-      after = queue ? Number(queue.currentRevision) : 0;
-    }
+    // Rather the listed items' latest revision, when there is one: the list can lag the
+    // current revision by what the ingest service has still to apply, and watching from its
+    // own revision misses none of that. Not after a reset: it may be the revision just lost.
+    if (!current && listedRevision) after = listedRevision;
     openEvents(state.listOwner, after);
   }
 
   $("filters").addEventListener("submit", (event) => {
     event.preventDefault();
     location.hash = "#/";
+    state.resets = 0;
     loadItems();
   });
 
