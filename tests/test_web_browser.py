@@ -224,6 +224,34 @@ async def test_a_viewer_sees_no_actions_and_is_refused_if_it_calls_them(
     assert status["paused"] is False
 
 
+async def test_an_upload_answered_while_the_list_loads_shows_once(web: Web, page: Page) -> None:
+    """The upload's answer shows its row first; the listing, held until then, holds the same
+    item: still one row, which then changes as the item does."""
+    await show_owner(page, web)
+    listing_held: list[Route] = []
+
+    async def hold_listing(route: Route) -> None:
+        if listing_held:
+            await route.continue_()  # a later listing (none is expected) is not held
+        else:
+            listing_held.append(route)
+
+    await page.route(re.compile(r"/api/v1/media\?"), hold_listing)
+    await page.click("#filters button[type=submit]")
+    await wait_until(lambda: _true(bool(listing_held)))
+    await page.set_input_files("#files", [file("raced.jpg", jpeg_bytes(5))])
+    await expect(row(page, "raced.jpg")).to_have_count(1)
+    await listing_held[0].continue_()
+
+    await expect(page.locator("#connection")).to_have_text("live")
+    await expect(row(page, "raced.jpg").locator(".status")).to_have_text("completed")
+    await expect(row(page, "raced.jpg")).to_have_count(1)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
 async def test_a_filename_with_markup_shows_as_text(web: Web, page: Page) -> None:
     await show_owner(page, web)
     name = "<script>window.injected = 1</script><img src=x onerror=window.injected=2>.jpg"

@@ -372,6 +372,18 @@
   }
 
   function show(media, where) {
+    const shown = state.items.get(media.id);
+    if (shown) {
+      // On the list already (an upload's answer and a listing of the same moment): one row,
+      // at the newer revision.
+      const revision = Number(media.statusRevision || 0);
+      if (revision > shown.revision) {
+        shown.media = media;
+        shown.revision = revision;
+        renderRow(shown);
+      }
+      return;
+    }
     const item = { media, revision: Number(media.statusRevision || 0), row: null };
     state.items.set(media.id, item);
     const body = $("items").tBodies[0];
@@ -483,6 +495,8 @@
   async function loadItems(current = 0) {
     clearTimeout(state.reload);
     closeEvents();
+    // Not live until the new list's stream is open.
+    setConnected(false);
     const load = ++state.loads;
     state.listOwner = chosenOwner();
     state.listStatus = $("status").value;
