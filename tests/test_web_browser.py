@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mediatag.analysis.v1 import analysis_pb2 as apb
 from mediatag.ingest.v1 import ingest_pb2 as ipb
-from playwright.async_api import FilePayload, Page, Request, Route, expect
+from playwright.async_api import FilePayload, Locator, Page, Request, Route, expect
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig, WatchConfig
 from ingest_service.config import IngestConfig
@@ -98,7 +98,7 @@ async def show_owner(page: Page, web: Web, owner: str = OWNER) -> None:
     await expect(page.locator("#connection")).to_have_text("live")
 
 
-def row(page: Page, filename: str) -> object:
+def row(page: Page, filename: str) -> Locator:
     return page.locator("#items tbody tr", has_text=filename)
 
 
