@@ -120,7 +120,12 @@ class DatabaseConflict(DatabaseError):
 def database_url(url: str) -> sa.URL:
     """``url`` (libpq's ``postgresql://…`` form, several hosts too, SQLAlchemy's
     ``postgresql+driver://…`` forms, or ``sqlite:///path``) with the driver this module runs."""
-    parsed = make_url(_hosts_as_parameters(url))
+    try:
+        parsed = make_url(_hosts_as_parameters(url))
+    except sa_exc.ArgumentError:
+        raise ValueError(
+            "not a database URL: use postgresql://USER@HOST:PORT/DB or sqlite:///PATH"
+        ) from None
     driver = _DRIVERS.get(parsed.drivername)
     if driver is None:
         raise ValueError(

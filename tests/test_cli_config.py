@@ -323,6 +323,8 @@ def test_every_service_setting_reaches_its_config() -> None:
 def test_a_database_url_that_cannot_be_used_is_refused_without_echoing_it() -> None:
     with pytest.raises(SettingsError, match=r"analysis database URL cannot be used: .*'mysql'"):
         settings_for("analysis --analysis-database-url mysql://u@db/mediatag")
+    with pytest.raises(SettingsError, match="analysis database URL cannot be used: not a database"):
+        settings_for("analysis --analysis-database-url no-scheme-at-all")
     with pytest.raises(SettingsError, match="ingest database URL") as refused:
         settings_for("ingest --ingest-database-url postgresql://u:secret@db:port/mediatag")
     assert "secret" not in str(refused.value)
