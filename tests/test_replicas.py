@@ -297,7 +297,12 @@ async def _run(
                 failed.add_note(_progress(watchers, uploads))
                 raise
             assert uploads.answered == UPLOADS
-            assert watchers[killed_analysis].resumes > 0, "the killed replica's stream never broke"
+
+            async def stream_broke() -> bool:
+                # Its task may not have run since the kill yet (seen beside two busy loops).
+                return watchers[killed_analysis].resumes > 0
+
+            await wait_until(stream_broke)
 
             async def all_terminal() -> bool:
                 for watcher in watchers:
