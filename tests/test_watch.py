@@ -107,6 +107,41 @@ async def test_resumed_watcher_receives_every_later_event_once_in_order(
     assert all(not c.result.embedding for c in completed)  # only with include_embedding
 
 
+async def test_a_resumed_watch_ends_its_replay_with_a_bookmark_at_once(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    # No idle bookmark comes during the test: each one seen is the end of a replay.
+    cluster = await started_cluster(make_cluster, watch=WatchConfig(bookmark_interval=600.0))
+    quiet = await upload(cluster, image_files(1, first_seed=90))
+    await wait_terminal(cluster, [quiet.media[0].id])
+    start = await current_revision(cluster)
+    busy = await upload(cluster, image_files(2))
+    busy_ids = [m.id for m in busy.media]
+    await wait_terminal(cluster, busy_ids)
+    current = await current_revision(cluster)
+
+    async def until_bookmark(media_ids: list[str]) -> list[apb.WatchStatusResponse]:
+        call = cluster.analysis.WatchStatus(
+            apb.WatchStatusRequest(start_revision=start, media_ids=media_ids)
+        )
+        read: list[apb.WatchStatusResponse] = []
+        async with asyncio.timeout(PATIENCE):
+            async for response in call:
+                read.append(response)
+                if response.WhichOneof("event") == "bookmark":
+                    break
+        call.cancel()
+        return read
+
+    # The changes since the revision, then a bookmark at the log's current revision.
+    *replayed, end = await until_bookmark(busy_ids)
+    assert len(changes(replayed)) == len(replayed) == 3 * len(busy_ids)
+    assert (end.revision, end.bookmark.initial_state_end) == (current, False)
+    # A filter that matched nothing since: the bookmark first, not at the next idle one.
+    (end,) = await until_bookmark([quiet.media[0].id])
+    assert end.revision == current
+
+
 async def test_initial_state_then_bookmark_then_live_events(
     make_cluster: Callable[..., Cluster],
 ) -> None:

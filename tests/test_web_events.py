@@ -15,6 +15,7 @@ from analysis_service.config import WatchConfig
 from tests.conftest import PATIENCE, Cluster, wait_until
 from tests.test_metrics import scrape
 from tests.test_pipeline import upload, wait_terminal
+from tests.test_watch_scale import current_revision as log_revision
 from tests.test_watch_scale import fast_cluster, small_images, watch_error
 from tests.test_web_api import error_info
 from tests.web_support import Event, EventStream, Gateways, Web, open_events, web_config
@@ -376,8 +377,7 @@ async def test_a_client_ahead_of_the_gateways_watch_gets_its_changes_without_cat
     ]
     first = await resumed_a.next()
     assert (first.event, first.id) == ("bookmark", last_id)
-    # A catch-up of the quiet "qa" would hold the one catch-up slot until the analysis
-    # service's idle bookmark, and "qb"'s change would wait for it.
+    # No catch-up of the quiet "qa" holds the one catch-up slot ("qb"'s change would wait).
     assert not web.host.gateway.watches.catch_up_slots.locked()
     answer = await upload(cluster, small_images(1, first_seed=99), owner="qb")
     # (Bounded as a whole: each keep-alive would restart the bound of one event.)
@@ -385,4 +385,33 @@ async def test_a_client_ahead_of_the_gateways_watch_gets_its_changes_without_cat
         (event,) = await resumed_b.changes(1)
     assert seen(event)[1:] == (answer.media[0].id, "PROCESSING_STATUS_PENDING")
     for stream in (*watching, resumed_a, resumed_b):
+        stream.close()
+
+
+async def test_clients_resuming_from_before_the_gateways_watch_on_a_quiet_filter_catch_up_at_once(
+    make_cluster: Callable[..., Cluster], gateways: Gateways
+) -> None:
+    # As after a gateway restart: clients come back with ids older than its watches, which
+    # the event log has. The analysis service's idle bookmarks never come during the test.
+    cluster = fast_cluster(make_cluster, WatchConfig(bookmark_interval=600.0))
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    early = await upload(cluster, small_images(1, first_seed=90), owner="busy")
+    await wait_terminal(cluster, [m.id for m in early.media])
+    old_id = str(await log_revision(cluster))
+    busy = await upload(cluster, small_images(2, first_seed=91), owner="busy")
+    await wait_terminal(cluster, [m.id for m in busy.media])
+    events = EventsConfig(keepalive_interval=0.2, max_catch_ups=1)
+    web = await gateways.start(web_config(cluster, events=events))
+    resumed_a, resumed_b = [
+        await open_events(web, f"?owner_id={owner}", **{"Last-Event-ID": old_id})
+        for owner in ("qa", "qb")
+    ]
+    # The catch-up of the quiet "qa" holds the one slot until the analysis service says its
+    # replay is over; before, that was its next idle bookmark, and "qb" waited behind it.
+    answer = await upload(cluster, small_images(1, first_seed=99), owner="qb")
+    async with asyncio.timeout(PATIENCE):
+        (event,) = await resumed_b.changes(1)
+    assert seen(event)[1:] == (answer.media[0].id, "PROCESSING_STATUS_PENDING")
+    for stream in (resumed_a, resumed_b):
         stream.close()

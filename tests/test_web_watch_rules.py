@@ -79,8 +79,9 @@ def out_of_range(reason: str, message: str) -> Refusal:
 class LogSource:
     """``WatchStatus`` as the analysis service answers it, from an event log in memory: a
     watch replays the log after its revision (refused when that is compacted, or past the
-    current revision), then the live changes; a stream that sent nothing for
-    ``bookmark_interval`` gets a bookmark. Every watch opened is recorded in ``opens``."""
+    current revision) and ends the replay with a bookmark, then the live changes; a stream
+    that sent nothing for ``bookmark_interval`` gets a bookmark. Every watch opened is
+    recorded in ``opens``."""
 
     def __init__(self, bookmark_interval: float = 30.0) -> None:
         self.bookmark_interval = bookmark_interval
@@ -121,6 +122,9 @@ class LogSource:
             for logged in self.log[after or snapshot : snapshot]:
                 if _matches(watch_filter, logged):
                     yield logged
+            if after:
+                # The end of the replay.
+                yield Position(snapshot)
             last = snapshot
             while True:
                 try:
@@ -401,8 +405,8 @@ async def test_a_client_ahead_of_the_shared_watch_does_not_catch_up() -> None:
         loop = asyncio.get_running_loop()
         began = loop.time()
         (new,) = source.commit("qb")
-        # The change comes at once, not after the idle bookmark a catch-up of the quiet
-        # filter "qa" would wait for in the one catch-up slot; change 21 is not sent again.
+        # The change comes at once, not after a catch-up of the quiet filter "qa" in the one
+        # catch-up slot; change 21 is not sent again.
         assert await resumed_b.next(IDLE) == new
         assert loop.time() - began < IDLE
         assert await watching_b.next(IDLE) == elsewhere
@@ -437,6 +441,8 @@ async def test_clients_resuming_at_once_ask_the_log_for_its_revision_once() -> N
     watches = SharedWatches(source, EventsConfig())
     on_o = WatchFilter(owner_id="o")
     first = await watches.subscribe(on_o, after=None, visible=None, holder=Caller("x"))
+    # Changes the quiet filter's watch does not see: the crowd's id is ahead of it.
+    await source.watching(1)
     source.commit("busy", 5)
     asked = source.asked
     crowd = await asyncio.gather(

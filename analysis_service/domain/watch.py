@@ -1,8 +1,8 @@
 """WatchStatus: resumable, ordered, gap-free streams of status events (SPEC §6).
 
 A watch registers its live subscription first, then reads what it must catch up on from
-the event log; events that arrive live during the catch-up are skipped by revision, so
-nothing is missed and nothing is sent twice.
+the event log, and ends that replay with a bookmark; events that arrive live during the
+catch-up are skipped by revision, so nothing is missed and nothing is sent twice.
 """
 
 from __future__ import annotations
@@ -157,6 +157,11 @@ class StatusWatcher:
                     tracker.see(event)
                 yield event
                 last = event.revision
+            # The replay is over: a bookmark tells how far. A client whose filter matched
+            # nothing since its revision learns now, not at the next idle bookmark, that it is
+            # caught up (a web gateway holds one of a few catch-up slots until it knows).
+            last = max(last, snapshot_revision)
+            yield Bookmark(last)
         else:
             last = snapshot_revision
 

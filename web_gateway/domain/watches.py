@@ -253,8 +253,8 @@ class SharedWatch:
             subscription._preload(self._replay_after(start), self.position)
         elif current is not None and self.position < start <= current:
             # Nothing to catch up: the changes up to ``start`` the watch has still to receive
-            # are skipped as sent. A catch-up watch would have nothing to read either, and
-            # would hold its slot until the analysis service's next idle bookmark.
+            # are skipped as sent. A catch-up watch would have nothing to read either: a
+            # stream and a slot taken for nothing.
             pass
         else:
             # From further back; or past the log's current revision, which the catch-up
