@@ -26,7 +26,7 @@ from analysis_service.domain.cache import ResultCache
 from analysis_service.domain.hub import StatusHub, Subscription, WatchFilter
 from analysis_service.domain.limits import RateLimits
 from analysis_service.domain.maintenance import Maintenance
-from analysis_service.domain.models import AttemptOutcome, Job, JobStatus, StatusEvent
+from analysis_service.domain.models import AttemptOutcome, ClaimedJob, Job, JobStatus, StatusEvent
 from analysis_service.domain.observer import AnalysisObserver, NoObserver
 from analysis_service.domain.queue import JobQueue
 from analysis_service.domain.stats import Throughput
@@ -34,6 +34,7 @@ from analysis_service.domain.workers import WorkerPool
 from analysis_service.errors import (
     PermanentAnalyzerError,
     QuotaExceeded,
+    StorageUnavailable,
     TransientAnalyzerError,
 )
 from analysis_service.storage.memory_store import MemoryQueueStore
@@ -77,6 +78,8 @@ class Upstream:
     # ever (on a real clock time moves on and it ends).
     rate_per_second: float = 64.0
     calls: list[tuple[str, float]] = field(default_factory=list)
+    # The calls whose caller went away before the answer.
+    cancelled: list[tuple[str, float]] = field(default_factory=list)
     name: str = "scripted"
     version: str = "1"
 
@@ -90,7 +93,11 @@ class Upstream:
     async def analyze(self, item: AnalysisInput, limiter: RateLimiter) -> AnalysisOutput:
         await limiter.acquire(API)
         self.calls.append((item.media_id, loop_time()))
-        await asyncio.sleep(self.duration)
+        try:
+            await asyncio.sleep(self.duration)
+        except asyncio.CancelledError:
+            self.cancelled.append((item.media_id, loop_time()))
+            raise
         if item.media_id in self.fail_always:
             raise self.fail_always[item.media_id]
         if self.failures.get(item.media_id):
@@ -140,10 +147,11 @@ async def service(
     analyzer_timeout: float = 60.0,
     pacing: float = 0.0,
     observer: AnalysisObserver | None = None,
+    store_type: type[MemoryQueueStore] = MemoryQueueStore,
 ) -> AsyncIterator[Service]:
     clock = LoopClock()
     hub = StatusHub(buffer_size=1024, max_watchers=10)
-    store = MemoryQueueStore(publish=hub.publish, clock=clock)
+    store = store_type(publish=hub.publish, clock=clock)
     queue = JobQueue(store, hub, retry, lease, delivery_pacing=pacing, clock=clock)
     pool = WorkerPool(
         queue=queue,
@@ -282,6 +290,49 @@ async def test_heartbeats_keep_a_long_analysis_and_a_crashed_workers_job_is_take
         assert reaped.media_id == spec(1).media_id
         # The reaper runs every quarter of a lease.
         assert claimed_at + lease < reaped.event_time - EPOCH <= claimed_at + lease * 1.25
+
+
+class RenewalsRefused(MemoryQueueStore):
+    """A store this replica's lease renewals do not reach while ``refusing`` (a network
+    partition that other replicas, and its reaper here, are on the right side of)."""
+
+    refusing = True
+
+    async def renew(self, job: ClaimedJob, lease_seconds: float) -> bool:
+        if self.refusing:
+            raise StorageUnavailable("connection to the database lost")
+        return await super().renew(job, lease_seconds)
+
+
+async def test_an_analysis_whose_lease_was_taken_over_is_stopped_at_the_next_renewal() -> None:
+    lease = 3.0
+    observer = EndedAttempts()
+    upstream = Upstream(duration=50.0)
+    async with service(upstream, lease=lease, observer=observer, store_type=RenewalsRefused) as (
+        running
+    ):
+        assert isinstance(running.store, RenewalsRefused)
+        await running.queue.submit([spec(1)])
+        await running.until(JobStatus.PROCESSING, 1)
+        (reaped,) = await running.until(JobStatus.PENDING, 1)
+        assert reason(reaped) == "LEASE_EXPIRED"
+        running.store.refusing = False
+        healed_at = loop_time()
+        (done,) = await running.until(JobStatus.COMPLETED, 1)
+
+    # The first call is given up at the first renewal after the partition (renewals every
+    # third of the lease), not left to run its 50 s for an outcome that would be dropped;
+    # the worker is free for the job's second attempt at once.
+    ((cancelled_id, cancelled_at),) = upstream.cancelled
+    assert cancelled_id == spec(1).media_id
+    assert healed_at < cancelled_at <= healed_at + lease / 3
+    first, second = upstream.call_times(1)
+    assert cancelled_at < second < first + upstream.duration
+    assert done.attempt == 2
+    assert [outcome for outcome, _ in observer.ended] == [
+        AttemptOutcome.LEASE_LOST,
+        AttemptOutcome.COMPLETED,
+    ]
 
 
 # ---- the analyser timeout beside the rate limit ----

@@ -178,7 +178,7 @@ class JobQueue:
             elif (error := written.exception()) is not None:
                 ended.set_exception(error)
             elif (event := written.result()) is None:
-                ended.set_exception(_lease_lost(job))
+                ended.set_exception(lease_lost(job))
             else:
                 ended.set_result(event)
 
@@ -233,7 +233,7 @@ class JobQueue:
     async def _end(self, end: AttemptEnd) -> StatusEvent:
         event = await self._ends.commit(end)
         if event is None:
-            raise _lease_lost(end.job)
+            raise lease_lost(end.job)
         if event.status is JobStatus.PENDING:
             self._work_available.set()
         return event
@@ -357,5 +357,6 @@ class JobQueue:
         await self._ends.close()
 
 
-def _lease_lost(job: ClaimedJob) -> LeaseLost:
+def lease_lost(job: ClaimedJob) -> LeaseLost:
+    """The error of an attempt fenced out: a newer claim holds the job."""
     return LeaseLost(f"lease on media {job.spec.media_id} was lost")

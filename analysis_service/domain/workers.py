@@ -34,7 +34,7 @@ from analysis_service.domain.models import (
     StatusEvent,
 )
 from analysis_service.domain.observer import AnalysisObserver, CallOutcome
-from analysis_service.domain.queue import JobQueue
+from analysis_service.domain.queue import JobQueue, lease_lost
 from analysis_service.domain.read_ahead import ReadAhead
 from analysis_service.domain.stats import Throughput
 from analysis_service.domain.store import NewResult
@@ -185,7 +185,12 @@ class WorkerPool:
         completion: list[asyncio.Future[StatusEvent]] = []
         outcome = AttemptOutcome.RELEASED
         try:
-            outcome = await self._record(job, self._analyze_and_complete(job, started, completion))
+            outcome = await self._record(
+                job,
+                self._unless_lease_lost(
+                    job, heartbeat, self._analyze_and_complete(job, started, completion)
+                ),
+            )
         except asyncio.CancelledError:
             with contextlib.suppress(AnalysisError):
                 await self._queue.release(job)
@@ -217,6 +222,31 @@ class WorkerPool:
         finally:
             heartbeat.cancel()
             self._observer.attempt_ended(outcome, self._clock.monotonic() - started, job.attempt)
+
+    async def _unless_lease_lost(
+        self, job: ClaimedJob, heartbeat: asyncio.Task[None], work: Awaitable[None]
+    ) -> None:
+        """Run ``work``; cancel it, raising LeaseLost, if the heartbeat finds the lease lost
+        first: another attempt has the job, this one's outcome would be dropped, and its
+        further upstream calls would spend the rate limit for nothing."""
+        attempt = asyncio.timeout(None)
+
+        def stop(beat: asyncio.Task[None]) -> None:
+            # The heartbeat returns only when the lease is lost.
+            if not beat.cancelled() and beat.exception() is None:
+                attempt.reschedule(asyncio.get_running_loop().time())
+
+        try:
+            async with attempt:
+                heartbeat.add_done_callback(stop)
+                try:
+                    await work
+                finally:
+                    heartbeat.remove_done_callback(stop)
+        except TimeoutError:
+            if attempt.expired():
+                raise lease_lost(job) from None
+            raise
 
     def _cache_key(self, spec: JobSpec) -> str:
         return self._cache.key(
@@ -402,12 +432,12 @@ class WorkerPool:
         return AttemptOutcome.FAILED
 
     async def _heartbeat(self, job: ClaimedJob) -> None:
+        """Renew the job's lease every third of it; return when it is lost."""
         interval = self._queue.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
             try:
                 if not await self._queue.renew_lease(job):
-                    logger.warning("media %s: lease lost", job.spec.media_id)
                     return
             except StorageUnavailable as exc:
                 logger.error("media %s: lease renewal failed: %s", job.spec.media_id, exc)
