@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 
 class RateLimitedLog:
-    """Warnings to ``logger``, at most one per key every ``interval`` seconds of ``clock``."""
+    """Lines to ``logger``, at most one per key every ``interval`` seconds of ``clock``."""
 
     def __init__(
         self,
@@ -29,6 +29,10 @@ class RateLimitedLog:
         self._skipped: dict[str, int] = {}
 
     def warning(self, key: str, message: str, *args: object) -> None:
+        self.log(logging.WARNING, key, message, *args)
+
+    def log(self, level: int, key: str, message: str, *args: object) -> None:
+        """A line at ``level``; keys are kept, so they must be few (never a client's text)."""
         now = self._clock()
         last = self._last.get(key)
         if last is not None and now - last < self._interval:
@@ -37,4 +41,4 @@ class RateLimitedLog:
         self._last[key] = now
         skipped = self._skipped.pop(key, 0)
         suffix = f" ({skipped} more since the last such line)" if skipped else ""
-        self._logger.warning(message + suffix, *args)
+        self._logger.log(level, message + suffix, *args)

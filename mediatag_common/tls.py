@@ -1,17 +1,101 @@
 """TLS for the services' ports and for the channels that reach them (mutual TLS optional).
 
 Paths only here; the files are read when a server is built or a channel opened, so a
-renewed certificate is picked up on restart.
+renewed certificate is picked up on restart. They are checked as they are read: gRPC itself
+would take a file that is no certificate, or a key of another certificate, and fail later as
+"Failed to bind" or in every peer's handshake.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from mediatag_common.settings import setting
+
+logger = logging.getLogger(__name__)
+
+# A certificate that expires sooner than this is warned about at start.
+EXPIRY_WARNING = datetime.timedelta(days=14)
+
+
+class TlsFileError(RuntimeError):
+    """A TLS file cannot be used; the message names the file and what is wrong with it."""
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise TlsFileError(f"{path}: {error.strerror or error}") from error
+
+
+def _certificates(path: Path) -> tuple[bytes, list[x509.Certificate]]:
+    """The PEM bytes of ``path`` and the certificates in it (at least one)."""
+    pem = _read(path)
+    try:
+        return pem, x509.load_pem_x509_certificates(pem)
+    except ValueError as error:
+        raise TlsFileError(f"{path}: no PEM certificate in it") from error
+
+
+def _check_dates(path: Path, certificates: list[x509.Certificate]) -> None:
+    """Refuse an expired certificate, whose peers would refuse every handshake; warn of one
+    that expires soon or is not valid yet (a clock behind, or issued for later)."""
+    now = datetime.datetime.now(datetime.UTC)
+    for certificate in certificates:
+        subject = certificate.subject.rfc4514_string() or "(no subject)"
+        expiry = certificate.not_valid_after_utc
+        if expiry <= now:
+            raise TlsFileError(
+                f"{path}: the certificate {subject} expired on {expiry:%Y-%m-%d %H:%M} UTC"
+            )
+        if expiry - now < EXPIRY_WARNING:
+            logger.warning(
+                "%s: the certificate %s expires on %s UTC: renew it",
+                path,
+                subject,
+                f"{expiry:%Y-%m-%d %H:%M}",
+            )
+        if certificate.not_valid_before_utc > now:
+            logger.warning(
+                "%s: the certificate %s is not valid before %s UTC: peers refuse it until then",
+                path,
+                subject,
+                f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M}",
+            )
+
+
+def _chain_and_key(cert_file: Path, key_file: Path) -> tuple[bytes, bytes]:
+    """The PEM certificate chain and its private key, checked: certificates that parse and
+    are not expired, and the key of the first of them."""
+    chain, certificates = _certificates(cert_file)
+    _check_dates(cert_file, certificates)
+    key_pem = _read(key_file)
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except ValueError as error:
+        raise TlsFileError(f"{key_file}: no PEM private key in it") from error
+    except TypeError as error:
+        raise TlsFileError(
+            f"{key_file}: the key has a passphrase, which gRPC cannot take"
+        ) from error
+    public = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*public) != certificates[0].public_key().public_bytes(*public):
+        raise TlsFileError(f"{key_file}: not the private key of the certificate in {cert_file}")
+    return chain, key_pem
+
+
+def _ca(path: Path) -> bytes:
+    """The PEM certificates of a CA file, checked to parse (an expired one is the CA's
+    business: it may have been renewed beside it in the same file)."""
+    return _certificates(path)[0]
 
 
 @dataclass(frozen=True)
@@ -24,9 +108,11 @@ class ServerTls:
     client_ca_file: Path | None = None
 
     def credentials(self) -> grpc.ServerCredentials:
-        client_ca = self.client_ca_file.read_bytes() if self.client_ca_file else None
+        """gRPC's credentials of the files, checked first (:class:`TlsFileError`)."""
+        chain, key = _chain_and_key(self.cert_file, self.key_file)
+        client_ca = _ca(self.client_ca_file) if self.client_ca_file else None
         return grpc.ssl_server_credentials(
-            [(self.key_file.read_bytes(), self.cert_file.read_bytes())],
+            [(key, chain)],
             root_certificates=client_ca,
             require_client_auth=client_ca is not None,
         )
@@ -46,10 +132,14 @@ class ClientTls:
             raise ValueError("a client certificate needs its key, and a key its certificate")
 
     def credentials(self) -> grpc.ChannelCredentials:
+        """gRPC's credentials of the files, checked first (:class:`TlsFileError`)."""
+        chain, key = (None, None)
+        if self.cert_file is not None and self.key_file is not None:
+            chain, key = _chain_and_key(self.cert_file, self.key_file)
         return grpc.ssl_channel_credentials(
-            root_certificates=self.ca_file.read_bytes() if self.ca_file else None,
-            private_key=self.key_file.read_bytes() if self.key_file else None,
-            certificate_chain=self.cert_file.read_bytes() if self.cert_file else None,
+            root_certificates=_ca(self.ca_file) if self.ca_file else None,
+            private_key=key,
+            certificate_chain=chain,
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -21,11 +22,12 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig, WatchConfig
 from analysis_service.server import create_server as create_analysis
+from ingest_service import api as ingest_api
 from ingest_service.config import IngestConfig
 from ingest_service.server import create_server as create_ingest
 from mediatag_cli.main import parse, run_client
 from mediatag_cli.settings import SettingsError, serve_settings
-from mediatag_common.auth import TokensFileError, load_tokens
+from mediatag_common.auth import INGEST_METHOD_ROLES, TokensFileError, interceptor, load_tokens
 from mediatag_common.grpc_server import health_check_stub, open_channel
 from tests import media_samples as samples
 from tests.conftest import PATIENCE, Cluster, wait_until
@@ -264,6 +266,64 @@ async def test_tokens_are_never_logged_the_principal_is(
         assert token not in text
 
 
+@pytest.fixture
+def short_refusal_log(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Refusal lines of the servers started after it at most once per 2 s (instead of 10)."""
+    monkeypatch.setattr(interceptor, "REFUSAL_LOG_INTERVAL", 2.0)
+    return 2.0
+
+
+def refusal_lines(caplog: pytest.LogCaptureFixture, why: str) -> list[str]:
+    messages = [r.getMessage() for r in caplog.records if r.name == interceptor.__name__]
+    return [m for m in messages if m.endswith(f": {why}") or f": {why} (" in m]
+
+
+def calls_told(lines: list[str]) -> int:
+    """The refusals the lines stand for: each its own, and those it says were left out."""
+    left_out = [re.search(r"\((\d+) more since the last such line\)", line) for line in lines]
+    return len(lines) + sum(int(found.group(1)) for found in left_out if found)
+
+
+async def test_a_flood_of_refused_calls_writes_a_few_lines_that_count_the_rest(
+    short_refusal_log: float, secured: tuple[Cluster, Clients], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who reaches the port can be refused: a line per kind of refusal and method every
+    interval, the next saying how many were left out, and one kind never hides another."""
+    cluster, clients = secured
+    caplog.set_level(logging.INFO, logger=interceptor.__name__)
+    stub = ingest_pb2_grpc.IngestServiceStub(clients.raw(cluster.ingest_port))
+    request = ipb.ListMediaRequest(owner_id="listing-7")
+    wrong = [("authorization", "Bearer not-a-known-token-at-all")]
+    flood = 300
+    for _ in range(flood):
+        error = await refusal(stub.ListMedia(request, metadata=wrong))
+        assert_refused(error, UNAUTHENTICATED, "TOKEN_INVALID", None)
+    # Other kinds during the flood still get their line.
+    error = await refusal(stub.ListMedia(request))
+    assert_refused(error, UNAUTHENTICATED, "TOKEN_MISSING", None)
+    error = await refusal(clients.ingest("viewer").UploadMedia(image_upload("listing-7", 5)))
+    assert_refused(error, PERMISSION_DENIED, "ROLE_NOT_ALLOWED", None)
+    assert len(refusal_lines(caplog, "no bearer token")) == 1
+    assert len(refusal_lines(caplog, "role not allowed")) == 1
+    flooded = refusal_lines(caplog, "unknown token")
+    assert 1 <= len(flooded) < flood / 10, flooded
+    # Once the interval is over, the next refusal's line counts those left out.
+    made = flood
+
+    async def counted() -> bool:
+        nonlocal made
+        await refusal(stub.ListMedia(request, metadata=wrong))
+        made += 1
+        return "more since the last such line" in refusal_lines(caplog, "unknown token")[-1]
+
+    await wait_until(counted, within=PATIENCE, interval=0.2)
+    assert calls_told(refusal_lines(caplog, "unknown token")) == made
+    # Refused callers changed nothing; an allowed one is served as before.
+    uploaded = await clients.ingest("uploader7").UploadMedia(image_upload("listing-7", 6))
+    listed = await clients.ingest("admin").ListMedia(request)
+    assert [item.id for item in listed.media] == [uploaded.media[0].id]
+
+
 # ---- roles ----
 
 
@@ -290,6 +350,10 @@ async def test_a_role_that_does_not_cover_the_method_is_denied(
     stub = clients.ingest(who) if service == "ingest" else clients.analysis(who)
     error = await refusal(getattr(stub, method)(request_message))
     assert_refused(error, PERMISSION_DENIED, "ROLE_NOT_ALLOWED", None)
+
+
+def test_the_gateway_checks_uploads_against_the_ingest_services_own_role_table() -> None:
+    assert INGEST_METHOD_ROLES == ingest_api.METHOD_ROLES
 
 
 async def test_admin_may_call_everything_and_unrestricted_callers_get_not_found(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import logging
 import os
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -11,7 +14,8 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 from mediatag.ingest.v1 import ingest_pb2_grpc
 
@@ -19,14 +23,14 @@ from analysis_service.config import AnalysisConfig, RateLimitConfig
 from ingest_service.config import IngestConfig
 from mediatag_cli.main import parse, run_client
 from mediatag_cli.settings import SettingsError, client_settings, serve_settings
-from mediatag_common.grpc_server import health_check_stub, open_channel
-from mediatag_common.tls import ClientTls, ServerTls, ServiceTls
+from mediatag_common.grpc_server import bind, health_check_stub, open_channel
+from mediatag_common.tls import ClientTls, ServerTls, ServiceTls, TlsFileError
 from tests import media_samples as samples
 from tests.conftest import PATIENCE, Cluster, free_port, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.processes import MEDIATAG, Serve
 from tests.test_auth import TOKENS, tokens_file
-from tests.tls_support import Pki, make_pki
+from tests.tls_support import Pki, make_pki, make_self_signed
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +246,110 @@ async def test_the_readme_secured_setup_runs(pki: Pki, tmp_path: Path) -> None:
         assert serve.stop() == 0, serve.output()
     for token in TOKENS.values():
         assert token not in serve.output()
+
+
+@pytest.fixture(scope="module")
+def bad_files(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A file that is no certificate, an expired certificate, one that expires in a day."""
+    directory = tmp_path_factory.mktemp("bad-tls")
+    garbage = directory / "garbage.pem"
+    garbage.write_text(
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n"
+    )
+    now = datetime.datetime.now(datetime.UTC)
+    day = datetime.timedelta(days=1)
+    expired = make_self_signed(directory, "expired", now - 30 * day, now - day)
+    soon = make_self_signed(directory, "soon", now - day, now + day)
+    return {
+        "garbage": garbage,
+        "expired": expired.cert,
+        "expired.key": expired.key,
+        "soon": soon.cert,
+        "soon.key": soon.key,
+    }
+
+
+def test_a_tls_file_that_cannot_serve_stops_the_start_naming_it(
+    pki: Pki, bad_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """Not "Failed to bind to address", which reads as a taken port: the file and what is
+    wrong with it, without a traceback."""
+    result = subprocess.run(
+        [
+            MEDIATAG, "serve", "ingest", "--data-dir", str(tmp_path / "data"),
+            "--ingest-port", "0", "--ingest-metrics-port", "off",
+            "--tls-cert", str(bad_files["garbage"]), "--tls-key", str(pki.server.key),
+        ],
+        capture_output=True, text=True, timeout=PATIENCE,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"cannot start: {bad_files['garbage']}: no PEM certificate in it" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Failed to bind" not in result.stderr
+
+
+def test_tls_files_are_checked_before_grpc_takes_them(pki: Pki, bad_files: dict[str, Path]) -> None:
+    refusals: list[tuple[Callable[[], object], str]] = [
+        (
+            ServerTls(bad_files["garbage"], pki.server.key).credentials,
+            f"{bad_files['garbage']}: no PEM certificate in it",
+        ),
+        (
+            ServerTls(bad_files["expired"], bad_files["expired.key"]).credentials,
+            f"{bad_files['expired']}: the certificate CN=expired expired on ",
+        ),
+        (
+            ServerTls(pki.server.cert, pki.client.key).credentials,
+            f"{pki.client.key}: not the private key of the certificate in {pki.server.cert}",
+        ),
+        (
+            ServerTls(pki.server.cert, bad_files["garbage"]).credentials,
+            f"{bad_files['garbage']}: no PEM private key in it",
+        ),
+        (
+            ServerTls(pki.server.cert, pki.server.key, bad_files["garbage"]).credentials,
+            f"{bad_files['garbage']}: no PEM certificate in it",
+        ),
+        (
+            ServerTls(pki.server.cert, pki.server.key, pki.ca.with_name("absent.pem")).credentials,
+            f"{pki.ca.with_name('absent.pem')}: No such file or directory",
+        ),
+        (
+            ClientTls(bad_files["garbage"]).credentials,
+            f"{bad_files['garbage']}: no PEM certificate in it",
+        ),
+        (
+            ClientTls(pki.ca, bad_files["expired"], bad_files["expired.key"]).credentials,
+            f"{bad_files['expired']}: the certificate CN=expired expired on ",
+        ),
+        (
+            ClientTls(pki.ca, pki.client.cert, pki.server.key).credentials,
+            f"{pki.server.key}: not the private key of the certificate in {pki.client.cert}",
+        ),
+    ]
+    for credentials, message in refusals:
+        with pytest.raises(TlsFileError) as refused:
+            credentials()
+        assert str(refused.value).startswith(message)
+    assert ServerTls(pki.server.cert, pki.server.key, pki.ca).credentials() is not None
+    assert ClientTls(pki.ca, pki.client.cert, pki.client.key).credentials() is not None
+
+
+async def test_a_certificate_that_expires_soon_serves_with_a_warning(
+    bad_files: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="mediatag_common.tls")
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(aio.HealthServicer(), server)
+    port = bind(server, "127.0.0.1:0", ServerTls(bad_files["soon"], bad_files["soon.key"]))
+    warnings = [r.getMessage() for r in caplog.records if r.name == "mediatag_common.tls"]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"{bad_files['soon']}: the certificate CN=soon expires on ")
+    await server.start()
+    try:
+        channel = open_channel(f"127.0.0.1:{port}", tls=ClientTls(bad_files["soon"]))
+        answer = await health_check_stub(channel)(health_pb2.HealthCheckRequest(), timeout=PATIENCE)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        await channel.close()
+    finally:
+        await server.stop(None)

@@ -109,6 +109,31 @@ async def test_the_api_needs_a_token_and_passes_the_services_refusals_on(web: We
     assert (await web.ok("GET", "/api/v1/queue", headers=bearer("viewer")))["paused"] is True
 
 
+async def test_an_upload_of_a_caller_that_may_not_upload_is_refused_before_its_body(
+    secured: tuple[Cluster, Path], gateways: Gateways
+) -> None:
+    """The gateway answers a viewer's upload 403 as ingest would, while the client has sent
+    only the start of its body: the rest is never read, and no upload place is taken."""
+    cluster, path = secured
+    # A body the gateway waited for would end in UPLOAD_STALLED (504) after a second.
+    web = await gateways.start(
+        web_config(
+            cluster, tokens_file=path, service_token=TOKENS["service"], upload_idle_timeout=1.0
+        )
+    )
+    never = asyncio.Event()
+    large = png_bytes(80) + bytes(8 * 1024 * 1024)
+    status, answer = await slow_upload(web, "listing-7", "big.png", large, never, bearer("viewer"))
+    assert (status, error_info(answer)["reason"]) == (403, "ROLE_NOT_ALLOWED")
+    assert violated_fields(answer) == []
+    assert "UploadMedia needs one of the roles admin, uploader" in answer["message"]
+    assert web.host.gateway.uploads_in_progress == 0
+    # An uploader's upload goes on as before, and nothing of the viewer's is stored.
+    uploaded = await upload_as(web, "uploader7", "listing-7", 81)
+    listed = await web.ok("GET", "/api/v1/media?owner_id=listing-7", headers=bearer("admin"))
+    assert [item["id"] for item in listed["media"]] == [uploaded]
+
+
 async def changes_until(stream: EventStream, media_id: str, status: str) -> list[tuple[str, str]]:
     """(owner, media id) of each change received until ``media_id`` reaches ``status``."""
     found: list[tuple[str, str]] = []

@@ -57,17 +57,24 @@ def _write_cert(cert: x509.Certificate, path: Path) -> None:
 
 
 def _builder(
-    subject: str, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey
+    subject: str,
+    issuer: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    valid: tuple[datetime.datetime, datetime.datetime] | None = None,
 ) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.UTC)
+    not_before, not_after = valid or (
+        now - datetime.timedelta(minutes=5),
+        now + datetime.timedelta(days=1),
+    )
     return (
         x509.CertificateBuilder()
         .subject_name(_name(subject))
         .issuer_name(issuer)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
     )
 
 
@@ -144,3 +151,23 @@ def make_pki(directory: Path) -> Pki:
         other_ca=other_ca,
         stranger=_issue(directory, "stranger", other_key, other_name, server=False),
     )
+
+
+def make_self_signed(
+    directory: Path, name: str, not_before: datetime.datetime, not_after: datetime.datetime
+) -> Issued:
+    """A self-signed certificate for 127.0.0.1, valid from ``not_before`` to ``not_after``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        _builder(name, _name(name), key.public_key(), (not_before, not_after))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    issued = Issued(directory / f"{name}.pem", directory / f"{name}.key")
+    _write_cert(cert, issued.cert)
+    _write_key(key, issued.key)
+    return issued

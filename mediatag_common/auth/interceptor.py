@@ -17,6 +17,7 @@ from mediatag_common.auth.scope import set_principal
 from mediatag_common.auth.tokens import ADMIN, Principal, TokenTable
 from mediatag_common.errors import PermissionDenied, Unauthenticated
 from mediatag_common.interceptors import Behavior, BehaviorInterceptor
+from mediatag_common.log_limits import RateLimitedLog
 
 logger = logging.getLogger(__name__)
 
@@ -31,20 +32,41 @@ OPEN_SERVICES = (
 
 # Full method names (``/pkg.Service/Method``) -> the roles that may call them.
 MethodRoles = Mapping[str, frozenset[str]]
+# At most one line per kind of refusal and method every this many seconds.
+REFUSAL_LOG_INTERVAL = 10.0
 
 
-def _bearer_token(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
-    """The call's bearer token; "" for another scheme, None for none. Two headers are refused:
-    which one a proxy or a service reads would otherwise decide who the caller is."""
+def allowed_roles(method_roles: MethodRoles, method: str) -> frozenset[str]:
+    """The roles that may call ``method``: its table's, and admin (alone, for a method the
+    table does not list)."""
+    return method_roles.get(method, frozenset()) | {ADMIN}
+
+
+def may_call(principal: Principal, method_roles: MethodRoles, method: str) -> bool:
+    return bool(principal.roles & allowed_roles(method_roles, method))
+
+
+def role_not_allowed(method_roles: MethodRoles, method: str) -> PermissionDenied:
+    """The refusal of a caller whose roles may not call ``method``."""
+    allowed = allowed_roles(method_roles, method)
+    return PermissionDenied(
+        f"{method.rsplit('/', 1)[-1]} needs one of the roles {', '.join(sorted(allowed))}",
+        reason="ROLE_NOT_ALLOWED",
+    )
+
+
+def _bearer_token(context: grpc.aio.ServicerContext[Any, Any]) -> str | list[str] | None:
+    """The call's bearer token; "" for another scheme, None for none, and every header when
+    there are several (refused: which one a proxy or a service reads would otherwise decide
+    who the caller is)."""
     headers = [value for key, value in context.invocation_metadata() or () if key == AUTHORIZATION]
-    if len(headers) > 1:
-        logger.warning("refused %s from %s: several authorization headers", method, context.peer())
-        raise Unauthenticated("one 'authorization' header at most", reason="TOKEN_INVALID")
-    if not headers:
+    texts = [value.decode() if isinstance(value, bytes) else value for value in headers]
+    if len(texts) > 1:
+        return texts
+    if not texts:
         return None
-    text = headers[0].decode() if isinstance(headers[0], bytes) else headers[0]
-    if text[: len(_BEARER)].lower() == _BEARER:
-        return text[len(_BEARER) :].strip()
+    if texts[0][: len(_BEARER)].lower() == _BEARER:
+        return texts[0][len(_BEARER) :].strip()
     return ""
 
 
@@ -59,26 +81,34 @@ class AuthInterceptor(BehaviorInterceptor):
     def __init__(self, tokens: TokenTable, method_roles: MethodRoles) -> None:
         self._tokens = tokens
         self._method_roles = method_roles
+        # Anyone who reaches the port can make us refuse: at most one line per kind of
+        # refusal, method (and principal) every interval, so a flood neither fills the disk
+        # nor hides the other kinds. Keys from the servicers' methods and the tokens file only.
+        self._refusal_log = RateLimitedLog(logger, REFUSAL_LOG_INTERVAL)
+
+    def _refused(self, level: int, method: str, why: str, who: str, key: str = "") -> None:
+        self._refusal_log.log(level, f"{why} {method} {key}", "refused %s %s: %s", method, who, why)
 
     def _authorise(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
-        token = _bearer_token(method, context)
+        token = _bearer_token(context)
         if token is None:
-            logger.info("refused %s from %s: no bearer token", method, context.peer())
+            self._refused(logging.INFO, method, "no bearer token", f"from {context.peer()}")
             raise Unauthenticated(
                 "this service needs an 'authorization: Bearer <token>' header",
                 reason="TOKEN_MISSING",
             )
+        if isinstance(token, list):
+            why = "several authorization headers"
+            self._refused(logging.WARNING, method, why, f"from {context.peer()}")
+            raise Unauthenticated("one 'authorization' header at most", reason="TOKEN_INVALID")
         principal = self._tokens.authenticate(token)
         if principal is None:
-            logger.warning("refused %s from %s: unknown token", method, context.peer())
+            self._refused(logging.WARNING, method, "unknown token", f"from {context.peer()}")
             raise Unauthenticated("the bearer token is not valid", reason="TOKEN_INVALID")
-        allowed = self._method_roles.get(method, frozenset()) | {ADMIN}
-        if not principal.roles & allowed:
-            logger.warning("refused %s to %s: role not allowed", method, principal.name)
-            raise PermissionDenied(
-                f"{method.rsplit('/', 1)[-1]} needs one of the roles {', '.join(sorted(allowed))}",
-                reason="ROLE_NOT_ALLOWED",
-            )
+        if not may_call(principal, self._method_roles, method):
+            why = "role not allowed"
+            self._refused(logging.WARNING, method, why, f"to {principal.name}", principal.name)
+            raise role_not_allowed(self._method_roles, method)
         return principal
 
     def wrap_unary(self, method: str, kind: str, behavior: Behavior) -> Behavior:

@@ -13,9 +13,10 @@ from aiohttp import BodyPartReader, web
 from google.rpc import code_pb2
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 
+from mediatag_common import auth
 from mediatag_common.caller_slots import SlotsFull
 from web_gateway.api.context import body, call, caller_of, gateway_of, query, reply
-from web_gateway.errors import Refusal, exhausted, invalid, unavailable
+from web_gateway.errors import Refusal, denied, exhausted, invalid, unavailable
 from web_gateway.protojson import from_query
 from web_gateway.upstream import INGEST, timed_out
 
@@ -36,6 +37,11 @@ _MAX_FIELDS = 64
 # lengths, a map entry's wrapping), counted so that a batch within max_batch_upload_bytes is
 # a message within ingest's cap.
 _PART_OVERHEAD = 32
+# The calls an upload may become, whose roles a caller needs (one file too large to hold is
+# streamed).
+_UPLOAD_METHODS = tuple(
+    f"/{auth.INGEST_SERVICE}/{method}" for method in ("UploadMedia", "UploadMediaStream")
+)
 # Content never changes under its id; a browser may keep it for a day.
 _CONTENT_CACHE = "private, max-age=86400"
 
@@ -146,9 +152,16 @@ async def upload(request: web.Request) -> web.Response:
     one refuses them all); one file too large to hold goes through ``UploadMediaStream``.
     The answer is an ``UploadMediaResponse`` either way."""
     gateway = gateway_of(request)
+    caller = caller_of(request)
+    if caller.principal is not None:
+        # Refused here, before the body is read, as ingest would refuse it after.
+        for method in _UPLOAD_METHODS:
+            if not auth.may_call(caller.principal, auth.INGEST_METHOD_ROLES, method):
+                refusal = auth.role_not_allowed(auth.INGEST_METHOD_ROLES, method)
+                raise denied(refusal.reason, refusal.message)
     if not request.content_type.startswith("multipart/form-data"):
         raise invalid("body", "MULTIPART_REQUIRED", "an upload is multipart/form-data")
-    holder = caller_of(request).holder
+    holder = caller.holder
     full = gateway.uploads.take(holder)
     if full is not None:
         raise _too_many_uploads(full, gateway.uploads.limit(full))
