@@ -269,15 +269,24 @@ def bad_files(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     }
 
 
+@pytest.mark.parametrize(
+    "serve",
+    [
+        ["ingest", "--ingest-port", "0", "--ingest-metrics-port", "off"],
+        # The gateway loads its certificate itself, through ssl (which names no file).
+        ["web", "--web-port", "0", "--ingest-address", "127.0.0.1:1",
+         "--analysis-address", "127.0.0.1:1"],
+    ],
+    ids=["grpc", "web"],
+)  # fmt: skip
 def test_a_tls_file_that_cannot_serve_stops_the_start_naming_it(
-    pki: Pki, bad_files: dict[str, Path], tmp_path: Path
+    pki: Pki, bad_files: dict[str, Path], tmp_path: Path, serve: list[str]
 ) -> None:
     """Not "Failed to bind to address", which reads as a taken port: the file and what is
     wrong with it, without a traceback."""
     result = subprocess.run(
         [
-            MEDIATAG, "serve", "ingest", "--data-dir", str(tmp_path / "data"),
-            "--ingest-port", "0", "--ingest-metrics-port", "off",
+            MEDIATAG, "serve", *serve, "--data-dir", str(tmp_path / "data"),
             "--tls-cert", str(bad_files["garbage"]), "--tls-key", str(pki.server.key),
         ],
         capture_output=True, text=True, timeout=PATIENCE,
