@@ -107,11 +107,6 @@ class ServerTls:
     key_file: Path
     client_ca_file: Path | None = None
 
-    def check(self) -> None:
-        """Refuse files that cannot serve (:class:`TlsFileError`), for a server that loads
-        them itself (the web gateway's)."""
-        _chain_and_key(self.cert_file, self.key_file)
-
     def credentials(self) -> grpc.ServerCredentials:
         """gRPC's credentials of the files, checked first (:class:`TlsFileError`)."""
         chain, key = _chain_and_key(self.cert_file, self.key_file)

@@ -273,7 +273,8 @@ def bad_files(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     "serve",
     [
         ["ingest", "--ingest-port", "0", "--ingest-metrics-port", "off"],
-        # The gateway loads its certificate itself, through ssl (which names no file).
+        # The gateway serves through ssl, which names no file; its channels to the services
+        # check the same certificate first.
         ["web", "--web-port", "0", "--ingest-address", "127.0.0.1:1",
          "--analysis-address", "127.0.0.1:1"],
     ],

@@ -44,8 +44,6 @@ def _listen(host: str, port: int) -> socket.socket:
 def _ssl_context(config: WebConfig) -> ssl.SSLContext | None:
     if config.tls is None:
         return None
-    # Checked first: ssl's own refusal names neither the file nor the problem.
-    config.tls.check()
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(config.tls.cert_file, config.tls.key_file)
     return context
