@@ -595,3 +595,38 @@ async def test_replicas_compacting_at_once_never_move_the_watermark_back(
     finally:
         engine.dispose()
         urls.drop()
+
+
+async def test_state_pages_go_by_media_id_each_as_of_its_own_read(
+    replicas: Callable[[], Replica],
+) -> None:
+    store = replicas().store
+    await store.submit([spec(n, priority=1 if n == 3 else 0) for n in range(5)], max_attempts=3)
+    everything = EventFilter()
+
+    first = await store.state_page(everything, after_media_id="", limit=2, with_embedding=False)
+    assert (first.revision, first.compacted_through) == (5, 0)
+    assert [state.media_id for state in first.states] == [spec(0).media_id, spec(1).media_id]
+    assert all(state.initial_state and state.revision <= 5 for state in first.states)
+    [claimed] = await store.claim("worker", 1, 60.0)
+    assert claimed.spec.media_id == spec(3).media_id
+    # The next page is read after the claim, and shows it.
+    second = await store.state_page(
+        everything, after_media_id=spec(1).media_id, limit=2, with_embedding=False
+    )
+    assert second.revision == 6
+    assert [(s.media_id, s.status, s.revision <= 5) for s in second.states] == [
+        (spec(2).media_id, JobStatus.PENDING, True),
+        (spec(3).media_id, JobStatus.PROCESSING, False),
+    ]
+    assert second.states[1].revision == 6
+    # The filters apply as the log's do.
+    listed = EventFilter(media_ids=[spec(4).media_id, spec(0).media_id, "unknown"])
+    page = await store.state_page(
+        listed, after_media_id=spec(0).media_id, limit=10, with_embedding=False
+    )
+    assert [state.media_id for state in page.states] == [spec(4).media_id]
+    nobody = await store.state_page(
+        EventFilter(owner_id="nobody"), after_media_id="", limit=10, with_embedding=False
+    )
+    assert nobody.states == []

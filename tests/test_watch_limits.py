@@ -199,3 +199,42 @@ async def test_a_slot_is_given_back_once_however_its_subscription_leaves() -> No
     for subscription in (second, third):
         subscription.close()
     assert hub.subscribe(WatchFilter(), other) is not None
+
+
+async def test_media_ids_longer_than_ingest_issues_are_refused_without_echoing_them(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    # A GetJob of a 100,000-character id was answered RESOURCE_EXHAUSTED: its NOT_FOUND
+    # echoed the id in trailers beyond what a client accepts.
+    cluster = make_cluster(analyzer=ScriptedAnalyzer())
+    await cluster.start_analysis()
+    analysis = cluster.analysis
+    huge = "x" * 100_000
+    too_long = str(uuid.uuid4()) + "x"
+    spec = apb.JobSpec(media_id=too_long, owner_id="owner", sha256="a" * 64)
+    refused_calls: list[tuple[Any, str]] = [
+        (analysis.GetJob(apb.GetJobRequest(media_id=huge)), "media_id"),
+        (analysis.GetJob(apb.GetJobRequest(media_id=too_long)), "media_id"),
+        (analysis.RetryJobs(apb.RetryJobsRequest(media_ids=["m", huge])), "media_ids[1]"),
+        (analysis.SubmitJobs(apb.SubmitJobsRequest(jobs=[spec])), "jobs[0].media_id"),
+    ]
+    for call, field_name in refused_calls:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert_refused(
+            refused.value, grpc.StatusCode.INVALID_ARGUMENT, "MEDIA_ID_TOO_LONG", field_name
+        )
+        assert len(refused.value.details() or "") < 200
+    watch = analysis.WatchStatus(apb.WatchStatusRequest(media_ids=[too_long]), timeout=PATIENCE)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        async for _ in watch:
+            pass
+    assert_refused(
+        refused.value, grpc.StatusCode.INVALID_ARGUMENT, "MEDIA_ID_TOO_LONG", "media_ids[0]"
+    )
+    # An id as long as ingest's, unknown, is not found, named in the refusal (escaped).
+    unknown = "\x1b[2J" + str(uuid.uuid4())[4:]
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await analysis.GetJob(apb.GetJobRequest(media_id=unknown))
+    assert_refused(missing.value, grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND", "media_id")
+    assert "\\u001b[2J" in (missing.value.details() or "")

@@ -9,7 +9,7 @@ the methods check its owners (``auth.owner_scope()``).
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Sized
+from collections.abc import AsyncIterator, Sequence, Sized
 from typing import Any
 
 import grpc
@@ -29,6 +29,7 @@ from analysis_service.metrics import AnalysisMetrics
 from mediatag_common import auth, paging
 from mediatag_common.auth import SERVICE, UPLOADER, VIEWER
 from mediatag_common.errors import FieldViolation
+from mediatag_common.untrusted_text import escaped
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -48,15 +49,30 @@ METHOD_ROLES: auth.MethodRoles = {
 }
 
 MAX_SUBMIT_BATCH = 1000
+# The longest media id there is: the ingest service names items with UUIDs (36 characters).
+# A longer one is nobody's, and would only be echoed back (a refusal naming a 100,000-
+# character id outgrew the trailers a client accepts).
+MAX_MEDIA_ID_LENGTH = 36
 # Media ids one RetryJobs may name, as ingest's ReprocessMedia.
 MAX_RETRY_IDS = 1000
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
+def _check_media_id(field: str, media_id: str) -> None:
+    if not media_id:
+        raise invalid(field, "MEDIA_ID_REQUIRED", "required")
+    if len(media_id) > MAX_MEDIA_ID_LENGTH:
+        raise invalid(field, "MEDIA_ID_TOO_LONG", f"at most {MAX_MEDIA_ID_LENGTH} characters")
+
+
+def _check_media_ids(media_ids: Sequence[str]) -> None:
+    for index, media_id in enumerate(media_ids):
+        _check_media_id(f"media_ids[{index}]", media_id)
+
+
 def _validate_spec(index: int, spec: pb.JobSpec) -> None:
     prefix = f"jobs[{index}]"
-    if not spec.media_id:
-        raise invalid(f"{prefix}.media_id", "MEDIA_ID_REQUIRED", "required")
+    _check_media_id(f"{prefix}.media_id", spec.media_id)
     if not spec.owner_id:
         raise invalid(f"{prefix}.owner_id", "OWNER_ID_REQUIRED", "required")
     if not SHA256_HEX.match(spec.sha256.lower()):
@@ -118,15 +134,14 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         return pb.SubmitJobsResponse(accepted_count=len(new), existing_count=len(known))
 
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
-        if not request.media_id:
-            raise invalid("media_id", "MEDIA_ID_REQUIRED", "required")
+        _check_media_id("media_id", request.media_id)
         await auth.owner_scope().check_visible(request.media_id, self._queue.owners_of, "media_id")
         job = await self._queue.get(
             request.media_id, with_embedding=request.view == pb.JOB_VIEW_FULL
         )
         if job is None:
             raise JobNotFound(
-                f"no job for media {request.media_id}",
+                f"no job for media {escaped(request.media_id)}",
                 field_violations=[FieldViolation("media_id", "unknown")],
             )
         return pb.GetJobResponse(job=convert.job_to_pb(job))
@@ -165,6 +180,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     ) -> AsyncIterator[pb.WatchStatusResponse]:
         # Counted on the message, before a set of them is built: the set is what costs.
         _check_id_count(request.media_ids, self._max_watch_media_ids)
+        _check_media_ids(request.media_ids)
         # Other owners' items are left out as if unknown (they are not refused: refusing
         # would tell the caller which ids exist); naming another owner is refused.
         scope = auth.owner_scope()
@@ -214,6 +230,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                 "media_ids", "FILTER_REQUIRED", "name media_ids, or an owner_id and/or status"
             )
         _check_id_count(request.media_ids, MAX_RETRY_IDS)
+        _check_media_ids(request.media_ids)
         owner_id = await auth.owner_scope().check_selection(
             request.media_ids, request.owner_id, self._queue.owners_of
         )

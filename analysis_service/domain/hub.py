@@ -124,6 +124,12 @@ class Subscription:
             self._leave_hub()
             self._wake()
 
+    def raise_if_ended(self) -> None:
+        """Raise what ended the feed, if it has ended: a watcher still sending its initial
+        state stops there instead of reading and sending the rest for nothing."""
+        if self._ended is not None:
+            raise self._ended
+
     async def next(self, max_wait: float) -> StatusEvent | None:
         """The next event, or None when the watcher has had nothing for ``max_wait`` seconds
         (counted from the previous ``next()``, or from the subscription).

@@ -77,8 +77,9 @@ class EventFilter:
 
 
 @dataclass(frozen=True)
-class LogState:
-    """The event log's bounds at one instant, and the current state of the filter's jobs."""
+class StatePage:
+    """The event log's bounds at one instant, and a page of the current states of the
+    filter's jobs at that instant."""
 
     revision: int
     compacted_through: int
@@ -191,11 +192,12 @@ class QueueStore(Protocol):
 
     # -- the event log ---------------------------------------------------------------------
 
-    async def log_state(
-        self, events: EventFilter, *, with_states: bool, with_embedding: bool
-    ) -> LogState:
-        """The log's bounds and (if asked) the filter's current states, by revision, from
-        one consistent read."""
+    async def state_page(
+        self, events: EventFilter, *, after_media_id: str, limit: int, with_embedding: bool
+    ) -> StatePage:
+        """The log's bounds and the current states of up to ``limit`` of the filter's jobs
+        whose media id sorts after ``after_media_id``, by media id, from one consistent read.
+        Each state carries its job's revision (that of its newest event)."""
         ...
 
     async def events_after(

@@ -1,8 +1,9 @@
 """WatchStatus: resumable, ordered, gap-free streams of status events (SPEC §6).
 
 A watch registers its live subscription first, then reads what it must catch up on from
-the event log, and ends that replay with a bookmark; events that arrive live during the
-catch-up are skipped by revision, so nothing is missed and nothing is sent twice.
+the event log (or the current state, a page at a time), and ends that with a bookmark;
+events that arrive live meanwhile are skipped by revision, so nothing is missed and nothing
+is sent twice.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 from analysis_service.domain.hub import StatusHub, Subscription, WatchFilter
@@ -23,6 +24,8 @@ from mediatag_common.errors import FieldViolation
 logger = logging.getLogger(__name__)
 
 CATCH_UP_PAGE = 500
+# Initial states read at once: what a stream holds of them (see _Snapshot).
+STATE_PAGE = 500
 
 
 @dataclass(frozen=True)
@@ -39,19 +42,77 @@ class WatchRequest:
 
 
 class _TerminalTracker:
-    """Knows when every listed item of an ``until_terminal`` watch is terminal."""
+    """Knows when every listed item of an ``until_terminal`` watch is terminal.
 
-    def __init__(self, media_ids: frozenset[str], states: list[StatusEvent]) -> None:
-        self._status: dict[str, JobStatus | None] = dict.fromkeys(media_ids)
-        for state in states:
-            self._status[state.media_id] = state.status
+    It keeps each item's newest status by revision: a watch resuming from a revision replays
+    changes older than the states it read, which must not take them back.
+    """
+
+    def __init__(self, media_ids: frozenset[str]) -> None:
+        self._status: dict[str, tuple[int, JobStatus] | None] = dict.fromkeys(media_ids)
 
     def see(self, event: StatusEvent) -> None:
-        self._status[event.media_id] = event.status
+        known = self._status.get(event.media_id)
+        if known is None or event.revision > known[0]:
+            self._status[event.media_id] = (event.revision, event.status)
 
     @property
     def done(self) -> bool:
-        return all(status is not None and status.terminal for status in self._status.values())
+        return all(known is not None and known[1].terminal for known in self._status.values())
+
+
+class _Snapshot:
+    """The state of a watch's items as of one revision, read a page at a time as it is sent.
+
+    The stream holds one page however many items match, and reads the next only when the
+    client has taken the one before (its generator runs as the client reads). The snapshot is
+    at ``revision``, the log's at the first read. Pages are read by media id, an order that
+    changes do not move items in, so each item is read once. An item whose state is newer
+    than the snapshot when its page is read (changed, or created, since) is left out: its
+    changes after the snapshot's revision come live, after the bookmark, every one of them.
+    So every state sent is as of the snapshot, and none is newer than the bookmark that ends
+    them (a client resuming from that bookmark misses nothing).
+    """
+
+    def __init__(
+        self,
+        store: QueueStore,
+        request: WatchRequest,
+        subscription: Subscription,
+        visible: Callable[[StatusEvent], bool] | None,
+    ) -> None:
+        self._store = store
+        self._request = request
+        self._subscription = subscription
+        self._visible = visible
+        self.revision = 0
+        self.compacted_through = 0
+
+    async def states(self) -> AsyncIterator[StatusEvent]:
+        events = EventFilter(self._request.media_ids, self._request.owner_id)
+        after = ""
+        first = True
+        while True:
+            page = await self._store.state_page(
+                events,
+                after_media_id=after,
+                limit=STATE_PAGE,
+                with_embedding=self._request.include_embedding,
+            )
+            if first:
+                self.revision, self.compacted_through = page.revision, page.compacted_through
+                first = False
+            for state in page.states:
+                if state.revision > self.revision:
+                    continue
+                if self._visible is not None and not self._visible(state):
+                    continue
+                yield state
+            if len(page.states) < STATE_PAGE:
+                return
+            after = page.states[-1].media_id
+            # A watcher cut off meanwhile (too slow) reads no further.
+            self._subscription.raise_if_ended()
 
 
 class WatchStream(contextlib.AbstractAsyncContextManager["WatchStream"]):
@@ -114,26 +175,20 @@ class StatusWatcher:
     async def _stream(
         self, request: WatchRequest, subscription: Subscription
     ) -> AsyncGenerator[StatusEvent | Bookmark, None]:
-        needs_state = request.send_initial_state or request.until_terminal
-
-        log = await self._store.log_state(
-            EventFilter(request.media_ids, request.owner_id),
-            with_states=needs_state,
-            with_embedding=request.include_embedding,
-        )
-        snapshot_revision, compacted_through, states = (
-            log.revision,
-            log.compacted_through,
-            log.states,
-        )
         visible = subscription.filter.matches if request.allowed_owners is not None else None
-        if visible is not None:
-            states = [state for state in states if visible(state)]
-        tracker = _TerminalTracker(request.media_ids, states) if request.until_terminal else None
+        tracker = _TerminalTracker(request.media_ids) if request.until_terminal else None
+        if request.send_initial_state or tracker:
+            snapshot = _Snapshot(self._store, request, subscription, visible)
+            async for state in snapshot.states():
+                if tracker:
+                    tracker.see(state)
+                if request.send_initial_state:
+                    yield state
+            snapshot_revision, compacted_through = snapshot.revision, snapshot.compacted_through
+        else:
+            snapshot_revision, compacted_through = await self._store.log_bounds()
 
         if request.send_initial_state:
-            for state in states:
-                yield state
             yield Bookmark(snapshot_revision, initial_state_end=True)
             last = snapshot_revision
         elif request.start_revision:
@@ -153,7 +208,7 @@ class StatusWatcher:
             async for event in self._catch_up(request, last):
                 if visible is not None and not visible(event):
                     continue
-                if tracker and event.revision > snapshot_revision:
+                if tracker:
                     tracker.see(event)
                 yield event
                 last = event.revision

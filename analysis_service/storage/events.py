@@ -301,14 +301,18 @@ def read_events(
     ]
 
 
-def current_state(
+def current_states(
     conn: Connection,
     *,
+    after_media_id: str,
+    limit: int,
     media_ids: Collection[str] = (),
     owner_id: str = "",
     with_embedding: bool = False,
 ) -> list[StatusEvent]:
-    """The current state of every matching job as initial-state events, by revision."""
+    """The current state of up to ``limit`` matching jobs whose media id sorts after
+    ``after_media_id``, as initial-state events, by media id (the primary key: a page is an
+    index range, and a job keeps its place in that order whatever changes)."""
     query = (
         sa.select(
             jobs.c.media_id,
@@ -325,7 +329,9 @@ def current_state(
             *result_columns(with_embedding),
         )
         .select_from(jobs.outerjoin(results, jobs.c.result_key == results.c.key))
-        .order_by(jobs.c.revision)
+        .where(jobs.c.media_id > after_media_id)
+        .order_by(jobs.c.media_id)
+        .limit(limit)
     )
     if media_ids:
         query = query.where(jobs.c.media_id.in_(list(media_ids)))

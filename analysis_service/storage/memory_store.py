@@ -14,6 +14,7 @@ against the SQL stores); nothing survives the process.
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,8 +35,8 @@ from analysis_service.domain.store import (
     AttemptEnd,
     EventFilter,
     ExpiredLease,
-    LogState,
     QueueDepth,
+    StatePage,
     check_distinct_keys,
 )
 from analysis_service.storage.memory_log import MemoryEventLog, matches
@@ -350,19 +351,23 @@ class MemoryQueueStore:
 
     # -- the event log -----------------------------------------------------------------------
 
-    async def log_state(
-        self, events: EventFilter, *, with_states: bool, with_embedding: bool
-    ) -> LogState:
-        states = (
-            [
-                self._state(row, with_embedding)
-                for row in sorted(self._jobs.values(), key=lambda row: row.revision)
-                if matches(events, row.spec.media_id, row.spec.owner_id)
-            ]
-            if with_states
-            else []
+    async def state_page(
+        self, events: EventFilter, *, after_media_id: str, limit: int, with_embedding: bool
+    ) -> StatePage:
+        rows = heapq.nsmallest(
+            limit,
+            (
+                row
+                for media_id, row in self._jobs.items()
+                if media_id > after_media_id and matches(events, media_id, row.spec.owner_id)
+            ),
+            key=lambda row: row.spec.media_id,
         )
-        return LogState(self._log.revision, self._log.compacted_through, states)
+        return StatePage(
+            self._log.revision,
+            self._log.compacted_through,
+            [self._state(row, with_embedding) for row in rows],
+        )
 
     def _state(self, row: _JobRow, with_embedding: bool) -> StatusEvent:
         """The job's current state as an initial-state event."""

@@ -24,8 +24,8 @@ from analysis_service.domain.store import (
     EventFilter,
     ExpiredLease,
     LogCompacted,
-    LogState,
     QueueDepth,
+    StatePage,
     check_distinct_keys,
 )
 from analysis_service.storage import attempt_ends, job_reads, schema, turns
@@ -289,24 +289,21 @@ class SqlQueueStore:
 
     # -- the event log -----------------------------------------------------------------------
 
-    async def log_state(
-        self, events: EventFilter, *, with_states: bool, with_embedding: bool
-    ) -> LogState:
-        def snapshot(conn: Connection) -> LogState:
-            states = (
-                event_log.current_state(
+    async def state_page(
+        self, events: EventFilter, *, after_media_id: str, limit: int, with_embedding: bool
+    ) -> StatePage:
+        def snapshot(conn: Connection) -> StatePage:
+            return StatePage(
+                event_log.read_counter(conn, schema.REVISION),
+                event_log.read_counter(conn, schema.COMPACTED_THROUGH),
+                event_log.current_states(
                     conn,
+                    after_media_id=after_media_id,
+                    limit=limit,
                     media_ids=events.media_ids,
                     owner_id=events.owner_id,
                     with_embedding=with_embedding,
-                )
-                if with_states
-                else []
-            )
-            return LogState(
-                event_log.read_counter(conn, schema.REVISION),
-                event_log.read_counter(conn, schema.COMPACTED_THROUGH),
-                states,
+                ),
             )
 
         return await consistent_read(self._db, snapshot)
