@@ -166,6 +166,17 @@ class StreamLimits:
 
 
 @dataclass(frozen=True)
+class ContentReadLimits:
+    """What ``ReadMediaContent`` streams may hold: each is ended once its client has taken
+    nothing for ``idle_timeout`` seconds; at most ``max_reads`` are open, ``max_reads_per_caller``
+    of one caller (None: half of them), and each service token has ``max_reads`` of its own."""
+
+    idle_timeout: float
+    max_reads: int
+    max_reads_per_caller: int | None
+
+
+@dataclass(frozen=True)
 class BlobStoreUrl:
     """Where the blobs are: ``file:///path``, ``gs://bucket/prefix`` or ``s3://bucket/prefix``."""
 
@@ -275,6 +286,34 @@ class IngestConfig(ServiceConfig):
         metavar="N",
         shown_default="half of --max-upload-streams",
     )
+    # ReadMediaContent streams: each holds an open blob (a descriptor) and a call, so a client
+    # that opens them and never reads must neither hold them for ever nor take them all.
+    content_read_idle_timeout: float = setting(
+        60.0,
+        flag="--content-read-idle-timeout",
+        help="a ReadMediaContent whose client takes nothing for this long is ended and its "
+        "blob closed",
+        parse=positive_float,
+        metavar="SECONDS",
+    )
+    max_content_reads: int = setting(
+        64,
+        flag="--max-content-reads",
+        help="ReadMediaContent calls of clients open at once (RESOURCE_EXHAUSTED "
+        "TOO_MANY_CONTENT_READS beyond); each service token has as many of its own",
+        parse=positive_int,
+        metavar="N",
+    )
+    # None: half of them.
+    max_content_reads_per_caller: int | None = setting(
+        None,
+        flag="--max-content-reads-per-caller",
+        help="ReadMediaContent calls one token (without --tokens-file: one peer address) may "
+        "have open at once",
+        parse=positive_int,
+        metavar="N",
+        shown_default="half of --max-content-reads",
+    )
 
     # None: the directory ``blobs`` in data_dir, the layout every version had.
     blob_store: str | None = setting(
@@ -378,4 +417,13 @@ class IngestConfig(ServiceConfig):
             rate_window=self.upload_rate_window,
             max_streams=self.max_upload_streams,
             max_streams_per_caller=self.max_upload_streams_per_caller,
+        )
+
+    @property
+    def content_read_limits(self) -> ContentReadLimits:
+        """The bounds of ``ReadMediaContent`` streams (see ``domain.content_reads``)."""
+        return ContentReadLimits(
+            idle_timeout=self.content_read_idle_timeout,
+            max_reads=self.max_content_reads,
+            max_reads_per_caller=self.max_content_reads_per_caller,
         )

@@ -19,7 +19,10 @@ Each class says what went wrong (its ``reason``); the gRPC layer gives it a stat
     ├── RequestIdReused           REQUEST_ID_REUSED
     ├── UploadStalled             a stream sent nothing for too long
     │   └── UploadTooSlow         or too little
-    └── TooManyUploadStreams      no upload stream slot left
+    ├── TooManyUploadStreams      no upload stream slot left
+    ├── TooManyContentReads       no content read slot left
+    ├── ContentReadStalled        a content read's client took nothing for too long
+    └── ContentCheckFailed        the service itself failed checking a file (not the file)
 """
 
 from __future__ import annotations
@@ -143,6 +146,25 @@ class TooManyUploadStreams(IngestError):
     """Every upload stream slot is taken, or the caller's share of them."""
 
     reason = "TOO_MANY_UPLOAD_STREAMS"
+
+
+class TooManyContentReads(IngestError):
+    """Every ``ReadMediaContent`` slot is taken, or the caller's share of them."""
+
+    reason = "TOO_MANY_CONTENT_READS"
+
+
+class ContentReadStalled(IngestError):
+    """A ``ReadMediaContent`` client took nothing for longer than the idle timeout."""
+
+    reason = "CONTENT_READ_STALLED"
+
+
+class ContentCheckFailed(IngestError):
+    """Checking an uploaded file failed for a reason of the service's own (out of file
+    descriptors or memory, an I/O error), not of the file: the same upload may succeed later."""
+
+    reason = "CONTENT_CHECK_FAILED"
 
 
 # An INVALID_ARGUMENT refusal naming ``field`` (e.g. ``files[2].content``).

@@ -15,6 +15,7 @@ from ingest_service.blobstores import open_blob_store
 from ingest_service.config import IngestConfig
 from ingest_service.domain.blob_sweep import BlobSweep
 from ingest_service.domain.blobs import BlobStore
+from ingest_service.domain.content_reads import ContentReads
 from ingest_service.domain.library import MediaLibrary
 from ingest_service.domain.mirror import StatusMirror
 from ingest_service.domain.outbox import OutboxForwarder
@@ -154,6 +155,7 @@ async def _assemble(
         analysis=analysis,
         page_tokens=page_tokens,
     )
+    reads = ContentReads(library=library, limits=config.content_read_limits)
 
     async def refresh_backlog() -> None:
         metrics.outbox_backlog.set(await forwarder.backlog())
@@ -169,7 +171,9 @@ async def _assemble(
         status_codes=STATUS_CODES,
     )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(
-        IngestServicer(uploads=uploads, streams=streams, library=library, webhooks=backlog),
+        IngestServicer(
+            uploads=uploads, streams=streams, library=library, reads=reads, webhooks=backlog
+        ),
         server,
     )
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -19,9 +20,11 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 from ingest_service.config import IngestConfig, UploadLimits
 from mediatag_cli.main import parse
 from mediatag_cli.settings import serve_settings
+from mediatag_common.grpc_server import open_channel
 from tests import media_samples as samples
 from tests.conftest import PATIENCE
 from tests.ingest_support import OWNER, IngestServer, assert_refused, listed, refusal
+from tests.test_auth import TOKENS, tokens_file
 
 GOOD = [samples.jpeg_bytes(60 + n) for n in range(3)]
 
@@ -375,3 +378,57 @@ def test_every_upload_limit_is_a_flag_and_an_environment_variable(
     )
     # The flag wins over the environment.
     assert (ingest.request_id_retention, ingest.stream_idle_timeout) == (3600.0, 7.0)
+
+
+async def test_media_ids_longer_than_any_issued_are_refused_naming_the_field(
+    tmp_path: Path,
+) -> None:
+    server = IngestServer(
+        tmp_path / "ingest", config=IngestConfig(tokens_file=tokens_file(tmp_path / "secrets"))
+    )
+    await server.start()
+    channels = [
+        open_channel(f"127.0.0.1:{server.port}", token=TOKENS[who])
+        for who in ("admin", "uploader7")
+    ]
+    try:
+        long_id = "x" * 100_000
+        for stub in map(ingest_pb2_grpc.IngestServiceStub, channels):
+            stored = await stub.UploadMedia(
+                ipb.UploadMediaRequest(
+                    owner_id="listing-7", files=[ipb.MediaFile(filename="a.jpg", content=GOOD[0])]
+                ),
+                timeout=PATIENCE,
+            )
+            calls: dict[str, Awaitable[Any]] = {
+                "media_id": stub.GetMedia(ipb.GetMediaRequest(media_id=long_id), timeout=PATIENCE),
+                "media_ids[1]": stub.ReprocessMedia(
+                    ipb.ReprocessMediaRequest(media_ids=[stored.media[0].id, long_id]),
+                    timeout=PATIENCE,
+                ),
+            }
+            for field, call in calls.items():
+                refused = await refusal(call)
+                assert_refused(
+                    refused, grpc.StatusCode.INVALID_ARGUMENT, "MEDIA_ID_TOO_LONG", field
+                )
+                assert len(refused.details() or "") < 200
+            read = stub.ReadMediaContent(
+                ipb.ReadMediaContentRequest(media_id=long_id), timeout=PATIENCE
+            )
+            refused = await refusal(read.read())
+            assert_refused(
+                refused, grpc.StatusCode.INVALID_ARGUMENT, "MEDIA_ID_TOO_LONG", "media_id"
+            )
+            # The longest id issued is still looked up as before.
+            missing = await refusal(
+                stub.GetMedia(ipb.GetMediaRequest(media_id="0" * 36), timeout=PATIENCE)
+            )
+            assert missing.code() in (
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.PERMISSION_DENIED,
+            )
+    finally:
+        for channel in channels:
+            await channel.close()
+        await server.stop()

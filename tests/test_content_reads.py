@@ -5,7 +5,9 @@ ingest of an older release does not know it)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,14 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 from analysis_service.domain.models import JobSpec
 from analysis_service.errors import PermanentAnalyzerError
 from analysis_service.ingest_content import IngestContent
+from ingest_service.config import IngestConfig
 from ingest_service.domain import library
 from mediatag_common.errors import DOMAIN, error_info, field_violations
+from mediatag_common.grpc_server import open_channel
 from tests import media_samples as samples
 from tests.conftest import PATIENCE, wait_until
-from tests.ingest_support import IngestServer
+from tests.ingest_support import IngestServer, assert_refused, refusal
+from tests.test_auth import TOKENS, tokens_file
 
 INCLUDED = ipb.MEDIA_CONTENT_STATE_INCLUDED
 NOT_FOUND = ipb.MEDIA_CONTENT_STATE_NOT_FOUND
@@ -202,3 +207,139 @@ async def test_an_ingest_of_an_older_release_is_read_with_streams() -> None:
     finally:
         await reader.close()
         await server.stop(None)
+
+
+# ---- ReadMediaContent streams: shares of the slots, and clients that take nothing ----
+
+# Far more than the windows of the connection and the stream hold: a read of it stays open
+# for as long as its client does not take the chunks.
+LARGE_VIDEO = bytes.fromhex("0000001866747970") + b"mp42\0\0\0\0mp42isom" + b"\1" * (24 << 20)
+
+
+async def _read_server(tmp_path: Path, **settings: Any) -> tuple[IngestServer, ipb.Media]:
+    server = IngestServer(
+        tmp_path / "ingest",
+        config=IngestConfig(tokens_file=tokens_file(tmp_path / "secrets"), **settings),
+    )
+    await server.start()
+    admin = _stub_of(server, "admin", [])
+    answer = await admin.UploadMedia(
+        ipb.UploadMediaRequest(
+            owner_id="listing-7", files=[ipb.MediaFile(filename="big.mp4", content=LARGE_VIDEO)]
+        ),
+        timeout=PATIENCE,
+    )
+    return server, answer.media[0]
+
+
+def _stub_of(
+    server: IngestServer, who: str, channels: list[grpc.aio.Channel]
+) -> ingest_pb2_grpc.IngestServiceAsyncStub:
+    channel = open_channel(f"127.0.0.1:{server.port}", token=TOKENS[who])
+    channels.append(channel)
+    return ingest_pb2_grpc.IngestServiceStub(channel)
+
+
+async def _opened(stub: ingest_pb2_grpc.IngestServiceAsyncStub, media_id: str) -> Any:
+    """A read whose first chunk has arrived (so it holds its slot), left unread."""
+    call = stub.ReadMediaContent(ipb.ReadMediaContentRequest(media_id=media_id), timeout=PATIENCE)
+    first = await call.read()
+    assert isinstance(first, ipb.ReadMediaContentResponse)
+    assert first.sha256
+    return call
+
+
+async def _read_whole(stub: ingest_pb2_grpc.IngestServiceAsyncStub, media_id: str) -> bytes:
+    request = ipb.ReadMediaContentRequest(media_id=media_id)
+    return b"".join([m.data async for m in stub.ReadMediaContent(request, timeout=PATIENCE)])
+
+
+def _open_blob_descriptors(server: IngestServer, sha256: str) -> int:
+    """Descriptors of this process (the server runs in it) open on the blob of ``sha256``."""
+    blob = str(server.blobs.root / server.blob(sha256))
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}") == blob
+    return count
+
+
+async def test_content_reads_are_capped_overall_and_per_caller_and_services_have_their_own(
+    tmp_path: Path,
+) -> None:
+    server, media = await _read_server(
+        tmp_path, max_content_reads=2, max_content_reads_per_caller=1
+    )
+    channels: list[grpc.aio.Channel] = []
+    try:
+        uploader = _stub_of(server, "uploader7", channels)
+        held = await _opened(uploader, media.id)
+
+        over_share = await refusal(_opened(uploader, media.id))
+        assert_refused(
+            over_share,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MANY_CONTENT_READS_FOR_CALLER",
+            None,
+        )
+        info = error_info(over_share)
+        assert info is not None
+        assert info.metadata["maxContentReadsPerCaller"] == "1"
+
+        # Another client still has room; once the clients' slots are all taken, a third is
+        # refused, and the analysis service (a service token) still reads.
+        viewer_read = await _opened(_stub_of(server, "viewer", channels), media.id)
+        over_total = await refusal(_opened(_stub_of(server, "admin", channels), media.id))
+        assert_refused(
+            over_total, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_CONTENT_READS", None
+        )
+        service = _stub_of(server, "service", channels)
+        assert await _read_whole(service, media.id) == LARGE_VIDEO
+
+        # A read that ends gives its slot back.
+        held.cancel()
+        viewer_read.cancel()
+        await wait_until(lambda: _reads_again(uploader, media.id))
+    finally:
+        for channel in channels:
+            await channel.close()
+        await server.stop()
+
+
+async def _reads_again(stub: ingest_pb2_grpc.IngestServiceAsyncStub, media_id: str) -> bool:
+    try:
+        return await _read_whole(stub, media_id) == LARGE_VIDEO
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise
+        return False
+
+
+async def test_a_read_whose_client_takes_nothing_is_ended_and_its_blob_closed(
+    tmp_path: Path,
+) -> None:
+    server, media = await _read_server(
+        tmp_path, content_read_idle_timeout=0.5, max_content_reads_per_caller=1
+    )
+    channels: list[grpc.aio.Channel] = []
+    try:
+        uploader = _stub_of(server, "uploader7", channels)
+        stalled = await _opened(uploader, media.id)
+        assert _open_blob_descriptors(server, media.sha256) == 1
+
+        # Ended: its blob is closed and its slot free for the caller's next read.
+        async def blob_closed() -> bool:
+            return _open_blob_descriptors(server, media.sha256) == 0
+
+        await wait_until(blob_closed)
+        await wait_until(lambda: _reads_again(uploader, media.id))
+
+        # The client that comes back reads what was on its way, then the reason.
+        with pytest.raises(grpc.RpcError) as ended:
+            async for _ in stalled:
+                pass
+        assert_refused(ended.value, grpc.StatusCode.DEADLINE_EXCEEDED, "CONTENT_READ_STALLED", None)
+    finally:
+        for channel in channels:
+            await channel.close()
+        await server.stop()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import mmap
+from pathlib import Path
+
 import pytest
 
 from ingest_service.config import UploadLimits
 from ingest_service.domain.sniff import sniff
-from ingest_service.errors import InvalidArgument
+from ingest_service.errors import ContentCheckFailed, InvalidArgument
 from tests import media_samples as samples
 
 LIMITS = UploadLimits()
@@ -67,3 +71,26 @@ def test_other_formats_cut_short_are_corrupt(make: object) -> None:
     whole: bytes = make(6)
     assert refusal_reason(whole) is None
     assert refusal_reason(whole[: len(whole) * 2 // 3]) == "CORRUPT_IMAGE"
+
+
+class _FailingFile(mmap.mmap):
+    """A received file whose reads fail as the system's do when the process is out of
+    descriptors (the error names one of the server's own files)."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        raise OSError(errno.EMFILE, "Too many open files", "/srv/site-packages/PIL/Bmp.py")
+
+
+def test_a_failure_of_the_process_is_not_the_images_fault(tmp_path: Path) -> None:
+    path = tmp_path / "received"
+    path.write_bytes(samples.jpeg_bytes(6))
+    with (
+        path.open("rb") as file,
+        _FailingFile(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+        pytest.raises(ContentCheckFailed) as failed,
+    ):
+        sniff(mapped, field="chunk", limits=LIMITS)
+    assert "/" not in failed.value.message
+    assert failed.value.reason == "CONTENT_CHECK_FAILED"
+    # The cause, path and all, stays for the log.
+    assert isinstance(failed.value.__cause__, OSError)

@@ -8,7 +8,9 @@ the methods check its owners (``auth.owner_scope()``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -16,14 +18,16 @@ from mediatag.ingest.v1 import ingest_pb2 as pb
 from mediatag.ingest.v1 import ingest_pb2_grpc
 
 from ingest_service.api import convert
-from ingest_service.domain.library import MediaLibrary
+from ingest_service.api.status_codes import STATUS_CODES
+from ingest_service.domain.content_reads import ContentReads
+from ingest_service.domain.library import MediaLibrary, validate_media_id
 from ingest_service.domain.models import Media, ProcessingStatus
 from ingest_service.domain.stream_upload import StreamPart, StreamUploads
 from ingest_service.domain.uploads import Uploads
 from ingest_service.domain.webhook_backlog import WebhookBacklog
-from ingest_service.errors import invalid
+from ingest_service.errors import ContentReadStalled, invalid
 from mediatag_common import auth
-from mediatag_common.auth import SERVICE, UPLOADER, VIEWER
+from mediatag_common.status import status_code, to_grpc_status
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -34,23 +38,9 @@ _DEAD_FILTER = {
     pb.WEBHOOK_DELIVERY_STATE_DEAD: True,
 }
 
-_SERVICE = pb.DESCRIPTOR.services_by_name["IngestService"].full_name
-# Who may call what (admin may call everything, and alone what is not listed:
-# RetryWebhookDeliveries). Uploaders read and reprocess their owners' items; the analysis
-# service (role ``service``) fetches content; viewers see the webhook deliveries not yet made.
-METHOD_ROLES: auth.MethodRoles = {
-    f"/{_SERVICE}/{method}": frozenset(roles)
-    for method, roles in {
-        "UploadMedia": {UPLOADER},
-        "UploadMediaStream": {UPLOADER},
-        "GetMedia": {UPLOADER, VIEWER},
-        "ListMedia": {UPLOADER, VIEWER},
-        "ReprocessMedia": {UPLOADER},
-        "ReadMediaContent": {UPLOADER, VIEWER, SERVICE},
-        "ReadMediaContents": {SERVICE},
-        "ListWebhookDeliveries": {VIEWER},
-    }.items()
-}
+# Who may call what: the table lives below the service, since the web gateway checks uploads
+# against it too.
+METHOD_ROLES = auth.INGEST_METHOD_ROLES
 
 
 def _status_filter(value: int) -> ProcessingStatus | None:
@@ -76,6 +66,12 @@ async def _stream_parts(
             yield message.chunk
 
 
+async def _abort(context: Context, status: grpc.Status) -> None:
+    """Send ``status`` as the call's end; returns once sent, or once the client has gone."""
+    with contextlib.suppress(grpc.aio.AbortError):
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     """Implements mediatag.ingest.v1.IngestService."""
 
@@ -85,12 +81,17 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         uploads: Uploads,
         streams: StreamUploads,
         library: MediaLibrary,
+        reads: ContentReads,
         webhooks: WebhookBacklog,
     ) -> None:
         self._uploads = uploads
         self._streams = streams
         self._library = library
+        self._reads = reads
         self._webhooks = webhooks
+        # Statuses of stalled reads on their way to clients that are not reading (see
+        # ``_end_stalled``); kept so that they are not collected meanwhile.
+        self._endings: set[asyncio.Task[None]] = set()
 
     async def UploadMedia(
         self, request: pb.UploadMediaRequest, context: Context
@@ -118,8 +119,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def _visible(self, media_id: str, *, with_embedding: bool) -> Media:
         """The item, if the caller may see its owner; an owner-restricted caller gets
         PERMISSION_DENIED for an unknown id too, so it cannot probe other owners' ids."""
-        if media_id:  # else the library refuses it as missing
-            await auth.owner_scope().check_visible(media_id, self._library.owners_of, "media_id")
+        validate_media_id(media_id)
+        await auth.owner_scope().check_visible(media_id, self._library.owners_of, "media_id")
         return await self._library.get(media_id, with_embedding=with_embedding)
 
     async def GetMedia(self, request: pb.GetMediaRequest, context: Context) -> pb.GetMediaResponse:
@@ -147,6 +148,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request: pb.ReprocessMediaRequest, context: Context
     ) -> pb.ReprocessMediaResponse:
         media_ids = list(request.media_ids)
+        for index, media_id in enumerate(media_ids):
+            validate_media_id(media_id, f"media_ids[{index}]")
         owner_id = await auth.owner_scope().check_selection(
             media_ids, request.owner_id, self._library.owners_of
         )
@@ -163,20 +166,43 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request: pb.ReadMediaContentRequest, context: Context
     ) -> AsyncIterator[pb.ReadMediaContentResponse]:
         media = await self._visible(request.media_id, with_embedding=False)
+        caller = auth.current_caller(context.peer())
         first = True
-        # A cancelled call (client gone) propagates CancelledError untouched: swallowing it
-        # leaks the call (grpc/grpc#43360).
-        async for chunk in self._library.content(media):
-            if first:
-                first = False
-                yield pb.ReadMediaContentResponse(
-                    data=chunk,
-                    content_type=media.content_type,
-                    size_bytes=media.size_bytes,
-                    sha256=media.sha256,
-                )
-            else:
-                yield pb.ReadMediaContentResponse(data=chunk)
+        # A cancelled call (client gone, or stalled) propagates CancelledError untouched:
+        # swallowing it leaks the call (grpc/grpc#43360).
+        chunks = self._reads.chunks(media, caller, self._end_stalled(context))
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                if first:
+                    first = False
+                    yield pb.ReadMediaContentResponse(
+                        data=chunk,
+                        content_type=media.content_type,
+                        size_bytes=media.size_bytes,
+                        sha256=media.sha256,
+                    )
+                else:
+                    yield pb.ReadMediaContentResponse(data=chunk)
+
+    def _end_stalled(self, context: Context) -> Callable[[ContentReadStalled], None]:
+        """What ends the current read when its client stops taking chunks.
+
+        Its handler is blocked sending a chunk the client does not take, so it cannot raise
+        the refusal itself: the status is sent from a task of its own, where it waits behind
+        the chunks not taken (the client reads it when it reads again, or never), and the
+        handler is cancelled, which closes the blob and frees the call and the read's slot.
+        """
+        handler = asyncio.current_task()
+        assert handler is not None
+
+        def end(refusal: ContentReadStalled) -> None:
+            status = to_grpc_status(refusal, status_code(refusal, STATUS_CODES))
+            ending = asyncio.create_task(_abort(context, status), name="end-stalled-content-read")
+            self._endings.add(ending)
+            ending.add_done_callback(self._endings.discard)
+            handler.cancel()
+
+        return end
 
     async def ReadMediaContents(
         self, request: pb.ReadMediaContentsRequest, context: Context

@@ -24,4 +24,7 @@ STATUS_CODES: StatusCodes = {
     errors.RequestIdReused: grpc.StatusCode.ALREADY_EXISTS,
     errors.UploadStalled: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.TooManyUploadStreams: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.TooManyContentReads: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.ContentReadStalled: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.ContentCheckFailed: grpc.StatusCode.UNAVAILABLE,
 }

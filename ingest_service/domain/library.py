@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from ingest_service.config import UploadLimits
@@ -20,6 +20,9 @@ from mediatag_common import paging
 logger = logging.getLogger(__name__)
 
 MAX_REPROCESS_IDS = 1000
+# Ids are UUIDs in their 36-character text form (``Media.stored``): a longer one names
+# nothing, and is refused before it reaches a query or a message.
+MAX_MEDIA_ID_LENGTH = 36
 _REPROCESSABLE = (ProcessingStatus.FAILED, ProcessingStatus.COMPLETED)
 # Reads of several items' bytes in one answer (the analysis service's claim check, one call
 # per group of jobs): ids per call, bytes per answer, and bytes of answers held at once (an
@@ -27,6 +30,18 @@ _REPROCESSABLE = (ProcessingStatus.FAILED, ProcessingStatus.COMPLETED)
 MAX_CONTENT_IDS = 64
 MAX_CONTENTS_BYTES = 1024 * 1024
 MAX_CONTENTS_BYTES_HELD = 32 * 1024 * 1024
+
+
+def validate_media_id(media_id: str, field: str = "media_id") -> None:
+    """Refuse a missing media id, or one longer than any this service issues."""
+    if not media_id:
+        raise invalid(field, "MEDIA_ID_REQUIRED", "required")
+    if len(media_id) > MAX_MEDIA_ID_LENGTH:
+        raise invalid(
+            field,
+            "MEDIA_ID_TOO_LONG",
+            f"{len(media_id)} characters; a media id has at most {MAX_MEDIA_ID_LENGTH}",
+        )
 
 
 @dataclass(frozen=True)
@@ -79,8 +94,7 @@ class MediaLibrary:
         self.contents_bytes_held = 0
 
     async def get(self, media_id: str, *, with_embedding: bool) -> Media:
-        if not media_id:
-            raise invalid("media_id", "MEDIA_ID_REQUIRED", "required")
+        validate_media_id(media_id)
         found = await self._store.get_media(media_id, with_embedding=with_embedding)
         if found is None:
             raise media_not_found(media_id)
@@ -125,7 +139,7 @@ class MediaLibrary:
         )
         return MediaPage(page, token)
 
-    async def content(self, media: Media) -> AsyncIterator[bytes]:
+    async def content(self, media: Media) -> AsyncGenerator[bytes, None]:
         """The stored bytes of ``media`` in chunks, streamed from the blob store."""
         try:
             async for chunk in self._blobs.read(media.sha256):
@@ -154,6 +168,9 @@ class MediaLibrary:
         """
         if len(media_ids) > MAX_CONTENT_IDS:
             raise invalid("media_ids", "TOO_MANY_MEDIA_IDS", f"at most {MAX_CONTENT_IDS}")
+        for index, media_id in enumerate(media_ids):
+            if media_id:  # an empty id is as unknown as any (NOT_FOUND in the answer)
+                validate_media_id(media_id, f"media_ids[{index}]")
         found = {
             media.id: media
             for media in await self._store.media_in_order(media_ids)
@@ -232,8 +249,7 @@ class MediaLibrary:
 
     async def _eligible(self, media_ids: Sequence[str]) -> list[str]:
         for index, media_id in enumerate(media_ids):
-            if not media_id:
-                raise invalid(f"media_ids[{index}]", "MEDIA_ID_REQUIRED", "required")
+            validate_media_id(media_id, f"media_ids[{index}]")
         states = await self._store.analysis_states(media_ids)
         for index, media_id in enumerate(media_ids):
             if media_id not in states:

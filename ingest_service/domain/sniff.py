@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ingest_service.config import UploadLimits
 from ingest_service.domain.models import MediaKind, SniffedMedia
-from ingest_service.errors import InvalidArgument, invalid
+from ingest_service.errors import ContentCheckFailed, InvalidArgument, invalid
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,9 @@ def sniff_image(content: Content, *, field: str, max_pixels: int) -> SniffedMedi
     """The image in ``content`` after a cheap decode check, or None when it is not an image.
 
     Raises CORRUPT_IMAGE for a truncated or corrupt image and IMAGE_TOO_LARGE beyond
-    ``max_pixels`` (a decompression bomb is refused before anything is decoded).
+    ``max_pixels`` (a decompression bomb is refused before anything is decoded);
+    CONTENT_CHECK_FAILED when the process itself fails meanwhile (out of descriptors or
+    memory, an I/O error), which says nothing of the image.
     """
     if isinstance(content, mmap.mmap):
         content.seek(0)
@@ -132,7 +134,13 @@ def sniff_image(content: Content, *, field: str, max_pixels: int) -> SniffedMedi
         return None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise invalid(field, "IMAGE_TOO_LARGE", f"image exceeds {max_pixels} pixels") from exc
+    except MemoryError as exc:
+        raise _check_failed() from exc
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        # Pillow reports damage with plain OSErrors; one with an errno came from the system
+        # (a plugin's module or a codec could not be loaded), and its text names our files.
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise _check_failed() from exc
         raise invalid(field, "CORRUPT_IMAGE", f"image does not decode: {exc}") from exc
     except Exception as exc:
         # Pillow's parsers meet damaged input with more kinds of error than they document
@@ -147,6 +155,12 @@ def sniff_image(content: Content, *, field: str, max_pixels: int) -> SniffedMedi
         width=width,
         height=height,
         not_applicable_reason="animated" if animated else "",
+    )
+
+
+def _check_failed() -> ContentCheckFailed:
+    return ContentCheckFailed(
+        "the service could not check the image (its own failure, not the image's); retry"
     )
 
 
