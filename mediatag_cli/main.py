@@ -314,7 +314,11 @@ def _run_copy_blobs(args: argparse.Namespace) -> int:
     if location.scheme == "file" and Path(location.path).resolve() == source.resolve():
         _usage_error(args, f"{source} is the blob store itself (give --blob-store)")
     configure_logging("WARNING")
-    return asyncio.run(copy_blobs(source, ingest))
+    try:
+        return asyncio.run(copy_blobs(source, ingest))
+    except KeyboardInterrupt:
+        # The copy said what it copied.
+        return _INTERRUPTED
 
 
 def _run_copy_database(args: argparse.Namespace) -> int:
@@ -333,7 +337,11 @@ def _run_copy_database(args: argparse.Namespace) -> int:
             f"(give --data-dir or --{service}-database-url)",
         )
     configure_logging("WARNING")
-    return asyncio.run(copy_service_database(service, config.resolved_database_url, args.to))
+    try:
+        return asyncio.run(copy_service_database(service, config.resolved_database_url, args.to))
+    except KeyboardInterrupt:
+        # The copy said what it left, if it had begun.
+        return _INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,7 @@ migration) is copied without changes here. What it does, in order:
    counters): a copy never merges into data.
 4. Copies every table in foreign-key order, streaming the source in batches (one batch in
    memory at a time) from one consistent snapshot, into one destination transaction: a copy
-   that fails leaves the destination as empty as it was.
+   that fails, or is cancelled, leaves the destination as empty as it was.
 5. Moves each identity column's sequence past the copied ids (PostgreSQL), so new rows get
    new ids; checks that each table holds as many rows as the source; then commits.
 
@@ -28,8 +28,10 @@ what they were (both read back as ``None``).
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -51,6 +53,10 @@ class CopyError(Exception):
 
 class CopyRefused(CopyError):
     """The databases are not ones this release can copy between (the message says why)."""
+
+
+class _CopyStopped(CopyError):
+    """The copy was asked to stop (its caller was cancelled) and rolled back."""
 
 
 @dataclass(frozen=True)
@@ -86,9 +92,40 @@ async def copy_database(
     Raises :class:`CopyRefused` before copying a row, :class:`CopyError` when the copy was
     rolled back, and
     :class:`~mediatag_common.database.DatabaseError` when a database fails.
+
+    Cancelled, the copy stops at its next batch and rolls back, then ``CancelledError`` is
+    raised. A cancellation that comes once the copy is committing changes nothing: it
+    returns what it copied.
     """
-    if database_url(source_url) == database_url(destination_url):
+    if _same_database(source_url, destination_url):
         raise CopyRefused("the source and the destination are the same database")
+    stop = threading.Event()
+    copying = asyncio.create_task(_copy(schema, source_url, destination_url, stop))
+    # A thread cannot be cancelled, and whether the copy rolled back or committed is known
+    # only once it ends: a cancelled caller asks it to stop, and waits for it all the same.
+    while not copying.done():
+        try:
+            await asyncio.wait([copying])
+        except asyncio.CancelledError:
+            stop.set()
+    try:
+        return copying.result()
+    except _CopyStopped:
+        raise asyncio.CancelledError() from None
+
+
+def _same_database(first_url: str, second_url: str) -> bool:
+    """Whether two URLs name one database: SQLite files by their resolved paths (a relative
+    and an absolute path may name one file), other databases as written."""
+    first, second = database_url(first_url), database_url(second_url)
+    if first.get_backend_name() == second.get_backend_name() == SQLITE:
+        return Path(first.database or "").resolve() == Path(second.database or "").resolve()
+    return first == second
+
+
+async def _copy(
+    schema: ServiceSchema, source_url: str, destination_url: str, stop: threading.Event
+) -> list[TableCopied]:
     source = _open(schema, source_url)
     try:
         destination = _open(schema, destination_url)
@@ -100,7 +137,7 @@ async def copy_database(
             check = _check_version(schema, role, safe_url(database.url))
             await asyncio.to_thread(database.run_sync, check)
             await database.migrate(schema.migrations, lock_name=schema.lock_name)
-        copier = _Copier(schema)
+        copier = _Copier(schema, stop)
         return await asyncio.to_thread(
             source.run_sync, lambda src: destination.run_sync(lambda dst: copier.copy(src, dst))
         )
@@ -142,11 +179,13 @@ def _check_version(schema: ServiceSchema, role: str, url: str) -> Callable[[Conn
 
 
 class _Copier:
-    """One copy between two migrated databases (runs on a database thread)."""
+    """One copy between two migrated databases (runs on a database thread); it rolls back at
+    its next batch once ``stop`` is set."""
 
-    def __init__(self, schema: ServiceSchema) -> None:
+    def __init__(self, schema: ServiceSchema, stop: threading.Event) -> None:
         self._tables = sort_tables(schema.tables)
         self._migrations = schema.migrations
+        self._stop = stop
 
     def copy(self, source: Connection, destination: Connection) -> list[TableCopied]:
         with self._snapshot(source), destination.begin():
@@ -154,7 +193,13 @@ class _Copier:
             self._refuse_rows(destination)
             copied = [self._copy_table(table, source, destination) for table in self._tables]
             self._verify(source, destination)
+            # The last moment to stop: past it, the copy commits.
+            self._stop_if_asked()
             return copied
+
+    def _stop_if_asked(self) -> None:
+        if self._stop.is_set():
+            raise _CopyStopped("the copy was stopped; nothing was committed")
 
     def _snapshot(self, source: Connection) -> sa.RootTransaction:
         """A transaction in which every read of ``source`` sees one committed state."""
@@ -199,6 +244,7 @@ class _Copier:
         )
         rows = 0
         for batch in result.partitions():
+            self._stop_if_asked()
             destination.execute(insert, [dict(row._mapping) for row in batch])
             rows += len(batch)
         return TableCopied(table.name, rows, _move_identity(table, destination))

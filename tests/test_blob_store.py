@@ -9,6 +9,8 @@ import contextlib
 import hashlib
 import os
 import random
+import re
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -492,6 +494,111 @@ def test_a_bucket_the_service_cannot_use_is_said_at_start_not_as_a_traceback(
     )
     assert endpoint.returncode == 2
     assert "--blob-store-endpoint must be an http:// or https:// URL" in endpoint.stderr
+
+
+def _blob_directory(root: Path, blobs: int, size: int) -> set[str]:
+    """A local blob directory of ``blobs`` random blobs of ``size`` bytes; their digests."""
+    digests = set()
+    for _ in range(blobs):
+        content = os.urandom(size)
+        digest = sha256_of(content)
+        path = root / blob_key(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        digests.add(digest)
+    return digests
+
+
+def _stored(store: Path) -> set[str]:
+    """The digests of the blobs in a local store, each checked against its content."""
+    stored = set()
+    for path in store.glob("??/*"):
+        assert sha256_of(path.read_bytes()) == path.name, f"{path} is not whole"
+        stored.add(path.name)
+    return stored
+
+
+@pytest.mark.e2e
+async def test_ctrl_c_stops_copy_blobs_with_what_it_copied_whole_and_said(
+    tmp_path: Path,
+) -> None:
+    # Enough for the copy to be busy a while after its first blob is seen.
+    digests = _blob_directory(tmp_path / "blobs", blobs=5000, size=4096)
+    store = tmp_path / "store"
+    command = [
+        "copy-blobs",
+        str(tmp_path / "blobs"),
+        "--data-dir",
+        str(tmp_path),
+        "--blob-store",
+        f"file://{store}",
+    ]
+    copying = await asyncio.create_subprocess_exec(
+        MEDIATAG, *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+
+    async def copying_blobs() -> bool:
+        if copying.returncode is not None:
+            _, err = await copying.communicate()
+            raise AssertionError(f"the copy ended before it was interrupted: {err.decode()}")
+        return any(store.glob("??/*"))
+
+    try:
+        await wait_until(copying_blobs)
+        copying.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(copying.communicate(), PATIENCE)
+    finally:
+        if copying.returncode is None:
+            copying.kill()
+            await copying.wait()
+
+    assert copying.returncode == 130, err
+    assert b"Traceback" not in err
+    said = re.fullmatch(
+        rb"copied (\d+) blob\(s\); 0 already there; interrupted \(run it again to go on\)\n",
+        out,
+    )
+    assert said, out
+    stored = _stored(store)
+    # A blob stored as the interrupt came may have gone uncounted, none the other way.
+    assert int(said[1]) <= len(stored) < len(digests)
+    assert list((store / "incoming").iterdir()) == []
+    again = await asyncio.to_thread(run_cli, *command)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == (
+        f"copied {len(digests) - len(stored)} blob(s); {len(stored)} already there\n"
+    )
+    assert _stored(store) == digests
+
+
+@pytest.mark.e2e
+def test_a_store_failing_midway_stops_copy_blobs_with_its_reason(tmp_path: Path) -> None:
+    _blob_directory(tmp_path / "blobs", blobs=3, size=64 * 1024)
+    store = tmp_path / "store"
+    # A full disk: no file the copy writes may grow beyond 16 KiB. (util-linux's prlimit, as
+    # ``Serve`` uses it.)
+    copied = subprocess.run(
+        [
+            "prlimit",
+            "--fsize=16384",
+            MEDIATAG,
+            "copy-blobs",
+            str(tmp_path / "blobs"),
+            "--data-dir",
+            str(tmp_path),
+            "--blob-store",
+            f"file://{store}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,
+        check=False,
+    )
+    assert copied.returncode == 1
+    assert "Traceback" not in copied.stderr
+    assert copied.stderr.splitlines()[-1].startswith("copy stopped: no room in the blob store")
+    assert copied.stderr.endswith("(run it again to go on)\n")
+    assert _stored(store) == set()
 
 
 # -- a crash in the middle of large uploads ------------------------------------------------

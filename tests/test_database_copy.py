@@ -7,7 +7,9 @@ import asyncio
 import logging
 import os
 import re
+import signal
 import sqlite3
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -17,17 +19,18 @@ import pytest
 import sqlalchemy as sa
 from mediatag.analysis.v1 import analysis_pb2 as apb
 from mediatag.ingest.v1 import ingest_pb2 as ipb
+from sqlalchemy.engine import make_url
 
 from analysis_service.errors import PermanentAnalyzerError, TransientAnalyzerError
 from analysis_service.storage import schema as analysis_schema
 from mediatag_cli.database_copy import SCHEMAS
 from mediatag_common.database import Database, database_url, sqlite_url
 from mediatag_common.database_copy import CopyRefused, copy_database
-from tests.conftest import PATIENCE, Cluster, DatabaseUrls
+from tests.conftest import PATIENCE, Cluster, DatabaseUrls, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.ingest_support import sha256_of
 from tests.postgres import PostgresServer
-from tests.processes import run_cli
+from tests.processes import MEDIATAG, run_cli
 from tests.test_pipeline import image_files, upload, wait_terminal
 
 OWNER = "listing-1"
@@ -87,6 +90,25 @@ def _attempt_ids(url: str) -> list[int]:
             return list(conn.execute(sa.select(attempts.c.id).order_by(attempts.c.id)).scalars())
     finally:
         engine.dispose()
+
+
+async def _analysis_database(path: Path, events: int = 0) -> None:
+    """A migrated analysis database at ``path`` holding ``events`` status events."""
+    schema = SCHEMAS["analysis"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    database = Database(sqlite_url(str(path)))
+    await database.migrate(schema.migrations, lock_name=schema.lock_name)
+    await database.close()
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            conn.executemany(
+                "INSERT INTO events (revision, media_id, owner_id, status, attempt, event_time, "
+                "reused, error_message) VALUES (?, ?, 'o', 'COMPLETED', 1, 0, 0, ?)",
+                ((revision, f"m{revision % 500}", "x" * 200) for revision in range(1, events + 1)),
+            )
+    finally:
+        conn.close()
 
 
 def _copy(service: str, root: Path, destination: str) -> tuple[int, str, str]:
@@ -235,3 +257,96 @@ def test_an_unsupported_destination_is_a_usage_error(tmp_path: Path) -> None:
     status, _, err = _copy("ingest", tmp_path, "mysql://db/mediatag")
     assert status == 2
     assert "unsupported database URL scheme 'mysql'" in err
+
+
+# Events enough for the copy to be busy with them for a good while (seconds), so that an
+# interrupt sent once it is seen writing them arrives before it is done.
+MANY_EVENTS = 100_000
+
+
+@pytest.mark.e2e
+async def test_ctrl_c_stops_a_copy_which_commits_nothing_and_can_then_run_again(
+    tmp_path: Path, new_postgres: DatabaseUrls
+) -> None:
+    await _analysis_database(tmp_path / "analysis" / "analysis.db", events=MANY_EVENTS)
+    destination = new_postgres.new("destination")
+    watcher = sa.create_engine(database_url(destination))
+    copying = await asyncio.create_subprocess_exec(
+        *(MEDIATAG, "copy-database", "analysis", "--data-dir", str(tmp_path), "--to", destination),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+    async def writing_events() -> bool:
+        # Its rows are not to be seen before the commit; its session's statement is.
+        if copying.returncode is not None:
+            _, err = await copying.communicate()
+            raise AssertionError(f"the copy ended before it was interrupted: {err.decode()}")
+        with watcher.connect() as conn:
+            sessions = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND query LIKE 'INSERT INTO events (%'"
+                )
+            ).scalar_one()
+        return bool(sessions)
+
+    try:
+        await wait_until(writing_events)
+        copying.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(copying.communicate(), PATIENCE)
+        with watcher.connect() as conn:
+            events = sa.select(sa.func.count()).select_from(analysis_schema.events)
+            events_copied = conn.execute(events).scalar_one()
+    finally:
+        watcher.dispose()
+        if copying.returncode is None:
+            copying.kill()
+            await copying.wait()
+
+    assert copying.returncode == 130, err
+    assert (out, err) == (b"", b"interrupted: nothing was copied\n")
+    assert events_copied == 0
+    status, again, err_again = await asyncio.to_thread(_copy, "analysis", tmp_path, destination)
+    assert status == 0, err_again
+    assert re.search(rf"events +{MANY_EVENTS:,} row\(s\)", again)
+
+
+@pytest.mark.e2e
+async def test_one_sqlite_file_named_relatively_and_absolutely_is_the_same_database(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "analysis" / "analysis.db"
+    await _analysis_database(source)
+    # --data-dir . names it relative to the working directory, --to by its absolute path.
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [MEDIATAG, "copy-database", "analysis", "--data-dir", ".", "--to", sqlite_url(str(source))],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr == "nothing copied: the source and the destination are the same database\n"
+
+
+@pytest.mark.e2e
+async def test_the_destination_is_shown_with_a_password_hidden_only_if_it_has_one(
+    tmp_path: Path, new_postgres: DatabaseUrls
+) -> None:
+    await _analysis_database(tmp_path / "analysis" / "analysis.db")
+    destination = make_url(new_postgres.new("destination"))
+    # The test server's URL has an empty password (a throwaway server) or a real one.
+    shown = (
+        destination.render_as_string(hide_password=True)
+        if destination.password
+        else destination.render_as_string(hide_password=False).replace(":@", "@", 1)
+    )
+    status, out, err = await asyncio.to_thread(
+        _copy, "analysis", tmp_path, destination.render_as_string(hide_password=False)
+    )
+    assert status == 0, err
+    assert f" into {shown}\n" in out
+    assert f"--analysis-database-url {shown} (or" in out

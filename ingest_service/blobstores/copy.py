@@ -19,13 +19,15 @@ READ_BYTES = 1024 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-@dataclass(frozen=True)
+@dataclass
 class CopyReport:
-    copied: int
-    already_there: int
+    """What a copy did so far."""
+
+    copied: int = 0
+    already_there: int = 0
     # Files whose content does not hash to their name, or that cannot be read: left out, and
     # logged.
-    damaged: int
+    damaged: int = 0
 
 
 def blob_files(source: Path) -> Iterator[tuple[str, Path]]:
@@ -37,18 +39,18 @@ def blob_files(source: Path) -> Iterator[tuple[str, Path]]:
                     yield path.name, path
 
 
-async def copy_blobs(source: Path, target: BlobStore) -> CopyReport:
-    """Copy every blob of ``source`` that ``target`` lacks, streamed and its digest checked.
+async def copy_blobs(source: Path, target: BlobStore, report: CopyReport) -> None:
+    """Copy every blob of ``source`` that ``target`` lacks, streamed and its digest checked,
+    counting into ``report`` as it goes (so that a copy stopped midway says what it did).
 
-    Safe to run again, also beside a service using ``target``: what is there is skipped.
+    Safe to run again, also beside a service using ``target``: what is there is skipped. A
+    store that fails stops the copy with the store's :class:`~ingest_service.errors.IngestError`.
     """
-    copied = already_there = damaged = 0
     files = blob_files(source)
 
     async def copy(sha256: str, path: Path) -> None:
-        nonlocal copied, already_there, damaged
         if await target.contains(sha256):
-            already_there += 1
+            report.already_there += 1
             return
         received = await target.receive()
         try:
@@ -58,14 +60,14 @@ async def copy_blobs(source: Path, target: BlobStore) -> CopyReport:
                         await received.write([chunk])
             except OSError as exc:
                 logger.error("%s cannot be read (%s): not copied", path, exc)
-                damaged += 1
+                report.damaged += 1
                 return
             if await received.finish() != sha256:
                 logger.error("%s does not hash to its name: not copied", path)
-                damaged += 1
+                report.damaged += 1
                 return
             await received.store(sha256)
-            copied += 1
+            report.copied += 1
         finally:
             await received.discard()
 
@@ -75,7 +77,11 @@ async def copy_blobs(source: Path, target: BlobStore) -> CopyReport:
             await copy(sha256, path)
 
     # A copier that fails stops the others, each once its upload under way is discarded.
-    async with asyncio.TaskGroup() as group:
-        for _ in range(CONCURRENCY):
-            group.create_task(copier())
-    return CopyReport(copied, already_there, damaged)
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(CONCURRENCY):
+                group.create_task(copier())
+    except ExceptionGroup as failed:
+        # The group is how the copiers run, not what went wrong: the first copier's error
+        # (the others', if any, are the same store's) is the caller's to handle.
+        raise failed.exceptions[0] from None
