@@ -28,6 +28,7 @@ from mediatag_cli.settings import (
 )
 from mediatag_common.database import SQLITE, database_url
 from mediatag_common.service_config import ServiceConfig
+from mediatag_common.tls import TlsFileError
 from mediatag_common.values import (
     int32,
     key_value,
@@ -265,7 +266,10 @@ async def run_client(argv: list[str]) -> int:
 async def _run_client(args: argparse.Namespace) -> int:
     try:
         client = client_settings(args)
-    except SettingsError as error:
+        if client.tls is not None:
+            # Read and checked before the first call: a bad file is the command line's fault.
+            client.tls.credentials()
+    except (SettingsError, TlsFileError) as error:
         _usage_error(args, str(error))
     return await run_command(args, client)
 

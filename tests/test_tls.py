@@ -345,6 +345,23 @@ def test_tls_files_are_checked_before_grpc_takes_them(pki: Pki, bad_files: dict[
     assert ClientTls(pki.ca, pki.client.cert, pki.client.key).credentials() is not None
 
 
+def test_a_client_command_given_a_bad_tls_file_is_a_usage_error(
+    pki: Pki, bad_files: dict[str, Path]
+) -> None:
+    # Checked before the first call: no traceback from the channel that would open it.
+    result = subprocess.run(
+        [
+            MEDIATAG, "queue", "--analysis", "127.0.0.1:1",
+            "--tls-ca", str(pki.ca), "--tls-cert", str(pki.client.cert),
+            "--tls-key", str(bad_files["garbage"]),
+        ],
+        capture_output=True, text=True, timeout=PATIENCE,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"{bad_files['garbage']}: no PEM private key in it" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 async def test_a_certificate_that_expires_soon_serves_with_a_warning(
     bad_files: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
