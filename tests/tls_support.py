@@ -65,7 +65,8 @@ def _builder(
     now = datetime.datetime.now(datetime.UTC)
     not_before, not_after = valid or (
         now - datetime.timedelta(minutes=5),
-        now + datetime.timedelta(days=1),
+        # Longer than the service's expiry warning (14 days), as a real certificate is.
+        now + datetime.timedelta(days=90),
     )
     return (
         x509.CertificateBuilder()
