@@ -50,8 +50,17 @@ def rate_limits(text: str) -> dict[str, RateLimitConfig]:
     return limits
 
 
-# The analysers the analysis service has (analysis_service.analyzers.registry builds them).
-ANALYZERS = ("local", "google")
+# The analysers the analysis service has (analysis_service.analyzers.registry builds them),
+# each with the upstream APIs it may call, named as their rate limits are (--rate-limit API=...).
+# The analysers import this module, not the other way round: the names are declared here too,
+# so that the config refuses a limit no analyser could use before anything starts
+# (tests/test_cli_config.py checks that the analysers' own limits name these APIs).
+ANALYZER_APIS: Mapping[str, tuple[str, ...]] = {
+    "local": ("local",),
+    # Gemini only to refine tags.
+    "google": ("vision", "embeddings", "gemini"),
+}
+ANALYZERS = tuple(ANALYZER_APIS)
 analyzer_name = one_of(ANALYZERS, upper=False)
 
 
@@ -384,3 +393,11 @@ class AnalysisConfig(ServiceConfig):
             )
         if self.analyzer == "google":
             self.google.check(self.embedding_dimensions)
+        known = {api for apis in ANALYZER_APIS.values() for api in apis}
+        unknown = sorted(set(self.rate_limits) - known)
+        if unknown:
+            apis = "; ".join(f"{name}: {', '.join(a)}" for name, a in ANALYZER_APIS.items())
+            raise ValueError(
+                f"rate limit for {', '.join(unknown)} (--rate-limit, MEDIATAG_RATE_LIMITS): "
+                f"no analyser calls an API of that name ({apis})"
+            )

@@ -180,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument(
         "--until-terminal",
         action="store_true",
-        help="stop once every MEDIA_ID is completed, failed or not applicable; "
-        "exit 1 if any failed",
+        help="stop once every MEDIA_ID is completed, failed or not applicable (also if it "
+        "already was); an id ingest does not know is an error; exit 1 if any failed",
     )
 
     get = client("get", "show one item")
@@ -246,8 +246,15 @@ def _usage_error(args: argparse.Namespace, message: str) -> NoReturn:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``argv``; usage errors exit with status 2."""
     args = build_parser().parse_args(argv)
-    if args.command == "watch" and args.until_terminal and not args.media_ids:
-        _usage_error(args, "--until-terminal needs the MEDIA_IDs to wait for")
+    if args.command == "watch":
+        if args.until_terminal and not args.media_ids:
+            _usage_error(args, "--until-terminal needs the MEDIA_IDs to wait for")
+        if args.since and args.initial:
+            _usage_error(
+                args,
+                "--since and --initial do not go together: the current state replaces the "
+                "changes since REVISION",
+            )
     if args.command == "retry":
         if bool(args.media_ids) == bool(args.failed):
             _usage_error(args, "give either MEDIA_ID... or --failed")

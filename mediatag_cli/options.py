@@ -149,13 +149,6 @@ class Resolver:
     def value(self, option: Option) -> Any:
         setting = option.setting
         value = self._given(setting)
-        alternative = setting.file_alternative()
-        if alternative is not None:
-            from_file = self._given(alternative)
-            if value is not _UNSET and from_file is not _UNSET:
-                raise SettingsError(f"give {setting.flag} or {alternative.flag}, not both")
-            if from_file is not _UNSET:
-                value = from_file
         if value is _UNSET:
             value = option.default
             if setting.default_from is not None:
@@ -172,11 +165,26 @@ class Resolver:
         return self.value(self._by_flag[flag])
 
     def _given(self, setting: Setting) -> Any:
-        if hasattr(self._args, setting.dest):
-            return getattr(self._args, setting.dest)
-        raw = self._environ.get(setting.env_name, "")
-        if not raw.strip():
-            return _UNSET
+        """The value of ``setting`` or of its file alternative: a flag, else a variable.
+
+        The two forms of one setting exclude each other when given the same way (two flags,
+        or two variables); a flag of either wins over a variable of either.
+        """
+        alternative = setting.file_alternative()
+        forms = (setting,) if alternative is None else (setting, alternative)
+        flags = [form for form in forms if hasattr(self._args, form.dest)]
+        if len(flags) > 1:
+            raise SettingsError(f"give {' or '.join(form.flag for form in flags)}, not both")
+        if flags:
+            return getattr(self._args, flags[0].dest)
+        variables = [form for form in forms if self._environ.get(form.env_name, "").strip()]
+        if len(variables) > 1:
+            names = " or ".join(form.env_name for form in variables)
+            raise SettingsError(f"set {names}, not both")
+        return self._variable(variables[0]) if variables else _UNSET
+
+    def _variable(self, setting: Setting) -> Any:
+        raw = self._environ[setting.env_name]
         try:
             return setting.parse(raw)
         except (argparse.ArgumentTypeError, ValueError) as error:

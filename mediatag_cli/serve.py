@@ -55,6 +55,9 @@ class _Service:
 
 async def serve(settings: ServeSettings) -> int:
     """Start the configured services, run until SIGINT/SIGTERM, drain; the exit status."""
+    # Imported here so that the client commands never load server code.
+    from ingest_service.domain.webhook_endpoints import WebhooksFileError
+
     try:
         services = await _create(settings)
         web = await _create_web(settings)
@@ -62,6 +65,10 @@ async def serve(settings: ServeSettings) -> int:
         # Port taken, data dir not writable, database unreachable, no credentials for the
         # blob store: say so without a traceback.
         logger.error("cannot start: %s", error, exc_info=logger.isEnabledFor(logging.DEBUG))
+        return 1
+    except WebhooksFileError as error:
+        # Its message names the file and what is wrong with it.
+        logger.error("cannot start: webhooks file %s", error)
         return 1
     announcements = [asyncio.create_task(_announce_when_serving(s)) for s in services]
     hosts: list[Host] = [s.host for s in services]

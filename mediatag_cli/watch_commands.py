@@ -7,11 +7,15 @@ redrawn in place on a terminal, a line per change into a pipe, or as JSON.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import mimetypes
 import sys
+from collections.abc import Callable
 from contextlib import aclosing
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import grpc
 from mediatag.analysis.v1 import analysis_pb2
 from mediatag.ingest.v1 import ingest_pb2
 
@@ -21,7 +25,13 @@ from mediatag_cli.render import change_line, media_line, to_json
 from mediatag_cli.settings import ClientSettings
 from mediatag_cli.watching import ResumableWatch
 
+if TYPE_CHECKING:
+    from mediatag.analysis.v1.analysis_pb2_grpc import AnalysisServiceAsyncStub
+
 _MIB = 1024 * 1024
+# Ingest lookups of ``watch --until-terminal`` in flight at once: many ids, one at a time, would
+# be slow over a long round trip; all at once would crowd the service.
+_LOOKUPS_IN_FLIGHT = 32
 
 
 def _media_file(path: str) -> ingest_pb2.MediaFile:
@@ -98,10 +108,17 @@ async def _followanalysis_client(items: list[ingest_pb2.Media], client: ClientSe
 async def watch(args: argparse.Namespace, client: ClientSettings) -> int:
     """``watch [MEDIA_ID...]``: one line per status change until interrupted.
 
-    With ``--until-terminal`` it ends once every item is terminal: 1 if any failed, else 0.
+    With ``--until-terminal`` it ends once every item is terminal, whether it was before the
+    watch began or became so during it: 1 if any failed, else 0. A video is done at once (not
+    applicable: never analysed); an id the ingest service does not know is refused.
     """
+    media_ids: list[str] = args.media_ids
+    if args.until_terminal:
+        media_ids = await _ids_to_wait_for(media_ids, client)
+        if not media_ids:
+            return 0
     request = analysis_pb2.WatchStatusRequest(
-        media_ids=args.media_ids,
+        media_ids=media_ids,
         owner_id=args.owner,
         start_revision=args.since,
         send_initial_state=args.initial,
@@ -111,13 +128,14 @@ async def watch(args: argparse.Namespace, client: ClientSettings) -> int:
     latest: dict[str, int] = {}
     display = _display(client)
     board = StatusBoard(sys.stdout, display) if display is Display.LIVE else None
+    notice = board.notice if board else warn
     async with analysis_client(client) as analysis:
         watcher = ResumableWatch(
             analysis,
             request,
             address=client.analysis_address,
             timeout=client.timeout,
-            notice=board.notice if board else warn,
+            notice=notice,
         )
         async with aclosing(watcher.responses()) as responses:
             async for response in responses:
@@ -130,7 +148,77 @@ async def watch(args: argparse.Namespace, client: ClientSettings) -> int:
                         board.update(response.change)
                 elif (line := change_line(response)) is not None:
                     say(line)
+        if args.until_terminal:
+            # Items that were terminal before the watch began had no change in it.
+            unchanged = [media_id for media_id in media_ids if media_id not in latest]
+            if unchanged:
+                current = analysis_pb2.WatchStatusRequest(
+                    media_ids=unchanged, owner_id=args.owner, send_initial_state=True
+                )
+                latest.update(await _current_statuses(analysis, current, client, notice))
     return 1 if analysis_pb2.PROCESSING_STATUS_FAILED in latest.values() else 0
+
+
+async def _ids_to_wait_for(media_ids: list[str], client: ClientSettings) -> list[str]:
+    """Those of ``media_ids`` whose analysis ``--until-terminal`` waits for.
+
+    Asked of the ingest service, which knows every item from its upload on. A video is left
+    out: its status is not applicable, the analysis service never hears of it. An id ingest
+    does not know is refused, as nothing would end the wait for it. (One the analysis service
+    does not know yet may still be on its way there from ingest's outbox: it is waited for.)
+    """
+    lookups = asyncio.Semaphore(_LOOKUPS_IN_FLIGHT)
+    unique = list(dict.fromkeys(media_ids))
+    async with ingest_client(client) as ingest:
+
+        async def status(media_id: str) -> int | None:
+            async with lookups:
+                try:
+                    found = await ingest.GetMedia(
+                        ingest_pb2.GetMediaRequest(media_id=media_id), timeout=client.timeout
+                    )
+                except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.NOT_FOUND:
+                        return None
+                    raise
+            return found.media.status
+
+        answers = await asyncio.gather(*map(status, unique), return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+    statuses = dict(zip(unique, answers, strict=True))
+    unknown = [media_id for media_id, found in statuses.items() if found is None]
+    if unknown:
+        raise CommandFailed(
+            [
+                f"error: no media with id {media_id} at the ingest service "
+                f"({client.ingest_address}): --until-terminal would wait for it for ever"
+                for media_id in unknown
+            ]
+        )
+    not_applicable = ingest_pb2.PROCESSING_STATUS_NOT_APPLICABLE
+    return [media_id for media_id, found in statuses.items() if found != not_applicable]
+
+
+async def _current_statuses(
+    analysis: AnalysisServiceAsyncStub,
+    request: analysis_pb2.WatchStatusRequest,
+    client: ClientSettings,
+    notice: Callable[[str], None],
+) -> dict[str, int]:
+    """The status of each item ``request`` (asking for the initial state) matches, now."""
+    statuses: dict[str, int] = {}
+    snapshot = ResumableWatch(
+        analysis, request, address=client.analysis_address, timeout=client.timeout, notice=notice
+    )
+    async with aclosing(snapshot.responses()) as responses:
+        async for response in responses:
+            if response.HasField("change"):
+                statuses[response.change.media_id] = response.change.status
+            elif response.bookmark.initial_state_end:
+                break
+    return statuses
 
 
 def _display(client: ClientSettings) -> Display:

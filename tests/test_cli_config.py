@@ -1,4 +1,5 @@
-"""The ``mediatag`` command's configuration, argument parsing and log format (no servers)."""
+"""The ``mediatag`` command's configuration, argument parsing and log format (servers only to
+see a setting refused or left out at start)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,14 @@ from typing import Any
 import pytest
 from mediatag.ingest.v1 import ingest_pb2
 
-from analysis_service.config import RateLimitConfig, rate_limits
+from analysis_service.analyzers.registry import build_analyzer, close_analyzer
+from analysis_service.config import (
+    ANALYZER_APIS,
+    AnalysisConfig,
+    GoogleConfig,
+    RateLimitConfig,
+    rate_limits,
+)
 from ingest_service.config import IngestConfig
 from mediatag_cli.logging_setup import JsonFormatter, TextFormatter
 from mediatag_cli.main import parse, run_client
@@ -29,6 +38,8 @@ from mediatag_cli.settings import (
     serve_settings,
 )
 from mediatag_common.values import byte_size
+from tests.conftest import free_port, skip_without_google_extra
+from tests.processes import Serve, run_cli, run_json
 
 MIB = 1024 * 1024
 
@@ -239,6 +250,70 @@ def test_a_bad_rate_limit_flag_exits_with_a_usage_error(
     assert "--rate-limit" in capsys.readouterr().err
 
 
+def test_a_rate_limit_for_an_api_no_analyser_calls_is_refused_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ValueError, match=r"rate limit for vison .*no analyser calls an API"):
+        AnalysisConfig(rate_limits={"vison": RateLimitConfig(30.0)})
+    result = run_cli(
+        "serve", "analysis", "--data-dir", str(tmp_path), "--analysis-port", str(free_port()),
+        "--analysis-metrics-port", "off", "--rate-limit", "vison=30",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "rate limit for vison (--rate-limit, MEDIATAG_RATE_LIMITS)" in result.stderr
+    assert "Traceback" not in result.stderr
+    # Refused by the config: no database was made, no migration run.
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_rate_limits_of_apis_the_analyser_does_not_call_are_left_out(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # One environment file for replicas of both analysers: each takes its own limits.
+    monkeypatch.setenv("MEDIATAG_RATE_LIMITS", "local=5:2,vision=30")
+    port = free_port()
+    serve = Serve(
+        tmp_path / "serve.log", "analysis", "--data-dir", str(tmp_path),
+        "--analysis-port", str(port), "--analysis-metrics-port", "off",
+    ).start(port)  # fmt: skip
+    try:
+        queue = run_json("queue", "--analysis", f"127.0.0.1:{port}")
+    finally:
+        assert serve.stop() == 0
+    assert [(r["api"], r["ratePerSecond"], r["burst"]) for r in queue["rateLimits"]] == [
+        ("local", 5.0, 2)
+    ]
+    assert "ignoring the rate limit of vision: this analyser, as configured, calls only local" in (
+        serve.output()
+    )
+
+
+async def test_the_config_names_the_apis_each_analyser_calls() -> None:
+    local = AnalysisConfig(embedding_dimensions=64, analyzer_processes=0)
+    google = AnalysisConfig(
+        analyzer="google",
+        google=GoogleConfig(
+            project="p",
+            insecure=True,
+            vision_endpoint="127.0.0.1:1",
+            vertex_endpoint="127.0.0.1:2",
+        ),
+    )
+    refining = replace(google, google=replace(google.google, refine_tags=True))
+    # Gemini is called only to refine tags.
+    expected = [("local",), ("vision", "embeddings"), ("vision", "embeddings", "gemini")]
+    for config, apis in zip((local, google, refining), expected, strict=True):
+        if config.analyzer == "google":
+            skip_without_google_extra()
+        analyzer = build_analyzer(config)
+        try:
+            assert {limit.api for limit in analyzer.api_limits} == set(apis)
+            assert set(apis) <= set(ANALYZER_APIS[config.analyzer])
+        finally:
+            await close_analyzer(analyzer)
+    assert set(ANALYZER_APIS["google"]) == set(expected[2])
+
+
 # ---- mapping onto the services' configs ----
 
 
@@ -431,6 +506,59 @@ def test_serving_one_service_builds_only_its_config() -> None:
 )
 def test_sizes_take_binary_units(text: str, size: int) -> None:
     assert byte_size(text) == size
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_a_flag_wins_over_a_variable_of_the_other_form_of_its_setting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, service: str
+) -> None:
+    from_file, from_flag = "token-from-the-file-0123456789", "token-from-the-flag-0123456789"
+    token_file = tmp_path / "service.token"
+    token_file.write_text(from_file + "\n")
+
+    def service_token(command_line: str) -> object:
+        return getattr(settings_for(f"{service} {command_line}"), service).service_token
+
+    # Say a systemd environment file sets one form, and the command line the other.
+    monkeypatch.setenv("MEDIATAG_SERVICE_TOKEN", "token-from-the-environment-0123")
+    assert service_token(f"--service-token-file {token_file}") == from_file
+    monkeypatch.delenv("MEDIATAG_SERVICE_TOKEN")
+    monkeypatch.setenv("MEDIATAG_SERVICE_TOKEN_FILE", str(token_file))
+    assert service_token(f"--service-token {from_flag}") == from_flag
+    # Given the same way, the two forms of one setting are still refused.
+    with pytest.raises(SettingsError, match="give --service-token or --service-token-file, not"):
+        service_token(f"--service-token {from_flag} --service-token-file {token_file}")
+    monkeypatch.setenv("MEDIATAG_SERVICE_TOKEN", "token-from-the-environment-0123")
+    with pytest.raises(
+        SettingsError, match="set MEDIATAG_SERVICE_TOKEN or MEDIATAG_SERVICE_TOKEN_FILE, not both"
+    ):
+        service_token("")
+
+
+def test_a_webhooks_file_refused_at_start_is_reported_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    refused = tmp_path / "webhooks.toml"
+    refused.write_text('[[endpoints]]\nname = "b"\nurl = "ftp://x"\nsecret = "whsec_abc"\n')
+    for webhooks_file, problem in (
+        (refused, "endpoints[0] (b): url must be http:// or https://"),
+        (tmp_path / "missing.toml", "No such file or directory"),
+    ):
+        result = run_cli(
+            "serve", "ingest", "--data-dir", str(tmp_path), "--ingest-port", str(free_port()),
+            "--ingest-metrics-port", "off", "--webhooks-file", str(webhooks_file),
+        )  # fmt: skip
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, output
+        assert f"cannot start: webhooks file {webhooks_file}: {problem}" in output
+        assert "Traceback" not in output
+
+
+def test_watch_since_a_revision_with_the_initial_state_is_a_usage_error() -> None:
+    # Refused before it connects: nothing listens at port 1.
+    result = run_cli("watch", "--since", "5", "--initial", "--analysis", "127.0.0.1:1")
+    assert result.returncode == 2
+    assert "error: --since and --initial do not go together" in result.stderr
 
 
 def test_client_addresses_come_from_flags_then_environment_then_defaults(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -14,11 +15,14 @@ from typing import Any
 
 import grpc
 from mediatag.analysis.v1 import analysis_pb2 as apb
+from mediatag.ingest.v1 import ingest_pb2 as ipb
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig, WatchConfig
+from analysis_service.errors import PermanentAnalyzerError
 from mediatag_common.errors import error_info
 from tests.conftest import PATIENCE, Cluster, wait_until
 from tests.fakes import ScriptedAnalyzer
+from tests.media_samples import mp4_bytes
 from tests.processes import MEDIATAG
 from tests.test_pipeline import image_files, upload, wait_terminal
 
@@ -46,13 +50,19 @@ def analysis_config(**watch: Any) -> AnalysisConfig:
     )
 
 
+def addresses(cluster: Cluster) -> tuple[str, ...]:
+    """The client flags that point ``mediatag`` at the cluster's services."""
+    return (
+        "--ingest", f"127.0.0.1:{cluster.ingest_port}",
+        "--analysis", f"127.0.0.1:{cluster.analysis_port}",
+    )  # fmt: skip
+
+
 @contextlib.asynccontextmanager
 async def cli_watch(cluster: Cluster, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
     """``mediatag watch --json ARGS`` against the cluster; interrupted on exit like Ctrl-C."""
     process = await asyncio.create_subprocess_exec(
-        *mediatag_command(
-            "watch", "--json", "--analysis", f"127.0.0.1:{cluster.analysis_port}", *args
-        ),
+        *mediatag_command("watch", "--json", *addresses(cluster), *args),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=CLI_ENV,
@@ -214,6 +224,80 @@ async def test_cli_watch_starts_over_from_the_current_state_when_its_revision_is
     assert {c["status"] for c in current.values()} == {"PROCESSING_STATUS_COMPLETED"}
     assert process.stderr is not None
     assert "starting over from the current state" in (await process.stderr.read()).decode()
+
+
+async def watch_to_the_end(cluster: Cluster, *args: str) -> tuple[int, str, str]:
+    """``mediatag watch ARGS`` against the cluster, until it ends by itself: its exit status,
+    stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        *mediatag_command("watch", *addresses(cluster), *args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=CLI_ENV,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), PATIENCE)
+    except TimeoutError:
+        await interrupt(process)
+        raise AssertionError(f"mediatag watch {' '.join(args)} did not end by itself") from None
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_cli_watch_until_terminal_counts_what_was_terminal_before_it_began(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    gate = asyncio.Event()
+    gate.set()
+    failing, held = image_files(2, first_seed=60)
+    analyzer = ScriptedAnalyzer(
+        dimensions=64,
+        gate=gate,
+        fail_always={
+            hashlib.sha256(failing.content).hexdigest(): PermanentAnalyzerError(
+                "broken", reason="BROKEN"
+            )
+        },
+    )
+    cluster = make_cluster(analyzer=analyzer, analysis_config=analysis_config())
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    video = ipb.MediaFile(filename="clip.mp4", content_type="video/mp4", content=mp4_bytes())
+    first = await upload(cluster, [failing, video])
+    failed_id, video_id = (m.id for m in first.media)
+    await wait_terminal(cluster, [failed_id])
+
+    # Failed before the watch began: exit 1, and nothing shown that was not asked for.
+    assert await watch_to_the_end(cluster, "--until-terminal", failed_id) == (1, "", "")
+    # A video is never analysed: it counts as done at once.
+    assert await watch_to_the_end(cluster, "--until-terminal", video_id) == (0, "", "")
+
+    # One item failed before the watch, one finishes during it (or just before).
+    gate.clear()
+    held_id = (await upload(cluster, [held])).media[0].id
+    async with cli_watch(cluster, "--until-terminal", failed_id, held_id, video_id) as process:
+        gate.set()
+        events = await read_events(process, lambda _: False)  # until the CLI ends by itself
+        assert await asyncio.wait_for(process.wait(), PATIENCE) == 1
+    assert {media_id for _, media_id, _ in changes(events)} <= {held_id}
+    assert not any(e["change"].get("initialState") for e in events if "change" in e)
+
+
+async def test_cli_watch_until_terminal_refuses_an_id_ingest_does_not_know(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(
+        analyzer=ScriptedAnalyzer(dimensions=64), analysis_config=analysis_config()
+    )
+    await cluster.start_analysis()
+    await cluster.start_ingest()
+    known = (await upload(cluster, image_files(1, first_seed=66))).media[0].id
+    await wait_terminal(cluster, [known])
+
+    status, out, err = await watch_to_the_end(cluster, "--until-terminal", known, "no-such-id")
+    assert (status, out) == (1, "")
+    assert "error: no media with id no-such-id at the ingest service" in err
+    assert known not in err
 
 
 async def test_cli_queue_watch_prints_a_fresh_status_every_interval(

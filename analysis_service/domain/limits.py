@@ -320,13 +320,16 @@ class RateLimits:
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         configs = {d.api: RateLimitConfig(d.rate_per_second, d.burst) for d in defaults}
-        unknown = set(overrides) - set(configs)
-        if unknown:
-            raise ValueError(
-                f"rate limit for unknown API {', '.join(sorted(unknown))}; "
-                f"this analyser calls {', '.join(sorted(configs))}"
+        unused = sorted(set(overrides) - set(configs))
+        if unused:
+            # Another analyser's (the config refuses names no analyser calls): one environment
+            # file may hold every analyser's limits, for replicas that run different ones.
+            logger.warning(
+                "ignoring the rate limit of %s: this analyser, as configured, calls only %s",
+                ", ".join(unused),
+                ", ".join(sorted(configs)),
             )
-        configs.update(overrides)
+        configs.update((api, limit) for api, limit in overrides.items() if api in configs)
         for api, config in configs.items():
             if config.rate_per_second <= 0 or config.burst < 1:
                 raise ValueError(f"rate limit of {api} must be > 0 with burst >= 1")
