@@ -194,7 +194,9 @@ class _Upload:
         self._gateway = gateway_of(request)
         self._fields: dict[str, list[str]] = {}
         self._field_count = 0
-        self._files: list[ipb.MediaFile] = []
+        # The files of the batch, in the message that is sent (its fields are merged in then):
+        # each file's bytes are held once, not copied into another message at the end.
+        self._batch = ipb.UploadMediaRequest()
         # Bytes of the UploadMedia message so far (fields, files and their overhead).
         self._held = 0
         self._stream: Any = None
@@ -248,7 +250,7 @@ class _Upload:
 
     async def _field(self, part: BodyPartReader) -> None:
         name = part.name or ""
-        if self._files or self._streaming:
+        if self._batch.files or self._streaming:
             raise invalid(name, "FIELD_AFTER_FILES", "the form's fields go before its files")
         self._field_count += 1
         if self._field_count > _MAX_FIELDS:
@@ -278,11 +280,13 @@ class _Upload:
             content += chunk
             await self._hold(part, content, len(chunk))
         if not self._streaming and (part.filename or content):
-            content_type = part.headers.get("Content-Type", "")
-            self._files.append(
-                ipb.MediaFile(
-                    filename=part.filename or "", content_type=content_type, content=bytes(content)
-                )
+            # The buffer is let go before the message takes its copy: at most two of a file.
+            data = bytes(content)
+            content.clear()
+            self._batch.files.add(
+                filename=part.filename or "",
+                content_type=part.headers.get("Content-Type", ""),
+                content=data,
             )
 
     async def _hold(self, part: BodyPartReader, content: bytearray, size: int) -> None:
@@ -292,7 +296,7 @@ class _Upload:
         self._held += size
         if self._held <= limit:
             return
-        if self._files:
+        if self._batch.files:
             raise invalid(
                 "files",
                 "BATCH_TOO_LARGE",
@@ -356,6 +360,5 @@ class _Upload:
             return self._answer
         if self._stream is not None:
             return await self._finish_stream()
-        asked = self._metadata()
-        asked.files.extend(self._files)
-        return await call(self._gateway.upstream.ingest.UploadMedia, asked, self._request)
+        self._batch.MergeFrom(self._metadata())
+        return await call(self._gateway.upstream.ingest.UploadMedia, self._batch, self._request)
