@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -408,7 +409,12 @@ class Database:
         from mediatag_common.migrations import apply_migrations
 
         def migrate(conn: Connection) -> None:
-            apply_migrations(conn, migrations, lock_name=lock_name)
+            # Migrations read what is recorded, then write: on SQLite their transactions take
+            # the write lock at once, as ``write``'s do, so that a process writing meanwhile
+            # cannot make them fail ("database is locked") when they go from reading to writing.
+            apply_migrations(
+                conn.execution_options(**{_WRITING: True}), migrations, lock_name=lock_name
+            )
 
         await asyncio.wrap_future(self._writer.submit(self.run_sync, migrate))
 
@@ -439,6 +445,10 @@ def _hold_alone(path: Path) -> SoleProcessLock:
         raise DatabaseInUse(path, held.holder) from None
 
 
+# How long an SQLite statement waits for another connection's write lock before it fails.
+SQLITE_BUSY_TIMEOUT_MS = 5000
+
+
 def sqlite_pragmas(synchronous: str) -> Callable[[Any, Any], None]:
     if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
         raise ValueError(f"unknown SQLite synchronous mode {synchronous!r}")
@@ -449,13 +459,32 @@ def sqlite_pragmas(synchronous: str) -> Callable[[Any, Any], None]:
         # recipe: the module leaves transactions alone and ``_sqlite_begin`` begins them.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(cursor)
         cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
     return on_connect
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode=WAL``, tried again while another connection holds the file.
+
+    Processes opening a new file together each switch it to WAL; while another connection
+    writes to the file before its own switch, SQLite refuses the switch at once ("database is
+    locked": its busy handler is not called for it). Once one switch is done, the others find
+    the file in WAL. So the switch waits, for as long as a busy statement would."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+            if not busy or time.monotonic() > deadline:
+                raise
+        time.sleep(0.005)
 
 
 # An execution option of the connections that ``Database.write`` runs transactions on.

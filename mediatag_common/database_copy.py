@@ -39,7 +39,12 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.schema import sort_tables
 
 from mediatag_common.database import SQLITE, Database, DatabaseInUse, database_url, safe_url
-from mediatag_common.migrations import Migration, apply_migrations
+from mediatag_common.migrations import (
+    AnotherServicesDatabase,
+    Migration,
+    apply_migrations,
+    recorded_versions,
+)
 
 # Rows held in memory at once: a batch of the widest table (media with a 1,408-float
 # embedding, about 6 KB a row) stays within a few MB.
@@ -165,7 +170,16 @@ def _check_version(schema: ServiceSchema, role: str, url: str) -> Callable[[Conn
     def check(conn: Connection) -> None:
         newest = None
         if sa.inspect(conn).has_table(_MIGRATIONS_TABLE):
-            newest = conn.execute(sa.text(f"SELECT MAX(version) FROM {_MIGRATIONS_TABLE}")).scalar()
+            try:
+                # Whose it is comes first: the other service's may have more versions.
+                recorded = recorded_versions(conn, schema.migrations, service=schema.lock_name)
+            except AnotherServicesDatabase as error:
+                raise CopyRefused(f"the {role} {url}: {error}") from None
+            finally:
+                # Read only: the service's name it records on an earlier release's rows is
+                # the migration's to write.
+                conn.rollback()
+            newest = max(recorded, default=None)
         conn.rollback()
         if newest is None and role == "source":
             raise CopyRefused(f"the source {url} holds no {schema.service} database")

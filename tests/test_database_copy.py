@@ -203,7 +203,9 @@ async def test_a_source_newer_than_this_release_is_refused_and_nothing_is_writte
     newer = len(schema.migrations) + 1
     with sqlite3.connect(source_path) as conn:
         conn.execute(
-            "INSERT INTO schema_migrations VALUES (?, 'from a later release', 0)", (newer,)
+            "INSERT INTO schema_migrations (version, description, applied_at) "
+            "VALUES (?, 'from a later release', 0)",
+            (newer,),
         )
     destination = new_postgres.new("destination")
 
@@ -215,6 +217,25 @@ async def test_a_source_newer_than_this_release_is_refused_and_nothing_is_writte
         assert sa.inspect(engine).get_table_names() == []
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(("service", "other"), [("analysis", "ingest"), ("ingest", "analysis")])
+async def test_a_copy_naming_the_other_services_database_is_refused_as_such(
+    tmp_path: Path, new_postgres: DatabaseUrls, service: str, other: str
+) -> None:
+    # Ingest has more versions than analysis: its database once read as "newer".
+    urls = {}
+    for name in (service, other):
+        urls[name] = sqlite_url(str(tmp_path / f"{name}.db"))
+        database = Database(urls[name])
+        await database.migrate(SCHEMAS[name].migrations, lock_name=SCHEMAS[name].lock_name)
+        await database.close()
+    belongs = f"belongs to the {SCHEMAS[other].lock_name} service"
+
+    with pytest.raises(CopyRefused, match=f"the source .*: the database {belongs}"):
+        await copy_database(SCHEMAS[service], urls[other], new_postgres.new("destination"))
+    with pytest.raises(CopyRefused, match=f"the destination .*: the database {belongs}"):
+        await copy_database(SCHEMAS[service], urls[service], urls[other])
 
 
 async def test_a_copy_from_the_database_of_a_running_analysis_service_is_refused(

@@ -1,6 +1,6 @@
 """Versioned migrations on SQLite and PostgreSQL: what they create is what the queries expect,
-they apply once when replicas start together (however long one takes), and data made by
-earlier releases is kept."""
+they apply once when processes start together (however long one takes), a database is one
+service's, and data made by earlier releases is kept."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import asyncio
 import logging
 import multiprocessing
 import multiprocessing.synchronize
+import queue
 import sqlite3
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -18,16 +22,19 @@ from sqlalchemy.engine import Connection
 from analysis_service.storage import schema as analysis_schema
 from ingest_service.storage import schema as ingest_schema
 from mediatag_common import database
-from mediatag_common.database import Database, database_url
+from mediatag_common.database import Database, database_url, sqlite_url
 from mediatag_common.keys import load_or_create_key
 from mediatag_common.migrations import (
+    DIALECTS,
+    MIGRATIONS_LOCK_KEY,
+    AnotherServicesDatabase,
     Migration,
     SchemaTooNew,
     apply_migrations,
     load_migrations,
-    lock_key,
+    migration_lock,
 )
-from tests.conftest import DatabaseUrls, free_port, wait_until
+from tests.conftest import PATIENCE, DatabaseUrls, free_port, wait_until
 from tests.processes import run_cli
 
 SERVICES = {
@@ -210,7 +217,7 @@ async def test_a_replica_waits_for_a_migration_longer_than_the_lock_timeout(
     migrating = first.engine.connect()
     try:
         # The first replica is migrating: it holds the lock as a run does.
-        migrating.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": lock_key(lock)})
+        migrating.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATIONS_LOCK_KEY})
         migrating.commit()
 
         def start(conn: Connection) -> tuple[list[int], str]:
@@ -230,7 +237,7 @@ async def test_a_replica_waits_for_a_migration_longer_than_the_lock_timeout(
 
         applied = await asyncio.to_thread(apply_migrations, migrating, migrations, lock_name=lock)
         assert applied == [m.version for m in migrations]
-        migrating.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": lock_key(lock)})
+        migrating.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATIONS_LOCK_KEY})
         migrating.commit()
         assert await starting == ([], "200ms")
     finally:
@@ -258,3 +265,352 @@ async def test_a_stored_key_is_made_once_and_shared(databases: DatabaseUrls) -> 
     finally:
         await first.close()
         await second.close()
+
+
+class _LogEvents(logging.Handler):
+    """Puts each message logged into ``events``, for the test process to read."""
+
+    def __init__(self, events: multiprocessing.Queue[tuple[str, str]]) -> None:
+        super().__init__()
+        self._events = events
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._events.put(("log", record.getMessage()))
+
+
+def _start_ingest_on(
+    urls: list[str],
+    start: multiprocessing.synchronize.Barrier,
+    events: multiprocessing.Queue[tuple[str, str]],
+    busy_timeout_ms: int,
+) -> None:
+    """In a process of its own: migrate each of ``urls`` as ``mediatag serve ingest`` does at
+    start, together with the other processes (``start``). Each message logged, each start and
+    each outcome (``migrated`` or ``failed``) goes to ``events``."""
+    database.SQLITE_BUSY_TIMEOUT_MS = busy_timeout_ms
+    migrations_logger = logging.getLogger("mediatag_common.migrations")
+    migrations_logger.setLevel(logging.INFO)
+    migrations_logger.addHandler(_LogEvents(events))
+
+    async def migrate(url: str) -> None:
+        db = Database(url)
+        try:
+            await db.migrate(ingest_schema.MIGRATIONS, lock_name=ingest_schema.MIGRATIONS_LOCK)
+        finally:
+            await db.close()
+
+    for url in urls:
+        start.wait(PATIENCE)
+        events.put(("starting", url))
+        try:
+            asyncio.run(migrate(url))
+        except Exception as exc:
+            events.put(("failed", f"{url}: {exc!r}"))
+        else:
+            events.put(("migrated", url))
+
+
+_OUTCOMES = ("migrated", "failed")
+
+
+class _IngestProcesses:
+    """``count`` processes running :func:`_start_ingest_on`, and what they tell."""
+
+    def __init__(self, count: int, urls: list[str], busy_timeout_ms: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        # Held here: a process unpickles the barrier once started (``start`` drops its
+        # arguments), and the parent's must exist until then.
+        self._start = context.Barrier(count)
+        self.events: multiprocessing.Queue[tuple[str, str]] = context.Queue()
+        self.processes = [
+            context.Process(
+                target=_start_ingest_on, args=(urls, self._start, self.events, busy_timeout_ms)
+            )
+            for _ in range(count)
+        ]
+        for process in self.processes:
+            process.start()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.join(PATIENCE)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def _versions(path: Path) -> list[int]:
+    with sqlite3.connect(path) as conn:
+        return sorted(v for (v,) in conn.execute("SELECT version FROM schema_migrations"))
+
+
+def test_processes_starting_together_on_one_sqlite_file_apply_each_migration_once(
+    tmp_path: Path,
+) -> None:
+    """Several ingest processes on one SQLite file, started at the same moment (round after
+    round, each on a new file): none fails, and each migration is applied once."""
+    rounds, count = 10, 3
+    paths = [tmp_path / f"ingest-{n}.db" for n in range(rounds)]
+    ingest = _IngestProcesses(
+        count, [sqlite_url(str(path)) for path in paths], database.SQLITE_BUSY_TIMEOUT_MS
+    )
+    try:
+        outcomes: list[tuple[str, str]] = []
+        applied = 0
+        while len(outcomes) < rounds * count:
+            kind, text = ingest.events.get(timeout=PATIENCE)
+            if kind in _OUTCOMES:
+                outcomes.append((kind, text))
+            elif kind == "log":
+                applied += text.startswith("applied schema migration")
+    finally:
+        ingest.stop()
+    assert [text for kind, text in outcomes if kind == "failed"] == []
+    assert applied == rounds * len(ingest_schema.MIGRATIONS)
+    everything = [m.version for m in ingest_schema.MIGRATIONS]
+    assert all(_versions(path) == everything for path in paths)
+
+
+async def test_a_process_waits_for_an_sqlite_migration_longer_than_the_busy_timeout(
+    tmp_path: Path,
+) -> None:
+    """Processes starting while another migrates one SQLite file for longer than SQLite's
+    busy timeout wait, say so, and then apply nothing twice."""
+    path = tmp_path / "ingest.db"
+    busy_timeout_ms = 100
+    # A migration under way: its process holds the migrations' lock and SQLite's write lock.
+    engine = sa.create_engine(database_url(sqlite_url(str(path))))
+    migrating = sqlite3.connect(path, isolation_level=None)
+    migrating.execute("PRAGMA journal_mode=WAL")
+    migrating.execute("BEGIN IMMEDIATE")
+    ingest: _IngestProcesses | None = None
+    try:
+        with engine.connect() as conn, migration_lock(conn):
+            ingest = _IngestProcesses(2, [sqlite_url(str(path))], busy_timeout_ms)
+            events = ingest.events
+            waiting_since: list[float] = []
+
+            async def waited_ten_busy_timeouts() -> bool:
+                while True:
+                    try:
+                        kind, text = events.get_nowait()
+                    except queue.Empty:
+                        break
+                    if kind in _OUTCOMES:
+                        raise AssertionError(f"a process did not wait: {kind} {text}")
+                    if kind == "log" and text.startswith(
+                        "waiting for another process to finish migrating"
+                    ):
+                        waiting_since.append(time.monotonic())
+                return (
+                    len(waiting_since) == len(ingest.processes)
+                    and time.monotonic() - max(waiting_since) > 10 * busy_timeout_ms / 1000
+                )
+
+            await wait_until(waited_ten_busy_timeouts)
+            migrating.execute("ROLLBACK")
+        outcomes: list[tuple[str, str]] = []
+        logged: list[str] = []
+        while len(outcomes) < len(ingest.processes):
+            kind, text = events.get(timeout=PATIENCE)
+            if kind in _OUTCOMES:
+                outcomes.append((kind, text))
+            elif kind == "log":
+                logged.append(text)
+    finally:
+        migrating.close()
+        engine.dispose()
+        if ingest is not None:
+            ingest.stop()
+    assert [kind for kind, _ in outcomes] == ["migrated", "migrated"]
+    # One applied every migration once the lock was free; the other then found none left.
+    applied = [text for text in logged if text.startswith("applied schema migration")]
+    assert len(applied) == len(ingest_schema.MIGRATIONS)
+    assert sum(text.startswith("the other process's migration ended") for text in logged) == 2
+    assert _versions(path) == [m.version for m in ingest_schema.MIGRATIONS]
+
+
+async def test_a_process_opening_a_new_sqlite_file_waits_for_another_switching_it_to_wal(
+    tmp_path: Path,
+) -> None:
+    """Processes opening a new SQLite file together each switch it to WAL, and SQLite refuses
+    the switch at once, without its busy timeout, while another connection writes to the file
+    before switching it: the process waits, then starts."""
+    path = tmp_path / "ingest.db"
+    # Another process's connection to the new file, writing before its switch to WAL.
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    ingest = _IngestProcesses(1, [sqlite_url(str(path))], database.SQLITE_BUSY_TIMEOUT_MS)
+    try:
+        started: list[float] = []
+
+        async def kept_trying() -> bool:
+            while True:
+                try:
+                    kind, text = ingest.events.get_nowait()
+                except queue.Empty:
+                    break
+                if kind in _OUTCOMES:
+                    raise AssertionError(f"the process did not wait: {kind} {text}")
+                if kind == "starting":
+                    started.append(time.monotonic())
+            # Long past its switch (a few milliseconds after it starts), well within the timeout.
+            return bool(started) and time.monotonic() - started[0] > 0.5
+
+        await wait_until(kept_trying)
+        other.execute("ROLLBACK")
+        outcome = ingest.events.get(timeout=PATIENCE)
+        while outcome[0] not in _OUTCOMES:
+            outcome = ingest.events.get(timeout=PATIENCE)
+    finally:
+        other.close()
+        ingest.stop()
+    assert outcome == ("migrated", sqlite_url(str(path)))
+    assert _versions(path) == [m.version for m in ingest_schema.MIGRATIONS]
+
+
+def _the_other(service: str) -> str:
+    return next(other for other in SERVICES if other != service)
+
+
+async def _tables_and_recorded_migrations(db: Database) -> tuple[list[str], list[tuple[Any, ...]]]:
+    def read(conn: Connection) -> tuple[list[str], list[tuple[Any, ...]]]:
+        rows = conn.execute(sa.text("SELECT * FROM schema_migrations"))
+        return sorted(sa.inspect(conn).get_table_names()), sorted(tuple(row) for row in rows)
+
+    return await db.read(read)
+
+
+@pytest.mark.parametrize("owner", sorted(SERVICES))
+async def test_a_service_refuses_the_database_of_the_other_one(
+    databases: DatabaseUrls, owner: str
+) -> None:
+    """Their versions overlap: without knowing whose the database is, ingest would take
+    analysis's versions for its own, and analysis would take ingest's for a newer release."""
+    other = _the_other(owner)
+    _, owner_migrations, owner_name = SERVICES[owner]
+    _, other_migrations, other_name = SERVICES[other]
+    db = Database(databases.new("shared"))
+    try:
+        await db.migrate(owner_migrations, lock_name=owner_name)
+        before = await _tables_and_recorded_migrations(db)
+        with pytest.raises(
+            AnotherServicesDatabase,
+            match=f"belongs to the {owner_name} service, not to {other_name}: each service "
+            "needs a database of its own",
+        ):
+            await db.migrate(other_migrations, lock_name=other_name)
+        assert await _tables_and_recorded_migrations(db) == before
+    finally:
+        await db.close()
+
+
+def _migrate_as_an_earlier_release(migrations: Sequence[Migration]) -> Callable[[Connection], None]:
+    """What earlier releases did: the same statements, each version recorded without the
+    service that applied it."""
+
+    def migrate(conn: Connection) -> None:
+        conn.execute(
+            sa.text(
+                "CREATE TABLE schema_migrations (version INTEGER NOT NULL, description VARCHAR "
+                "NOT NULL, applied_at FLOAT NOT NULL, PRIMARY KEY (version))"
+            )
+        )
+        for migration in migrations:
+            for statement in migration.statements[conn.dialect.name]:
+                conn.exec_driver_sql(statement)
+            conn.execute(
+                sa.text(
+                    "INSERT INTO schema_migrations (version, description, applied_at) "
+                    "VALUES (:version, :description, 0)"
+                ),
+                {"version": migration.version, "description": migration.description},
+            )
+
+    return migrate
+
+
+@pytest.mark.parametrize("owner", sorted(SERVICES))
+async def test_a_database_an_earlier_release_migrated_is_recognised_by_its_tables(
+    databases: DatabaseUrls, owner: str
+) -> None:
+    """Earlier releases recorded no service: the database is the service's whose first
+    tables it has; from then on its versions name it. An earlier release still records its
+    versions as it did."""
+    other = _the_other(owner)
+    _, owner_migrations, owner_name = SERVICES[owner]
+    _, other_migrations, other_name = SERVICES[other]
+    db = Database(databases.new(owner))
+    try:
+        await db.write(_migrate_as_an_earlier_release(owner_migrations[:-1]))
+        before = await _tables_and_recorded_migrations(db)
+        with pytest.raises(
+            AnotherServicesDatabase, match=f"belongs to another service, not to {other_name}"
+        ):
+            await db.migrate(other_migrations, lock_name=other_name)
+        assert await _tables_and_recorded_migrations(db) == before
+        await db.migrate(owner_migrations, lock_name=owner_name)
+        versions = await db.read(
+            lambda conn: list(
+                conn.execute(sa.text("SELECT version, service FROM schema_migrations"))
+            )
+        )
+        assert sorted(versions) == [(m.version, owner_name) for m in owner_migrations]
+        # An earlier release still records a version as it did (the service is not needed).
+        await db.write(
+            lambda conn: conn.execute(
+                sa.text(
+                    "INSERT INTO schema_migrations (version, description, applied_at) "
+                    "VALUES (99, 'by an earlier release', 0)"
+                )
+            )
+        )
+        with pytest.raises(AnotherServicesDatabase, match=f"belongs to the {owner_name} service"):
+            await db.migrate(other_migrations, lock_name=other_name)
+    finally:
+        await db.close()
+
+
+@pytest.mark.e2e
+async def test_mediatag_serve_says_the_database_is_the_other_services(tmp_path: Path) -> None:
+    shared = tmp_path / "shared.db"
+    db = Database(sqlite_url(str(shared)))
+    await db.migrate(analysis_schema.MIGRATIONS, lock_name=analysis_schema.MIGRATIONS_LOCK)
+    await db.close()
+    done = run_cli(
+        "serve",
+        "ingest",
+        "--data-dir",
+        str(tmp_path),
+        "--ingest-port",
+        str(free_port()),
+        "--ingest-metrics-port",
+        "off",
+        "--ingest-database-url",
+        sqlite_url(str(shared)),
+    )
+    assert done.returncode == 1, done.stderr
+    assert (
+        "cannot start: the database belongs to the mediatag-analysis service, not to "
+        "mediatag-ingest" in done.stderr
+    )
+
+
+def test_a_description_is_the_first_paragraph_of_the_header(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "described_migrations"
+    for dialect in DIALECTS:
+        (package / dialect).mkdir(parents=True)
+        (package / dialect / "0001_things.sql").write_text(
+            "-- things: what the first line begins and\n"
+            "-- the second line ends\n"
+            "--\n"
+            "-- Why, at length.\n"
+            "SELECT 1;\n"
+        )
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (migration,) = load_migrations("described_migrations")
+    assert migration.description == "things: what the first line begins and the second line ends"
+    assert migration.statements == dict.fromkeys(DIALECTS, ("SELECT 1",))
