@@ -44,13 +44,17 @@ class ServerLimits:
     (the HTTP/2 preface, TLS) within ``handshake_timeout`` seconds is closed, and so is one
     that has had no call for ``idle_timeout`` seconds (a GOAWAY: its client reconnects for
     its next call). Beyond ``max_calls`` calls in progress (streams included), a new one is
-    refused (:class:`~mediatag_common.call_gate.CallGate`).
+    refused (:class:`~mediatag_common.call_gate.CallGate`); gRPC's own health and reflection
+    streams are bounded apart, ``max_health_streams`` in all and ``max_health_streams_per_peer``
+    of one peer address (None: a tenth of them).
     """
 
     max_connections: int
     handshake_timeout: float
     idle_timeout: float
     max_calls: int
+    max_health_streams: int = 100
+    max_health_streams_per_peer: int | None = None
 
 
 class ServerLoad:
@@ -58,7 +62,11 @@ class ServerLoad:
     by the metrics at scrape time: plain numbers, no asyncio)."""
 
     def __init__(self, limits: RequestLimits, server_limits: ServerLimits) -> None:
-        self.gate = CallGate(server_limits.max_calls)
+        self.gate = CallGate(
+            server_limits.max_calls,
+            max_health_streams=server_limits.max_health_streams,
+            max_health_streams_per_peer=server_limits.max_health_streams_per_peer,
+        )
         self.reader = RequestReader(limits)
 
     def calls_in_progress(self) -> int:

@@ -3,15 +3,16 @@
 gRPC reads and decodes a unary call's whole message before any interceptor's behaviour
 runs: a call refused for its token would already have cost its body (eight unauthenticated
 100 MiB uploads held 1.7 GiB), and bytes that do not parse were answered ``UNKNOWN`` with a
-traceback logged each time. So every method of ours is served as a request-streaming method,
-which gRPC reads only when asked:
+traceback logged each time. So every method, gRPC's own health and reflection too, is served
+as a request-streaming method, which gRPC reads only when asked:
 
 - :class:`RequestGate`, the outermost interceptor, hands the chain a :class:`PendingRequest`
-  in place of a unary call's message, and decodes a streaming call's messages one by one;
+  in place of the request, reading nothing;
 - the chain counts the call, maps errors and authenticates it, reading nothing;
-- :class:`RequestReader`, the innermost, reads and decodes the message, within a
+- :class:`RequestReader`, the innermost, reads and decodes the message (or a request stream's
+  messages, each as the servicer asks for it), within a
   :class:`~mediatag_common.byte_budget.ByteBudget` of request bytes in memory at once (the
-  callers waiting for it take turns) and a time limit.
+  callers waiting for it take turns), a time limit and a size limit.
 
 A message that does not parse is ``INVALID_ARGUMENT``/``MALFORMED_REQUEST``, logged on one
 line at most every few seconds.
@@ -20,6 +21,7 @@ line at most every few seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -52,6 +54,14 @@ MALFORMED_LOG_INTERVAL = 10.0
 # The largest request of a call that streams its answer (a watch's filters): it is held for
 # as long as the stream is open, by each of up to thousands of streams.
 MAX_STREAM_REQUEST_BYTES = 256 * 1024
+# gRPC's own requests (a health check's service name, a reflection query) are tiny by nature,
+# need no token, and are read one at a time: each wait, for room and then for the message
+# (sent with the call), is short, so that a client holding the room does not keep a load
+# balancer's health checks waiting for long; the callers waiting are bounded like the others.
+GRPC_OWN_MAX_REQUEST_BYTES = 4 * 1024
+GRPC_OWN_READ_TIMEOUT = 2.0
+GRPC_OWN_MAX_WAITING = 64
+GRPC_OWN_MAX_WAITING_PER_CALLER = 16
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,10 @@ class RequestLimits:
     however large. At most ``max_waiting`` calls wait for room in the budget, each at most
     ``read_timeout`` seconds, and as long again for its message to arrive. Before a message
     is read, gRPC holds what its client sent of it: at most ``stream_window`` bytes (the
-    stream's HTTP/2 window), so the waiting calls hold at most ``max_waiting`` windows.
+    stream's HTTP/2 window), so the waiting calls hold at most ``max_waiting`` windows. A
+    request stream's message may have ``max_stream_message_bytes``, and counts as that much
+    while it is read, then as its size until the servicer asks for the next (it waits for its
+    client as long as the servicer's pace allows).
     """
 
     max_message_bytes: int
@@ -73,6 +86,7 @@ class RequestLimits:
     stream_window: int
     max_waiting: int
     max_waiting_per_caller: int | None = None
+    max_stream_message_bytes: int = 4 * 1024 * 1024
 
 
 def _too_many_waiting(exc: TooManyWaiting) -> ServerBusy:
@@ -109,43 +123,44 @@ def _decode(method: str, deserializer: Deserializer, raw: bytes, peer: str) -> A
 
 
 class PendingRequest:
-    """A unary call's message, not read yet: :class:`RequestReader` reads it."""
+    """A call's request messages, not read yet: :class:`RequestReader` reads them, a unary
+    call's one message or a request stream's each in turn."""
 
     def __init__(
-        self, method: str, raw_messages: AsyncIterator[bytes], deserializer: Deserializer
+        self,
+        method: str,
+        raw_messages: AsyncIterator[bytes],
+        deserializer: Deserializer,
+        *,
+        streamed: bool,
     ) -> None:
-        self._method = method
-        self._raw_messages = raw_messages
+        self.method = method
+        self.streamed = streamed
+        self._raw_messages = aiter(raw_messages)
         self._deserializer = deserializer
 
-    async def read(self, context: Context, max_bytes: int | None = None) -> tuple[Any, int]:
-        """The decoded message and its size in bytes; one over ``max_bytes`` is refused
-        before it is decoded."""
-        name = self._method.rsplit("/", 1)[-1]
-        messages = aiter(self._raw_messages)
-        raw = await anext(messages, None)
+    @property
+    def name(self) -> str:
+        return self.method.rsplit("/", 1)[-1]
+
+    async def next_raw(self) -> bytes | None:
+        """The next message's bytes; None at the end of the stream."""
+        return await anext(self._raw_messages, None)
+
+    async def only_raw(self, context: Context) -> bytes:
+        """A unary call's one message."""
+        raw = await self.next_raw()
         if raw is None:
             await _cancellation_landed(context)
-            raise MalformedRequest(f"{name} was sent no message")
+            raise MalformedRequest(f"{self.name} was sent no message")
         # Read on to the end of the client's stream, as gRPC does for a unary method: a
         # receiver left before it keeps the message's memory (100 MiB per call, measured).
-        if await anext(messages, None) is not None:
-            raise MalformedRequest(f"{name} takes one request message, it was sent more")
-        if max_bytes is not None and len(raw) > max_bytes:
-            raise RequestTooLarge(
-                f"the request of {name} has {len(raw)} bytes; at most {max_bytes}",
-                metadata={"maxBytes": str(max_bytes)},
-            )
-        return _decode(self._method, self._deserializer, raw, context.peer()), len(raw)
+        if await self.next_raw() is not None:
+            raise MalformedRequest(f"{self.name} takes one request message, it was sent more")
+        return raw
 
-
-async def _decoded(
-    method: str, raw_messages: AsyncIterator[bytes], deserializer: Deserializer, context: Context
-) -> AsyncIterator[Any]:
-    """A streaming call's messages, decoded as the servicer asks for them."""
-    async for raw in raw_messages:
-        yield _decode(method, deserializer, raw, context.peer())
-    await _cancellation_landed(context)
+    def decode(self, raw: bytes, context: Context) -> Any:
+        return _decode(self.method, self._deserializer, raw, context.peer())
 
 
 async def _cancellation_landed(context: Context) -> None:
@@ -160,22 +175,24 @@ async def _cancellation_landed(context: Context) -> None:
         raise asyncio.CancelledError
 
 
-RequestOf = Callable[[str, AsyncIterator[bytes], Deserializer, Context], Any]
+RequestOf = Callable[[str, AsyncIterator[bytes], Deserializer], PendingRequest]
 
 
-def _pending(
-    method: str, raw_messages: AsyncIterator[bytes], deserializer: Deserializer, context: Context
-) -> PendingRequest:
-    return PendingRequest(method, raw_messages, deserializer)
+def _unary(method: str, raw_messages: AsyncIterator[bytes], deserializer: Deserializer) -> Any:
+    return PendingRequest(method, raw_messages, deserializer, streamed=False)
+
+
+def _streamed(method: str, raw_messages: AsyncIterator[bytes], deserializer: Deserializer) -> Any:
+    return PendingRequest(method, raw_messages, deserializer, streamed=True)
 
 
 # Each kind of handler -> the request-streaming kind it is served as, and what stands in for
 # its request.
 _SERVED_AS: dict[str, tuple[Callable[..., Any], RequestOf]] = {
-    "unary_unary": (grpc.stream_unary_rpc_method_handler, _pending),
-    "stream_unary": (grpc.stream_unary_rpc_method_handler, _decoded),
-    "unary_stream": (grpc.stream_stream_rpc_method_handler, _pending),
-    "stream_stream": (grpc.stream_stream_rpc_method_handler, _decoded),
+    "unary_unary": (grpc.stream_unary_rpc_method_handler, _unary),
+    "stream_unary": (grpc.stream_unary_rpc_method_handler, _streamed),
+    "unary_stream": (grpc.stream_stream_rpc_method_handler, _unary),
+    "stream_stream": (grpc.stream_stream_rpc_method_handler, _streamed),
 }
 
 
@@ -191,7 +208,7 @@ class RequestGate(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or is_grpc_own(method):
+        if handler is None:
             return handler
         found: Any = handler
         deserializer: Deserializer = found.request_deserializer or (lambda raw: raw)
@@ -215,21 +232,41 @@ def _served(
     if inspect.isasyncgenfunction(inner):
 
         async def generator(requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
-            async for response in inner(
-                request_of(method, requests, deserializer, context), context
-            ):
+            async for response in inner(request_of(method, requests, deserializer), context):
                 yield response
 
         return generator
 
     async def coroutine(requests: AsyncIterator[bytes], context: Context) -> Any:
-        return await inner(request_of(method, requests, deserializer, context), context)
+        return await inner(request_of(method, requests, deserializer), context)
 
     return coroutine
 
 
+@dataclass(frozen=True)
+class _ReadRules:
+    """How one kind of request message is read: within which budget, counted as how many
+    bytes while it is read (None: the largest message), how long each wait (for room, then for
+    the message; None: as long as the servicer waits) may take, at most how large, refused as
+    what."""
+
+    budget: ByteBudget
+    timeout: float
+    arrival_timeout: float | None
+    max_bytes: int | None
+    too_large_reason: str = RequestTooLarge.reason
+    reserved: int | None = None
+
+
 class RequestReader(BehaviorInterceptor):
-    """The innermost interceptor: reads a unary call's message once the call is admitted."""
+    """The innermost interceptor: reads a call's request messages once the call is admitted.
+
+    gRPC reads a message whole before it can be measured, up to the server's largest, so a
+    message being read counts as that largest in its budget (but for a request stream's, see
+    below). gRPC's own health and reflection
+    calls, which need no token, are read in a budget of their own, one at a time: they never
+    take the room of the services' calls, and those never hold up a health check.
+    """
 
     def __init__(self, limits: RequestLimits) -> None:
         self._limits = limits
@@ -238,55 +275,125 @@ class RequestReader(BehaviorInterceptor):
             max_waiters=limits.max_waiting,
             max_waiters_per_caller=limits.max_waiting_per_caller,
         )
+        timeout = limits.read_timeout
+        self._unary = _ReadRules(self.budget, timeout, timeout, None)
+        # A stream's request is its filters: small, and held for as long as the stream is
+        # open, so it is bounded on its own and leaves the budget once read.
+        self._stream_filters = _ReadRules(self.budget, timeout, timeout, MAX_STREAM_REQUEST_BYTES)
+        # A stream's message (an upload's chunk) counts as its bound while it is read, not as
+        # the largest message: a stream waits for its client's next chunk for as long as its
+        # servicer's pace allows, and a few streams would hold all the room meanwhile. gRPC
+        # still reads a larger one whole before it is refused, and it is dropped at once.
+        self._stream_messages = _ReadRules(
+            self.budget,
+            timeout,
+            None,
+            limits.max_stream_message_bytes,
+            "CHUNK_TOO_LARGE",
+            limits.max_stream_message_bytes,
+        )
+        self._grpc_own = _ReadRules(
+            ByteBudget(
+                limits.max_message_bytes,
+                max_waiters=GRPC_OWN_MAX_WAITING,
+                max_waiters_per_caller=GRPC_OWN_MAX_WAITING_PER_CALLER,
+            ),
+            GRPC_OWN_READ_TIMEOUT,
+            GRPC_OWN_READ_TIMEOUT,
+            GRPC_OWN_MAX_REQUEST_BYTES,
+        )
 
-    async def _read(
-        self, request: Any, context: Context, max_bytes: int | None = None
-    ) -> tuple[Any, int]:
-        """The message of ``request`` and the bytes of budget its call holds."""
-        if not isinstance(request, PendingRequest):
-            return request, 0
-        reserved = self._limits.max_message_bytes
-        timeout = self._limits.read_timeout
+    async def _read_raw(
+        self, request: PendingRequest, context: Context, rules: _ReadRules
+    ) -> bytes | None:
+        """The next message of ``request`` (None at the end of a stream), read within
+        ``rules``; the budget then holds its size."""
+        budget = rules.budget
+        reserved = rules.reserved or self._limits.max_message_bytes
         try:
-            async with asyncio.timeout(timeout):
-                await self.budget.acquire(reserved, current_caller(context.peer()))
+            async with asyncio.timeout(rules.timeout):
+                await budget.acquire(reserved, current_caller(context.peer()))
         except TimeoutError as exc:
             raise ServerBusy(
-                f"too many requests are being read; none got room within {timeout:g} s",
-                metadata={"maxBytesInFlight": str(self._limits.max_bytes_in_flight)},
+                f"too many requests are being read; none got room within {rules.timeout:g} s",
+                metadata={"maxBytesInFlight": str(budget.total)},
             ) from exc
         except TooManyWaiting as exc:
             raise _too_many_waiting(exc) from exc
         try:
-            async with asyncio.timeout(timeout):
-                message, size = await request.read(context, max_bytes)
+            async with asyncio.timeout(rules.arrival_timeout):
+                raw = await (request.next_raw() if request.streamed else request.only_raw(context))
         except BaseException as exc:
-            self.budget.release(reserved)
+            budget.release(reserved)
             if isinstance(exc, TimeoutError):
                 raise RequestTooSlow(
-                    f"the request message did not arrive within {timeout:g} s"
+                    f"the request message did not arrive within {rules.arrival_timeout:g} s"
                 ) from exc
             raise
-        self.budget.release(reserved - size)
-        return message, size
+        size = 0 if raw is None else len(raw)
+        if rules.max_bytes is not None and size > rules.max_bytes:
+            budget.release(reserved)
+            raise RequestTooLarge(
+                f"a request message of {request.name} has {size} bytes; at most {rules.max_bytes}",
+                reason=rules.too_large_reason,
+                metadata={"maxBytes": str(rules.max_bytes)},
+            )
+        budget.release(reserved - size)
+        return raw
+
+    async def _messages(
+        self, request: PendingRequest, context: Context, rules: _ReadRules
+    ) -> AsyncIterator[Any]:
+        """A request stream's messages, each read once the servicer asks for it. The budget
+        holds one until the servicer asks for the next: holding more while waiting for room,
+        a stream could keep out, for good, a call ahead of it that needs that room."""
+        while (raw := await self._read_raw(request, context, rules)) is not None:
+            try:
+                yield request.decode(raw, context)
+            finally:
+                rules.budget.release(len(raw))
+        await _cancellation_landed(context)
+
+    @contextlib.asynccontextmanager
+    async def _request(
+        self, request: Any, context: Context, method: str, *, streams_answer: bool
+    ) -> AsyncIterator[Any]:
+        """What the behaviour of ``method`` is handed: its message, or its messages as they
+        come. The budget holds a message until the call is answered (a stream's filters, and
+        gRPC's own requests, only until read)."""
+        if not isinstance(request, PendingRequest):
+            yield request
+            return
+        own = is_grpc_own(method)
+        if request.streamed:
+            yield self._messages(request, context, self._grpc_own if own else self._stream_messages)
+            return
+        rules = self._grpc_own if own else self._stream_filters if streams_answer else self._unary
+        raw = await self._read_raw(request, context, rules)
+        assert raw is not None  # only_raw() never ends without one
+        held = 0 if own or streams_answer else len(raw)
+        rules.budget.release(len(raw) - held)
+        try:
+            yield request.decode(raw, context)
+        finally:
+            rules.budget.release(held)
 
     def wrap_unary(self, method: str, kind: str, behavior: Behavior) -> Behavior:
+        # grpc_health's Watch answers with context.write(): a stream, whatever its kind.
+        streams_answer = kind in ("unary_stream", "stream_stream")
+
         async def wrapper(request: Any, context: Context) -> Any:
-            message, held = await self._read(request, context)
-            try:
+            async with self._request(
+                request, context, method, streams_answer=streams_answer
+            ) as message:
                 return await behavior(message, context)
-            finally:
-                self.budget.release(held)
 
         return wrapper
 
     def wrap_stream(self, method: str, kind: str, behavior: Behavior) -> Behavior:
         async def wrapper(request: Any, context: Context) -> AsyncIterator[Any]:
-            # A stream's request is its filters: small, and held for as long as the stream is
-            # open, so it is bounded on its own and leaves the budget once read.
-            message, held = await self._read(request, context, MAX_STREAM_REQUEST_BYTES)
-            self.budget.release(held)
-            async for response in behavior(message, context):
-                yield response
+            async with self._request(request, context, method, streams_answer=True) as message:
+                async for response in behavior(message, context):
+                    yield response
 
         return wrapper

@@ -159,6 +159,9 @@ class ServiceConfig:
     )
     # The largest gRPC message, either way.
     max_message_bytes: int = 64 * MIB
+    # The largest message of a request stream (an UploadMediaStream chunk): clients send 64 KiB
+    # to 1 MiB; each is counted in the request memory until the stream asks for the next.
+    max_stream_message_bytes: int = 4 * MIB
     # Request messages held at once: one being read counts as max_message_bytes (its size is
     # known once read), one read as its size until its call is answered. None: two messages of
     # max_message_bytes. See mediatag_common.request_bodies.
@@ -190,6 +193,28 @@ class ServiceConfig:
         "refused RESOURCE_EXHAUSTED",
         parse=positive_int,
         metavar="N",
+        shared=True,
+    )
+    # gRPC's own health and reflection streams (Health/Watch, ServerReflectionInfo), which need
+    # no token and are not counted by max_calls: each holds a task and its queue of statuses.
+    # A load balancer checks with one (or with unary Health/Check, never bounded so).
+    max_health_streams: int = setting(
+        100,
+        flag="--max-health-streams",
+        help="gRPC health (Watch) and reflection streams each service holds open at once; "
+        "beyond, a new one is refused RESOURCE_EXHAUSTED",
+        parse=positive_int,
+        metavar="N",
+        shared=True,
+    )
+    # One peer address's share of them; None: a tenth of them.
+    max_health_streams_per_peer: int | None = setting(
+        None,
+        flag="--max-health-streams-per-peer",
+        help="gRPC health (Watch) and reflection streams of one peer address open at once",
+        parse=positive_int,
+        metavar="N",
+        shown_default="a tenth of --max-health-streams",
         shared=True,
     )
     # A connection that has not sent the HTTP/2 preface (and finished TLS) by then is closed.
@@ -307,6 +332,8 @@ class ServiceConfig:
             self,
             "max_connections",
             "max_calls",
+            "max_health_streams",
+            "max_health_streams_per_peer",
             "max_waiting_requests",
             "max_waiting_requests_per_caller",
         )
@@ -334,6 +361,7 @@ class ServiceConfig:
             stream_window=self.stream_window,
             max_waiting=self.max_waiting_requests or waiting_requests_for(self.stream_window),
             max_waiting_per_caller=self.max_waiting_requests_per_caller,
+            max_stream_message_bytes=self.max_stream_message_bytes,
         )
 
     @property
@@ -345,6 +373,8 @@ class ServiceConfig:
             handshake_timeout=self.handshake_timeout,
             idle_timeout=self.connection_idle_timeout,
             max_calls=self.max_calls,
+            max_health_streams=self.max_health_streams,
+            max_health_streams_per_peer=self.max_health_streams_per_peer,
         )
 
     @property

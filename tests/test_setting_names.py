@@ -36,6 +36,8 @@ SHARED_SERVE = {
     "--max-waiting-requests": "MEDIATAG_MAX_WAITING_REQUESTS",
     "--max-waiting-requests-per-caller": "MEDIATAG_MAX_WAITING_REQUESTS_PER_CALLER",
     "--stream-window": "MEDIATAG_STREAM_WINDOW",
+    "--max-health-streams": "MEDIATAG_MAX_HEALTH_STREAMS",
+    "--max-health-streams-per-peer": "MEDIATAG_MAX_HEALTH_STREAMS_PER_PEER",
 }
 INGEST_SERVE = {
     "--analysis-address": "MEDIATAG_ANALYSIS_ADDRESS",
