@@ -116,17 +116,23 @@ def test_in_use_counts_the_calls_of_the_last_window() -> None:
 # ---- one process (SQLite's case): quota pauses ----
 
 
-async def test_quota_errors_pause_an_api_longer_each_time_until_a_call_goes_through() -> None:
-    limits = RateLimits([ApiLimit("vision", 100.0, 1)], {})
-    assert await limits.quota_exceeded("vision", None) == QUOTA_BACKOFF_INITIAL
+@pytest.mark.looptime
+async def test_quota_errors_pause_an_api_longer_each_round_until_a_call_goes_through() -> None:
+    limits = RateLimits([ApiLimit("vision", 100.0, 1)], {}, clock=LoopClock())
+    # The refusals of the calls on their way when the first came: one round, one pause.
+    for _ in range(4):
+        assert await limits.quota_exceeded("vision", None) == QUOTA_BACKOFF_INITIAL
+    # Refused again after the pause: twice as long.
+    await asyncio.sleep(QUOTA_BACKOFF_INITIAL)
     assert await limits.quota_exceeded("vision", None) == 2 * QUOTA_BACKOFF_INITIAL
+    await asyncio.sleep(2 * QUOTA_BACKOFF_INITIAL)
     limits.succeeded(["vision"])
     assert await limits.quota_exceeded("vision", None) == QUOTA_BACKOFF_INITIAL
     # The API's own retry delay wins, up to a bound.
     assert await limits.quota_exceeded("vision", 7.0) == 7.0
     assert await limits.quota_exceeded("vision", 10 * QUOTA_PAUSE_MAX) == QUOTA_PAUSE_MAX
     (state,) = await limits.snapshot()
-    assert state.quota_errors == 5
+    assert state.quota_errors == 8
     assert state.throttled_until is not None
     waiting = asyncio.create_task(limits.acquire("vision"))
     await asyncio.sleep(0.05)

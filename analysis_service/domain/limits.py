@@ -166,6 +166,8 @@ class UpstreamApi:
     config: RateLimitConfig
     quota_errors: int = 0
     consecutive_quota_errors: int = 0
+    # When the pause this process's last quota backoff set ends (the clock's monotonic time).
+    backoff_until: float = 0.0
 
     @property
     def rule(self) -> Gcra:
@@ -338,6 +340,7 @@ class RateLimits:
         self._gate: RateGate = (
             InProcessGate(apis, clock) if shared is None else SharedGate(shared, clock)
         )
+        self._clock = clock
 
     def _api(self, api: str) -> UpstreamApi:
         try:
@@ -364,12 +367,18 @@ class RateLimits:
         """Pause ``api`` after a quota error; returns how long it is paused."""
         limit = self._api(api)
         limit.quota_errors += 1
-        limit.consecutive_quota_errors += 1
+        now = self._clock.monotonic()
+        # The refusals of calls that were on their way when the first came are one round
+        # with it: only a refusal after the pause it set makes the next pause longer (16
+        # workers refused at once paused the API for a minute, not a second).
+        if now >= limit.backoff_until:
+            limit.consecutive_quota_errors += 1
         pause = retry_after
         if pause is None:
             exponent = limit.consecutive_quota_errors - 1
             pause = min(QUOTA_BACKOFF_MAX, QUOTA_BACKOFF_INITIAL * 2.0**exponent)
         pause = min(pause, QUOTA_PAUSE_MAX)
+        limit.backoff_until = max(limit.backoff_until, now + pause)
         logger.warning("quota exceeded on %s: pausing it for %.1f s", api, pause)
         await self._gate.pause(limit, pause)
         return pause
