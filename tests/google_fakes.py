@@ -9,17 +9,24 @@ google-cloud-aiplatform. The analyser under test talks to them with the real asy
 They record every request (and the deadline it came with), answer with scripted content, and
 fail on demand: with a gRPC status (carrying ``google.rpc.RetryInfo`` when given a retry
 delay), or by never answering (``HANG``).
+
+``FakeTokenEndpoint`` stands in for the OAuth 2.0 token endpoint credentials are refreshed at.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from google.cloud import vision_v1
 from google.cloud.aiplatform_v1.types import content as gemini_content
 from google.cloud.aiplatform_v1.types import prediction_service
@@ -299,3 +306,67 @@ def invalid_argument(message: str) -> Fault:
 
 
 BAD_IMAGE_DATA = (code_pb2.INVALID_ARGUMENT, "Bad image data.")
+
+
+class FakeTokenEndpoint:
+    """Google's OAuth 2.0 token endpoint, answering every grant with ``status`` and ``body``
+    (by default refusing it as for a revoked or deleted key), on a free loopback port.
+
+    Plain HTTP in a thread of its own, as google-auth refreshes credentials synchronously.
+    """
+
+    def __init__(
+        self,
+        status: int = 400,
+        body: dict[str, str] | None = None,
+    ) -> None:
+        answer = json.dumps(
+            body or {"error": "invalid_grant", "error_description": "Invalid JWT Signature."}
+        ).encode()
+        self.grants: list[float] = []
+        grants = self.grants
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                grants.append(time.monotonic())
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = HTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}/token"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+def service_account_key(token_uri: str) -> dict[str, str]:
+    """A service account key file's content, with a new RSA key, refreshed at ``token_uri``."""
+    private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return {
+        "type": "service_account",
+        "project_id": "test-project",
+        "private_key_id": "test-key",
+        "private_key": pem.decode("ascii"),
+        "client_email": "mediatag@test-project.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": token_uri,
+    }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import io
 import itertools
 import math
@@ -33,6 +34,7 @@ from mediatag.analysis.v1 import analysis_pb2 as apb
 from mediatag.ingest.v1 import ingest_pb2 as ipb
 from PIL import Image
 
+from analysis_service.analyzers.base import AnalysisInput
 from analysis_service.analyzers.google import GoogleAnalyzer
 from analysis_service.analyzers.google_clients import classify
 from analysis_service.analyzers.google_images import (
@@ -261,6 +263,35 @@ async def test_gemini_refines_the_tags_and_an_answer_that_is_not_json_keeps_visi
     assert len(vertex.generate_requests()) == 2
 
 
+async def test_a_gemini_answer_that_is_not_json_completes_its_job_but_is_not_cached(
+    make_cluster: Callable[..., Cluster], vision: FakeVision, vertex: FakeVertex
+) -> None:
+    """Vision's tags alone are a fallback: the next job with the same content asks Gemini
+    again (and only Gemini: Vision's and the embeddings' answers were kept), and its refined
+    result is the one cached."""
+    vertex.answers = ["I'm sorry, I can't help with that.", '{"tags": ["Fade"]}']
+    cluster = await start_cluster(
+        make_cluster,
+        google_config(vision, vertex, refine_tags=True),
+        rate_limits={**FAST, "gemini": RateLimitConfig(50)},
+    )
+    image = jpeg_bytes(seed=21)
+    done = []
+    for _ in range(3):
+        (media_id,) = await upload(cluster, image)
+        done += await wait_terminal(cluster, [media_id])
+    fallback, refined, reused = done
+
+    assert all(m.status == ipb.PROCESSING_STATUS_COMPLETED for m in done), done
+    assert (list(fallback.tags), fallback.reused) == (VISION_TAGS, False)
+    assert (list(refined.tags), refined.reused) == (["fade", *VISION_TAGS], False)
+    assert (list(reused.tags), reused.reused) == (["fade", *VISION_TAGS], True)
+    calls = (len(vision.calls(ANNOTATE)), len(vertex.calls(PREDICT)), len(vertex.calls(GENERATE)))
+    assert calls == (1, 1, 2)
+    # The fallback's job keeps the result it completed with, not the one cached since.
+    assert list((await job(cluster, fallback.id)).result.tags) == VISION_TAGS
+
+
 async def test_quota_errors_are_absorbed_without_using_up_attempts(
     make_cluster: Callable[..., Cluster], vision: FakeVision, vertex: FakeVertex
 ) -> None:
@@ -277,9 +308,9 @@ async def test_quota_errors_are_absorbed_without_using_up_attempts(
 
     assert media.status == ipb.PROCESSING_STATUS_COMPLETED, media.error
     assert media.attempt == 1
-    # Refused, refused, answered (then embeddings refused), answered.
+    # Refused, refused, answered (then embeddings refused: their retry alone is called).
     calls = [c.at for c in vision.calls(ANNOTATE)]
-    assert len(calls) == 4
+    assert len(calls) == 3
     assert len(vertex.calls(PREDICT)) == 2
     gaps = [b - a for a, b in itertools.pairwise(calls)]
     # The retry delay the error carried is honoured.
@@ -291,6 +322,33 @@ async def test_quota_errors_are_absorbed_without_using_up_attempts(
     status = await cluster.analysis.GetQueueStatus(apb.GetQueueStatusRequest(), timeout=PATIENCE)
     quota_errors = {limit.api: limit.quota_errors for limit in status.rate_limits}
     assert quota_errors == {"vision": 2, "embeddings": 1}
+
+
+async def test_a_job_put_off_by_a_later_apis_quota_does_not_call_the_earlier_apis_again(
+    make_cluster: Callable[..., Cluster], vision: FakeVision, vertex: FakeVertex
+) -> None:
+    """Vision answered, then the embeddings were refused once and Gemini three times: each
+    retry calls only what has not answered yet (the rest is kept until the analysis
+    completes), where it used to call Vision and the embeddings again each time."""
+    vertex.fail_next(PREDICT, quota(retry_delay=0.1))
+    vertex.fail_next(GENERATE, *[quota(retry_delay=0.1)] * 3)
+    vertex.answers = ['{"tags": ["Fade"]}']
+    cluster = await start_cluster(
+        make_cluster,
+        google_config(vision, vertex, refine_tags=True),
+        rate_limits={**FAST, "gemini": RateLimitConfig(50)},
+        retry=RetryPolicy(max_attempts=1, backoff_base=0.05),
+    )
+    (media_id,) = await upload(cluster, jpeg_bytes(seed=20))
+    (media,) = await wait_terminal(cluster, [media_id])
+
+    assert media.status == ipb.PROCESSING_STATUS_COMPLETED, media.error
+    assert list(media.tags) == ["fade", *VISION_TAGS]
+    assert np.allclose(np.asarray(media.embedding), unit(VECTOR), atol=1e-6)
+    calls = (len(vision.calls(ANNOTATE)), len(vertex.calls(PREDICT)), len(vertex.calls(GENERATE)))
+    assert calls == (1, 2, 4)
+    attempts = (await job(cluster, media_id)).attempts
+    assert [a.outcome for a in attempts] == ["QUOTA_EXCEEDED"] * 4 + ["COMPLETED"]
 
 
 async def test_transient_errors_are_retried(
@@ -305,8 +363,9 @@ async def test_transient_errors_are_retried(
     assert media.status == ipb.PROCESSING_STATUS_COMPLETED, media.error
     assert media.attempt == 3
     assert list(media.tags) == VISION_TAGS
-    # One call per attempt: the library's own retry is off.
-    assert len(vision.calls(ANNOTATE)) == 3
+    # One call per attempt (the library's own retry is off), and none to Vision once it
+    # answered (attempt 2).
+    assert len(vision.calls(ANNOTATE)) == 2
     assert len(vertex.calls(PREDICT)) == 2
     attempts = (await job(cluster, media_id)).attempts
     assert [a.outcome for a in attempts] == ["RETRY_SCHEDULED", "RETRY_SCHEDULED", "COMPLETED"]
@@ -431,6 +490,66 @@ async def test_images_above_the_limits_are_downscaled_and_formats_converted(
         assert converted.size == (100, 75)
 
 
+class SlotsTaken:
+    """The worker's rate limits reduced to what this test looks at: the slots asked for, in
+    order, each granted at once."""
+
+    def __init__(self) -> None:
+        self.apis: list[str] = []
+
+    async def acquire(self, api: str) -> None:
+        self.apis.append(api)
+
+
+def truncated(content: bytes) -> bytes:
+    """The first half: its header reads, its pixels do not decode."""
+    return content[: len(content) // 2]
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "overrides", "slots"),
+    [
+        # Over the pixel limit: downscaled for Vision.
+        (truncated(jpeg_bytes(seed=22)), "image/jpeg", {"max_image_pixels": 20_000}, []),
+        # Sent to Vision as it is; converted for the embeddings.
+        (truncated(encode(photo(23), "TIFF")), "image/tiff", {}, ["vision"]),
+        # Sent to Vision and the embeddings as it is; converted for Gemini.
+        (
+            truncated(encode(photo(24), "BMP")),
+            "image/bmp",
+            {"refine_tags": True},
+            ["vision", "embeddings"],
+        ),
+    ],
+    ids=["vision", "embeddings", "gemini"],
+)
+async def test_each_image_is_re_encoded_before_its_calls_rate_limit_slot(
+    vision: FakeVision,
+    vertex: FakeVertex,
+    content: bytes,
+    content_type: str,
+    overrides: Mapping[str, object],
+    slots: list[str],
+) -> None:
+    """A call must follow its slot at once. The embeddings' image used to be re-encoded
+    after their slot (seconds for a large one), so their calls went late and bunched up past
+    the limit with the next ones. Here the re-encoding fails: no slot was taken for it."""
+    analyzer = GoogleAnalyzer(google_config(vision, vertex, **overrides))
+    taken = SlotsTaken()
+    item = AnalysisInput("media-1", content, content_type, hashlib.sha256(content).hexdigest())
+    try:
+        with pytest.raises(PermanentAnalyzerError, match="truncated"):
+            await analyzer.analyze(item, taken)
+    finally:
+        await analyzer.aclose()
+
+    assert taken.apis == slots
+    # Every slot taken was used by its call.
+    assert len(vision.calls(ANNOTATE)) == slots.count("vision")
+    assert len(vertex.calls(PREDICT)) == slots.count("embeddings")
+    assert vertex.calls(GENERATE) == []
+
+
 # ---- the parts ----
 
 
@@ -529,7 +648,7 @@ def _with_retry_info(seconds: float) -> api_exceptions.ResourceExhausted:
         (api_exceptions.NotFound("model"), PermanentAnalyzerError, "ANALYZER_REJECTED"),
         (api_exceptions.MethodNotImplemented("x"), PermanentAnalyzerError, "ANALYZER_REJECTED"),
         (auth_exceptions.TransportError("net"), TransientAnalyzerError, "ANALYZER_UNAVAILABLE"),
-        (auth_exceptions.RefreshError("revoked"), PermanentAnalyzerError, "ANALYZER_REJECTED"),
+        (auth_exceptions.RefreshError("revoked"), PermanentAnalyzerError, "CREDENTIALS_REFUSED"),
     ],
 )
 def test_errors_are_classified(error: Exception, kind: type[Exception], reason: str) -> None:

@@ -270,10 +270,12 @@ async def test_identical_content_is_analysed_once_across_replicas(
     key = caches[0].key("f" * 64, {})
 
     async def work(n: int) -> JobResult:
-        async def complete(result: JobResult, new_result: NewResult | None) -> None:
+        async def complete(
+            result: JobResult, result_key: str, new_result: NewResult | None
+        ) -> None:
             end = AttemptEnd(
                 jobs[n], JobStatus.COMPLETED, AttemptOutcome.COMPLETED, jobs[n].attempt,
-                result=result, result_key=key, new_result=new_result,
+                result=result, result_key=result_key, new_result=new_result,
             )  # fmt: skip
             assert await stores[n].end_attempts([end]) != [None]
 

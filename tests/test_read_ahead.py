@@ -109,7 +109,7 @@ async def test_a_job_claimed_ahead_is_looked_up_and_read_before_a_worker_starts_
     assert reading.result() == content(int(first.spec.media_id.removeprefix("media-")))
     recorded: list[JobResult] = []
 
-    async def record(result: JobResult, new_result: NewResult | None) -> None:
+    async def record(result: JobResult, result_key: str, new_result: NewResult | None) -> None:
         recorded.append(result)
 
     async def compute() -> JobResult:

@@ -203,6 +203,37 @@ async def test_a_dead_holders_claim_lapses_within_one_lease_and_the_waiting_job_
     assert claimed_at + LEASE < called_at <= claimed_at + LEASE + OTHER_HOLDER_POLL
 
 
+@pytest.mark.looptime
+async def test_a_degraded_result_lets_the_copy_waiting_in_another_replica_analyse_at_once() -> None:
+    """The analyser's fallback result is not stored: its holder drops its claim on the key,
+    and the copy waiting in the other replica takes it at its next look (not a lease later),
+    then analyses the content on its first attempt."""
+    clock = LoopClock()
+    hub = StatusHub(buffer_size=1024, max_watchers=10)
+    store = MemoryQueueStore(publish=hub.publish, clock=clock, shared=True)
+    upstream = Upstream(duration=TIMEOUT / 2, degraded=1)
+    async with AsyncExitStack() as stack:
+        processes = [
+            await stack.enter_async_context(
+                replica(
+                    store,
+                    hub,
+                    upstream,
+                    RateLimits(upstream.api_limits, {}, clock=clock),
+                    clock=clock,
+                )
+            )
+            for _ in range(2)
+        ]
+        await processes[0].queue.submit([spec(1), copy_of(1)])
+        jobs = await until_terminal(store, hub, [spec(1), copy_of(1)])
+
+    assert [outcomes(job) for job in jobs] == [["COMPLETED"]] * 2
+    assert [bool(job.result and job.result.reused) for job in jobs] == [False, False]
+    first, second = sorted(at for _, at in upstream.calls)
+    assert first + upstream.duration < second <= first + upstream.duration + OTHER_HOLDER_POLL
+
+
 # ---- on real databases ----
 
 

@@ -67,7 +67,8 @@ def reason(event: StatusEvent) -> str | None:
 class Upstream:
     """The analyser's upstream API, scripted. A call for a media id raises the next of its
     ``failures`` (then answers), or ``fail_always``'s error; each takes ``duration`` seconds.
-    Calls are recorded at the loop's time, once the rate limit let them through."""
+    The first ``degraded`` answers are the analyser's fallback. Calls are recorded at the
+    loop's time, once the rate limit let them through."""
 
     failures: dict[str, list[Exception]] = field(default_factory=dict)
     fail_always: dict[str, Exception] = field(default_factory=dict)
@@ -82,6 +83,7 @@ class Upstream:
     cancelled: list[tuple[str, float]] = field(default_factory=list)
     name: str = "scripted"
     version: str = "1"
+    degraded: int = 0
 
     @property
     def api_limits(self) -> Sequence[ApiLimit]:
@@ -102,7 +104,9 @@ class Upstream:
             raise self.fail_always[item.media_id]
         if self.failures.get(item.media_id):
             raise self.failures[item.media_id].pop(0)
-        return AnalysisOutput(("tag",), np.full(4, 0.5, dtype=np.float32))
+        degraded = self.degraded > 0
+        self.degraded -= degraded
+        return AnalysisOutput(("tag",), np.full(4, 0.5, dtype=np.float32), degraded)
 
     def call_times(self, number: int) -> list[float]:
         return [at for media_id, at in self.calls if media_id == spec(number).media_id]
@@ -399,6 +403,21 @@ async def test_identical_content_is_analysed_once() -> None:
         assert first.result is not None
         assert second.result is not None
         assert (first.result.reused, second.result.reused) == (False, True)
+
+
+async def test_a_degraded_result_completes_its_job_only() -> None:
+    """The analyser's fallback result is not cached: the copy that waited for its analysis
+    analyses the content again (at once), and the next copy reuses that full result."""
+    upstream = Upstream(duration=1.0, degraded=1)
+    copy, later = (replace(spec(1), media_id=spec(n).media_id) for n in (2, 3))
+    async with service(upstream, workers=2) as running:
+        await running.queue.submit([spec(1), copy])
+        done = await running.until(JobStatus.COMPLETED, 1, 2)
+        await running.queue.submit([later])
+        done += await running.until(JobStatus.COMPLETED, 3)
+
+    assert [event.result and event.result.reused for event in done] == [False, False, True]
+    assert gaps(sorted(at for _, at in upstream.calls)) == [upstream.duration]
 
 
 async def test_identical_content_among_jobs_claimed_ahead_is_analysed_once() -> None:

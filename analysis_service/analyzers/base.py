@@ -33,10 +33,16 @@ class AnalysisInput:
 
 @dataclass(frozen=True)
 class AnalysisOutput:
-    """Tags (ordered, lower-case, hyphenated) and an L2-normalised float32 embedding."""
+    """Tags (ordered, lower-case, hyphenated) and an L2-normalised float32 embedding.
+
+    ``degraded``: made by the analyser's fallback because an upstream answer could not be
+    used (Gemini's refinement, say). The job completes with it, but it is not cached: the
+    next job with the same content analyses it again.
+    """
 
     tags: tuple[str, ...]
     embedding: npt.NDArray[np.float32]
+    degraded: bool = False
 
 
 class RateLimiter(Protocol):
@@ -49,9 +55,11 @@ class RateLimiter(Protocol):
 class Analyzer(Protocol):
     """An image analyser.
 
-    ``analyze`` calls ``limiter.acquire(api)`` before each upstream call, and raises
-    ``TransientAnalyzerError``, ``PermanentAnalyzerError`` or ``QuotaExceeded`` (from
-    ``analysis_service.errors``) on failure; nothing else.
+    ``analyze`` calls ``limiter.acquire(api)`` right before each upstream call, its request
+    ready (an image re-encoded before the slot, not after: a call that leaves late bunches up
+    with the next ones past the limit). It raises ``TransientAnalyzerError``,
+    ``PermanentAnalyzerError`` or ``QuotaExceeded`` (from ``analysis_service.errors``) on
+    failure; nothing else.
     """
 
     @property

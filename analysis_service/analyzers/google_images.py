@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
+from analysis_service.analyzers.image_modes import has_alpha, to_8_bit
 from analysis_service.errors import PermanentAnalyzerError
 
 logger = logging.getLogger(__name__)
@@ -106,9 +107,10 @@ def _reencode(image: UploadImage, scale: float, limits: ImageLimits) -> UploadIm
     with Image.open(io.BytesIO(image.content)) as opened:
         # JPEG only: libjpeg scales by 1/2..1/8 while decoding, to no less than the request.
         opened.draft("RGB", _scaled((image.width, image.height), scale))
-        decoded = ImageOps.exif_transpose(opened)
-    has_alpha = decoded.mode in ("RGBA", "LA", "PA") or "transparency" in decoded.info
-    mode = "RGBA" if has_alpha else "L" if decoded.mode == "L" else "RGB"
+        # High bit depths scaled to 8 bits: converted directly, they would clip or truncate.
+        decoded = to_8_bit(ImageOps.exif_transpose(opened))
+    transparent = has_alpha(decoded)
+    mode = "RGBA" if transparent else "L" if decoded.mode == "L" else "RGB"
     working = decoded if decoded.mode == mode else decoded.convert(mode)
     # Draft decoding and EXIF rotation change the size: fit what was decoded.
     width, height = working.size
@@ -119,7 +121,7 @@ def _reencode(image: UploadImage, scale: float, limits: ImageLimits) -> UploadIm
             # Bilinear: Pillow scales its support with the factor (no aliasing), and it is
             # twice as fast as Lanczos on a 75-megapixel image; the APIs downscale further.
             resized = working.resize(target, Image.Resampling.BILINEAR)
-        content, mime_type = _encode(resized, has_alpha)
+        content, mime_type = _encode(resized, transparent)
         if len(content) <= limits.max_bytes:
             return UploadImage(content, mime_type, *resized.size)
         shrink = min(_MAX_SHRINK, math.sqrt(limits.max_bytes / len(content)))
@@ -135,9 +137,9 @@ def _scaled(size: tuple[int, int], scale: float) -> tuple[int, int]:
     return max(1, int(size[0] * scale)), max(1, int(size[1] * scale))
 
 
-def _encode(image: Image.Image, has_alpha: bool) -> tuple[bytes, str]:
+def _encode(image: Image.Image, transparent: bool) -> tuple[bytes, str]:
     buffer = io.BytesIO()
-    if has_alpha:
+    if transparent:
         image.save(buffer, format="PNG", optimize=False)
         return buffer.getvalue(), "image/png"
     image.save(buffer, format="JPEG", quality=_JPEG_QUALITY)

@@ -30,6 +30,8 @@ MAX_TAG_LENGTH = 64
 # Safe-search categories that become ``unsafe-<category>`` tags, and the likelihoods that count.
 UNSAFE_CATEGORIES = ("adult", "violence", "racy")
 UNSAFE_LIKELIHOODS = frozenset({"LIKELY", "VERY_LIKELY"})
+# Far above any answer asked for (20 tags of at most 64 characters: under 2 KB).
+MAX_REFINED_ANSWER_CHARS = 32_768
 _NOT_WORD = re.compile(r"[^a-z0-9]+")
 _APOSTROPHES = re.compile(r"['\u2019\u2018`]")
 
@@ -141,9 +143,16 @@ def refine_prompt(
 
 def parse_refined(text: str) -> list[str] | None:
     """Gemini's tags from its JSON answer; None (and a warning) for anything else."""
+    if len(text) > MAX_REFINED_ANSWER_CHARS:
+        # Refused before parsing, so a runaway answer costs no more than reading it.
+        logger.warning(
+            "Gemini's answer is %d characters long; keeping Vision's tags: %.200r", len(text), text
+        )
+        return None
     try:
         answer = json.loads(_strip_code_fence(text))
-    except ValueError:
+    except (ValueError, RecursionError):
+        # RecursionError: arrays or objects nested deeper than the parser goes.
         logger.warning("Gemini's answer is not JSON; keeping Vision's tags: %.200r", text)
         return None
     tags = answer.get("tags") if isinstance(answer, dict) else answer

@@ -8,7 +8,8 @@ making a second one: in this process through a future, across processes sharing 
 database through a claim on the key in the store. The claim has a short lease that its
 holder renews while it analyses, so a slow analysis keeps the key and a dead holder's is
 taken over within one lease. Waiting for another's analysis is no part of a job's own
-analysis (see :mod:`analysis_service.domain.workers`).
+analysis (see :mod:`analysis_service.domain.workers`). A :class:`Degraded` result completes
+its job only: it is not stored, and the jobs waiting for it analyse the content again.
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ OTHER_HOLDER_POLL = 0.25
 # for it to end (with 4 workers and one at a time, the workers fell into step behind it).
 MAX_LOOK_UP_BATCH = 64
 MAX_LOOK_UPS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Degraded:
+    """A computed result not to reuse: the analyser's fallback after an upstream answer it
+    could not use. Its job completes with it; the next one with its content computes again."""
+
+    result: JobResult
 
 
 class ResultCache:
@@ -85,18 +94,20 @@ class ResultCache:
         self,
         key: str,
         sha256: str,
-        compute: Callable[[], Awaitable[JobResult]],
-        record: Callable[[JobResult, NewResult | None], Awaitable[None]],
+        compute: Callable[[], Awaitable[JobResult | Degraded]],
+        record: Callable[[JobResult, str, NewResult | None], Awaitable[None]],
     ) -> JobResult:
         """The cached result (``reused``), or the result of ``compute``: handed to ``record``
-        (the job's completion), then returned.
+        (the job's completion) with the key it is kept under, then returned.
 
         A computed result comes to ``record`` with its :class:`NewResult`, for the
         completion's transaction to keep in the store (one transaction per job, not two); if
         ``record`` fails, the result is stored on its own. The jobs of this process waiting
         for ``key`` take the result once ``record`` is done (its transaction may still be
         queued: theirs store the result too, if it is not yet); if the job computing it
-        fails, one of them takes over.
+        fails, or its result is :class:`Degraded` (kept under a key of its own, which no job
+        looks up, and the claim on the key dropped), one of them takes over: a fallback's
+        result serves no job but its own, in this process as in others.
         """
         while True:
             looking_up: Awaitable[JobResult | bool] | None = self._ahead.pop(key, None)
@@ -111,7 +122,7 @@ class ResultCache:
                         continue
                     self.hits += 1
                     reused = dataclasses.replace(computed, reused=True)
-                    await record(reused, NewResult(sha256, None))
+                    await record(reused, key, NewResult(sha256, None))
                     return reused
                 # Registered before the store is asked: the jobs of this process wait here.
                 done = asyncio.get_running_loop().create_future()
@@ -127,7 +138,7 @@ class ResultCache:
             self._finish(key, done)
             if isinstance(found, JobResult):
                 self.hits += 1
-                await record(found, None)
+                await record(found, key, None)
                 return found
             # Another process analyses this content: its result will be in the store (or
             # its claim dropped, or lapsed unrenewed as its holder died, and this one takes
@@ -136,29 +147,36 @@ class ResultCache:
         self.misses += 1
         holder = self._holder if self._store.shared else None
         renewal = None if holder is None else self._renew(key, holder)
+        # What the jobs of this process waiting for the key take (None: they look again).
         result: JobResult | None = None
         try:
             try:
-                result = await compute()
+                fresh = await compute()
             except BaseException:
-                if renewal is not None and holder is not None:
-                    with contextlib.suppress(Exception):
-                        # A renewal landing after the drop would take the key again.
-                        await renewal.stop()
-                        await asyncio.shield(self._store.drop_analysis(key, holder))
+                if renewal is not None:
+                    await self._let_go(key, renewal)
                 raise
+            if isinstance(fresh, Degraded):
+                # Not stored: the other processes' jobs waiting for the key take it over now.
+                if renewal is not None:
+                    await self._let_go(key, renewal)
+                # Kept for its job (whose result is read through its key) under a key of its
+                # own, unlike any content's: no other job finds it.
+                own_key = hashlib.sha256(f"{key}:degraded:{uuid.uuid4()}".encode()).hexdigest()
+                await record(fresh.result, own_key, NewResult(sha256, None))
+                return fresh.result
             try:
-                await record(result, NewResult(sha256, holder))
+                await record(fresh, key, NewResult(sha256, holder))
             except BaseException:
                 # Its transaction failed or never ran: keep the result all the same (a
                 # second store of a key changes nothing).
                 with contextlib.suppress(Exception):
                     await asyncio.shield(
-                        self._store.store_result(key, sha256, result, holder=holder)
+                        self._store.store_result(key, sha256, fresh, holder=holder)
                     )
-                result = None
                 raise
-            return result
+            result = fresh
+            return fresh
         finally:
             if renewal is not None:
                 # Not waited for: a renewal after the result is stored finds it and takes
@@ -199,6 +217,13 @@ class ResultCache:
         (always, when no other process shares the store): one round trip with the keys the
         other workers look up at the same moment."""
         return await self._looking_up.ask(key)
+
+    async def _let_go(self, key: str, renewal: _Renewal) -> None:
+        """Drop this process's claim on ``key``; on error, it lapses within its lease."""
+        with contextlib.suppress(Exception):
+            # A renewal landing after the drop would take the key again.
+            await renewal.stop()
+            await asyncio.shield(self._store.drop_analysis(key, self._holder))
 
     def _renew(self, key: str, holder: str) -> _Renewal:
         renewal = _Renewal(self._store, key, holder, self._claim_seconds)

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Awaitable
 
 from analysis_service.analyzers.base import AnalysisInput, Analyzer
-from analysis_service.domain.cache import ResultCache
+from analysis_service.domain.cache import Degraded, ResultCache
 from analysis_service.domain.clock import SYSTEM_CLOCK, Clock
 from analysis_service.domain.content import ContentSource
 from analysis_service.domain.limits import RateLimits
@@ -261,8 +261,12 @@ class WorkerPool:
         spec = job.spec
         key, content = self._read_ahead.start(job)
 
-        async def complete(result: JobResult, new_result: NewResult | None) -> None:
-            completion.append(await self._queue.complete(job, result, key, new_result=new_result))
+        async def complete(
+            result: JobResult, result_key: str, new_result: NewResult | None
+        ) -> None:
+            completion.append(
+                await self._queue.complete(job, result, result_key, new_result=new_result)
+            )
 
         # The bytes are read while the cache is asked: the two round trips overlap instead of
         # adding up (a cached result, the rare case, wastes the read). The analyser's
@@ -292,14 +296,14 @@ class WorkerPool:
             },
         )
 
-    async def _analyze(self, job: ClaimedJob, reading: Awaitable[bytes]) -> JobResult:
+    async def _analyze(self, job: ClaimedJob, reading: Awaitable[bytes]) -> JobResult | Degraded:
         """Analyse the job's bytes within the analyser timeout."""
         async with asyncio.timeout(self._analyzer_timeout) as deadline:
             return await self._call_analyzer(job, await reading, deadline)
 
     async def _call_analyzer(
         self, job: ClaimedJob, content: bytes, deadline: asyncio.Timeout
-    ) -> JobResult:
+    ) -> JobResult | Degraded:
         spec = job.spec
         logger.info(
             "analysing media %s with %s (%s)",
@@ -338,7 +342,7 @@ class WorkerPool:
             CallOutcome.OK, self._clock.monotonic() - started - call.waited, call.last_api
         )
         self._limits.succeeded([limit.api for limit in self._analyzer.api_limits])
-        return JobResult(
+        result = JobResult(
             tags=output.tags,
             embedding=output.embedding,
             embedding_dimensions=int(output.embedding.shape[0]),
@@ -346,6 +350,7 @@ class WorkerPool:
             analyzer_version=self._analyzer.version,
             reused=False,
         )
+        return Degraded(result) if output.degraded else result
 
     async def _record(self, job: ClaimedJob, work: Awaitable[object]) -> AttemptOutcome:
         """Run ``work`` and turn its failure into the job's next status; the attempt's outcome."""
