@@ -9,6 +9,7 @@ import itertools
 import multiprocessing
 import os
 import re
+import resource
 import signal
 import struct
 import time
@@ -28,7 +29,7 @@ from analysis_service.analyzers.base import AnalysisInput, AnalysisOutput, ApiLi
 from analysis_service.analyzers.local import LocalAnalyzer
 from analysis_service.errors import PermanentAnalyzerError, TransientAnalyzerError
 from tests.analysis_child import projections_made
-from tests.conftest import PATIENCE
+from tests.conftest import PATIENCE, wait_until
 
 TAG_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 SCENE_SEEDS = (11, 22, 33, 44, 55, 66)
@@ -202,6 +203,22 @@ async def test_orientation_follows_the_displayed_shape() -> None:
     assert "orientation-portrait" in await tags_of(landscape, "JPEG", exif=exif)
 
 
+@pytest.mark.parametrize(("mode", "image_format"), [("RGB", "JPEG"), ("RGBA", "PNG")])
+async def test_the_pixels_are_measured_as_displayed_after_exif_orientation(
+    mode: str, image_format: str
+) -> None:
+    # Larger than the working size, so the image is shrunk before it is turned.
+    stored = scene(SCENE_SEEDS[2], (1200, 900)).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    turned = (await analyse(encode(stored, image_format, exif=exif))).embedding
+    displayed = await analyse(encode(stored.transpose(Image.Transpose.ROTATE_270), image_format))
+    as_stored = (await analyse(encode(stored, image_format))).embedding
+
+    assert cosine(turned, displayed.embedding) > 0.99
+    assert cosine(turned, as_stored) < 0.9
+
+
 async def test_a_mostly_blue_image_is_dominant_blue() -> None:
     rng = np.random.default_rng(7)
     rows = np.linspace(0.0, 1.0, 480)[:, None, None]
@@ -289,6 +306,43 @@ async def test_undecodable_bytes_are_a_permanent_failure(content: bytes) -> None
         await analyse(content)
     assert raised.value.reason == "IMAGE_UNDECODABLE"
     assert not raised.value.transient
+
+
+def analyse_with_memory_to_spare(content: bytes, spare_bytes: int) -> str:
+    """In a child process: analyse ``content`` with the address space limited to what the process
+    uses now plus ``spare_bytes``; "measured", or the failure's reason."""
+    local._analyze_bytes(local._warm_up_image(), 64)
+    status = Path("/proc/self/status").read_text()
+    in_use = int(re.search(r"VmSize:\s+(\d+) kB", status)[1]) * 1024  # type: ignore[index]
+    resource.setrlimit(resource.RLIMIT_AS, (in_use + spare_bytes, resource.RLIM_INFINITY))
+    try:
+        local._analyze_bytes(content, 64)
+    except PermanentAnalyzerError as exc:
+        return exc.reason
+    return "measured"
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P"])
+async def test_a_large_image_is_measured_in_little_more_memory_than_its_decoded_size(
+    mode: str,
+) -> None:
+    """Address space, not resident memory, is limited: a deterministic measure of what decoding
+    allocates. Full-size copies (turned, converted) took three to six times the decoded size."""
+    side = 6000
+    image = Image.new(mode, (side, side), "teal" if mode != "P" else 3)
+    ImageDraw.Draw(image).ellipse((1000, 1000, 5000, 5000), fill="orange" if mode != "P" else 9)
+    content = encode(image, "PNG")
+    del image
+    # Pillow holds 4 bytes a pixel for RGB(A), 1 for P: half as much again to spare.
+    decoded = side * side * (1 if mode == "P" else 4)
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        outcome = await asyncio.get_running_loop().run_in_executor(
+            pool, analyse_with_memory_to_spare, content, decoded * 3 // 2
+        )
+    finally:
+        await asyncio.to_thread(local._kill_pool, pool)
+    assert outcome == "measured"
 
 
 def png_declaring(width: int, height: int) -> bytes:
@@ -429,11 +483,62 @@ async def test_analysis_processes_run_at_lower_cpu_priority_and_a_dead_one_is_re
             assert os.sched_getscheduler(child.pid or 0) == os.SCHED_IDLE
         os.kill(child.pid or 0, signal.SIGKILL)
         child.join(timeout=10)
-        # The call that finds the pool broken is a transient failure (the job is retried)...
-        with pytest.raises(TransientAnalyzerError):
-            await analyse(content, analyzer)
+        # The call that finds the pool broken is measured again, alone (the dead process was
+        # not measuring its image)...
+        assert (await analyse(content, analyzer)).tags
         # ... and the next one runs in a new process.
         assert (await analyse(content, analyzer)).tags
     finally:
         await analyzer.aclose()
+    assert not multiprocessing.active_children()
+
+
+def resident_bytes(pid: int) -> int:
+    """Resident memory of process ``pid``; 0 once it is gone."""
+    try:
+        resident_pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+async def test_a_process_killed_by_one_image_fails_that_image_alone() -> None:
+    """As the out-of-memory killer would, every analysis process holding more than its share of
+    memory is killed: only the large image does that. The jobs queued beside it in the process
+    pool are measured; the large image fails (an attempt), after one try alone, not endlessly."""
+    innocents = [encode(scene(seed, (160, 120))) for seed in SCENE_SEEDS[:3]]
+    expected = [await analyse(content) for content in innocents]
+    poison_image = Image.new("RGB", (6000, 6000), "teal")
+    ImageDraw.Draw(poison_image).ellipse((1000, 1000, 5000, 5000), fill="orange")
+    poison = encode(poison_image, "PNG")
+    del poison_image
+    analyzer = LocalAnalyzer(processes=1)
+    try:
+        await analyse(innocents[0], analyzer)
+        (child,) = multiprocessing.active_children()
+        # 6000 x 6000 RGB is 137 MiB decoded; a small image adds next to nothing.
+        limit = resident_bytes(child.pid or 0) + 64 * 2**20
+        # One process: the small images wait in the pool behind the large one.
+        poisoned = asyncio.create_task(analyse(poison, analyzer))
+        measured = [asyncio.create_task(analyse(content, analyzer)) for content in innocents]
+        killed: set[int] = set()
+
+        async def kill_the_greedy() -> bool:
+            for process in multiprocessing.active_children():
+                if process.pid and resident_bytes(process.pid) > limit:
+                    os.kill(process.pid, signal.SIGKILL)
+                    killed.add(process.pid)
+            return poisoned.done()
+
+        await wait_until(kill_the_greedy, interval=0.005)
+        results = await asyncio.wait_for(asyncio.gather(*measured), timeout=PATIENCE)
+        with pytest.raises(TransientAnalyzerError):
+            await poisoned
+    finally:
+        await analyzer.aclose()
+    for there, here in zip(results, expected, strict=True):
+        assert there.tags == here.tags
+        np.testing.assert_array_equal(there.embedding, here.embedding)
+    # Once in the pool with the others, once alone.
+    assert len(killed) == 2
     assert not multiprocessing.active_children()

@@ -25,6 +25,7 @@ named with the palette of :mod:`analysis_service.analyzers.colours`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import multiprocessing
@@ -37,7 +38,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image
 
 from analysis_service.analyzers.base import AnalysisInput, AnalysisOutput, ApiLimit, RateLimiter
 from analysis_service.analyzers.colours import (
@@ -47,12 +48,33 @@ from analysis_service.analyzers.colours import (
     colour_names,
     srgb_lightness,
 )
+from analysis_service.analyzers.image_modes import to_rgb_or_rgba
 from analysis_service.analyzers.local_embedding import embedding
 from analysis_service.errors import PermanentAnalyzerError, TransientAnalyzerError
 
 logger = logging.getLogger(__name__)
 
 _WORK_SIDE = 256
+# Modes Pillow resamples in place, band by band, and converts to RGB band by band: shrinking
+# before converting gives the image converting first gave, with no full-size copy. (With alpha,
+# Pillow premultiplies a full-size copy first.)
+_RESAMPLED_MODES = frozenset({"RGB", "L"})
+# The other modes are converted a strip of about this many pixels at a time, each strip averaged
+# down to at least twice the working size (as Pillow's thumbnail reduces before it resamples).
+_STRIP_PIXELS = 1 << 20
+_REDUCING_GAP = 2
+# EXIF orientation: the transposition that shows the image upright (ImageOps.exif_transpose's,
+# applied here to the working image instead of the full-size one). 5 to 8 turn it a quarter.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
 _ANIMATION_FORMATS = frozenset({"GIF", "PNG", "WEBP", "FLI", "AVIF"})
 # Analysis processes yield the CPU to the service's own process: serving RPCs and watch
 # streams is what callers wait on; analysis is background work that takes what is left
@@ -96,6 +118,10 @@ class LocalAnalyzer:
     CPU priority): numpy on small images holds the GIL most of the time, and in the
     service's process it would take it from the event loop that serves uploads and
     watchers. With 0 they run on a thread of the calling process.
+
+    When a process dies (killed, out of memory), its pool fails every job it holds without
+    knowing whose image was being measured. Those jobs are measured again one at a time, each
+    alone in a process of its own: only a job whose process dies then is failed (an attempt).
     """
 
     name = "local"
@@ -108,7 +134,9 @@ class LocalAnalyzer:
             raise ValueError("processes must not be negative")
         self._dimensions = embedding_dimensions
         self._processes = processes
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool = _ProcessPool(processes, embedding_dimensions)
+        self._solo_pool = _ProcessPool(1, embedding_dimensions)
+        self._solo_turn = asyncio.Lock()
 
     @property
     def api_limits(self) -> Sequence[ApiLimit]:
@@ -122,6 +150,46 @@ class LocalAnalyzer:
         await limiter.acquire(self.name)
         if not self._processes:
             return await asyncio.to_thread(_analyze_bytes, item.content, self._dimensions)
+        # Failed by a dying process that may have been measuring another job's image: no
+        # attempt is charged for that; the image is measured again, alone.
+        with contextlib.suppress(BrokenProcessPool):
+            return await self._pool.analyze(item.content)
+        return await self._analyze_alone(item.content)
+
+    async def _analyze_alone(self, content: bytes) -> AnalysisOutput:
+        """Measure ``content`` in a process measuring nothing else, so that if the process dies
+        this image's attempt fails, and no other job's. Once per call: a job that keeps killing
+        its process fails after its attempts."""
+        async with self._solo_turn:
+            try:
+                return await self._solo_pool.analyze(content)
+            except BrokenProcessPool as exc:
+                raise TransientAnalyzerError(
+                    f"an analysis process died measuring this image alone: {exc}"
+                ) from exc
+            except asyncio.CancelledError:
+                # The measurement goes on in the process: the next image to be measured alone
+                # would wait behind it, and be blamed if it killed the process.
+                self._solo_pool.abandon()
+                raise
+
+    async def aclose(self) -> None:
+        """Stop the analysis processes; a measurement still running is abandoned."""
+        await self._pool.aclose()
+        await self._solo_pool.aclose()
+
+
+class _ProcessPool:
+    """Analysis processes, started at the first call and again after one of them died."""
+
+    def __init__(self, processes: int, dimensions: int) -> None:
+        self._processes = processes
+        self._dimensions = dimensions
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def analyze(self, content: bytes) -> AnalysisOutput:
+        """Measure ``content``; BrokenProcessPool if a process died meanwhile (the pool then
+        fails every job it holds, and the next call starts a new one)."""
         pool = self._pool
         if pool is None:
             for variable in _LIBRARY_THREAD_VARIABLES:
@@ -135,17 +203,22 @@ class LocalAnalyzer:
             )
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                pool, _analyze_bytes, item.content, self._dimensions
+                pool, _analyze_bytes, content, self._dimensions
             )
-        except BrokenProcessPool as exc:
-            # A child died (killed, out of memory): the next call starts a new pool.
+        except BrokenProcessPool:
             if self._pool is pool:
                 self._pool = None
                 pool.shutdown(wait=False, cancel_futures=True)
-            raise TransientAnalyzerError(f"an analysis process died: {exc}") from exc
+            raise
+
+    def abandon(self) -> None:
+        """Kill the processes without waiting for them; the next call starts new ones."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            _kill_processes(pool)
+            pool.shutdown(wait=False, cancel_futures=True)
 
     async def aclose(self) -> None:
-        """Stop the analysis processes; a measurement still running is abandoned."""
         pool, self._pool = self._pool, None
         if pool is not None:
             await asyncio.to_thread(_kill_pool, pool)
@@ -156,9 +229,13 @@ def _kill_pool(pool: ProcessPoolExecutor) -> None:
     # the processes took minutes to exit on their own, and the service with them. They hold
     # nothing but a measurement (the service is past its drain). The pool has no public way
     # to kill its processes before Python 3.14 (kill_workers).
+    _kill_processes(pool)
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _kill_processes(pool: ProcessPoolExecutor) -> None:
     for child in list((pool._processes or {}).values()):
         child.kill()
-    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _start_child(parent_pid: int, dimensions: int) -> None:
@@ -203,14 +280,16 @@ def _decode(content: bytes) -> _Decoded:
         with Image.open(io.BytesIO(content)) as image:
             width, height = image.size
             animated = image.format in _ANIMATION_FORMATS and getattr(image, "n_frames", 1) > 1
-            stored_size = _fit(image.size, _WORK_SIDE)
             # JPEG only: libjpeg scales by 1/2..1/8 while decoding, to no less than the request.
-            image.draft("RGB", stored_size)
-            oriented = ImageOps.exif_transpose(image)
-            if oriented.size != image.size:
+            image.draft("RGB", _fit(image.size, _WORK_SIDE))
+            orientation = image.getexif().get(ExifTags.Base.Orientation)
+            # Shrunk before anything else: a full-size copy (transposed, converted) of a large
+            # image took three to six times its decoded size.
+            working = _shrunk(image)
+            if orientation in _UPRIGHT:
+                working = working.transpose(_UPRIGHT[orientation])
+            if orientation in _QUARTER_TURNS:
                 width, height = height, width
-            working = _to_rgb_or_rgba(oriented)
-            working.thumbnail((_WORK_SIDE, _WORK_SIDE))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # The warning is only raised when warnings are turned into errors.
         raise PermanentAnalyzerError(str(exc), reason="IMAGE_TOO_LARGE") from exc
@@ -230,24 +309,35 @@ def _decode(content: bytes) -> _Decoded:
     return _Decoded(working.convert("RGB"), alpha, width, height, animated)
 
 
+def _shrunk(image: Image.Image) -> Image.Image:
+    """``image`` in RGB or RGBA, at most ``_WORK_SIDE`` on the long side, with no full-size copy
+    (``image`` itself may be shrunk in place)."""
+    if image.mode in _RESAMPLED_MODES and "transparency" not in image.info:
+        image.thumbnail((_WORK_SIDE, _WORK_SIDE))
+        return to_rgb_or_rgba(image)
+    # Palettes and bilevel images are resampled by nearest neighbour, a transparent colour is
+    # lost, other modes convert nonlinearly, and alpha is averaged premultiplied: these are
+    # converted before they are averaged, a strip at a time.
+    width, height = image.size
+    factor = max(1, max(width, height) // (_REDUCING_GAP * _WORK_SIDE))
+    rows = factor * max(1, _STRIP_PIXELS // (width * factor))
+    strips = (
+        to_rgb_or_rgba(image.crop((0, top, width, min(height, top + rows)))).reduce(factor)
+        for top in range(0, height, rows)
+    )
+    first = next(strips)
+    reduced = Image.new(first.mode, (-(-width // factor), -(-height // factor)))
+    reduced.paste(first)
+    for index, strip in enumerate(strips, start=1):
+        reduced.paste(strip, (0, index * rows // factor))
+    reduced.thumbnail((_WORK_SIDE, _WORK_SIDE))
+    return reduced
+
+
 def _fit(size: tuple[int, int], side: int) -> tuple[int, int]:
     """``size`` scaled down to at most ``side`` on the long side, keeping the aspect ratio."""
     scale = min(1.0, side / max(size))
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
-
-
-def _to_rgb_or_rgba(image: Image.Image) -> Image.Image:
-    if image.mode.startswith("I;16"):
-        # Pillow's conversion clips 16-bit samples to 255 instead of scaling them.
-        samples = np.asarray(image).astype(np.uint32) >> 8
-        return Image.fromarray(samples.astype(np.uint8), mode="L").convert("RGB")
-    if image.mode in ("I", "F"):
-        # 32-bit integer images are taken as 16-bit data, float images as 0..1.
-        full_scale = 65535.0 if image.mode == "I" else 1.0
-        samples = np.clip(np.asarray(image, dtype=np.float64) / full_scale, 0.0, 1.0)
-        return Image.fromarray(np.round(samples * 255).astype(np.uint8), mode="L").convert("RGB")
-    has_alpha = "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info
-    return image.convert("RGBA" if has_alpha else "RGB")
 
 
 def _tags(decoded: _Decoded) -> tuple[str, ...]:
