@@ -11,6 +11,7 @@ import os
 import re
 import resource
 import signal
+import statistics
 import struct
 import time
 import zlib
@@ -382,21 +383,24 @@ async def test_a_12_megapixel_jpeg_costs_less_than_decoding_it_in_full() -> None
 
     # CPU time of this process (the analysis runs on one of its threads, and nothing else
     # here works meanwhile), not elapsed time: on a shared machine the time a process waits
-    # for a core says nothing of the work it does.
-    full_times, analysis_times = [], []
+    # for a core says nothing of the work it does. The CPU's own speed changes too (one run
+    # measured a full decode at 35 ms, others at 90): each analysis is compared with the
+    # decode measured just before it, and the median of those ratios is what counts.
+    ratios, pairs = [], []
     for _ in range(9):
         started = time.process_time()
         full_decode()
-        full_times.append(time.process_time() - started)
+        full = time.process_time() - started
         started = time.process_time()
         await analyse(content, analyzer)
-        analysis_times.append(time.process_time() - started)
-    full, analysis = min(full_times), min(analysis_times)
-    summary = f"full decode {full * 1000:.1f} ms CPU, whole analysis {analysis * 1000:.1f} ms CPU"
+        analysis = time.process_time() - started
+        ratios.append(analysis / full)
+        pairs.append(f"{full * 1000:.1f}/{analysis * 1000:.1f}")
+    summary = f"full decode / whole analysis, ms CPU: {', '.join(pairs)}"
     print(summary)
 
     assert "size-very-large" in result.tags
-    assert analysis < 0.85 * full, summary
+    assert statistics.median(ratios) < 0.85, summary
 
 
 async def test_one_limiter_slot_per_analysis_and_a_cache_key_without_category() -> None:
