@@ -1,6 +1,7 @@
 """Dead webhook deliveries through the ingest API, the gateway's JSON and the CLI: listed
 (owner-scoped, paged), retried by an admin, and then delivered: nothing a refusing receiver
-missed is lost."""
+missed is lost. Deliveries to an endpoint removed from the webhooks file are dead at once,
+and retried once it is back."""
 
 from __future__ import annotations
 
@@ -16,15 +17,17 @@ from mediatag.ingest.v1 import ingest_pb2_grpc
 
 from analysis_service.config import AnalysisConfig, RateLimitConfig
 from ingest_service.config import IngestConfig, WebhookConfig
+from ingest_service.domain.webhooks import ENDPOINT_REMOVED
 from mediatag_cli.main import run_client
 from mediatag_common.grpc_server import open_channel
-from tests.conftest import PATIENCE, Cluster, wait_until
+from tests.conftest import PATIENCE, Cluster, free_port, wait_until
 from tests.fakes import ScriptedAnalyzer
 from tests.test_auth import TOKENS, TOKENS_TOML, Clients, image_upload
 from tests.test_ingest_service import assert_refused, refusal
+from tests.test_metrics import expect
 from tests.test_web_api import error_info, violated_fields
 from tests.test_web_security import bearer
-from tests.test_webhooks import Receiver, endpoints_file, stored_deliveries, verified
+from tests.test_webhooks import Receiver, endpoints_file, stored_deliveries, upload, verified
 from tests.web_support import Gateways, web_config
 
 DEAD = ipb.WEBHOOK_DELIVERY_STATE_DEAD
@@ -339,3 +342,93 @@ async def test_the_cli_lists_and_retries_them(
     await wait_until(all_delivered)
     assert await run_client(["webhooks", *address]) == 0
     assert capsys.readouterr().out == "no webhook deliveries waiting\n"
+
+
+@pytest.mark.parametrize("removed_by", ["restart", "reload"])
+async def test_deliveries_to_a_removed_endpoint_are_dead_until_it_is_back_and_retried(
+    make_cluster: Callable[..., Cluster],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    removed_by: str,
+) -> None:
+    """Retrying deliveries (a long retry period) of an endpoint the service is restarted, or
+    reloads its file, without: dead at once, with why, listed and counted so; retried by
+    hand once a file names the endpoint again."""
+    receiver = Receiver(script={"billing": [500]})
+    await receiver.start()
+    urls = {"billing": receiver.url("billing"), "other": receiver.url("other")}
+    file = endpoints_file(tmp_path / "hooks.toml", urls)
+    metrics_port = free_port()
+    hooks = WebhookConfig(
+        file=file, initial_backoff=0.05, max_backoff=0.1, poll_interval=0.1, reload_interval=0.1
+    )
+    cluster = make_cluster(
+        analyzer=ScriptedAnalyzer(),
+        analysis_config=AnalysisConfig(rate_limits={"local": RateLimitConfig(100, 10)}),
+        ingest_config=IngestConfig(webhooks=hooks, metrics_port=metrics_port),
+    )
+    ingest = cluster.ingest
+    address = ["--ingest", f"127.0.0.1:{cluster.ingest_port}"]
+    try:
+        await cluster.start_analysis()
+        await cluster.start_ingest()
+        media_ids = await upload(cluster, range(2))
+
+        async def billing_refused_both() -> bool:
+            refused = {
+                verified("billing", r)["data"]["mediaId"] for r in receiver.received["billing"]
+            }
+            return refused == set(media_ids) and stored_deliveries(cluster) == 2
+
+        await wait_until(billing_refused_both)
+        endpoints_file(file, {"other": urls["other"]})
+        if removed_by == "restart":
+            await cluster.stop_ingest()
+            await cluster.start_ingest()
+
+        async def billing_dead() -> bool:
+            listed = await ingest.ListWebhookDeliveries(
+                ipb.ListWebhookDeliveriesRequest(state=DEAD, endpoint="billing"), timeout=PATIENCE
+            )
+            return len(listed.deliveries) == 2
+
+        await wait_until(billing_dead)
+        listed = await ingest.ListWebhookDeliveries(
+            ipb.ListWebhookDeliveriesRequest(), timeout=PATIENCE
+        )
+        assert {d.media_id for d in listed.deliveries} == set(media_ids)
+        for delivery in listed.deliveries:
+            assert (delivery.endpoint, delivery.state) == ("billing", DEAD)
+            assert delivery.last_error == ENDPOINT_REMOVED
+            assert delivery.attempts >= 1
+            assert delivery.HasField("dead_time")
+            assert not delivery.HasField("next_attempt_time")
+        await expect(metrics_port, "mediatag_webhook_backlog", 2, endpoint="billing", state="dead")
+        await expect(
+            metrics_port, "mediatag_webhook_backlog", 0, endpoint="billing", state="pending"
+        )
+        assert await run_client(["webhooks", "--state", "retrying", *address]) == 0
+        assert capsys.readouterr().out == "no webhook deliveries waiting\n"
+        # Not named, so not retried: there is nothing to send them to.
+        assert await run_client(["retry-webhooks", "--endpoint", "billing", *address]) == 1
+        assert "NOT_FOUND WEBHOOK_ENDPOINT_NOT_FOUND" in capsys.readouterr().err
+
+        receiver.script["billing"] = [200]
+        endpoints_file(file, urls)
+
+        async def retried() -> bool:
+            code = await run_client(["retry-webhooks", "--endpoint", "billing", "--json", *address])
+            out, _ = capsys.readouterr()
+            # Refused (NOT_FOUND) until the reload names billing; then both were still dead.
+            return code == 0 and json.loads(out) == {"count": 2}
+
+        await wait_until(retried)
+
+        async def all_delivered() -> bool:
+            return stored_deliveries(cluster) == 0
+
+        await wait_until(all_delivered)
+        accepted = receiver.received["billing"][-2:]
+        assert {verified("billing", r)["data"]["mediaId"] for r in accepted} == set(media_ids)
+    finally:
+        await receiver.stop()

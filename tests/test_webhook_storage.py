@@ -1,9 +1,11 @@
 """The webhook deliveries table on SQLite and PostgreSQL: what is enqueued (once, however
 many replicas apply the change), exclusive claims with a lease, outcomes recorded only by the
-claim's holder, dead deliveries and their revival."""
+claim's holder, dead deliveries and their revival, deliveries of endpoints no longer named
+made dead (once, however many replicas mark them)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -287,3 +289,54 @@ async def test_a_change_two_replicas_apply_is_enqueued_once(db: Database) -> Non
         assert await db.read(store.counts) == {"e": store.DeliveryCounts(pending=1, dead=0)}
     finally:
         await other.close()
+
+
+async def test_deliveries_to_endpoints_no_longer_named_are_dead_at_once(db: Database) -> None:
+    """Claimed or not, once, by whichever of several replicas marking at once; the named
+    endpoints' and the already dead untouched; the holder's late outcome changes nothing."""
+    for revision in range(1, 4):
+        await db.write(enqueue("m1", revision, [endpoint("gone"), endpoint("kept")]))
+    [held] = (await db.write(claim_of("a", endpoint="gone", limit=1))).deliveries
+    [died] = (await db.write(claim_of("a", endpoint="gone", limit=1))).deliveries
+    never = Retry(delay=10.0, deadline=0.0)
+    failed = partial(store.failed, claimer="a")
+    assert await db.write(partial(failed, delivery_id=died.id, error="HTTP 500", retry=never))
+    [listed_died] = await db.read(
+        partial(store.listed, listing=DeliveryListing(dead=True), limit=10)
+    )
+
+    replicas = [db, *(Database(db.url) for _ in range(3))]
+    try:
+        before = await db.read(database_now)
+        abandon = partial(store.abandon, named=["kept", "other"], error="no longer named")
+        marked = await asyncio.gather(*(replica.write(abandon) for replica in replicas))
+        after = await db.read(database_now)
+    finally:
+        for replica in replicas[1:]:
+            await replica.close()
+    assert sum(marked) == 2
+    assert await db.write(abandon) == 0
+    assert await db.read(store.counts) == {
+        "gone": store.DeliveryCounts(pending=0, dead=3),
+        "kept": store.DeliveryCounts(pending=3, dead=0),
+    }
+    gone = DeliveryListing(dead=True, endpoint="gone")
+    dead = await db.read(partial(store.listed, listing=gone, limit=10))
+    assert listed_died in dead
+    for delivery in [d for d in dead if d != listed_died]:
+        assert delivery.last_error == "no longer named"
+        assert delivery.dead_at is not None
+        assert before <= delivery.dead_at <= after
+        assert delivery.next_attempt_at == delivery.dead_at
+    # The holder's attempt ends after: neither its failure nor its success revives it.
+    later = Retry(delay=0.0, deadline=float("inf"))
+    assert await db.write(partial(failed, delivery_id=held.id, error="x", retry=later)) is False
+    await db.write(partial(store.delivered, delivery_id=held.id, claimer="a"))
+    assert await db.read(partial(store.listed, listing=gone, limit=10)) == dead
+    assert (await db.write(claim_of("b", endpoint="gone"))).deliveries == []
+
+    # None named: every live delivery is dead; named again, revived by hand.
+    assert await db.write(partial(store.abandon, named=[], error="none")) == 3
+    revive = partial(store.revive, delivery_ids=None, endpoints=["gone", "kept"])
+    assert await db.write(revive) == 6
+    assert len((await db.write(claim_of("b", endpoint="gone"))).deliveries) == 3

@@ -16,7 +16,9 @@ than after the lease.
 
 A failed attempt is retried after an exponential, jittered delay; once the next attempt would
 fall past ``retry_period`` after the change, the delivery is dead: kept, counted, listed, and
-sent again only when an operator revives it.
+sent again only when an operator revives it. Deliveries to an endpoint the webhooks file no
+longer names are dead at once (at start, and after each reload): nothing would send them, and
+left waiting they would count as pending for ever.
 
 Times are the store's: leases, due times and the end of a retry period are read and written
 on the database's clock, so replicas whose own clocks disagree still agree on when a lease
@@ -38,11 +40,14 @@ from typing import Protocol
 from ingest_service.domain.models import ProcessingStatus
 from ingest_service.domain.observer import WebhookObserver
 from ingest_service.domain.webhook_endpoints import WebhookEndpoint, WebhookEndpoints
-from ingest_service.errors import StorageUnavailable
+from ingest_service.errors import StorageConflict, StorageUnavailable
 from mediatag_common.backoff import Backoff, jittered_delay
 from mediatag_common.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
+
+# The last error of deliveries made dead because their endpoint left the webhooks file.
+ENDPOINT_REMOVED = "the webhooks file no longer names this endpoint"
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,10 @@ class DeliveryStore(Protocol):
         """Record a failed attempt (if ``claimer`` still holds it), due again or dead as
         ``retry`` says from now; whether it died."""
 
+    async def abandon(self, named: Collection[str], *, error: str) -> int:
+        """Deliveries not dead to endpoints other than ``named``, claimed or not: dead now,
+        with ``error``, held by nobody; how many. Safe to run at once from every replica."""
+
     async def revive(
         self,
         delivery_ids: Collection[int] | None,
@@ -200,6 +209,7 @@ class WebhookDispatcher:
         self._claimer = uuid.uuid4().hex
         self._loops: dict[str, _EndpointLoop] = {}
         self._stopping: set[asyncio.Task[None]] = set()
+        self._abandoning: asyncio.Task[None] | None = None
         self._running = False
 
     def start(self) -> None:
@@ -208,6 +218,7 @@ class WebhookDispatcher:
 
     async def stop(self) -> None:
         self._running = False
+        await cancel_and_wait(self._abandoning)
         loops, self._loops = list(self._loops.values()), {}
         for loop in loops:
             await loop.stop()
@@ -215,8 +226,9 @@ class WebhookDispatcher:
             await task
 
     def endpoints_changed(self) -> None:
-        """Start a loop for each new endpoint, stop those of removed ones (their deliveries
-        stay stored, and resume if the endpoint comes back under the same name)."""
+        """Start a loop for each new endpoint, stop those of removed ones, and make dead the
+        deliveries of endpoints the file does not name (kept: retried by hand should the
+        endpoint come back under the same name)."""
         if not self._running:
             return
         current = self.endpoints.current
@@ -227,6 +239,35 @@ class WebhookDispatcher:
         for name in current:
             if name not in self._loops:
                 self._loops[name] = _EndpointLoop(name, self)
+        # The latest change's marking supersedes an earlier one still under way: it reads
+        # the endpoints named when it runs.
+        if self._abandoning is not None:
+            self._abandoning.cancel()
+        self._abandoning = asyncio.create_task(self._abandon_unnamed(), name="webhooks-abandon")
+
+    async def _abandon_unnamed(self) -> None:
+        """Make dead the deliveries of endpoints the file does not name, once the loops of
+        removed ones have stopped (given back what they held), trying again while the
+        database is unavailable."""
+        if self._stopping:
+            await asyncio.wait(list(self._stopping))
+        backoff = Backoff(self._limits.poll_interval, 30.0)
+        while True:
+            try:
+                abandoned = await self._store.abandon(
+                    list(self.endpoints.current), error=ENDPOINT_REMOVED
+                )
+            except (StorageUnavailable, StorageConflict):
+                logger.warning("webhooks: could not mark the deliveries of removed endpoints")
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            if abandoned:
+                logger.warning(
+                    "webhooks: %d deliveries dead: the webhooks file no longer names their "
+                    "endpoint",
+                    abandoned,
+                )
+            return
 
     def wake(self, endpoint_names: Collection[str]) -> None:
         """Deliveries for these endpoints were just committed: look for them now."""
@@ -287,7 +328,8 @@ class WebhookDispatcher:
         """Send ``delivery`` to endpoint ``name`` once and record how it went."""
         endpoint = self.endpoints.current.get(name)
         if endpoint is None:
-            # Removed meanwhile: the lease runs out and the delivery waits for its return.
+            # Removed meanwhile: the marking that follows the removal makes it dead (held or
+            # not), once this loop has stopped.
             return
         started = time.monotonic()
         try:

@@ -11,6 +11,7 @@ from ingest_service.domain.webhooks import Claim, Delivery, Retry
 from ingest_service.storage.sql_store import SqlTransactions
 from ingest_service.storage.webhook_deliveries import (
     DeliveryCounts,
+    abandon,
     claim,
     counts,
     delivered,
@@ -51,6 +52,9 @@ class SqlDeliveryStore(SqlTransactions):
         return await self._write(
             partial(failed, delivery_id=delivery_id, claimer=claimer, error=error, retry=retry)
         )
+
+    async def abandon(self, named: Collection[str], *, error: str) -> int:
+        return await self._write(partial(abandon, named=named, error=error))
 
     async def revive(
         self,

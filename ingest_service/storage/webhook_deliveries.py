@@ -1,5 +1,5 @@
 """The webhook deliveries table: enqueued with a status change, claimed, recorded, listed,
-revived.
+abandoned (their endpoint gone from the webhooks file), revived.
 
 Plain functions of a synchronous connection, so they run inside whichever transaction calls
 them (the status mirror's, for :func:`enqueue`); ``sql_deliveries`` runs the others as the
@@ -220,6 +220,23 @@ def failed(conn: Connection, delivery_id: int, claimer: str, *, error: str, retr
         )
     )
     return retry_at is None and result.rowcount > 0
+
+
+def abandon(conn: Connection, *, named: Collection[str], error: str) -> int:
+    """Deliveries not dead to endpoints other than ``named``: dead as of now, with
+    ``error``, held by nobody; how many.
+
+    One statement, so replicas running it at once mark each row once (on PostgreSQL the
+    later one waits for the row and finds it dead). The claim is cleared so that an attempt
+    still in flight (another replica whose file still names the endpoint) cannot record an
+    outcome that would make it due again."""
+    now = _now(conn)
+    result = conn.execute(
+        sa.update(_table)
+        .where(_table.c.dead_at.is_(None), _table.c.endpoint.not_in(list(named)))
+        .values(dead_at=now, next_attempt_at=now, claim=None, last_error=error[:MAX_ERROR_LENGTH])
+    )
+    return result.rowcount
 
 
 def revive(
