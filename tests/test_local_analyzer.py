@@ -11,9 +11,7 @@ import os
 import re
 import resource
 import signal
-import statistics
 import struct
-import time
 import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -23,7 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, JpegImagePlugin
 
 from analysis_service.analyzers import local
 from analysis_service.analyzers.base import AnalysisInput, AnalysisOutput, ApiLimit
@@ -371,36 +369,27 @@ async def test_pillows_pixel_limit_stays_in_force(monkeypatch: pytest.MonkeyPatc
     assert raised.value.reason == "IMAGE_TOO_LARGE"
 
 
-async def test_a_12_megapixel_jpeg_costs_less_than_decoding_it_in_full() -> None:
+async def test_a_12_megapixel_jpeg_is_decoded_at_an_eighth_of_its_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """libjpeg scales while it decodes: the 36 MiB a full decode of 4000 x 3000 takes are never
+    made. (This used to compare CPU times with a full decode, whose own cost halves once the
+    process's allocator holds memory from earlier tests: 48 against 90 ms, and CI failed it.)"""
     photo = scene(SCENE_SEEDS[1], (1000, 750)).resize((4000, 3000), Image.Resampling.BICUBIC)
     content = encode(photo, "JPEG", quality=85)
-    analyzer = LocalAnalyzer()
-    result = await analyse(content, analyzer)  # warms the projection matrix cache
+    decoded: list[tuple[int, int]] = []
+    load = JpegImagePlugin.JpegImageFile.load
 
-    def full_decode() -> None:
-        with Image.open(io.BytesIO(content)) as image:
-            image.load()
+    def recording_load(image: JpegImagePlugin.JpegImageFile) -> Any:
+        decoded.append(image.size)
+        return load(image)
 
-    # CPU time of this process (the analysis runs on one of its threads, and nothing else
-    # here works meanwhile), not elapsed time: on a shared machine the time a process waits
-    # for a core says nothing of the work it does. The CPU's own speed changes too (one run
-    # measured a full decode at 35 ms, others at 90): each analysis is compared with the
-    # decode measured just before it, and the median of those ratios is what counts.
-    ratios, pairs = [], []
-    for _ in range(9):
-        started = time.process_time()
-        full_decode()
-        full = time.process_time() - started
-        started = time.process_time()
-        await analyse(content, analyzer)
-        analysis = time.process_time() - started
-        ratios.append(analysis / full)
-        pairs.append(f"{full * 1000:.1f}/{analysis * 1000:.1f}")
-    summary = f"full decode / whole analysis, ms CPU: {', '.join(pairs)}"
-    print(summary)
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", recording_load)
+    result = await analyse(content, LocalAnalyzer())
 
-    assert "size-very-large" in result.tags
-    assert statistics.median(ratios) < 0.85, summary
+    assert "size-very-large" in result.tags, "the size tags are of the image as uploaded"
+    assert decoded, "the JPEG was not decoded by Pillow's JPEG plugin"
+    assert max(decoded) <= (500, 375), decoded
 
 
 async def test_one_limiter_slot_per_analysis_and_a_cache_key_without_category() -> None:
